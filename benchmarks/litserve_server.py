@@ -1,0 +1,56 @@
+"""LitServe 0.2.19 serving a trivial model with its API key on: the peer in gateway.py.
+
+It runs in benchmarks/.venv-litserve (never a Bastion dependency). The model does the same
+work as Bastion's `echo` runtime: it takes 64 floats and answers them back.
+
+Usage: LIT_SERVER_API_KEY=<key> python litserve_server.py PORT
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any
+
+# A child of a background job may start with SIGINT ignored; LitServe shuts its worker
+# processes down cleanly only on SIGINT, so restore Python's handler.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+# LitServe reads the key when it is imported, so it must be set before the import.
+if not os.environ.get("LIT_SERVER_API_KEY"):
+    raise SystemExit("set LIT_SERVER_API_KEY")
+
+import litserve as ls  # noqa: E402
+
+
+class EchoAPI(ls.LitAPI):  # type: ignore[misc]
+    def setup(self, device: str) -> None:
+        self.model = None
+
+    def decode_request(self, request: dict[str, Any]) -> list[float]:
+        values: list[float] = request["input"]
+        return values
+
+    def predict(self, x: list[float]) -> list[float]:
+        return x
+
+    def encode_response(self, output: list[float]) -> dict[str, Any]:
+        return {"output": output}
+
+
+def main() -> None:
+    port = int(sys.argv[1])
+    server = ls.LitServer(
+        EchoAPI(api_path="/predict"), accelerator="cpu", devices=1, workers_per_device=1
+    )
+    server.run(
+        host="127.0.0.1",
+        port=port,
+        num_api_servers=1,
+        log_level="warning",
+        generate_client_file=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

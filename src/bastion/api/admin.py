@@ -1,0 +1,178 @@
+"""Admin routes over the same service layer the CLI uses: tenants, keys, models."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from bastion.api.body import decode_json
+from bastion.api.openai import _gateway, _principal, json_response
+from bastion.api.schemas import KeyCreate, TenantCreate
+from bastion.errors import InvalidRequest
+from bastion.gateway.gateway import Gateway
+from bastion.identity.principal import Principal
+from bastion.identity.service import IdentityService
+from bastion.models.registry import ModelRecord
+
+
+def _identity(request: Request) -> IdentityService:
+    service: IdentityService = request.app.state.identity
+    return service
+
+
+def _admin(request: Request) -> tuple[Gateway, Principal]:
+    gateway = _gateway(request)
+    principal = _principal(request)
+    gateway.authorize(principal, "admin")
+    return gateway, principal
+
+
+def parse_expiry(value: str | None) -> datetime | None:
+    """An ISO 8601 timestamp with a time zone, or None."""
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidRequest(
+            "expires_at must be an ISO 8601 timestamp.", param="expires_at"
+        ) from None
+    if parsed.tzinfo is None:
+        raise InvalidRequest("expires_at must include a time zone.", param="expires_at")
+    return parsed
+
+
+# ---------------------------------------------------------------- tenants
+
+
+async def list_tenants(request: Request) -> Response:
+    _, principal = _admin(request)
+    tenants = await asyncio.to_thread(_identity(request).list_tenants, principal)
+    return json_response({"data": [t.to_dict() for t in tenants]})
+
+
+async def create_tenant(request: Request) -> Response:
+    gateway, principal = _admin(request)
+    body = await decode_json(request, TenantCreate, gateway.settings.max_body_bytes)
+    tenant = await asyncio.to_thread(_identity(request).create_tenant, principal, body.name)
+    return json_response(tenant.to_dict(), status=201)
+
+
+async def disable_tenant(request: Request) -> Response:
+    _, principal = _admin(request)
+    name = request.path_params["name"]
+    tenant = await asyncio.to_thread(_identity(request).disable_tenant, principal, name)
+    return json_response(tenant.to_dict())
+
+
+# ---------------------------------------------------------------- keys
+
+
+async def list_keys(request: Request) -> Response:
+    _, principal = _admin(request)
+    tenant = request.query_params.get("tenant")
+    keys = await asyncio.to_thread(_identity(request).list_keys, principal, tenant)
+    return json_response({"data": [k.to_dict() for k in keys]})
+
+
+async def create_key(request: Request) -> Response:
+    gateway, principal = _admin(request)
+    body = await decode_json(request, KeyCreate, gateway.settings.max_body_bytes)
+    expires_at = parse_expiry(body.expires_at)
+    info, token = await asyncio.to_thread(
+        lambda: _identity(request).create_key(
+            principal,
+            tenant=body.tenant,
+            role=body.role,
+            models=body.models,
+            actions=body.actions,
+            expires_at=expires_at,
+            name=body.name,
+        )
+    )
+    return json_response({**info.to_dict(), "key": token}, status=201)
+
+
+async def revoke_key(request: Request) -> Response:
+    _, principal = _admin(request)
+    key_id = request.path_params["key_id"]
+    info = await asyncio.to_thread(_identity(request).revoke_key, principal, key_id)
+    await _gateway(request).refresh()
+    return json_response(info.to_dict())
+
+
+async def rotate_key(request: Request) -> Response:
+    _, principal = _admin(request)
+    key_id = request.path_params["key_id"]
+    info, token = await asyncio.to_thread(_identity(request).rotate_key, principal, key_id)
+    await _gateway(request).refresh()
+    return json_response({**info.to_dict(), "key": token}, status=201)
+
+
+# ---------------------------------------------------------------- models
+
+
+def model_view(gateway: Gateway, record: ModelRecord) -> dict[str, Any]:
+    status = gateway.supervisor.status(record.name)
+    return {
+        "name": record.name,
+        "runtime": record.runtime,
+        "description": record.description,
+        "desired_state": record.desired_state,
+        "state": status.state,
+        "detail": status.detail,
+        "restarts": status.restarts,
+        "capabilities": list(status.metadata.capabilities) if status.metadata else [],
+    }
+
+
+async def list_models(request: Request) -> Response:
+    gateway, principal = _admin(request)
+    principal.require_admin()
+    records = await asyncio.to_thread(gateway.registry.list)
+    return json_response({"data": [model_view(gateway, r) for r in records]})
+
+
+async def get_model(request: Request) -> Response:
+    gateway, principal = _admin(request)
+    principal.require_admin()
+    record = await asyncio.to_thread(gateway.registry.get, request.path_params["name"])
+    return json_response(model_view(gateway, record))
+
+
+async def _set_state(request: Request, state: str) -> Response:
+    gateway, principal = _admin(request)
+    principal.require_admin()
+    name = request.path_params["name"]
+    record = await asyncio.to_thread(gateway.registry.set_desired_state, principal, name, state)
+    await gateway.refresh()
+    return json_response(model_view(gateway, record), status=202)
+
+
+async def load_model(request: Request) -> Response:
+    return await _set_state(request, "loaded")
+
+
+async def unload_model(request: Request) -> Response:
+    return await _set_state(request, "unloaded")
+
+
+routes = [
+    Route("/admin/v1/tenants", list_tenants, methods=["GET"]),
+    Route("/admin/v1/tenants", create_tenant, methods=["POST"]),
+    Route("/admin/v1/tenants/{name}/disable", disable_tenant, methods=["POST"]),
+    Route("/admin/v1/keys", list_keys, methods=["GET"]),
+    Route("/admin/v1/keys", create_key, methods=["POST"]),
+    Route("/admin/v1/keys/{key_id}/revoke", revoke_key, methods=["POST"]),
+    Route("/admin/v1/keys/{key_id}", revoke_key, methods=["DELETE"]),
+    Route("/admin/v1/keys/{key_id}/rotate", rotate_key, methods=["POST"]),
+    Route("/admin/v1/models", list_models, methods=["GET"]),
+    Route("/admin/v1/models/{name}", get_model, methods=["GET"]),
+    Route("/admin/v1/models/{name}/load", load_model, methods=["POST"]),
+    Route("/admin/v1/models/{name}/unload", unload_model, methods=["POST"]),
+]

@@ -1,0 +1,54 @@
+"""Reading and decoding request bodies: content type, size limit, JSON, schema."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import msgspec
+from starlette.requests import Request
+
+from bastion.api.errors import validation_error
+from bastion.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+
+T = TypeVar("T")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """Read the body, refusing more than `limit` bytes before reading them all (413)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise InvalidRequest("Invalid Content-Length header.") from None
+        if size > limit:
+            raise PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def require_json(request: Request) -> None:
+    content_type = request.headers.get("content-type", "")
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not (
+        media.startswith("application/") and media.endswith("+json")
+    ):
+        raise UnsupportedMediaType("Content-Type must be application/json.")
+
+
+async def decode_json(request: Request, schema: type[T], limit: int) -> T:
+    """Check content type and size, then decode and validate the body against `schema`."""
+    require_json(request)
+    body = await read_body(request, limit)
+    if not body:
+        raise InvalidRequest("The request body is empty.", code="invalid_json")
+    try:
+        return msgspec.json.decode(body, type=schema)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise validation_error(exc) from None

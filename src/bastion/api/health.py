@@ -1,0 +1,51 @@
+"""Health, readiness, metrics and the OpenAPI document."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from bastion.api.openai import _gateway, _principal, json_response
+from bastion.api.openapi import openapi_document
+from bastion.observability.metrics import CONTENT_TYPE
+
+
+async def healthz(request: Request) -> Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    gateway = _gateway(request)
+    if not gateway.started:
+        return json_response({"status": "starting"}, status=503)
+    states = [str(s.state) for s in gateway.supervisor.statuses().values()]
+    return json_response(
+        {
+            "status": "ready",
+            "models_ready": states.count("ready"),
+            "models_total": len(states),
+        }
+    )
+
+
+async def metrics(request: Request) -> Response:
+    gateway = _gateway(request)
+    gateway.authorize(_principal(request), "metrics")
+    for name, status in gateway.supervisor.statuses().items():
+        gateway.metrics.model_ready.labels(name).set(1 if status.state == "ready" else 0)
+    return Response(gateway.metrics.render(), media_type=CONTENT_TYPE)
+
+
+async def openapi(request: Request) -> Response:
+    # The API description is not secret, but every route but health needs a key.
+    _principal(request)
+    return json_response(openapi_document())
+
+
+routes = [
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
+    Route("/openapi.json", openapi, methods=["GET"]),
+]

@@ -1,0 +1,408 @@
+"""OpenAI-compatible routes: models, chat completions, completions, embeddings."""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+import numpy as np
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from bastion.api.body import decode_json
+from bastion.api.replies import expect, raise_for_failure
+from bastion.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from bastion.errors import BastionError, InvalidRequest
+from bastion.gateway.gateway import Gateway
+from bastion.identity.principal import Principal
+from bastion.workers.protocol import (
+    ChatMessage,
+    EmbedResult,
+    FromWorker,
+    Generate,
+    GenerateResult,
+    RequestFailed,
+    TextDelta,
+)
+
+_json = msgspec.json.Encoder()
+DEFAULT_MAX_TOKENS = 256
+
+
+def json_response(content: Any, status: int = 200) -> Response:
+    return Response(_json.encode(content), status, media_type="application/json")
+
+
+def _gateway(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+def _principal(request: Request) -> Principal:
+    principal = _gateway(request).authenticate(request.headers.get("authorization"))
+    request.state.tenant = principal.tenant_name
+    return principal
+
+
+def _stop_list(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
+def _limits(gateway: Gateway, max_tokens: int | None, n: int | None) -> tuple[int, int]:
+    limit = gateway.settings.max_tokens_limit
+    tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+    if tokens > limit:
+        raise InvalidRequest(f"max_tokens must be at most {limit}.", param="max_tokens")
+    choices = 1 if n is None else n
+    if choices > gateway.settings.max_choices:
+        raise InvalidRequest(f"n must be at most {gateway.settings.max_choices}.", param="n")
+    return tokens, choices
+
+
+# ---------------------------------------------------------------- models
+
+
+async def list_models(request: Request) -> Response:
+    gateway = _gateway(request)
+    principal = _principal(request)
+    gateway.authorize(principal, "models")
+    data = [
+        {
+            "id": r.name,
+            "object": "model",
+            "created": int(r.created_at.timestamp()),
+            "owned_by": "bastion",
+        }
+        for r in gateway.visible_models(principal)
+    ]
+    return json_response({"object": "list", "data": data})
+
+
+async def get_model(request: Request) -> Response:
+    gateway = _gateway(request)
+    principal = _principal(request)
+    name = request.path_params["model"]
+    gateway.authorize(principal, "models", name)
+    record = gateway.model_record(name)
+    request.state.model = name
+    return json_response(
+        {
+            "id": record.name,
+            "object": "model",
+            "created": int(record.created_at.timestamp()),
+            "owned_by": "bastion",
+        }
+    )
+
+
+# ---------------------------------------------------------------- text generation
+
+
+async def _prepare(
+    request: Request, action: str, schema: type[Any]
+) -> tuple[Gateway, Principal, Any]:
+    gateway = _gateway(request)
+    principal = _principal(request)
+    body = await decode_json(request, schema, gateway.settings.max_body_bytes)
+    gateway.authorize(principal, action, body.model)
+    gateway.model_record(body.model)
+    # Labelled only once known to exist: a client-chosen name must not reach logs or metrics.
+    request.state.model = body.model
+    gateway.ready_model(body.model, action)
+    gateway.admit(principal, body.model)
+    return gateway, principal, body
+
+
+async def chat_completions(request: Request) -> Response:
+    gateway, principal, body = await _prepare(request, "chat", ChatCompletionRequest)
+    max_tokens, n = _limits(gateway, body.max_completion_tokens or body.max_tokens, body.n)
+    message = Generate(
+        id=0,
+        messages=[ChatMessage(role=m.role, content=m.text()) for m in body.messages],
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        stop=_stop_list(body.stop),
+        seed=body.seed,
+        n=n,
+        stream=body.stream,
+    )
+    completion_id = "chatcmpl-" + secrets.token_hex(12)
+    created = int(time.time())
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return await _stream(
+            gateway,
+            principal,
+            body.model,
+            message,
+            _ChatChunks(completion_id, created, body.model, n, include_usage),
+        )
+    result = expect(await gateway.call(body.model, message), GenerateResult)
+    gateway.account(body.model, principal, result.prompt_tokens, result.completion_tokens)
+    return json_response(
+        {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": body.model,
+            "choices": [
+                {
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": None,
+                    "finish_reason": c.finish_reason,
+                }
+                for c in result.choices
+            ],
+            "usage": _usage(result),
+        }
+    )
+
+
+async def completions(request: Request) -> Response:
+    gateway, principal, body = await _prepare(request, "completions", CompletionRequest)
+    max_tokens, n = _limits(gateway, body.max_tokens, body.n)
+    prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+    if body.stream and len(prompts) > 1:
+        raise InvalidRequest("Streaming supports a single prompt.", param="prompt")
+
+    def generate(prompt: str) -> Generate:
+        return Generate(
+            id=0,
+            prompt=prompt,
+            max_tokens=max_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            stop=_stop_list(body.stop),
+            seed=body.seed,
+            n=n,
+            stream=body.stream,
+        )
+
+    completion_id = "cmpl-" + secrets.token_hex(12)
+    created = int(time.time())
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return await _stream(
+            gateway,
+            principal,
+            body.model,
+            generate(prompts[0]),
+            _CompletionChunks(completion_id, created, body.model, n, include_usage),
+        )
+    choices: list[dict[str, Any]] = []
+    prompt_tokens = completion_tokens = 0
+    for offset, prompt in enumerate(prompts):
+        result = expect(await gateway.call(body.model, generate(prompt)), GenerateResult)
+        prompt_tokens += result.prompt_tokens
+        completion_tokens += result.completion_tokens
+        for c in result.choices:
+            choices.append(
+                {
+                    "index": offset * n + c.index,
+                    "text": (prompt + c.text) if body.echo else c.text,
+                    "logprobs": None,
+                    "finish_reason": c.finish_reason,
+                }
+            )
+    gateway.account(body.model, principal, prompt_tokens, completion_tokens)
+    return json_response(
+        {
+            "id": completion_id,
+            "object": "text_completion",
+            "created": created,
+            "model": body.model,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+    )
+
+
+def _usage(result: GenerateResult) -> dict[str, int]:
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+    }
+
+
+class _ChatChunks:
+    """Server-sent event payloads of a streamed chat completion."""
+
+    def __init__(self, cid: str, created: int, model: str, n: int, include_usage: bool) -> None:
+        self.base = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+        }
+        self.n = n
+        self.include_usage = include_usage
+
+    def start(self) -> list[dict[str, Any]]:
+        return [self._chunk(i, {"role": "assistant", "content": ""}, None) for i in range(self.n)]
+
+    def delta(self, index: int, text: str) -> dict[str, Any]:
+        return self._chunk(index, {"content": text}, None)
+
+    def finish(self, result: GenerateResult) -> list[dict[str, Any]]:
+        chunks = [self._chunk(c.index, {}, c.finish_reason) for c in result.choices]
+        if self.include_usage:
+            chunks.append({**self.base, "choices": [], "usage": _usage(result)})
+        return chunks
+
+    def _chunk(self, index: int, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+        return {
+            **self.base,
+            "choices": [
+                {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            ],
+        }
+
+
+class _CompletionChunks(_ChatChunks):
+    def __init__(self, cid: str, created: int, model: str, n: int, include_usage: bool) -> None:
+        super().__init__(cid, created, model, n, include_usage)
+        self.base["object"] = "text_completion"
+
+    def start(self) -> list[dict[str, Any]]:
+        return []
+
+    def delta(self, index: int, text: str) -> dict[str, Any]:
+        return {
+            **self.base,
+            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": None}],
+        }
+
+    def finish(self, result: GenerateResult) -> list[dict[str, Any]]:
+        chunks: list[dict[str, Any]] = [
+            {
+                **self.base,
+                "choices": [
+                    {
+                        "index": c.index,
+                        "text": "",
+                        "logprobs": None,
+                        "finish_reason": c.finish_reason,
+                    }
+                ],
+            }
+            for c in result.choices
+        ]
+        if self.include_usage:
+            chunks.append({**self.base, "choices": [], "usage": _usage(result)})
+        return chunks
+
+
+def _sse(payload: Any) -> bytes:
+    return b"data: " + _json.encode(payload) + b"\n\n"
+
+
+async def _stream(
+    gateway: Gateway,
+    principal: Principal,
+    model: str,
+    message: Generate,
+    chunks: _ChatChunks,
+) -> Response:
+    replies = gateway.stream(model, message)
+    # The first reply is awaited before the response starts, so that a model that is not
+    # available, or a request the model refuses, still gets its proper HTTP status.
+    try:
+        first = await anext(replies)
+        raise_for_failure(first)
+    except BaseException:
+        await replies.aclose()  # type: ignore[attr-defined]
+        raise
+
+    async def events() -> AsyncIterator[bytes]:
+        reply: FromWorker | None = first
+        try:
+            for chunk in chunks.start():
+                yield _sse(chunk)
+            while reply is not None:
+                if isinstance(reply, TextDelta):
+                    yield _sse(chunks.delta(reply.index, reply.text))
+                elif isinstance(reply, GenerateResult):
+                    gateway.account(model, principal, reply.prompt_tokens, reply.completion_tokens)
+                    for chunk in chunks.finish(reply):
+                        yield _sse(chunk)
+                    break
+                elif isinstance(reply, RequestFailed):
+                    raise_for_failure(reply)
+                reply = await anext(replies, None)
+            yield b"data: [DONE]\n\n"
+        except BastionError as exc:
+            # The status line is gone; the error travels as a final event, as OpenAI does.
+            yield _sse(
+                {"error": {"message": exc.message, "type": exc.error_type, "code": exc.code}}
+            )
+        finally:
+            await replies.aclose()  # type: ignore[attr-defined]
+
+    return StreamingResponse(
+        events(),
+        media_type="text/event-stream",
+        headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+    )
+
+
+# ---------------------------------------------------------------- embeddings
+
+
+async def embeddings(request: Request) -> Response:
+    gateway, principal, body = await _prepare(request, "embeddings", EmbeddingRequest)
+    texts = [body.input] if isinstance(body.input, str) else list(body.input)
+    if any(not text for text in texts):
+        raise InvalidRequest("Input texts must not be empty.", param="input")
+    metadata = gateway.ready_model(body.model, "embeddings")
+    if body.dimensions is not None and body.dimensions != metadata.embedding_dim:
+        raise InvalidRequest(
+            f"This model only produces {metadata.embedding_dim} dimensions.", param="dimensions"
+        )
+    from bastion.workers.protocol import Embed
+
+    result = expect(await gateway.call(body.model, Embed(id=0, texts=texts)), EmbedResult)
+    gateway.account(body.model, principal, result.prompt_tokens, 0)
+    vectors = np.frombuffer(result.vectors, dtype="<f4").reshape(result.count, result.dim)
+    data = [
+        {
+            "object": "embedding",
+            "index": i,
+            "embedding": (
+                base64.b64encode(row.tobytes()).decode()
+                if body.encoding_format == "base64"
+                else row.tolist()
+            ),
+        }
+        for i, row in enumerate(vectors)
+    ]
+    return json_response(
+        {
+            "object": "list",
+            "data": data,
+            "model": body.model,
+            "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
+        }
+    )
+
+
+routes = [
+    Route("/v1/models", list_models, methods=["GET"]),
+    Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/completions", completions, methods=["POST"]),
+    Route("/v1/embeddings", embeddings, methods=["POST"]),
+]

@@ -1,0 +1,120 @@
+"""Open Inference Protocol JSON tensors <-> typed tensors, checked against model metadata."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from bastion.api.schemas import OipInputTensor
+from bastion.errors import InvalidRequest
+from bastion.workers.protocol import TensorData, TensorSpec
+
+NUMPY_TYPES: dict[str, str] = {
+    "BOOL": "?",
+    "UINT8": "<u1",
+    "UINT16": "<u2",
+    "UINT32": "<u4",
+    "UINT64": "<u8",
+    "INT8": "<i1",
+    "INT16": "<i2",
+    "INT32": "<i4",
+    "INT64": "<i8",
+    "FP16": "<f2",
+    "FP32": "<f4",
+    "FP64": "<f8",
+}
+_INT_RANGES = {
+    "UINT8": (0, 2**8 - 1),
+    "UINT16": (0, 2**16 - 1),
+    "UINT32": (0, 2**32 - 1),
+    "UINT64": (0, 2**64 - 1),
+    "INT8": (-(2**7), 2**7 - 1),
+    "INT16": (-(2**15), 2**15 - 1),
+    "INT32": (-(2**31), 2**31 - 1),
+    "INT64": (-(2**63), 2**63 - 1),
+}
+MAX_ELEMENTS = 16 * 1024 * 1024
+
+
+def _flatten(data: list[Any], out: list[Any], depth: int = 0) -> None:
+    if depth > 32:
+        raise InvalidRequest("Tensor data is nested too deeply.")
+    for item in data:
+        if isinstance(item, list):
+            _flatten(item, out, depth + 1)
+        else:
+            out.append(item)
+
+
+def _check_values(name: str, datatype: str, values: list[Any]) -> None:
+    if datatype == "BYTES":
+        if not all(isinstance(v, str) for v in values):
+            raise InvalidRequest(f"Input '{name}': BYTES data must be strings.")
+        return
+    if datatype == "BOOL":
+        if not all(isinstance(v, bool) for v in values):
+            raise InvalidRequest(f"Input '{name}': BOOL data must be true or false.")
+        return
+    if datatype in _INT_RANGES:
+        low, high = _INT_RANGES[datatype]
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+                raise InvalidRequest(
+                    f"Input '{name}': {datatype} data must be integers in [{low}, {high}]."
+                )
+        return
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise InvalidRequest(f"Input '{name}': {datatype} data must be finite numbers.")
+
+
+def check_shape(name: str, shape: list[int], spec: TensorSpec) -> None:
+    """Refuse a shape whose rank or fixed dimensions differ from the model's metadata."""
+    if len(shape) != len(spec.shape) or any(
+        want != -1 and want != got for want, got in zip(spec.shape, shape, strict=True)
+    ):
+        raise InvalidRequest(
+            f"Input '{name}' has shape {shape}; the model expects {spec.shape} (-1: any size)."
+        )
+
+
+def to_tensor_data(tensor: OipInputTensor, spec: TensorSpec) -> TensorData:
+    """Validate one JSON input tensor against `spec` and pack it for the worker."""
+    if tensor.datatype != spec.datatype:
+        raise InvalidRequest(
+            f"Input '{tensor.name}' has datatype {tensor.datatype}; "
+            f"the model expects {spec.datatype}."
+        )
+    check_shape(tensor.name, tensor.shape, spec)
+    count = math.prod(tensor.shape)
+    if count > MAX_ELEMENTS:
+        raise InvalidRequest(f"Input '{tensor.name}' has too many elements.")
+    values: list[Any] = []
+    _flatten(tensor.data, values)
+    if len(values) != count:
+        raise InvalidRequest(
+            f"Input '{tensor.name}' has {len(values)} values but shape {tensor.shape} "
+            f"needs {count}."
+        )
+    _check_values(tensor.name, tensor.datatype, values)
+    if tensor.datatype == "BYTES":
+        return TensorData(
+            name=tensor.name,
+            datatype="BYTES",
+            shape=list(tensor.shape),
+            items=[v.encode() for v in values],
+        )
+    raw = np.asarray(values, dtype=NUMPY_TYPES[tensor.datatype]).tobytes()
+    return TensorData(name=tensor.name, datatype=tensor.datatype, shape=list(tensor.shape), raw=raw)
+
+
+def to_json_tensor(tensor: TensorData) -> dict[str, Any]:
+    """Unpack a worker's output tensor into OIP JSON (flat, row-major data)."""
+    data: list[Any]
+    if tensor.datatype == "BYTES":
+        data = [item.decode("utf-8", errors="replace") for item in tensor.items]
+    else:
+        data = np.frombuffer(tensor.raw, dtype=NUMPY_TYPES[tensor.datatype]).tolist()
+    return {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape, "data": data}

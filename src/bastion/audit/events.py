@@ -1,0 +1,97 @@
+"""The one interface every security-relevant event goes through.
+
+Callers build an :class:`Event` and hand it to an :class:`EventSink`. Today the sink writes
+one JSON log line per event; the tamper-evident audit log (a later issue) is another sink
+behind the same interface. Event fields are metadata only: ids, names, statuses and
+reasons, never payloads, prompts, completions or secrets.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+# The kinds of event Bastion emits. Keep names stable: operators alert on them.
+AUTH_FAILED = "auth.failed"
+ACCESS_DENIED = "auth.denied"
+TENANT_CREATED = "tenant.created"
+TENANT_DISABLED = "tenant.disabled"
+KEY_CREATED = "key.created"
+KEY_REVOKED = "key.revoked"
+KEY_ROTATED = "key.rotated"
+MODEL_REGISTERED = "model.registered"
+MODEL_LOAD_REQUESTED = "model.load_requested"
+MODEL_UNLOAD_REQUESTED = "model.unload_requested"
+MODEL_LOADED = "model.loaded"
+MODEL_FAILED = "model.failed"
+MODEL_UNLOADED = "model.unloaded"
+WORKER_CRASHED = "worker.crashed"
+WORKER_RESTARTED = "worker.restarted"
+SERVER_STARTED = "server.started"
+SERVER_STOPPED = "server.stopped"
+HOME_INITIALISED = "home.initialised"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One security-relevant fact. `detail` holds metadata only, never payloads or secrets."""
+
+    kind: str
+    outcome: str = "success"
+    actor: str | None = None
+    tenant: str | None = None
+    target: str | None = None
+    detail: Mapping[str, str | int | float | bool | None] = field(default_factory=dict)
+    at: float = field(default_factory=time.time)
+
+
+class EventSink(Protocol):
+    def emit(self, event: Event) -> None: ...
+
+
+class LogEventSink:
+    """Writes each event as one JSON line on the `bastion.events` logger."""
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self._logger = logger or logging.getLogger("bastion.events")
+
+    def emit(self, event: Event) -> None:
+        record = {
+            "event": event.kind,
+            "outcome": event.outcome,
+            "at": round(event.at, 3),
+            "actor": event.actor,
+            "tenant": event.tenant,
+            "target": event.target,
+            "detail": dict(event.detail),
+        }
+        level = logging.INFO if event.outcome == "success" else logging.WARNING
+        # The fields travel as structured extras, so the JSON formatter emits them as keys.
+        self._logger.log(level, event.kind, extra=record)
+
+
+class MemoryEventSink:
+    """Keeps events in a list; for tests and for fan-out to several sinks."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def emit(self, event: Event) -> None:
+        self.events.append(event)
+
+    def kinds(self) -> list[str]:
+        return [e.kind for e in self.events]
+
+
+class FanOutSink:
+    """Hands every event to several sinks, in order."""
+
+    def __init__(self, *sinks: EventSink) -> None:
+        self._sinks = sinks
+
+    def emit(self, event: Event) -> None:
+        for sink in self._sinks:
+            sink.emit(event)

@@ -1,0 +1,116 @@
+"""Opening a home directory: database, master key, first admin key, demo models.
+
+The first start creates everything; later starts reuse it. `bastion init` runs the same
+code without serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bastion.audit.events import HOME_INITIALISED, Event, EventSink, LogEventSink
+from bastion.config import Settings
+from bastion.crypto.master_key import derive_key, load_or_create_master_key
+from bastion.errors import ConfigurationError
+from bastion.identity.keys import KeyHasher
+from bastion.identity.principal import OPERATOR
+from bastion.identity.service import IdentityService
+from bastion.models.registry import ModelRegistry
+from bastion.store.db import Database
+
+logger = logging.getLogger("bastion.bootstrap")
+
+
+@dataclass
+class Home:
+    """The services of one home directory, opened once per process."""
+
+    settings: Settings
+    db: Database
+    hasher: KeyHasher
+    events: EventSink
+    identity: IdentityService
+    registry: ModelRegistry
+
+
+@dataclass
+class InitResult:
+    home: Home
+    # The new admin key's token: set only on the start that created it.
+    admin_token: str | None = None
+    created: bool = False
+    demo_models: list[str] = field(default_factory=list)
+
+
+def _make_private_dir(path: Path) -> None:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o077:
+        os.chmod(path, 0o700)
+
+
+def open_home(settings: Settings, events: EventSink | None = None) -> Home:
+    """Open (creating if needed) the home directory's database and keys."""
+    try:
+        _make_private_dir(settings.home)
+    except OSError as exc:
+        raise ConfigurationError(f"Cannot create the home directory {settings.home}.") from exc
+    sink = events or LogEventSink()
+    master_key, _ = load_or_create_master_key(settings.master_key_path)
+    hasher = KeyHasher(derive_key(master_key, "api-key-hmac-v1"))
+    db = Database(settings.db_url)
+    db.migrate()
+    return Home(
+        settings=settings,
+        db=db,
+        hasher=hasher,
+        events=sink,
+        identity=IdentityService(db, hasher, sink),
+        registry=ModelRegistry(db, sink),
+    )
+
+
+def write_admin_key(path: Path, token: str) -> None:
+    """Write the admin key to a new file readable by its owner only."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(token + "\n")
+    os.chmod(path, 0o600)
+
+
+def initialise(settings: Settings, events: EventSink | None = None) -> InitResult:
+    """Open the home; on the first start also create the admin key and the demo models."""
+    home = open_home(settings, events)
+    result = InitResult(home=home)
+    token = home.identity.bootstrap_admin()
+    if token is None:
+        return result
+    write_admin_key(settings.admin_key_path, token)
+    result.admin_token = token
+    result.created = True
+    if settings.demo_models:
+        result.demo_models = register_demo_models(home)
+    home.events.emit(Event(kind=HOME_INITIALISED, actor=OPERATOR.key_id, target=str(settings.home)))
+    return result
+
+
+def register_demo_models(home: Home) -> list[str]:
+    """Build the demo models into the home directory and register them."""
+    from bastion.models.demo import build_demo_models
+
+    names = []
+    for model in build_demo_models(home.settings.models_dir):
+        relative = model.path.relative_to(home.settings.home)
+        home.registry.register(
+            OPERATOR,
+            name=model.name,
+            runtime=model.runtime,
+            path=str(relative),
+            options=dict(model.options),
+            description=model.description,
+            replace=True,
+        )
+        names.append(model.name)
+    return names

@@ -1,0 +1,120 @@
+"""One immutable Settings object, read once at start and passed down.
+
+Nothing in Bastion reads the environment except :meth:`Settings.load`, which the CLI calls
+once per command.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_HOME = Path(".bastion")
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything a Bastion process needs to know, fixed at start."""
+
+    home: Path = DEFAULT_HOME
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Largest request body accepted, checked before the body is read in full.
+    max_body_bytes: int = 1 * MiB
+    # Largest `n` (choices per request) a chat or completion request may ask for.
+    max_choices: int = 4
+    # Largest `max_tokens` a request may ask for.
+    max_tokens_limit: int = 4096
+    # How long a request may wait for its answer before the client gets 504.
+    request_timeout_s: float = 60.0
+    # How often the gateway re-reads keys, tenants and models from the database.
+    refresh_interval_s: float = 1.0
+    heartbeat_interval_s: float = 1.0
+    # A worker that sends no heartbeat for this long is killed and restarted.
+    heartbeat_timeout_s: float = 15.0
+    restart_backoff_initial_s: float = 0.5
+    restart_backoff_max_s: float = 30.0
+    # On SIGTERM, in-flight requests get this long to finish before workers stop.
+    drain_timeout_s: float = 30.0
+    # How long a worker may take to load its model before it counts as failed.
+    load_timeout_s: float = 300.0
+    log_level: str = "info"
+    # Register and load the built-in demo models on first start.
+    demo_models: bool = True
+    # SQLAlchemy URL of the database; by default SQLite in the home directory.
+    database_url: str | None = None
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "bastion.db"
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.db_path}"
+
+    @property
+    def master_key_path(self) -> Path:
+        return self.home / "master.key"
+
+    @property
+    def admin_key_path(self) -> Path:
+        return self.home / "admin.key"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    def with_changes(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from `BASTION_*` environment variables and explicit overrides.
+
+        Explicit overrides (from CLI flags) win over the environment; `None` means "not given".
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name, caster in _ENV_FIELDS.items():
+            raw = env.get(f"BASTION_{name.upper()}")
+            if raw is not None and raw != "":
+                try:
+                    values[name] = caster(raw)
+                except ValueError as exc:
+                    raise ValueError(f"BASTION_{name.upper()}: {exc}") from exc
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if "home" in values:
+            values["home"] = Path(values["home"]).expanduser()
+        return cls(**values)
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"not a boolean: {raw!r}")
+
+
+_ENV_FIELDS: dict[str, Any] = {
+    "home": Path,
+    "host": str,
+    "port": int,
+    "max_body_bytes": int,
+    "max_choices": int,
+    "max_tokens_limit": int,
+    "request_timeout_s": float,
+    "refresh_interval_s": float,
+    "heartbeat_interval_s": float,
+    "heartbeat_timeout_s": float,
+    "drain_timeout_s": float,
+    "load_timeout_s": float,
+    "log_level": str,
+    "demo_models": _parse_bool,
+    "database_url": str,
+}

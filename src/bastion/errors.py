@@ -1,0 +1,155 @@
+"""The exception tree, and the one place where exceptions map to HTTP statuses.
+
+::
+
+    BastionError                      500  every error Bastion raises on purpose
+    ├── InvalidRequest                400  the request is malformed or out of range
+    ├── AuthenticationError           401  no, malformed, unknown, expired or revoked credentials
+    ├── PermissionDenied              403  valid credentials without the needed role/model/action
+    ├── NotFound                      404  no such route, model, tenant or key
+    │   └── ModelNotFound             404
+    ├── MethodNotAllowed              405
+    ├── Conflict                      409  the resource exists or is in the wrong state
+    ├── PayloadTooLarge               413  body over the configured limit
+    ├── UnsupportedMediaType          415  the body is not JSON
+    ├── RateLimited                   429  (quotas, a later issue)
+    ├── ModelUnavailable              503  model not loaded, loading, failed, or worker gone
+    │   └── WorkerCrashed             503  the worker died while serving the request
+    ├── GatewayTimeout                504  the answer did not come before the deadline
+    └── ConfigurationError            500  Bastion itself is set up wrongly (CLI: exit 2)
+
+Every message is safe to show a client: it never contains a payload, a prompt, a key or a
+secret. Lower-layer errors are translated with ``raise Ours(...) from exc``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+class BastionError(Exception):
+    """Base of every error Bastion raises on purpose."""
+
+    status: int = 500
+    # OpenAI's error "type" and a stable machine-readable "code".
+    error_type: str = "server_error"
+    code: str = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.param = param
+        self.headers: dict[str, str] = dict(headers or {})
+
+
+class InvalidRequest(BastionError):
+    """The request is malformed, has a wrong type, or a value out of range."""
+
+    status = 400
+    error_type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class AuthenticationError(BastionError):
+    """No credentials, malformed ones, or ones that are unknown, expired or revoked."""
+
+    status = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+    def __init__(self, message: str = "Invalid or missing API key.", **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.headers.setdefault("www-authenticate", 'Bearer realm="bastion"')
+
+
+class PermissionDenied(BastionError):
+    """Valid credentials that lack the role, model or action the request needs."""
+
+    status = 403
+    error_type = "permission_error"
+    code = "permission_denied"
+
+
+class NotFound(BastionError):
+    """No such route, tenant or key."""
+
+    status = 404
+    error_type = "not_found_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    """The key could see this model, but no model has this name."""
+
+    code = "model_not_found"
+
+
+class MethodNotAllowed(BastionError):
+    status = 405
+    error_type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class Conflict(BastionError):
+    """The resource already exists, or is in a state that forbids the change."""
+
+    status = 409
+    error_type = "invalid_request_error"
+    code = "conflict"
+
+
+class PayloadTooLarge(BastionError):
+    status = 413
+    error_type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(BastionError):
+    status = 415
+    error_type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+class RateLimited(BastionError):
+    status = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class ModelUnavailable(BastionError):
+    """The model exists but cannot answer now; the client may retry later."""
+
+    status = 503
+    error_type = "server_error"
+    code = "model_unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1, **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.headers.setdefault("retry-after", str(max(1, retry_after_s)))
+
+
+class WorkerCrashed(ModelUnavailable):
+    """The worker serving the request died before answering."""
+
+    code = "worker_crashed"
+
+
+class GatewayTimeout(BastionError):
+    status = 504
+    error_type = "server_error"
+    code = "timeout"
+
+
+class ConfigurationError(BastionError):
+    """Bastion is set up wrongly (bad home directory, unreadable key file, ...)."""
+
+    code = "configuration_error"

@@ -1,0 +1,225 @@
+"""The gateway's first step: turn an ``Authorization`` header into a Principal, or a 401.
+
+Key records are cached in memory by public id, so the usual request costs one dict lookup,
+one HMAC and one constant-time compare, with no database access. A cache miss reads the
+database once; ids that do not exist are remembered for a short while (in a bounded table),
+so a flood of random ids cannot turn into a flood of queries. :meth:`Authenticator.refresh`
+drops every cached record when the database's change revision moves, which is how a key
+revoked by another process (the CLI) stops working within the refresh interval.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NoReturn, TypeVar
+
+import sqlalchemy as sa
+
+from bastion.audit.events import AUTH_FAILED, Event, EventSink
+from bastion.errors import AuthenticationError
+from bastion.identity.keys import KeyHasher, parse_api_key
+from bastion.identity.principal import Principal
+from bastion.store.db import Database
+from bastion.store.tables import api_keys, tenants
+
+_V = TypeVar("_V")
+
+# Longer headers are refused before any parsing; a token is 73 characters.
+MAX_AUTHORIZATION_LENGTH = 256
+
+REASON_MISSING = "missing"
+REASON_MALFORMED = "malformed"
+REASON_UNKNOWN_KEY = "unknown_key"
+REASON_BAD_SECRET = "bad_secret"  # noqa: S105 (a reason code, not a secret)
+REASON_REVOKED = "revoked"
+REASON_EXPIRED = "expired"
+REASON_TENANT_DISABLED = "tenant_disabled"
+
+# Messages for failures that only a caller holding the right secret can see; every other
+# failure gets the generic message, so guessing reveals nothing.
+_MESSAGES = {
+    REASON_REVOKED: "This API key has been revoked.",
+    REASON_EXPIRED: "This API key has expired.",
+    REASON_TENANT_DISABLED: "This API key's tenant is disabled.",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _KeyRecord:
+    """What authentication needs to know about one key, as read from the database."""
+
+    digest: bytes
+    principal: Principal
+    expires_at: float | None
+    revoked: bool
+    tenant_disabled: bool
+
+
+class Authenticator:
+    """Checks bearer tokens against the key store, through an in-memory cache."""
+
+    def __init__(
+        self,
+        db: Database,
+        hasher: KeyHasher,
+        events: EventSink,
+        clock: Callable[[], float] = time.time,
+        *,
+        negative_ttl_s: float = 5.0,
+        max_cached_keys: int = 100_000,
+        max_unknown_ids: int = 10_000,
+    ) -> None:
+        self._db = db
+        self._hasher = hasher
+        self._events = events
+        self._clock = clock
+        self._negative_ttl_s = negative_ttl_s
+        self._max_cached_keys = max_cached_keys
+        self._max_unknown_ids = max_unknown_ids
+        self._keys: dict[str, _KeyRecord] = {}
+        # Public id -> time until which it is known not to exist.
+        self._unknown: dict[str, float] = {}
+        self._revision: int | None = None
+        # Bumped on every cache reset; a database read that started under an older
+        # generation may be stale and is not cached.
+        self._generation = 0
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        """The principal of a ``Bearer <token>`` header; AuthenticationError otherwise."""
+        if authorization is None:
+            self._fail(REASON_MISSING)
+        if len(authorization) > MAX_AUTHORIZATION_LENGTH:
+            self._fail(REASON_MALFORMED)
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer":
+            self._fail(REASON_MALFORMED)
+        try:
+            public_id, secret = parse_api_key(token.strip())
+        except AuthenticationError:
+            self._fail(REASON_MALFORMED)
+
+        record = self._keys.get(public_id)
+        if record is None:
+            record = self._load(public_id)
+            if record is None:
+                self._fail(REASON_UNKNOWN_KEY, public_id)
+        try:
+            self._hasher.verify(public_id, secret, record.digest)
+        except AuthenticationError:
+            self._fail(REASON_BAD_SECRET, public_id)
+        principal = record.principal
+        if record.revoked:
+            self._fail(REASON_REVOKED, public_id, principal.tenant_name)
+        if record.expires_at is not None and self._clock() >= record.expires_at:
+            self._fail(REASON_EXPIRED, public_id, principal.tenant_name)
+        if record.tenant_disabled:
+            self._fail(REASON_TENANT_DISABLED, public_id, principal.tenant_name)
+        return principal
+
+    def refresh(self) -> bool:
+        """Drop the caches if the database changed since the last call; True if it did."""
+        revision = self._db.revision()
+        if revision == self._revision:
+            return False
+        self.invalidate()
+        self._revision = revision
+        return True
+
+    def invalidate(self) -> None:
+        """Forget every cached record (the next request per key reads the database)."""
+        self._generation += 1
+        # New dicts rather than clear(): a request thread may be using the old ones.
+        self._keys = {}
+        self._unknown = {}
+
+    # ------------------------------------------------------------------ internals
+
+    def _load(self, public_id: str) -> _KeyRecord | None:
+        """Read one key on a cache miss, remembering the answer (found or not)."""
+        now = time.monotonic()
+        unknown = self._unknown
+        until = unknown.get(public_id)
+        if until is not None:
+            if now < until:
+                return None
+            unknown.pop(public_id, None)
+        generation = self._generation
+        record = self._read(public_id)
+        if generation != self._generation:
+            return record  # the caches were reset meanwhile: use it, but do not keep it
+        if record is None:
+            _bounded_put(
+                self._unknown, public_id, now + self._negative_ttl_s, self._max_unknown_ids
+            )
+        else:
+            _bounded_put(self._keys, public_id, record, self._max_cached_keys)
+        return record
+
+    def _read(self, public_id: str) -> _KeyRecord | None:
+        query = (
+            sa.select(
+                api_keys.c.digest,
+                api_keys.c.tenant_id,
+                api_keys.c.role,
+                api_keys.c.models,
+                api_keys.c.actions,
+                api_keys.c.expires_at,
+                api_keys.c.revoked_at,
+                tenants.c.name.label("tenant_name"),
+                tenants.c.disabled.label("tenant_disabled"),
+            )
+            .join(tenants, tenants.c.id == api_keys.c.tenant_id)
+            .where(api_keys.c.id == public_id)
+        )
+        with self._db.read() as conn:
+            row = conn.execute(query).mappings().one_or_none()
+        if row is None:
+            return None
+        expires_at = row["expires_at"]
+        principal = Principal(
+            key_id=public_id,
+            tenant_id=row["tenant_id"],
+            tenant_name=row["tenant_name"],
+            role=row["role"],
+            models=tuple(row["models"]),
+            actions=frozenset(row["actions"]),
+            expires_at=expires_at,
+        )
+        return _KeyRecord(
+            digest=bytes(row["digest"]),
+            principal=principal,
+            expires_at=expires_at.timestamp() if expires_at is not None else None,
+            revoked=row["revoked_at"] is not None,
+            tenant_disabled=bool(row["tenant_disabled"]),
+        )
+
+    def _fail(
+        self, reason: str, public_id: str | None = None, tenant: str | None = None
+    ) -> NoReturn:
+        # Only the public id (when well-formed) is recorded: never the header or secret.
+        self._events.emit(
+            Event(
+                kind=AUTH_FAILED,
+                outcome="failure",
+                actor=public_id,
+                tenant=tenant,
+                detail={"reason": reason},
+                at=self._clock(),
+            )
+        )
+        message = _MESSAGES.get(reason)
+        error = AuthenticationError(message) if message else AuthenticationError()
+        # `from None`: the chained cause could hold the token in a traceback's locals.
+        raise error from None
+
+
+def _bounded_put(table: dict[str, _V], key: str, value: _V, limit: int) -> None:
+    """Insert, evicting the oldest entries first once the table holds `limit` entries."""
+    while len(table) >= limit:
+        try:
+            del table[next(iter(table))]
+        except (StopIteration, KeyError, RuntimeError):
+            break
+    table[key] = value

@@ -1,0 +1,78 @@
+"""Prometheus metrics. Labels are route, model, tenant and status: never keys or payloads."""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from bastion.audit.events import WORKER_RESTARTED, Event
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    """The gateway's metrics, in a registry of its own (no process-wide global state)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "bastion_requests",
+            "HTTP requests answered, by route, model, tenant and status.",
+            ["route", "model", "tenant", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "bastion_request_duration_seconds",
+            "Time from request to the end of the answer.",
+            ["route"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "bastion_tokens",
+            "Tokens processed, by model, tenant and kind (prompt or completion).",
+            ["model", "tenant", "kind"],
+            registry=self.registry,
+        )
+        self.auth_failures = Counter(
+            "bastion_auth_failures",
+            "Requests refused for missing or invalid credentials.",
+            registry=self.registry,
+        )
+        self.worker_restarts = Counter(
+            "bastion_worker_restarts",
+            "Worker processes restarted after a crash or a missed heartbeat.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.model_ready = Gauge(
+            "bastion_model_ready",
+            "1 when the model's worker is ready to serve.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "bastion_in_flight_requests",
+            "Requests being served now.",
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsEventSink:
+    """Counts the events that have a metric of their own (worker restarts)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def emit(self, event: Event) -> None:
+        if event.kind == WORKER_RESTARTED and event.target:
+            self._metrics.worker_restarts.labels(event.target).inc()

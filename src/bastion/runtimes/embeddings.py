@@ -1,0 +1,163 @@
+"""Sentence embeddings from a sentence-transformers style model directory, on the CPU.
+
+The transformer is built from config.json and loaded from the bytes of model.safetensors;
+token vectors are mean-pooled over the attention mask and L2-normalised, which is what
+sentence-transformers' Transformer -> Pooling(mean) -> Normalize pipeline computes.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoModel
+
+from bastion.runtimes.base import CancelToken, EmitDelta, RuntimeInputError, UnsupportedOperation
+from bastion.runtimes.transformers_loading import (
+    config_from_bytes,
+    model_from_bytes,
+    read_json_object,
+    tokenizer_from_bytes,
+)
+from bastion.workers.protocol import (
+    Embed,
+    EmbedResult,
+    Generate,
+    GenerateResult,
+    Infer,
+    InferResult,
+    ModelMetadata,
+    TensorData,
+    TensorSpec,
+)
+
+DEFAULT_MAX_SEQ_LENGTH = 256
+BATCH_SIZE = 32
+TEXT_INPUT = "text"
+EMBEDDING_OUTPUT = "embedding"
+POOLING_CONFIG = Path("1_Pooling") / "config.json"
+
+
+def _read_optional(path: Path) -> bytes | None:
+    return path.read_bytes() if path.is_file() else None
+
+
+class SentenceEmbeddingRuntime:
+    """A sentence encoder serving embeddings and Open Inference Protocol `infer`."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        torch.set_num_threads(threads)
+        config = config_from_bytes((path / "config.json").read_bytes())
+        self._model = model_from_bytes(
+            AutoModel.from_config, config, (path / "model.safetensors").read_bytes()
+        )
+        self._tokenizer = tokenizer_from_bytes((path / "tokenizer.json").read_bytes())
+        pooling = read_json_object(_read_optional(path / POOLING_CONFIG))
+        if pooling and not pooling.get("pooling_mode_mean_tokens", False):
+            raise ValueError("only mean pooling is supported for sentence embeddings")
+        sbert = read_json_object(_read_optional(path / "sentence_bert_config.json"))
+        self._max_tokens = int(sbert.get("max_seq_length") or DEFAULT_MAX_SEQ_LENGTH)
+        self._dim = int(config.hidden_size)
+        self._pad_id = int(getattr(config, "pad_token_id", None) or 0)
+        # BERT-like encoders take segment ids; others (e.g. RoBERTa-free ones) do not.
+        parameters = inspect.signature(self._model.forward).parameters
+        self._takes_type_ids = "token_type_ids" in parameters
+        self._metadata = ModelMetadata(
+            runtime="sentence-embedding",
+            capabilities=["embeddings", "infer"],
+            inputs=[TensorSpec(name=TEXT_INPUT, datatype="BYTES", shape=[-1])],
+            outputs=[TensorSpec(name=EMBEDDING_OUTPUT, datatype="FP32", shape=[-1, self._dim])],
+            context_length=self._max_tokens,
+            embedding_dim=self._dim,
+            platform="transformers",
+        )
+
+    def metadata(self) -> ModelMetadata:
+        return self._metadata
+
+    def generate(self, request: Generate, cancel: CancelToken, emit: EmitDelta) -> GenerateResult:
+        raise UnsupportedOperation("text generation")
+
+    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray[Any, Any], int]:
+        """Unit-length float32 embeddings of `texts` (rows) and the number of tokens read."""
+        encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=True)
+        longest = max((len(e.ids) for e in encodings), default=0)
+        if longest > self._max_tokens:
+            raise RuntimeInputError(
+                f"An input has {longest} tokens, more than the model's limit of "
+                f"{self._max_tokens}.",
+                code="context_length_exceeded",
+            )
+        vectors = np.zeros((len(texts), self._dim), dtype="<f4")
+        # Texts of similar length share a batch, so little padding is computed.
+        order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
+        with torch.inference_mode():
+            for start in range(0, len(order), BATCH_SIZE):
+                rows = order[start : start + BATCH_SIZE]
+                pooled = self._encode_batch([encodings[i] for i in rows])
+                vectors[rows] = pooled.numpy()
+        return vectors, sum(len(e.ids) for e in encodings)
+
+    def _encode_batch(self, encodings: Sequence[Any]) -> torch.Tensor:
+        width = max(len(e.ids) for e in encodings)
+        ids = torch.full((len(encodings), width), self._pad_id, dtype=torch.long)
+        type_ids = torch.zeros((len(encodings), width), dtype=torch.long)
+        mask = torch.zeros((len(encodings), width), dtype=torch.long)
+        for row, encoding in enumerate(encodings):
+            size = len(encoding.ids)
+            ids[row, :size] = torch.tensor(encoding.ids, dtype=torch.long)
+            type_ids[row, :size] = torch.tensor(encoding.type_ids, dtype=torch.long)
+            mask[row, :size] = 1
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        if self._takes_type_ids:
+            inputs["token_type_ids"] = type_ids
+        hidden = self._model(**inputs).last_hidden_state
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        summed = (hidden * weights).sum(dim=1)
+        mean = summed / torch.clamp(weights.sum(dim=1), min=1e-9)
+        return torch.nn.functional.normalize(mean, p=2, dim=1).float()
+
+    def embed(self, request: Embed) -> EmbedResult:
+        vectors, tokens = self.encode(request.texts)
+        return EmbedResult(
+            id=request.id,
+            vectors=vectors.tobytes(),
+            count=len(request.texts),
+            dim=self._dim,
+            prompt_tokens=tokens,
+        )
+
+    def infer(self, request: Infer) -> InferResult:
+        if any(name != EMBEDDING_OUTPUT for name in request.outputs):
+            raise RuntimeInputError(f"The model's only output is {EMBEDDING_OUTPUT!r}.")
+        if len(request.inputs) != 1 or request.inputs[0].name != TEXT_INPUT:
+            raise RuntimeInputError(f"The model takes exactly one input, {TEXT_INPUT!r}.")
+        tensor = request.inputs[0]
+        if tensor.datatype != "BYTES":
+            raise RuntimeInputError(f"Input {TEXT_INPUT!r} must have datatype BYTES.")
+        if len(tensor.shape) != 1 or tensor.shape[0] != len(tensor.items) or tensor.raw:
+            raise RuntimeInputError(
+                f"Input {TEXT_INPUT!r} must have shape [N] with N BYTES items; "
+                f"got shape {tensor.shape} with {len(tensor.items)} items."
+            )
+        try:
+            texts = [item.decode("utf-8") for item in tensor.items]
+        except UnicodeDecodeError:
+            raise RuntimeInputError(f"Input {TEXT_INPUT!r} holds invalid UTF-8.") from None
+        vectors, _ = self.encode(texts)
+        output = TensorData(
+            name=EMBEDDING_OUTPUT,
+            datatype="FP32",
+            shape=[len(texts), self._dim],
+            raw=vectors.tobytes(),
+        )
+        return InferResult(id=request.id, outputs=[output])
+
+
+def load(path: Path, options: Mapping[str, Any]) -> SentenceEmbeddingRuntime:
+    """Load the sentence encoder in directory `path`."""
+    return SentenceEmbeddingRuntime(path, threads=int(options.get("threads", 1)))

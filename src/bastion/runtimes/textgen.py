@@ -1,0 +1,245 @@
+"""Text generation with a Hugging Face causal language model, on the CPU.
+
+The model is built from its config and its weights are loaded from the bytes of
+``model.safetensors`` (``safetensors.torch.load``), and the tokenizer from the text of
+``tokenizer.json``, so nothing reads weights from a path a library chooses. The token loop
+is our own: it keeps a KV cache, samples with a seeded generator, stops on the end-of-text
+token, on ``max_tokens`` or on a stop string, and streams only text that is final.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from bastion.runtimes.base import CancelToken, EmitDelta, RuntimeInputError, UnsupportedOperation
+from bastion.runtimes.chat_template import (
+    TOKENIZER_CONFIG_FILE,
+    ChatTemplate,
+    find_template_source,
+    special_token_text,
+)
+from bastion.runtimes.transformers_loading import (
+    config_from_bytes,
+    model_from_bytes,
+    read_json_object,
+    tokenizer_from_bytes,
+)
+from bastion.workers.protocol import (
+    Choice,
+    Embed,
+    EmbedResult,
+    Generate,
+    GenerateResult,
+    Infer,
+    InferResult,
+    ModelMetadata,
+)
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+# Byte-level decoders put this in place of bytes that do not yet form a whole character.
+_INCOMPLETE_CHAR = "\ufffd"
+
+
+def _read_optional(path: Path) -> bytes | None:
+    return path.read_bytes() if path.is_file() else None
+
+
+def _token_ids(value: Any) -> set[int]:
+    if isinstance(value, int):
+        return {value}
+    if isinstance(value, list):
+        return {v for v in value if isinstance(v, int)}
+    return set()
+
+
+def holdback_length(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters of `text` must wait before they are streamed.
+
+    They are a trailing run of incomplete-character markers (a multi-byte character cut
+    between tokens) and, before it, the longest suffix that could still grow into a stop
+    string.
+    """
+    complete = text.rstrip(_INCOMPLETE_CHAR)
+    hold = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(complete)), hold, -1):
+            if complete.endswith(stop[:size]):
+                hold = size
+                break
+    return len(text) - len(complete) + hold
+
+
+def find_stop(text: str, stops: Sequence[str]) -> int:
+    """Index where the earliest stop string in `text` begins, or -1."""
+    found = [index for index in (text.find(stop) for stop in stops if stop) if index >= 0]
+    return min(found, default=-1)
+
+
+class TextGenerationRuntime:
+    """A causal language model serving chat and completions."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        torch.set_num_threads(threads)
+        config = config_from_bytes((path / CONFIG_FILE).read_bytes())
+        self._model = model_from_bytes(
+            AutoModelForCausalLM.from_config, config, (path / WEIGHTS_FILE).read_bytes()
+        )
+        self._tokenizer = tokenizer_from_bytes((path / TOKENIZER_FILE).read_bytes())
+        tokenizer_config = read_json_object(_read_optional(path / TOKENIZER_CONFIG_FILE))
+        bos = special_token_text(tokenizer_config.get("bos_token"))
+        eos = special_token_text(tokenizer_config.get("eos_token"))
+        template = find_template_source(path, tokenizer_config)
+        self._template = ChatTemplate(template, bos, eos) if template is not None else None
+        generation_config = read_json_object(_read_optional(path / GENERATION_CONFIG_FILE))
+        self._eos_ids = _token_ids(generation_config.get("eos_token_id")) or _token_ids(
+            getattr(config, "eos_token_id", None)
+        )
+        if not self._eos_ids and eos is not None:
+            eos_id = self._tokenizer.token_to_id(eos)
+            self._eos_ids = {eos_id} if eos_id is not None else set()
+        self._context_length = int(getattr(config, "max_position_embeddings", 0) or 2048)
+        parameters = inspect.signature(self._model.forward).parameters
+        # transformers 5 renamed `past_key_values` to `cache`; accept either spelling.
+        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
+        self._keep_last_logits = "logits_to_keep" in parameters
+        self._config = config
+        capabilities = ["chat", "completions"] if self._template else ["completions"]
+        self._metadata = ModelMetadata(
+            runtime="text-generation",
+            capabilities=capabilities,
+            context_length=self._context_length,
+            platform="transformers",
+        )
+
+    def metadata(self) -> ModelMetadata:
+        return self._metadata
+
+    def embed(self, request: Embed) -> EmbedResult:
+        raise UnsupportedOperation("embeddings")
+
+    def infer(self, request: Infer) -> InferResult:
+        raise UnsupportedOperation("tensor inference")
+
+    def _prompt_ids(self, request: Generate) -> list[int]:
+        if request.messages is not None:
+            if self._template is None:
+                raise UnsupportedOperation("chat")
+            text = self._template.render(request.messages)
+            # The template writes the special tokens itself (as apply_chat_template does).
+            ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False).ids
+            return ids
+        if request.prompt is None:
+            raise RuntimeInputError("A prompt or messages are required.")
+        ids = self._tokenizer.encode(request.prompt, add_special_tokens=True).ids
+        return ids
+
+    def generate(self, request: Generate, cancel: CancelToken, emit: EmitDelta) -> GenerateResult:
+        """Generate `request.n` choices in turn; stream final text through `emit`."""
+        if request.max_tokens < 1 or request.n < 1:
+            raise RuntimeInputError("max_tokens and n must be at least 1.")
+        if request.temperature < 0 or not 0 < request.top_p <= 1:
+            raise RuntimeInputError("temperature must be >= 0 and top_p in (0, 1].")
+        prompt_ids = self._prompt_ids(request)
+        if not prompt_ids:
+            raise RuntimeInputError("The prompt is empty.")
+        if len(prompt_ids) + request.max_tokens > self._context_length:
+            raise RuntimeInputError(
+                f"The prompt has {len(prompt_ids)} tokens and max_tokens is "
+                f"{request.max_tokens}, more than the model's context of "
+                f"{self._context_length} tokens.",
+                code="context_length_exceeded",
+            )
+        generator = torch.Generator()
+        if request.seed is not None:
+            generator.manual_seed(request.seed)
+        else:
+            generator.seed()
+        choices: list[Choice] = []
+        completion_tokens = 0
+        stops = [stop for stop in request.stop if stop]
+        for index in range(request.n):
+            text, finish, used = self._generate_one(
+                prompt_ids, request, stops, generator, cancel, partial(emit, index)
+            )
+            completion_tokens += used
+            choices.append(
+                Choice(index=index, text="" if request.stream else text, finish_reason=finish)
+            )
+        return GenerateResult(
+            id=request.id,
+            choices=choices,
+            prompt_tokens=len(prompt_ids),
+            completion_tokens=completion_tokens,
+        )
+
+    def _next_token(
+        self, logits: torch.Tensor, request: Generate, generator: torch.Generator
+    ) -> int:
+        if request.temperature == 0:
+            return int(torch.argmax(logits).item())
+        probs = torch.softmax(logits.float() / request.temperature, dim=-1)
+        if request.top_p < 1:
+            sorted_probs, sorted_ids = torch.sort(probs, descending=True)
+            # Keep the smallest set of most likely tokens whose mass reaches top_p.
+            before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+            sorted_probs[before >= request.top_p] = 0
+            choice = torch.multinomial(sorted_probs, 1, generator=generator)
+            return int(sorted_ids[choice].item())
+        return int(torch.multinomial(probs, 1, generator=generator).item())
+
+    def _generate_one(
+        self,
+        prompt_ids: list[int],
+        request: Generate,
+        stops: Sequence[str],
+        generator: torch.Generator,
+        cancel: CancelToken,
+        emit: Callable[[str], None],
+    ) -> tuple[str, str, int]:
+        """One choice: (its text, finish reason, tokens generated)."""
+        cache = DynamicCache(config=self._config)
+        inputs = torch.tensor([prompt_ids], dtype=torch.long)
+        generated: list[int] = []
+        text, emitted, finish = "", 0, "length"
+        extra: dict[str, Any] = {"logits_to_keep": 1} if self._keep_last_logits else {}
+        with torch.inference_mode():
+            while len(generated) < request.max_tokens and not cancel.cancelled:
+                output = self._model(
+                    input_ids=inputs, use_cache=True, **{self._cache_argument: cache}, **extra
+                )
+                token = self._next_token(output.logits[0, -1], request, generator)
+                generated.append(token)
+                if token in self._eos_ids:
+                    finish = "stop"
+                    break
+                text = self._tokenizer.decode(generated, skip_special_tokens=True)
+                stop_at = find_stop(text, stops)
+                if stop_at >= 0:
+                    text, finish = text[:stop_at], "stop"
+                    break
+                final = len(text) - holdback_length(text, stops)
+                if request.stream and final > emitted:
+                    emit(text[emitted:final])
+                    emitted = final
+                inputs = torch.tensor([[token]], dtype=torch.long)
+        if cancel.cancelled:
+            # Nobody reads this request's output any more, so nothing more is streamed.
+            return text, "stop" if finish == "length" else finish, len(generated)
+        if request.stream and len(text) > emitted:
+            emit(text[emitted:])
+        return text, finish, len(generated)
+
+
+def load(path: Path, options: Mapping[str, Any]) -> TextGenerationRuntime:
+    """Load the causal language model in directory `path`."""
+    return TextGenerationRuntime(path, threads=int(options.get("threads", 1)))

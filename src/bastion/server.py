@@ -1,0 +1,71 @@
+"""Running the gateway: wire the components, then serve with uvicorn (uvloop, httptools)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+import uvicorn
+
+from bastion.api.app import create_app
+from bastion.audit.events import SERVER_STARTED, SERVER_STOPPED, Event, FanOutSink
+from bastion.bootstrap import Home
+from bastion.gateway.auth import Authenticator
+from bastion.gateway.gateway import Gateway
+from bastion.observability.metrics import Metrics, MetricsEventSink
+from bastion.workers.sandbox import make_sandbox
+from bastion.workers.supervisor import Supervisor
+
+logger = logging.getLogger("bastion.server")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build_gateway(home: Home, metrics: Metrics) -> Gateway:
+    settings = home.settings
+    events = FanOutSink(home.events, MetricsEventSink(metrics))
+    supervisor = Supervisor(settings, make_sandbox("subprocess"), events)
+    authenticator = Authenticator(home.db, home.hasher, events)
+    return Gateway(settings, home.db, authenticator, home.registry, supervisor, events, metrics)
+
+
+def serve(home: Home) -> None:
+    """Serve until SIGINT/SIGTERM, then drain in-flight requests and stop the workers."""
+    settings = home.settings
+    if not is_loopback(settings.host):
+        logger.warning(
+            "listening on a non-loopback address: every client that can reach it can try keys",
+            extra={"host": settings.host},
+        )
+    logger.warning(
+        "workers run as plain subprocesses without a sandbox; "
+        "sandboxed backends arrive with the compute-isolation work"
+    )
+    metrics = Metrics()
+    gateway = build_gateway(home, metrics)
+    app = create_app(gateway, home.identity)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_config=None,
+        server_header=False,
+        timeout_graceful_shutdown=int(settings.drain_timeout_s),
+    )
+    server = uvicorn.Server(config)
+    home.events.emit(
+        Event(kind=SERVER_STARTED, detail={"host": settings.host, "port": settings.port})
+    )
+    server.run()
+    home.events.emit(Event(kind=SERVER_STOPPED))

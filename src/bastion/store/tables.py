@@ -1,0 +1,121 @@
+"""The relational schema, as SQLAlchemy Core tables.
+
+The same schema runs on SQLite and PostgreSQL: only portable types, timezone-aware
+timestamps and explicitly named constraints (so that migrations can refer to them). The
+migrations in ``store/migrations`` create these tables; this module is what the code
+queries. A change here needs a new migration.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+
+# Constraint names follow one pattern so that every backend gets the same, stable names.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+
+ROLE_VALUES = ("admin", "tenant-admin", "consumer")
+DESIRED_STATES = ("loaded", "unloaded")
+# The `meta` row whose integer value changes with every change to tenants, keys or models.
+REVISION_KEY = "revision"
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """A timestamp stored in UTC and always read back timezone-aware.
+
+    SQLite keeps no time zone, so values are normalised to UTC on the way in and tagged
+    as UTC on the way out. Naive datetimes are refused: their meaning is ambiguous.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, datetime):
+            raise TypeError("timestamp column returned a non-datetime value")
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+tenants = sa.Table(
+    "tenants",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(63), nullable=False),
+    sa.Column("disabled", sa.Boolean, nullable=False, default=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("disabled_at", UTCDateTime, nullable=True),
+    sa.UniqueConstraint("name", name="uq_tenants_name"),
+)
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    # The public id of the key (the part of the token before the secret).
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column(
+        "tenant_id",
+        sa.Integer,
+        sa.ForeignKey("tenants.id", name="fk_api_keys_tenant_id_tenants", ondelete="RESTRICT"),
+        nullable=False,
+    ),
+    sa.Column("name", sa.String(128), nullable=True),
+    # HMAC-SHA-256 of the token under a key derived from the master key; never the secret.
+    sa.Column("digest", sa.LargeBinary(64), nullable=False),
+    sa.Column("role", sa.String(32), nullable=False),
+    sa.Column("models", sa.JSON, nullable=False),
+    sa.Column("actions", sa.JSON, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("expires_at", UTCDateTime, nullable=True),
+    sa.Column("revoked_at", UTCDateTime, nullable=True),
+    sa.Column(
+        "rotated_from",
+        sa.String(32),
+        sa.ForeignKey("api_keys.id", name="fk_api_keys_rotated_from_api_keys"),
+        nullable=True,
+    ),
+    sa.CheckConstraint("role IN ('admin', 'tenant-admin', 'consumer')", name="role_valid"),
+    sa.Index("ix_api_keys_tenant_id", "tenant_id"),
+)
+
+models = sa.Table(
+    "models",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("runtime", sa.String(64), nullable=False),
+    sa.Column("path", sa.Text, nullable=False),
+    sa.Column("options", sa.JSON, nullable=False),
+    sa.Column("desired_state", sa.String(16), nullable=False),
+    sa.Column("description", sa.Text, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.CheckConstraint("desired_state IN ('loaded', 'unloaded')", name="desired_state_valid"),
+)
+
+meta = sa.Table(
+    "meta",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)

