@@ -85,6 +85,7 @@ class Server:
         self.name = name
         self.command = list(command)
         self.log = log
+        self.started_at = time.monotonic()
         with log.open("wb") as sink:
             self.process = subprocess.Popen(
                 self.command,
@@ -94,7 +95,6 @@ class Server:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        self.started_at = time.monotonic()
         self._seen: set[tuple[int, str]] = set()
         self.tree()
 

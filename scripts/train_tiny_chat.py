@@ -382,9 +382,10 @@ Files: {", ".join(f"`{f}`" for f in [*files, "README.md"])}.
 ## Training
 
 - script: `scripts/train_tiny_chat.py` (retrain with `python scripts/train_tiny_chat.py`)
-- seed {stats["seed"]}, {stats["steps"]} steps of {stats["batch"]} x {stats["context"]} tokens
-  ({stats["tokens_seen"]:,} tokens, about {stats["epochs"]:.1f} epochs), AdamW, peak
-  learning rate {stats["lr"]}, cosine decay, {stats["threads"]} CPU thread(s)
+- seed {stats["seed"]}, {stats["steps"]} steps{stats["early_stop_note"]}
+  of {stats["batch"]} x {stats["context"]} tokens ({stats["tokens_seen"]:,} tokens,
+  about {stats["epochs"]:.1f} epochs), AdamW, peak learning rate {stats["lr"]},
+  cosine decay, {stats["threads"]} CPU thread(s)
 - final training loss (mean of the last 20 steps): {stats["final_loss"]:.3f}
 - held-out loss ({stats["n_val"]} fortunes not used for training): {stats["val_loss"]:.3f}
 - software: torch {torch.__version__}, transformers {stats["transformers"]},
@@ -443,7 +444,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--corpus-dir", type=Path, default=DEFAULT_CORPUS_DIR)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=220)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--vocab-size", type=int, default=3072)
@@ -458,6 +459,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--val-fraction", type=float, default=0.02)
+    p.add_argument(
+        "--max-train-seconds",
+        type=float,
+        default=420.0,
+        help="safety net for slow machines: stop training early after this many seconds "
+        "(the result is then not bit-reproducible); 0 disables it",
+    )
     p.add_argument("--no-samples", action="store_true", help="skip the sample generations")
     return p.parse_args(argv)
 
@@ -514,7 +522,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     t_train = time.monotonic()
     recent: list[float] = []
+    steps_done = 0
     for step in range(args.steps):
+        if args.max_train_seconds > 0 and time.monotonic() - t_train > args.max_train_seconds:
+            print(
+                f"WARNING: time budget of {args.max_train_seconds:.0f}s exhausted, "
+                f"stopping after {steps_done} of {args.steps} steps",
+                flush=True,
+            )
+            break
         lr = lr_at(step, args.steps, args.lr, args.warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -525,6 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         recent = [*recent[-19:], out.loss.item()]
+        steps_done = step + 1
         if step % 20 == 0 or step == args.steps - 1:
             elapsed = time.monotonic() - t_train
             print(
@@ -534,9 +551,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 flush=True,
             )
     train_seconds = time.monotonic() - t_train
-    final_loss = sum(recent) / len(recent)
+    final_loss = sum(recent) / max(1, len(recent))
     val_loss = evaluate(model, val_blocks, args.batch_size)
-    tokens_seen = args.steps * args.batch_size * args.block_size
+    tokens_seen = steps_done * args.batch_size * args.block_size
     print(f"final training loss (avg of last {len(recent)} steps): {final_loss:.4f}")
     print(f"held-out loss: {val_loss:.4f}")
     print(f"training time: {train_seconds:.1f}s, tokens seen: {tokens_seen:,}")
@@ -570,7 +587,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "n_entries": len(entries),
         "n_val": n_val,
         "seed": args.seed,
-        "steps": args.steps,
+        "steps": steps_done,
+        "early_stop_note": ""
+        if steps_done == args.steps
+        else f" (of {args.steps} planned; stopped by the time budget)",
         "batch": args.batch_size,
         "tokens_seen": tokens_seen,
         "epochs": tokens_seen / max(1, sampler.tokens_per_epoch),

@@ -8,7 +8,7 @@ import logging
 import uvicorn
 
 from bastion.api.app import create_app
-from bastion.audit.events import SERVER_STARTED, SERVER_STOPPED, Event, FanOutSink
+from bastion.audit.events import SERVER_STARTED, Event, FanOutSink
 from bastion.bootstrap import Home
 from bastion.gateway.auth import Authenticator
 from bastion.gateway.gateway import Gateway
@@ -67,5 +67,6 @@ def serve(home: Home) -> None:
     home.events.emit(
         Event(kind=SERVER_STARTED, detail={"host": settings.host, "port": settings.port})
     )
+    # On SIGTERM/SIGINT uvicorn stops accepting, waits for in-flight requests, runs the
+    # lifespan shutdown (which drains and stops the workers), then re-raises the signal.
     server.run()
-    home.events.emit(Event(kind=SERVER_STOPPED))

@@ -17,8 +17,16 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BastionServer]:
     home = tmp_path_factory.mktemp("e2e") / "home"
     run_cli(home, "init")
     run_cli(
-        home, "models", "add", "echo", "--runtime", "echo", "--path", str(home),
-        "--option", "test_hooks=true",
+        home,
+        "models",
+        "add",
+        "echo",
+        "--runtime",
+        "echo",
+        "--path",
+        str(home),
+        "--option",
+        "test_hooks=true",
     )
     srv = BastionServer(home)
     try:

@@ -22,7 +22,8 @@ def _openai_error(response: httpx.Response, status: int) -> dict[str, str]:
 def test_invalid_json_is_400(server: BastionServer) -> None:
     with server.client() as client:
         response = client.post(
-            "/v1/chat/completions", content=b"{not json",
+            "/v1/chat/completions",
+            content=b"{not json",
             headers={"content-type": "application/json"},
         )
         assert _openai_error(response, 400)["code"] == "invalid_json"
@@ -101,7 +102,11 @@ def test_oip_errors_use_the_oip_shape(server: BastionServer) -> None:
     with server.client() as client:
         bad_shape = client.post(
             "/v2/models/digits/infer",
-            json={"inputs": [{"name": "input", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]},
+            json={
+                "inputs": [
+                    {"name": "input", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}
+                ]
+            },
         )
         assert bad_shape.status_code == 400
         assert isinstance(bad_shape.json()["error"], str)
@@ -112,14 +117,20 @@ def test_oip_errors_use_the_oip_shape(server: BastionServer) -> None:
         assert count.status_code == 400
         strings = client.post(
             "/v2/models/digits/infer",
-            json={"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
-                              "data": ["x"] * 64}]},
+            json={
+                "inputs": [
+                    {"name": "input", "shape": [1, 64], "datatype": "FP32", "data": ["x"] * 64}
+                ]
+            },
         )
         assert strings.status_code == 400
         wrong_name = client.post(
             "/v2/models/digits/infer",
-            json={"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32",
-                              "data": [0] * 64}]},
+            json={
+                "inputs": [
+                    {"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": [0] * 64}
+                ]
+            },
         )
         assert wrong_name.status_code == 400
         missing = client.post("/v2/models/nope/infer", json={"inputs": []})
@@ -135,7 +146,5 @@ def test_unknown_route_and_method(server: BastionServer) -> None:
 
 def test_a_model_without_the_capability_is_400(server: BastionServer) -> None:
     with server.client() as client:
-        response = client.post(
-            "/v1/chat/completions", json={"model": "digits", "messages": MSG}
-        )
+        response = client.post("/v1/chat/completions", json={"model": "digits", "messages": MSG})
         assert _openai_error(response, 400)["code"] == "unsupported_operation"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from bastion_testing import BastionServer, cli_json
+from bastion_testing import BastionServer, cli_json, run_cli
 
 
 def test_health_and_readiness_are_open(server: BastionServer) -> None:
@@ -20,11 +20,27 @@ def test_metrics_need_the_metrics_action(server: BastionServer, tenant: str) -> 
     plain = cli_json(server.home, "keys", "create", "--tenant", tenant)["key"]
     with server.client(plain) as client:
         assert client.get("/metrics").status_code == 403
-    allowed = cli_json(
-        server.home, "keys", "create", "--tenant", tenant, "--action", "metrics"
+    # Metrics span all tenants, so only admin-role keys may hold the action; a scraper's key
+    # holds it alone and can manage nothing.
+    refused = run_cli(
+        server.home, "keys", "create", "--tenant", tenant, "--action", "metrics", check=False
+    )
+    assert refused.returncode != 0
+    scraper = cli_json(
+        server.home,
+        "keys",
+        "create",
+        "--tenant",
+        "system",
+        "--role",
+        "admin",
+        "--action",
+        "metrics",
     )["key"]
-    with server.client(allowed) as client:
+    with server.client(plain) as client:
         client.post("/v1/embeddings", json={"model": "minilm-l6", "input": "x"})
+    with server.client(scraper) as client:
+        assert client.get("/admin/v1/keys").status_code == 403
         text = client.get("/metrics").text
     assert "bastion_requests_total" in text
     assert 'bastion_model_ready{model="minilm-l6"} 1.0' in text

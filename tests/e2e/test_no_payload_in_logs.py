@@ -12,9 +12,12 @@ from bastion_testing import BastionServer
 
 def _send_marker_everywhere(client: httpx.Client, marker: str) -> None:
     msgs = [{"role": "user", "content": f"please repeat {marker} {marker}"}]
-    assert client.post(
-        "/v1/chat/completions", json={"model": "tiny-chat", "messages": msgs, "max_tokens": 4}
-    ).status_code == 200
+    assert (
+        client.post(
+            "/v1/chat/completions", json={"model": "tiny-chat", "messages": msgs, "max_tokens": 4}
+        ).status_code
+        == 200
+    )
     with client.stream(
         "POST",
         "/v1/chat/completions",
@@ -22,20 +25,29 @@ def _send_marker_everywhere(client: httpx.Client, marker: str) -> None:
     ) as streamed:
         body = streamed.read()
         assert streamed.status_code == 200 and marker.encode() in body
-    assert client.post(
-        "/v1/completions",
-        json={"model": "echo", "prompt": f"{marker} text", "stop": [f"x{marker}"]},
-    ).status_code == 200
-    assert client.post(
-        "/v1/embeddings", json={"model": "minilm-l6", "input": [marker, f"and {marker}"]}
-    ).status_code == 200
-    assert client.post(
-        "/v2/models/minilm-l6/infer",
-        json={
-            "id": marker,
-            "inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [marker]}],
-        },
-    ).status_code == 200
+    assert (
+        client.post(
+            "/v1/completions",
+            json={"model": "echo", "prompt": f"{marker} text", "stop": [f"x{marker}"]},
+        ).status_code
+        == 200
+    )
+    assert (
+        client.post(
+            "/v1/embeddings", json={"model": "minilm-l6", "input": [marker, f"and {marker}"]}
+        ).status_code
+        == 200
+    )
+    assert (
+        client.post(
+            "/v2/models/minilm-l6/infer",
+            json={
+                "id": marker,
+                "inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [marker]}],
+            },
+        ).status_code
+        == 200
+    )
     # Error paths must not echo the payload into logs either.
     for body_json in (
         {"model": "tiny-chat", "messages": [{"role": marker, "content": marker}]},
@@ -50,9 +62,14 @@ def _send_marker_everywhere(client: httpx.Client, marker: str) -> None:
         json={"inputs": [{"name": marker, "shape": [1], "datatype": "BYTES", "data": [marker]}]},
     )
     assert bad_oip.status_code == 400
-    assert marker not in client.post(
-        "/v1/chat/completions", content=marker.encode(), headers={"content-type": "application/json"}
-    ).text
+    assert (
+        marker
+        not in client.post(
+            "/v1/chat/completions",
+            content=marker.encode(),
+            headers={"content-type": "application/json"},
+        ).text
+    )
 
 
 def test_marker_reaches_no_log_and_no_file(server: BastionServer) -> None:

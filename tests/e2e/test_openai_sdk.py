@@ -92,7 +92,11 @@ def test_stop_sequence_ends_the_text(client: openai.OpenAI) -> None:
     assert len(words) > 3
     stop = words[2]
     stopped = client.completions.create(
-        model="tiny-chat", prompt="The meaning of life is", max_tokens=30, temperature=0, stop=[stop]
+        model="tiny-chat",
+        prompt="The meaning of life is",
+        max_tokens=30,
+        temperature=0,
+        stop=[stop],
     )
     assert stop not in stopped.choices[0].text
     assert stopped.choices[0].finish_reason == "stop"
@@ -117,7 +121,9 @@ def test_embeddings_match_sentence_transformers(client: openai.OpenAI) -> None:
     reference = SentenceTransformer(str(model_dir), device="cpu").encode(texts)
     for encoding in ("float", "base64"):
         result = client.embeddings.create(
-            model="minilm-l6", input=texts, encoding_format=encoding  # type: ignore[arg-type]
+            model="minilm-l6",
+            input=texts,
+            encoding_format=encoding,  # type: ignore[arg-type]
         )
         got = np.array([d.embedding for d in result.data], dtype=np.float32)
         assert got.shape == (2, 384)

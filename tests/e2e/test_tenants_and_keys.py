@@ -69,8 +69,13 @@ def test_disabled_tenant_keys_get_401(server: BastionServer) -> None:
 def test_expired_key_gets_401(server: BastionServer) -> None:
     cli_json(server.home, "tenants", "create", "expirers")
     key = cli_json(
-        server.home, "keys", "create", "--tenant", "expirers",
-        "--expires-at", "2001-01-01T00:00:00+00:00",
+        server.home,
+        "keys",
+        "create",
+        "--tenant",
+        "expirers",
+        "--expires-at",
+        "2001-01-01T00:00:00+00:00",
     )["key"]
     with server.client(key) as client:
         assert client.post("/v1/chat/completions", json=CHAT).status_code == 401
@@ -95,13 +100,14 @@ def test_scopes_roles_and_status_codes(server: BastionServer) -> None:
         denied = scoped.post("/v1/chat/completions", json=CHAT)
         assert denied.status_code == 403
         assert denied.json()["error"]["type"] == "permission_error"
-        assert scoped.post(
-            "/v1/embeddings", json={"model": "echo", "input": "x"}
-        ).status_code == 200
+        assert (
+            scoped.post("/v1/embeddings", json={"model": "echo", "input": "x"}).status_code == 200
+        )
         # A model outside the key's globs is forbidden whether or not it exists.
-        assert scoped.post(
-            "/v1/embeddings", json={"model": "minilm-l6", "input": "x"}
-        ).status_code == 403
+        assert (
+            scoped.post("/v1/embeddings", json={"model": "minilm-l6", "input": "x"}).status_code
+            == 403
+        )
         # Consumers do not manage anything.
         assert scoped.get("/admin/v1/keys").status_code == 403
         assert [m["id"] for m in scoped.get("/v1/models").json()["data"]] == ["echo"]

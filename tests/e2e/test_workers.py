@@ -17,7 +17,8 @@ from bastion_testing import BastionServer, cli_json, run_cli
 
 def _chat(client: httpx.Client, text: str, model: str = "echo") -> httpx.Response:
     return client.post(
-        "/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": text}]}
+        "/v1/chat/completions",
+        json={"model": model, "messages": [{"role": "user", "content": text}]},
     )
 
 
@@ -27,8 +28,16 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BastionServer]:
     run_cli(home, "init", "--no-demo-models")
     for name in ("echo", "echo-b"):
         run_cli(
-            home, "models", "add", name, "--runtime", "echo", "--path", str(home),
-            "--option", "test_hooks=true",
+            home,
+            "models",
+            "add",
+            name,
+            "--runtime",
+            "echo",
+            "--path",
+            str(home),
+            "--option",
+            "test_hooks=true",
         )
     srv = BastionServer(home, env={"BASTION_REQUEST_TIMEOUT_S": "3"})
     try:
@@ -95,8 +104,16 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
     home = tmp_path / "home"
     run_cli(home, "init", "--no-demo-models")
     run_cli(
-        home, "models", "add", "echo", "--runtime", "echo", "--path", str(home),
-        "--option", "test_hooks=true",
+        home,
+        "models",
+        "add",
+        "echo",
+        "--runtime",
+        "echo",
+        "--path",
+        str(home),
+        "--option",
+        "test_hooks=true",
     )
     srv = BastionServer(home)
     try:
@@ -110,11 +127,14 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
             srv.proc.send_signal(signal.SIGTERM)
             answer = pending.result(timeout=30)
         assert answer.status_code == 200
-        assert srv.proc.wait(30) == 0
+        # uvicorn re-raises the signal once its graceful shutdown is complete.
+        assert srv.proc.wait(30) in (0, -signal.SIGTERM)
+        assert "server.stopped" in srv.logs()
         for pid in workers:
-            assert not os.path.exists(f"/proc/{pid}") or "zombie" in Path(
-                f"/proc/{pid}/status"
-            ).read_text().lower()
+            assert (
+                not os.path.exists(f"/proc/{pid}")
+                or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+            )
     finally:
         srv.stop()
     # A second start reuses the home: same admin key, none printed again.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from bastion.errors import BastionError, InvalidRequest
+from bastion.errors import BastionError, InvalidRequest, ModelUnavailable
 from bastion.workers.protocol import FromWorker, RequestFailed
 
 R = TypeVar("R")
@@ -15,6 +15,8 @@ def raise_for_failure(reply: FromWorker) -> None:
     if isinstance(reply, RequestFailed):
         if 400 <= reply.status < 500:
             raise InvalidRequest(reply.message, code=reply.code)
+        if reply.status == 503:
+            raise ModelUnavailable(reply.message, code=reply.code, retry_after_s=2)
         raise BastionError("The model failed to process the request.", code=reply.code)
 
 

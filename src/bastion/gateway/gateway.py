@@ -12,7 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from bastion.audit.events import ACCESS_DENIED, Event, EventSink
+from bastion.audit.events import ACCESS_DENIED, SERVER_STOPPED, Event, EventSink
 from bastion.config import Settings
 from bastion.errors import (
     AuthenticationError,
@@ -83,6 +83,7 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
         await self.supervisor.stop(self.settings.drain_timeout_s)
+        self.events.emit(Event(kind=SERVER_STOPPED))
 
     async def refresh(self) -> None:
         """Re-read keys and models when the database changed, and reconcile the workers."""

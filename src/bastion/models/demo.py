@@ -18,10 +18,11 @@ import importlib.resources
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib.resources.abc import Traversable
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -45,7 +46,7 @@ MINILM_FILES = (
 # Only data formats are copied from the chat model's assets; pickle-based weight files
 # (.bin, .pt, .pkl...) can run code when loaded and are never copied.
 SAFE_ASSET_SUFFIXES = frozenset({".json", ".safetensors", ".txt", ".jinja", ".md"})
-DEFAULT_OPTIONS: dict[str, Any] = {"threads": 1}
+DEFAULT_OPTIONS: Mapping[str, Any] = MappingProxyType({"threads": 1})
 
 
 @dataclass(frozen=True)

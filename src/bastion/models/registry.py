@@ -21,6 +21,7 @@ from sqlalchemy.engine import RowMapping
 from bastion.audit.events import (
     MODEL_LOAD_REQUESTED,
     MODEL_REGISTERED,
+    MODEL_REMOVED,
     MODEL_UNLOAD_REQUESTED,
     Event,
     EventSink,
@@ -32,8 +33,6 @@ from bastion.store.db import Database
 from bastion.store.tables import DESIRED_STATES
 from bastion.store.tables import models as models_table
 
-# Not yet among bastion.audit.events' constants; the value follows their naming.
-MODEL_REMOVED = "model.removed"
 MODEL_NAME_PATTERN = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}")
 MAX_DESCRIPTION_LENGTH = 2000
 MAX_PATH_LENGTH = 4096

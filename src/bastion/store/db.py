@@ -13,6 +13,7 @@ same transaction; gateways poll :meth:`Database.revision` to know when to re-rea
 from __future__ import annotations
 
 import io
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,7 +48,7 @@ class Database:
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
         engine_args: dict[str, Any] = {"echo": echo, "future": True}
         if self.is_sqlite:
-            _create_sqlite_parent(parsed)
+            _create_sqlite_file(parsed)
         else:
             engine_args["pool_pre_ping"] = True
         self.engine: Engine = sa.create_engine(parsed, **engine_args)
@@ -97,7 +98,7 @@ class Database:
                 ).scalar_one_or_none()
                 conn.rollback()
         except SQLAlchemyError as exc:
-            raise ConfigurationError("The database cannot be read; is it migrated?") from exc
+            raise ConfigurationError("The database revision cannot be read.") from exc
         if value is None:
             raise ConfigurationError("The database has no revision; run the migrations.")
         return int(value)
@@ -147,14 +148,21 @@ def _bump_revision(conn: Connection) -> None:
     )
 
 
-def _create_sqlite_parent(url: URL) -> None:
+def _create_sqlite_file(url: URL) -> None:
     database = url.database
     if not database or database == ":memory:" or database.startswith("file:"):
         return
+    path = Path(database).expanduser()
     try:
-        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Create the file owner-only before SQLite does (SQLite would honour the umask);
+        # SQLite gives its -wal and -shm files the same mode as the database file.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+    except FileExistsError:
+        pass
     except OSError as exc:
-        raise ConfigurationError("Cannot create the database directory.") from exc
+        raise ConfigurationError("Cannot create the database file.") from exc
 
 
 def _configure_sqlite(engine: Engine) -> None:

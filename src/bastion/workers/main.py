@@ -124,6 +124,7 @@ class Worker:
             runtime = await self._race_gateway(
                 loop.run_in_executor(self._executor, _load_model, load)
             )
+            metadata = runtime.metadata()
         except _GatewayGone:
             return EXIT_GATEWAY_GONE
         except Exception as exc:
@@ -131,7 +132,7 @@ class Worker:
             self._send(LoadFailed(model=load.model, reason=reason))
             await self._flush()
             return EXIT_LOAD_FAILED
-        self._send(Ready(model=load.model, metadata=runtime.metadata(), pid=os.getpid()))
+        self._send(Ready(model=load.model, metadata=metadata, pid=os.getpid()))
         receiver = asyncio.create_task(self._receive())
         try:
             await self._race_gateway(self._serve(runtime))

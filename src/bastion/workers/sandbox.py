@@ -9,6 +9,7 @@ process with a minimal environment; bubblewrap and Docker backends wrap the same
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -67,14 +68,15 @@ class Sandbox(Protocol):
     async def launch(self, launch: WorkerLaunch) -> WorkerProcess: ...
 
 
-def worker_argv(endpoint: str, python: str | None = None) -> list[str]:
+def worker_argv(endpoint: str, log_level: str = "info", python: str | None = None) -> list[str]:
     """The command that starts the worker entry point connected to `endpoint`.
 
     `-P` keeps the working directory off `sys.path` and `-s` ignores the user's
     site-packages, so nothing beside the worker can shadow Bastion's modules.
     """
     executable = python or sys.executable
-    return [executable, "-P", "-s", "-m", "bastion.workers.main", "--endpoint", endpoint]
+    module = ["-P", "-s", "-m", "bastion.workers.main"]
+    return [executable, *module, "--endpoint", endpoint, "--log-level", log_level]
 
 
 def worker_environment(launch: WorkerLaunch, parent: Mapping[str, str]) -> dict[str, str]:
@@ -202,4 +204,18 @@ async def _forward_output(
 def _log_line(logger: logging.Logger, worker: str, line: bytes) -> None:
     text = line[:MAX_OUTPUT_LINE].decode("utf-8", "replace").rstrip()
     if text:
-        logger.info("%s", text, extra={"worker": worker})
+        logger.log(_level_of(text), "%s", text, extra={"worker": worker})
+
+
+def _level_of(text: str) -> int:
+    """The level a worker's JSON log line carries; INFO for anything else."""
+    if text.startswith("{"):
+        try:
+            record = json.loads(text)
+        except ValueError:
+            return logging.INFO
+        if isinstance(record, dict):
+            level = logging.getLevelName(str(record.get("level", "info")).upper())
+            if isinstance(level, int):
+                return level
+    return logging.INFO

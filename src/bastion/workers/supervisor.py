@@ -172,6 +172,8 @@ class Supervisor:
             if slot is not None:
                 await self._stop_slot(slot, self._settings.drain_timeout_s)
                 self._slots.pop(spec.name, None)
+            if self._closing:
+                raise ModelUnavailable("The server is shutting down.")
             slot = _Slot(spec, self._settings.restart_backoff_initial_s)
             self._slots[spec.name] = slot
             slot.task = asyncio.create_task(self._supervise(slot), name=f"supervise:{spec.name}")
@@ -300,7 +302,7 @@ class Supervisor:
             slot.channel = channel
             launch = WorkerLaunch(
                 worker_id=worker_id,
-                argv=worker_argv(channel.endpoint),
+                argv=worker_argv(channel.endpoint, log_level=self._settings.log_level),
                 ipc_dir=worker_dir,
                 model_dir=slot.spec.path,
             )
@@ -328,7 +330,11 @@ class Supervisor:
             if isinstance(loaded, _Failure):
                 if loaded.kind == "load_failed":
                     self._load_failed(slot, loaded.reason)
-                    await self._reap(process, exit_task, grace_s=_LOAD_FAILED_EXIT_GRACE_S)
+                    # A worker that answered LoadFailed exits by itself; one that timed out
+                    # is still busy loading and is killed at once.
+                    answered = channel.control.done()
+                    grace_s = _LOAD_FAILED_EXIT_GRACE_S if answered else 0.0
+                    await self._reap(process, exit_task, grace_s=grace_s)
                 else:
                     await self._crashed(slot, channel, process, exit_task, loaded.reason)
                 return loaded
@@ -376,9 +382,14 @@ class Supervisor:
                 if remaining <= 0:
                     limit = f"{settings.load_timeout_s:g} s"
                     return _Failure("load_failed", f"the model did not load within {limit}")
-                waiting: set[asyncio.Future[Any]] = {channel.control, channel.faulted, stop}
+                waiting: set[asyncio.Future[Any]] = {
+                    channel.control,
+                    channel.faulted,
+                    exit_task,
+                    stop,
+                }
                 await asyncio.wait(
-                    {*waiting, exit_task},
+                    waiting,
                     timeout=min(remaining, self._check_interval_s),
                     return_when=asyncio.FIRST_COMPLETED,
                 )

@@ -5,7 +5,7 @@ import json
 import msgspec
 import pytest
 
-from bastion.api.errors import openai_body, oip_body, validation_error
+from bastion.api.errors import oip_body, openai_body, validation_error
 from bastion.api.schemas import ChatCompletionRequest
 from bastion.errors import AuthenticationError, InvalidRequest, ModelUnavailable
 
@@ -18,9 +18,7 @@ def _decode_error(raw: bytes) -> InvalidRequest:
 
 def test_validation_messages_never_quote_client_values() -> None:
     secret = "SECRET-VALUE-123"
-    raw = json.dumps(
-        {"model": "m", "messages": [{"role": secret, "content": "hi"}]}
-    ).encode()
+    raw = json.dumps({"model": "m", "messages": [{"role": secret, "content": "hi"}]}).encode()
     error = _decode_error(raw)
     assert secret not in error.message
     assert error.param == "messages[0].role"

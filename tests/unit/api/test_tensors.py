@@ -45,9 +45,7 @@ def test_bad_tensors_are_refused(kw: dict[str, object], fragment: str) -> None:
 
 def test_integer_ranges_and_bytes() -> None:
     spec = TensorSpec(name="x", datatype="UINT8", shape=[2])
-    ok = to_tensor_data(
-        OipInputTensor(name="x", shape=[2], datatype="UINT8", data=[0, 255]), spec
-    )
+    ok = to_tensor_data(OipInputTensor(name="x", shape=[2], datatype="UINT8", data=[0, 255]), spec)
     assert ok.raw == bytes([0, 255])
     with pytest.raises(InvalidRequest):
         to_tensor_data(OipInputTensor(name="x", shape=[2], datatype="UINT8", data=[0, 256]), spec)

@@ -181,6 +181,12 @@ def test_revoked_in_another_process_stops_working_after_refresh(h: Harness) -> N
     assert h.auth.refresh() is False  # nothing changed since
 
 
+def test_key_created_already_expired_never_works(h: Harness) -> None:
+    key_id, token = h.key(expires_at=datetime(2001, 1, 1, tzinfo=UTC))
+    _, event = h.failure(f"Bearer {token}")
+    assert event == {"reason": "expired", "actor": key_id}
+
+
 def test_disabled_tenant(h: Harness) -> None:
     h.service.create_tenant(OPERATOR, "globex")
     key_id, token = h.key(tenant="globex")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -92,11 +91,6 @@ def _quiet_eos(model: object) -> None:
 def _always_eos(model: object) -> None:
     # All logits are 0; argmax picks the first index, which is the end token.
     model.model.embed_tokens.weight.zero_()  # type: ignore[attr-defined]
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _offline() -> None:
-    os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 @pytest.fixture(scope="session")

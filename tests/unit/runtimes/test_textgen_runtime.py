@@ -7,6 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import torch
 from tokenizers import Tokenizer
 
 from bastion.runtimes.base import CancelToken, RuntimeInputError, UnsupportedOperation
@@ -43,6 +44,7 @@ def test_metadata(runtime: TextGenerationRuntime) -> None:
     assert metadata.capabilities == ["chat", "completions"]
     assert metadata.context_length == 64
     assert metadata.platform == "transformers"
+    assert torch.get_num_threads() == 1  # options["threads"]
 
 
 def test_other_operations_are_unsupported(runtime: TextGenerationRuntime) -> None:

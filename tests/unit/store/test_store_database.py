@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 import subprocess
 import sys
 import threading
@@ -49,6 +50,10 @@ def test_creates_parent_directory_and_migrates_to_revision_zero(db_path: Path) -
     database = Database(f"sqlite:///{db_path}")
     database.migrate()
     assert db_path.is_file()
+    # The database and its WAL files are readable by their owner only.
+    assert stat.S_IMODE(db_path.stat().st_mode) == 0o600
+    wal = db_path.with_name(db_path.name + "-wal")
+    assert wal.exists() and stat.S_IMODE(wal.stat().st_mode) == 0o600
     assert database.revision() == 0
     names = set(sa.inspect(database.engine).get_table_names())
     assert {"tenants", "api_keys", "models", "meta", "alembic_version"} <= names

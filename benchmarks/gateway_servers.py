@@ -1,0 +1,257 @@
+"""The servers the gateway benchmark drives, started on 127.0.0.1 and checked before use.
+
+ceiling   uvicorn + httptools + uvloop, one Starlette route, fixed answer, no auth
+bastion   `bastion serve` with the echo model and a tenant key scoped to it
+litserve  LitServe 0.2.19 with its API key on, in its own venv (benchmarks/.venv-litserve)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+from proctree import Fleet, Server, rss_mb
+
+HERE = Path(__file__).resolve().parent
+LITSERVE_VERSION = "0.2.19"
+LITSERVE_VENV = HERE / ".venv-litserve"
+VECTOR = [round(i * 0.01, 2) for i in range(64)]
+
+
+class BenchmarkError(Exception):
+    """A server or tool the benchmark needs did not work; the message says what failed."""
+
+
+@dataclass
+class Target:
+    """One server under load and how to call it."""
+
+    name: str
+    url: str
+    body_file: Path
+    server: Server
+    auth: str = ""  # Authorization header value
+    xkey: str = ""  # X-API-Key header value (LitServe's scheme)
+
+
+# ---------------------------------------------------------------- small tools
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def http(
+    method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
+    """One request; the status and body, also for 4xx/5xx answers."""
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def wait_until(server: Server, ready: Callable[[], bool], timeout_s: float) -> float:
+    """Poll until `ready()`; the seconds since the server's process started."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            fail(server, f"exited with code {server.process.returncode} before it was ready")
+        try:
+            if ready():
+                return time.monotonic() - server.started_at
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.01)
+    fail(server, f"not ready after {timeout_s:.0f} s")
+
+
+def fail(server: Server, what: str) -> NoReturn:
+    raise BenchmarkError(
+        f"{server.name}: `{' '.join(server.command)}` {what}; its last output:\n{server.log_tail()}"
+    )
+
+
+def run_command(command: list[str], env: dict[str, str], timeout_s: float = 300) -> str:
+    """Run a set-up command; its stdout, or BenchmarkError with the command and its error."""
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
+    if done.returncode != 0:
+        tail = "\n".join((done.stderr or done.stdout).splitlines()[-25:])
+        tail = re.sub(r"bsk_\S+", "bsk_<redacted>", tail)
+        raise BenchmarkError(f"`{' '.join(command)}` failed (exit {done.returncode}):\n{tail}")
+    return done.stdout
+
+
+def write_body(path: Path, body: dict[str, Any]) -> Path:
+    path.write_text(json.dumps(body))
+    return path
+
+
+# ---------------------------------------------------------------- the three servers
+
+
+def start_ceiling(fleet: Fleet, work: Path) -> Target:
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", "ceiling_app:app", "--app-dir", str(HERE)]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--loop", "uvloop"]
+    command += ["--http", "httptools", "--no-access-log", "--log-level", "warning"]
+    server = fleet.start("ceiling", [*command, "--no-server-header"], os.environ)
+    url = f"http://127.0.0.1:{port}/predict"
+    wait_until(server, lambda: http("POST", url, b"{}")[0] == 200, 30)
+    # It gets the same bytes as Bastion, though it does not read them.
+    return Target("ceiling", url, oip_body(work), server)
+
+
+def litserve_python() -> Path:
+    """The LitServe venv's interpreter, creating the venv on first use."""
+    python = LITSERVE_VENV / "bin" / "python"
+    probe = [str(python), "-c", "import litserve; print(litserve.__version__)"]
+    if python.exists():
+        found = subprocess.run(probe, capture_output=True, text=True)
+        if found.returncode == 0 and found.stdout.strip() == LITSERVE_VERSION:
+            return python
+    base = shutil.which("python3.11") or sys.executable
+    print(f"creating {LITSERVE_VENV} with litserve=={LITSERVE_VERSION} (first use) ...", flush=True)
+    run_command([base, "-m", "venv", "--clear", str(LITSERVE_VENV)], dict(os.environ))
+    pip = [str(python), "-m", "pip", "install", "--quiet", f"litserve=={LITSERVE_VERSION}"]
+    run_command(pip, dict(os.environ), timeout_s=900)
+    run_command(probe, dict(os.environ))
+    return python
+
+
+def start_litserve(fleet: Fleet, work: Path) -> Target:
+    python = litserve_python()
+    port, key = free_port(), "ls-" + os.urandom(16).hex()
+    env = dict(os.environ, LIT_SERVER_API_KEY=key)
+    command = [str(python), str(HERE / "litserve_server.py"), str(port)]
+    server = fleet.start("litserve", command, env)
+    url = f"http://127.0.0.1:{port}/predict"
+    body = write_body(work / "litserve.json", {"input": VECTOR})
+    headers = {"Content-Type": "application/json", "X-API-Key": key}
+    # Up once it answers at all; check_answers then says whether the answer is right.
+    wait_until(server, lambda: http("POST", url, body.read_bytes(), headers)[0] < 500, 120)
+    return Target("litserve", url, body, server, xkey=key)
+
+
+def bastion_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+    # Warnings only, so access logs do not dominate the measurement.
+    env.update(BASTION_LOG_LEVEL="warning", BASTION_DRAIN_TIMEOUT_S="5", HF_HUB_OFFLINE="1")
+    return env
+
+
+def bastion(*args: str) -> list[str]:
+    return [sys.executable, "-m", "bastion", *args]
+
+
+def start_bastion(fleet: Fleet, work: Path) -> Target:
+    """Bastion with the echo model and a tenant key scoped to it."""
+    env, home = bastion_env(), work / "home"
+    init = json.loads(
+        run_command(bastion("init", "--home", str(home), "--no-demo-models", "--json"), env)
+    )
+    admin = {"Authorization": f"Bearer {init['admin_key']}"}
+    model_dir = work / "echo-model"
+    model_dir.mkdir()
+    spec = json.dumps({"name": "input", "datatype": "FP32", "shape": [-1, 64]})
+    add = ["models", "add", "echo", "--runtime", "echo", "--path", str(model_dir)]
+    run_command(bastion(*add, "--option", f"input={spec}", "--home", str(home)), env)
+    run_command(bastion("tenants", "create", "bench", "--home", str(home), "--json"), env)
+    create_key = ["keys", "create", "--tenant", "bench", "--model", "echo", "--action", "infer"]
+    key = json.loads(run_command(bastion(*create_key, "--home", str(home), "--json"), env))["key"]
+
+    port = free_port()
+    serve = ["serve", "--home", str(home), "--port", str(port), "--no-demo-models"]
+    server = fleet.start("bastion", bastion(*serve), env)
+    base = f"http://127.0.0.1:{port}"
+
+    def echo_ready() -> bool:
+        status, raw = http("GET", f"{base}/admin/v1/models/echo", headers=admin)
+        state = json.loads(raw).get("state") if status == 200 else None
+        if state == "failed":
+            fail(server, "reports the echo model failed")
+        return state == "ready"
+
+    wait_until(server, echo_ready, 120)
+    url, auth = f"{base}/v2/models/echo/infer", f"Bearer {key}"
+    return Target("bastion", url, oip_body(work), server, auth=auth)
+
+
+def answered_values(name: str, answer: Any) -> list[Any]:
+    """The 64 values each target sends back (the ceiling answers a fixed 3)."""
+    if name == "ceiling":
+        return [answer["output"]] * 64 if answer.get("output") == 3 else []
+    values: list[Any] = answer["outputs"][0]["data"] if name == "bastion" else answer["output"]
+    return values
+
+
+def check_answers(targets: dict[str, Target]) -> None:
+    """Each target answers the benchmark request correctly and refuses one without a key."""
+    for t in targets.values():
+        headers = {"Content-Type": "application/json"}
+        status, raw = http("POST", t.url, t.body_file.read_bytes(), headers)
+        if t.name != "ceiling" and status not in (401, 403):
+            fail(t.server, f"answered {status} to a request without an API key")
+        headers |= {"Authorization": t.auth} if t.auth else {}
+        headers |= {"X-API-Key": t.xkey} if t.xkey else {}
+        status, raw = http("POST", t.url, t.body_file.read_bytes(), headers)
+        try:
+            values = answered_values(t.name, json.loads(raw))
+        except (ValueError, KeyError, IndexError, TypeError):
+            values = []
+        if status != 200 or len(values) != 64:
+            fail(t.server, f"gave a wrong answer to the benchmark request (HTTP {status})")
+
+
+def answers_200(url: str) -> Callable[[], bool]:
+    return lambda: http("GET", url)[0] == 200
+
+
+def oip_body(work: Path) -> Path:
+    """Bastion's request, an Open Inference Protocol v2 tensor of 64 FP32 values."""
+    tensor = {"name": "input", "shape": [1, 64], "datatype": "FP32", "data": VECTOR}
+    return write_body(work / "oip.json", {"inputs": [tensor]})
+
+
+def measure_startup(fleet: Fleet, work: Path, runs: int) -> list[dict[str, Any]]:
+    """`bastion serve --no-demo-models` to /readyz 200, on a fresh home, then again on it."""
+    results = []
+    for run in range(runs):
+        home = work / f"startup-{run}"
+        for start in ("fresh home", "restart"):
+            port = free_port()
+            serve = ["serve", "--home", str(home), "--port", str(port), "--no-demo-models"]
+            name = f"bastion-startup-{run}-{start.split()[0]}"
+            server = fleet.start(name, bastion(*serve), bastion_env())
+            url = f"http://127.0.0.1:{port}/readyz"
+            ready_s = wait_until(server, answers_200(url), 60)
+            time.sleep(1)
+            pids = server.tree()
+            results.append(
+                {
+                    "start": start,
+                    "run": run,
+                    "ready_s": round(ready_s, 3),
+                    "gateway_rss_mb": round(rss_mb(pids[0]), 1),
+                    "processes": len(pids),
+                }
+            )
+            fleet.stop(server)
+    return results
