@@ -68,3 +68,34 @@ def test_credentials_are_needed(client: triton.InferenceServerClient) -> None:
     with pytest.raises(InferenceServerException):
         client.get_model_metadata("digits")
     assert not client.is_model_ready("digits")
+
+
+def test_binary_tensor_extension_with_client_defaults(
+    client: triton.InferenceServerClient, auth: dict[str, str]
+) -> None:
+    _, x_test, _, y_test = digits_split()
+    x = np.asarray(x_test[:50], dtype=np.float32)
+    tensor = triton.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)  # binary_data=True is the client's default
+    result = client.infer("digits", [tensor], headers=auth)
+    labels = result.as_numpy("label")
+    probabilities = result.as_numpy("probabilities")
+    assert labels.dtype == np.int64 and labels.shape == (50,)
+    assert (labels == probabilities.argmax(axis=1)).all()
+    assert float((labels == np.asarray(y_test[:50])).mean()) >= 0.9
+
+
+def test_bytes_tensors_in_binary_and_json(
+    client: triton.InferenceServerClient, auth: dict[str, str]
+) -> None:
+    texts = np.array(["a cat on a mat".encode(), "quantum computing".encode()], dtype=object)
+    answers = []
+    for binary in (True, False):
+        tensor = triton.InferInput("text", [2], "BYTES")
+        tensor.set_data_from_numpy(texts, binary_data=binary)
+        wanted = [triton.InferRequestedOutput("embedding", binary_data=binary)]
+        result = client.infer("minilm-l6", [tensor], outputs=wanted, headers=auth)
+        answers.append(result.as_numpy("embedding"))
+    assert answers[0].shape == (2, 384)
+    assert np.allclose(answers[0], answers[1], atol=1e-6)
+    assert np.allclose(np.linalg.norm(answers[0], axis=1), 1.0, atol=1e-4)

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 import bastion
-from bastion.api.body import decode_json
-from bastion.api.openai import _gateway, _principal, json_response
+from bastion.api import oip_binary
+from bastion.api.body import read_body
+from bastion.api.errors import validation_error
+from bastion.api.openai import _gateway, _json, _principal, json_response
 from bastion.api.replies import expect
 from bastion.api.schemas import OipInferRequest
 from bastion.api.tensors import to_json_tensor, to_tensor_data
-from bastion.errors import InvalidRequest, ModelUnavailable
-from bastion.workers.protocol import Infer, InferResult, ModelMetadata
+from bastion.errors import InvalidRequest, ModelUnavailable, UnsupportedMediaType
+from bastion.workers.protocol import Infer, InferResult, ModelMetadata, TensorData
 
 
 def _spec_json(metadata: ModelMetadata) -> dict[str, object]:
@@ -79,6 +84,67 @@ async def model_ready(request: Request) -> Response:
     return json_response({"error": f"The model '{name}' is not ready."}, status=400)
 
 
+async def _read_infer_request(
+    request: Request, limit: int
+) -> tuple[OipInferRequest, dict[str, bytes]]:
+    """The JSON request, and the raw bytes of inputs sent with the binary extension."""
+    if request.headers.get("content-encoding", "identity").lower() != "identity":
+        raise UnsupportedMediaType("Compressed request bodies are not supported.")
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    # tritonclient sends no Content-Type at all; anything named must be JSON or binary.
+    if media not in ("", "application/json", "application/octet-stream"):
+        raise UnsupportedMediaType(
+            "Content-Type must be application/json or application/octet-stream."
+        )
+    body = await read_body(request, limit)
+    header_length = request.headers.get(oip_binary.HEADER)
+    header, binary = oip_binary.split_body(body, header_length) if header_length else (body, b"")
+    if not header:
+        raise InvalidRequest("The request body is empty.", code="invalid_json")
+    try:
+        parsed = msgspec.json.decode(header, type=OipInferRequest)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise validation_error(exc) from None
+    return parsed, oip_binary.take_binary_inputs(parsed.inputs, binary)
+
+
+def _input_tensors(
+    body: OipInferRequest, binary: dict[str, bytes], metadata: ModelMetadata
+) -> list[TensorData]:
+    specs = {spec.name: spec for spec in metadata.inputs}
+    tensors: list[TensorData] = []
+    for tensor in body.inputs:
+        spec = specs.get(tensor.name)
+        if spec is None:
+            raise InvalidRequest(f"The model has no input named '{tensor.name}'.")
+        if any(t.name == tensor.name for t in tensors):
+            raise InvalidRequest(f"Input '{tensor.name}' is given twice.")
+        if tensor.name in binary:
+            tensors.append(oip_binary.binary_tensor_data(tensor, spec, binary[tensor.name]))
+        else:
+            tensors.append(to_tensor_data(tensor, spec))
+    missing = sorted(set(specs) - {t.name for t in tensors})
+    if missing:
+        raise InvalidRequest(f"Missing inputs: {', '.join(missing)}.")
+    return tensors
+
+
+def _binary_outputs(body: OipInferRequest, metadata: ModelMetadata) -> tuple[list[str], set[str]]:
+    """The outputs asked for (empty: all) and those to send in binary form."""
+    names = {spec.name for spec in metadata.outputs}
+    wanted: list[str] = []
+    binary: set[str] = set()
+    for out in body.outputs or []:
+        if out.name not in names:
+            raise InvalidRequest(f"The model has no output named '{out.name}'.")
+        wanted.append(out.name)
+        if (out.parameters or {}).get("binary_data") is True:
+            binary.add(out.name)
+    if not wanted and (body.parameters or {}).get("binary_data_output") is True:
+        binary = names
+    return wanted, binary
+
+
 async def infer(request: Request) -> Response:
     gateway = _gateway(request)
     principal = _principal(request)
@@ -86,39 +152,39 @@ async def infer(request: Request) -> Response:
     gateway.authorize(principal, "infer", name)
     gateway.model_record(name)
     request.state.model = name
-    body = await decode_json(request, OipInferRequest, gateway.settings.max_body_bytes)
+    body, binary_inputs = await _read_infer_request(request, gateway.settings.max_body_bytes)
     metadata = gateway.ready_model(name, "infer")
     gateway.admit(principal, name)
-    specs = {spec.name: spec for spec in metadata.inputs}
-    seen: set[str] = set()
-    tensors = []
-    for tensor in body.inputs:
-        spec = specs.get(tensor.name)
-        if spec is None:
-            raise InvalidRequest(f"The model has no input named '{tensor.name}'.")
-        if tensor.name in seen:
-            raise InvalidRequest(f"Input '{tensor.name}' is given twice.")
-        seen.add(tensor.name)
-        tensors.append(to_tensor_data(tensor, spec))
-    missing = sorted(set(specs) - seen)
-    if missing:
-        raise InvalidRequest(f"Missing inputs: {', '.join(missing)}.")
-    output_names = {spec.name for spec in metadata.outputs}
-    wanted = [out.name for out in body.outputs or []]
-    unknown = [w for w in wanted if w not in output_names]
-    if unknown:
-        raise InvalidRequest(f"The model has no output named '{unknown[0]}'.")
+    tensors = _input_tensors(body, binary_inputs, metadata)
+    wanted, binary_outputs = _binary_outputs(body, metadata)
     result = expect(
         await gateway.call(name, Infer(id=0, inputs=tensors, outputs=wanted)), InferResult
     )
     answer: dict[str, object] = {
         "model_name": name,
         "model_version": metadata.versions[0] if metadata.versions else "1",
-        "outputs": [to_json_tensor(t) for t in result.outputs],
     }
     if body.id is not None:
         answer["id"] = body.id
-    return json_response(answer)
+    if not binary_outputs:
+        answer["outputs"] = [to_json_tensor(t) for t in result.outputs]
+        return json_response(answer)
+    outputs: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    for tensor in result.outputs:
+        if tensor.name in binary_outputs:
+            raw = oip_binary.output_bytes(tensor)
+            outputs.append(oip_binary.binary_output_header(tensor, len(raw)))
+            chunks.append(raw)
+        else:
+            outputs.append(to_json_tensor(tensor))
+    answer["outputs"] = outputs
+    header = _json.encode(answer)
+    return Response(
+        header + b"".join(chunks),
+        media_type="application/octet-stream",
+        headers={oip_binary.HEADER: str(len(header))},
+    )
 
 
 routes = [

@@ -111,7 +111,8 @@ class OipInputTensor(msgspec.Struct, frozen=True):
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
     shape: list[Annotated[int, msgspec.Meta(ge=0)]]
     datatype: OipDatatype
-    data: list[Any]
+    # Absent when the tensor travels in the binary part (parameters.binary_data_size).
+    data: list[Any] | None = None
     parameters: dict[str, Any] | None = None
 
 

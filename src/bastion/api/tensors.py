@@ -91,6 +91,8 @@ def to_tensor_data(tensor: OipInputTensor, spec: TensorSpec) -> TensorData:
     count = math.prod(tensor.shape)
     if count > MAX_ELEMENTS:
         raise InvalidRequest(f"Input '{tensor.name}' has too many elements.")
+    if tensor.data is None:
+        raise InvalidRequest(f"Input '{tensor.name}' has no data.")
     values: list[Any] = []
     _flatten(tensor.data, values)
     if len(values) != count:
