@@ -77,10 +77,16 @@ def measure(target: Target, conns: int, dur: int, warmup: int) -> dict[str, Any]
     if warmup > 0:
         run_wrk(target, conns, warmup)
     pids = target.server.tree()
-    cpu_before = cpu_seconds(pids)
+    main_before, all_before = cpu_seconds(pids[:1]), cpu_seconds(pids)
     row = run_wrk(target, conns, dur)
-    cpu = cpu_seconds(target.server.tree()) - cpu_before
-    row.update(cpu_us_per_req=cpu / max(row["requests"], 1) * 1e6, server_processes=len(pids))
+    after = target.server.tree()
+    per_request = 1e6 / max(row["requests"], 1)
+    row.update(
+        cpu_us_per_req=(cpu_seconds(after) - all_before) * per_request,
+        # The main process apart (Bastion's gateway), to show where the CPU goes.
+        main_cpu_us_per_req=(cpu_seconds(after[:1]) - main_before) * per_request,
+        server_processes=len(pids),
+    )
     return row
 
 

@@ -23,7 +23,7 @@ def medians(rows: list[dict[str, Any]]) -> Medians:
         group = [r for r in rows if (r["target"], r["conns"]) == key]
         out[key] = {
             field: statistics.median(r[field] for r in group)
-            for field in ("rps", "p50_ms", "p99_ms", "cpu_us_per_req")
+            for field in ("rps", "p50_ms", "p99_ms", "cpu_us_per_req", "main_cpu_us_per_req")
         }
         out[key]["errors"] = sum(r["non2xx"] + r["socket_errors"] for r in group)
     return out
@@ -117,6 +117,14 @@ def figures(
     ]
     if peer:
         lines.append("Bastion / LitServe req/s: " + ", ".join(peer))
+    split = [
+        f"c={c} gateway {m['main_cpu_us_per_req']:.0f} + workers "
+        f"{m['cpu_us_per_req'] - m['main_cpu_us_per_req']:.0f}"
+        for (name, c), m in med.items()
+        if name == "bastion"
+    ]
+    if split:
+        lines.append("Bastion CPU µs/req: " + ", ".join(split))
     for start in ("fresh home", "restart"):
         runs = [r for r in startup if r["start"] == start]
         if runs:

@@ -31,7 +31,7 @@ def run_cli(home: Path, *args: str, check: bool = True) -> subprocess.CompletedP
         capture_output=True,
         text=True,
         timeout=300,
-        env=test_env(),
+        env=clean_env(),
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"bastion {' '.join(args)} failed: {proc.stderr}")
@@ -42,7 +42,7 @@ def cli_json(home: Path, *args: str) -> Any:
     return json.loads(run_cli(home, *args, "--json").stdout)
 
 
-def test_env(**extra: str) -> dict[str, str]:
+def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
     env.update(
         HF_HUB_OFFLINE="1",
@@ -70,7 +70,7 @@ class BastionServer:
             [*BASTION, "serve", "--home", str(home), "--port", str(self.port), *args],
             stdout=self._stdout,
             stderr=self._stderr,
-            env=test_env(**(env or {})),
+            env=clean_env(**(env or {})),
         )
 
     @property

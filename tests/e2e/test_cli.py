@@ -1,0 +1,94 @@
+"""The `bastion` command: init, --json output, clear errors, and the chat client."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+from bastion_testing import BASTION, BastionServer, clean_env, cli_json, run_cli
+
+
+def test_init_is_idempotent_and_private(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    first = cli_json(home, "init", "--no-demo-models")
+    assert first["created"] is True and first["admin_key"].startswith("bsk_")
+    assert (home / "admin.key").read_text().strip() == first["admin_key"]
+    second = cli_json(home, "init", "--no-demo-models")
+    assert second["created"] is False and second["admin_key"] is None
+    for name in ("master.key", "admin.key", "bastion.db"):
+        assert stat.S_IMODE(os.stat(home / name).st_mode) & 0o077 == 0, name
+
+
+def test_errors_are_messages_not_tracebacks(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    run_cli(home, "init", "--no-demo-models")
+    for args in (
+        ("keys", "revoke", "0123456789abcdef"),
+        ("tenants", "create", "Not Valid!"),
+        ("keys", "create", "--tenant", "missing"),
+        ("keys", "create", "--tenant", "system", "--role", "wizard"),
+        ("models", "load", "missing"),
+        ("models", "add", "x", "--runtime", "nope", "--path", str(home)),
+        ("keys", "create", "--tenant", "system", "--expires-at", "tomorrow"),
+    ):
+        proc = run_cli(home, *args, check=False)
+        assert proc.returncode != 0, args
+        assert "Traceback" not in proc.stderr and "error" in proc.stderr.lower(), args
+
+
+def test_listing_commands_speak_json(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    run_cli(home, "init", "--no-demo-models")
+    cli_json(home, "tenants", "create", "acme")
+    key = cli_json(home, "keys", "create", "--tenant", "acme", "--model", "digits")
+    tenants = cli_json(home, "tenants", "list")
+    keys = cli_json(home, "keys", "list", "--tenant", "acme")
+    assert "acme" in {t["name"] for t in tenants}
+    assert keys[0]["id"] == key["id"] and keys[0]["models"] == ["digits"]
+    assert "key" not in keys[0]
+    assert cli_json(home, "models", "list") == []
+
+
+def test_chat_client_streams_from_the_server(server: BastionServer, consumer_key: str) -> None:
+    proc = subprocess.run(
+        [
+            *BASTION,
+            "chat",
+            "--url",
+            server.url,
+            "--key",
+            consumer_key,
+            "--model",
+            "echo",
+            "--json",
+            "--home",
+            str(server.home),
+        ],
+        input="hello from the chat client\nsecond line\n/quit\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=clean_env(),
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [line["content"] for line in lines] == [
+        "hello from the chat client",
+        "second line",
+    ]
+
+
+def test_chat_client_reports_a_bad_key(server: BastionServer) -> None:
+    proc = subprocess.run(
+        [*BASTION, "chat", "--url", server.url, "--key", "bsk_bad_key", "--home", str(server.home)],
+        input="hi\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+    )
+    assert proc.returncode == 1
+    assert "Invalid or missing API key" in proc.stderr
