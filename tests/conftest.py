@@ -1,10 +1,13 @@
-"""Marks each test by the folder it lives in (unit, integration, e2e, security)."""
+"""Marks each test by its folder; the shared real server for e2e and security tests."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from bastion_testing import BastionServer, cli_json, run_cli
 
 _KINDS = ("unit", "integration", "e2e", "security")
 
@@ -15,3 +18,47 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         parts = Path(str(item.fspath)).relative_to(root).parts
         if parts and parts[0] in _KINDS:
             item.add_marker(getattr(pytest.mark, parts[0]))
+
+
+DEMO_MODELS = ["digits", "minilm-l6", "tiny-chat"]
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BastionServer]:
+    home = tmp_path_factory.mktemp("e2e") / "home"
+    run_cli(home, "init")
+    run_cli(
+        home,
+        "models",
+        "add",
+        "echo",
+        "--runtime",
+        "echo",
+        "--path",
+        str(home),
+        "--option",
+        "test_hooks=true",
+    )
+    srv = BastionServer(home)
+    try:
+        srv.wait_ready([*DEMO_MODELS, "echo"])
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="session")
+def tenant(server: BastionServer) -> str:
+    cli_json(server.home, "tenants", "create", "acme")
+    return "acme"
+
+
+@pytest.fixture(scope="session")
+def consumer_key(server: BastionServer, tenant: str) -> str:
+    key: str = cli_json(server.home, "keys", "create", "--tenant", tenant)["key"]
+    return key
+
+
+@pytest.fixture()
+def home(server: BastionServer) -> Path:
+    return server.home

@@ -1,31 +1,37 @@
-"""The gateway's side of one worker's IPC channel.
+"""The gateway's side of one worker's IPC channel: requests, their replies, and faults.
 
-The gateway binds a ZeroMQ DEALER socket in the worker's private directory and the worker
-connects to it. One receive task decodes every message the worker sends and routes it: the
-first Ready or LoadFailed to :attr:`WorkerChannel.control`, heartbeats to
-:attr:`WorkerChannel.last_seen`, and replies to the request they answer. The worker is
-untrusted: anything it sends that does not fit the protocol (undecodable bytes, oversized
-messages, replies of the wrong kind, a second connection, more unread output than allowed)
-is a *fault*. A fault ends the channel: every pending request raises
-:class:`~bastion.errors.WorkerCrashed` at once, and the supervisor replaces the worker.
+A :class:`WorkerChannel` owns the worker's socket (:mod:`bastion.workers.connection`) and
+routes every message the worker sends as it arrives: the first Ready or LoadFailed to
+:attr:`WorkerChannel.control`, heartbeats to :attr:`WorkerChannel.worker_in_flight`, and
+replies to the request they answer. Sending never waits on the hot path: a frame is
+queued on the transport at once, and callers wait only while the worker is not (yet)
+connected or its socket's send buffer is full.
+
+The worker is untrusted: anything it sends that does not fit the protocol (undecodable
+bytes, a frame over the size limit, replies of the wrong kind, more unread output than
+allowed), a connection from another process or a second connection is a *fault*. A fault
+ends the channel: every pending request raises :class:`~bastion.errors.WorkerCrashed` at
+once, and the supervisor replaces the worker.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
 import itertools
-import logging
-import time
+import os
 from collections.abc import AsyncGenerator, Callable, Mapping
-from typing import Any
+from pathlib import Path
 
 import msgspec
-import zmq
-import zmq.asyncio
-from zmq.utils.monitor import parse_monitor_message
 
-from bastion.errors import ModelUnavailable, WorkerCrashed
+from bastion.errors import ModelUnavailable, PayloadTooLarge, WorkerCrashed
+from bastion.workers.connection import WorkerConnection
+from bastion.workers.framing import (
+    HEADER_BYTES,
+    MAX_MESSAGE_BYTES,
+    encode_frame,
+)
 from bastion.workers.protocol import (
     Cancel,
     Embed,
@@ -41,18 +47,8 @@ from bastion.workers.protocol import (
     RequestFailed,
     TextDelta,
     ToWorker,
-    decode_from_worker,
-    encode,
 )
 
-logger = logging.getLogger("bastion.workers.channel")
-
-MiB = 1024 * 1024
-# Largest message accepted from a worker; ZeroMQ drops the connection on a bigger one,
-# so a hostile worker cannot make the gateway allocate without bound.
-MAX_MESSAGE_BYTES = 64 * MiB
-_SEND_HWM = 1_000
-_RECEIVE_HWM = 10_000
 WORKER_CRASHED_MESSAGE = "The model's worker stopped; retry shortly."
 
 WorkRequest = Generate | Embed | Infer
@@ -67,77 +63,99 @@ _FINAL_TYPES: Mapping[type[WorkRequest], type[Reply]] = {
 class _Pending:
     """The replies of one request not yet read by its caller (None: the worker is gone)."""
 
-    __slots__ = ("final_type", "finished", "queue", "streams")
+    __slots__ = ("final_type", "finished", "loop", "replies", "streams", "waiter")
 
-    def __init__(self, request: WorkRequest) -> None:
+    def __init__(self, request: WorkRequest, loop: asyncio.AbstractEventLoop) -> None:
         self.final_type = _FINAL_TYPES[type(request)]
         self.streams = isinstance(request, Generate)
         self.finished = False
-        self.queue: asyncio.Queue[tuple[Reply, int] | None] = asyncio.Queue()
+        self.loop = loop
+        self.replies: collections.deque[tuple[Reply, int] | None] = collections.deque()
+        self.waiter: asyncio.Future[None] | None = None
 
     def accepts(self, reply: FromWorker) -> bool:
         if isinstance(reply, TextDelta):
             return self.streams
         return isinstance(reply, self.final_type | RequestFailed)
 
+    def put(self, item: tuple[Reply, int] | None) -> None:
+        self.replies.append(item)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> tuple[Reply, int] | None:
+        while not self.replies:
+            self.waiter = self.loop.create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        return self.replies.popleft()
+
 
 class WorkerChannel:
-    """One bound socket, its receive task, and the requests waiting on it.
+    """One listening socket, the worker's connection, and the requests waiting on it.
 
-    Create it inside the running event loop whose tasks will use it.
+    Create it inside the running event loop whose tasks will use it, then :meth:`open` it
+    before starting the worker and :meth:`expect_peer` once the worker's pid is known.
     """
 
     def __init__(
         self,
-        context: zmq.asyncio.Context,
-        endpoint: str,
+        path: str | os.PathLike[str],
         *,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         max_buffered_bytes: int | None = None,
         retry_after_s: int = 1,
         on_fault: Callable[[str], None] | None = None,
     ) -> None:
-        self.endpoint = endpoint
+        #: The socket path the worker connects to (its ``--endpoint``).
+        self.endpoint = str(Path(path))
         self._on_fault = on_fault
-        self._context = context
-        self._max_message_bytes = max_message_bytes
         # Replies the worker sent but the callers have not read yet, across all requests.
         self._max_buffered_bytes = max_buffered_bytes or 4 * max_message_bytes
         self._buffered_bytes = 0
         self._retry_after_s = retry_after_s
-        loop = asyncio.get_running_loop()
+        self._loop = asyncio.get_running_loop()
         #: Resolves with the worker's first Ready or LoadFailed.
-        self.control: asyncio.Future[Ready | LoadFailed] = loop.create_future()
+        self.control: asyncio.Future[Ready | LoadFailed] = self._loop.create_future()
         #: Resolves with the reason once the channel faults (the worker is treated as gone).
-        self.faulted: asyncio.Future[str] = loop.create_future()
+        self.faulted: asyncio.Future[str] = self._loop.create_future()
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._idle = asyncio.Event()
         self._idle.set()
         self._draining = False
         self._fault_reason: str | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._socket: zmq.asyncio.Socket | None = None
-        self._monitor: zmq.asyncio.Socket | None = None
-        #: Monotonic time of the worker's last message; None until its first.
-        self.last_seen: float | None = None
+        self._opened = False
+        self._connection = WorkerConnection(
+            self.endpoint,
+            max_message_bytes=max_message_bytes,
+            on_message=self._route,
+            on_fault=self.fail,
+        )
         #: Requests the worker last said it holds (from its heartbeat).
         self.worker_in_flight = 0
 
-    def open(self) -> None:
-        """Bind the socket and start receiving."""
-        socket = self._context.socket(zmq.DEALER)
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.SNDHWM, _SEND_HWM)
-        socket.setsockopt(zmq.RCVHWM, _RECEIVE_HWM)
-        socket.setsockopt(zmq.MAXMSGSIZE, self._max_message_bytes)
-        self._monitor = socket.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
-        socket.bind(self.endpoint)
-        self._socket = socket
-        self._tasks = [
-            asyncio.create_task(self._receive()),
-            asyncio.create_task(self._watch_connections()),
-        ]
+    async def open(self) -> None:
+        """Listen on the socket path for the worker's one connection."""
+        await self._connection.open()
+        self._opened = True
+
+    def expect_peer(self, pid: int | None, *, uid: int | None = None) -> None:
+        """Accept the connection only from `pid` or a descendant of it.
+
+        `pid` None means the sandbox cannot tell the worker's pid; any process running as
+        `uid` (default: the gateway's own) is then accepted. A connection that arrived
+        before this call is checked now.
+        """
+        self._connection.expect_peer(pid, uid=uid)
+
+    @property
+    def last_seen(self) -> float | None:
+        """Monotonic time of the worker's last message; None until its first."""
+        return self._connection.last_seen
 
     @property
     def in_flight(self) -> int:
@@ -151,34 +169,33 @@ class WorkerChannel:
     # ------------------------------------------------------------------ sending
 
     async def send(self, message: ToWorker) -> None:
-        """Send a control message; raises WorkerCrashed if the channel faults first."""
-        socket = self._require_socket()
-        try:
-            future = asyncio.ensure_future(socket.send(encode(message)))
-        except zmq.ZMQError as exc:
-            raise self._crashed() from exc
-        if not future.done():
-            try:
-                waiting: set[asyncio.Future[Any]] = {future, self.faulted}
-                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            except asyncio.CancelledError:
-                future.cancel()
-                raise
-            if not future.done():
-                future.cancel()
-                raise self._crashed()
-        if future.cancelled() or future.exception() is not None:
-            raise self._crashed()
+        """Send a control message; raises WorkerCrashed if the channel faults first.
+
+        Waits for the worker's (verified) connection, and while the socket's send buffer
+        is full; otherwise the message is queued at once and written at the end of the
+        event loop's current turn.
+        """
+        await self._send_frame(self._frame(message))
 
     def send_nowait(self, message: ToWorker) -> None:
-        """Queue a message without waiting; it is lost if the channel is closing."""
-        if self._socket is None or self._socket.closed:
-            return
-        try:
-            future = asyncio.ensure_future(self._socket.send(encode(message)))
-        except zmq.ZMQError:
-            return
-        future.add_done_callback(_retrieve_outcome)
+        """Send a message without waiting; it is lost if the worker is not connected."""
+        if self._fault_reason is None and self._connection.verified:
+            self._connection.write(self._frame(message))
+
+    async def _send_frame(self, frame: bytearray) -> None:
+        connection = self._connection
+        if not connection.writable.is_set():
+            await connection.writable.wait()
+        if self._fault_reason is not None or connection.closed:
+            raise self._crashed()
+        connection.write(frame)
+
+    def _frame(self, message: ToWorker) -> bytearray:
+        frame = encode_frame(message)
+        # The worker reads frames up to the default limit; it would drop a bigger one.
+        if len(frame) - HEADER_BYTES > MAX_MESSAGE_BYTES:
+            raise PayloadTooLarge("The request is too large for the model's worker.")
+        return frame
 
     # ------------------------------------------------------------------ requests
 
@@ -195,14 +212,15 @@ class WorkerChannel:
                 "The model is being stopped; retry shortly.", retry_after_s=self._retry_after_s
             )
         request_id = next(self._ids)
-        pending = _Pending(message)
+        frame = self._frame(msgspec.structs.replace(message, id=request_id))
+        pending = _Pending(message, self._loop)
         self._pending[request_id] = pending
         self._idle.clear()
         finished = False
         try:
-            await self.send(msgspec.structs.replace(message, id=request_id))
+            await self._send_frame(frame)
             while True:
-                item = await pending.queue.get()
+                item = pending.replies.popleft() if pending.replies else await pending.get()
                 if item is None:
                     raise self._crashed()
                 reply, size = item
@@ -225,10 +243,10 @@ class WorkerChannel:
     def _forget(self, request_id: int) -> None:
         pending = self._pending.pop(request_id, None)
         if pending is not None:
-            while not pending.queue.empty():
-                item = pending.queue.get_nowait()
+            for item in pending.replies:
                 if item is not None:
                     self._buffered_bytes -= item[1]
+            pending.replies.clear()
         if not self._pending:
             self._idle.set()
 
@@ -251,8 +269,9 @@ class WorkerChannel:
         self._fault_reason = reason
         if not self.faulted.done():
             self.faulted.set_result(reason)
+        self._connection.close()
         for pending in self._pending.values():
-            pending.queue.put_nowait(None)
+            pending.put(None)
         if self._on_fault is not None:
             self._on_fault(reason)
 
@@ -260,25 +279,6 @@ class WorkerChannel:
         return WorkerCrashed(WORKER_CRASHED_MESSAGE, retry_after_s=self._retry_after_s)
 
     # ------------------------------------------------------------------ receiving
-
-    async def _receive(self) -> None:
-        socket = self._require_socket()
-        while self._fault_reason is None:
-            try:
-                frames = await socket.recv_multipart()
-            except zmq.ZMQError as exc:
-                self.fail(f"the worker's socket failed (errno {exc.errno})")
-                return
-            if len(frames) != 1:
-                self.fail("the worker sent a multi-part message")
-                return
-            try:
-                message = decode_from_worker(frames[0])
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                self.fail("the worker sent a message that does not decode")
-                return
-            self.last_seen = time.monotonic()
-            self._route(message, len(frames[0]))
 
     def _route(self, message: FromWorker, size: int) -> None:
         if isinstance(message, Heartbeat):
@@ -302,52 +302,12 @@ class WorkerChannel:
             self.fail("the worker sent more output than the gateway buffers")
             return
         pending.finished = not isinstance(message, TextDelta)
-        pending.queue.put_nowait((message, size))
-
-    async def _watch_connections(self) -> None:
-        """Treat a dropped or second connection as a fault (ZeroMQ would hide both)."""
-        assert self._monitor is not None
-        connections = 0
-        while True:
-            try:
-                frames = await self._monitor.recv_multipart()
-            except zmq.ZMQError:
-                return
-            event = parse_monitor_message(frames)["event"]
-            if event == zmq.EVENT_ACCEPTED:
-                connections += 1
-                if connections > 1:
-                    self.fail("a second connection reached the worker's socket")
-            elif event == zmq.EVENT_DISCONNECTED:
-                # Also how ZeroMQ reports a message over MAXMSGSIZE: it drops the peer.
-                self.fail("the worker's connection closed")
-            elif event == zmq.EVENT_MONITOR_STOPPED:
-                return
-
-    def _require_socket(self) -> zmq.asyncio.Socket:
-        if self._socket is None:
-            raise RuntimeError("WorkerChannel.open() was not called")
-        return self._socket
+        pending.put((message, size))
 
     # ------------------------------------------------------------------ closing
 
     async def close(self) -> None:
-        """Fail what is pending, stop the tasks and close the sockets."""
-        if self._socket is not None:
+        """Fail what is pending, stop listening and drop the connection."""
+        if self._opened:
             self.fail("the channel was closed")
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self._socket is not None and not self._socket.closed:
-            with contextlib.suppress(zmq.ZMQError):
-                self._socket.disable_monitor()
-            self._socket.close(linger=0)
-        if self._monitor is not None and not self._monitor.closed:
-            self._monitor.close(linger=0)
-
-
-def _retrieve_outcome(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
+        self._connection.close()

@@ -1,32 +1,40 @@
-"""The worker entry point: ``python -m bastion.workers.main --endpoint ipc://...``.
+"""The worker entry point: ``python -m bastion.workers.main --endpoint /path/to/ipc.sock``.
 
-A worker connects to the socket its gateway bound, loads the one model named by the first
-message (:class:`LoadModel`), then answers requests. The runtime is called from one thread,
-one request at a time, in arrival order; only the event loop thread touches the ZeroMQ
-socket, because sockets are not thread-safe. Nothing that reaches the gateway or the log
-quotes a request: failures are reported by exception type and a fixed message.
+A worker connects to the Unix socket its gateway listens on, loads the one model named by
+the first message (:class:`LoadModel`), then answers requests. Three threads share the
+socket, which stays in blocking mode:
+
+- the main thread reads frames and dispatches them: requests go on a queue, cancels mark
+  their job, Shutdown lets the queue drain and then ends the process;
+- one runtime thread loads the model, then runs the queued requests one at a time in
+  arrival order and sends their deltas and results itself;
+- a heartbeat thread reports liveness, and ends the process if the gateway is gone.
+
+Writers hold one lock for each whole frame, so frames never interleave. Nothing that
+reaches the gateway or the log quotes a request: failures are reported by exception type
+and a fixed message.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import collections
 import importlib.util
 import logging
 import os
+import queue
+import socket
 import sys
-from collections.abc import Coroutine, Mapping
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import msgspec
-import zmq
-import zmq.asyncio
 
 from bastion.observability.logging import configure_logging
 from bastion.runtimes.base import CancelToken, Runtime, RuntimeInputError, load_runtime
+from bastion.workers.framing import MAX_MESSAGE_BYTES, FrameDecoder, FrameTooLarge, encode_frame
 from bastion.workers.protocol import (
     Cancel,
     Embed,
@@ -44,7 +52,6 @@ from bastion.workers.protocol import (
     Shutdown,
     TextDelta,
     decode_to_worker,
-    encode,
 )
 
 logger = logging.getLogger("bastion.worker")
@@ -57,11 +64,10 @@ EXIT_OK = 0
 EXIT_LOAD_FAILED = 1
 EXIT_BAD_START = 2
 EXIT_GATEWAY_GONE = 3
+# The gateway broke the protocol (an oversized frame), or the worker itself failed.
+EXIT_WORKER_ERROR = 4
 
-_SOCKET_HWM = 10_000
-# On an orderly exit, how long the last messages (LoadFailed, final results) may take to
-# leave; the socket otherwise drops unsent messages at once.
-_FINAL_LINGER_MS = 1000
+_RECEIVE_CHUNK = 256 * 1024
 _REASON_LIMIT = 200
 _RESULT_TYPES: Mapping[type[Work], type[Outcome]] = {
     Generate: GenerateResult,
@@ -78,7 +84,7 @@ class _Job:
     def __init__(self, request: Work) -> None:
         self.request = request
         self.cancel = CancelToken()
-        # Set on the loop thread only; once set, nothing more is sent for this request.
+        # Set by the main thread; once set, nothing more is sent for this request.
         self.cancelled = False
 
 
@@ -88,84 +94,68 @@ class Worker:
     def __init__(self, endpoint: str) -> None:
         self._endpoint = endpoint
         self._parent_pid = os.getppid()
-        self._context = zmq.asyncio.Context()
-        self._socket = self._context.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.SNDHWM, _SOCKET_HWM)
-        self._socket.setsockopt(zmq.RCVHWM, _SOCKET_HWM)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bastion-runtime")
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._send_lock = threading.Lock()
+        self._decoder = FrameDecoder(MAX_MESSAGE_BYTES)
+        self._bodies: collections.deque[bytes] = collections.deque()
+        # Requests received and not yet answered or cancelled; the heartbeat counts them.
         self._jobs: dict[int, _Job] = {}
-        self._queue: collections.deque[_Job] = collections.deque()
-        self._outstanding: set[asyncio.Future[Any]] = set()
+        # Jobs for the runtime thread; None tells it to finish after the jobs before it.
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._shutting_down = False
-        self._heartbeat_interval = 1.0
-        self._wakeup = asyncio.Event()
-        self._gateway_gone = asyncio.Event()
+        # Set by the runtime thread when it is done; the main thread then exits with it.
+        self._exit_code: int | None = None
+        self._exiting = threading.Event()
 
-    async def run(self) -> int:
+    def run(self) -> int:
         """Load the model and serve it; returns the process exit status."""
-        self._socket.connect(self._endpoint)
         try:
-            load = await self._receive_load()
-            if load is None:
-                return EXIT_BAD_START if not self._gateway_gone.is_set() else EXIT_GATEWAY_GONE
-            self._heartbeat_interval = max(0.05, load.heartbeat_interval_s)
-            heartbeat = asyncio.create_task(self._heartbeat())
-            try:
-                return await self._load_and_serve(load)
-            finally:
-                heartbeat.cancel()
-        finally:
-            self._close()
-
-    async def _load_and_serve(self, load: LoadModel) -> int:
-        loop = asyncio.get_running_loop()
-        try:
-            runtime = await self._race_gateway(
-                loop.run_in_executor(self._executor, _load_model, load)
-            )
-            metadata = runtime.metadata()
-        except _GatewayGone:
-            return EXIT_GATEWAY_GONE
-        except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"[:_REASON_LIMIT]
-            self._send(LoadFailed(model=load.model, reason=reason))
-            await self._flush()
-            return EXIT_LOAD_FAILED
-        self._send(Ready(model=load.model, metadata=metadata, pid=os.getpid()))
-        receiver = asyncio.create_task(self._receive())
-        try:
-            await self._race_gateway(self._serve(runtime))
-        except _GatewayGone:
-            return EXIT_GATEWAY_GONE
-        finally:
-            receiver.cancel()
-        await self._flush()
-        return EXIT_OK
-
-    # ------------------------------------------------------------------ receiving
-
-    async def _receive_load(self) -> LoadModel | None:
-        """Wait for the first message, which must be LoadModel; None means exit."""
-        while not await self._socket.poll(1000):
+            self._socket.connect(self._endpoint)
+        except OSError as exc:
             if self._parent_died():
-                self._gateway_gone.set()
-                return None
+                return EXIT_GATEWAY_GONE
+            logger.error("could not connect to the gateway", extra={"exc_type": type(exc).__name__})
+            return EXIT_BAD_START
         try:
-            message = decode_to_worker(await self._socket.recv())
+            load = self._receive_load()
+            if isinstance(load, int):
+                return load
+            interval = max(0.05, load.heartbeat_interval_s)
+            threading.Thread(
+                target=self._heartbeat, args=(interval,), name="bastion-heartbeat", daemon=True
+            ).start()
+            threading.Thread(
+                target=self._run_runtime, args=(load,), name="bastion-runtime", daemon=True
+            ).start()
+            return self._receive_requests()
+        except FrameTooLarge:
+            logger.error("the gateway sent a message over the size limit")
+            return EXIT_WORKER_ERROR
+        finally:
+            self._exiting.set()
+
+    # ------------------------------------------------------------------ main thread
+
+    def _receive_load(self) -> LoadModel | int:
+        """Wait for the first message, which must be LoadModel; an int is an exit status."""
+        body = self._next_body()
+        if body is None:
+            return EXIT_GATEWAY_GONE
+        try:
+            message = decode_to_worker(body)
         except (msgspec.DecodeError, msgspec.ValidationError):
             logger.error("first message from the gateway is not a valid message")
-            return None
+            return EXIT_BAD_START
         if not isinstance(message, LoadModel):
             logger.error("first message from the gateway is not LoadModel")
-            return None
+            return EXIT_BAD_START
         return message
 
-    async def _receive(self) -> None:
-        while True:
-            data = await self._socket.recv()
+    def _receive_requests(self) -> int:
+        """Dispatch the gateway's messages until the connection ends; returns the status."""
+        while (body := self._next_body()) is not None:
             try:
-                message = decode_to_worker(data)
+                message = decode_to_worker(body)
             except (msgspec.DecodeError, msgspec.ValidationError):
                 logger.warning("ignored an undecodable message from the gateway")
                 continue
@@ -174,10 +164,25 @@ class Worker:
             elif isinstance(message, Cancel):
                 self._cancel(message.id)
             elif isinstance(message, Shutdown):
-                self._shutting_down = True
-                self._wakeup.set()
+                if not self._shutting_down:
+                    self._shutting_down = True
+                    self._queue.put(None)
             else:
                 logger.warning("ignored an unexpected %s message", type(message).__name__)
+        # The runtime thread ends the stream itself when it is done (see _finish).
+        return self._exit_code if self._exit_code is not None else EXIT_GATEWAY_GONE
+
+    def _next_body(self) -> bytes | None:
+        """The next frame's body; None once the connection is closed."""
+        while not self._bodies:
+            try:
+                chunk = self._socket.recv(_RECEIVE_CHUNK)
+            except OSError:
+                return None
+            if not chunk:
+                return None
+            self._bodies.extend(self._decoder.feed(chunk))
+        return self._bodies.popleft()
 
     def _accept(self, request: Work) -> None:
         if self._shutting_down:
@@ -192,44 +197,51 @@ class Worker:
             return
         job = _Job(request)
         self._jobs[request.id] = job
-        self._queue.append(job)
-        self._wakeup.set()
+        self._queue.put(job)
 
     def _cancel(self, request_id: int) -> None:
+        # A queued job stays in the queue; the runtime thread skips it.
         job = self._jobs.pop(request_id, None)
         if job is not None:
             job.cancelled = True
             job.cancel.cancel()
 
-    # ------------------------------------------------------------------ serving
+    # ------------------------------------------------------------------ runtime thread
 
-    async def _serve(self, runtime: Runtime) -> None:
-        """Run queued jobs one at a time until Shutdown arrives and the queue is empty."""
-        loop = asyncio.get_running_loop()
-        while True:
-            while not self._queue:
-                if self._shutting_down:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            job = self._queue.popleft()
-            if job.cancelled:
-                continue
-            outcome = await loop.run_in_executor(self._executor, self._execute, runtime, job, loop)
-            self._jobs.pop(job.request.id, None)
-            if not job.cancelled:
-                self._send(outcome)
+    def _run_runtime(self, load: LoadModel) -> None:
+        """Load the model here, so the runtime runs in the thread that set it up."""
+        try:
+            try:
+                runtime = _load_model(load)
+                metadata = runtime.metadata()
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}"[:_REASON_LIMIT]
+                self._send(LoadFailed(model=load.model, reason=reason))
+                self._finish(EXIT_LOAD_FAILED)
+                return
+            self._send(Ready(model=load.model, metadata=metadata, pid=os.getpid()))
+            while (job := self._queue.get()) is not None:
+                if job.cancelled:
+                    continue
+                frame = self._execute(runtime, job)
+                self._jobs.pop(job.request.id, None)
+                if not job.cancelled:
+                    self._send_frame(frame)
+            self._finish(EXIT_OK)
+        except Exception as exc:
+            # The type only: messages and tracebacks can quote a request.
+            logger.error("the runtime thread failed", extra={"exc_type": type(exc).__name__})
+            self._finish(EXIT_WORKER_ERROR)
 
-    def _execute(self, runtime: Runtime, job: _Job, loop: asyncio.AbstractEventLoop) -> Outcome:
-        """Run one request on the runtime thread and turn any failure into RequestFailed."""
+    def _execute(self, runtime: Runtime, job: _Job) -> bytearray:
+        """Run one request and return its answer as a frame; any failure is RequestFailed."""
         request = job.request
         try:
             if isinstance(request, Generate):
 
                 def emit(index: int, text: str) -> None:
-                    # Deltas are handed to the loop thread, which alone owns the socket; they
-                    # are queued before this function returns, so they precede the result.
-                    loop.call_soon_threadsafe(self._send_delta, job, index, text)
+                    if not job.cancelled:
+                        self._send(TextDelta(id=request.id, index=index, text=text))
 
                 outcome: Outcome = runtime.generate(request, job.cancel, emit)
             elif isinstance(request, Embed):
@@ -240,77 +252,63 @@ class Worker:
                 raise TypeError("the runtime returned the wrong result type")
             if outcome.id != request.id:
                 outcome = msgspec.structs.replace(outcome, id=request.id)
-            return outcome
+            return encode_frame(outcome)
         except RuntimeInputError as exc:
-            return RequestFailed(id=request.id, status=400, code=exc.code, message=exc.message)
+            failure = RequestFailed(id=request.id, status=400, code=exc.code, message=exc.message)
         except Exception as exc:
-            # The type only: messages and tracebacks can quote the request.
             logger.error("the runtime failed a request", extra={"exc_type": type(exc).__name__})
-            return RequestFailed(
+            failure = RequestFailed(
                 id=request.id,
                 status=500,
                 code="runtime_error",
                 message="The model failed to process the request.",
             )
+        return encode_frame(failure)
 
-    def _send_delta(self, job: _Job, index: int, text: str) -> None:
-        if not job.cancelled:
-            self._send(TextDelta(id=job.request.id, index=index, text=text))
+    def _finish(self, code: int) -> None:
+        """Hand `code` to the main thread and wake it: its next read sees the end."""
+        self._exit_code = code
+        try:
+            self._socket.shutdown(socket.SHUT_RD)
+        except OSError:
+            _exit_now(code)
 
-    # ------------------------------------------------------------------ liveness
+    # ------------------------------------------------------------------ heartbeat thread
 
-    async def _heartbeat(self) -> None:
-        while True:
+    def _heartbeat(self, interval: float) -> None:
+        while not self._exiting.is_set():
             if self._parent_died():
                 logger.warning("the gateway process is gone; exiting")
-                self._gateway_gone.set()
-                return
+                _exit_now(EXIT_GATEWAY_GONE)
             self._send(Heartbeat(in_flight=len(self._jobs)))
-            await asyncio.sleep(self._heartbeat_interval)
+            self._exiting.wait(interval)
 
     def _parent_died(self) -> bool:
         return os.getppid() != self._parent_pid
 
-    async def _race_gateway(self, work: Coroutine[Any, Any, Any] | asyncio.Future[Any]) -> Any:
-        """Await `work`, or raise _GatewayGone as soon as the gateway process disappears."""
-        task = asyncio.ensure_future(work)
-        gone = asyncio.create_task(self._gateway_gone.wait())
-        try:
-            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-        if not task.done():
-            task.cancel()
-            raise _GatewayGone
-        return task.result()
-
     # ------------------------------------------------------------------ sending
 
     def _send(self, message: Message) -> None:
-        """Queue a message on the socket; call from the loop thread only."""
-        future = asyncio.ensure_future(self._socket.send(encode(message)))
-        if not future.done():
-            self._outstanding.add(future)
-            future.add_done_callback(self._outstanding.discard)
-        future.add_done_callback(_ignore_result)
+        self._send_frame(encode_frame(message))
 
-    async def _flush(self) -> None:
-        if self._outstanding:
-            await asyncio.wait(self._outstanding, timeout=_FINAL_LINGER_MS / 1000)
-
-    def _close(self) -> None:
-        linger = 0 if self._gateway_gone.is_set() else _FINAL_LINGER_MS
-        self._socket.close(linger=linger)
-        self._context.term()
+    def _send_frame(self, frame: bytearray) -> None:
+        """Write one whole frame; any thread may call it."""
+        try:
+            with self._send_lock:
+                self._socket.sendall(frame)
+        except OSError:
+            if self._exiting.is_set():
+                return
+            logger.warning("the connection to the gateway is gone; exiting")
+            _exit_now(EXIT_GATEWAY_GONE)
 
 
-class _GatewayGone(Exception):
-    """The gateway process disappeared; the worker must exit."""
-
-
-def _ignore_result(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
+def _exit_now(code: int) -> NoReturn:
+    """Leave at once from any thread; the other threads may be inside the runtime."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _load_model(load: LoadModel) -> Runtime:
@@ -335,25 +333,16 @@ def _thread_count(options: Mapping[str, Any]) -> int | None:
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bastion.workers.main")
-    parser.add_argument("--endpoint", required=True, help="ZeroMQ endpoint the gateway bound")
+    parser.add_argument("--endpoint", required=True, help="Unix socket the gateway listens on")
     parser.add_argument("--log-level", default="info")
     return parser.parse_args(argv)
-
-
-def _run(coro: Coroutine[Any, Any, int]) -> int:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    result: int = uvloop.run(coro)
-    return result
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run a worker until it is told to stop, its model fails to load, or its gateway dies."""
     args = _parse_args(argv)
     configure_logging(args.log_level)
-    code = _run(Worker(args.endpoint).run())
+    code = Worker(args.endpoint).run()
     logging.shutdown()
     sys.stderr.flush()
     # The runtime thread may still be inside a cancelled request; leave without joining it.

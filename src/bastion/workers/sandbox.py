@@ -49,6 +49,17 @@ class WorkerProcess(Protocol):
     def pid(self) -> int: ...
 
     @property
+    def peer_pid(self) -> int | None:
+        """The pid the worker's IPC connection may come from: the worker or an ancestor.
+
+        The gateway accepts the connection from this process or any of its descendants
+        (a launcher such as bubblewrap may start the worker as its child). None means the
+        gateway cannot see the worker's pid (a container); any process of the gateway's own
+        uid is then accepted.
+        """
+        ...
+
+    @property
     def returncode(self) -> int | None: ...
 
     async def wait(self) -> int:
@@ -70,6 +81,8 @@ class Sandbox(Protocol):
 
 def worker_argv(endpoint: str, log_level: str = "info", python: str | None = None) -> list[str]:
     """The command that starts the worker entry point connected to `endpoint`.
+
+    `endpoint` is the path of the Unix socket the gateway listens on for this worker.
 
     `-P` keeps the working directory off `sys.path` and `-s` ignores the user's
     site-packages, so nothing beside the worker can shadow Bastion's modules.
@@ -119,6 +132,11 @@ class SubprocessWorker:
 
     @property
     def pid(self) -> int:
+        return self._process.pid
+
+    @property
+    def peer_pid(self) -> int:
+        # The command runs as this very process: only it may connect.
         return self._process.pid
 
     @property
