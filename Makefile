@@ -31,7 +31,7 @@ typecheck: $(STAMP)
 check: lint typecheck test
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/gateway.py
+	$(BIN)/python benchmarks/gateway.py $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

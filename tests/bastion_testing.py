@@ -38,6 +38,22 @@ def run_cli(home: Path, *args: str, check: bool = True) -> subprocess.CompletedP
     return proc
 
 
+def add_echo_model(home: Path, name: str = "echo") -> None:
+    """Register the test echo runtime, with its misbehaviour hooks on."""
+    run_cli(
+        home,
+        "models",
+        "add",
+        name,
+        "--runtime",
+        "echo",
+        "--path",
+        str(home),
+        "--option",
+        "test_hooks=true",
+    )
+
+
 def cli_json(home: Path, *args: str) -> Any:
     return json.loads(run_cli(home, *args, "--json").stdout)
 

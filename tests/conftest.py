@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bastion_testing import BastionServer, cli_json, run_cli
+from bastion_testing import BastionServer, add_echo_model, cli_json, run_cli
 
 _KINDS = ("unit", "integration", "e2e", "security")
 
@@ -27,18 +27,7 @@ DEMO_MODELS = ["digits", "minilm-l6", "tiny-chat"]
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BastionServer]:
     home = tmp_path_factory.mktemp("e2e") / "home"
     run_cli(home, "init")
-    run_cli(
-        home,
-        "models",
-        "add",
-        "echo",
-        "--runtime",
-        "echo",
-        "--path",
-        str(home),
-        "--option",
-        "test_hooks=true",
-    )
+    add_echo_model(home)
     srv = BastionServer(home)
     try:
         srv.wait_ready([*DEMO_MODELS, "echo"])

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bastion_testing import BastionServer, cli_json, run_cli
+from bastion_testing import BastionServer, add_echo_model, cli_json, run_cli
 
 
 def _chat(client: httpx.Client, text: str, model: str = "echo") -> httpx.Response:
@@ -27,18 +27,7 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BastionServer]:
     home = tmp_path_factory.mktemp("workers") / "home"
     run_cli(home, "init", "--no-demo-models")
     for name in ("echo", "echo-b"):
-        run_cli(
-            home,
-            "models",
-            "add",
-            name,
-            "--runtime",
-            "echo",
-            "--path",
-            str(home),
-            "--option",
-            "test_hooks=true",
-        )
+        add_echo_model(home, name)
     srv = BastionServer(home, env={"BASTION_REQUEST_TIMEOUT_S": "3"})
     try:
         srv.wait_ready(["echo", "echo-b"], timeout=120)
@@ -103,18 +92,7 @@ def _worker_pids(server_pid: int) -> list[int]:
 def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
     home = tmp_path / "home"
     run_cli(home, "init", "--no-demo-models")
-    run_cli(
-        home,
-        "models",
-        "add",
-        "echo",
-        "--runtime",
-        "echo",
-        "--path",
-        str(home),
-        "--option",
-        "test_hooks=true",
-    )
+    add_echo_model(home)
     srv = BastionServer(home)
     try:
         srv.wait_ready(["echo"], timeout=120)

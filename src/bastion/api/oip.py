@@ -18,6 +18,8 @@ from bastion.api.replies import expect
 from bastion.api.schemas import OipInferRequest
 from bastion.api.tensors import to_json_tensor, to_tensor_data
 from bastion.errors import InvalidRequest, ModelUnavailable, UnsupportedMediaType
+from bastion.gateway.gateway import Gateway
+from bastion.identity.principal import Principal
 from bastion.workers.protocol import Infer, InferResult, ModelMetadata, TensorData
 
 
@@ -49,13 +51,20 @@ async def server_metadata(request: Request) -> Response:
     return json_response({"name": "bastion", "version": bastion.__version__, "extensions": []})
 
 
-async def model_metadata(request: Request) -> Response:
+def _known_model(request: Request, action: str) -> tuple[Gateway, Principal, str]:
+    """Authenticate, authorize `action` on the path's model, and check that it exists."""
     gateway = _gateway(request)
     principal = _principal(request)
     name = request.path_params["name"]
-    gateway.authorize(principal, "models", name)
+    gateway.authorize(principal, action, name)
     gateway.model_record(name)
+    # Labelled only once known to exist: a client-chosen name must not reach logs or metrics.
     request.state.model = name
+    return gateway, principal, name
+
+
+async def model_metadata(request: Request) -> Response:
+    gateway, _, name = _known_model(request, "models")
     status = gateway.supervisor.status(name)
     if status.metadata is None:
         raise ModelUnavailable(f"The model '{name}' is not ready.", retry_after_s=2)
@@ -71,12 +80,7 @@ async def model_metadata(request: Request) -> Response:
 
 
 async def model_ready(request: Request) -> Response:
-    gateway = _gateway(request)
-    principal = _principal(request)
-    name = request.path_params["name"]
-    gateway.authorize(principal, "models", name)
-    gateway.model_record(name)
-    request.state.model = name
+    gateway, _, name = _known_model(request, "models")
     is_ready = gateway.supervisor.status(name).state == "ready"
     # The protocol answers readiness with the status code: 200 ready, 4xx not ready.
     if is_ready:
@@ -146,12 +150,7 @@ def _binary_outputs(body: OipInferRequest, metadata: ModelMetadata) -> tuple[lis
 
 
 async def infer(request: Request) -> Response:
-    gateway = _gateway(request)
-    principal = _principal(request)
-    name = request.path_params["name"]
-    gateway.authorize(principal, "infer", name)
-    gateway.model_record(name)
-    request.state.model = name
+    gateway, principal, name = _known_model(request, "infer")
     body, binary_inputs = await _read_infer_request(request, gateway.settings.max_body_bytes)
     metadata = gateway.ready_model(name, "infer")
     gateway.admit(principal, name)

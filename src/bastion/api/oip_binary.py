@@ -8,14 +8,13 @@ length followed by its bytes. `tritonclient` uses this form by default.
 
 from __future__ import annotations
 
-import math
 import struct
 from typing import Any
 
 import numpy as np
 
 from bastion.api.schemas import OipInputTensor
-from bastion.api.tensors import NUMPY_TYPES, check_shape
+from bastion.api.tensors import NUMPY_TYPES, check_against_spec
 from bastion.errors import InvalidRequest
 from bastion.workers.protocol import TensorData, TensorSpec
 
@@ -62,13 +61,7 @@ def _split_bytes_elements(name: str, raw: bytes, count: int) -> list[bytes]:
 
 def binary_tensor_data(tensor: OipInputTensor, spec: TensorSpec, raw: bytes) -> TensorData:
     """Validate one binary input tensor against `spec` and pack it for the worker."""
-    if tensor.datatype != spec.datatype:
-        raise InvalidRequest(
-            f"Input '{tensor.name}' has datatype {tensor.datatype}; "
-            f"the model expects {spec.datatype}."
-        )
-    check_shape(tensor.name, tensor.shape, spec)
-    count = math.prod(tensor.shape)
+    count = check_against_spec(tensor, spec)
     if tensor.datatype == "BYTES":
         items = _split_bytes_elements(tensor.name, raw, count)
         return TensorData(name=tensor.name, datatype="BYTES", shape=list(tensor.shape), items=items)

@@ -120,12 +120,19 @@ async def _prepare(
     return gateway, principal, body
 
 
-async def chat_completions(request: Request) -> Response:
-    gateway, principal, body = await _prepare(request, "chat", ChatCompletionRequest)
-    max_tokens, n = _limits(gateway, body.max_completion_tokens or body.max_tokens, body.n)
-    message = Generate(
+def _generate(
+    body: ChatCompletionRequest | CompletionRequest,
+    max_tokens: int,
+    n: int,
+    *,
+    messages: list[ChatMessage] | None = None,
+    prompt: str | None = None,
+) -> Generate:
+    """The worker request for a chat (messages) or completion (prompt) body."""
+    return Generate(
         id=0,
-        messages=[ChatMessage(role=m.role, content=m.text()) for m in body.messages],
+        messages=messages,
+        prompt=prompt,
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
@@ -133,6 +140,17 @@ async def chat_completions(request: Request) -> Response:
         seed=body.seed,
         n=n,
         stream=body.stream,
+    )
+
+
+async def chat_completions(request: Request) -> Response:
+    gateway, principal, body = await _prepare(request, "chat", ChatCompletionRequest)
+    max_tokens, n = _limits(gateway, body.max_completion_tokens or body.max_tokens, body.n)
+    message = _generate(
+        body,
+        max_tokens,
+        n,
+        messages=[ChatMessage(role=m.role, content=m.text()) for m in body.messages],
     )
     completion_id = "chatcmpl-" + secrets.token_hex(12)
     created = int(time.time())
@@ -175,17 +193,7 @@ async def completions(request: Request) -> Response:
         raise InvalidRequest("Streaming supports a single prompt.", param="prompt")
 
     def generate(prompt: str) -> Generate:
-        return Generate(
-            id=0,
-            prompt=prompt,
-            max_tokens=max_tokens,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            stop=_stop_list(body.stop),
-            seed=body.seed,
-            n=n,
-            stream=body.stream,
-        )
+        return _generate(body, max_tokens, n, prompt=prompt)
 
     completion_id = "cmpl-" + secrets.token_hex(12)
     created = int(time.time())

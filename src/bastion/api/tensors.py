@@ -80,15 +80,20 @@ def check_shape(name: str, shape: list[int], spec: TensorSpec) -> None:
         )
 
 
-def to_tensor_data(tensor: OipInputTensor, spec: TensorSpec) -> TensorData:
-    """Validate one JSON input tensor against `spec` and pack it for the worker."""
+def check_against_spec(tensor: OipInputTensor, spec: TensorSpec) -> int:
+    """Refuse a datatype or shape the model does not take; return the element count."""
     if tensor.datatype != spec.datatype:
         raise InvalidRequest(
             f"Input '{tensor.name}' has datatype {tensor.datatype}; "
             f"the model expects {spec.datatype}."
         )
     check_shape(tensor.name, tensor.shape, spec)
-    count = math.prod(tensor.shape)
+    return math.prod(tensor.shape)
+
+
+def to_tensor_data(tensor: OipInputTensor, spec: TensorSpec) -> TensorData:
+    """Validate one JSON input tensor against `spec` and pack it for the worker."""
+    count = check_against_spec(tensor, spec)
     if count > MAX_ELEMENTS:
         raise InvalidRequest(f"Input '{tensor.name}' has too many elements.")
     if tensor.data is None:

@@ -96,3 +96,23 @@ class FanOutSink:
     def emit(self, event: Event) -> None:
         for sink in self._sinks:
             sink.emit(event)
+
+
+def emit_change(
+    events: EventSink,
+    kind: str,
+    actor: str,
+    target: str | None = None,
+    *,
+    tenant: str | None = None,
+    detail: Mapping[str, str | int | float | bool | None] | None = None,
+    at: float,
+) -> None:
+    """Emit the event of a successful change that `actor` made to `target`.
+
+    The services that change state (identity, model registry) all record their changes
+    this way; `at` comes from their injectable clock, so tests see the time they set.
+    """
+    events.emit(
+        Event(kind=kind, actor=actor, tenant=tenant, target=target, detail=detail or {}, at=at)
+    )

@@ -1,19 +1,18 @@
 """Tenants and API keys: the one service layer behind both the admin API and the CLI.
 
-Every method takes the acting :class:`Principal` first and checks its rights before it
-changes anything, so the HTTP routes and the command line cannot drift apart. Every change
-is one database transaction (which also bumps the change revision) followed by one audit
-event. Secrets leave this module only as the token returned by the call that created it.
+Every method takes the acting :class:`Principal` first and checks its rights (the rules are
+in :mod:`bastion.identity.grants`) before it changes anything, so the HTTP routes and the
+command line cannot drift apart. Every change is one database transaction (which also bumps
+the change revision) followed by one audit event. Secrets leave this module only as the
+token returned by the call that created it.
 """
 
 from __future__ import annotations
 
-import re
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
@@ -24,94 +23,41 @@ from bastion.audit.events import (
     KEY_ROTATED,
     TENANT_CREATED,
     TENANT_DISABLED,
-    Event,
     EventSink,
+    emit_change,
 )
-from bastion.errors import Conflict, InvalidRequest, NotFound, PermissionDenied
+from bastion.errors import Conflict, NotFound
+from bastion.identity.grants import (
+    TENANT_NAME_PATTERN,
+    authorize_key,
+    authorize_tenant,
+    grant_actions,
+    grant_expiry,
+    grant_models,
+    grant_role,
+    is_global_admin,
+    require_manager,
+    validate_key_name,
+    validate_tenant_name,
+)
 from bastion.identity.keys import KeyHasher, generate_api_key, is_public_id
 from bastion.identity.principal import (
-    ACTION_ADMIN,
     ACTIONS,
     ALL_MODELS,
     OPERATOR,
     ROLE_ADMIN,
-    ROLE_TENANT_ADMIN,
     Principal,
     validate_actions,
-    validate_role,
 )
+from bastion.identity.records import KeyInfo, TenantInfo, key_info, key_query, tenant_info
 from bastion.store.db import Database
 from bastion.store.tables import api_keys, tenants
 
+# KeyInfo and TenantInfo are re-exported: callers import them from here with the service.
+__all__ = ["BOOTSTRAP_KEY_NAME", "SYSTEM_TENANT", "IdentityService", "KeyInfo", "TenantInfo"]
+
 SYSTEM_TENANT = "system"
 BOOTSTRAP_KEY_NAME = "bootstrap-admin"
-TENANT_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
-# Model names and fnmatch globs over them.
-MODEL_PATTERN = re.compile(r"[A-Za-z0-9._*?\[\]!-]{1,128}")
-MAX_MODEL_PATTERNS = 64
-MAX_KEY_NAME_LENGTH = 128
-
-
-def isoformat(value: datetime | None) -> str | None:
-    """ISO 8601 in UTC with a ``Z`` suffix, or None."""
-    if value is None:
-        return None
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
-@dataclass(frozen=True, slots=True)
-class TenantInfo:
-    """A tenant as shown to operators."""
-
-    id: int
-    name: str
-    disabled: bool
-    created_at: datetime
-    disabled_at: datetime | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "name": self.name,
-            "disabled": self.disabled,
-            "created_at": isoformat(self.created_at),
-            "disabled_at": isoformat(self.disabled_at),
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class KeyInfo:
-    """An API key as shown to operators: never its secret or its digest."""
-
-    id: str
-    tenant_id: int
-    tenant: str
-    name: str | None
-    role: str
-    models: tuple[str, ...]
-    actions: tuple[str, ...]
-    created_at: datetime
-    expires_at: datetime | None
-    revoked_at: datetime | None
-    rotated_from: str | None
-
-    def is_active(self, now: datetime) -> bool:
-        """Not revoked and not expired at `now`."""
-        return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "tenant": self.tenant,
-            "name": self.name,
-            "role": self.role,
-            "models": list(self.models),
-            "actions": list(self.actions),
-            "created_at": isoformat(self.created_at),
-            "expires_at": isoformat(self.expires_at),
-            "revoked_at": isoformat(self.revoked_at),
-            "rotated_from": self.rotated_from,
-        }
 
 
 class IdentityService:
@@ -135,7 +81,7 @@ class IdentityService:
     def create_tenant(self, actor: Principal, name: str) -> TenantInfo:
         """Create a tenant (admin only). Conflict if the name is taken."""
         actor.require_admin()
-        _validate_tenant_name(name)
+        validate_tenant_name(name)
         try:
             with self._db.write() as conn:
                 if _tenant_row(conn, name) is not None:
@@ -148,19 +94,19 @@ class IdentityService:
 
     def list_tenants(self, actor: Principal) -> list[TenantInfo]:
         """Every tenant for an admin; only its own for a tenant-admin."""
-        _require_manager(actor)
+        require_manager(actor)
         query = sa.select(tenants).order_by(tenants.c.id)
-        if not _is_global_admin(actor):
+        if not is_global_admin(actor):
             query = query.where(tenants.c.id == actor.tenant_id)
         with self._db.read() as conn:
-            return [_tenant_info(row) for row in conn.execute(query).mappings()]
+            return [tenant_info(row) for row in conn.execute(query).mappings()]
 
     def get_tenant(self, actor: Principal, name: str) -> TenantInfo:
         """One tenant, if the actor may manage it."""
-        _require_manager(actor)
+        require_manager(actor)
         with self._db.read() as conn:
             row = _tenant_row(conn, name)
-        return _tenant_info(_authorize_tenant(actor, row))
+        return tenant_info(authorize_tenant(actor, row))
 
     def disable_tenant(self, actor: Principal, name: str) -> TenantInfo:
         """Disable a tenant (admin only): all its keys stop working at once."""
@@ -179,7 +125,7 @@ class IdentityService:
                 .where(tenants.c.id == row["id"])
                 .values(disabled=True, disabled_at=now)
             )
-            tenant = _tenant_info({**row, "disabled": True, "disabled_at": now})
+            tenant = tenant_info({**row, "disabled": True, "disabled_at": now})
         self._emit(TENANT_DISABLED, actor, tenant=name)
         return tenant
 
@@ -201,17 +147,15 @@ class IdentityService:
         A tenant-admin may create keys in its own tenant only, never admin keys, and never
         with actions, models or a lifetime beyond its own.
         """
-        _require_manager(actor)
-        validate_role(role)
-        if role == ROLE_ADMIN and not _is_global_admin(actor):
-            raise PermissionDenied("Only admin keys may create admin keys.")
-        granted = _grant_actions(actor, role, actions)
-        scope = _grant_models(actor, models)
-        expiry = _grant_expiry(actor, expires_at)
-        label = _validate_key_name(name)
+        require_manager(actor)
+        grant_role(actor, role)
+        granted = grant_actions(actor, role, actions)
+        scope = grant_models(actor, models)
+        expiry = grant_expiry(actor, expires_at)
+        label = validate_key_name(name)
         now = self._now()
         with self._db.write() as conn:
-            row = _authorize_tenant(actor, _tenant_row(conn, tenant))
+            row = authorize_tenant(actor, _tenant_row(conn, tenant))
             if row["disabled"]:
                 raise Conflict("The tenant is disabled; it cannot get new keys.")
             info, token = self._insert_key(
@@ -231,25 +175,25 @@ class IdentityService:
 
     def list_keys(self, actor: Principal, tenant: str | None = None) -> list[KeyInfo]:
         """Keys of one tenant, or of every tenant the actor manages; never secrets."""
-        _require_manager(actor)
-        query = _key_query().order_by(api_keys.c.created_at, api_keys.c.id)
+        require_manager(actor)
+        query = key_query().order_by(api_keys.c.created_at, api_keys.c.id)
         with self._db.read() as conn:
             if tenant is not None:
-                row = _authorize_tenant(actor, _tenant_row(conn, tenant))
+                row = authorize_tenant(actor, _tenant_row(conn, tenant))
                 query = query.where(api_keys.c.tenant_id == row["id"])
-            elif not _is_global_admin(actor):
+            elif not is_global_admin(actor):
                 query = query.where(api_keys.c.tenant_id == actor.tenant_id)
-            return [_key_info(row) for row in conn.execute(query).mappings()]
+            return [key_info(row) for row in conn.execute(query).mappings()]
 
     def get_key(self, actor: Principal, key_id: str) -> KeyInfo:
         """One key, if the actor may manage its tenant."""
-        _require_manager(actor)
+        require_manager(actor)
         with self._db.read() as conn:
             return self._authorized_key(conn, actor, key_id)
 
     def revoke_key(self, actor: Principal, key_id: str) -> KeyInfo:
         """Revoke a key at once. Conflict if it is already revoked."""
-        _require_manager(actor)
+        require_manager(actor)
         now = self._now()
         with self._db.write() as conn:
             info = self._authorized_key(conn, actor, key_id)
@@ -257,11 +201,11 @@ class IdentityService:
                 raise Conflict("The key is already revoked.")
             _mark_revoked(conn, info.id, now)
         self._emit(KEY_REVOKED, actor, tenant=info.tenant, target=info.id)
-        return _replace_revoked(info, now)
+        return replace(info, revoked_at=now)
 
     def rotate_key(self, actor: Principal, key_id: str) -> tuple[KeyInfo, str]:
         """Replace a key by a new one with the same rights and expiry; revoke the old one."""
-        _require_manager(actor)
+        require_manager(actor)
         now = self._now()
         with self._db.write() as conn:
             old = self._authorized_key(conn, actor, key_id)
@@ -345,15 +289,8 @@ class IdentityService:
         target: str | None = None,
         detail: dict[str, str | int | float | bool | None] | None = None,
     ) -> None:
-        self._events.emit(
-            Event(
-                kind=kind,
-                actor=actor.actor,
-                tenant=tenant,
-                target=target,
-                detail=detail or {},
-                at=self._clock(),
-            )
+        emit_change(
+            self._events, kind, actor.actor, target, tenant=tenant, detail=detail, at=self._clock()
         )
 
     def _admin_key_exists(self) -> bool:
@@ -362,16 +299,14 @@ class IdentityService:
 
     def _authorized_key(self, conn: Connection, actor: Principal, key_id: str) -> KeyInfo:
         row = (
-            conn.execute(_key_query().where(api_keys.c.id == key_id)).mappings().one_or_none()
+            conn.execute(key_query().where(api_keys.c.id == key_id)).mappings().one_or_none()
             if is_public_id(key_id)
             else None
         )
         if row is None:
             raise NotFound("No API key has this id.")
-        info = _key_info(row)
-        actor.require_tenant_admin_of(info.tenant_id)
-        if info.role == ROLE_ADMIN and not _is_global_admin(actor):
-            raise PermissionDenied("Only admin keys may manage admin keys.")
+        info = key_info(row)
+        authorize_key(actor, info)
         return info
 
     def _insert_key(
@@ -421,105 +356,6 @@ class IdentityService:
         return info, issued.token
 
 
-# ---------------------------------------------------------------------- rules
-
-
-def _is_global_admin(actor: Principal) -> bool:
-    return actor.role == ROLE_ADMIN and ACTION_ADMIN in actor.actions
-
-
-def _require_manager(actor: Principal) -> None:
-    """Only admin and tenant-admin keys holding the admin action manage anything."""
-    if ACTION_ADMIN not in actor.actions or actor.role not in (ROLE_ADMIN, ROLE_TENANT_ADMIN):
-        raise PermissionDenied("This API key may not manage tenants or keys.")
-
-
-def _authorize_tenant(actor: Principal, row: RowMapping | None) -> RowMapping:
-    """The tenant row if the actor may manage it; a missing tenant is 404 for admins only.
-
-    Other actors get 403 either way, so they cannot probe which tenant names exist.
-    """
-    if row is None:
-        if _is_global_admin(actor):
-            raise NotFound("No tenant has this name.")
-        raise PermissionDenied("This API key may not manage this tenant.")
-    actor.require_tenant_admin_of(row["id"])
-    return row
-
-
-def _grant_actions(actor: Principal, role: str, actions: Sequence[str] | None) -> frozenset[str]:
-    granted = validate_actions(role, actions)
-    if _is_global_admin(actor):
-        return granted
-    if actions is None:
-        # Defaults are narrowed to what the granting key holds itself.
-        return granted & actor.actions
-    if not granted <= actor.actions:
-        raise PermissionDenied("A key cannot grant actions it does not hold.")
-    return granted
-
-
-def _grant_models(actor: Principal, models: Sequence[str] | None) -> tuple[str, ...]:
-    if models is None:
-        return ALL_MODELS if _is_global_admin(actor) else actor.models
-    patterns = _validate_model_patterns(models)
-    if not _is_global_admin(actor):
-        for pattern in patterns:
-            if not actor.covers_model_pattern(pattern):
-                raise PermissionDenied("A key cannot grant models it may not use.")
-    return patterns
-
-
-def _grant_expiry(actor: Principal, expires_at: datetime | None) -> datetime | None:
-    if expires_at is not None:
-        if expires_at.tzinfo is None:
-            raise InvalidRequest("expires_at must include a time zone.", param="expires_at")
-        # A time in the past is allowed: the key is created already expired, which is
-        # harmless and lets operators and tests check that expiry is enforced.
-        expires_at = expires_at.astimezone(UTC)
-    if _is_global_admin(actor) or actor.expires_at is None:
-        return expires_at
-    if expires_at is None:
-        return actor.expires_at
-    if expires_at > actor.expires_at:
-        raise PermissionDenied("A key cannot outlive the key that creates it.")
-    return expires_at
-
-
-def _validate_tenant_name(name: str) -> None:
-    if not isinstance(name, str) or TENANT_NAME_PATTERN.fullmatch(name) is None:
-        raise InvalidRequest(
-            "Tenant names are 1-63 characters of a-z, 0-9, '-' and '_', "
-            "starting with a letter or digit.",
-            param="name",
-        )
-
-
-def _validate_model_patterns(models: Iterable[str]) -> tuple[str, ...]:
-    patterns: list[str] = []
-    for pattern in models:
-        if not isinstance(pattern, str) or MODEL_PATTERN.fullmatch(pattern) is None:
-            raise InvalidRequest("Invalid model name or pattern.", param="models")
-        if pattern not in patterns:
-            patterns.append(pattern)
-    if not patterns:
-        raise InvalidRequest("A key needs at least one model name or pattern.", param="models")
-    if len(patterns) > MAX_MODEL_PATTERNS:
-        raise InvalidRequest("Too many model patterns.", param="models")
-    return tuple(patterns)
-
-
-def _validate_key_name(name: str | None) -> str | None:
-    if name is None:
-        return None
-    if not isinstance(name, str) or not name.isprintable() or len(name) > MAX_KEY_NAME_LENGTH:
-        raise InvalidRequest(
-            f"Key names are printable text of at most {MAX_KEY_NAME_LENGTH} characters.",
-            param="name",
-        )
-    return name.strip() or None
-
-
 # ---------------------------------------------------------------------- rows
 
 
@@ -540,49 +376,6 @@ def _insert_tenant(conn: Connection, name: str, now: datetime) -> TenantInfo:
     return TenantInfo(id=tenant_id, name=name, disabled=False, created_at=now, disabled_at=None)
 
 
-def _tenant_info(row: RowMapping | dict[str, Any]) -> TenantInfo:
-    return TenantInfo(
-        id=row["id"],
-        name=row["name"],
-        disabled=bool(row["disabled"]),
-        created_at=row["created_at"],
-        disabled_at=row["disabled_at"],
-    )
-
-
-def _key_query() -> sa.Select[Any]:
-    # Every column but the digest: key listings never carry it.
-    return sa.select(
-        api_keys.c.id,
-        api_keys.c.tenant_id,
-        tenants.c.name.label("tenant"),
-        api_keys.c.name,
-        api_keys.c.role,
-        api_keys.c.models,
-        api_keys.c.actions,
-        api_keys.c.created_at,
-        api_keys.c.expires_at,
-        api_keys.c.revoked_at,
-        api_keys.c.rotated_from,
-    ).join(tenants, tenants.c.id == api_keys.c.tenant_id)
-
-
-def _key_info(row: RowMapping) -> KeyInfo:
-    return KeyInfo(
-        id=row["id"],
-        tenant_id=row["tenant_id"],
-        tenant=row["tenant"],
-        name=row["name"],
-        role=row["role"],
-        models=tuple(row["models"]),
-        actions=tuple(row["actions"]),
-        created_at=row["created_at"],
-        expires_at=row["expires_at"],
-        revoked_at=row["revoked_at"],
-        rotated_from=row["rotated_from"],
-    )
-
-
 def _any_admin_key(conn: Connection) -> bool:
     query = sa.select(api_keys.c.id).where(api_keys.c.role == ROLE_ADMIN).limit(1)
     return conn.execute(query).first() is not None
@@ -590,7 +383,3 @@ def _any_admin_key(conn: Connection) -> bool:
 
 def _mark_revoked(conn: Connection, key_id: str, now: datetime) -> None:
     conn.execute(sa.update(api_keys).where(api_keys.c.id == key_id).values(revoked_at=now))
-
-
-def _replace_revoked(info: KeyInfo, now: datetime) -> KeyInfo:
-    return replace(info, revoked_at=now)

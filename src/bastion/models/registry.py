@@ -23,8 +23,8 @@ from bastion.audit.events import (
     MODEL_REGISTERED,
     MODEL_REMOVED,
     MODEL_UNLOAD_REQUESTED,
-    Event,
     EventSink,
+    emit_change,
 )
 from bastion.errors import Conflict, InvalidRequest, ModelNotFound
 from bastion.identity.principal import Principal
@@ -141,11 +141,17 @@ class ModelRegistry:
             created_at=created_at,
             updated_at=now,
         )
-        self._emit(
+        emit_change(
+            self._events,
             MODEL_REGISTERED,
-            actor,
+            actor.actor,
             name,
-            {"runtime": runtime, "replaced": existing is not None, "desired_state": desired_state},
+            detail={
+                "runtime": runtime,
+                "replaced": existing is not None,
+                "desired_state": desired_state,
+            },
+            at=self._clock(),
         )
         return record
 
@@ -183,7 +189,7 @@ class ModelRegistry:
             )
             record = _record({**row, "desired_state": state, "updated_at": now})
         kind = MODEL_LOAD_REQUESTED if state == "loaded" else MODEL_UNLOAD_REQUESTED
-        self._emit(kind, actor, name)
+        emit_change(self._events, kind, actor.actor, name, at=self._clock())
         return record
 
     def remove(self, actor: Principal, name: str) -> None:
@@ -195,23 +201,12 @@ class ModelRegistry:
             ).rowcount
             if not deleted:
                 raise ModelNotFound(f"The model '{name}' does not exist.", param="model")
-        self._emit(MODEL_REMOVED, actor, name)
+        emit_change(self._events, MODEL_REMOVED, actor.actor, name, at=self._clock())
 
     # ------------------------------------------------------------------ internals
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock(), UTC)
-
-    def _emit(
-        self,
-        kind: str,
-        actor: Principal,
-        name: str,
-        detail: dict[str, str | int | float | bool | None] | None = None,
-    ) -> None:
-        self._events.emit(
-            Event(kind=kind, actor=actor.actor, target=name, detail=detail or {}, at=self._clock())
-        )
 
 
 def validate_model_name(name: str) -> None:
