@@ -36,7 +36,6 @@ import json
 import math
 import random
 import re
-import shutil
 import sys
 import time
 from collections import Counter
@@ -113,6 +112,19 @@ MAX_ENTRY_CHARS = 800
 P_CHAT_GENERIC = 0.45
 P_CHAT_FIRST_LINE = 0.15
 P_SYSTEM = 0.25
+
+# Files written by this script, removed before a rerun; pickles must never be shipped.
+OUTPUT_FILES = {
+    "README.md",
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+}
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle"}
 
 WORD_RE = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
 
@@ -352,12 +364,10 @@ def evaluate(model: LlamaForCausalLM, blocks: torch.Tensor, batch_size: int) -> 
 
 
 def clear_output_dir(out: Path) -> None:
-    """Remove artefacts of a previous run (and any pickle files) but keep the directory."""
+    """Remove the files a previous run wrote (and any pickle files); nothing else."""
     out.mkdir(parents=True, exist_ok=True)
     for child in out.iterdir():
-        if child.is_dir():
-            shutil.rmtree(child)
-        elif child.suffix in {".json", ".safetensors", ".bin", ".pt", ".pth", ".jinja", ".md"}:
+        if child.is_file() and (child.name in OUTPUT_FILES or child.suffix in PICKLE_SUFFIXES):
             child.unlink()
 
 
@@ -636,7 +646,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Keep the chat template inside tokenizer_config.json (not chat_template.jinja).
     hf_tok.save_pretrained(out_dir, save_jinja_files=False)
     for stray in out_dir.iterdir():
-        if stray.suffix in {".bin", ".pt", ".pth", ".pkl"}:
+        if stray.suffix in PICKLE_SUFFIXES:
             stray.unlink()
 
     stats: dict[str, Any] = {

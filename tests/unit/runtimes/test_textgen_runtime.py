@@ -212,7 +212,6 @@ def test_cancel_stops_generation(runtime: TextGenerationRuntime) -> None:
     assert quiet.completion_tokens == 0
 
 
-@pytest.mark.skipif(not (TINY_CHAT / "config.json").is_file(), reason="tiny-chat not trained yet")
 def test_tiny_chat_answers_in_english() -> None:
     runtime = load(TINY_CHAT, {"threads": 1})
     assert "chat" in runtime.metadata().capabilities
