@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import logging
 
@@ -69,4 +70,9 @@ def serve(home: Home) -> None:
     )
     # On SIGTERM/SIGINT uvicorn stops accepting, waits for in-flight requests, runs the
     # lifespan shutdown (which drains and stops the workers), then re-raises the signal.
+    # Everything alive by now (modules, routes, settings) lives as long as the process;
+    # freezing it keeps the cyclic garbage collector from rescanning it under load, which
+    # otherwise shows as latency spikes.
+    gc.collect()
+    gc.freeze()
     server.run()

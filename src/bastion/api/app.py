@@ -29,7 +29,8 @@ def create_app(gateway: Gateway, identity: IdentityService) -> Starlette:
             await gateway.stop()
 
     app = Starlette(
-        routes=[*health.routes, *openai.routes, *oip.routes, *admin.routes],
+        # Inference routes first: Starlette tries routes in order, and they are the hot path.
+        routes=[*oip.routes, *openai.routes, *health.routes, *admin.routes],
         middleware=[Middleware(AccessLog, metrics=gateway.metrics)],
         exception_handlers={
             BastionError: handle_bastion_error,

@@ -187,6 +187,8 @@ async def infer(request: Request) -> Response:
 
 
 routes = [
+    Route("/v2/models/{name}/infer", infer, methods=["POST"]),
+    Route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"]),
     Route("/v2/health/live", live, methods=["GET"]),
     Route("/v2/health/ready", ready, methods=["GET"]),
     Route("/v2", server_metadata, methods=["GET"]),
@@ -194,6 +196,4 @@ routes = [
     Route("/v2/models/{name}/versions/{version}", model_metadata, methods=["GET"]),
     Route("/v2/models/{name}/ready", model_ready, methods=["GET"]),
     Route("/v2/models/{name}/versions/{version}/ready", model_ready, methods=["GET"]),
-    Route("/v2/models/{name}/infer", infer, methods=["POST"]),
-    Route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"]),
 ]

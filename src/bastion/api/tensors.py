@@ -48,26 +48,37 @@ def _flatten(data: list[Any], out: list[Any], depth: int = 0) -> None:
             out.append(item)
 
 
-def _check_values(name: str, datatype: str, values: list[Any]) -> None:
-    if datatype == "BYTES":
-        if not all(isinstance(v, str) for v in values):
-            raise InvalidRequest(f"Input '{name}': BYTES data must be strings.")
-        return
+def _numeric_array(name: str, datatype: str, values: list[Any]) -> np.ndarray[Any, Any]:
+    """Check the JSON values' types and ranges, and convert them to the tensor's dtype.
+
+    Type checks run over the set of value types (C speed); ranges are checked on the
+    converted array, so a float that overflows FP16/FP32 is refused rather than sent as inf.
+    """
+    kinds = set(map(type, values))
     if datatype == "BOOL":
-        if not all(isinstance(v, bool) for v in values):
+        if not kinds <= {bool}:
             raise InvalidRequest(f"Input '{name}': BOOL data must be true or false.")
-        return
+        return np.asarray(values, dtype="?")
     if datatype in _INT_RANGES:
         low, high = _INT_RANGES[datatype]
-        for v in values:
-            if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
-                raise InvalidRequest(
-                    f"Input '{name}': {datatype} data must be integers in [{low}, {high}]."
-                )
-        return
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-            raise InvalidRequest(f"Input '{name}': {datatype} data must be finite numbers.")
+        if not kinds <= {int} or (values and not low <= min(values) <= max(values) <= high):
+            raise InvalidRequest(
+                f"Input '{name}': {datatype} data must be integers in [{low}, {high}]."
+            )
+        return np.asarray(values, dtype=NUMPY_TYPES[datatype])
+    if not kinds <= {int, float}:
+        raise InvalidRequest(f"Input '{name}': {datatype} data must be finite numbers.")
+    try:
+        wide = np.asarray(values, dtype="<f8")
+    except OverflowError:
+        raise InvalidRequest(f"Input '{name}': {datatype} data must be finite numbers.") from None
+    with np.errstate(over="ignore"):
+        array = wide.astype(NUMPY_TYPES[datatype])
+    if not np.isfinite(array).all():
+        raise InvalidRequest(
+            f"Input '{name}': {datatype} data must be finite numbers within its range."
+        )
+    return array
 
 
 def check_shape(name: str, shape: list[int], spec: TensorSpec) -> None:
@@ -98,22 +109,27 @@ def to_tensor_data(tensor: OipInputTensor, spec: TensorSpec) -> TensorData:
         raise InvalidRequest(f"Input '{tensor.name}' has too many elements.")
     if tensor.data is None:
         raise InvalidRequest(f"Input '{tensor.name}' has no data.")
-    values: list[Any] = []
-    _flatten(tensor.data, values)
+    values: list[Any]
+    if any(isinstance(item, list) for item in tensor.data):
+        values = []
+        _flatten(tensor.data, values)
+    else:
+        values = tensor.data
     if len(values) != count:
         raise InvalidRequest(
             f"Input '{tensor.name}' has {len(values)} values but shape {tensor.shape} "
             f"needs {count}."
         )
-    _check_values(tensor.name, tensor.datatype, values)
     if tensor.datatype == "BYTES":
+        if not set(map(type, values)) <= {str}:
+            raise InvalidRequest(f"Input '{tensor.name}': BYTES data must be strings.")
         return TensorData(
             name=tensor.name,
             datatype="BYTES",
             shape=list(tensor.shape),
             items=[v.encode() for v in values],
         )
-    raw = np.asarray(values, dtype=NUMPY_TYPES[tensor.datatype]).tobytes()
+    raw = _numeric_array(tensor.name, tensor.datatype, values).tobytes()
     return TensorData(name=tensor.name, datatype=tensor.datatype, shape=list(tensor.shape), raw=raw)
 
 

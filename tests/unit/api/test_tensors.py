@@ -35,6 +35,8 @@ def test_flat_and_nested_data_pack_to_the_same_bytes() -> None:
         ({"data": ["1"] * 8}, "finite numbers"),
         ({"data": [True] * 8}, "finite numbers"),
         ({"data": [float("nan")] * 8}, "finite numbers"),
+        ({"data": [1e300] * 8}, "within its range"),
+        ({"data": [10**400] * 8}, "finite numbers"),
     ],
 )
 def test_bad_tensors_are_refused(kw: dict[str, object], fragment: str) -> None:
