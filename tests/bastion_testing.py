@@ -73,7 +73,14 @@ def clean_env(**extra: str) -> dict[str, str]:
 class BastionServer:
     """A `bastion serve` subprocess with its own home directory and log files."""
 
-    def __init__(self, home: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        home: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        """Serve `home`; with `cwd`, start there and name the home relative to it."""
         self.home = home
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -82,8 +89,10 @@ class BastionServer:
         self.stderr_path = home.parent / f"{home.name}-stderr.log"
         self._stdout = open(self.stdout_path, "ab")  # noqa: SIM115
         self._stderr = open(self.stderr_path, "ab")  # noqa: SIM115
+        home_arg = str(home.relative_to(cwd)) if cwd is not None else str(home)
         self.proc = subprocess.Popen(
-            [*BASTION, "serve", "--home", str(home), "--port", str(self.port), *args],
+            [*BASTION, "serve", "--home", home_arg, "--port", str(self.port), *args],
+            cwd=cwd,
             stdout=self._stdout,
             stderr=self._stderr,
             env=clean_env(**(env or {})),
@@ -124,6 +133,8 @@ class BastionServer:
                     view = response.json()
                     if view["state"] == state:
                         return view
+                    if view["state"] == "failed":
+                        raise AssertionError(f"model {name} failed: {view['detail']}")
                 time.sleep(0.2)
         raise AssertionError(f"model {name} not {state} in time: {view}")
 

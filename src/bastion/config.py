@@ -87,8 +87,9 @@ class Settings:
                 except ValueError as exc:
                     raise ValueError(f"BASTION_{name.upper()}: {exc}") from exc
         values.update({k: v for k, v in overrides.items() if v is not None})
-        if "home" in values:
-            values["home"] = Path(values["home"]).expanduser()
+        # Absolute from here on: workers run in directories of their own, so a path
+        # relative to the directory Bastion was started from would not resolve there.
+        values["home"] = Path(values.get("home", DEFAULT_HOME)).expanduser().absolute()
         return cls(**values)
 
 

@@ -92,3 +92,22 @@ def test_chat_client_reports_a_bad_key(server: BastionServer) -> None:
     )
     assert proc.returncode == 1
     assert "Invalid or missing API key" in proc.stderr
+
+
+def test_a_relative_home_serves_the_demo_models(tmp_path: Path) -> None:
+    # `make serve` runs with the default home, ./.bastion, relative to the checkout.
+    srv = BastionServer(tmp_path / ".bastion", cwd=tmp_path)
+    try:
+        srv.wait_ready(["digits"], timeout=120)
+        with srv.client() as client:
+            answer = client.post(
+                "/v2/models/digits/infer",
+                json={
+                    "inputs": [
+                        {"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}
+                    ]
+                },
+            )
+        assert answer.status_code == 200
+    finally:
+        srv.stop()

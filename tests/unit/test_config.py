@@ -26,3 +26,9 @@ def test_defaults_are_secure() -> None:
     settings = Settings.load({})
     assert settings.host == "127.0.0.1"
     assert settings.max_body_bytes == 1024 * 1024
+
+
+def test_home_is_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert Settings.load({}).home == tmp_path / ".bastion"
+    assert Settings.load({}, home=Path("rel")).home == tmp_path / "rel"

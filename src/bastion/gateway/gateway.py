@@ -115,7 +115,10 @@ class Gateway:
 
     def resolve_model_path(self, path: str) -> Path:
         candidate = Path(path)
-        return candidate if candidate.is_absolute() else self.settings.home / candidate
+        if not candidate.is_absolute():
+            candidate = self.settings.home / candidate
+        # Workers start in their own directory: hand them an absolute path.
+        return candidate.absolute()
 
     async def _refresh_forever(self) -> None:
         while True:
