@@ -103,10 +103,6 @@ OipDatatype = Literal[
 ]
 
 
-class OipParameters(msgspec.Struct, frozen=True):
-    binary_data: bool | None = None
-
-
 class OipInputTensor(msgspec.Struct, frozen=True):
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
     shape: list[Annotated[int, msgspec.Meta(ge=0)]]

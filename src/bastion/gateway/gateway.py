@@ -33,14 +33,6 @@ from bastion.workers.supervisor import ModelSpec, ModelStatus, Supervisor
 
 logger = logging.getLogger("bastion.gateway")
 
-# Which API action each model capability needs.
-CAPABILITY_ACTIONS = {
-    "chat": "chat",
-    "completions": "completions",
-    "embeddings": "embeddings",
-    "infer": "infer",
-}
-
 
 class Gateway:
     """Identity, routing and dispatch for every API request."""
