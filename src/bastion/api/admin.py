@@ -11,7 +11,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from bastion.api.body import decode_json
-from bastion.api.openai import _gateway, _principal, json_response
+from bastion.api.context import authenticate, gateway_of, json_response
 from bastion.api.schemas import KeyCreate, TenantCreate
 from bastion.errors import InvalidRequest
 from bastion.gateway.gateway import Gateway
@@ -26,8 +26,8 @@ def _identity(request: Request) -> IdentityService:
 
 
 def _admin(request: Request) -> tuple[Gateway, Principal]:
-    gateway = _gateway(request)
-    principal = _principal(request)
+    gateway = gateway_of(request)
+    principal = authenticate(request)
     gateway.authorize(principal, "admin")
     return gateway, principal
 
@@ -102,7 +102,7 @@ async def revoke_key(request: Request) -> Response:
     _, principal = _admin(request)
     key_id = request.path_params["key_id"]
     info = await asyncio.to_thread(_identity(request).revoke_key, principal, key_id)
-    await _gateway(request).refresh()
+    await gateway_of(request).refresh()
     return json_response(info.to_dict())
 
 
@@ -110,7 +110,7 @@ async def rotate_key(request: Request) -> Response:
     _, principal = _admin(request)
     key_id = request.path_params["key_id"]
     info, token = await asyncio.to_thread(_identity(request).rotate_key, principal, key_id)
-    await _gateway(request).refresh()
+    await gateway_of(request).refresh()
     return json_response({**info.to_dict(), "key": token}, status=201)
 
 

@@ -6,7 +6,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from bastion.api.openai import _gateway, _principal, json_response
+from bastion.api.context import authenticate, gateway_of, json_response
 from bastion.api.openapi import openapi_document
 from bastion.observability.metrics import CONTENT_TYPE
 
@@ -16,7 +16,7 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    gateway = _gateway(request)
+    gateway = gateway_of(request)
     if not gateway.started:
         return json_response({"status": "starting"}, status=503)
     states = [str(s.state) for s in gateway.supervisor.statuses().values()]
@@ -30,8 +30,8 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    gateway = _gateway(request)
-    gateway.authorize(_principal(request), "metrics")
+    gateway = gateway_of(request)
+    gateway.authorize(authenticate(request), "metrics")
     for name, status in gateway.supervisor.statuses().items():
         gateway.metrics.model_ready.labels(name).set(1 if status.state == "ready" else 0)
     return Response(gateway.metrics.render(), media_type=CONTENT_TYPE)
@@ -39,7 +39,7 @@ async def metrics(request: Request) -> Response:
 
 async def openapi(request: Request) -> Response:
     # The API description is not secret, but every route but health needs a key.
-    _principal(request)
+    authenticate(request)
     return json_response(openapi_document())
 
 

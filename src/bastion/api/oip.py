@@ -12,8 +12,8 @@ from starlette.routing import Route
 import bastion
 from bastion.api import oip_binary
 from bastion.api.body import read_body
+from bastion.api.context import JSON, authenticate, gateway_of, json_response
 from bastion.api.errors import validation_error
-from bastion.api.openai import _gateway, _json, _principal, json_response
 from bastion.api.replies import expect
 from bastion.api.schemas import OipInferRequest
 from bastion.api.tensors import to_json_tensor, to_tensor_data
@@ -39,22 +39,22 @@ async def live(request: Request) -> Response:
 
 
 async def ready(request: Request) -> Response:
-    gateway = _gateway(request)
+    gateway = gateway_of(request)
     if not gateway.started:
         return json_response({"ready": False}, status=503)
     return json_response({"ready": True})
 
 
 async def server_metadata(request: Request) -> Response:
-    gateway = _gateway(request)
-    gateway.authorize(_principal(request), "models")
+    gateway = gateway_of(request)
+    gateway.authorize(authenticate(request), "models")
     return json_response({"name": "bastion", "version": bastion.__version__, "extensions": []})
 
 
 def _known_model(request: Request, action: str) -> tuple[Gateway, Principal, str]:
     """Authenticate, authorize `action` on the path's model, and check that it exists."""
-    gateway = _gateway(request)
-    principal = _principal(request)
+    gateway = gateway_of(request)
+    principal = authenticate(request)
     name = request.path_params["name"]
     gateway.authorize(principal, action, name)
     gateway.model_record(name)
@@ -178,7 +178,7 @@ async def infer(request: Request) -> Response:
         else:
             outputs.append(to_json_tensor(tensor))
     answer["outputs"] = outputs
-    header = _json.encode(answer)
+    header = JSON.encode(answer)
     return Response(
         header + b"".join(chunks),
         media_type="application/octet-stream",

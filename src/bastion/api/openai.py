@@ -8,13 +8,13 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import msgspec
 import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from bastion.api.body import decode_json
+from bastion.api.context import JSON, authenticate, gateway_of, json_response
 from bastion.api.replies import expect, raise_for_failure
 from bastion.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from bastion.errors import BastionError, InvalidRequest
@@ -22,31 +22,17 @@ from bastion.gateway.gateway import Gateway
 from bastion.identity.principal import Principal
 from bastion.workers.protocol import (
     ChatMessage,
+    Embed,
     EmbedResult,
     FromWorker,
     Generate,
     GenerateResult,
+    ModelMetadata,
     RequestFailed,
     TextDelta,
 )
 
-_json = msgspec.json.Encoder()
 DEFAULT_MAX_TOKENS = 256
-
-
-def json_response(content: Any, status: int = 200) -> Response:
-    return Response(_json.encode(content), status, media_type="application/json")
-
-
-def _gateway(request: Request) -> Gateway:
-    gateway: Gateway = request.app.state.gateway
-    return gateway
-
-
-def _principal(request: Request) -> Principal:
-    principal = _gateway(request).authenticate(request.headers.get("authorization"))
-    request.state.tenant = principal.tenant_name
-    return principal
 
 
 def _stop_list(stop: str | list[str] | None) -> list[str]:
@@ -70,8 +56,8 @@ def _limits(gateway: Gateway, max_tokens: int | None, n: int | None) -> tuple[in
 
 
 async def list_models(request: Request) -> Response:
-    gateway = _gateway(request)
-    principal = _principal(request)
+    gateway = gateway_of(request)
+    principal = authenticate(request)
     gateway.authorize(principal, "models")
     data = [
         {
@@ -86,8 +72,8 @@ async def list_models(request: Request) -> Response:
 
 
 async def get_model(request: Request) -> Response:
-    gateway = _gateway(request)
-    principal = _principal(request)
+    gateway = gateway_of(request)
+    principal = authenticate(request)
     name = request.path_params["model"]
     gateway.authorize(principal, "models", name)
     record = gateway.model_record(name)
@@ -107,17 +93,17 @@ async def get_model(request: Request) -> Response:
 
 async def _prepare(
     request: Request, action: str, schema: type[Any]
-) -> tuple[Gateway, Principal, Any]:
-    gateway = _gateway(request)
-    principal = _principal(request)
+) -> tuple[Gateway, Principal, Any, ModelMetadata]:
+    gateway = gateway_of(request)
+    principal = authenticate(request)
     body = await decode_json(request, schema, gateway.settings.max_body_bytes)
     gateway.authorize(principal, action, body.model)
     gateway.model_record(body.model)
     # Labelled only once known to exist: a client-chosen name must not reach logs or metrics.
     request.state.model = body.model
-    gateway.ready_model(body.model, action)
+    metadata = gateway.ready_model(body.model, action)
     gateway.admit(principal, body.model)
-    return gateway, principal, body
+    return gateway, principal, body, metadata
 
 
 def _generate(
@@ -144,7 +130,7 @@ def _generate(
 
 
 async def chat_completions(request: Request) -> Response:
-    gateway, principal, body = await _prepare(request, "chat", ChatCompletionRequest)
+    gateway, principal, body, _ = await _prepare(request, "chat", ChatCompletionRequest)
     max_tokens, n = _limits(gateway, body.max_completion_tokens or body.max_tokens, body.n)
     message = _generate(
         body,
@@ -186,7 +172,7 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def completions(request: Request) -> Response:
-    gateway, principal, body = await _prepare(request, "completions", CompletionRequest)
+    gateway, principal, body, _ = await _prepare(request, "completions", CompletionRequest)
     max_tokens, n = _limits(gateway, body.max_tokens, body.n)
     prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
     if body.stream and len(prompts) > 1:
@@ -315,7 +301,7 @@ class _CompletionChunks(_ChatChunks):
 
 
 def _sse(payload: Any) -> bytes:
-    return b"data: " + _json.encode(payload) + b"\n\n"
+    return b"data: " + JSON.encode(payload) + b"\n\n"
 
 
 async def _stream(
@@ -371,17 +357,14 @@ async def _stream(
 
 
 async def embeddings(request: Request) -> Response:
-    gateway, principal, body = await _prepare(request, "embeddings", EmbeddingRequest)
+    gateway, principal, body, metadata = await _prepare(request, "embeddings", EmbeddingRequest)
     texts = [body.input] if isinstance(body.input, str) else list(body.input)
     if any(not text for text in texts):
         raise InvalidRequest("Input texts must not be empty.", param="input")
-    metadata = gateway.ready_model(body.model, "embeddings")
     if body.dimensions is not None and body.dimensions != metadata.embedding_dim:
         raise InvalidRequest(
             f"This model only produces {metadata.embedding_dim} dimensions.", param="dimensions"
         )
-    from bastion.workers.protocol import Embed
-
     result = expect(await gateway.call(body.model, Embed(id=0, texts=texts)), EmbedResult)
     gateway.account(body.model, principal, result.prompt_tokens, 0)
     vectors = np.frombuffer(result.vectors, dtype="<f4").reshape(result.count, result.dim)

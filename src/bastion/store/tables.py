@@ -25,7 +25,6 @@ NAMING_CONVENTION = {
 
 metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
 
-ROLE_VALUES = ("admin", "tenant-admin", "consumer")
 DESIRED_STATES = ("loaded", "unloaded")
 # The `meta` row whose integer value changes with every change to tenants, keys or models.
 REVISION_KEY = "revision"

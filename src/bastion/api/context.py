@@ -1,0 +1,30 @@
+"""What every route needs from a request: the gateway, the caller, a JSON answer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from bastion.gateway.gateway import Gateway
+from bastion.identity.principal import Principal
+
+JSON = msgspec.json.Encoder()
+
+
+def json_response(content: Any, status: int = 200) -> Response:
+    return Response(JSON.encode(content), status, media_type="application/json")
+
+
+def gateway_of(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+def authenticate(request: Request) -> Principal:
+    """The caller's principal (401 otherwise); its tenant labels the access log line."""
+    principal = gateway_of(request).authenticate(request.headers.get("authorization"))
+    request.state.tenant = principal.tenant_name
+    return principal
