@@ -3,6 +3,9 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# An independent OHTTP client (npm @hpke/core, bhttp-js) for the interop tests.
+NODE_DIR := tests/interop/node
+NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
@@ -15,10 +18,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
+$(NODE_STAMP): $(NODE_DIR)/package-lock.json
+	@command -v npm >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq nodejs npm; \
+	  else echo "the interop tests need Node.js and npm: install them (Debian: nodejs npm)" >&2; exit 1; fi; }
+	cd $(NODE_DIR) && npm ci --no-audit --no-fund --loglevel=error
+	@touch $(NODE_STAMP)
+
 serve: $(STAMP)
 	$(BIN)/bastion serve --host $(HOST) --port $(PORT)
 
-test: $(STAMP)
+test: $(STAMP) $(NODE_STAMP)
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)

@@ -154,3 +154,38 @@ class BastionServer:
         return self.stdout_path.read_text(errors="replace") + self.stderr_path.read_text(
             errors="replace"
         )
+
+
+def ohttp_fingerprints(home: Path) -> list[str]:
+    """Fingerprints of the OHTTP keys a home accepts (current first)."""
+    return [key["fingerprint"] for key in cli_json(home, "ohttp", "keys")]
+
+
+class RecordingTransport(httpx.HTTPTransport):
+    """An HTTP transport that keeps every byte it sends and receives: the wire."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[bytes] = []
+        self.received: list[bytes] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.sent.append(
+            b"".join(f"{k}: {v}\n".encode() for k, v in request.headers.items()) + request.read()
+        )
+        response = super().handle_request(request)
+        body = response.read()
+        self.received.append(
+            f"status: {response.status_code}\n".encode()
+            + b"".join(f"{k}: {v}\n".encode() for k, v in response.headers.items())
+            + body
+        )
+        return httpx.Response(
+            response.status_code,
+            headers=[(k, v) for k, v in response.headers.multi_items() if k != "content-length"],
+            content=body,
+            request=request,
+        )
+
+    def wire(self) -> bytes:
+        return b"".join(self.sent + self.received)

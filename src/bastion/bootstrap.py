@@ -13,7 +13,9 @@ from pathlib import Path
 
 from bastion.audit.events import HOME_INITIALISED, Event, EventSink, LogEventSink
 from bastion.config import Settings
+from bastion.crypto.keyring import KeyRing, LocalKek
 from bastion.crypto.master_key import derive_key, load_or_create_master_key
+from bastion.crypto.ohttp_keys import OhttpKeyStore
 from bastion.errors import ConfigurationError
 from bastion.identity.keys import KeyHasher
 from bastion.identity.principal import OPERATOR
@@ -34,6 +36,8 @@ class Home:
     events: EventSink
     identity: IdentityService
     registry: ModelRegistry
+    keyring: KeyRing
+    ohttp_keys: OhttpKeyStore
 
 
 @dataclass
@@ -62,6 +66,7 @@ def open_home(settings: Settings, events: EventSink | None = None) -> Home:
     hasher = KeyHasher(derive_key(master_key, "api-key-hmac-v1"))
     db = Database(settings.db_url)
     db.migrate()
+    keyring = KeyRing(LocalKek(master_key))
     return Home(
         settings=settings,
         db=db,
@@ -69,6 +74,8 @@ def open_home(settings: Settings, events: EventSink | None = None) -> Home:
         events=sink,
         identity=IdentityService(db, hasher, sink),
         registry=ModelRegistry(db, sink),
+        keyring=keyring,
+        ohttp_keys=OhttpKeyStore(db, keyring, sink),
     )
 
 
@@ -84,6 +91,7 @@ def initialise(settings: Settings, events: EventSink | None = None) -> InitResul
     """Open the home; on the first start also create the admin key and the demo models."""
     home = open_home(settings, events)
     result = InitResult(home=home)
+    home.ohttp_keys.ensure_current(OPERATOR.key_id)
     token = home.identity.bootstrap_admin()
     if token is None:
         return result

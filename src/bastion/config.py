@@ -47,6 +47,14 @@ class Settings:
     demo_models: bool = True
     # SQLAlchemy URL of the database; by default SQLite in the home directory.
     database_url: str | None = None
+    # After `bastion ohttp rotate`, the previous OHTTP key is still accepted this long.
+    ohttp_grace_period_s: float = 24 * 3600.0
+    # An encrypted request's inner Date may be this far from the server's clock; the same
+    # encapsulated request is refused if seen again within twice this window.
+    ohttp_date_window_s: float = 60.0
+    # Most encapsulated-request ids remembered for replay detection; beyond it, new OHTTP
+    # requests are refused (503) rather than accepted unchecked.
+    ohttp_replay_cache_entries: int = 1_000_000
 
     @property
     def db_path(self) -> Path:
@@ -118,4 +126,7 @@ _ENV_FIELDS: dict[str, Any] = {
     "log_level": str,
     "demo_models": _parse_bool,
     "database_url": str,
+    "ohttp_grace_period_s": float,
+    "ohttp_date_window_s": float,
+    "ohttp_replay_cache_entries": int,
 }

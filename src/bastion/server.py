@@ -34,7 +34,16 @@ def build_gateway(home: Home, metrics: Metrics) -> Gateway:
     events = FanOutSink(home.events, MetricsEventSink(metrics))
     supervisor = Supervisor(settings, make_sandbox("subprocess"), events)
     authenticator = Authenticator(home.db, home.hasher, events)
-    return Gateway(settings, home.db, authenticator, home.registry, supervisor, events, metrics)
+    return Gateway(
+        settings,
+        home.db,
+        authenticator,
+        home.registry,
+        supervisor,
+        events,
+        metrics,
+        home.ohttp_keys,
+    )
 
 
 def serve(home: Home) -> None:

@@ -111,3 +111,44 @@ def test_a_relative_home_serves_the_demo_models(tmp_path: Path) -> None:
         assert answer.status_code == 200
     finally:
         srv.stop()
+
+
+def test_chat_client_end_to_end_encrypted(
+    server: BastionServer, consumer_key: str, tmp_path: Path
+) -> None:
+    pins = tmp_path / "pins.json"
+    base = [*BASTION, "chat", "--url", server.url, "--key", consumer_key, "--model", "echo"]
+    proc = subprocess.run(
+        [*base, "--e2e", "--pin-file", str(pins), "--json", "--home", str(server.home)],
+        input="a secret question\n/quit\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=clean_env(),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(line)["content"] for line in proc.stdout.splitlines()] == [
+        "a secret question"
+    ]
+    # Trusted on first use: the pin is the key `bastion ohttp keys` lists.
+    current = cli_json(server.home, "ohttp", "keys")[0]
+    assert json.loads(pins.read_text()) == {server.url: [current["fingerprint"]]}
+    assert current["state"] == "current" and len(current["public_key"]) == 64
+
+    wrong = subprocess.run(
+        [*base, "--e2e", "--fingerprint", "sha256:" + "ab" * 32, "--home", str(server.home)],
+        input="hi\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+    )
+    assert wrong.returncode == 1
+    assert "pinned fingerprint" in wrong.stderr
+
+
+def test_ohttp_rotate_refuses_a_bad_grace(server: BastionServer) -> None:
+    proc = run_cli(server.home, "ohttp", "rotate", "--grace", "soon", check=False)
+    assert proc.returncode == 2
+    assert "duration" in proc.stderr
+    assert len(cli_json(server.home, "ohttp", "keys")) == 1

@@ -9,7 +9,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 
-from bastion.api import admin, health, oip, openai
+from bastion.api import admin, health, oip, openai, sealed
 from bastion.api.access import AccessLog
 from bastion.api.errors import handle_bastion_error, handle_http_exception
 from bastion.errors import BastionError
@@ -30,7 +30,7 @@ def create_app(gateway: Gateway, identity: IdentityService) -> Starlette:
 
     app = Starlette(
         # Inference routes first: Starlette tries routes in order, and they are the hot path.
-        routes=[*oip.routes, *openai.routes, *health.routes, *admin.routes],
+        routes=[*oip.routes, *openai.routes, *sealed.routes, *health.routes, *admin.routes],
         middleware=[Middleware(AccessLog, metrics=gateway.metrics)],
         exception_handlers={
             BastionError: handle_bastion_error,

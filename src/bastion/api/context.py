@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from bastion.gateway.gateway import Gateway
+from bastion.gateway.pipeline import Pipeline
 from bastion.identity.principal import Principal
+
+if TYPE_CHECKING:
+    # Only for the annotation: the worker imports this module and not the gateway.
+    from bastion.gateway.gateway import Gateway
 
 JSON = msgspec.json.Encoder()
 
@@ -23,8 +27,14 @@ def gateway_of(request: Request) -> Gateway:
     return gateway
 
 
+def pipeline_of(request: Request) -> Pipeline:
+    """What serves an inference route: the gateway, or a worker opening a sealed request."""
+    pipeline: Pipeline = request.app.state.gateway
+    return pipeline
+
+
 def authenticate(request: Request) -> Principal:
     """The caller's principal (401 otherwise); its tenant labels the access log line."""
-    principal = gateway_of(request).authenticate(request.headers.get("authorization"))
+    principal = pipeline_of(request).authenticate(request.headers.get("authorization"))
     request.state.tenant = principal.tenant_name
     return principal

@@ -12,13 +12,13 @@ from starlette.routing import Route
 import bastion
 from bastion.api import oip_binary
 from bastion.api.body import read_body
-from bastion.api.context import JSON, authenticate, gateway_of, json_response
+from bastion.api.context import JSON, authenticate, gateway_of, json_response, pipeline_of
 from bastion.api.errors import validation_error
 from bastion.api.replies import expect
 from bastion.api.schemas import OipInferRequest
 from bastion.api.tensors import to_json_tensor, to_tensor_data
 from bastion.errors import InvalidRequest, ModelUnavailable, UnsupportedMediaType
-from bastion.gateway.gateway import Gateway
+from bastion.gateway.pipeline import Pipeline
 from bastion.identity.principal import Principal
 from bastion.workers.protocol import Infer, InferResult, ModelMetadata, TensorData
 
@@ -51,21 +51,21 @@ async def server_metadata(request: Request) -> Response:
     return json_response({"name": "bastion", "version": bastion.__version__, "extensions": []})
 
 
-def _known_model(request: Request, action: str) -> tuple[Gateway, Principal, str]:
+def _known_model(request: Request, action: str) -> tuple[Pipeline, Principal, str]:
     """Authenticate, authorize `action` on the path's model, and check that it exists."""
-    gateway = gateway_of(request)
+    gateway = pipeline_of(request)
     principal = authenticate(request)
     name = request.path_params["name"]
     gateway.authorize(principal, action, name)
-    gateway.model_record(name)
+    gateway.require_model(name)
     # Labelled only once known to exist: a client-chosen name must not reach logs or metrics.
     request.state.model = name
     return gateway, principal, name
 
 
 async def model_metadata(request: Request) -> Response:
-    gateway, _, name = _known_model(request, "models")
-    status = gateway.supervisor.status(name)
+    _, _, name = _known_model(request, "models")
+    status = gateway_of(request).supervisor.status(name)
     if status.metadata is None:
         raise ModelUnavailable(f"The model '{name}' is not ready.", retry_after_s=2)
     metadata = status.metadata
@@ -80,8 +80,8 @@ async def model_metadata(request: Request) -> Response:
 
 
 async def model_ready(request: Request) -> Response:
-    gateway, _, name = _known_model(request, "models")
-    is_ready = gateway.supervisor.status(name).state == "ready"
+    _, _, name = _known_model(request, "models")
+    is_ready = gateway_of(request).supervisor.status(name).state == "ready"
     # The protocol answers readiness with the status code: 200 ready, 4xx not ready.
     if is_ready:
         return json_response({"name": name, "ready": True})

@@ -14,11 +14,11 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from bastion.api.body import decode_json
-from bastion.api.context import JSON, authenticate, gateway_of, json_response
+from bastion.api.context import JSON, authenticate, gateway_of, json_response, pipeline_of
 from bastion.api.replies import expect, raise_for_failure
 from bastion.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from bastion.errors import BastionError, InvalidRequest
-from bastion.gateway.gateway import Gateway
+from bastion.gateway.pipeline import Pipeline
 from bastion.identity.principal import Principal
 from bastion.workers.protocol import (
     ChatMessage,
@@ -41,7 +41,7 @@ def _stop_list(stop: str | list[str] | None) -> list[str]:
     return [stop] if isinstance(stop, str) else list(stop)
 
 
-def _limits(gateway: Gateway, max_tokens: int | None, n: int | None) -> tuple[int, int]:
+def _limits(gateway: Pipeline, max_tokens: int | None, n: int | None) -> tuple[int, int]:
     limit = gateway.settings.max_tokens_limit
     tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
     if tokens > limit:
@@ -93,12 +93,12 @@ async def get_model(request: Request) -> Response:
 
 async def _prepare(
     request: Request, action: str, schema: type[Any]
-) -> tuple[Gateway, Principal, Any, ModelMetadata]:
-    gateway = gateway_of(request)
+) -> tuple[Pipeline, Principal, Any, ModelMetadata]:
+    gateway = pipeline_of(request)
     principal = authenticate(request)
     body = await decode_json(request, schema, gateway.settings.max_body_bytes)
     gateway.authorize(principal, action, body.model)
-    gateway.model_record(body.model)
+    gateway.require_model(body.model)
     # Labelled only once known to exist: a client-chosen name must not reach logs or metrics.
     request.state.model = body.model
     metadata = gateway.ready_model(body.model, action)
@@ -305,7 +305,7 @@ def _sse(payload: Any) -> bytes:
 
 
 async def _stream(
-    gateway: Gateway,
+    gateway: Pipeline,
     principal: Principal,
     model: str,
     message: Generate,

@@ -34,6 +34,10 @@ WORKER_RESTARTED = "worker.restarted"
 SERVER_STARTED = "server.started"
 SERVER_STOPPED = "server.stopped"
 HOME_INITIALISED = "home.initialised"
+OHTTP_KEY_CREATED = "ohttp_key.created"
+OHTTP_KEY_ROTATED = "ohttp_key.rotated"
+OHTTP_KEY_RETIRED = "ohttp_key.retired"
+OHTTP_REFUSED = "ohttp.refused"
 
 
 @dataclass(frozen=True, slots=True)

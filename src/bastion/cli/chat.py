@@ -61,11 +61,16 @@ def run_chat(
     json_output: bool,
     out: Console,
     err: Console,
+    *,
+    transport: httpx.BaseTransport | None = None,
 ) -> int:
-    """Chat until end of input or /quit; returns the exit code."""
+    """Chat until end of input or /quit; returns the exit code.
+
+    With an OHTTP `transport`, every message and answer is encrypted end to end.
+    """
     messages: list[dict[str, str]] = []
     headers = {"authorization": f"Bearer {key}"}
-    with httpx.Client(base_url=url, headers=headers, timeout=120) as client:
+    with httpx.Client(base_url=url, headers=headers, timeout=120, transport=transport) as client:
         while True:
             if sys.stdin.isatty():
                 out.print("[bold]you>[/] ", end="")

@@ -1,4 +1,4 @@
-"""The `bastion` command: serve, init, tenants, keys, models, chat.
+"""The `bastion` command: serve, init, tenants, keys, models, ohttp, chat.
 
 Every command takes --home and --json. Management commands work on the home directory
 directly, through the same service layer as the admin API; a running server picks the
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -27,9 +27,13 @@ app = typer.Typer(help="Bastion: a secure Model-as-a-Service server.", no_args_i
 tenants_app = typer.Typer(help="Manage tenants.", no_args_is_help=True)
 keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
 models_app = typer.Typer(help="Manage models.", no_args_is_help=True)
+ohttp_app = typer.Typer(
+    help="Manage the Oblivious HTTP keys of end-to-end encryption.", no_args_is_help=True
+)
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
 app.add_typer(models_app, name="models")
+app.add_typer(ohttp_app, name="ohttp")
 
 HomeOpt = Annotated[
     Path | None,
@@ -369,6 +373,77 @@ def models_unload(name: str, home: HomeOpt = None, json_output: JsonOpt = False)
 # ---------------------------------------------------------------- chat
 
 
+# ---------------------------------------------------------------- ohttp
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(value: str) -> timedelta:
+    """`90`, `90s`, `15m`, `24h` or `7d`."""
+    text = value.strip().lower()
+    unit = _DURATION_UNITS.get(text[-1:])
+    number = text[:-1] if unit is not None else text
+    try:
+        seconds = float(number) * (unit or 1)
+    except ValueError:
+        err.print("[red]error:[/] a duration is a number with s, m, h or d, e.g. 24h")
+        raise typer.Exit(2) from None
+    if seconds < 0:
+        err.print("[red]error:[/] a duration cannot be negative")
+        raise typer.Exit(2)
+    return timedelta(seconds=seconds)
+
+
+_OHTTP_COLUMNS = ["key_id", "state", "fingerprint", "created_at", "retire_at"]
+
+
+@ohttp_app.command("keys")
+def ohttp_keys(
+    all_keys: Annotated[bool, typer.Option("--all", help="Include retired keys.")] = False,
+    home: HomeOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """List the OHTTP keys: the current one, previous ones still accepted, (retired)."""
+    h = _open(home)
+    rows = [k.to_json() for k in _run(lambda: h.ohttp_keys.list_keys(include_retired=all_keys))]
+    if json_output:
+        _print_json(rows)
+    else:
+        _table(rows, _OHTTP_COLUMNS, "OHTTP keys")
+
+
+@ohttp_app.command("rotate")
+def ohttp_rotate(
+    grace: Annotated[
+        str | None,
+        typer.Option(
+            help="How long the previous key stays accepted, e.g. 24h; 0 retires it at once "
+            "(default: BASTION_OHTTP_GRACE_PERIOD_S, 24h)."
+        ),
+    ] = None,
+    home: HomeOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Publish a new OHTTP key; the previous one is accepted for the grace period, then retired."""
+    h = _open(home)
+    period = (
+        _duration(grace)
+        if grace is not None
+        else timedelta(seconds=h.settings.ohttp_grace_period_s)
+    )
+    info = _run(lambda: h.ohttp_keys.rotate(OPERATOR.key_id, period))
+    if json_output:
+        _print_json(info.to_json())
+        return
+    out.print(
+        f"New OHTTP key {info.key_id} ({info.fingerprint}); the previous key is accepted for "
+        f"{period}. A running server publishes it within seconds."
+    )
+
+
+# ---------------------------------------------------------------- chat
+
+
 @app.command()
 def chat(
     model: Annotated[str, typer.Option(help="Model to chat with.")] = "tiny-chat",
@@ -378,6 +453,24 @@ def chat(
     ] = None,
     max_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 128,
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.8,
+    e2e: Annotated[
+        bool,
+        typer.Option(
+            "--e2e", help="Encrypt end to end (Oblivious HTTP): only the model's worker reads it."
+        ),
+    ] = False,
+    fingerprint: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--fingerprint",
+            help="With --e2e: the server's OHTTP key fingerprint (`bastion ohttp keys`); repeat "
+            "for several. Without it the key is trusted on first use and pinned in --pin-file.",
+        ),
+    ] = None,
+    pin_file: Annotated[
+        Path | None,
+        typer.Option(help="With --e2e: pins file (default ~/.config/bastion/ohttp-pins.json)."),
+    ] = None,
     home: HomeOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
@@ -392,7 +485,18 @@ def chat(
         except OSError:
             err.print("[red]error:[/] no --key given and no admin.key in the home directory")
             raise typer.Exit(2) from None
-    code = run_chat(url, token, model, max_tokens, temperature, json_output, out, err)
+    transport = None
+    if e2e:
+        from bastion.client import OHTTPTransport
+
+        if fingerprint:
+            transport = OHTTPTransport(fingerprints=fingerprint)
+        else:
+            pins = pin_file or Path.home() / ".config" / "bastion" / "ohttp-pins.json"
+            transport = OHTTPTransport(pin_file=pins)
+    code = run_chat(
+        url, token, model, max_tokens, temperature, json_output, out, err, transport=transport
+    )
     raise typer.Exit(code)
 
 

@@ -9,29 +9,44 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from bastion.audit.events import ACCESS_DENIED, SERVER_STOPPED, Event, EventSink
 from bastion.config import Settings
+from bastion.crypto.ohttp_keys import OhttpKeyStore
 from bastion.errors import (
     AuthenticationError,
     GatewayTimeout,
-    InvalidRequest,
     ModelNotFound,
     ModelUnavailable,
     PermissionDenied,
 )
 from bastion.gateway.auth import Authenticator
-from bastion.identity.principal import Principal
+from bastion.gateway.pipeline import require_capability
+from bastion.gateway.sealing import SealingState
+from bastion.identity.principal import (
+    ACTION_CHAT,
+    ACTION_COMPLETIONS,
+    ACTION_EMBEDDINGS,
+    ACTION_INFER,
+    Principal,
+)
 from bastion.models.registry import ModelRecord, ModelRegistry
 from bastion.observability.metrics import Metrics
 from bastion.store.db import Database
 from bastion.workers.channel import WorkRequest
-from bastion.workers.protocol import FromWorker, ModelMetadata, TextDelta
+from bastion.workers.protocol import FromWorker, ModelMetadata, SealedChunk, TextDelta
 from bastion.workers.supervisor import ModelSpec, ModelStatus, Supervisor
 
 logger = logging.getLogger("bastion.gateway")
+
+# What an encrypted request can ask of a model (the inner request names which one).
+SEALED_ACTIONS = frozenset({ACTION_CHAT, ACTION_COMPLETIONS, ACTION_EMBEDDINGS, ACTION_INFER})
+
+# The actor of changes the server makes by itself (first OHTTP key, key retirement).
+SYSTEM_ACTOR = "system"
 
 
 class Gateway:
@@ -46,6 +61,7 @@ class Gateway:
         supervisor: Supervisor,
         events: EventSink,
         metrics: Metrics,
+        ohttp_keys: OhttpKeyStore,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -54,6 +70,8 @@ class Gateway:
         self.supervisor = supervisor
         self.events = events
         self.metrics = metrics
+        self.ohttp_keys = ohttp_keys
+        self.sealing = SealingState(settings)
         self._catalog: dict[str, ModelRecord] = {}
         self._revision = -1
         self._refresher: asyncio.Task[None] | None = None
@@ -64,6 +82,7 @@ class Gateway:
 
     async def start(self) -> None:
         await self.supervisor.start()
+        await asyncio.to_thread(self.ohttp_keys.ensure_current, SYSTEM_ACTOR)
         await self.refresh()
         self._refresher = asyncio.create_task(self._refresh_forever(), name="bastion-refresh")
         self.started = True
@@ -85,6 +104,8 @@ class Gateway:
         await asyncio.to_thread(self.authenticator.refresh)
         records = await asyncio.to_thread(self.registry.list)
         self._catalog = {record.name: record for record in records}
+        active_keys = await asyncio.to_thread(self.ohttp_keys.active)
+        self.supervisor.set_sealing_keys(self.sealing.update(active_keys))
         self._revision = revision
         await self._reconcile()
 
@@ -116,6 +137,10 @@ class Gateway:
         while True:
             await asyncio.sleep(self.settings.refresh_interval_s)
             try:
+                retirement = self.sealing.next_retirement
+                if retirement is not None and retirement <= time.time():
+                    # Erases the retired private keys and bumps the revision: refresh reloads.
+                    await asyncio.to_thread(self.ohttp_keys.retire_expired, SYSTEM_ACTOR)
                 await self.refresh()
             except Exception as exc:  # keep serving from the cache if the store hiccups
                 logger.warning("refresh failed", extra={"exc_type": type(exc).__name__})
@@ -135,16 +160,32 @@ class Gateway:
             if model is not None:
                 principal.require_model(model)
         except PermissionDenied:
-            self.events.emit(
-                Event(
-                    kind=ACCESS_DENIED,
-                    outcome="failure",
-                    actor=principal.key_id,
-                    tenant=principal.tenant_name,
-                    detail={"action": action},
-                )
-            )
+            self._denied(principal, action)
             raise
+
+    def authorize_sealed(self, principal: Principal, model: str) -> list[str]:
+        """Check an encrypted request's outer headers; returns the inference actions the
+        key holds, which the worker checks against the inner request it cannot see here."""
+        actions = sorted(principal.actions & SEALED_ACTIONS)
+        try:
+            principal.require_model(model)
+            if not actions:
+                raise PermissionDenied("This API key is not allowed to run inference.")
+        except PermissionDenied:
+            self._denied(principal, "sealed")
+            raise
+        return actions
+
+    def _denied(self, principal: Principal, action: str) -> None:
+        self.events.emit(
+            Event(
+                kind=ACCESS_DENIED,
+                outcome="failure",
+                actor=principal.key_id,
+                tenant=principal.tenant_name,
+                detail={"action": action},
+            )
+        )
 
     def model_record(self, name: str) -> ModelRecord:
         record = self._catalog.get(name)
@@ -152,21 +193,21 @@ class Gateway:
             raise ModelNotFound(f"The model '{name}' does not exist.", param="model")
         return record
 
+    def require_model(self, name: str) -> None:
+        self.model_record(name)
+
     def visible_models(self, principal: Principal) -> list[ModelRecord]:
         return [r for r in self._catalog.values() if principal.can_see_model(r.name)]
 
-    def ready_model(self, name: str, capability: str) -> ModelMetadata:
-        """The metadata of a model that exists, is ready, and offers `capability`."""
+    def ready_model(self, name: str, capability: str | None) -> ModelMetadata:
+        """The metadata of a model that exists, is ready, and offers `capability`
+        (None: any)."""
         self.model_record(name)
         status = self.supervisor.status(name)
         if status.state != "ready" or status.metadata is None:
             raise ModelUnavailable(_unavailable_message(name, status), retry_after_s=2)
-        if capability not in status.metadata.capabilities:
-            raise InvalidRequest(
-                f"The model '{name}' does not support {capability}.",
-                code="unsupported_operation",
-                param="model",
-            )
+        if capability is not None:
+            require_capability(name, status.metadata, capability)
         return status.metadata
 
     def admit(self, principal: Principal, model: str) -> None:
@@ -197,7 +238,7 @@ class Gateway:
                 except TimeoutError:
                     raise GatewayTimeout("The model did not answer in time.") from None
                 yield reply
-                if not isinstance(reply, TextDelta):
+                if not isinstance(reply, TextDelta | SealedChunk):
                     return
         finally:
             # Closing the worker stream early tells the worker to cancel the job.

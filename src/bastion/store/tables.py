@@ -118,3 +118,27 @@ meta = sa.Table(
     sa.Column("key", sa.String(64), primary_key=True),
     sa.Column("value", sa.Text, nullable=False),
 )
+
+OHTTP_KEY_STATES = ("current", "previous", "retired")
+
+ohttp_keys = sa.Table(
+    "ohttp_keys",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    # The one-byte key identifier of RFC 9458; reused only after its key is retired.
+    sa.Column("key_id", sa.Integer, nullable=False),
+    sa.Column("kem_id", sa.Integer, nullable=False),
+    # [[kdf_id, aead_id], ...] in order of preference.
+    sa.Column("suites", sa.JSON, nullable=False),
+    sa.Column("public_key", sa.LargeBinary(256), nullable=False),
+    # The private key in a key ring envelope; erased when the key is retired.
+    sa.Column("private_envelope", sa.LargeBinary(1024), nullable=True),
+    sa.Column("fingerprint", sa.String(80), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    # For a previous key: when it stops being accepted.
+    sa.Column("retire_at", UTCDateTime, nullable=True),
+    sa.Column("retired_at", UTCDateTime, nullable=True),
+    sa.CheckConstraint("state IN ('current', 'previous', 'retired')", name="state_valid"),
+    sa.CheckConstraint("key_id >= 0 AND key_id <= 255", name="key_id_range"),
+)

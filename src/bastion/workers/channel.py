@@ -45,37 +45,49 @@ from bastion.workers.protocol import (
     LoadFailed,
     Ready,
     RequestFailed,
+    SealedChunk,
+    SealedRequest,
+    SealedResponse,
     TextDelta,
     ToWorker,
 )
 
 WORKER_CRASHED_MESSAGE = "The model's worker stopped; retry shortly."
 
-WorkRequest = Generate | Embed | Infer
-Reply = TextDelta | GenerateResult | EmbedResult | InferResult | RequestFailed
+WorkRequest = Generate | Embed | Infer | SealedRequest
+Reply = (
+    TextDelta | SealedChunk | GenerateResult | EmbedResult | InferResult | SealedResponse
+) | RequestFailed
 _FINAL_TYPES: Mapping[type[WorkRequest], type[Reply]] = {
     Generate: GenerateResult,
     Embed: EmbedResult,
     Infer: InferResult,
+    SealedRequest: SealedResponse,
+}
+_PARTIAL_TYPES: Mapping[type[WorkRequest], type[Reply] | None] = {
+    Generate: TextDelta,
+    Embed: None,
+    Infer: None,
+    SealedRequest: SealedChunk,
 }
 
 
 class _Pending:
     """The replies of one request not yet read by its caller (None: the worker is gone)."""
 
-    __slots__ = ("final_type", "finished", "loop", "replies", "streams", "waiter")
+    __slots__ = ("final_type", "finished", "loop", "partial_type", "replies", "waiter")
 
     def __init__(self, request: WorkRequest, loop: asyncio.AbstractEventLoop) -> None:
         self.final_type = _FINAL_TYPES[type(request)]
-        self.streams = isinstance(request, Generate)
+        self.partial_type = _PARTIAL_TYPES[type(request)]
         self.finished = False
         self.loop = loop
         self.replies: collections.deque[tuple[Reply, int] | None] = collections.deque()
         self.waiter: asyncio.Future[None] | None = None
 
     def accepts(self, reply: FromWorker) -> bool:
-        if isinstance(reply, TextDelta):
-            return self.streams
+        if isinstance(reply, TextDelta | SealedChunk):
+            return type(reply) is self.partial_type
         return isinstance(reply, self.final_type | RequestFailed)
 
     def put(self, item: tuple[Reply, int] | None) -> None:
@@ -225,7 +237,7 @@ class WorkerChannel:
                     raise self._crashed()
                 reply, size = item
                 self._buffered_bytes -= size
-                if isinstance(reply, TextDelta):
+                if isinstance(reply, TextDelta | SealedChunk):
                     yield reply
                     continue
                 # Unregister before handing over the result, so a caller that stops
@@ -301,7 +313,7 @@ class WorkerChannel:
         if self._buffered_bytes > self._max_buffered_bytes:
             self.fail("the worker sent more output than the gateway buffers")
             return
-        pending.finished = not isinstance(message, TextDelta)
+        pending.finished = not isinstance(message, TextDelta | SealedChunk)
         pending.put((message, size))
 
     # ------------------------------------------------------------------ closing

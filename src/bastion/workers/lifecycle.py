@@ -17,6 +17,7 @@ import math
 import secrets
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -32,7 +33,7 @@ from bastion.audit.events import (
 )
 from bastion.config import Settings
 from bastion.workers.channel import WorkerChannel
-from bastion.workers.protocol import LoadModel, ModelMetadata, Ready, Shutdown
+from bastion.workers.protocol import LoadModel, ModelMetadata, Ready, SealingKeys, Shutdown
 from bastion.workers.sandbox import Sandbox, WorkerLaunch, WorkerProcess, worker_argv
 
 logger = logging.getLogger("bastion.workers.supervisor")
@@ -135,10 +136,19 @@ class ModelSlot:
 class WorkerLifecycle:
     """Runs the workers of the models handed to :meth:`supervise`, one task per model."""
 
-    def __init__(self, settings: Settings, sandbox: Sandbox, events: EventSink) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        sandbox: Sandbox,
+        events: EventSink,
+        sealing_keys: Callable[[], SealingKeys | None] = lambda: None,
+    ) -> None:
         self._settings = settings
         self._sandbox = sandbox
         self._events = events
+        # The OHTTP keys in force, read when a worker starts (rotations reach running
+        # workers through the supervisor).
+        self._sealing_keys = sealing_keys
         self._check_interval_s = min(
             1.0, max(0.05, min(settings.heartbeat_interval_s, settings.heartbeat_timeout_s / 4))
         )
@@ -261,7 +271,7 @@ class WorkerLifecycle:
             options=dict(spec.options),
             heartbeat_interval_s=settings.heartbeat_interval_s,
         )
-        sender = asyncio.ensure_future(channel.send(load))
+        sender = asyncio.ensure_future(self._send_load(channel, load))
         sender.add_done_callback(_retrieve_outcome)
         stop = asyncio.ensure_future(slot.stop_requested.wait())
         deadline = time.monotonic() + settings.load_timeout_s
@@ -299,6 +309,13 @@ class WorkerLifecycle:
         finally:
             sender.cancel()
             stop.cancel()
+
+    async def _send_load(self, channel: WorkerChannel, load: LoadModel) -> None:
+        await channel.send(load)
+        # Private keys go over the control channel only: never argv, environment or files.
+        keys = self._sealing_keys()
+        if keys is not None:
+            await channel.send(keys)
 
     async def _watch(
         self, slot: ModelSlot, channel: WorkerChannel, exit_task: asyncio.Future[int]

@@ -26,7 +26,7 @@ import queue
 import socket
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -49,10 +49,13 @@ from bastion.workers.protocol import (
     Message,
     Ready,
     RequestFailed,
+    SealedRequest,
+    SealingKeys,
     Shutdown,
     TextDelta,
     decode_to_worker,
 )
+from bastion.workers.sealed import JobHandle, SealedPipeline, SealedServer
 
 logger = logging.getLogger("bastion.worker")
 
@@ -79,13 +82,15 @@ _RESULT_TYPES: Mapping[type[Work], type[Outcome]] = {
 class _Job:
     """One request from arrival until its answer is sent or it is cancelled."""
 
-    __slots__ = ("cancel", "cancelled", "request")
+    __slots__ = ("cancel", "cancelled", "deliver", "request")
 
-    def __init__(self, request: Work) -> None:
+    def __init__(self, request: Work, deliver: Callable[[Message], None] | None = None) -> None:
         self.request = request
         self.cancel = CancelToken()
         # Set by the main thread; once set, nothing more is sent for this request.
         self.cancelled = False
+        # Where replies go; None: straight to the gateway. Sealed requests take them back.
+        self.deliver = deliver
 
 
 class Worker:
@@ -106,6 +111,9 @@ class Worker:
         # Set by the runtime thread when it is done; the main thread then exits with it.
         self._exit_code: int | None = None
         self._exiting = threading.Event()
+        self._sealed: SealedServer | None = None
+        self._pipeline: SealedPipeline | None = None
+        self._early_keys: SealingKeys | None = None
 
     def run(self) -> int:
         """Load the model and serve it; returns the process exit status."""
@@ -120,6 +128,7 @@ class Worker:
             load = self._receive_load()
             if isinstance(load, int):
                 return load
+            self._start_sealed_server(load.model)
             interval = max(0.05, load.heartbeat_interval_s)
             threading.Thread(
                 target=self._heartbeat, args=(interval,), name="bastion-heartbeat", daemon=True
@@ -137,19 +146,24 @@ class Worker:
     # ------------------------------------------------------------------ main thread
 
     def _receive_load(self) -> LoadModel | int:
-        """Wait for the first message, which must be LoadModel; an int is an exit status."""
-        body = self._next_body()
-        if body is None:
-            return EXIT_GATEWAY_GONE
-        try:
-            message = decode_to_worker(body)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            logger.error("first message from the gateway is not a valid message")
-            return EXIT_BAD_START
-        if not isinstance(message, LoadModel):
-            logger.error("first message from the gateway is not LoadModel")
-            return EXIT_BAD_START
-        return message
+        """Wait for LoadModel, which must come first (OHTTP keys may come before it);
+        an int is an exit status."""
+        while True:
+            body = self._next_body()
+            if body is None:
+                return EXIT_GATEWAY_GONE
+            try:
+                message = decode_to_worker(body)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                logger.error("first message from the gateway is not a valid message")
+                return EXIT_BAD_START
+            if isinstance(message, SealingKeys):
+                self._early_keys = message
+                continue
+            if not isinstance(message, LoadModel):
+                logger.error("first message from the gateway is not LoadModel")
+                return EXIT_BAD_START
+            return message
 
     def _receive_requests(self) -> int:
         """Dispatch the gateway's messages until the connection ends; returns the status."""
@@ -161,12 +175,19 @@ class Worker:
                 continue
             if isinstance(message, Generate | Embed | Infer):
                 self._accept(message)
+            elif isinstance(message, SealedRequest):
+                self._accept_sealed(message)
+            elif isinstance(message, SealingKeys):
+                assert self._sealed is not None
+                self._sealed.set_keys(message)
             elif isinstance(message, Cancel):
                 self._cancel(message.id)
             elif isinstance(message, Shutdown):
                 if not self._shutting_down:
                     self._shutting_down = True
-                    self._queue.put(None)
+                    # Sealed requests still running may yet queue jobs: wait for them.
+                    assert self._sealed is not None
+                    self._sealed.when_idle(lambda: self._queue.put(None))
             else:
                 logger.warning("ignored an unexpected %s message", type(message).__name__)
         # The runtime thread ends the stream itself when it is done (see _finish).
@@ -186,20 +207,51 @@ class Worker:
 
     def _accept(self, request: Work) -> None:
         if self._shutting_down:
-            self._send(
-                RequestFailed(
-                    id=request.id,
-                    status=503,
-                    code="shutting_down",
-                    message="The model's worker is shutting down.",
-                )
-            )
+            self._refuse_shutting_down(request.id)
             return
         job = _Job(request)
         self._jobs[request.id] = job
         self._queue.put(job)
 
+    def _accept_sealed(self, request: SealedRequest) -> None:
+        if self._shutting_down:
+            self._refuse_shutting_down(request.id)
+            return
+        assert self._sealed is not None
+        self._sealed.submit(request)
+
+    def _refuse_shutting_down(self, request_id: int) -> None:
+        self._send(
+            RequestFailed(
+                id=request_id,
+                status=503,
+                code="shutting_down",
+                message="The model's worker is shutting down.",
+            )
+        )
+
+    def _start_sealed_server(self, model: str) -> None:
+        from bastion.api.sealed_app import create_sealed_app
+
+        self._pipeline = SealedPipeline(model, self._submit_inner)
+        self._sealed = SealedServer(create_sealed_app(self._pipeline), self._pipeline, self._send)
+        if self._early_keys is not None:
+            self._sealed.set_keys(self._early_keys)
+
+    def _submit_inner(self, request: Work, deliver: Callable[[Message], None]) -> JobHandle:
+        """Queue a job for the inner request of a sealed request; its replies go to `deliver`."""
+        job = _Job(msgspec.structs.replace(request, id=0), deliver)
+        self._queue.put(job)
+
+        def cancel() -> None:
+            job.cancelled = True
+            job.cancel.cancel()
+
+        return JobHandle(cancel)
+
     def _cancel(self, request_id: int) -> None:
+        if self._sealed is not None and self._sealed.cancel(request_id):
+            return
         # A queued job stays in the queue; the runtime thread skips it.
         job = self._jobs.pop(request_id, None)
         if job is not None:
@@ -219,29 +271,36 @@ class Worker:
                 self._send(LoadFailed(model=load.model, reason=reason))
                 self._finish(EXIT_LOAD_FAILED)
                 return
+            if self._pipeline is not None:
+                self._pipeline.metadata = metadata
             self._send(Ready(model=load.model, metadata=metadata, pid=os.getpid()))
             while (job := self._queue.get()) is not None:
                 if job.cancelled:
                     continue
-                frame = self._execute(runtime, job)
+                outcome = self._execute(runtime, job)
+                if job.deliver is not None:
+                    if not job.cancelled:
+                        job.deliver(outcome)
+                    continue
                 self._jobs.pop(job.request.id, None)
                 if not job.cancelled:
-                    self._send_frame(frame)
+                    self._send_frame(encode_frame(outcome))
             self._finish(EXIT_OK)
         except Exception as exc:
             # The type only: messages and tracebacks can quote a request.
             logger.error("the runtime thread failed", extra={"exc_type": type(exc).__name__})
             self._finish(EXIT_WORKER_ERROR)
 
-    def _execute(self, runtime: Runtime, job: _Job) -> bytearray:
-        """Run one request and return its answer as a frame; any failure is RequestFailed."""
+    def _execute(self, runtime: Runtime, job: _Job) -> Outcome:
+        """Run one request and return its answer; any failure is RequestFailed."""
         request = job.request
+        send = job.deliver or self._send
         try:
             if isinstance(request, Generate):
 
                 def emit(index: int, text: str) -> None:
                     if not job.cancelled:
-                        self._send(TextDelta(id=request.id, index=index, text=text))
+                        send(TextDelta(id=request.id, index=index, text=text))
 
                 outcome: Outcome = runtime.generate(request, job.cancel, emit)
             elif isinstance(request, Embed):
@@ -252,7 +311,7 @@ class Worker:
                 raise TypeError("the runtime returned the wrong result type")
             if outcome.id != request.id:
                 outcome = msgspec.structs.replace(outcome, id=request.id)
-            return encode_frame(outcome)
+            return outcome
         except RuntimeInputError as exc:
             failure = RequestFailed(id=request.id, status=400, code=exc.code, message=exc.message)
         except Exception as exc:
@@ -263,7 +322,7 @@ class Worker:
                 code="runtime_error",
                 message="The model failed to process the request.",
             )
-        return encode_frame(failure)
+        return failure
 
     def _finish(self, code: int) -> None:
         """Hand `code` to the main thread and wake it: its next read sees the end."""
@@ -280,7 +339,8 @@ class Worker:
             if self._parent_died():
                 logger.warning("the gateway process is gone; exiting")
                 _exit_now(EXIT_GATEWAY_GONE)
-            self._send(Heartbeat(in_flight=len(self._jobs)))
+            sealed = self._sealed.in_flight if self._sealed is not None else 0
+            self._send(Heartbeat(in_flight=len(self._jobs) + sealed))
             self._exiting.wait(interval)
 
     def _parent_died(self) -> bool:

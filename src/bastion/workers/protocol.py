@@ -100,6 +100,55 @@ class Infer(Message, frozen=True, kw_only=True):
     outputs: list[str] = []
 
 
+class OhttpSuite(msgspec.Struct, frozen=True, kw_only=True):
+    kdf_id: int
+    aead_id: int
+
+
+class OhttpKey(msgspec.Struct, frozen=True, kw_only=True):
+    """One OHTTP private key a worker may decapsulate with, until `not_after` (Unix time)."""
+
+    key_id: int
+    kem_id: int
+    private_key: bytes
+    suites: list[OhttpSuite]
+    not_after: float | None = None
+
+    def __repr__(self) -> str:
+        return f"OhttpKey(key_id={self.key_id}, kem_id={self.kem_id})"
+
+
+class SealingKeys(Message, frozen=True, kw_only=True):
+    """The OHTTP keys and request limits for sealed requests; sent at start and on rotation.
+
+    A worker keeps the message with the highest `version` it has seen.
+    """
+
+    version: int
+    keys: list[OhttpKey]
+    # The inner request's Date may differ from the worker's clock by this much.
+    date_window_s: float
+    max_body_bytes: int
+    max_tokens_limit: int
+    max_choices: int
+
+    def __repr__(self) -> str:
+        return f"SealingKeys(version={self.version}, keys={len(self.keys)})"
+
+
+class SealedRequest(Message, frozen=True, kw_only=True):
+    """An encapsulated OHTTP request, forwarded unopened; only the worker decapsulates it.
+
+    `actions` are what the caller's API key may do (the gateway cannot see which one the
+    inner request needs). `chunked` selects chunked OHTTP (streamed answer).
+    """
+
+    id: int
+    data: bytes
+    chunked: bool = False
+    actions: list[str] = []
+
+
 class Cancel(Message, frozen=True, kw_only=True):
     """Stop working on request `id`; the worker answers nothing more for it."""
 
@@ -168,6 +217,22 @@ class InferResult(Message, frozen=True, kw_only=True):
     outputs: list[TensorData]
 
 
+class SealedChunk(Message, frozen=True, kw_only=True):
+    """A piece of a chunked OHTTP answer, already encrypted for the client."""
+
+    id: int
+    data: bytes
+
+
+class SealedResponse(Message, frozen=True, kw_only=True):
+    """The (last piece of the) encrypted answer, with the usage to account beside it."""
+
+    id: int
+    data: bytes
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
 class RequestFailed(Message, frozen=True, kw_only=True):
     """The worker refused or failed request `id`.
 
@@ -181,7 +246,7 @@ class RequestFailed(Message, frozen=True, kw_only=True):
     message: str
 
 
-ToWorker = LoadModel | Generate | Embed | Infer | Cancel | Shutdown
+ToWorker = LoadModel | Generate | Embed | Infer | SealingKeys | SealedRequest | Cancel | Shutdown
 FromWorker = (
     Ready
     | LoadFailed
@@ -190,6 +255,8 @@ FromWorker = (
     | GenerateResult
     | EmbedResult
     | InferResult
+    | SealedChunk
+    | SealedResponse
     | RequestFailed
 )
 

@@ -29,6 +29,7 @@ from bastion.workers.lifecycle import (
     ModelStatus,
     WorkerLifecycle,
 )
+from bastion.workers.protocol import SealingKeys
 from bastion.workers.sandbox import Sandbox
 
 __all__ = ["ModelSpec", "ModelState", "ModelStatus", "Supervisor"]
@@ -46,7 +47,8 @@ class Supervisor:
         self._locks: dict[str, asyncio.Lock] = {}
         self._runtime_dir: Path | None = None
         self._closing = False
-        self._lifecycle = WorkerLifecycle(settings, sandbox, events)
+        self._sealing_keys: SealingKeys | None = None
+        self._lifecycle = WorkerLifecycle(settings, sandbox, events, lambda: self._sealing_keys)
 
     @property
     def runtime_dir(self) -> Path:
@@ -90,6 +92,13 @@ class Supervisor:
                 return
             await self._stop_slot(slot, self._settings.drain_timeout_s)
             self._slots.pop(name, None)
+
+    def set_sealing_keys(self, keys: SealingKeys) -> None:
+        """Hand every worker, running and future, the OHTTP keys in force."""
+        self._sealing_keys = keys
+        for slot in self._slots.values():
+            if slot.channel is not None:
+                slot.channel.send_nowait(keys)
 
     def status(self, name: str) -> ModelStatus:
         slot = self._slots.get(name)

@@ -1,0 +1,159 @@
+"""End-to-end encrypted requests: Oblivious HTTP (RFC 9458) key configuration and endpoint.
+
+``GET /.well-known/ohttp-gateway`` publishes the key configuration (RFC 9540); it holds
+only public keys and needs no credentials, like the health routes. ``POST /v1/ohttp``
+takes an encapsulated request with two plaintext headers, ``Authorization`` and
+``Bastion-Model``, which are all the gateway uses: it checks them, checks the request's
+key id and that it is not a replay, and forwards the ciphertext to the model's worker,
+which alone opens it. The answer comes back encrypted, with the token counts for
+accounting beside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from bastion.api.body import read_body
+from bastion.api.context import authenticate, gateway_of
+from bastion.crypto import ohttp
+from bastion.errors import (
+    BastionError,
+    InvalidRequest,
+    ModelUnavailable,
+    UnsupportedMediaType,
+)
+from bastion.gateway.gateway import Gateway
+from bastion.gateway.sealing import KEY_PROBLEM_TYPE, OhttpKeyProblem
+from bastion.identity.principal import Principal
+from bastion.workers.protocol import (
+    FromWorker,
+    RequestFailed,
+    SealedChunk,
+    SealedRequest,
+    SealedResponse,
+)
+
+MODEL_HEADER = "bastion-model"
+# Encapsulation and Binary HTTP framing around an inner body of up to max_body_bytes.
+_FRAMING_ALLOWANCE = 64 * 1024
+
+
+async def key_configuration(request: Request) -> Response:
+    published = gateway_of(request).sealing.published
+    if not published:
+        raise ModelUnavailable("No OHTTP key is configured yet.", retry_after_s=1)
+    # Short-lived caching: after a rotation clients should pick up the new key soon.
+    return Response(
+        published,
+        media_type=ohttp.KEYS_MEDIA_TYPE,
+        headers={"cache-control": "public, max-age=300"},
+    )
+
+
+async def sealed_request(request: Request) -> Response:
+    gateway = gateway_of(request)
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media == ohttp.REQUEST_MEDIA_TYPE:
+        chunked = False
+    elif media == ohttp.CHUNKED_REQUEST_MEDIA_TYPE:
+        chunked = True
+    else:
+        raise UnsupportedMediaType(
+            f"Content-Type must be {ohttp.REQUEST_MEDIA_TYPE} "
+            f"or {ohttp.CHUNKED_REQUEST_MEDIA_TYPE}."
+        )
+    principal = authenticate(request)
+    model = request.headers.get(MODEL_HEADER)
+    if not model:
+        raise InvalidRequest("The Bastion-Model header is required.", param="Bastion-Model")
+    actions = gateway.authorize_sealed(principal, model)
+    gateway.require_model(model)
+    # Labelled only once known to exist: a client-chosen name must not reach logs or metrics.
+    request.state.model = model
+    gateway.ready_model(model, None)
+    gateway.admit(principal, model)
+    body = await read_body(request, gateway.settings.max_body_bytes + _FRAMING_ALLOWANCE)
+    try:
+        gateway.sealing.check_request(body)
+    except OhttpKeyProblem as exc:
+        return _key_problem(exc)
+    message = SealedRequest(id=0, data=body, chunked=chunked, actions=actions)
+    if chunked:
+        return await _stream(gateway, principal, model, message)
+    reply = await gateway.call(model, message)
+    if not isinstance(reply, SealedResponse):
+        return _failure(reply)
+    gateway.account(model, principal, reply.prompt_tokens, reply.completion_tokens)
+    # No cache may keep an answer: it is one client's, and may carry a Date correction.
+    return Response(
+        reply.data, media_type=ohttp.RESPONSE_MEDIA_TYPE, headers={"cache-control": "no-store"}
+    )
+
+
+async def _stream(
+    gateway: Gateway, principal: Principal, model: str, message: SealedRequest
+) -> Response:
+    replies = gateway.stream(model, message)
+    # The first reply is awaited before the response starts, so that a request the worker
+    # cannot decrypt still gets its own status.
+    try:
+        first = await anext(replies)
+    except BaseException:
+        await replies.aclose()  # type: ignore[attr-defined]
+        raise
+    if not isinstance(first, SealedChunk | SealedResponse):
+        await replies.aclose()  # type: ignore[attr-defined]
+        return _failure(first)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        reply: FromWorker | None = first
+        try:
+            while reply is not None:
+                if isinstance(reply, SealedChunk):
+                    yield reply.data
+                elif isinstance(reply, SealedResponse):
+                    gateway.account(model, principal, reply.prompt_tokens, reply.completion_tokens)
+                    yield reply.data
+                    return
+                else:
+                    # The stream ends without its final chunk: the client sees the truncation.
+                    return
+                reply = await anext(replies, None)
+        except BastionError:
+            return
+        finally:
+            await replies.aclose()  # type: ignore[attr-defined]
+
+    return StreamingResponse(
+        chunks(),
+        media_type=ohttp.CHUNKED_RESPONSE_MEDIA_TYPE,
+        headers={"cache-control": "no-store", "x-accel-buffering": "no"},
+    )
+
+
+def _failure(reply: FromWorker) -> Response:
+    """The unencrypted answer to a request the worker could not open, or could not serve."""
+    if isinstance(reply, RequestFailed) and reply.code == "ohttp_key":
+        return _key_problem(OhttpKeyProblem("The request's key is not accepted.", code="ohttp_key"))
+    if isinstance(reply, RequestFailed) and reply.code.startswith("ohttp_"):
+        raise InvalidRequest("The request could not be decrypted.", code="ohttp_decrypt")
+    if isinstance(reply, RequestFailed) and reply.status == 503:
+        raise ModelUnavailable(reply.message, code=reply.code, retry_after_s=2)
+    raise BastionError("The model failed to process the request.", code="worker_protocol")
+
+
+def _key_problem(exc: OhttpKeyProblem) -> Response:
+    """RFC 9458 §5.3: a key configuration problem, so the client refetches the keys."""
+    body = msgspec.json.encode({"type": KEY_PROBLEM_TYPE, "title": exc.message})
+    return Response(body, 400, media_type="application/problem+json")
+
+
+routes = [
+    Route("/v1/ohttp", sealed_request, methods=["POST"]),
+    Route("/.well-known/ohttp-gateway", key_configuration, methods=["GET"]),
+]

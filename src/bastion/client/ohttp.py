@@ -1,0 +1,560 @@
+"""An httpx transport that sends every API request end-to-end encrypted (Oblivious HTTP).
+
+Plug it under any httpx-based client, the official ``openai`` SDK included::
+
+    client = openai.OpenAI(
+        base_url="https://bastion.example/v1",
+        api_key=KEY,
+        http_client=httpx.Client(transport=OHTTPTransport(fingerprints=["sha256:…"])),
+    )
+
+Each request is encoded as Binary HTTP (RFC 9292), encapsulated with HPKE to the server's
+OHTTP key (RFC 9458) and posted to ``/v1/ohttp`` with only two readable headers: the API
+key and the model name. Answers are decapsulated here; streamed answers (``"stream":
+true``) use chunked OHTTP and are decrypted chunk by chunk as they arrive.
+
+The key configuration is fetched from ``/.well-known/ohttp-gateway`` and must match a
+pin: fingerprints given by the operator (``bastion ohttp keys``), or, with `pin_file`,
+the fingerprint seen on first use (like SSH's known_hosts). A server that presents
+another key is refused, so nobody in between can substitute a key of their own.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import os
+import re
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from datetime import UTC
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bastion.crypto import bhttp, hpke, ohttp
+
+MODEL_HEADER = "bastion-model"
+KEY_PROBLEM_TYPE = "https://iana.org/assignments/http-problem-types#ohttp-key"
+DATE_PROBLEM_TYPE = "https://iana.org/assignments/http-problem-types#date"
+_AEADS = {
+    "aes-128-gcm": hpke.AEAD_AES_128_GCM,
+    "chacha20-poly1305": hpke.AEAD_CHACHA20_POLY1305,
+}
+# Not forwarded inside the encrypted request: connection-specific, or sent outside.
+_OMITTED_HEADERS = frozenset(
+    {
+        "authorization",
+        "host",
+        "content-length",
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "te",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-connection",
+        "accept-encoding",
+        "date",
+    }
+)
+# First try, then once after a key rotation or a clock correction, then once more.
+_ATTEMPTS = 3
+_OIP_MODEL_PATH = re.compile(r"^/v2/models/([^/]+)/")
+
+
+class OHTTPError(httpx.TransportError):
+    """The exchange could not be protected or its answer could not be opened."""
+
+
+class OHTTPKeyError(OHTTPError):
+    """The server's key configuration is unusable or does not match the pin."""
+
+
+class OHTTPTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
+    """Encrypts each request to the server's pinned OHTTP key; works sync and async.
+
+    `fingerprints`: accepted key fingerprints (``sha256:<hex>``, from ``bastion ohttp
+    keys``). `pin_file`: a JSON file of pins per server; a server not in it is trusted on
+    first use and recorded. One of the two is required. `gateway_url` and `keys_url`
+    default to ``/v1/ohttp`` and ``/.well-known/ohttp-gateway`` on the request's origin
+    (set them to go through an OHTTP relay). `aead` picks the cipher: ``aes-128-gcm``
+    (default) or ``chacha20-poly1305``.
+    """
+
+    def __init__(
+        self,
+        *,
+        fingerprints: Sequence[str] | str | None = None,
+        pin_file: str | os.PathLike[str] | None = None,
+        gateway_url: str | None = None,
+        keys_url: str | None = None,
+        aead: str = "aes-128-gcm",
+        transport: httpx.BaseTransport | None = None,
+        async_transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        if fingerprints is None and pin_file is None:
+            raise ValueError("give fingerprints= (pinned keys) or pin_file= (trust on first use)")
+        if aead not in _AEADS:
+            raise ValueError(f"aead must be one of {', '.join(_AEADS)}")
+        if isinstance(fingerprints, str):
+            fingerprints = [fingerprints]
+        self._fingerprints = frozenset(f.lower() for f in fingerprints or ())
+        self._pin_file = Path(pin_file) if pin_file is not None else None
+        self._gateway_url = gateway_url
+        self._keys_url = keys_url
+        self._aead = _AEADS[aead]
+        self._transport = transport
+        self._async_transport = async_transport
+        self._configs: dict[str, ohttp.KeyConfig] = {}
+        # Server clock minus ours, learnt from a refused Date (RFC 9458 §6.5.2).
+        self._clock_offset = 0.0
+
+    # ------------------------------------------------------------------ sync
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        inner = self._inner_transport()
+        if _passes_through(request):
+            return inner.handle_request(request)
+        request.read()
+        date_retried = False
+        for attempt in range(_ATTEMPTS):
+            origin = _origin(request.url)
+            config = self._configs.get(origin)
+            if config is None:
+                keys = inner.handle_request(self._keys_request(request))
+                config = self._accept_keys(origin, keys.read(), keys.status_code)
+            exchange = _Exchange(self, request, config)
+            response = inner.handle_request(exchange.outer)
+            last = attempt == _ATTEMPTS - 1
+            if _is_chunked(response):
+                answer = exchange.chunk_decoder()
+                raw = response.iter_bytes()
+                for data in raw:
+                    answer.feed(data)
+                    if answer.head is not None:
+                        break
+                if (
+                    answer.head is not None
+                    and answer.head.status == 400
+                    and not (date_retried or last)
+                ):
+                    for data in raw:
+                        answer.feed(data)
+                    answer.finish()
+                    if self._learn_date(answer.head.headers, b"".join(answer.body)):
+                        date_retried = True
+                        response.close()
+                        continue
+                return _streamed_sync(exchange, response, answer, raw)
+            body = response.read()
+            retry = None if last else self._retry_reason(exchange, response, body)
+            if retry is None or (retry == "date" and date_retried):
+                return exchange.answer(response, body)
+            date_retried = date_retried or retry == "date"
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def _inner_transport(self) -> httpx.BaseTransport:
+        if self._transport is None:
+            self._transport = httpx.HTTPTransport()
+        return self._transport
+
+    # ------------------------------------------------------------------ async
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        inner = self._inner_async_transport()
+        if _passes_through(request):
+            return await inner.handle_async_request(request)
+        await request.aread()
+        date_retried = False
+        for attempt in range(_ATTEMPTS):
+            origin = _origin(request.url)
+            config = self._configs.get(origin)
+            if config is None:
+                keys = await inner.handle_async_request(self._keys_request(request))
+                config = self._accept_keys(origin, await keys.aread(), keys.status_code)
+            exchange = _Exchange(self, request, config)
+            response = await inner.handle_async_request(exchange.outer)
+            last = attempt == _ATTEMPTS - 1
+            if _is_chunked(response):
+                answer = exchange.chunk_decoder()
+                raw = response.aiter_bytes()
+                async for data in raw:
+                    answer.feed(data)
+                    if answer.head is not None:
+                        break
+                if (
+                    answer.head is not None
+                    and answer.head.status == 400
+                    and not (date_retried or last)
+                ):
+                    async for data in raw:
+                        answer.feed(data)
+                    answer.finish()
+                    if self._learn_date(answer.head.headers, b"".join(answer.body)):
+                        date_retried = True
+                        await response.aclose()
+                        continue
+                return _streamed_async(exchange, response, answer, raw)
+            body = await response.aread()
+            retry = None if last else self._retry_reason(exchange, response, body)
+            if retry is None or (retry == "date" and date_retried):
+                return exchange.answer(response, body)
+            date_retried = date_retried or retry == "date"
+        raise AssertionError("unreachable")
+
+    async def aclose(self) -> None:
+        if self._async_transport is not None:
+            await self._async_transport.aclose()
+
+    def _inner_async_transport(self) -> httpx.AsyncBaseTransport:
+        if self._async_transport is None:
+            self._async_transport = httpx.AsyncHTTPTransport()
+        return self._async_transport
+
+    # ------------------------------------------------------------------ keys and pins
+
+    def _keys_request(self, request: httpx.Request) -> httpx.Request:
+        url = self._keys_url or f"{_origin(request.url)}/.well-known/ohttp-gateway"
+        return httpx.Request("GET", url, headers={"accept": ohttp.KEYS_MEDIA_TYPE})
+
+    def _accept_keys(self, origin: str, body: bytes, status: int) -> ohttp.KeyConfig:
+        """Pick a usable key configuration and check it against the pins."""
+        if status != 200:
+            raise OHTTPKeyError(f"The server's OHTTP key configuration is unavailable ({status}).")
+        try:
+            configs = ohttp.decode_key_configs(body)
+        except ohttp.OhttpError:
+            raise OHTTPKeyError("The server's OHTTP key configuration is malformed.") from None
+        usable = [
+            c
+            for c in configs
+            if c.kem_id == hpke.KEM_X25519_SHA256
+            and any(hpke.Suite(c.kem_id, kdf, aead).is_supported() for kdf, aead in c.suites)
+        ]
+        if not usable:
+            raise OHTTPKeyError("The server offers no OHTTP key this client supports.")
+        pinned = self._pins(origin)
+        if pinned is None:
+            # Trust on first use: remember what this server presented.
+            config = usable[0]
+            self._store_pin(origin, config.fingerprint())
+        else:
+            matching = [c for c in usable if c.fingerprint() in pinned]
+            if not matching:
+                raise OHTTPKeyError(
+                    "The server's OHTTP key does not match the pinned fingerprint. If its "
+                    "operator rotated the key, check the new fingerprint with `bastion ohttp "
+                    "keys` and update the pin; otherwise someone may be intercepting."
+                )
+            config = matching[0]
+        self._configs[origin] = config
+        return config
+
+    def _pins(self, origin: str) -> frozenset[str] | None:
+        if self._fingerprints:
+            return self._fingerprints
+        pins = _read_pins(self._pin_file)
+        stored = pins.get(origin)
+        return frozenset(stored) if stored else None
+
+    def _store_pin(self, origin: str, fingerprint: str) -> None:
+        if self._pin_file is None:
+            return
+        pins = _read_pins(self._pin_file)
+        pins[origin] = [fingerprint]
+        self._pin_file.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self._pin_file.with_suffix(".tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(pins, handle, indent=2)
+        os.replace(temporary, self._pin_file)
+
+    # ------------------------------------------------------------------ retries
+
+    def _retry_reason(
+        self, exchange: _Exchange, response: httpx.Response, body: bytes
+    ) -> str | None:
+        """Why to send the request again: the key changed ("key"), our clock is off ("date")."""
+        content_type = response.headers.get("content-type", "")
+        if response.status_code == 400 and content_type.startswith("application/problem+json"):
+            if _problem_type(body) == KEY_PROBLEM_TYPE:
+                # The key was rotated: fetch the configuration again (and check its pin).
+                self._configs.pop(_origin(exchange.request.url), None)
+                return "key"
+            return None
+        if response.status_code == 200 and content_type.startswith(ohttp.RESPONSE_MEDIA_TYPE):
+            inner = exchange.open_buffered(body)
+            if inner.status == 400 and self._learn_date(inner.headers, inner.content):
+                return "date"
+        return None
+
+    def _learn_date(self, headers: Sequence[tuple[str, str]], body: bytes) -> bool:
+        """After a refused Date (RFC 9458 §6.5.2), adopt the server's clock; True to retry.
+
+        Callers retry a request with an adjusted date at most once, as the RFC requires.
+        """
+        if _problem_type(body) != DATE_PROBLEM_TYPE:
+            return False
+        value = next((v for k, v in headers if k.lower() == "date"), None)
+        if value is None:
+            return False
+        try:
+            server = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return False
+        if server.tzinfo is None:
+            server = server.replace(tzinfo=UTC)
+        self._clock_offset = server.timestamp() - time.time()
+        return True
+
+    def date_header(self) -> str:
+        return email.utils.formatdate(time.time() + self._clock_offset, usegmt=True)
+
+    def _gateway(self, request: httpx.Request) -> str:
+        return self._gateway_url or f"{_origin(request.url)}/v1/ohttp"
+
+
+class _Exchange:
+    """One request's encapsulation and the opening of its answer."""
+
+    def __init__(self, owner: OHTTPTransport, request: httpx.Request, config: ohttp.KeyConfig):
+        self.request = request
+        body = request.content
+        model, streaming = _model_and_stream(request, body)
+        headers = [
+            (name.lower(), value)
+            for name, value in request.headers.multi_items()
+            if name.lower() not in _OMITTED_HEADERS
+        ]
+        headers.append(("date", owner.date_header()))
+        url = request.url
+        path = url.raw_path.decode("ascii")
+        message = bhttp.encode_request(
+            bhttp.Request(
+                method=request.method,
+                scheme=url.scheme,
+                authority=url.netloc.decode("ascii"),
+                path=path,
+                headers=tuple(headers),
+                content=body,
+            ),
+            indeterminate=streaming,
+        )
+        suite = config.select_suite([owner._aead])
+        self.streaming = streaming
+        self._opened: bhttp.Response | None = None
+        if streaming:
+            data, self._chunked = ohttp.encapsulate_chunked_request(config, [message], suite=suite)
+            content_type = ohttp.CHUNKED_REQUEST_MEDIA_TYPE
+            accept = ohttp.CHUNKED_RESPONSE_MEDIA_TYPE
+        else:
+            data, self._context = ohttp.encapsulate_request(config, message, suite=suite)
+            content_type = ohttp.REQUEST_MEDIA_TYPE
+            accept = ohttp.RESPONSE_MEDIA_TYPE
+        outer_headers = {"content-type": content_type, "accept": accept, MODEL_HEADER: model}
+        authorization = request.headers.get("authorization")
+        if authorization is not None:
+            outer_headers["authorization"] = authorization
+        self.outer = httpx.Request(
+            "POST",
+            owner._gateway(request),
+            headers=outer_headers,
+            content=data,
+            extensions=request.extensions,
+        )
+
+    def open_buffered(self, data: bytes) -> bhttp.Response:
+        if self._opened is None:
+            try:
+                self._opened = bhttp.decode_response(self._context.open(data))
+            except (ohttp.OhttpError, bhttp.BhttpError):
+                raise OHTTPError("The encrypted answer could not be opened.") from None
+        return self._opened
+
+    def answer(self, response: httpx.Response, body: bytes) -> httpx.Response:
+        """The httpx.Response the caller sees: the inner answer, or an outer error as is."""
+        content_type = response.headers.get("content-type", "")
+        if response.status_code == 200 and content_type.startswith(ohttp.RESPONSE_MEDIA_TYPE):
+            inner = self.open_buffered(body)
+            return httpx.Response(
+                inner.status,
+                headers=_response_headers(inner.headers),
+                content=inner.content,
+                request=self.request,
+            )
+        # Refused before decryption (bad key, quota, model unavailable): unencrypted.
+        return httpx.Response(
+            response.status_code,
+            headers=_response_headers(response.headers.multi_items()),
+            content=body,
+            request=self.request,
+        )
+
+    def chunk_decoder(self) -> _ChunkedAnswer:
+        return _ChunkedAnswer(self._chunked.opener())
+
+
+class _ChunkedAnswer:
+    """Decrypts a chunked answer and decodes its Binary HTTP response incrementally."""
+
+    def __init__(self, opener: Any) -> None:
+        self._opener = opener
+        self._decoder = bhttp.ResponseDecoder()
+        self.head: bhttp.Head | None = None
+        self.body: list[bytes] = []
+        self.done = False
+
+    def feed(self, data: bytes) -> None:
+        try:
+            for plaintext in self._opener.feed(data):
+                self._take(self._decoder.feed(plaintext))
+        except (ohttp.OhttpError, bhttp.BhttpError):
+            raise OHTTPError("The encrypted answer could not be opened.") from None
+
+    def finish(self) -> None:
+        if self.done:
+            return
+        try:
+            # The final chunk runs to the end of the stream: it opens only now.
+            self._take(self._decoder.feed(self._opener.finish()))
+            self._take(self._decoder.finish())
+        except (ohttp.OhttpError, bhttp.BhttpError):
+            raise OHTTPError("The encrypted answer was cut short or altered.") from None
+        self.done = True
+
+    def take_body(self) -> list[bytes]:
+        body, self.body = self.body, []
+        return body
+
+    def _take(self, events: list[Any]) -> None:
+        for event in events:
+            if isinstance(event, bhttp.Head):
+                self.head = event
+            elif isinstance(event, bhttp.Body) and event.data:
+                self.body.append(event.data)
+
+
+def _head_of(answer: _ChunkedAnswer) -> bhttp.Head:
+    if answer.head is None:
+        raise OHTTPError("The encrypted answer ended before its header.")
+    return answer.head
+
+
+def _streamed_sync(
+    exchange: _Exchange, response: httpx.Response, answer: _ChunkedAnswer, raw: Iterator[bytes]
+) -> httpx.Response:
+    head = _head_of(answer)
+
+    class Stream(httpx.SyncByteStream):
+        def __iter__(self) -> Iterator[bytes]:
+            yield from answer.take_body()
+            if answer.done:
+                return
+            for data in raw:
+                answer.feed(data)
+                yield from answer.take_body()
+            answer.finish()
+            yield from answer.take_body()
+
+        def close(self) -> None:
+            response.close()
+
+    return httpx.Response(
+        head.status,
+        headers=_response_headers(head.headers),
+        stream=Stream(),
+        request=exchange.request,
+    )
+
+
+def _streamed_async(
+    exchange: _Exchange,
+    response: httpx.Response,
+    answer: _ChunkedAnswer,
+    raw: AsyncIterator[bytes],
+) -> httpx.Response:
+    head = _head_of(answer)
+
+    class Stream(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            for piece in answer.take_body():
+                yield piece
+            if answer.done:
+                return
+            async for data in raw:
+                answer.feed(data)
+                for piece in answer.take_body():
+                    yield piece
+            answer.finish()
+            for piece in answer.take_body():
+                yield piece
+
+        async def aclose(self) -> None:
+            await response.aclose()
+
+    return httpx.Response(
+        head.status,
+        headers=_response_headers(head.headers),
+        stream=Stream(),
+        request=exchange.request,
+    )
+
+
+def _passes_through(request: httpx.Request) -> bool:
+    """Requests without a payload or a model (listing models) go as they are."""
+    return request.method in ("GET", "HEAD") and not request.headers.get("content-length")
+
+
+def _origin(url: httpx.URL) -> str:
+    port = f":{url.port}" if url.port else ""
+    return f"{url.scheme}://{url.host}{port}"
+
+
+def _model_and_stream(request: httpx.Request, body: bytes) -> tuple[str, bool]:
+    match = _OIP_MODEL_PATH.match(request.url.path)
+    if match:
+        return match.group(1), False
+    try:
+        payload = json.loads(body) if body else None
+    except ValueError:
+        payload = None
+    if not isinstance(payload, dict) or not isinstance(payload.get("model"), str):
+        raise OHTTPError("An encrypted request must name its model (JSON 'model' field).")
+    return payload["model"], payload.get("stream") is True
+
+
+def _is_chunked(response: httpx.Response) -> bool:
+    return response.status_code == 200 and response.headers.get("content-type", "").startswith(
+        ohttp.CHUNKED_RESPONSE_MEDIA_TYPE
+    )
+
+
+def _problem_type(body: bytes) -> str | None:
+    try:
+        problem = json.loads(body)
+    except ValueError:
+        return None
+    kind = problem.get("type") if isinstance(problem, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
+def _response_headers(headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in headers if k.lower() not in ("content-length", "transfer-encoding")]
+
+
+def _read_pins(path: Path | None) -> dict[str, list[str]]:
+    if path is None or not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise OHTTPKeyError(f"The pin file {path} is unreadable.") from None
+    if not isinstance(data, dict):
+        raise OHTTPKeyError(f"The pin file {path} is not a JSON object.")
+    return {str(k): [str(f).lower() for f in v] for k, v in data.items() if isinstance(v, list)}

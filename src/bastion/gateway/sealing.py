@@ -1,0 +1,147 @@
+"""The gateway's side of end-to-end encryption: which OHTTP keys it publishes and accepts,
+what it hands the workers, and the replay guard. It never opens a request.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable, Sequence
+
+from bastion.config import Settings
+from bastion.crypto import ohttp
+from bastion.crypto.ohttp_keys import ActiveKey
+from bastion.errors import BastionError, InvalidRequest, ModelUnavailable
+from bastion.workers.protocol import OhttpKey, OhttpSuite, SealingKeys
+
+KEY_PROBLEM_TYPE = "https://iana.org/assignments/http-problem-types#ohttp-key"
+
+
+class OhttpKeyProblem(InvalidRequest):
+    """The request names a key id or algorithms this gateway does not accept (RFC 9458 §5.3)."""
+
+
+class Replayed(InvalidRequest):
+    """This encapsulated request was seen before (RFC 9458 §6.5)."""
+
+
+class ReplayGuard:
+    """Remembers the `enc` of each encapsulated request for `ttl_s`; a repeat is refused.
+
+    `enc` is the client's fresh ephemeral public key: two honest requests never share one,
+    so a repeat within the window is a replay. Requests older than the window are refused
+    by the worker for their stale Date, so forgetting `enc` afterwards is safe. The guard
+    is bounded: when full, new requests are refused (fail closed) until entries expire.
+    """
+
+    def __init__(
+        self, ttl_s: float, max_entries: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._ttl_s = ttl_s
+        self._max_entries = max_entries
+        self._clock = clock
+        # Insertion order is expiry order: the TTL is the same for all entries.
+        self._seen: collections.OrderedDict[bytes, float] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def check(self, enc: bytes) -> None:
+        """Record `enc`; raise Replayed if it was recorded within the window."""
+        now = self._clock()
+        seen = self._seen
+        while seen:
+            oldest = next(iter(seen))
+            if seen[oldest] > now:
+                break
+            seen.popitem(last=False)
+        if enc in seen:
+            raise Replayed("This encrypted request was already received.", code="ohttp_replay")
+        if len(seen) >= self._max_entries:
+            raise ModelUnavailable(
+                "Too many encrypted requests to check for replays; retry shortly.", retry_after_s=5
+            )
+        seen[enc] = now + self._ttl_s
+
+
+class SealingState:
+    """The OHTTP key set in force: published configuration, accepted ids, worker message."""
+
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
+        self._settings = settings
+        self._clock = clock
+        self._accepted: dict[int, tuple[ohttp.KeyConfig, float | None]] = {}
+        self._version = 0
+        #: The body of /.well-known/ohttp-gateway (application/ohttp-keys).
+        self.published = b""
+        #: What every worker must hold; None until keys are loaded.
+        self.worker_keys: SealingKeys | None = None
+        #: The earliest time (Unix) a previous key's grace period ends; None if none.
+        self.next_retirement: float | None = None
+        self.replays = ReplayGuard(
+            2 * settings.ohttp_date_window_s + 1.0, settings.ohttp_replay_cache_entries
+        )
+
+    def update(self, keys: Sequence[ActiveKey]) -> SealingKeys:
+        """Take the key set read from the store; returns the message for the workers."""
+        settings = self._settings
+        self._version += 1
+        current = [k.key.config() for k in keys if k.info.state == "current"]
+        self.published = ohttp.encode_key_configs(current)
+        self._accepted = {
+            k.key.key_id: (
+                k.key.config(),
+                k.info.retire_at.timestamp() if k.info.retire_at is not None else None,
+            )
+            for k in keys
+        }
+        retirements = [not_after for _, not_after in self._accepted.values() if not_after]
+        self.next_retirement = min(retirements) if retirements else None
+        self.worker_keys = SealingKeys(
+            version=self._version,
+            keys=[
+                OhttpKey(
+                    key_id=k.key.key_id,
+                    kem_id=k.key.private_key.kem_id,
+                    private_key=k.key.private_key.to_bytes(),
+                    suites=[OhttpSuite(kdf_id=kdf, aead_id=aead) for kdf, aead in k.key.suites],
+                    not_after=self._accepted[k.key.key_id][1],
+                )
+                for k in keys
+            ],
+            date_window_s=settings.ohttp_date_window_s,
+            max_body_bytes=settings.max_body_bytes,
+            max_tokens_limit=settings.max_tokens_limit,
+            max_choices=settings.max_choices,
+        )
+        return self.worker_keys
+
+    def check_request(self, data: bytes) -> ohttp.RequestHeader:
+        """Parse the request's header (no decryption), check its key and suite, and that it
+        is not a replay. Raises the error the client gets, unencrypted."""
+        try:
+            header = ohttp.parse_request_header(data)
+        except ohttp.UnsupportedSuite:
+            raise OhttpKeyProblem(
+                "The request uses an unsupported key configuration.", code="ohttp_key"
+            ) from None
+        except ohttp.OhttpError:
+            raise InvalidRequest(
+                "The request is not a valid encapsulated request.", code="ohttp_malformed"
+            ) from None
+        accepted = self._accepted.get(header.key_id)
+        if accepted is None:
+            raise OhttpKeyProblem("The request's key identifier is unknown.", code="ohttp_key")
+        config, not_after = accepted
+        if not_after is not None and not_after <= self._clock():
+            raise OhttpKeyProblem("The request's key has been retired.", code="ohttp_key")
+        if header.kem_id != config.kem_id or (header.kdf_id, header.aead_id) not in config.suites:
+            raise OhttpKeyProblem(
+                "The request uses algorithms its key does not support.", code="ohttp_key"
+            )
+        self.replays.check(bytes(header.enc))
+        return header
+
+
+def is_key_problem(exc: BastionError) -> bool:
+    return isinstance(exc, OhttpKeyProblem) or exc.code == "ohttp_key"

@@ -1,0 +1,446 @@
+"""Opening, serving and sealing end-to-end encrypted (OHTTP) requests inside a worker.
+
+The gateway forwards an encapsulated request unopened (:class:`SealedRequest`). Here, in
+the worker that serves the model, it is decapsulated with the OHTTP private keys the
+gateway sent over the control channel (:class:`SealingKeys`), its Binary HTTP request is
+run through the *same* route code as plaintext requests (the API's Starlette routes, with
+a :class:`SealedPipeline` in place of the gateway), and the answer is encapsulated for the
+client before it leaves the worker: the gateway only ever sees ciphertext and the token
+counts it needs for accounting.
+
+All of this runs on one asyncio event loop in a thread of its own; the model itself still
+runs on the worker's runtime thread, reached through `submit`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import email.utils
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import msgspec
+
+from bastion.config import Settings
+from bastion.crypto import bhttp, hpke, ohttp
+from bastion.errors import InvalidRequest, ModelNotFound
+from bastion.gateway.pipeline import require_capability
+from bastion.identity.principal import ROLE_CONSUMER, Principal
+from bastion.workers.protocol import (
+    FromWorker,
+    Message,
+    ModelMetadata,
+    RequestFailed,
+    SealedChunk,
+    SealedRequest,
+    SealedResponse,
+    SealingKeys,
+    TextDelta,
+)
+
+logger = logging.getLogger("bastion.worker.sealed")
+
+DATE_PROBLEM_TYPE = "https://iana.org/assignments/http-problem-types#date"
+# Binary HTTP requests carry at most this many bytes beyond the API's own body limit.
+_FRAMING_ALLOWANCE = 64 * 1024
+
+# A job for the runtime thread: the request, and where its replies go (any thread).
+Submit = Callable[[Any, Callable[[Message], None]], "JobHandle"]
+
+
+class JobHandle:
+    """What the runtime thread's job exposes to the sealed side: a way to cancel it."""
+
+    def __init__(self, cancel: Callable[[], None]) -> None:
+        self.cancel = cancel
+
+
+@dataclass
+class _Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+_PRINCIPAL: contextvars.ContextVar[Principal] = contextvars.ContextVar("bastion_sealed_principal")
+_USAGE: contextvars.ContextVar[_Usage] = contextvars.ContextVar("bastion_sealed_usage")
+
+
+class SealedPipeline:
+    """The :class:`~bastion.gateway.pipeline.Pipeline` for inner requests in a worker.
+
+    The gateway already authenticated the caller and admitted the request; here the inner
+    request may only use this worker's model and the actions the caller's key holds.
+    """
+
+    def __init__(self, model: str, submit: Submit) -> None:
+        self.model = model
+        self._submit = submit
+        self.metadata: ModelMetadata | None = None
+        self._settings = Settings()
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    def configure(self, keys: SealingKeys) -> None:
+        self._settings = Settings(
+            max_body_bytes=keys.max_body_bytes,
+            max_tokens_limit=keys.max_tokens_limit,
+            max_choices=keys.max_choices,
+        )
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        # The outer request was authenticated; an inner Authorization header means nothing.
+        return _PRINCIPAL.get()
+
+    def authorize(self, principal: Principal, action: str, model: str | None = None) -> None:
+        principal.require_action(action)
+        if model is not None and model != self.model:
+            raise InvalidRequest(
+                "The encrypted request names another model than the Bastion-Model header.",
+                code="model_mismatch",
+                param="model",
+            )
+
+    def require_model(self, name: str) -> None:
+        if name != self.model:
+            raise ModelNotFound(f"The model '{name}' does not exist.", param="model")
+
+    def ready_model(self, name: str, capability: str) -> ModelMetadata:
+        self.require_model(name)
+        if self.metadata is None:
+            raise RuntimeError("a sealed request arrived before the model was ready")
+        require_capability(name, self.metadata, capability)
+        return self.metadata
+
+    def admit(self, principal: Principal, model: str) -> None:
+        """Admission happened at the gateway, on the outer request."""
+
+    async def call(self, model: str, message: Any) -> FromWorker:
+        final: FromWorker | None = None
+        async for reply in self.stream(model, message):
+            final = reply
+        assert final is not None
+        return final
+
+    async def stream(self, model: str, message: Any) -> AsyncIterator[FromWorker]:
+        loop = asyncio.get_running_loop()
+        replies: asyncio.Queue[FromWorker] = asyncio.Queue()
+
+        def deliver(reply: Message) -> None:
+            # The runtime thread only ever hands over replies (FromWorker messages).
+            loop.call_soon_threadsafe(replies.put_nowait, cast(FromWorker, reply))
+
+        job = self._submit(message, deliver)
+        finished = False
+        try:
+            while True:
+                reply = await replies.get()
+                finished = not isinstance(reply, TextDelta)
+                yield reply
+                if finished:
+                    return
+        finally:
+            if not finished:
+                job.cancel()
+
+    def account(self, model: str, principal: Principal, prompt: int, completion: int) -> None:
+        usage = _USAGE.get()
+        usage.prompt_tokens += prompt
+        usage.completion_tokens += completion
+
+
+class SealedServer:
+    """Serves the SealedRequests of one worker on an event loop thread of its own."""
+
+    def __init__(
+        self,
+        app: Callable[[MutableMapping[str, Any], Any, Any], Awaitable[None]],
+        pipeline: SealedPipeline,
+        send: Callable[[Message], None],
+    ) -> None:
+        self._app = app
+        self._pipeline = pipeline
+        self._send = send
+        self._keys: SealingKeys | None = None
+        self._gateway_keys: dict[int, tuple[ohttp.GatewayKey, float | None]] = {}
+        self._loop = asyncio.new_event_loop()
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._lock = threading.Lock()
+        self._active = 0
+        self._on_idle: Callable[[], None] | None = None
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="bastion-sealed", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def in_flight(self) -> int:
+        return self._active
+
+    # ------------------------------------------------------------------ any thread
+
+    def set_keys(self, keys: SealingKeys) -> None:
+        """Take a newer key set; an older or repeated version is ignored."""
+        if self._keys is not None and keys.version <= self._keys.version:
+            return
+        gateway_keys = {
+            key.key_id: (
+                ohttp.GatewayKey(
+                    key_id=key.key_id,
+                    private_key=hpke.PrivateKey.from_bytes(key.kem_id, key.private_key),
+                    suites=tuple((s.kdf_id, s.aead_id) for s in key.suites),
+                ),
+                key.not_after,
+            )
+            for key in keys.keys
+        }
+        self._pipeline.configure(keys)
+        self._keys = keys
+        self._gateway_keys = gateway_keys
+
+    def submit(self, request: SealedRequest) -> None:
+        with self._lock:
+            self._active += 1
+        self._loop.call_soon_threadsafe(self._start, request)
+
+    def cancel(self, request_id: int) -> bool:
+        """Cancel the sealed request `request_id`; False if it is not one of ours."""
+        task = self._tasks.get(request_id)
+        if task is None:
+            return False
+        self._loop.call_soon_threadsafe(task.cancel)
+        return True
+
+    def when_idle(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (once) as soon as no sealed request is in flight."""
+        with self._lock:
+            if self._active:
+                self._on_idle = callback
+                return
+        callback()
+
+    # ------------------------------------------------------------------ loop thread
+
+    def _start(self, request: SealedRequest) -> None:
+        task = self._loop.create_task(self._serve(request))
+        self._tasks[request.id] = task
+        task.add_done_callback(lambda _: self._finished(request.id))
+
+    def _finished(self, request_id: int) -> None:
+        self._tasks.pop(request_id, None)
+        with self._lock:
+            self._active -= 1
+            callback = self._on_idle if self._active == 0 else None
+            if callback is not None:
+                self._on_idle = None
+        if callback is not None:
+            callback()
+
+    async def _serve(self, request: SealedRequest) -> None:
+        try:
+            opened = self._open(request)
+        except ohttp.OhttpError as exc:
+            self._send(_refusal(request.id, exc))
+            return
+        plaintext, context = opened
+        try:
+            inner = bhttp.decode_request(
+                plaintext, max_bytes=self._pipeline.settings.max_body_bytes + _FRAMING_ALLOWANCE
+            )
+        except bhttp.BhttpError:
+            inner = None
+        exchange = _Exchange(request, context, self._send)
+        usage = _Usage()
+        _USAGE.set(usage)
+        _PRINCIPAL.set(
+            Principal(
+                key_id="sealed",
+                tenant_id=0,
+                tenant_name="sealed",
+                role=ROLE_CONSUMER,
+                models=(self._pipeline.model,),
+                actions=frozenset(request.actions),
+            )
+        )
+        try:
+            if inner is None:
+                await exchange.problem(400, "about:blank", "The encrypted request is not valid.")
+            elif (stale := self._date_problem(inner)) is not None:
+                await exchange.problem(400, DATE_PROBLEM_TYPE, stale)
+            else:
+                await self._app(_scope(inner), _receiver(inner.content), exchange.asgi_send)
+                if not exchange.started:
+                    await exchange.problem(500, "about:blank", "The request failed.")
+        except asyncio.CancelledError:
+            return
+        except Exception as exc:
+            # The type only: a message could quote the request.
+            logger.error("a sealed request failed", extra={"exc_type": type(exc).__name__})
+            if not exchange.started:
+                await exchange.problem(500, "about:blank", "The request failed.")
+        exchange.finish(usage)
+
+    def _open(self, request: SealedRequest) -> tuple[bytes, Any]:
+        now = time.time()
+        keys = {
+            key_id: key
+            for key_id, (key, not_after) in self._gateway_keys.items()
+            if not_after is None or not_after > now
+        }
+        if request.chunked:
+            return ohttp.decapsulate_chunked_request(keys, request.data)
+        return ohttp.decapsulate_request(keys, request.data)
+
+    def _date_problem(self, inner: bhttp.Request) -> str | None:
+        """Why the inner request's Date is unacceptable, or None if it is within the window."""
+        window = self._keys.date_window_s if self._keys is not None else 60.0
+        value = inner.header("date")
+        if value is None:
+            return "The encrypted request has no Date header field."
+        try:
+            sent = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return "The encrypted request's Date header field is not a valid date."
+        if sent.tzinfo is None:
+            sent = sent.replace(tzinfo=UTC)
+        if abs((datetime.now(UTC) - sent).total_seconds()) > window:
+            return "date field in request outside of acceptable range"
+        return None
+
+
+class _Exchange:
+    """The answer to one sealed request: buffered (message/ohttp-res) or chunked."""
+
+    def __init__(self, request: SealedRequest, context: Any, send: Callable[[Message], None]):
+        self._id = request.id
+        self._chunked = request.chunked
+        self._context = context
+        self._send = send
+        self.started = False
+        self._status = 500
+        self._headers: list[tuple[str, str]] = []
+        self._body: list[bytes] = []
+        self._encoder = bhttp.ResponseEncoder()
+        self._pending = b""
+
+    async def asgi_send(self, message: MutableMapping[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.started = True
+            self._status = int(message["status"])
+            self._headers = [
+                (name.decode("latin-1"), value.decode("latin-1"))
+                for name, value in message.get("headers", [])
+            ]
+            if self._chunked:
+                head = self._encoder.head(self._status, _chunk_headers(self._headers))
+                self._pending = self._context.start() + self._context.seal_chunk(head)
+        elif kind == "http.response.body":
+            body = message.get("body", b"")
+            if not self._chunked:
+                self._body.append(body)
+                return
+            if body:
+                data = self._pending + self._context.seal_chunk(self._encoder.body(body))
+                self._pending = b""
+                self._send(SealedChunk(id=self._id, data=data))
+
+    async def problem(self, status: int, problem_type: str, title: str) -> None:
+        """Answer with an RFC 9457 problem document, carrying the server's Date."""
+        body = msgspec.json.encode({"type": problem_type, "title": title})
+        await self.asgi_send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/problem+json"),
+                    (b"date", email.utils.formatdate(usegmt=True).encode()),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await self.asgi_send({"type": "http.response.body", "body": body})
+
+    def finish(self, usage: _Usage) -> None:
+        if self._chunked:
+            data = self._pending + self._context.seal_final(self._encoder.end())
+        else:
+            response = bhttp.Response(
+                status=self._status, headers=tuple(self._headers), content=b"".join(self._body)
+            )
+            data = self._context.seal(bhttp.encode_response(response))
+        self._send(
+            SealedResponse(
+                id=self._id,
+                data=data,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+            )
+        )
+
+
+def _chunk_headers(headers: list[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    # An indeterminate-length message carries its own framing.
+    return tuple((name, value) for name, value in headers if name.lower() != "content-length")
+
+
+def _refusal(request_id: int, exc: ohttp.OhttpError) -> RequestFailed:
+    """A failed decapsulation: the gateway answers it unencrypted, revealing only its kind."""
+    if isinstance(exc, ohttp.UnknownKey | ohttp.UnsupportedSuite):
+        code = "ohttp_key"
+    elif isinstance(exc, ohttp.MalformedMessage):
+        code = "ohttp_malformed"
+    else:
+        code = "ohttp_decrypt"
+    return RequestFailed(
+        id=request_id, status=400, code=code, message="The request could not be decrypted."
+    )
+
+
+def _scope(inner: bhttp.Request) -> dict[str, Any]:
+    path, _, query = inner.path.partition("?")
+    headers = [
+        (name.encode("latin-1"), value.encode("latin-1"))
+        for name, value in inner.headers
+        if name not in ("content-length", "host", "authorization")
+    ]
+    headers.append((b"content-length", str(len(inner.content)).encode()))
+    if inner.authority:
+        headers.append((b"host", inner.authority.encode("latin-1")))
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": inner.method,
+        "scheme": inner.scheme or "https",
+        "path": path,
+        "raw_path": path.encode("latin-1", errors="replace"),
+        "query_string": query.encode("latin-1", errors="replace"),
+        "root_path": "",
+        "headers": headers,
+        "client": None,
+        "server": None,
+        "state": {},
+    }
+
+
+def _receiver(content: bytes) -> Callable[[], Awaitable[dict[str, Any]]]:
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": content, "more_body": False}
+        # The client of an inner request never disconnects; a cancelled task ends it.
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    return receive

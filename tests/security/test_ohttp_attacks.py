@@ -1,0 +1,325 @@
+"""Attacks on end-to-end encryption: what the gateway, its logs and the wire can see, and
+tampered, truncated, replayed, stale, misrouted and retired-key requests."""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from bastion.client import OHTTPTransport
+from bastion.crypto import bhttp, ohttp
+from bastion_testing import (
+    BastionServer,
+    RecordingTransport,
+    add_echo_model,
+    cli_json,
+    ohttp_fingerprints,
+    run_cli,
+)
+
+KEY_PROBLEM = "https://iana.org/assignments/http-problem-types#ohttp-key"
+
+
+def _config(server: BastionServer) -> ohttp.KeyConfig:
+    return ohttp.decode_key_configs(httpx.get(f"{server.url}/.well-known/ohttp-gateway").content)[0]
+
+
+def _seal(
+    config: ohttp.KeyConfig,
+    body: dict[str, object],
+    *,
+    path: str = "/v1/chat/completions",
+    date: float | None = None,
+) -> tuple[bytes, ohttp.ClientResponseContext]:
+    headers = [("content-type", "application/json")]
+    headers.append(("date", email.utils.formatdate(date or time.time(), usegmt=True)))
+    inner = bhttp.encode_request(
+        bhttp.Request(
+            method="POST",
+            scheme="https",
+            authority="bastion",
+            path=path,
+            headers=tuple(headers),
+            content=json.dumps(body).encode(),
+        )
+    )
+    return ohttp.encapsulate_request(config, inner)
+
+
+def _post(server: BastionServer, key: str, data: bytes, model: str = "echo") -> httpx.Response:
+    return httpx.post(
+        f"{server.url}/v1/ohttp",
+        content=data,
+        headers={
+            "authorization": f"Bearer {key}",
+            "bastion-model": model,
+            "content-type": ohttp.REQUEST_MEDIA_TYPE,
+        },
+        timeout=60,
+    )
+
+
+def _open(context: ohttp.ClientResponseContext, response: httpx.Response) -> bhttp.Response:
+    assert response.status_code == 200, response.text
+    return bhttp.decode_response(context.open(response.content))
+
+
+def _assert_healthy(server: BastionServer, key: str) -> None:
+    assert httpx.get(f"{server.url}/healthz").status_code == 200
+    data, context = _seal(
+        _config(server), {"model": "echo", "messages": [{"role": "user", "content": "ok"}]}
+    )
+    assert _open(context, _post(server, key, data)).status == 200
+
+
+ECHO = {"model": "echo", "messages": [{"role": "user", "content": "hello"}]}
+
+
+def test_marker_is_seen_by_nobody_between_client_and_worker(
+    server: BastionServer, consumer_key: str
+) -> None:
+    marker = "E2E-" + secrets.token_hex(12)
+    wire = RecordingTransport()
+    transport = OHTTPTransport(fingerprints=ohttp_fingerprints(server.home), transport=wire)
+    sdk = openai.OpenAI(
+        base_url=f"{server.url}/v1",
+        api_key=consumer_key,
+        http_client=httpx.Client(transport=transport, timeout=60),
+        max_retries=0,
+    )
+    prompt = [{"role": "user", "content": f"repeat {marker} please"}]
+    # The echo model's answers repeat the marker: answers are covered, not only prompts.
+    answer = sdk.chat.completions.create(model="echo", messages=prompt)  # type: ignore[arg-type]
+    assert marker in (answer.choices[0].message.content or "")
+    streamed = sdk.chat.completions.create(model="echo", messages=prompt, stream=True)  # type: ignore[arg-type]
+    assert marker in "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert marker in (sdk.completions.create(model="echo", prompt=marker).choices[0].text)
+    assert sdk.embeddings.create(model="minilm-l6", input=[marker]).data
+    with pytest.raises(openai.BadRequestError):
+        sdk.chat.completions.create(
+            model="echo",
+            messages=[{"role": marker, "content": marker}],  # type: ignore[list-item]
+        )
+    oip = httpx.Client(
+        base_url=server.url,
+        transport=transport,
+        headers={"authorization": f"Bearer {consumer_key}"},
+    )
+    infer = oip.post(
+        "/v2/models/minilm-l6/infer",
+        json={
+            "id": marker,
+            "inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [marker]}],
+        },
+    )
+    assert infer.status_code == 200 and infer.json()["id"] == marker
+
+    assert wire.sent and marker.encode() not in wire.wire()
+    metrics = server.client().get("/metrics").text
+    assert marker not in metrics
+    time.sleep(0.5)  # let log lines reach the files
+    assert marker not in server.logs()
+    for path in Path(server.home).rglob("*"):
+        if path.is_file():
+            assert marker.encode() not in path.read_bytes(), path
+
+
+def test_tampered_and_truncated_requests_are_refused(
+    server: BastionServer, consumer_key: str
+) -> None:
+    config = _config(server)
+    for position in (7, 20, 60, -1):
+        # A fresh encapsulation each time: the gateway refuses a reused one as a replay.
+        data, _ = _seal(config, ECHO)
+        tampered = bytearray(data)
+        tampered[position] ^= 0x40
+        response = _post(server, consumer_key, bytes(tampered))
+        assert response.status_code == 400
+        assert response.json()["error"]["code"] in ("ohttp_decrypt", "ohttp_malformed")
+        assert "hello" not in response.text
+    for length in (3, 7, 30, -1):
+        data, _ = _seal(config, ECHO)
+        assert _post(server, consumer_key, data[:length]).status_code == 400
+    _assert_healthy(server, consumer_key)
+
+
+def test_unknown_key_id_and_suite_get_the_key_problem(
+    server: BastionServer, consumer_key: str
+) -> None:
+    stranger = ohttp.GatewayKey.generate((_config(server).key_id + 7) % 256).config()
+    data, _ = _seal(stranger, ECHO)
+    response = _post(server, consumer_key, data)
+    assert response.status_code == 400
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["type"] == KEY_PROBLEM
+    data, _ = _seal(_config(server), ECHO)
+    other_aead = data[:5] + (0x0002).to_bytes(2, "big") + data[7:]  # AES-256-GCM: not offered
+    assert _post(server, consumer_key, other_aead).json()["type"] == KEY_PROBLEM
+
+
+def test_replayed_request_is_refused(server: BastionServer, consumer_key: str) -> None:
+    data, context = _seal(_config(server), ECHO)
+    assert _open(context, _post(server, consumer_key, data)).status == 200
+    replay = _post(server, consumer_key, data)
+    assert replay.status_code == 400
+    assert replay.json()["error"]["code"] == "ohttp_replay"
+
+
+@pytest.mark.parametrize("offset", [-3600.0, 3600.0])
+def test_stale_date_gets_the_date_problem_with_the_server_time(
+    server: BastionServer, consumer_key: str, offset: float
+) -> None:
+    data, context = _seal(_config(server), ECHO, date=time.time() + offset)
+    answer = _open(context, _post(server, consumer_key, data))
+    assert answer.status == 400
+    assert json.loads(answer.content)["type"] == (
+        "https://iana.org/assignments/http-problem-types#date"
+    )
+    server_date = email.utils.parsedate_to_datetime(answer.header("date") or "")
+    assert abs(server_date.timestamp() - time.time()) < 30
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_corrects_its_clock_after_a_date_problem(
+    server: BastionServer, consumer_key: str, stream: bool
+) -> None:
+    transport = OHTTPTransport(fingerprints=ohttp_fingerprints(server.home))
+    transport._clock_offset = -7200.0  # a client clock two hours slow
+    sdk = openai.OpenAI(
+        base_url=f"{server.url}/v1",
+        api_key=consumer_key,
+        http_client=httpx.Client(transport=transport),
+        max_retries=0,
+    )
+    if stream:
+        chunks = sdk.chat.completions.create(stream=True, **ECHO)  # type: ignore[call-overload]
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "hello"
+    else:
+        answer = sdk.chat.completions.create(**ECHO)  # type: ignore[call-overload]
+        assert answer.choices[0].message.content == "hello"
+    assert abs(transport._clock_offset) < 60
+
+
+def test_client_retries_a_date_problem_only_once(server: BastionServer, consumer_key: str) -> None:
+    class SkewedTransport(OHTTPTransport):
+        def date_header(self) -> str:
+            return email.utils.formatdate(time.time() - 7200, usegmt=True)  # never corrected
+
+    wire = RecordingTransport()
+    transport = SkewedTransport(fingerprints=ohttp_fingerprints(server.home), transport=wire)
+    with httpx.Client(base_url=server.url, transport=transport) as client:
+        answer = client.post(
+            "/v1/chat/completions", json=ECHO, headers={"authorization": f"Bearer {consumer_key}"}
+        )
+    assert answer.status_code == 400 and answer.json()["type"].endswith("#date")
+    assert len([s for s in wire.sent if b"message/ohttp-req" in s]) == 2
+
+
+def test_inner_request_for_another_model_is_refused(
+    server: BastionServer, consumer_key: str
+) -> None:
+    # Outer header says echo (routing, quotas); the inner request asks for tiny-chat.
+    data, context = _seal(_config(server), {**ECHO, "model": "tiny-chat"})
+    answer = _open(context, _post(server, consumer_key, data, model="echo"))
+    assert answer.status == 400
+    assert json.loads(answer.content)["error"]["code"] == "model_mismatch"
+    data, context = _seal(
+        _config(server),
+        {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]},
+        path="/v2/models/digits/infer",
+    )
+    answer = _open(context, _post(server, consumer_key, data, model="echo"))
+    assert answer.status == 400
+    _assert_healthy(server, consumer_key)
+
+
+@pytest.fixture(scope="module")
+def rotating(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BastionServer]:
+    home = tmp_path_factory.mktemp("rotation") / "home"
+    run_cli(home, "init", "--no-demo-models")
+    add_echo_model(home)
+    srv = BastionServer(home)
+    try:
+        srv.wait_ready(["echo"])
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _wait_published(server: BastionServer, fingerprint: str) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if _config(server).fingerprint() == fingerprint:
+            return
+        time.sleep(0.2)
+    raise AssertionError("the new key was not published")
+
+
+def test_rotation_grace_period_and_retirement(rotating: BastionServer, tmp_path: Path) -> None:
+    server = rotating
+    key = server.admin_key
+    old = _config(server)
+    pins = tmp_path / "pins.json"
+    tofu = OHTTPTransport(pin_file=pins)
+    with httpx.Client(base_url=server.url, transport=tofu) as client:
+        assert (
+            client.post(
+                "/v1/chat/completions", json=ECHO, headers={"authorization": f"Bearer {key}"}
+            ).status_code
+            == 200
+        )
+
+    rotated = cli_json(server.home, "ohttp", "rotate", "--grace", "1h")
+    _wait_published(server, rotated["fingerprint"])
+    listed = {k["fingerprint"]: k["state"] for k in cli_json(server.home, "ohttp", "keys")}
+    assert listed == {rotated["fingerprint"]: "current", old.fingerprint(): "previous"}
+    # Within the grace period the previous key still works.
+    data, context = _seal(old, ECHO)
+    assert _open(context, _post(server, key, data)).status == 200
+
+    # A client pinned on first use refuses the new key until its operator updates the pin.
+    client = httpx.Client(base_url=server.url, transport=OHTTPTransport(pin_file=pins))
+    with pytest.raises(httpx.TransportError, match="pinned fingerprint"):
+        client.post("/v1/chat/completions", json=ECHO, headers={"authorization": f"Bearer {key}"})
+    client.close()
+
+    newest = cli_json(server.home, "ohttp", "rotate", "--grace", "0")
+    _wait_published(server, newest["fingerprint"])
+    time.sleep(1.5)  # the running server reloads the key set
+    for retired in (old, ohttp.KeyConfig.decode(rotated_config(rotated))):
+        data, _ = _seal(retired, ECHO)
+        response = _post(server, key, data)
+        assert response.status_code == 400
+        assert response.json()["type"] == KEY_PROBLEM
+    every = {k["fingerprint"]: k["state"] for k in cli_json(server.home, "ohttp", "keys", "--all")}
+    assert every[old.fingerprint()] == "retired" and every[rotated["fingerprint"]] == "retired"
+
+    # A client pinning the operator's published fingerprints follows the rotation: the key
+    # problem makes it fetch the configuration again.
+    transport = OHTTPTransport(fingerprints=[newest["fingerprint"]])
+    transport._configs[server.url] = old
+    with httpx.Client(base_url=server.url, transport=transport) as client:
+        ok = client.post(
+            "/v1/chat/completions", json=ECHO, headers={"authorization": f"Bearer {key}"}
+        )
+    assert ok.status_code == 200
+
+
+def rotated_config(info: dict[str, object]) -> bytes:
+    """The encoded key configuration of a key as `bastion ohttp rotate --json` shows it."""
+    suites = info["suites"]
+    assert isinstance(suites, list)
+    return ohttp.KeyConfig(
+        key_id=int(str(info["key_id"])),
+        kem_id=int(str(info["kem_id"])),
+        public_key=bytes.fromhex(str(info["public_key"])),
+        suites=tuple((int(s["kdf_id"]), int(s["aead_id"])) for s in suites),
+    ).encode()
