@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import re
 import secrets
 import time
 from collections.abc import Iterator
@@ -171,6 +172,11 @@ def test_replayed_request_is_refused(server: BastionServer, consumer_key: str) -
     replay = _post(server, consumer_key, data)
     assert replay.status_code == 400
     assert replay.json()["error"]["code"] == "ohttp_replay"
+    # Refusals are counted, for alerting, and recorded as events (never with the payload).
+    metrics = server.client().get("/metrics").text
+    assert re.search(r'bastion_ohttp_refused_total\{reason="ohttp_replay"\} [1-9]', metrics)
+    time.sleep(0.5)
+    assert '"event":"ohttp.refused"' in server.logs()
 
 
 @pytest.mark.parametrize("offset", [-3600.0, 3600.0])
@@ -323,3 +329,45 @@ def rotated_config(info: dict[str, object]) -> bytes:
         public_key=bytes.fromhex(str(info["public_key"])),
         suites=tuple((int(s["kdf_id"]), int(s["aead_id"])) for s in suites),
     ).encode()
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(entry.name))
+    found, queue = [], [root]
+    while queue:
+        for child in children.get(queue.pop(), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def test_private_keys_reach_workers_only_over_their_channel(server: BastionServer) -> None:
+    from bastion.bootstrap import open_home
+    from bastion.config import Settings
+
+    home = open_home(Settings.load(environ={}, home=server.home))
+    secrets_ = [k.key.private_key.to_bytes() for k in home.ohttp_keys.active()]
+    assert secrets_
+    forms = [form for s in secrets_ for form in (s, s.hex().encode(), s.hex().upper().encode())]
+    workers = _descendants(server.proc.pid)
+    assert workers
+    for pid in workers:
+        proc = Path(f"/proc/{pid}")
+        seen = [(proc / "cmdline").read_bytes(), (proc / "environ").read_bytes()]
+        cwd = (proc / "cwd").resolve()
+        seen += [p.read_bytes() for p in cwd.rglob("*") if p.is_file() and not p.is_symlink()]
+        for blob in seen:
+            assert not any(form in blob for form in forms), pid
+    # Nor does the database or any file under the home hold them in the clear.
+    for path in Path(server.home).rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert not any(form in data for form in forms), path

@@ -29,6 +29,19 @@ _OPERATIONS: list[tuple[str, str, str, bool]] = [
     ("/v1/chat/completions", "post", "Chat completion (stream: true for server-sent events)", True),
     ("/v1/completions", "post", "Text completion", True),
     ("/v1/embeddings", "post", "Sentence embeddings", True),
+    (
+        "/.well-known/ohttp-gateway",
+        "get",
+        "OHTTP key configuration (application/ohttp-keys, RFC 9540)",
+        False,
+    ),
+    (
+        "/v1/ohttp",
+        "post",
+        "End-to-end encrypted request (message/ohttp-req or message/ohttp-chunked-req, "
+        "header Bastion-Model); see docs/e2e-encryption.md",
+        True,
+    ),
     ("/v2/health/live", "get", "OIP server liveness", False),
     ("/v2/health/ready", "get", "OIP server readiness", False),
     ("/v2", "get", "OIP server metadata", True),

@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from bastion.api.body import read_body
 from bastion.api.context import authenticate, gateway_of
+from bastion.audit.events import OHTTP_REFUSED, Event
 from bastion.crypto import ohttp
 from bastion.errors import (
     BastionError,
@@ -81,13 +82,17 @@ async def sealed_request(request: Request) -> Response:
     try:
         gateway.sealing.check_request(body)
     except OhttpKeyProblem as exc:
+        _refused(gateway, principal, exc.code)
         return _key_problem(exc)
+    except InvalidRequest as exc:
+        _refused(gateway, principal, exc.code)
+        raise
     message = SealedRequest(id=0, data=body, chunked=chunked, actions=actions)
     if chunked:
         return await _stream(gateway, principal, model, message)
     reply = await gateway.call(model, message)
     if not isinstance(reply, SealedResponse):
-        return _failure(reply)
+        return _failure(gateway, principal, reply)
     gateway.account(model, principal, reply.prompt_tokens, reply.completion_tokens)
     # No cache may keep an answer: it is one client's, and may carry a Date correction.
     return Response(
@@ -108,7 +113,7 @@ async def _stream(
         raise
     if not isinstance(first, SealedChunk | SealedResponse):
         await replies.aclose()  # type: ignore[attr-defined]
-        return _failure(first)
+        return _failure(gateway, principal, first)
 
     async def chunks() -> AsyncIterator[bytes]:
         reply: FromWorker | None = first
@@ -136,15 +141,31 @@ async def _stream(
     )
 
 
-def _failure(reply: FromWorker) -> Response:
+def _failure(gateway: Gateway, principal: Principal, reply: FromWorker) -> Response:
     """The unencrypted answer to a request the worker could not open, or could not serve."""
-    if isinstance(reply, RequestFailed) and reply.code == "ohttp_key":
-        return _key_problem(OhttpKeyProblem("The request's key is not accepted.", code="ohttp_key"))
     if isinstance(reply, RequestFailed) and reply.code.startswith("ohttp_"):
+        _refused(gateway, principal, reply.code)
+        if reply.code == "ohttp_key":
+            return _key_problem(
+                OhttpKeyProblem("The request's key is not accepted.", code="ohttp_key")
+            )
         raise InvalidRequest("The request could not be decrypted.", code="ohttp_decrypt")
     if isinstance(reply, RequestFailed) and reply.status == 503:
         raise ModelUnavailable(reply.message, code=reply.code, retry_after_s=2)
     raise BastionError("The model failed to process the request.", code="worker_protocol")
+
+
+def _refused(gateway: Gateway, principal: Principal, reason: str | None) -> None:
+    """Record a refused encrypted request: replays and forgeries are worth an alert."""
+    gateway.events.emit(
+        Event(
+            kind=OHTTP_REFUSED,
+            outcome="failure",
+            actor=principal.key_id,
+            tenant=principal.tenant_name,
+            detail={"reason": reason},
+        )
+    )
 
 
 def _key_problem(exc: OhttpKeyProblem) -> Response:

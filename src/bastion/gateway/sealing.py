@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from bastion.config import Settings
 from bastion.crypto import ohttp
 from bastion.crypto.ohttp_keys import ActiveKey
-from bastion.errors import BastionError, InvalidRequest, ModelUnavailable
+from bastion.errors import InvalidRequest, ModelUnavailable
 from bastion.workers.protocol import OhttpKey, OhttpSuite, SealingKeys
 
 KEY_PROBLEM_TYPE = "https://iana.org/assignments/http-problem-types#ohttp-key"
@@ -141,7 +141,3 @@ class SealingState:
             )
         self.replays.check(bytes(header.enc))
         return header
-
-
-def is_key_problem(exc: BastionError) -> bool:
-    return isinstance(exc, OhttpKeyProblem) or exc.code == "ohttp_key"

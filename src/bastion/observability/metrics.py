@@ -11,7 +11,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from bastion.audit.events import WORKER_RESTARTED, Event
+from bastion.audit.events import OHTTP_REFUSED, WORKER_RESTARTED, Event
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -51,6 +51,13 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        self.ohttp_refused = Counter(
+            "bastion_ohttp_refused",
+            "Encrypted requests refused before decryption or failing to decrypt, by reason "
+            "(ohttp_key, ohttp_malformed, ohttp_decrypt, ohttp_replay).",
+            ["reason"],
+            registry=self.registry,
+        )
         self.model_ready = Gauge(
             "bastion_model_ready",
             "1 when the model's worker is ready to serve.",
@@ -68,7 +75,7 @@ class Metrics:
 
 
 class MetricsEventSink:
-    """Counts the events that have a metric of their own (worker restarts)."""
+    """Counts the events that have a metric of their own (restarts, refused OHTTP)."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
@@ -76,3 +83,5 @@ class MetricsEventSink:
     def emit(self, event: Event) -> None:
         if event.kind == WORKER_RESTARTED and event.target:
             self._metrics.worker_restarts.labels(event.target).inc()
+        elif event.kind == OHTTP_REFUSED:
+            self._metrics.ohttp_refused.labels(str(event.detail.get("reason"))).inc()
