@@ -12,7 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bastion_testing import BastionServer, add_echo_model, cli_json, run_cli
+from bastion.client import OHTTPTransport
+from bastion_testing import BastionServer, add_echo_model, cli_json, ohttp_fingerprints, run_cli
 
 
 def _chat(client: httpx.Client, text: str, model: str = "echo") -> httpx.Response:
@@ -63,6 +64,34 @@ def test_deadline_gives_504_and_the_worker_moves_on(small: BastionServer) -> Non
         assert time.monotonic() - start < 20
 
 
+def _sealed_client(server: BastionServer) -> httpx.Client:
+    """A client whose requests are end-to-end encrypted (OHTTP)."""
+    transport = OHTTPTransport(fingerprints=ohttp_fingerprints(server.home))
+    return httpx.Client(
+        base_url=server.url,
+        headers={"authorization": f"Bearer {server.admin_key}"},
+        transport=transport,
+        timeout=60,
+    )
+
+
+def test_encrypted_requests_crash_deadline_and_cancel(small: BastionServer) -> None:
+    with _sealed_client(small) as sealed:
+        small.wait_model("echo-b", "ready")
+        # Past the deadline: 504 (unencrypted, from the gateway), and the job is cancelled
+        # inside the worker, which answers the next request at once.
+        assert _chat(sealed, "__sleep__:30", "echo-b").status_code == 504
+        start = time.monotonic()
+        answer = _chat(sealed, "after the deadline", "echo-b")
+        assert answer.status_code == 200
+        assert answer.json()["choices"][0]["message"]["content"] == "after the deadline"
+        assert time.monotonic() - start < 20
+        # A worker that dies while holding an encrypted request: 503, then it comes back.
+        assert _chat(sealed, "__crash__", "echo-b").status_code == 503
+        small.wait_model("echo-b", "ready", timeout=60)
+        assert _chat(sealed, "back", "echo-b").status_code == 200
+
+
 def test_cli_unload_and_load_reach_the_server(small: BastionServer) -> None:
     run_cli(small.home, "models", "unload", "echo-b")
     small.wait_model("echo-b", "unloaded", timeout=5)
@@ -99,12 +128,21 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
         first_key = srv.admin_key
         workers = _worker_pids(srv.proc.pid)
         assert workers
-        with srv.client() as client, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        with (
+            srv.client() as client,
+            _sealed_client(srv) as sealed,
+            concurrent.futures.ThreadPoolExecutor(2) as pool,
+        ):
             pending = pool.submit(_chat, client, "__sleep__:2 done")
+            # Encrypted requests in flight are drained too: the worker stops only after them.
+            pending_sealed = pool.submit(_chat, sealed, "__sleep__:2 sealed")
             time.sleep(0.7)
             srv.proc.send_signal(signal.SIGTERM)
             answer = pending.result(timeout=30)
+            sealed_answer = pending_sealed.result(timeout=30)
         assert answer.status_code == 200
+        assert sealed_answer.status_code == 200
+        assert sealed_answer.json()["choices"][0]["message"]["content"] == "__sleep__:2 sealed"
         # uvicorn re-raises the signal once its graceful shutdown is complete.
         assert srv.proc.wait(30) in (0, -signal.SIGTERM)
         assert "server.stopped" in srv.logs()

@@ -32,6 +32,7 @@ from bastion.gateway.gateway import Gateway
 from bastion.gateway.sealing import KEY_PROBLEM_TYPE, OhttpKeyProblem
 from bastion.identity.principal import Principal
 from bastion.workers.protocol import (
+    SEALED_FRAMING_ALLOWANCE,
     FromWorker,
     RequestFailed,
     SealedChunk,
@@ -40,8 +41,6 @@ from bastion.workers.protocol import (
 )
 
 MODEL_HEADER = "bastion-model"
-# Encapsulation and Binary HTTP framing around an inner body of up to max_body_bytes.
-_FRAMING_ALLOWANCE = 64 * 1024
 
 
 async def key_configuration(request: Request) -> Response:
@@ -78,7 +77,7 @@ async def sealed_request(request: Request) -> Response:
     request.state.model = model
     gateway.ready_model(model, None)
     gateway.admit(principal, model)
-    body = await read_body(request, gateway.settings.max_body_bytes + _FRAMING_ALLOWANCE)
+    body = await read_body(request, gateway.settings.max_body_bytes + SEALED_FRAMING_ALLOWANCE)
     try:
         gateway.sealing.check_request(body)
     except OhttpKeyProblem as exc:

@@ -136,6 +136,11 @@ class SealingKeys(Message, frozen=True, kw_only=True):
         return f"SealingKeys(version={self.version}, keys={len(self.keys)})"
 
 
+# An encapsulated request may exceed the inner body limit by this much (OHTTP and Binary
+# HTTP framing, headers); both the gateway and the worker allow it.
+SEALED_FRAMING_ALLOWANCE = 64 * 1024
+
+
 class SealedRequest(Message, frozen=True, kw_only=True):
     """An encapsulated OHTTP request, forwarded unopened; only the worker decapsulates it.
 

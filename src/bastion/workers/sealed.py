@@ -33,6 +33,7 @@ from bastion.errors import InvalidRequest, ModelNotFound
 from bastion.gateway.pipeline import require_capability
 from bastion.identity.principal import ROLE_CONSUMER, Principal
 from bastion.workers.protocol import (
+    SEALED_FRAMING_ALLOWANCE,
     FromWorker,
     Message,
     ModelMetadata,
@@ -47,8 +48,6 @@ from bastion.workers.protocol import (
 logger = logging.getLogger("bastion.worker.sealed")
 
 DATE_PROBLEM_TYPE = "https://iana.org/assignments/http-problem-types#date"
-# Binary HTTP requests carry at most this many bytes beyond the API's own body limit.
-_FRAMING_ALLOWANCE = 64 * 1024
 
 # A job for the runtime thread: the request, and where its replies go (any thread).
 Submit = Callable[[Any, Callable[[Message], None]], "JobHandle"]
@@ -252,7 +251,8 @@ class SealedServer:
         plaintext, context = opened
         try:
             inner = bhttp.decode_request(
-                plaintext, max_bytes=self._pipeline.settings.max_body_bytes + _FRAMING_ALLOWANCE
+                plaintext,
+                max_bytes=self._pipeline.settings.max_body_bytes + SEALED_FRAMING_ALLOWANCE,
             )
         except bhttp.BhttpError:
             inner = None
