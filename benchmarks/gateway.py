@@ -18,14 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -33,18 +31,21 @@ from gateway_report import checks, figures, medians, report
 from gateway_servers import (
     HERE,
     LITSERVE_VERSION,
+    WRK,
     BenchmarkError,
     Target,
     check_answers,
     litserve_python,
     measure_startup,
+    package_versions,
+    raise_interrupt,
     start_bastion,
     start_ceiling,
     start_litserve,
+    wrk_missing,
 )
 from proctree import Fleet, cpu_seconds, rss_mb
 
-WRK = "/usr/bin/wrk"
 TARGET_NAMES = ("ceiling", "bastion", "litserve")
 
 
@@ -166,25 +167,14 @@ def bastion_memory(target: Target) -> dict[str, Any]:
 
 
 def versions() -> dict[str, str]:
-    found = {"litserve": LITSERVE_VERSION, "python": platform.python_version()}
-    for package in ("bastion", "uvicorn", "starlette", "uvloop", "httptools"):
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            found[package] = "not installed"
-    return found
-
-
-def raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+    return package_versions(
+        ("bastion", "uvicorn", "starlette", "uvloop", "httptools"), litserve=LITSERVE_VERSION
+    )
 
 
 def main() -> int:
     args = parse_args()
-    if not os.access(WRK, os.X_OK):
-        print(
-            f"error: {WRK} is missing; install Debian's wrk: apt-get install wrk", file=sys.stderr
-        )
+    if wrk_missing():
         return 2
     # Stop the servers on SIGTERM as on Ctrl-C, also when started with SIGINT ignored (as a
     # background job of a script is).

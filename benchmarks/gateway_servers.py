@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import shutil
 import socket
@@ -19,6 +20,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -150,6 +152,32 @@ def start_litserve(fleet: Fleet, work: Path) -> Target:
     return Target("litserve", url, body, server, xkey=key)
 
 
+WRK = "/usr/bin/wrk"
+
+
+def wrk_missing() -> bool:
+    """True (after saying so on stderr) if Debian's wrk is not installed."""
+    if os.access(WRK, os.X_OK):
+        return False
+    print(f"error: {WRK} is missing; install Debian's wrk: apt-get install wrk", file=sys.stderr)
+    return True
+
+
+def raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def package_versions(packages: tuple[str, ...], **fixed: str) -> dict[str, str]:
+    """Installed versions of `packages` (and Python's), for the results file."""
+    found = {**fixed, "python": platform.python_version()}
+    for package in packages:
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
 def bastion_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
     # Warnings only, so access logs do not dominate the measurement.
@@ -161,20 +189,40 @@ def bastion(*args: str) -> list[str]:
     return [sys.executable, "-m", "bastion", *args]
 
 
-def start_bastion(fleet: Fleet, work: Path) -> Target:
-    """Bastion with the echo model and a tenant key scoped to it."""
+@dataclass
+class EchoBastion:
+    """A running `bastion serve` with the echo model and a tenant key scoped to it."""
+
+    server: Server
+    base: str
+    key: str
+    home: Path
+    env: dict[str, str]
+
+
+def start_echo_bastion(
+    fleet: Fleet,
+    work: Path,
+    *,
+    action: str,
+    echo_options: tuple[str, ...] = (),
+    env_extra: dict[str, str] | None = None,
+) -> EchoBastion:
+    """`bastion serve` with the echo model, and a tenant key allowed `action` on it."""
     env, home = bastion_env(), work / "home"
+    env.update(env_extra or {})
     init = json.loads(
         run_command(bastion("init", "--home", str(home), "--no-demo-models", "--json"), env)
     )
     admin = {"Authorization": f"Bearer {init['admin_key']}"}
     model_dir = work / "echo-model"
     model_dir.mkdir()
-    spec = json.dumps({"name": "input", "datatype": "FP32", "shape": [-1, 64]})
     add = ["models", "add", "echo", "--runtime", "echo", "--path", str(model_dir)]
-    run_command(bastion(*add, "--option", f"input={spec}", "--home", str(home)), env)
+    for option in echo_options:
+        add += ["--option", option]
+    run_command(bastion(*add, "--home", str(home)), env)
     run_command(bastion("tenants", "create", "bench", "--home", str(home), "--json"), env)
-    create_key = ["keys", "create", "--tenant", "bench", "--model", "echo", "--action", "infer"]
+    create_key = ["keys", "create", "--tenant", "bench", "--model", "echo", "--action", action]
     key = json.loads(run_command(bastion(*create_key, "--home", str(home), "--json"), env))["key"]
 
     port = free_port()
@@ -190,8 +238,15 @@ def start_bastion(fleet: Fleet, work: Path) -> Target:
         return state == "ready"
 
     wait_until(server, echo_ready, 120)
-    url, auth = f"{base}/v2/models/echo/infer", f"Bearer {key}"
-    return Target("bastion", url, oip_body(work), server, auth=auth)
+    return EchoBastion(server, base, key, home, env)
+
+
+def start_bastion(fleet: Fleet, work: Path) -> Target:
+    """Bastion with the echo model and a tenant key scoped to it (OIP inference)."""
+    spec = json.dumps({"name": "input", "datatype": "FP32", "shape": [-1, 64]})
+    echo = start_echo_bastion(fleet, work, action="infer", echo_options=(f"input={spec}",))
+    url, auth = f"{echo.base}/v2/models/echo/infer", f"Bearer {echo.key}"
+    return Target("bastion", url, oip_body(work), echo.server, auth=auth)
 
 
 def answered_values(name: str, answer: Any) -> list[Any]:

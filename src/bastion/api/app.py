@@ -29,8 +29,9 @@ def create_app(gateway: Gateway, identity: IdentityService) -> Starlette:
             await gateway.stop()
 
     app = Starlette(
-        # Inference routes first: Starlette tries routes in order, and they are the hot path.
-        routes=[*oip.routes, *openai.routes, *sealed.routes, *health.routes, *admin.routes],
+        # Inference routes first (encrypted, then plaintext): Starlette tries routes in order,
+        # and they are the hot path.
+        routes=[*sealed.routes, *oip.routes, *openai.routes, *health.routes, *admin.routes],
         middleware=[Middleware(AccessLog, metrics=gateway.metrics)],
         exception_handlers={
             BastionError: handle_bastion_error,

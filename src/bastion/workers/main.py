@@ -84,7 +84,9 @@ class _Job:
 
     __slots__ = ("cancel", "cancelled", "deliver", "request")
 
-    def __init__(self, request: Work, deliver: Callable[[Message], None] | None = None) -> None:
+    def __init__(
+        self, request: Work | SealedRequest, deliver: Callable[[Message], None] | None = None
+    ) -> None:
         self.request = request
         self.cancel = CancelToken()
         # Set by the main thread; once set, nothing more is sent for this request.
@@ -217,8 +219,15 @@ class Worker:
         if self._shutting_down:
             self._refuse_shutting_down(request.id)
             return
-        assert self._sealed is not None
-        self._sealed.submit(request)
+        if request.chunked:
+            # Streamed answers need an event loop that runs while the model generates.
+            assert self._sealed is not None
+            self._sealed.submit(request)
+            return
+        # A whole answer: opened, served and sealed on the runtime thread, like any job.
+        job = _Job(request)
+        self._jobs[request.id] = job
+        self._queue.put(job)
 
     def _refuse_shutting_down(self, request_id: int) -> None:
         self._send(
@@ -277,7 +286,11 @@ class Worker:
             while (job := self._queue.get()) is not None:
                 if job.cancelled:
                     continue
-                outcome = self._execute(runtime, job)
+                outcome: Message = (
+                    self._serve_sealed(runtime, job)
+                    if isinstance(job.request, SealedRequest)
+                    else self._execute(runtime, job)
+                )
                 if job.deliver is not None:
                     if not job.cancelled:
                         job.deliver(outcome)
@@ -291,9 +304,23 @@ class Worker:
             logger.error("the runtime thread failed", extra={"exc_type": type(exc).__name__})
             self._finish(EXIT_WORKER_ERROR)
 
+    def _serve_sealed(self, runtime: Runtime, job: _Job) -> Message:
+        """Open a sealed request, run its inner request here, return the sealed answer."""
+        request = job.request
+        assert isinstance(request, SealedRequest) and self._sealed is not None
+
+        def run_inner(work: Work, deliver: Callable[[Message], None]) -> Outcome:
+            inner = _Job(msgspec.structs.replace(work, id=0), deliver)
+            # A Cancel for the sealed request stops the model's work on its inner request.
+            inner.cancel = job.cancel
+            return self._execute(runtime, inner)
+
+        return self._sealed.serve_inline(request, run_inner)
+
     def _execute(self, runtime: Runtime, job: _Job) -> Outcome:
         """Run one request and return its answer; any failure is RequestFailed."""
         request = job.request
+        assert not isinstance(request, SealedRequest)
         send = job.deliver or self._send
         try:
             if isinstance(request, Generate):

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import Any, cast
 
 import msgspec
@@ -51,6 +51,9 @@ DATE_PROBLEM_TYPE = "https://iana.org/assignments/http-problem-types#date"
 
 # A job for the runtime thread: the request, and where its replies go (any thread).
 Submit = Callable[[Any, Callable[[Message], None]], "JobHandle"]
+# Runs an inner request on the calling thread, handing partial replies to the callback,
+# and returns the final reply.
+RunInline = Callable[[Any, Callable[[Message], None]], Message]
 
 
 class JobHandle:
@@ -68,6 +71,10 @@ class _Usage:
 
 _PRINCIPAL: contextvars.ContextVar[Principal] = contextvars.ContextVar("bastion_sealed_principal")
 _USAGE: contextvars.ContextVar[_Usage] = contextvars.ContextVar("bastion_sealed_usage")
+# Set while a request is served on the runtime thread itself (see serve_inline).
+_INLINE: contextvars.ContextVar[RunInline | None] = contextvars.ContextVar(
+    "bastion_sealed_inline", default=None
+)
 
 
 class SealedPipeline:
@@ -129,6 +136,15 @@ class SealedPipeline:
         return final
 
     async def stream(self, model: str, message: Any) -> AsyncIterator[FromWorker]:
+        run_inline = _INLINE.get()
+        if run_inline is not None:
+            # On the runtime thread, for an answer sent whole: run the model right here.
+            partial: list[FromWorker] = []
+            final = run_inline(message, lambda reply: partial.append(cast(FromWorker, reply)))
+            for reply in partial:
+                yield reply
+            yield cast(FromWorker, final)
+            return
         loop = asyncio.get_running_loop()
         replies: asyncio.Queue[FromWorker] = asyncio.Queue()
 
@@ -170,6 +186,10 @@ class SealedServer:
         self._keys: SealingKeys | None = None
         self._gateway_keys: dict[int, tuple[ohttp.GatewayKey, float | None]] = {}
         self._loop = asyncio.new_event_loop()
+        # The runtime thread's own loop for serve_inline (created there on first use).
+        self._inline_loop: asyncio.AbstractEventLoop | None = None
+        # The last Date header accepted and its time: clients reuse one for a second.
+        self._last_date: tuple[str, float] = ("", 0.0)
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._lock = threading.Lock()
         self._active = 0
@@ -204,6 +224,15 @@ class SealedServer:
         self._keys = keys
         self._gateway_keys = gateway_keys
 
+    def serve_inline(self, request: SealedRequest, run_inline: RunInline) -> Message:
+        """Serve a (non-chunked) sealed request on the calling thread, the runtime thread:
+        no hand-over between threads. Returns the SealedResponse or RequestFailed."""
+        if self._inline_loop is None:
+            self._inline_loop = asyncio.new_event_loop()
+        answers: list[Message] = []
+        self._inline_loop.run_until_complete(self._serve(request, answers.append, run_inline))
+        return answers[-1]
+
     def submit(self, request: SealedRequest) -> None:
         with self._lock:
             self._active += 1
@@ -228,7 +257,7 @@ class SealedServer:
     # ------------------------------------------------------------------ loop thread
 
     def _start(self, request: SealedRequest) -> None:
-        task = self._loop.create_task(self._serve(request))
+        task = self._loop.create_task(self._serve(request, self._send))
         self._tasks[request.id] = task
         task.add_done_callback(lambda _: self._finished(request.id))
 
@@ -242,11 +271,16 @@ class SealedServer:
         if callback is not None:
             callback()
 
-    async def _serve(self, request: SealedRequest) -> None:
+    async def _serve(
+        self,
+        request: SealedRequest,
+        send: Callable[[Message], None],
+        run_inline: RunInline | None = None,
+    ) -> None:
         try:
             opened = self._open(request)
         except ohttp.OhttpError as exc:
-            self._send(_refusal(request.id, exc))
+            send(_refusal(request.id, exc))
             return
         plaintext, context = opened
         try:
@@ -256,9 +290,10 @@ class SealedServer:
             )
         except bhttp.BhttpError:
             inner = None
-        exchange = _Exchange(request, context, self._send)
+        exchange = _Exchange(request, context, send)
         usage = _Usage()
         _USAGE.set(usage)
+        _INLINE.set(run_inline)
         _PRINCIPAL.set(
             Principal(
                 key_id="sealed",
@@ -304,13 +339,19 @@ class SealedServer:
         value = inner.header("date")
         if value is None:
             return "The encrypted request has no Date header field."
-        try:
-            sent = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return "The encrypted request's Date header field is not a valid date."
-        if sent.tzinfo is None:
-            sent = sent.replace(tzinfo=UTC)
-        if abs((datetime.now(UTC) - sent).total_seconds()) > window:
+        last_value, last_time = self._last_date
+        if value == last_value:
+            sent = last_time
+        else:
+            try:
+                parsed = email.utils.parsedate_to_datetime(value)
+            except (TypeError, ValueError):
+                return "The encrypted request's Date header field is not a valid date."
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=UTC)
+            sent = parsed.timestamp()
+            self._last_date = (value, sent)
+        if abs(time.time() - sent) > window:
             return "date field in request outside of acceptable range"
         return None
 
