@@ -9,7 +9,7 @@ NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test check lint typecheck bench clean-venv
+.PHONY: serve test check lint typecheck bench bench-ohttp clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,9 @@ check: lint typecheck test
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/gateway.py $(BENCH_ARGS)
+
+bench-ohttp: $(STAMP)
+	$(BIN)/python benchmarks/ohttp.py $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

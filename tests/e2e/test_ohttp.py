@@ -4,6 +4,7 @@ gateway's refusals of what is not a proper encrypted request."""
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import re
 from pathlib import Path
@@ -281,3 +282,50 @@ def test_binary_http_inner_request_needs_date(
     assert answer.status == 400
     assert json.loads(answer.content)["type"].endswith("#date")
     assert answer.header("date") is not None
+
+
+def test_streamed_inner_request_in_a_whole_answer(server: BastionServer, consumer_key: str) -> None:
+    """`stream: true` inside a plain (not chunked) OHTTP request: the whole event stream
+    comes back in one encrypted answer."""
+    config = ohttp.decode_key_configs(httpx.get(f"{server.url}/.well-known/ohttp-gateway").content)[
+        0
+    ]
+    body = {"model": "echo", "messages": [{"role": "user", "content": "a b c"}], "stream": True}
+    inner = bhttp.encode_request(
+        bhttp.Request(
+            method="POST",
+            scheme="https",
+            authority="bastion",
+            path="/v1/chat/completions",
+            headers=(
+                ("content-type", "application/json"),
+                ("date", email.utils.formatdate(usegmt=True)),
+            ),
+            content=json.dumps(body).encode(),
+        )
+    )
+    data, context = ohttp.encapsulate_request(config, inner)
+    response = httpx.post(
+        f"{server.url}/v1/ohttp",
+        content=data,
+        headers={
+            "authorization": f"Bearer {consumer_key}",
+            "bastion-model": "echo",
+            "content-type": "message/ohttp-req",
+        },
+    )
+    assert response.status_code == 200
+    assert response.headers["cache-control"] == "no-store"
+    answer = bhttp.decode_response(context.open(response.content))
+    assert answer.status == 200
+    assert (answer.header("content-type") or "").startswith("text/event-stream")
+    events = [
+        line[6:] for line in answer.content.decode().splitlines() if line.startswith("data: ")
+    ]
+    assert events[-1] == "[DONE]"
+    text = "".join(
+        c["choices"][0]["delta"].get("content", "")
+        for c in map(json.loads, events[:-1])
+        if c["choices"]
+    )
+    assert text == "a b c"
