@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import signal
 import time
@@ -16,10 +17,12 @@ from bastion.client import OHTTPTransport
 from bastion_testing import BastionServer, add_echo_model, cli_json, ohttp_fingerprints, run_cli
 
 
-def _chat(client: httpx.Client, text: str, model: str = "echo") -> httpx.Response:
+def _chat(
+    client: httpx.Client, text: str, model: str = "echo", *, stream: bool = False
+) -> httpx.Response:
     return client.post(
         "/v1/chat/completions",
-        json={"model": model, "messages": [{"role": "user", "content": text}]},
+        json={"model": model, "messages": [{"role": "user", "content": text}], "stream": stream},
     )
 
 
@@ -79,13 +82,15 @@ def test_encrypted_requests_crash_deadline_and_cancel(small: BastionServer) -> N
     with _sealed_client(small) as sealed:
         small.wait_model("echo-b", "ready")
         # Past the deadline: 504 (unencrypted, from the gateway), and the job is cancelled
-        # inside the worker, which answers the next request at once.
-        assert _chat(sealed, "__sleep__:30", "echo-b").status_code == 504
-        start = time.monotonic()
-        answer = _chat(sealed, "after the deadline", "echo-b")
-        assert answer.status_code == 200
-        assert answer.json()["choices"][0]["message"]["content"] == "after the deadline"
-        assert time.monotonic() - start < 20
+        # inside the worker, which answers the next request at once. Whole answers are
+        # served on the runtime thread, streamed ones on the sealed event loop: both.
+        for stream in (False, True):
+            assert _chat(sealed, "__sleep__:30", "echo-b", stream=stream).status_code == 504
+            start = time.monotonic()
+            answer = _chat(sealed, "after the deadline", "echo-b")
+            assert answer.status_code == 200
+            assert answer.json()["choices"][0]["message"]["content"] == "after the deadline"
+            assert time.monotonic() - start < 20
         # A worker that dies while holding an encrypted request: 503, then it comes back.
         assert _chat(sealed, "__crash__", "echo-b").status_code == 503
         small.wait_model("echo-b", "ready", timeout=60)
@@ -131,18 +136,26 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
         with (
             srv.client() as client,
             _sealed_client(srv) as sealed,
-            concurrent.futures.ThreadPoolExecutor(2) as pool,
+            concurrent.futures.ThreadPoolExecutor(3) as pool,
         ):
             pending = pool.submit(_chat, client, "__sleep__:2 done")
             # Encrypted requests in flight are drained too: the worker stops only after them.
             pending_sealed = pool.submit(_chat, sealed, "__sleep__:2 sealed")
+            pending_stream = pool.submit(_chat, sealed, "__sleep__:2 streamed", stream=True)
             time.sleep(0.7)
             srv.proc.send_signal(signal.SIGTERM)
             answer = pending.result(timeout=30)
             sealed_answer = pending_sealed.result(timeout=30)
+            streamed = pending_stream.result(timeout=30)
         assert answer.status_code == 200
         assert sealed_answer.status_code == 200
         assert sealed_answer.json()["choices"][0]["message"]["content"] == "__sleep__:2 sealed"
+        assert streamed.status_code == 200
+        assert "__sleep__:2 streamed" in "".join(
+            json.loads(line[6:])["choices"][0]["delta"].get("content", "")
+            for line in streamed.text.splitlines()
+            if line.startswith("data: {") and '"choices":[{' in line
+        )
         # uvicorn re-raises the signal once its graceful shutdown is complete.
         assert srv.proc.wait(30) in (0, -signal.SIGTERM)
         assert "server.stopped" in srv.logs()

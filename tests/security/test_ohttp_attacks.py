@@ -166,6 +166,19 @@ def test_unknown_key_id_and_suite_get_the_key_problem(
     assert _post(server, consumer_key, other_aead).json()["type"] == KEY_PROBLEM
 
 
+def test_a_forged_copy_cannot_block_the_genuine_request(
+    server: BastionServer, consumer_key: str
+) -> None:
+    # Someone who sees the request in flight sends a tampered copy first (same enc): it
+    # does not decrypt, and so does not make the genuine one look like a replay.
+    data, context = _seal(_config(server), ECHO)
+    forged = bytearray(data)
+    forged[-1] ^= 0x01
+    assert _post(server, consumer_key, bytes(forged)).json()["error"]["code"] == "ohttp_decrypt"
+    assert _open(context, _post(server, consumer_key, data)).status == 200
+    assert _post(server, consumer_key, data).json()["error"]["code"] == "ohttp_replay"
+
+
 def test_replayed_request_is_refused(server: BastionServer, consumer_key: str) -> None:
     data, context = _seal(_config(server), ECHO)
     assert _open(context, _post(server, consumer_key, data)).status == 200

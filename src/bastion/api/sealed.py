@@ -79,7 +79,7 @@ async def sealed_request(request: Request) -> Response:
     gateway.admit(principal, model)
     body = await read_body(request, gateway.settings.max_body_bytes + SEALED_FRAMING_ALLOWANCE)
     try:
-        gateway.sealing.check_request(body)
+        header = gateway.sealing.check_request(body)
     except OhttpKeyProblem as exc:
         _refused(gateway, principal, exc.code)
         return _key_problem(exc)
@@ -88,10 +88,10 @@ async def sealed_request(request: Request) -> Response:
         raise
     message = SealedRequest(id=0, data=body, chunked=chunked, actions=actions)
     if chunked:
-        return await _stream(gateway, principal, model, message)
+        return await _stream(gateway, principal, model, message, header.enc)
     reply = await gateway.call(model, message)
     if not isinstance(reply, SealedResponse):
-        return _failure(gateway, principal, reply)
+        return _failure(gateway, principal, reply, header.enc)
     gateway.account(model, principal, reply.prompt_tokens, reply.completion_tokens)
     # No cache may keep an answer: it is one client's, and may carry a Date correction.
     return Response(
@@ -100,7 +100,7 @@ async def sealed_request(request: Request) -> Response:
 
 
 async def _stream(
-    gateway: Gateway, principal: Principal, model: str, message: SealedRequest
+    gateway: Gateway, principal: Principal, model: str, message: SealedRequest, enc: bytes
 ) -> Response:
     replies = gateway.stream(model, message)
     # The first reply is awaited before the response starts, so that a request the worker
@@ -112,7 +112,7 @@ async def _stream(
         raise
     if not isinstance(first, SealedChunk | SealedResponse):
         await replies.aclose()  # type: ignore[attr-defined]
-        return _failure(gateway, principal, first)
+        return _failure(gateway, principal, first, enc)
 
     async def chunks() -> AsyncIterator[bytes]:
         reply: FromWorker | None = first
@@ -140,9 +140,10 @@ async def _stream(
     )
 
 
-def _failure(gateway: Gateway, principal: Principal, reply: FromWorker) -> Response:
+def _failure(gateway: Gateway, principal: Principal, reply: FromWorker, enc: bytes) -> Response:
     """The unencrypted answer to a request the worker could not open, or could not serve."""
     if isinstance(reply, RequestFailed) and reply.code.startswith("ohttp_"):
+        gateway.sealing.replays.forget(enc)
         _refused(gateway, principal, reply.code)
         if reply.code == "ohttp_key":
             return _key_problem(

@@ -21,10 +21,13 @@ another key is refused, so nobody in between can substitute a key of their own.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
+import fcntl
 import json
 import os
 import re
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC
@@ -116,9 +119,12 @@ class OHTTPTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         inner = self._inner_transport()
         if _passes_through(request):
+            self._check_direct(request)
             return inner.handle_request(request)
         request.read()
-        date_retried = False
+        # Each reason to send again is honoured once: the outer key problem is not
+        # authenticated, and RFC 9458 §6.5.2 allows one retry with a corrected date.
+        retried: set[str] = set()
         for attempt in range(_ATTEMPTS):
             origin = _origin(request.url)
             config = self._configs.get(origin)
@@ -128,7 +134,7 @@ class OHTTPTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             exchange = _Exchange(self, request, config)
             response = inner.handle_request(exchange.outer)
             last = attempt == _ATTEMPTS - 1
-            if _is_chunked(response):
+            if _is_chunked(exchange, response):
                 answer = exchange.chunk_decoder()
                 raw = response.iter_bytes()
                 for data in raw:
@@ -138,21 +144,21 @@ class OHTTPTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 if (
                     answer.head is not None
                     and answer.head.status == 400
-                    and not (date_retried or last)
+                    and not ("date" in retried or last)
                 ):
                     for data in raw:
                         answer.feed(data)
                     answer.finish()
                     if self._learn_date(answer.head.headers, b"".join(answer.body)):
-                        date_retried = True
+                        retried.add("date")
                         response.close()
                         continue
                 return _streamed_sync(exchange, response, answer, raw)
             body = response.read()
             retry = None if last else self._retry_reason(exchange, response, body)
-            if retry is None or (retry == "date" and date_retried):
+            if retry is None or retry in retried:
                 return exchange.answer(response, body)
-            date_retried = date_retried or retry == "date"
+            retried.add(retry)
         raise AssertionError("unreachable")
 
     def close(self) -> None:
@@ -169,9 +175,12 @@ class OHTTPTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         inner = self._inner_async_transport()
         if _passes_through(request):
+            self._check_direct(request)
             return await inner.handle_async_request(request)
         await request.aread()
-        date_retried = False
+        # Each reason to send again is honoured once: the outer key problem is not
+        # authenticated, and RFC 9458 §6.5.2 allows one retry with a corrected date.
+        retried: set[str] = set()
         for attempt in range(_ATTEMPTS):
             origin = _origin(request.url)
             config = self._configs.get(origin)
@@ -181,7 +190,7 @@ class OHTTPTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             exchange = _Exchange(self, request, config)
             response = await inner.handle_async_request(exchange.outer)
             last = attempt == _ATTEMPTS - 1
-            if _is_chunked(response):
+            if _is_chunked(exchange, response):
                 answer = exchange.chunk_decoder()
                 raw = response.aiter_bytes()
                 async for data in raw:
@@ -191,21 +200,21 @@ class OHTTPTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 if (
                     answer.head is not None
                     and answer.head.status == 400
-                    and not (date_retried or last)
+                    and not ("date" in retried or last)
                 ):
                     async for data in raw:
                         answer.feed(data)
                     answer.finish()
                     if self._learn_date(answer.head.headers, b"".join(answer.body)):
-                        date_retried = True
+                        retried.add("date")
                         await response.aclose()
                         continue
                 return _streamed_async(exchange, response, answer, raw)
             body = await response.aread()
             retry = None if last else self._retry_reason(exchange, response, body)
-            if retry is None or (retry == "date" and date_retried):
+            if retry is None or retry in retried:
                 return exchange.answer(response, body)
-            date_retried = date_retried or retry == "date"
+            retried.add(retry)
         raise AssertionError("unreachable")
 
     async def aclose(self) -> None:
@@ -266,14 +275,32 @@ class OHTTPTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
     def _store_pin(self, origin: str, fingerprint: str) -> None:
         if self._pin_file is None:
             return
-        pins = _read_pins(self._pin_file)
-        pins[origin] = [fingerprint]
         self._pin_file.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self._pin_file.with_suffix(".tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(pins, handle, indent=2)
-        os.replace(temporary, self._pin_file)
+        lock_path = self._pin_file.with_name(self._pin_file.name + ".lock")
+        lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            # Another client may be pinning another server in the same file right now.
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            pins = _read_pins(self._pin_file)
+            existing = pins.get(origin)
+            if existing and fingerprint not in existing:
+                raise OHTTPKeyError(
+                    "Another client pinned a different OHTTP key for this server meanwhile."
+                )
+            pins[origin] = existing or [fingerprint]
+            fd, temporary = tempfile.mkstemp(
+                dir=self._pin_file.parent, prefix=self._pin_file.name, suffix=".tmp"
+            )
+            try:
+                with os.fdopen(fd, "w") as handle:
+                    json.dump(pins, handle, indent=2)
+                os.replace(temporary, self._pin_file)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
+                raise
+        finally:
+            os.close(lock_fd)
 
     # ------------------------------------------------------------------ retries
 
@@ -288,7 +315,11 @@ class OHTTPTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 self._configs.pop(_origin(exchange.request.url), None)
                 return "key"
             return None
-        if response.status_code == 200 and content_type.startswith(ohttp.RESPONSE_MEDIA_TYPE):
+        if (
+            not exchange.streaming
+            and response.status_code == 200
+            and content_type.startswith(ohttp.RESPONSE_MEDIA_TYPE)
+        ):
             inner = exchange.open_buffered(body)
             if inner.status == 400 and self._learn_date(inner.headers, inner.content):
                 return "date"
@@ -312,6 +343,14 @@ class OHTTPTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             server = server.replace(tzinfo=UTC)
         self._clock_offset = server.timestamp() - time.time()
         return True
+
+    def _check_direct(self, request: httpx.Request) -> None:
+        """A request sent unencrypted must not bypass a configured relay."""
+        if self._gateway_url is not None:
+            raise OHTTPError(
+                f"{request.method} requests without a body are not sent through the OHTTP "
+                "relay; make them with a client of their own."
+            )
 
     def date_header(self) -> str:
         return email.utils.formatdate(time.time() + self._clock_offset, usegmt=True)
@@ -378,9 +417,22 @@ class _Exchange:
         return self._opened
 
     def answer(self, response: httpx.Response, body: bytes) -> httpx.Response:
-        """The httpx.Response the caller sees: the inner answer, or an outer error as is."""
+        """The httpx.Response the caller sees: the inner answer, or an outer error as is.
+
+        Only a 4xx or 5xx is passed on unencrypted (a refusal before decryption). Anything
+        else that is not the encrypted answer this request asked for (a plain 200, a
+        redirect) is refused: an intermediary must not be able to answer for the model,
+        or send the request elsewhere.
+        """
         content_type = response.headers.get("content-type", "")
-        if response.status_code == 200 and content_type.startswith(ohttp.RESPONSE_MEDIA_TYPE):
+        if response.status_code < 400:
+            if self.streaming or not (
+                response.status_code == 200 and content_type.startswith(ohttp.RESPONSE_MEDIA_TYPE)
+            ):
+                raise OHTTPError(
+                    f"The server answered HTTP {response.status_code} without the encrypted "
+                    "answer; refusing it."
+                )
             inner = self.open_buffered(body)
             return httpx.Response(
                 inner.status,
@@ -508,7 +560,12 @@ def _streamed_async(
 
 def _passes_through(request: httpx.Request) -> bool:
     """Requests without a payload or a model (listing models) go as they are."""
-    return request.method in ("GET", "HEAD") and not request.headers.get("content-length")
+    headers = request.headers
+    return (
+        request.method in ("GET", "HEAD")
+        and headers.get("content-length", "0") == "0"
+        and "transfer-encoding" not in headers
+    )
 
 
 def _origin(url: httpx.URL) -> str:
@@ -529,9 +586,12 @@ def _model_and_stream(request: httpx.Request, body: bytes) -> tuple[str, bool]:
     return payload["model"], payload.get("stream") is True
 
 
-def _is_chunked(response: httpx.Response) -> bool:
-    return response.status_code == 200 and response.headers.get("content-type", "").startswith(
-        ohttp.CHUNKED_RESPONSE_MEDIA_TYPE
+def _is_chunked(exchange: _Exchange, response: httpx.Response) -> bool:
+    """Whether this is the chunked encrypted answer a streaming request asked for."""
+    return (
+        exchange.streaming
+        and response.status_code == 200
+        and response.headers.get("content-type", "").startswith(ohttp.CHUNKED_RESPONSE_MEDIA_TYPE)
     )
 
 

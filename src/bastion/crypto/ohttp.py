@@ -46,6 +46,8 @@ DEFAULT_SUITES: tuple[tuple[int, int], ...] = (
 # A receiver must accept chunks of 2**14 bytes (draft section 3); the default leaves room for
 # much larger ones while bounding what a hostile length prefix can make us buffer.
 DEFAULT_MAX_CHUNK_SIZE = 1 << 24
+# Most chunks a server opens in one chunked request.
+DEFAULT_MAX_REQUEST_CHUNKS = 1024
 
 _HEADER = struct.Struct(">BHHH")
 _SUITE = struct.Struct(">HH")
@@ -693,20 +695,26 @@ def encapsulate_chunked_request(
 
 
 def decapsulate_chunked_request(
-    keys: Mapping[int, GatewayKey], data: bytes
+    keys: Mapping[int, GatewayKey],
+    data: bytes,
+    *,
+    max_chunks: int = DEFAULT_MAX_REQUEST_CHUNKS,
 ) -> tuple[bytes, ChunkedServerResponseContext]:
     """Open a whole message/ohttp-chunked-req body; returns the concatenated plaintext.
 
     Raises UnknownKey, UnsupportedSuite, MalformedMessage or DecryptionFailed; a message
-    without an authentic final chunk is refused.
+    without an authentic final chunk is refused, and so is one of more than `max_chunks`
+    chunks (each costs an AEAD operation: tiny chunks would multiply the work).
     """
     header, context = _open_context(keys, data, CHUNKED_REQUEST_LABEL)
-    plaintexts = []
+    plaintexts: list[bytes] = []
     pos = header.size
     try:
         while True:
             if pos >= len(data):
                 raise DecryptionFailed("the request ended before its final chunk")
+            if len(plaintexts) >= max_chunks:
+                raise MalformedMessage("too many request chunks")
             length, pos = _decode_varint(data, pos)
             if length == 0:
                 plaintexts.append(context.open(data[pos:], FINAL_CHUNK_AAD))

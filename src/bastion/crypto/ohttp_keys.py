@@ -29,7 +29,7 @@ from bastion.audit.events import (
 from bastion.crypto import hpke
 from bastion.crypto.keyring import KeyRing
 from bastion.crypto.ohttp import GatewayKey, KeyConfig
-from bastion.errors import InvalidRequest
+from bastion.errors import Conflict, InvalidRequest
 from bastion.store.db import Database
 from bastion.store.tables import ohttp_keys
 
@@ -226,11 +226,21 @@ class OhttpKeyStore:
             previous_id = conn.execute(
                 sa.select(ohttp_keys.c.key_id).where(ohttp_keys.c.id == last)
             ).scalar_one()
+        # The next id after the last one used, skipping ids of keys still accepted: a
+        # retired key's id comes back as late as possible.
         key_id = next(
-            candidate % 256
-            for candidate in range(previous_id + 1, previous_id + 257)
-            if candidate % 256 not in taken
+            (
+                candidate % 256
+                for candidate in range(previous_id + 1, previous_id + 257)
+                if candidate % 256 not in taken
+            ),
+            None,
         )
+        if key_id is None:
+            raise Conflict(
+                "All 256 OHTTP key ids belong to keys still accepted; rotate with --grace 0 "
+                "to retire the older ones."
+            )
         key = GatewayKey.generate(key_id, suites=DEFAULT_SUITES)
         config = key.config()
         fingerprint = config.fingerprint()

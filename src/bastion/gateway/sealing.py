@@ -63,6 +63,11 @@ class ReplayGuard:
             )
         seen[enc] = now + self._ttl_s
 
+    def forget(self, enc: bytes) -> None:
+        """Forget a request that did not decrypt: it ran nothing, and keeping its `enc`
+        would let anyone who saw it in flight block the genuine request with a forged copy."""
+        self._seen.pop(enc, None)
+
 
 class SealingState:
     """The OHTTP key set in force: published configuration, accepted ids, worker message."""

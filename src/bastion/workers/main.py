@@ -34,7 +34,13 @@ import msgspec
 
 from bastion.observability.logging import configure_logging
 from bastion.runtimes.base import CancelToken, Runtime, RuntimeInputError, load_runtime
-from bastion.workers.framing import MAX_MESSAGE_BYTES, FrameDecoder, FrameTooLarge, encode_frame
+from bastion.workers.framing import (
+    HEADER_BYTES,
+    MAX_MESSAGE_BYTES,
+    FrameDecoder,
+    FrameTooLarge,
+    encode_frame,
+)
 from bastion.workers.protocol import (
     Cancel,
     Embed,
@@ -297,7 +303,7 @@ class Worker:
                     continue
                 self._jobs.pop(job.request.id, None)
                 if not job.cancelled:
-                    self._send_frame(encode_frame(outcome))
+                    self._send(outcome)
             self._finish(EXIT_OK)
         except Exception as exc:
             # The type only: messages and tracebacks can quote a request.
@@ -376,7 +382,23 @@ class Worker:
     # ------------------------------------------------------------------ sending
 
     def _send(self, message: Message) -> None:
-        self._send_frame(encode_frame(message))
+        frame = encode_frame(message)
+        if len(frame) - HEADER_BYTES > MAX_MESSAGE_BYTES:
+            # The gateway would treat a bigger frame as a fault and kill this worker:
+            # refuse this one answer instead.
+            request_id = getattr(message, "id", None)
+            if request_id is None:
+                raise ValueError("an oversized message that answers no request")
+            logger.warning("an answer was too large for the IPC channel")
+            frame = encode_frame(
+                RequestFailed(
+                    id=request_id,
+                    status=500,
+                    code="answer_too_large",
+                    message="The answer is too large to send.",
+                )
+            )
+        self._send_frame(frame)
 
     def _send_frame(self, frame: bytearray) -> None:
         """Write one whole frame; any thread may call it."""

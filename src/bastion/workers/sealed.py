@@ -32,6 +32,7 @@ from bastion.crypto import bhttp, hpke, ohttp
 from bastion.errors import InvalidRequest, ModelNotFound
 from bastion.gateway.pipeline import require_capability
 from bastion.identity.principal import ROLE_CONSUMER, Principal
+from bastion.workers.framing import MAX_MESSAGE_BYTES
 from bastion.workers.protocol import (
     SEALED_FRAMING_ALLOWANCE,
     FromWorker,
@@ -48,6 +49,10 @@ from bastion.workers.protocol import (
 logger = logging.getLogger("bastion.worker.sealed")
 
 DATE_PROBLEM_TYPE = "https://iana.org/assignments/http-problem-types#date"
+# Body bytes per chunk of a chunked answer, and the largest whole answer: both keep each
+# IPC message far below the frame limit (MAX_MESSAGE_BYTES).
+SEALED_CHUNK_BYTES = 1024 * 1024
+MAX_WHOLE_ANSWER_BYTES = MAX_MESSAGE_BYTES - 64 * 1024
 
 # A job for the runtime thread: the request, and where its replies go (any thread).
 Submit = Callable[[Any, Callable[[Message], None]], "JobHandle"]
@@ -191,6 +196,9 @@ class SealedServer:
         # The last Date header accepted and its time: clients reuse one for a second.
         self._last_date: tuple[str, float] = ("", 0.0)
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        # Ids handed to the loop and not finished, and those cancelled meanwhile.
+        self._submitted: set[int] = set()
+        self._cancelled: set[int] = set()
         self._lock = threading.Lock()
         self._active = 0
         self._on_idle: Callable[[], None] | None = None
@@ -236,14 +244,17 @@ class SealedServer:
     def submit(self, request: SealedRequest) -> None:
         with self._lock:
             self._active += 1
+            self._submitted.add(request.id)
         self._loop.call_soon_threadsafe(self._start, request)
 
     def cancel(self, request_id: int) -> bool:
         """Cancel the sealed request `request_id`; False if it is not one of ours."""
-        task = self._tasks.get(request_id)
-        if task is None:
-            return False
-        self._loop.call_soon_threadsafe(task.cancel)
+        with self._lock:
+            if request_id not in self._submitted:
+                return False
+            # Not started yet: _start sees the mark. Started: its task is cancelled.
+            self._cancelled.add(request_id)
+        self._loop.call_soon_threadsafe(self._cancel_task, request_id)
         return True
 
     def when_idle(self, callback: Callable[[], None]) -> None:
@@ -257,13 +268,25 @@ class SealedServer:
     # ------------------------------------------------------------------ loop thread
 
     def _start(self, request: SealedRequest) -> None:
+        with self._lock:
+            cancelled = request.id in self._cancelled
+        if cancelled:
+            self._finished(request.id)
+            return
         task = self._loop.create_task(self._serve(request, self._send))
         self._tasks[request.id] = task
         task.add_done_callback(lambda _: self._finished(request.id))
 
+    def _cancel_task(self, request_id: int) -> None:
+        task = self._tasks.get(request_id)
+        if task is not None:
+            task.cancel()
+
     def _finished(self, request_id: int) -> None:
         self._tasks.pop(request_id, None)
         with self._lock:
+            self._submitted.discard(request_id)
+            self._cancelled.discard(request_id)
             self._active -= 1
             callback = self._on_idle if self._active == 0 else None
             if callback is not None:
@@ -318,8 +341,13 @@ class SealedServer:
         except Exception as exc:
             # The type only: a message could quote the request.
             logger.error("a sealed request failed", extra={"exc_type": type(exc).__name__})
-            if not exchange.started:
-                await exchange.problem(500, "about:blank", "The request failed.")
+            if exchange.streamed_some:
+                # Part of the answer has left: end without the final chunk, so that the
+                # client sees the answer cut short rather than a complete-looking one.
+                send(_failed(request.id))
+                return
+            exchange.restart()
+            await exchange.problem(500, "about:blank", "The request failed.")
         exchange.finish(usage)
 
     def _open(self, request: SealedRequest) -> tuple[bytes, Any]:
@@ -370,6 +398,8 @@ class _Exchange:
         self._body: list[bytes] = []
         self._encoder = bhttp.ResponseEncoder()
         self._pending = b""
+        # A chunked answer of which a chunk has left the worker.
+        self.streamed_some = False
 
     async def asgi_send(self, message: MutableMapping[str, Any]) -> None:
         kind = message["type"]
@@ -381,17 +411,17 @@ class _Exchange:
                 for name, value in message.get("headers", [])
             ]
             if self._chunked:
-                head = self._encoder.head(self._status, _chunk_headers(self._headers))
-                self._pending = self._context.start() + self._context.seal_chunk(head)
+                # Sealed with the first piece of body: until then it can still be replaced.
+                self._pending = self._encoder.head(self._status, _chunk_headers(self._headers))
         elif kind == "http.response.body":
             body = message.get("body", b"")
             if not self._chunked:
                 self._body.append(body)
                 return
-            if body:
-                data = self._pending + self._context.seal_chunk(self._encoder.body(body))
-                self._pending = b""
-                self._send(SealedChunk(id=self._id, data=data))
+            # Each message stays well under the IPC frame limit, however big the body.
+            for start in range(0, len(body), SEALED_CHUNK_BYTES):
+                piece = self._encoder.body(body[start : start + SEALED_CHUNK_BYTES])
+                self._send(SealedChunk(id=self._id, data=self._seal_chunk(piece)))
 
     async def problem(self, status: int, problem_type: str, title: str) -> None:
         """Answer with an RFC 9457 problem document, carrying the server's Date."""
@@ -409,14 +439,41 @@ class _Exchange:
         )
         await self.asgi_send({"type": "http.response.body", "body": body})
 
+    def _seal_chunk(self, plaintext: bytes) -> bytes:
+        nonce = self._start_chunks()
+        data: bytes = nonce + self._context.seal_chunk(self._pending + plaintext)
+        self._pending = b""
+        return data
+
+    def _start_chunks(self) -> bytes:
+        """The response nonce, which precedes the first chunk (b"" after that)."""
+        if self.streamed_some:
+            return b""
+        self.streamed_some = True
+        nonce: bytes = self._context.start()
+        return nonce
+
+    def restart(self) -> None:
+        """Forget an answer begun but not sent (a whole answer, or nothing streamed yet)."""
+        self.started = False
+        self._body = []
+        self._pending = b""
+        self._encoder = bhttp.ResponseEncoder()
+
     def finish(self, usage: _Usage) -> None:
         if self._chunked:
-            data = self._pending + self._context.seal_final(self._encoder.end())
+            nonce = self._start_chunks()
+            data = nonce + self._context.seal_final(self._pending + self._encoder.end())
+            self._pending = b""
         else:
             response = bhttp.Response(
                 status=self._status, headers=tuple(self._headers), content=b"".join(self._body)
             )
-            data = self._context.seal(bhttp.encode_response(response))
+            message = bhttp.encode_response(response)
+            if len(message) > MAX_WHOLE_ANSWER_BYTES:
+                # It would not fit in one IPC frame: say so, encrypted, instead.
+                message = bhttp.encode_response(_too_large())
+            data = self._context.seal(message)
         self._send(
             SealedResponse(
                 id=self._id,
@@ -425,6 +482,30 @@ class _Exchange:
                 completion_tokens=usage.completion_tokens,
             )
         )
+
+
+def _too_large() -> bhttp.Response:
+    body = msgspec.json.encode(
+        {
+            "error": {
+                "message": "The answer is too large to send whole; ask for it with chunked "
+                "OHTTP (message/ohttp-chunked-req).",
+                "type": "server_error",
+                "code": "answer_too_large",
+                "param": None,
+            }
+        }
+    )
+    return bhttp.Response(status=500, headers=(("content-type", "application/json"),), content=body)
+
+
+def _failed(request_id: int) -> RequestFailed:
+    return RequestFailed(
+        id=request_id,
+        status=500,
+        code="runtime_error",
+        message="The model failed to process the request.",
+    )
 
 
 def _chunk_headers(headers: list[tuple[str, str]]) -> tuple[tuple[str, str], ...]:

@@ -633,3 +633,11 @@ def test_key_config_validation() -> None:
 def test_gateway_key_repr_hides_the_secret(gateway: ohttp.GatewayKey) -> None:
     assert gateway.private_key.to_bytes().hex() not in repr(gateway)
     assert gateway.config().public_key == gateway.private_key.public_bytes()
+
+
+def test_a_chunked_request_of_too_many_chunks_is_refused() -> None:
+    key = ohttp.GatewayKey.generate(5)
+    data, _ = ohttp.encapsulate_chunked_request(key.config(), [b"x"] * 40)
+    assert ohttp.decapsulate_chunked_request({5: key}, data, max_chunks=40)[0] == b"x" * 40
+    with pytest.raises(ohttp.MalformedMessage, match="too many"):
+        ohttp.decapsulate_chunked_request({5: key}, data, max_chunks=39)

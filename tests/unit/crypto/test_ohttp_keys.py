@@ -19,7 +19,7 @@ from bastion.audit.events import (
 from bastion.crypto import ohttp
 from bastion.crypto.keyring import KeyRing, KeyRingError, LocalKek
 from bastion.crypto.ohttp_keys import OhttpKeyStore
-from bastion.errors import InvalidRequest
+from bastion.errors import Conflict, InvalidRequest
 from bastion.store.db import Database
 from bastion.store.tables import ohttp_keys
 
@@ -129,13 +129,19 @@ def test_negative_grace_is_refused(store: OhttpKeyStore) -> None:
 
 def test_key_ids_wrap_around_without_reusing_accepted_ids(store: OhttpKeyStore) -> None:
     store.ensure_current("op")
-    seen = set()
-    for _ in range(300):
-        info = store.rotate("op", timedelta(0))
-        seen.add(info.key_id)
-    assert len(seen) == 256
+    # Keys within their grace period keep their ids: 256 accepted keys use them all.
+    for _ in range(255):
+        store.rotate("op", timedelta(hours=1))
     accepted = [k.key_id for k in store.list_keys(include_retired=False)]
-    assert len(accepted) == len(set(accepted))
+    assert sorted(accepted) == list(range(256))
+    with pytest.raises(Conflict, match="256"):
+        store.rotate("op", timedelta(hours=1))
+    # A rotation with no grace retires them all, which frees the ids: the next one is the
+    # id after the last used (so the oldest comes back first).
+    fresh = store.rotate("op", timedelta(0))
+    assert fresh.key_id == 0
+    assert [k.key_id for k in store.list_keys(include_retired=False)] == [0]
+    assert store.rotate("op", timedelta(hours=1)).key_id == 1
 
 
 def test_keys_do_not_open_under_another_master_key(
