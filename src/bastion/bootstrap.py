@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bastion.audit.events import HOME_INITIALISED, Event, EventSink, LogEventSink
 from bastion.config import Settings
-from bastion.crypto.keyring import KeyRing, LocalKek
+from bastion.crypto.keyring import KeyRing, KeyRingError, LocalKek
 from bastion.crypto.master_key import derive_key, load_or_create_master_key
 from bastion.crypto.ohttp_keys import OhttpKeyStore
 from bastion.errors import ConfigurationError
@@ -66,7 +66,7 @@ def open_home(settings: Settings, events: EventSink | None = None) -> Home:
     hasher = KeyHasher(derive_key(master_key, "api-key-hmac-v1"))
     db = Database(settings.db_url)
     db.migrate()
-    keyring = KeyRing(LocalKek(master_key))
+    keyring = _keyring(settings, master_key)
     return Home(
         settings=settings,
         db=db,
@@ -77,6 +77,33 @@ def open_home(settings: Settings, events: EventSink | None = None) -> Home:
         keyring=keyring,
         ohttp_keys=OhttpKeyStore(db, keyring, sink),
     )
+
+
+def _keyring(settings: Settings, master_key: bytes) -> KeyRing:
+    """The key ring of the configured KEK provider. Envelopes sealed under the local KEK
+    still open after a move to Transit; `bastion keys rotate-kek` moves them."""
+    local = LocalKek(master_key)
+    if settings.kek_provider == "local":
+        return KeyRing(local)
+    if settings.kek_provider == "transit":
+        from bastion.crypto.transit import TransitKek
+
+        if not settings.transit_url or not settings.transit_token:
+            raise ConfigurationError(
+                "The transit key provider needs BASTION_TRANSIT_URL and BASTION_TRANSIT_TOKEN."
+            )
+        transit = TransitKek.connect(
+            settings.transit_url,
+            settings.transit_token,
+            settings.transit_key,
+            mount=settings.transit_mount,
+        )
+        try:
+            transit.ensure_key()
+        except KeyRingError as exc:
+            raise ConfigurationError(str(exc)) from None
+        return KeyRing(transit, also_opens=[local])
+    raise ConfigurationError("BASTION_KEK_PROVIDER must be local or transit.")
 
 
 def write_admin_key(path: Path, token: str) -> None:

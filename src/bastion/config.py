@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,14 @@ class Settings:
     # Most encapsulated-request ids remembered for replay detection; beyond it, new OHTTP
     # requests are refused (503) rather than accepted unchecked.
     ohttp_replay_cache_entries: int = 1_000_000
+    # Who holds the key-encryption key of the key ring: "local" (derived from the master
+    # key) or "transit" (HashiCorp Vault / OpenBao Transit).
+    kek_provider: str = "local"
+    transit_url: str | None = None
+    transit_key: str = "bastion"
+    transit_mount: str = "transit"
+    # A secret: never shown in reprs or logs.
+    transit_token: str | None = field(default=None, repr=False)
 
     @property
     def db_path(self) -> Path:
@@ -129,4 +137,9 @@ _ENV_FIELDS: dict[str, Any] = {
     "ohttp_grace_period_s": float,
     "ohttp_date_window_s": float,
     "ohttp_replay_cache_entries": int,
+    "kek_provider": str,
+    "transit_url": str,
+    "transit_key": str,
+    "transit_mount": str,
+    "transit_token": str,
 }

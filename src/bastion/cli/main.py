@@ -251,6 +251,31 @@ def keys_revoke(key_id: str, home: HomeOpt = None, json_output: JsonOpt = False)
     _print_json(info) if json_output else out.print(f"Revoked key {info['id']}.")
 
 
+@keys_app.command("rotate-kek")
+def keys_rotate_kek(home: HomeOpt = None, json_output: JsonOpt = False) -> None:
+    """Rotate the key-encryption key and rewrap every stored data key under it (no secret
+    is re-encrypted); also moves envelopes of a former provider to the configured one."""
+    from bastion.crypto.keyring import KeyRingError
+
+    h = _open(home)
+    try:
+        rotated = h.keyring.rotate_kek()
+        rewrapped = h.ohttp_keys.rewrap_all()
+    except KeyRingError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+    result = {
+        "provider": h.keyring.provider.name,
+        "kek": h.keyring.provider.kek_id,
+        "rotation": rotated,
+        "rewrapped": rewrapped,
+    }
+    if json_output:
+        _print_json(result)
+    else:
+        out.print(f"{rotated}; {rewrapped} data key(s) rewrapped.")
+
+
 @keys_app.command("rotate")
 def keys_rotate(key_id: str, home: HomeOpt = None, json_output: JsonOpt = False) -> None:
     """Replace a key by a new one with the same rights; the old one is revoked."""

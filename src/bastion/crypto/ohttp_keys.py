@@ -188,6 +188,30 @@ class OhttpKeyStore:
         with self._db.read() as conn:
             return [_info(row) for row in conn.execute(query).mappings()]
 
+    def rewrap_all(self) -> int:
+        """Wrap every stored private key again under the key ring's current KEK (after a
+        KEK rotation, or a move to another provider); returns how many were rewrapped."""
+        with self._db.write(bump_revision=False) as conn:
+            rows = list(
+                conn.execute(
+                    sa.select(
+                        ohttp_keys.c.id,
+                        ohttp_keys.c.key_id,
+                        ohttp_keys.c.fingerprint,
+                        ohttp_keys.c.private_envelope,
+                    ).where(ohttp_keys.c.private_envelope.is_not(None))
+                ).mappings()
+            )
+            for row in rows:
+                context = _context(row["key_id"], row["fingerprint"])
+                envelope = self._keyring.rewrap(bytes(row["private_envelope"]), context)
+                conn.execute(
+                    ohttp_keys.update()
+                    .where(ohttp_keys.c.id == row["id"])
+                    .values(private_envelope=envelope)
+                )
+        return len(rows)
+
     def active(self) -> list[ActiveKey]:
         """The keys accepted now (current first), with their private keys unsealed."""
         now = self._clock()
