@@ -1,0 +1,301 @@
+"""Model bundles: scanned, signed, encrypted at rest.
+
+A bundle is a directory::
+
+    bundle.json     format, model name and version, the files (path, size, blob), the
+                    bundle's data key in a key ring envelope, the signer's key id
+    model.sig       the OpenSSF Model Signing signature over every plaintext file's SHA-256
+    blobs/NNNN.enc  each file, encrypted with the streaming AEAD (Tink's AES-GCM-HKDF,
+                    1 MiB segments) under the data key, the file's identity (model name,
+                    version, path) bound as associated data
+
+`bundle.json` is not itself signed: everything that matters in it is checked elsewhere.
+A blob moved to another path, or from another bundle, does not decrypt (associated
+data); a file left out, added or changed fails the signed manifest; another data key
+does not decrypt; an envelope edited or moved to another bundle does not open.
+
+Plaintext exists only in memory while a bundle is verified or loaded; :func:`export_bundle`
+is the one operation that writes it, on the operator's explicit request.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import stat
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bastion.crypto.keyring import KeyRing, KeyRingError
+from bastion.crypto.streaming_aead import StreamingAeadError, decrypt_to_bytearray, encrypt_file
+from bastion.errors import ConfigurationError
+from bastion.models.scan import ScanLimits, open_scanned, scan_model
+from bastion.models.signing import (
+    Manifest,
+    SignatureError,
+    SigningKey,
+    check_file,
+    check_files,
+    sign_digests,
+    verify_signature,
+)
+
+BUNDLE_FORMAT = "bastion-model-bundle/1"
+MANIFEST_NAME = "bundle.json"
+SIGNATURE_NAME = "model.sig"
+_MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+_SIGNING_KEY_CONTEXT = "model-signing-key/1"
+
+# Called with the number of plaintext bytes just processed.
+Progress = Callable[[int], None]
+
+
+class IntegrityError(Exception):
+    """A stored bundle failed a check; the message says which, never any content."""
+
+
+@dataclass(frozen=True, slots=True)
+class BundleFile:
+    path: str
+    size: int
+    blob: str
+
+
+@dataclass(frozen=True, slots=True)
+class Bundle:
+    """What `bundle.json` says (not yet verified)."""
+
+    directory: Path
+    name: str
+    version: str
+    files: tuple[BundleFile, ...]
+    envelope: bytes
+    signer: str
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def file_aad(name: str, version: str, path: str) -> bytes:
+    """The associated data of one file's ciphertext: which bundle and which file it is."""
+    return b"\x00".join((b"bastion-model-file/1", name.encode(), version.encode(), path.encode()))
+
+
+def _envelope_context(name: str, version: str) -> str:
+    return f"model-bundle/{name}/{version}"
+
+
+def load_or_create_signing_key(path: Path, keyring: KeyRing) -> SigningKey:
+    """Bastion's model signing key (ECDSA P-256), kept sealed by the key ring in `path`."""
+    try:
+        sealed = path.read_bytes()
+    except FileNotFoundError:
+        key = SigningKey.generate()
+        envelope = keyring.seal(key.to_pem(), _SIGNING_KEY_CONTEXT)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(envelope)
+        return key
+    try:
+        return SigningKey.from_pem(keyring.open(sealed, _SIGNING_KEY_CONTEXT))
+    except (KeyRingError, SignatureError) as exc:
+        raise ConfigurationError(f"The model signing key in {path} cannot be opened.") from exc
+
+
+def create_bundle(
+    source: Path,
+    destination: Path,
+    *,
+    name: str,
+    version: str,
+    keyring: KeyRing,
+    signing_key: SigningKey,
+    limits: ScanLimits | None = None,
+    progress: Progress | None = None,
+) -> Bundle:
+    """Scan `source`, then encrypt and sign it into the new directory `destination`.
+
+    Raises UnsafeModel (nothing is written) if the source is refused. The bundle appears
+    at `destination` only once complete.
+    """
+    report = scan_model(source, limits)
+    if destination.exists():
+        raise FileExistsError(destination)
+    partial = destination.with_name(destination.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(mode=0o700)
+    (partial / "blobs").mkdir(mode=0o700)
+    try:
+        data_key = os.urandom(32)
+        digests: dict[str, bytes] = {}
+        files: list[BundleFile] = []
+        for index, scanned in enumerate(report.files):
+            blob = f"blobs/{index:05d}.enc"
+            digest = hashlib.sha256()
+            with open_scanned(report, scanned) as plain, _create(partial / blob) as sealed:
+                encrypt_file(
+                    data_key,
+                    file_aad(name, version, scanned.path),
+                    plain,
+                    sealed,
+                    digest=digest,
+                    progress=progress,
+                )
+                sealed.flush()
+                os.fsync(sealed.fileno())
+            digests[scanned.path] = digest.digest()
+            files.append(BundleFile(scanned.path, scanned.size, blob))
+        signature = sign_digests(digests, signing_key, model_name=name, signature_name=None)
+        envelope = keyring.seal(data_key, _envelope_context(name, version))
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "name": name,
+            "version": version,
+            "files": [{"path": f.path, "size": f.size, "blob": f.blob} for f in files],
+            "data_key": base64.b64encode(envelope).decode(),
+            "signer": signing_key.key_id,
+        }
+        _write(partial / SIGNATURE_NAME, signature)
+        _write(partial / MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
+        os.replace(partial, destination)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return read_bundle(destination)
+
+
+def read_bundle(directory: Path) -> Bundle:
+    """Parse `bundle.json`; raises IntegrityError if it is missing or malformed."""
+    try:
+        raw = _read_regular(directory / MANIFEST_NAME, _MAX_MANIFEST_BYTES)
+        data = json.loads(raw)
+        files = tuple(
+            BundleFile(str(f["path"]), int(f["size"]), str(f["blob"])) for f in data["files"]
+        )
+        bundle = Bundle(
+            directory=directory,
+            name=str(data["name"]),
+            version=str(data["version"]),
+            files=files,
+            envelope=base64.b64decode(data["data_key"], validate=True),
+            signer=str(data["signer"]),
+        )
+        if data["format"] != BUNDLE_FORMAT:
+            raise IntegrityError("The bundle has an unknown format.")
+    except IntegrityError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise IntegrityError("The bundle's manifest is missing or malformed.") from exc
+    for f in bundle.files:
+        if not _is_blob_name(f.blob) or f.size < 0:
+            raise IntegrityError("The bundle's manifest names an invalid blob.")
+    return bundle
+
+
+def open_bundle(
+    bundle: Bundle,
+    keyring: KeyRing,
+    trusted_keys: Sequence[bytes],
+    *,
+    progress: Progress | None = None,
+) -> tuple[Manifest, dict[str, bytearray]]:
+    """Verify the signature, unseal the data key, and decrypt and check every file in
+    memory; returns the signed manifest and the plaintext files. Raises IntegrityError."""
+    try:
+        signature = _read_regular(bundle.directory / SIGNATURE_NAME, _MAX_MANIFEST_BYTES)
+        manifest = verify_signature(signature, trusted_keys)
+    except OSError as exc:
+        raise IntegrityError("The bundle's signature is missing.") from exc
+    except SignatureError as exc:
+        raise IntegrityError(f"The bundle's signature is not valid: {exc}") from exc
+    if manifest.model_name != bundle.name:
+        raise IntegrityError("The signature is for another model.")
+    try:
+        data_key = keyring.open(bundle.envelope, _envelope_context(bundle.name, bundle.version))
+    except KeyRingError as exc:
+        raise IntegrityError(f"The bundle's data key cannot be opened: {exc}") from exc
+    files: dict[str, bytearray] = {}
+    for f in bundle.files:
+        digest = hashlib.sha256()
+        try:
+            with _open_regular(bundle.directory / f.blob) as sealed:
+                plaintext = decrypt_to_bytearray(
+                    data_key,
+                    file_aad(bundle.name, bundle.version, f.path),
+                    sealed,
+                    expected_size=f.size,
+                    digest=digest,
+                    progress=progress,
+                )
+            check_file(manifest, f.path, digest.digest())
+        except OSError as exc:
+            raise IntegrityError(f"{f.path}: its encrypted file is missing.") from exc
+        except StreamingAeadError as exc:
+            raise IntegrityError(f"{f.path}: does not decrypt (altered, cut or moved).") from exc
+        except SignatureError as exc:
+            raise IntegrityError(f"{f.path}: {exc}") from exc
+        files[f.path] = plaintext
+    try:
+        check_files(manifest, {path: hashlib.sha256(data).digest() for path, data in files.items()})
+    except SignatureError as exc:
+        raise IntegrityError(str(exc)) from exc
+    return manifest, files
+
+
+def export_bundle(
+    bundle: Bundle, keyring: KeyRing, trusted_keys: Sequence[bytes], out: Path
+) -> Manifest:
+    """Write the verified plaintext files and the signature to the new directory `out`, so
+    that `model_signing verify key OUT --signature OUT/model.sig --public_key ...` accepts it."""
+    manifest, files = open_bundle(bundle, keyring, trusted_keys)
+    out.mkdir(parents=True, mode=0o700, exist_ok=False)
+    for path, data in files.items():
+        target = out / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _write(target, data)
+    _write(out / SIGNATURE_NAME, (bundle.directory / SIGNATURE_NAME).read_bytes())
+    return manifest
+
+
+def _is_blob_name(blob: str) -> bool:
+    parts = blob.split("/")
+    return (
+        len(parts) == 2
+        and parts[0] == "blobs"
+        and parts[1].endswith(".enc")
+        and parts[1][:-4].isdigit()
+    )
+
+
+def _open_regular(path: Path) -> Any:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError("not a regular file")
+    return os.fdopen(fd, "rb")
+
+
+def _read_regular(path: Path, limit: int) -> bytes:
+    with _open_regular(path) as handle:
+        data: bytes = handle.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError("file too large")
+    return data
+
+
+def _create(path: Path) -> Any:
+    """A new file readable by its owner only."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+
+
+def _write(path: Path, data: bytes | bytearray) -> None:
+    with _create(path) as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())

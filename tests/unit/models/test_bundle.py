@@ -1,0 +1,193 @@
+"""Bundles: import a clean model, then every attack on the stored bundle is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from bastion.crypto.keyring import KeyRing, LocalKek
+from bastion.models.bundle import (
+    IntegrityError,
+    create_bundle,
+    export_bundle,
+    load_or_create_signing_key,
+    open_bundle,
+    read_bundle,
+)
+from bastion.models.scan import UnsafeModel
+from bastion.models.signing import SigningKey
+
+
+def _model(directory: Path, seed: int = 0) -> Path:
+    directory.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    save_file(
+        {"w": rng.standard_normal((300, 1000)).astype(np.float32)}, directory / "model.safetensors"
+    )
+    (directory / "config.json").write_text(json.dumps({"hidden_size": 1000}))
+    return directory
+
+
+@pytest.fixture
+def ring() -> KeyRing:
+    return KeyRing(LocalKek(os.urandom(32)))
+
+
+@pytest.fixture
+def key() -> SigningKey:
+    return SigningKey.generate()
+
+
+@pytest.fixture
+def stored(tmp_path: Path, ring: KeyRing, key: SigningKey) -> Path:
+    create_bundle(
+        _model(tmp_path / "src"),
+        tmp_path / "b",
+        name="m",
+        version="1",
+        keyring=ring,
+        signing_key=key,
+    )
+    return tmp_path / "b"
+
+
+def test_a_bundle_opens_to_the_original_files(
+    tmp_path: Path, stored: Path, ring: KeyRing, key: SigningKey
+) -> None:
+    bundle = read_bundle(stored)
+    manifest, files = open_bundle(bundle, ring, [key.public_pem()])
+    assert set(files) == {"model.safetensors", "config.json"}
+    assert bytes(files["model.safetensors"]) == (tmp_path / "src/model.safetensors").read_bytes()
+    assert manifest.model_name == "m"
+    # At rest, no plaintext: the weights' bytes appear in no stored file.
+    weights = (tmp_path / "src/model.safetensors").read_bytes()[-4096:]
+    for path in stored.rglob("*"):
+        if path.is_file():
+            assert weights not in path.read_bytes()
+            assert path.stat().st_mode & 0o077 == 0
+
+
+def test_export_is_accepted_by_the_official_verifier(
+    tmp_path: Path, stored: Path, ring: KeyRing, key: SigningKey
+) -> None:
+    out = tmp_path / "export"
+    export_bundle(read_bundle(stored), ring, [key.public_pem()], out)
+    public = tmp_path / "pub.pem"
+    public.write_bytes(key.public_pem())
+    cli = Path(sys.executable).parent / "model_signing"
+    verified = subprocess.run(
+        [
+            str(cli),
+            "verify",
+            "key",
+            str(out),
+            "--signature",
+            str(out / "model.sig"),
+            "--public_key",
+            str(public),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def _blob(stored: Path, path: str) -> Path:
+    manifest = json.loads((stored / "bundle.json").read_text())
+    return stored / next(f["blob"] for f in manifest["files"] if f["path"] == path)
+
+
+def _refused(stored: Path, ring: KeyRing, keys: list[bytes], match: str) -> None:
+    with pytest.raises(IntegrityError, match=match):
+        open_bundle(read_bundle(stored), ring, keys)
+
+
+def test_one_flipped_byte_is_refused(stored: Path, ring: KeyRing, key: SigningKey) -> None:
+    blob = _blob(stored, "model.safetensors")
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    blob.write_bytes(data)
+    _refused(stored, ring, [key.public_pem()], "does not decrypt")
+
+
+def test_a_truncated_file_is_refused(stored: Path, ring: KeyRing, key: SigningKey) -> None:
+    blob = _blob(stored, "model.safetensors")
+    blob.write_bytes(blob.read_bytes()[: 1 << 20])
+    _refused(stored, ring, [key.public_pem()], "does not decrypt")
+
+
+def test_a_file_swapped_from_another_bundle_is_refused(
+    tmp_path: Path, stored: Path, ring: KeyRing, key: SigningKey
+) -> None:
+    create_bundle(
+        _model(tmp_path / "src2", seed=1),
+        tmp_path / "b2",
+        name="m",
+        version="2",
+        keyring=ring,
+        signing_key=key,
+    )
+    shutil.copy(_blob(tmp_path / "b2", "model.safetensors"), _blob(stored, "model.safetensors"))
+    _refused(stored, ring, [key.public_pem()], "does not decrypt")
+
+
+def test_files_swapped_within_the_bundle_are_refused(
+    stored: Path, ring: KeyRing, key: SigningKey
+) -> None:
+    manifest = json.loads((stored / "bundle.json").read_text())
+    first, second = manifest["files"]
+    first["blob"], second["blob"] = second["blob"], first["blob"]
+    first["size"], second["size"] = second["size"], first["size"]
+    (stored / "bundle.json").write_text(json.dumps(manifest))
+    _refused(stored, ring, [key.public_pem()], "does not decrypt")
+
+
+def test_a_manifest_edited_after_signing_is_refused(
+    stored: Path, ring: KeyRing, key: SigningKey
+) -> None:
+    manifest = json.loads((stored / "bundle.json").read_text())
+    manifest["files"] = [f for f in manifest["files"] if f["path"] != "config.json"]
+    (stored / "bundle.json").write_text(json.dumps(manifest))
+    _refused(stored, ring, [key.public_pem()], "config.json")
+    signature = json.loads((stored / "model.sig").read_text())
+    signature["dsseEnvelope"]["payload"] = signature["dsseEnvelope"]["payload"][:-8] + "AAAAAAA="
+    (stored / "model.sig").write_text(json.dumps(signature))
+    _refused(stored, ring, [key.public_pem()], "signature")
+
+
+def test_a_signature_from_an_untrusted_key_is_refused(stored: Path, ring: KeyRing) -> None:
+    _refused(stored, ring, [SigningKey.generate().public_pem()], "signature")
+
+
+def test_the_wrong_kek_is_refused(stored: Path, key: SigningKey) -> None:
+    _refused(stored, KeyRing(LocalKek(os.urandom(32))), [key.public_pem()], "data key")
+
+
+def test_unsafe_sources_leave_nothing_behind(
+    tmp_path: Path, ring: KeyRing, key: SigningKey
+) -> None:
+    source = _model(tmp_path / "bad")
+    (source / "pytorch_model.bin").write_bytes(b"\x80\x04\x95")
+    with pytest.raises(UnsafeModel, match="pickle"):
+        create_bundle(
+            source, tmp_path / "out", name="x", version="1", keyring=ring, signing_key=key
+        )
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out.partial").exists()
+
+
+def test_the_signing_key_is_kept_sealed(tmp_path: Path, ring: KeyRing) -> None:
+    path = tmp_path / "signing.key"
+    key = load_or_create_signing_key(path, ring)
+    assert load_or_create_signing_key(path, ring).key_id == key.key_id
+    assert b"PRIVATE KEY" not in path.read_bytes()
+    assert path.stat().st_mode & 0o077 == 0
