@@ -525,5 +525,14 @@ def chat(
     raise typer.Exit(code)
 
 
+def _register_bundle_commands() -> None:
+    from bastion.cli.bundles import register
+
+    register(models_app, _open, _print_json, out, err)
+
+
+_register_bundle_commands()
+
+
 def main() -> None:
     app()

@@ -1,0 +1,174 @@
+"""`bastion models import|verify|export`: model bundles (scanned, signed, encrypted)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from bastion.bootstrap import Home
+from bastion.errors import BastionError
+
+if TYPE_CHECKING:
+    from bastion.models.bundle_store import BundleStore
+
+HomeOpt = Annotated[
+    Path | None,
+    typer.Option("--home", help="Home directory (default: $BASTION_HOME or ./.bastion)."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+VersionOpt = Annotated[str | None, typer.Option(help="Bundle version (default: the latest).")]
+
+
+def register(
+    models_app: typer.Typer,
+    open_home: Callable[[Path | None], Home],
+    print_json: Callable[[Any], None],
+    out: Console,
+    err: Console,
+) -> None:
+    """Add the bundle commands to `bastion models`."""
+
+    # The model modules (ONNX, signing) load only for these commands: every other
+    # `bastion` command starts as fast as before.
+    def store(home: Path | None) -> BundleStore:
+        from bastion.models.bundle_store import BundleStore
+
+        h = open_home(home)
+        return BundleStore(h.settings.home, h.keyring)
+
+    @contextmanager
+    def failures() -> Iterator[None]:
+        from bastion.models.bundle import IntegrityError
+        from bastion.models.scan import UnsafeModel
+
+        try:
+            yield
+        except UnsafeModel as exc:
+            err.print(f"[red]refused:[/] {exc.path}: {exc.reason}", highlight=False)
+            raise typer.Exit(1) from None
+        except IntegrityError as exc:
+            err.print(f"[red]integrity check failed:[/] {exc}", highlight=False)
+            raise typer.Exit(1) from None
+        except BastionError as exc:
+            err.print(f"[red]error:[/] {exc.message}", highlight=False)
+            raise typer.Exit(1) from None
+
+    @contextmanager
+    def progress_bar(total: int, what: str, quiet: bool) -> Iterator[Callable[[int], None]]:
+        with Progress(
+            TextColumn(what),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            disable=quiet,
+            transient=True,
+        ) as bar:
+            task = bar.add_task(what, total=total)
+            yield lambda done: bar.advance(task, done)
+
+    @models_app.command("import")
+    def models_import(
+        source: Annotated[Path, typer.Argument(help="HF directory, .onnx or .safetensors file.")],
+        name: Annotated[str, typer.Option(help="Model name.")],
+        version: Annotated[str | None, typer.Option(help="Version (default: next number).")] = None,
+        home: HomeOpt = None,
+        json_output: JsonOpt = False,
+    ) -> None:
+        """Scan a model, refuse anything unsafe, and store it signed and encrypted."""
+        bundles = store(home)
+        total = _source_bytes(source)
+        started = time.monotonic()
+        with failures(), progress_bar(total, "importing", json_output) as advance:
+            bundle = bundles.import_model(source, name, version, progress=advance)
+        seconds = time.monotonic() - started
+        result = {
+            "name": bundle.name,
+            "version": bundle.version,
+            "files": [f.path for f in bundle.files],
+            "bytes": bundle.total_bytes,
+            "signer": bundle.signer,
+            "seconds": round(seconds, 3),
+            "mb_per_s": round(bundle.total_bytes / 1e6 / max(seconds, 1e-9), 1),
+        }
+        if json_output:
+            print_json(result)
+            return
+        out.print(
+            f"Imported {bundle.name} version {bundle.version}: {len(bundle.files)} files, "
+            f"{bundle.total_bytes / 1e6:.1f} MB, signed and encrypted, in {seconds:.1f} s."
+        )
+
+    @models_app.command("verify")
+    def models_verify(
+        name: str, version: VersionOpt = None, home: HomeOpt = None, json_output: JsonOpt = False
+    ) -> None:
+        """Decrypt and check every file of a bundle against its signed manifest (in memory)."""
+        bundles = store(home)
+        with failures():
+            bundle = bundles.get(name, version)
+            started = time.monotonic()
+            with progress_bar(bundle.total_bytes, "verifying", json_output) as advance:
+                verified = bundles.verify(bundle, progress=advance)
+        seconds = time.monotonic() - started
+        result = {
+            "name": bundle.name,
+            "version": bundle.version,
+            "ok": True,
+            "files": len(verified.manifest.files),
+            "signer": verified.manifest.signer_key_id,
+            "mb_per_s": round(bundle.total_bytes / 1e6 / max(seconds, 1e-9), 1),
+        }
+        if json_output:
+            print_json(result)
+        else:
+            out.print(f"{bundle.name} version {bundle.version}: every file verified.")
+
+    @models_app.command("export")
+    def models_export(
+        name: str,
+        out_dir: Annotated[Path, typer.Option("--out", help="New directory for the files.")],
+        version: VersionOpt = None,
+        home: HomeOpt = None,
+        json_output: JsonOpt = False,
+    ) -> None:
+        """Write a bundle's verified plaintext files and its signature (model.sig); the signing
+        public key goes beside the directory, as <out>.public.pem."""
+        bundles = store(home)
+        with failures():
+            bundle = bundles.get(name, version)
+            bundles.export(bundle, out_dir)
+        public = out_dir.parent / f"{out_dir.name}.public.pem"
+        result = {
+            "directory": str(out_dir),
+            "signature": str(out_dir / "model.sig"),
+            "public_key": str(public),
+        }
+        if json_output:
+            print_json(result)
+        else:
+            out.print(
+                f"Exported to {out_dir}. Check it with: model_signing verify key {out_dir} "
+                f"--signature {out_dir / 'model.sig'} --public_key {public}"
+            )
+
+
+def _source_bytes(source: Path) -> int:
+    if source.is_file():
+        return source.stat().st_size
+    return sum(p.stat().st_size for p in source.rglob("*") if p.is_file() and not p.is_symlink())

@@ -1,0 +1,119 @@
+"""Where a home keeps its model bundles, and the operations on them by name.
+
+``$BASTION_HOME/bundles/<name>/<version>/`` holds each bundle; ``$BASTION_HOME/signing.key``
+holds Bastion's model signing key, sealed by the key ring.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from bastion.crypto.keyring import KeyRing
+from bastion.errors import Conflict, InvalidRequest, NotFound
+from bastion.models.bundle import (
+    Bundle,
+    IntegrityError,
+    Progress,
+    create_bundle,
+    export_bundle,
+    load_or_create_signing_key,
+    open_bundle,
+    read_bundle,
+)
+from bastion.models.registry import validate_model_name
+from bastion.models.scan import ScanLimits
+from bastion.models.signing import Manifest, SigningKey
+
+_VERSION = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]{0,31}")
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    bundle: Bundle
+    manifest: Manifest
+
+
+class BundleStore:
+    """The bundles of one home."""
+
+    def __init__(self, home: Path, keyring: KeyRing) -> None:
+        self._root = home / "bundles"
+        self._key_path = home / "signing.key"
+        self._keyring = keyring
+
+    def signing_key(self) -> SigningKey:
+        return load_or_create_signing_key(self._key_path, self._keyring)
+
+    def trusted_keys(self) -> list[bytes]:
+        return [self.signing_key().public_pem()]
+
+    def versions(self, name: str) -> list[str]:
+        validate_model_name(name)
+        directory = self._root / name
+        if not directory.is_dir():
+            return []
+        found = [p.name for p in directory.iterdir() if p.is_dir() and _VERSION.fullmatch(p.name)]
+        return sorted(found, key=_version_key)
+
+    def import_model(
+        self,
+        source: Path,
+        name: str,
+        version: str | None = None,
+        *,
+        limits: ScanLimits | None = None,
+        progress: Progress | None = None,
+    ) -> Bundle:
+        """Scan, encrypt and sign `source` as a new version of `name`."""
+        validate_model_name(name)
+        if version is None:
+            existing = [int(v) for v in self.versions(name) if v.isdigit()]
+            version = str(max(existing, default=0) + 1)
+        elif _VERSION.fullmatch(version) is None:
+            raise InvalidRequest("A version is 1-32 letters, digits, '.', '_' or '-'.")
+        destination = self._root / name / version
+        if destination.exists():
+            raise Conflict(f"The model '{name}' already has a version {version}.")
+        destination.parent.mkdir(parents=True, mode=0o700, exist_ok=True)
+        self._root.chmod(0o700)
+        return create_bundle(
+            source,
+            destination,
+            name=name,
+            version=version,
+            keyring=self._keyring,
+            signing_key=self.signing_key(),
+            limits=limits,
+            progress=progress,
+        )
+
+    def get(self, name: str, version: str | None = None) -> Bundle:
+        versions = self.versions(name)
+        if version is None and versions:
+            version = versions[-1]
+        if version is None or version not in versions:
+            raise NotFound(
+                f"No bundle of the model '{name}'" + (f" version {version}." if version else ".")
+            )
+        return read_bundle(self._root / name / version)
+
+    def verify(self, bundle: Bundle, *, progress: Progress | None = None) -> Verified:
+        """Decrypt and check every file in memory; raises IntegrityError."""
+        manifest, _ = open_bundle(bundle, self._keyring, self.trusted_keys(), progress=progress)
+        return Verified(bundle, manifest)
+
+    def export(self, bundle: Bundle, out: Path) -> Manifest:
+        if out.exists():
+            raise Conflict(f"{out} already exists.")
+        manifest = export_bundle(bundle, self._keyring, self.trusted_keys(), out)
+        (out.parent / f"{out.name}.public.pem").write_bytes(self.signing_key().public_pem())
+        return manifest
+
+
+def _version_key(version: str) -> tuple[int, int | str]:
+    return (0, int(version)) if version.isdigit() else (1, version)
+
+
+__all__ = ["BundleStore", "IntegrityError", "Verified"]

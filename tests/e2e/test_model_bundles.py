@@ -1,0 +1,83 @@
+"""`bastion models import|verify|export` on a real home, with the official verifier."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from bastion_testing import cli_json, run_cli
+
+
+class _RunsCode:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (exec, ("open('UNPICKLED', 'w').write('x')",))
+
+
+def test_import_verify_export_and_refusals(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    run_cli(home, "init", "--no-demo-models")
+    source = tmp_path / "my-model"
+    source.mkdir()
+    weights = np.arange(600_000, dtype=np.float32).reshape(600, 1000)
+    save_file({"w": weights}, source / "model.safetensors")
+    (source / "config.json").write_text(json.dumps({"hidden_size": 1000}))
+
+    imported = cli_json(home, "models", "import", str(source), "--name", "acme-llm")
+    assert imported["version"] == "1" and sorted(imported["files"]) == [
+        "config.json",
+        "model.safetensors",
+    ]
+    assert cli_json(home, "models", "import", str(source), "--name", "acme-llm")["version"] == "2"
+    verified = cli_json(home, "models", "verify", "acme-llm", "--version", "1")
+    assert verified["ok"] is True and verified["files"] == 2
+
+    # No plaintext weight anywhere in the home.
+    needle = weights[-1].tobytes()[-64:]
+    for path in home.rglob("*"):
+        if path.is_file():
+            assert needle not in path.read_bytes(), path
+
+    out = tmp_path / "exported"
+    exported = cli_json(home, "models", "export", "acme-llm", "--out", str(out))
+    assert (out / "model.safetensors").read_bytes() == (source / "model.safetensors").read_bytes()
+    official = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "model_signing"),
+            "verify",
+            "key",
+            str(out),
+            "--signature",
+            exported["signature"],
+            "--public_key",
+            exported["public_key"],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert official.returncode == 0, official.stdout + official.stderr
+
+    # A flipped byte in a stored file: a clear refusal, exit 1, no traceback.
+    blob = next((home / "bundles/acme-llm/2/blobs").iterdir())
+    data = bytearray(blob.read_bytes())
+    data[100] ^= 1
+    blob.write_bytes(data)
+    broken = run_cli(home, "models", "verify", "acme-llm", "--version", "2", check=False)
+    assert broken.returncode == 1
+    assert "integrity check failed" in broken.stderr and "Traceback" not in broken.stderr
+
+    # A pickle is refused with the reason, and never unpickled.
+    hostile = tmp_path / "hostile"
+    hostile.mkdir()
+    (hostile / "pytorch_model.bin").write_bytes(pickle.dumps(_RunsCode()))
+    refused = run_cli(home, "models", "import", str(hostile), "--name", "evil", check=False)
+    assert refused.returncode == 1
+    assert "pickle" in refused.stderr and "safetensors" in refused.stderr
+    assert not (tmp_path / "UNPICKLED").exists() and not Path("UNPICKLED").exists()
+    assert not (home / "bundles/evil").exists() or not any((home / "bundles/evil").iterdir())
