@@ -82,12 +82,52 @@ class Runtime(Protocol):
     def infer(self, request: Infer) -> InferResult: ...
 
 
+class ModelFiles:
+    """The files of one model: read from its directory, or already in memory (the files of
+    a bundle, decrypted and verified inside the worker: they never touch a disk)."""
+
+    def __init__(
+        self,
+        *,
+        directory: Path | None = None,
+        memory: Mapping[str, bytes | bytearray] | None = None,
+    ) -> None:
+        if (directory is None) == (memory is None):
+            raise ValueError("give a directory or files in memory")
+        self._directory = directory.resolve() if directory is not None else None
+        self._memory = dict(memory or {})
+
+    @property
+    def in_memory(self) -> bool:
+        return self._directory is None
+
+    def read(self, name: str) -> bytes:
+        """The bytes of the file `name` (a relative POSIX path); ValueError if absent."""
+        data = self.read_optional(name)
+        if data is None:
+            raise ValueError(f"the model has no file {name}")
+        return data
+
+    def read_optional(self, name: str) -> bytes | None:
+        if self._directory is None:
+            found = self._memory.get(name)
+            return bytes(found) if found is not None else None
+        target = (self._directory / name).resolve()
+        if not target.is_relative_to(self._directory):
+            raise ValueError("a model file must lie inside the model directory")
+        return target.read_bytes() if target.is_file() else None
+
+
+def as_model_files(source: Path | ModelFiles) -> ModelFiles:
+    return source if isinstance(source, ModelFiles) else ModelFiles(directory=source)
+
+
 class RuntimeLoader(Protocol):
-    def __call__(self, path: Path, options: Mapping[str, Any]) -> Runtime: ...
+    def __call__(self, source: Path | ModelFiles, options: Mapping[str, Any]) -> Runtime: ...
 
 
-def load_runtime(name: str, path: Path, options: Mapping[str, Any]) -> Runtime:
-    """Load the model at `path` with the runtime called `name`."""
+def load_runtime(name: str, path: Path | ModelFiles, options: Mapping[str, Any]) -> Runtime:
+    """Load the model at `path` (a directory, or files in memory) with the runtime `name`."""
     try:
         module_name = RUNTIMES[name]
     except KeyError:

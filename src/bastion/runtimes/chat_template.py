@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from pathlib import Path
 from typing import Any, NoReturn
 
 import jinja2
@@ -49,11 +48,13 @@ def special_token_text(value: Any) -> str | None:
     return None
 
 
-def find_template_source(model_dir: Path, tokenizer_config: Mapping[str, Any]) -> str | None:
-    """The chat template text: chat_template.jinja, else tokenizer_config's chat_template."""
-    template_file = model_dir / CHAT_TEMPLATE_FILE
-    if template_file.is_file():
-        return template_file.read_text(encoding="utf-8")
+def find_template_source(
+    template_file: bytes | None, tokenizer_config: Mapping[str, Any]
+) -> str | None:
+    """The chat template text: chat_template.jinja's bytes, else tokenizer_config's
+    chat_template."""
+    if template_file is not None:
+        return template_file.decode("utf-8")
     source = tokenizer_config.get("chat_template")
     if isinstance(source, str):
         return source

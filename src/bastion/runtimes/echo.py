@@ -16,7 +16,12 @@ from typing import Any
 
 import msgspec
 
-from bastion.runtimes.base import CancelToken, EmitDelta, RuntimeInputError
+from bastion.runtimes.base import (
+    CancelToken,
+    EmitDelta,
+    ModelFiles,
+    RuntimeInputError,
+)
 from bastion.workers.protocol import (
     Choice,
     Embed,
@@ -118,5 +123,5 @@ class EchoRuntime:
         return InferResult(id=request.id, outputs=outputs)
 
 
-def load(path: Path, options: Mapping[str, Any]) -> EchoRuntime:
+def load(path: Path | ModelFiles, options: Mapping[str, Any]) -> EchoRuntime:
     return EchoRuntime(options)

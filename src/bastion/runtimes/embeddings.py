@@ -16,7 +16,14 @@ import numpy as np
 import torch
 from transformers import AutoModel
 
-from bastion.runtimes.base import CancelToken, EmitDelta, RuntimeInputError, UnsupportedOperation
+from bastion.runtimes.base import (
+    CancelToken,
+    EmitDelta,
+    ModelFiles,
+    RuntimeInputError,
+    UnsupportedOperation,
+    as_model_files,
+)
 from bastion.runtimes.transformers_loading import (
     config_from_bytes,
     model_from_bytes,
@@ -39,27 +46,24 @@ DEFAULT_MAX_SEQ_LENGTH = 256
 BATCH_SIZE = 32
 TEXT_INPUT = "text"
 EMBEDDING_OUTPUT = "embedding"
-POOLING_CONFIG = Path("1_Pooling") / "config.json"
-
-
-def _read_optional(path: Path) -> bytes | None:
-    return path.read_bytes() if path.is_file() else None
+POOLING_CONFIG = "1_Pooling/config.json"
 
 
 class SentenceEmbeddingRuntime:
     """A sentence encoder serving embeddings and Open Inference Protocol `infer`."""
 
-    def __init__(self, path: Path, threads: int) -> None:
+    def __init__(self, source: Path | ModelFiles, threads: int) -> None:
         torch.set_num_threads(threads)
-        config = config_from_bytes((path / "config.json").read_bytes())
+        files = as_model_files(source)
+        config = config_from_bytes(files.read("config.json"))
         self._model = model_from_bytes(
-            AutoModel.from_config, config, (path / "model.safetensors").read_bytes()
+            AutoModel.from_config, config, files.read("model.safetensors")
         )
-        self._tokenizer = tokenizer_from_bytes((path / "tokenizer.json").read_bytes())
-        pooling = read_json_object(_read_optional(path / POOLING_CONFIG))
+        self._tokenizer = tokenizer_from_bytes(files.read("tokenizer.json"))
+        pooling = read_json_object(files.read_optional(POOLING_CONFIG))
         if pooling and not pooling.get("pooling_mode_mean_tokens", False):
             raise ValueError("only mean pooling is supported for sentence embeddings")
-        sbert = read_json_object(_read_optional(path / "sentence_bert_config.json"))
+        sbert = read_json_object(files.read_optional("sentence_bert_config.json"))
         self._max_tokens = int(sbert.get("max_seq_length") or DEFAULT_MAX_SEQ_LENGTH)
         self._dim = int(config.hidden_size)
         self._pad_id = int(getattr(config, "pad_token_id", None) or 0)
@@ -158,6 +162,6 @@ class SentenceEmbeddingRuntime:
         return InferResult(id=request.id, outputs=[output])
 
 
-def load(path: Path, options: Mapping[str, Any]) -> SentenceEmbeddingRuntime:
-    """Load the sentence encoder in directory `path`."""
-    return SentenceEmbeddingRuntime(path, threads=int(options.get("threads", 1)))
+def load(source: Path | ModelFiles, options: Mapping[str, Any]) -> SentenceEmbeddingRuntime:
+    """Load the sentence encoder from its files."""
+    return SentenceEmbeddingRuntime(source, threads=int(options.get("threads", 1)))

@@ -15,7 +15,14 @@ import numpy as np
 import onnxruntime
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
-from bastion.runtimes.base import CancelToken, EmitDelta, RuntimeInputError, UnsupportedOperation
+from bastion.runtimes.base import (
+    CancelToken,
+    EmitDelta,
+    ModelFiles,
+    RuntimeInputError,
+    UnsupportedOperation,
+    as_model_files,
+)
 from bastion.workers.protocol import (
     Embed,
     EmbedResult,
@@ -188,10 +195,8 @@ class OnnxRuntime:
         return InferResult(id=request.id, outputs=outputs)
 
 
-def load(path: Path, options: Mapping[str, Any]) -> OnnxRuntime:
-    """Load `model.onnx` (or options["file"]) from the model directory `path`."""
+def load(source: Path | ModelFiles, options: Mapping[str, Any]) -> OnnxRuntime:
+    """Load `model.onnx` (or options["file"]) from the model's files."""
     file_name = str(options.get("file", DEFAULT_MODEL_FILE))
-    model_file = (path / file_name).resolve()
-    if not model_file.is_relative_to(path.resolve()):
-        raise ValueError("the ONNX model file must lie inside the model directory")
-    return OnnxRuntime(model_file.read_bytes(), threads=int(options.get("threads", 1)))
+    model = as_model_files(source).read(file_name)
+    return OnnxRuntime(model, threads=int(options.get("threads", 1)))

@@ -18,8 +18,16 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from bastion.runtimes.base import CancelToken, EmitDelta, RuntimeInputError, UnsupportedOperation
+from bastion.runtimes.base import (
+    CancelToken,
+    EmitDelta,
+    ModelFiles,
+    RuntimeInputError,
+    UnsupportedOperation,
+    as_model_files,
+)
 from bastion.runtimes.chat_template import (
+    CHAT_TEMPLATE_FILE,
     TOKENIZER_CONFIG_FILE,
     ChatTemplate,
     find_template_source,
@@ -48,10 +56,6 @@ TOKENIZER_FILE = "tokenizer.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 # Byte-level decoders put this in place of bytes that do not yet form a whole character.
 _INCOMPLETE_CHAR = "\ufffd"
-
-
-def _read_optional(path: Path) -> bytes | None:
-    return path.read_bytes() if path.is_file() else None
 
 
 def _token_ids(value: Any) -> set[int]:
@@ -88,19 +92,20 @@ def find_stop(text: str, stops: Sequence[str]) -> int:
 class TextGenerationRuntime:
     """A causal language model serving chat and completions."""
 
-    def __init__(self, path: Path, threads: int) -> None:
+    def __init__(self, source: Path | ModelFiles, threads: int) -> None:
         torch.set_num_threads(threads)
-        config = config_from_bytes((path / CONFIG_FILE).read_bytes())
+        files = as_model_files(source)
+        config = config_from_bytes(files.read(CONFIG_FILE))
         self._model = model_from_bytes(
-            AutoModelForCausalLM.from_config, config, (path / WEIGHTS_FILE).read_bytes()
+            AutoModelForCausalLM.from_config, config, files.read(WEIGHTS_FILE)
         )
-        self._tokenizer = tokenizer_from_bytes((path / TOKENIZER_FILE).read_bytes())
-        tokenizer_config = read_json_object(_read_optional(path / TOKENIZER_CONFIG_FILE))
+        self._tokenizer = tokenizer_from_bytes(files.read(TOKENIZER_FILE))
+        tokenizer_config = read_json_object(files.read_optional(TOKENIZER_CONFIG_FILE))
         bos = special_token_text(tokenizer_config.get("bos_token"))
         eos = special_token_text(tokenizer_config.get("eos_token"))
-        template = find_template_source(path, tokenizer_config)
+        template = find_template_source(files.read_optional(CHAT_TEMPLATE_FILE), tokenizer_config)
         self._template = ChatTemplate(template, bos, eos) if template is not None else None
-        generation_config = read_json_object(_read_optional(path / GENERATION_CONFIG_FILE))
+        generation_config = read_json_object(files.read_optional(GENERATION_CONFIG_FILE))
         self._eos_ids = _token_ids(generation_config.get("eos_token_id")) or _token_ids(
             getattr(config, "eos_token_id", None)
         )
@@ -240,6 +245,6 @@ class TextGenerationRuntime:
         return text, finish, len(generated)
 
 
-def load(path: Path, options: Mapping[str, Any]) -> TextGenerationRuntime:
-    """Load the causal language model in directory `path`."""
-    return TextGenerationRuntime(path, threads=int(options.get("threads", 1)))
+def load(source: Path | ModelFiles, options: Mapping[str, Any]) -> TextGenerationRuntime:
+    """Load the causal language model from its files."""
+    return TextGenerationRuntime(source, threads=int(options.get("threads", 1)))

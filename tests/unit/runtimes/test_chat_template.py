@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from bastion.runtimes.base import RuntimeInputError
@@ -57,13 +55,12 @@ def test_syntax_error_fails_at_load() -> None:
         ChatTemplate("{% for m in messages %}", None, None)
 
 
-def test_template_sources(tmp_path: Path) -> None:
-    assert find_template_source(tmp_path, {}) is None
-    assert find_template_source(tmp_path, {"chat_template": "A"}) == "A"
+def test_template_sources() -> None:
+    assert find_template_source(None, {}) is None
+    assert find_template_source(None, {"chat_template": "A"}) == "A"
     named = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
-    assert find_template_source(tmp_path, {"chat_template": named}) == "D"
-    (tmp_path / "chat_template.jinja").write_text("F")
-    assert find_template_source(tmp_path, {"chat_template": "A"}) == "F"
+    assert find_template_source(None, {"chat_template": named}) == "D"
+    assert find_template_source(b"F", {"chat_template": "A"}) == "F"
 
 
 def test_special_token_text() -> None:
