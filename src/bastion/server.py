@@ -13,6 +13,7 @@ from bastion.audit.events import SERVER_STARTED, Event, FanOutSink
 from bastion.bootstrap import Home
 from bastion.gateway.auth import Authenticator
 from bastion.gateway.gateway import Gateway
+from bastion.models.bundle_store import BundleStore
 from bastion.observability.metrics import Metrics, MetricsEventSink
 from bastion.workers.sandbox import make_sandbox
 from bastion.workers.supervisor import Supervisor
@@ -43,6 +44,7 @@ def build_gateway(home: Home, metrics: Metrics) -> Gateway:
         events,
         metrics,
         home.ohttp_keys,
+        BundleStore(settings.home, home.keyring),
     )
 
 

@@ -6,12 +6,13 @@ import json
 import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
 
-from bastion_testing import cli_json, run_cli
+from bastion_testing import BastionServer, cli_json, run_cli
 
 
 class _RunsCode:
@@ -81,3 +82,61 @@ def test_import_verify_export_and_refusals(tmp_path: Path) -> None:
     assert "pickle" in refused.stderr and "safetensors" in refused.stderr
     assert not (tmp_path / "UNPICKLED").exists() and not Path("UNPICKLED").exists()
     assert not (home / "bundles/evil").exists() or not any((home / "bundles/evil").iterdir())
+
+
+def _doubling_onnx(path: Path, factor: float) -> Path:
+    """A tiny ONNX model: output = input * factor."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["input", "factor"], ["output"])],
+        "scale",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor("factor", TensorProto.FLOAT, [1], [factor])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    path.mkdir()
+    onnx.save(model, str(path / "model.onnx"))
+    return path
+
+
+def test_a_bundle_is_served_and_a_tampered_one_is_refused(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    run_cli(home, "init", "--no-demo-models")
+    source = _doubling_onnx(tmp_path / "scale", 3.0)
+    cli_json(home, "models", "import", str(source), "--name", "scale", "--runtime", "onnx")
+    cli_json(home, "models", "import", str(source), "--name", "broken", "--runtime", "onnx")
+    blob = next((home / "bundles/broken/1/blobs").iterdir())
+    data = bytearray(blob.read_bytes())
+    data[-3] ^= 1
+    blob.write_bytes(data)
+
+    srv = BastionServer(home)
+    try:
+        srv.wait_ready(["scale"], timeout=120)
+        body = {
+            "inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]
+        }
+        with srv.client() as client:
+            answer = client.post("/v2/models/scale/infer", json=body)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["outputs"][0]["data"] == [3.0, 6.0, 9.0, 12.0]
+            status = srv.wait_model("broken", "integrity_failed", timeout=60)
+            assert "does not decrypt" in status["detail"]
+            refused = client.post("/v2/models/broken/infer", json=body)
+            assert refused.status_code == 503
+            assert "integrity" in refused.json()["error"]
+            # The other model keeps serving.
+            assert client.post("/v2/models/scale/infer", json=body).status_code == 200
+        time.sleep(0.5)
+        assert "model.integrity_failed" in srv.logs()
+        # The worker held the weights only in memory: no plaintext model file anywhere.
+        plain = (source / "model.onnx").read_bytes()
+        for path in home.rglob("*"):
+            if path.is_file():
+                assert plain not in path.read_bytes(), path
+    finally:
+        srv.stop()

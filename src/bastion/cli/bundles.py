@@ -87,19 +87,42 @@ def register(
         source: Annotated[Path, typer.Argument(help="HF directory, .onnx or .safetensors file.")],
         name: Annotated[str, typer.Option(help="Model name.")],
         version: Annotated[str | None, typer.Option(help="Version (default: next number).")] = None,
+        runtime: Annotated[
+            str | None,
+            typer.Option(
+                help="Also serve it with this runtime (onnx, text-generation, "
+                "sentence-embedding): registered and loaded from the bundle."
+            ),
+        ] = None,
         home: HomeOpt = None,
         json_output: JsonOpt = False,
     ) -> None:
         """Scan a model, refuse anything unsafe, and store it signed and encrypted."""
+        from bastion.identity.principal import OPERATOR
+        from bastion.models.bundle_store import BUNDLE_OPTION
+
+        h = open_home(home)
         bundles = store(home)
         total = _source_bytes(source)
         started = time.monotonic()
         with failures(), progress_bar(total, "importing", json_output) as advance:
             bundle = bundles.import_model(source, name, version, progress=advance)
         seconds = time.monotonic() - started
+        if runtime is not None:
+            with failures():
+                h.registry.register(
+                    OPERATOR,
+                    name=bundle.name,
+                    runtime=runtime,
+                    path=bundles.relative_path(bundle),
+                    options={BUNDLE_OPTION: bundle.version},
+                    description=f"Signed, encrypted bundle version {bundle.version}.",
+                    replace=True,
+                )
         result = {
             "name": bundle.name,
             "version": bundle.version,
+            "served": runtime is not None,
             "files": [f.path for f in bundle.files],
             "bytes": bundle.total_bytes,
             "signer": bundle.signer,

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 from bastion.audit.events import ACCESS_DENIED, SERVER_STOPPED, Event, EventSink
@@ -18,6 +19,7 @@ from bastion.config import Settings
 from bastion.crypto.ohttp_keys import OhttpKeyStore
 from bastion.errors import (
     AuthenticationError,
+    ConfigurationError,
     GatewayTimeout,
     ModelNotFound,
     ModelUnavailable,
@@ -33,6 +35,8 @@ from bastion.identity.principal import (
     ACTION_INFER,
     Principal,
 )
+from bastion.models.bundle import IntegrityError, read_bundle, unseal_data_key
+from bastion.models.bundle_store import BUNDLE_OPTION, BundleStore
 from bastion.models.registry import ModelRecord, ModelRegistry
 from bastion.observability.metrics import Metrics
 from bastion.store.db import Database
@@ -62,6 +66,7 @@ class Gateway:
         events: EventSink,
         metrics: Metrics,
         ohttp_keys: OhttpKeyStore,
+        bundles: BundleStore | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -71,6 +76,7 @@ class Gateway:
         self.events = events
         self.metrics = metrics
         self.ohttp_keys = ohttp_keys
+        self.bundles = bundles
         self.sealing = SealingState(settings)
         self._catalog: dict[str, ModelRecord] = {}
         self._revision = -1
@@ -112,19 +118,32 @@ class Gateway:
     async def _reconcile(self) -> None:
         for record in self._catalog.values():
             if record.desired_state == "loaded":
-                await self.supervisor.ensure(
-                    ModelSpec(
-                        name=record.name,
-                        runtime=record.runtime,
-                        path=self.resolve_model_path(record.path),
-                        options=dict(record.options),
-                    )
+                spec = ModelSpec(
+                    name=record.name,
+                    runtime=record.runtime,
+                    path=self.resolve_model_path(record.path),
+                    options=dict(record.options),
                 )
+                if BUNDLE_OPTION in record.options:
+                    spec = await asyncio.to_thread(self._with_bundle_key, spec)
+                await self.supervisor.ensure(spec)
             elif self.supervisor.status(record.name).state != "unloaded":
                 await self.supervisor.unload(record.name)
         for name in list(self.supervisor.statuses()):
             if name not in self._catalog:
                 await self.supervisor.unload(name)
+
+    def _with_bundle_key(self, spec: ModelSpec) -> ModelSpec:
+        """The spec of a bundle, with its data key unsealed for the worker (or why not)."""
+        if self.bundles is None:
+            return replace(spec, bundle_error="This server has no bundle store.")
+        try:
+            bundle = read_bundle(spec.path)
+            key = unseal_data_key(bundle, self.bundles.keyring)
+            trusted = tuple(self.bundles.trusted_keys())
+        except (IntegrityError, ConfigurationError) as exc:
+            return replace(spec, bundle_error=str(exc)[:200])
+        return replace(spec, bundle_key=key, trusted_keys=trusted)
 
     def resolve_model_path(self, path: str) -> Path:
         candidate = Path(path)
@@ -253,6 +272,8 @@ class Gateway:
 
 
 def _unavailable_message(name: str, status: ModelStatus) -> str:
+    if status.state == "integrity_failed":
+        return f"The model '{name}' failed its integrity check; an operator must replace it."
     if status.state == "failed":
         return f"The model '{name}' failed to load."
     if status.state == "unloaded":

@@ -29,12 +29,11 @@ import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bastion.crypto.keyring import KeyRing, KeyRingError
 from bastion.crypto.streaming_aead import StreamingAeadError, decrypt_to_bytearray, encrypt_file
 from bastion.errors import ConfigurationError
-from bastion.models.scan import ScanLimits, open_scanned, scan_model
 from bastion.models.signing import (
     Manifest,
     SignatureError,
@@ -44,6 +43,10 @@ from bastion.models.signing import (
     sign_digests,
     verify_signature,
 )
+
+if TYPE_CHECKING:
+    # Type only: the scanner (and ONNX) load where models are imported, not in servers.
+    from bastion.models.scan import ScanLimits
 
 BUNDLE_FORMAT = "bastion-model-bundle/1"
 MANIFEST_NAME = "bundle.json"
@@ -124,6 +127,9 @@ def create_bundle(
     Raises UnsafeModel (nothing is written) if the source is refused. The bundle appears
     at `destination` only once complete.
     """
+    # Imported here: workers open bundles, and need none of the scanner (nor ONNX).
+    from bastion.models.scan import open_scanned, scan_model
+
     report = scan_model(source, limits)
     if destination.exists():
         raise FileExistsError(destination)
@@ -207,6 +213,26 @@ def open_bundle(
 ) -> tuple[Manifest, dict[str, bytearray]]:
     """Verify the signature, unseal the data key, and decrypt and check every file in
     memory; returns the signed manifest and the plaintext files. Raises IntegrityError."""
+    data_key = unseal_data_key(bundle, keyring)
+    return open_bundle_with_key(bundle, data_key, trusted_keys, progress=progress)
+
+
+def unseal_data_key(bundle: Bundle, keyring: KeyRing) -> bytes:
+    """The bundle's data key (for the worker that will load it); raises IntegrityError."""
+    try:
+        return keyring.open(bundle.envelope, _envelope_context(bundle.name, bundle.version))
+    except KeyRingError as exc:
+        raise IntegrityError(f"The bundle's data key cannot be opened: {exc}") from exc
+
+
+def open_bundle_with_key(
+    bundle: Bundle,
+    data_key: bytes,
+    trusted_keys: Sequence[bytes],
+    *,
+    progress: Progress | None = None,
+) -> tuple[Manifest, dict[str, bytearray]]:
+    """:func:`open_bundle` with the data key already unsealed (inside a worker)."""
     try:
         signature = _read_regular(bundle.directory / SIGNATURE_NAME, _MAX_MANIFEST_BYTES)
         manifest = verify_signature(signature, trusted_keys)
@@ -216,10 +242,6 @@ def open_bundle(
         raise IntegrityError(f"The bundle's signature is not valid: {exc}") from exc
     if manifest.model_name != bundle.name:
         raise IntegrityError("The signature is for another model.")
-    try:
-        data_key = keyring.open(bundle.envelope, _envelope_context(bundle.name, bundle.version))
-    except KeyRingError as exc:
-        raise IntegrityError(f"The bundle's data key cannot be opened: {exc}") from exc
     files: dict[str, bytearray] = {}
     for f in bundle.files:
         digest = hashlib.sha256()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bastion.crypto.keyring import KeyRing
 from bastion.errors import Conflict, InvalidRequest, NotFound
@@ -23,10 +24,15 @@ from bastion.models.bundle import (
     read_bundle,
 )
 from bastion.models.registry import validate_model_name
-from bastion.models.scan import ScanLimits
 from bastion.models.signing import Manifest, SigningKey
 
+if TYPE_CHECKING:
+    # Type only: the scanner (and ONNX) load where models are imported, not in servers.
+    from bastion.models.scan import ScanLimits
+
 _VERSION = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]{0,31}")
+# The registry option that marks a model served from a bundle (its value: the version).
+BUNDLE_OPTION = "bundle"
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,9 +45,18 @@ class BundleStore:
     """The bundles of one home."""
 
     def __init__(self, home: Path, keyring: KeyRing) -> None:
+        self._home = home
         self._root = home / "bundles"
         self._key_path = home / "signing.key"
         self._keyring = keyring
+
+    @property
+    def keyring(self) -> KeyRing:
+        return self._keyring
+
+    def relative_path(self, bundle: Bundle) -> str:
+        """Where the registry records a bundle: relative to the home."""
+        return str(bundle.directory.relative_to(self._home))
 
     def signing_key(self) -> SigningKey:
         return load_or_create_signing_key(self._key_path, self._keyring)

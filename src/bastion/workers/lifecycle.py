@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from bastion.audit.events import (
     MODEL_FAILED,
+    MODEL_INTEGRITY_FAILED,
     MODEL_LOADED,
     WORKER_CRASHED,
     WORKER_RESTARTED,
@@ -53,6 +54,8 @@ class ModelState(StrEnum):
     READY = "ready"
     RESTARTING = "restarting"
     FAILED = "failed"
+    # The model's files failed their integrity check (signature, decryption): not retried.
+    INTEGRITY_FAILED = "integrity_failed"
     STOPPING = "stopping"
     UNLOADED = "unloaded"
 
@@ -65,6 +68,11 @@ class ModelSpec:
     runtime: str
     path: Path
     options: dict[str, Any] = field(default_factory=dict)
+    # A bundle's unsealed data key and trusted signing keys (see LoadModel); or, when the
+    # gateway could not even read the bundle, why (the model is then integrity_failed).
+    bundle_key: bytes | None = field(default=None, repr=False)
+    trusted_keys: tuple[bytes, ...] = ()
+    bundle_error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +91,7 @@ class ModelStatus:
 
 @dataclass(frozen=True, slots=True)
 class _Failure:
-    kind: Literal["crashed", "load_failed"]
+    kind: Literal["crashed", "load_failed", "integrity_failed"]
     reason: str
 
 
@@ -158,9 +166,16 @@ class WorkerLifecycle:
         settings = self._settings
         previous: _Failure | None = None
         try:
-            while True:
+            if slot.spec.bundle_error is not None:
+                self._load_failed(slot, slot.spec.bundle_error, integrity=True)
+                await slot.stop_requested.wait()
+            while not slot.stop_requested.is_set():
                 failure = await self._run_worker(slot, runtime_dir, previous)
                 if failure is None or slot.stop_requested.is_set():
+                    break
+                if failure.kind == "integrity_failed":
+                    # Altered files stay altered: no retry until the model is changed.
+                    await slot.stop_requested.wait()
                     break
                 slot.retry_at = time.monotonic() + slot.backoff_s
                 with contextlib.suppress(TimeoutError):
@@ -227,8 +242,8 @@ class WorkerLifecycle:
                 await asyncio.wait({exit_task}, timeout=_TERMINATE_GRACE_S)
                 return None
             if isinstance(loaded, _Failure):
-                if loaded.kind == "load_failed":
-                    self._load_failed(slot, loaded.reason)
+                if loaded.kind in ("load_failed", "integrity_failed"):
+                    self._load_failed(slot, loaded.reason, integrity=loaded.kind != "load_failed")
                     # A worker that answered LoadFailed exits by itself; one that timed out
                     # is still busy loading and is killed at once.
                     answered = channel.control.done()
@@ -270,6 +285,8 @@ class WorkerLifecycle:
             path=str(spec.path),
             options=dict(spec.options),
             heartbeat_interval_s=settings.heartbeat_interval_s,
+            bundle_key=spec.bundle_key,
+            trusted_keys=list(spec.trusted_keys),
         )
         sender = asyncio.ensure_future(self._send_load(channel, load))
         sender.add_done_callback(_retrieve_outcome)
@@ -296,6 +313,8 @@ class WorkerLifecycle:
                     answer = channel.control.result()
                     if isinstance(answer, Ready):
                         return answer
+                    if answer.integrity:
+                        return _Failure("integrity_failed", answer.reason)
                     return _Failure("load_failed", answer.reason)
                 if stop.done():
                     return None
@@ -404,7 +423,15 @@ class WorkerLifecycle:
         if slot.state is ModelState.READY and slot.channel is channel:
             slot.set_state(ModelState.RESTARTING, reason)
 
-    def _load_failed(self, slot: ModelSlot, reason: str) -> None:
+    def _load_failed(self, slot: ModelSlot, reason: str, *, integrity: bool = False) -> None:
+        if integrity:
+            slot.set_state(ModelState.INTEGRITY_FAILED, reason)
+            logger.warning(
+                "model failed its integrity check",
+                extra={"model": slot.spec.name, "reason": reason},
+            )
+            self.emit(MODEL_INTEGRITY_FAILED, slot, outcome="failure", reason=reason)
+            return
         slot.set_state(ModelState.FAILED, reason)
         logger.warning("model failed to load", extra={"model": slot.spec.name, "reason": reason})
         self.emit(MODEL_FAILED, slot, outcome="failure", reason=reason, restarts=slot.restarts)

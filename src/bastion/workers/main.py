@@ -32,8 +32,15 @@ from typing import Any, NoReturn
 
 import msgspec
 
+from bastion.models.bundle import IntegrityError, open_bundle_with_key, read_bundle
 from bastion.observability.logging import configure_logging
-from bastion.runtimes.base import CancelToken, Runtime, RuntimeInputError, load_runtime
+from bastion.runtimes.base import (
+    CancelToken,
+    ModelFiles,
+    Runtime,
+    RuntimeInputError,
+    load_runtime,
+)
 from bastion.workers.framing import (
     HEADER_BYTES,
     MAX_MESSAGE_BYTES,
@@ -281,6 +288,12 @@ class Worker:
             try:
                 runtime = _load_model(load)
                 metadata = runtime.metadata()
+            except IntegrityError as exc:
+                self._send(
+                    LoadFailed(model=load.model, reason=str(exc)[:_REASON_LIMIT], integrity=True)
+                )
+                self._finish(EXIT_LOAD_FAILED)
+                return
             except Exception as exc:
                 reason = f"{type(exc).__name__}: {exc}"[:_REASON_LIMIT]
                 self._send(LoadFailed(model=load.model, reason=reason))
@@ -430,7 +443,12 @@ def _load_model(load: LoadModel) -> Runtime:
             import torch
 
             torch.set_num_threads(threads)
-    return load_runtime(load.runtime, Path(load.path), load.options)
+    if load.bundle_key is None:
+        return load_runtime(load.runtime, Path(load.path), load.options)
+    # A bundle: decrypted and checked against its signed manifest here, in memory.
+    bundle = read_bundle(Path(load.path))
+    _, files = open_bundle_with_key(bundle, load.bundle_key, load.trusted_keys)
+    return load_runtime(load.runtime, ModelFiles(memory=files), load.options)
 
 
 def _thread_count(options: Mapping[str, Any]) -> int | None:

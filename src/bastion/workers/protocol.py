@@ -71,6 +71,14 @@ class LoadModel(Message, frozen=True, kw_only=True):
     path: str
     options: dict[str, Any] = {}
     heartbeat_interval_s: float = 1.0
+    # For a bundle (scanned, signed, encrypted model): its data key, unsealed by the
+    # gateway, and the public keys its signature may come from. The worker decrypts and
+    # verifies the files in memory; no plaintext weight touches a disk.
+    bundle_key: bytes | None = None
+    trusted_keys: list[bytes] = []
+
+    def __repr__(self) -> str:
+        return f"LoadModel(model={self.model!r}, runtime={self.runtime!r})"
 
 
 class Generate(Message, frozen=True, kw_only=True):
@@ -178,6 +186,8 @@ class LoadFailed(Message, frozen=True, kw_only=True):
 
     model: str
     reason: str
+    # The model's files failed their integrity check: retrying cannot help.
+    integrity: bool = False
 
 
 class Heartbeat(Message, frozen=True, kw_only=True):

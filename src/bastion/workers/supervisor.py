@@ -185,6 +185,12 @@ class Supervisor:
             return ModelUnavailable(
                 "The model's worker is restarting; retry shortly.", retry_after_s=wait_s
             )
+        if slot.state is ModelState.INTEGRITY_FAILED:
+            return ModelUnavailable(
+                "The model's files failed their integrity check; an operator must replace them.",
+                code="integrity_failed",
+                retry_after_s=60,
+            )
         if slot.state is ModelState.FAILED:
             return ModelUnavailable(
                 "The model failed to load; it will be retried.", retry_after_s=wait_s
