@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
 from bastion.audit.events import MemoryEventSink
@@ -21,19 +18,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    database = Database(f"sqlite:///{tmp_path / 'bastion.db'}")
-    database.migrate()
-    yield database
-    database.close()
-
-
-@pytest.fixture
-def events() -> MemoryEventSink:
-    return MemoryEventSink()
 
 
 @pytest.fixture
