@@ -63,6 +63,17 @@ class Settings:
     transit_mount: str = "transit"
     # A secret: never shown in reprs or logs.
     transit_token: str | None = field(default=None, repr=False)
+    # Trust policy for model bundles: with require_publisher, a bundle loads only if it
+    # carries a signature by one of these publishers' public keys (PEM files, separated
+    # by the OS path separator).
+    require_publisher: bool = False
+    trusted_publisher_keys: str | None = None
+
+    def publisher_keys(self) -> list[bytes]:
+        """The trusted publishers' public keys (PEM), read from their files."""
+        if not self.trusted_publisher_keys:
+            return []
+        return [Path(p).read_bytes() for p in self.trusted_publisher_keys.split(os.pathsep) if p]
 
     @property
     def db_path(self) -> Path:
@@ -142,4 +153,6 @@ _ENV_FIELDS: dict[str, Any] = {
     "transit_key": str,
     "transit_mount": str,
     "transit_token": str,
+    "require_publisher": _parse_bool,
+    "trusted_publisher_keys": str,
 }

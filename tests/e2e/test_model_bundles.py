@@ -140,3 +140,56 @@ def test_a_bundle_is_served_and_a_tampered_one_is_refused(tmp_path: Path) -> Non
                 assert plain not in path.read_bytes(), path
     finally:
         srv.stop()
+
+
+def test_a_trust_policy_serves_only_bundles_from_a_listed_publisher(tmp_path: Path) -> None:
+    import hashlib
+
+    from bastion.models.signing import SigningKey, sign_digests
+
+    home = tmp_path / "home"
+    run_cli(home, "init", "--no-demo-models")
+    source = _doubling_onnx(tmp_path / "scale", 2.0)
+    publisher = SigningKey.generate()
+    digests = {"model.onnx": hashlib.sha256((source / "model.onnx").read_bytes()).digest()}
+    (tmp_path / "model.sig").write_bytes(
+        sign_digests(digests, publisher, model_name="scale", signature_name=None)
+    )
+    (tmp_path / "publisher.pem").write_bytes(publisher.public_pem())
+    signed = [
+        "--signature",
+        str(tmp_path / "model.sig"),
+        "--publisher-key",
+        str(tmp_path / "publisher.pem"),
+    ]
+    run_cli(home, "models", "import", str(source), "--name", "signed", "--runtime", "onnx", *signed)
+    run_cli(home, "models", "import", str(source), "--name", "unsigned", "--runtime", "onnx")
+    # A wrong publisher key is refused at import, with the reason.
+    other = tmp_path / "other.pem"
+    other.write_bytes(SigningKey.generate().public_pem())
+    wrong = run_cli(
+        home,
+        "models",
+        "import",
+        str(source),
+        "--name",
+        "x",
+        "--signature",
+        str(tmp_path / "model.sig"),
+        "--publisher-key",
+        str(other),
+        check=False,
+    )
+    assert wrong.returncode == 1 and "publisher" in wrong.stderr
+
+    policy = {
+        "BASTION_REQUIRE_PUBLISHER": "true",
+        "BASTION_TRUSTED_PUBLISHER_KEYS": str(tmp_path / "publisher.pem"),
+    }
+    srv = BastionServer(home, env=policy)
+    try:
+        srv.wait_ready(["signed"], timeout=120)
+        status = srv.wait_model("unsigned", "integrity_failed", timeout=60)
+        assert "publisher" in status["detail"]
+    finally:
+        srv.stop()

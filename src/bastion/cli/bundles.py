@@ -94,10 +94,27 @@ def register(
                 "sentence-embedding): registered and loaded from the bundle."
             ),
         ] = None,
+        signature: Annotated[
+            Path | None,
+            typer.Option(help="The publisher's OpenSSF Model Signing signature of the model."),
+        ] = None,
+        publisher_key: Annotated[
+            Path | None,
+            typer.Option(help="The publisher's public key (PEM) the signature must verify with."),
+        ] = None,
         home: HomeOpt = None,
         json_output: JsonOpt = False,
     ) -> None:
         """Scan a model, refuse anything unsafe, and store it signed and encrypted."""
+        if (signature is None) != (publisher_key is None):
+            err.print("[red]error:[/] --signature and --publisher-key go together")
+            raise typer.Exit(2)
+        try:
+            published = signature.read_bytes() if signature is not None else None
+            publishers = [publisher_key.read_bytes()] if publisher_key is not None else []
+        except OSError as exc:
+            err.print(f"[red]error:[/] cannot read {exc.filename}")
+            raise typer.Exit(2) from None
         from bastion.identity.principal import OPERATOR
         from bastion.models.bundle_store import BUNDLE_OPTION
 
@@ -106,7 +123,14 @@ def register(
         total = _source_bytes(source)
         started = time.monotonic()
         with failures(), progress_bar(total, "importing", json_output) as advance:
-            bundle = bundles.import_model(source, name, version, progress=advance)
+            bundle = bundles.import_model(
+                source,
+                name,
+                version,
+                progress=advance,
+                publisher_signature=published,
+                publisher_keys=publishers,
+            )
         seconds = time.monotonic() - started
         if runtime is not None:
             with failures():

@@ -137,13 +137,22 @@ class Gateway:
         """The spec of a bundle, with its data key unsealed for the worker (or why not)."""
         if self.bundles is None:
             return replace(spec, bundle_error="This server has no bundle store.")
+        publishers: tuple[bytes, ...] = ()
         try:
+            if self.settings.require_publisher:
+                publishers = tuple(self.settings.publisher_keys())
+                if not publishers:
+                    raise ConfigurationError(
+                        "The trust policy requires a publisher, but lists no publisher keys."
+                    )
             bundle = read_bundle(spec.path)
             key = unseal_data_key(bundle, self.bundles.keyring)
             trusted = tuple(self.bundles.trusted_keys())
+        except OSError:
+            return replace(spec, bundle_error="A trusted publisher key file cannot be read.")
         except (IntegrityError, ConfigurationError) as exc:
             return replace(spec, bundle_error=str(exc)[:200])
-        return replace(spec, bundle_key=key, trusted_keys=trusted)
+        return replace(spec, bundle_key=key, trusted_keys=trusted, publisher_keys=publishers)
 
     def resolve_model_path(self, path: str) -> Path:
         candidate = Path(path)

@@ -26,14 +26,14 @@ import json
 import os
 import shutil
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bastion.crypto.keyring import KeyRing, KeyRingError
 from bastion.crypto.streaming_aead import StreamingAeadError, decrypt_to_bytearray, encrypt_file
-from bastion.errors import ConfigurationError
+from bastion.errors import ConfigurationError, InvalidRequest
 from bastion.models.signing import (
     Manifest,
     SignatureError,
@@ -51,6 +51,8 @@ if TYPE_CHECKING:
 BUNDLE_FORMAT = "bastion-model-bundle/1"
 MANIFEST_NAME = "bundle.json"
 SIGNATURE_NAME = "model.sig"
+# The model's publisher's own signature, when one was given at import.
+PUBLISHER_SIGNATURE_NAME = "publisher.sig"
 _MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 _SIGNING_KEY_CONTEXT = "model-signing-key/1"
 
@@ -60,6 +62,12 @@ Progress = Callable[[int], None]
 
 class IntegrityError(Exception):
     """A stored bundle failed a check; the message says which, never any content."""
+
+
+class PublisherSignatureError(InvalidRequest):
+    """The publisher's signature given at import does not verify or does not cover the files."""
+
+    code = "publisher_signature_invalid"
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +129,8 @@ def create_bundle(
     signing_key: SigningKey,
     limits: ScanLimits | None = None,
     progress: Progress | None = None,
+    publisher_signature: bytes | None = None,
+    publisher_keys: Sequence[bytes] = (),
 ) -> Bundle:
     """Scan `source`, then encrypt and sign it into the new directory `destination`.
 
@@ -157,6 +167,9 @@ def create_bundle(
                 os.fsync(sealed.fileno())
             digests[scanned.path] = digest.digest()
             files.append(BundleFile(scanned.path, scanned.size, blob))
+        if publisher_signature is not None:
+            _check_publisher(publisher_signature, publisher_keys, digests)
+            _write(partial / PUBLISHER_SIGNATURE_NAME, publisher_signature)
         signature = sign_digests(digests, signing_key, model_name=name, signature_name=None)
         envelope = keyring.seal(data_key, _envelope_context(name, version))
         manifest = {
@@ -230,9 +243,13 @@ def open_bundle_with_key(
     data_key: bytes,
     trusted_keys: Sequence[bytes],
     *,
+    publisher_keys: Sequence[bytes] = (),
     progress: Progress | None = None,
 ) -> tuple[Manifest, dict[str, bytearray]]:
-    """:func:`open_bundle` with the data key already unsealed (inside a worker)."""
+    """:func:`open_bundle` with the data key already unsealed (inside a worker).
+
+    With `publisher_keys` (a trust policy), the bundle must also carry a signature by one
+    of those publishers over exactly these files."""
     try:
         signature = _read_regular(bundle.directory / SIGNATURE_NAME, _MAX_MANIFEST_BYTES)
         manifest = verify_signature(signature, trusted_keys)
@@ -243,6 +260,7 @@ def open_bundle_with_key(
     if manifest.model_name != bundle.name:
         raise IntegrityError("The signature is for another model.")
     files: dict[str, bytearray] = {}
+    digests: dict[str, bytes] = {}
     for f in bundle.files:
         digest = hashlib.sha256()
         try:
@@ -263,11 +281,39 @@ def open_bundle_with_key(
         except SignatureError as exc:
             raise IntegrityError(f"{f.path}: {exc}") from exc
         files[f.path] = plaintext
+        digests[f.path] = digest.digest()
     try:
-        check_files(manifest, {path: hashlib.sha256(data).digest() for path, data in files.items()})
+        check_files(manifest, digests)
     except SignatureError as exc:
         raise IntegrityError(str(exc)) from exc
+    if publisher_keys:
+        try:
+            published = _read_regular(
+                bundle.directory / PUBLISHER_SIGNATURE_NAME, _MAX_MANIFEST_BYTES
+            )
+        except OSError:
+            raise IntegrityError(
+                "The trust policy requires a publisher's signature; this bundle has none."
+            ) from None
+        try:
+            _check_publisher(published, publisher_keys, digests)
+        except PublisherSignatureError as exc:
+            raise IntegrityError(exc.message) from None
     return manifest, files
+
+
+def _check_publisher(
+    signature: bytes, publisher_keys: Sequence[bytes], digests: Mapping[str, bytes]
+) -> None:
+    """The publisher's signature must come from one of `publisher_keys` and cover exactly
+    the files with these digests."""
+    try:
+        manifest = verify_signature(signature, publisher_keys)
+        check_files(manifest, digests)
+    except SignatureError as exc:
+        raise PublisherSignatureError(
+            f"The publisher's signature is not accepted: {exc}", param="signature"
+        ) from None
 
 
 def export_bundle(

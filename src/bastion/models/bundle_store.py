@@ -7,6 +7,7 @@ holds Bastion's model signing key, sealed by the key ring.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -80,8 +81,11 @@ class BundleStore:
         *,
         limits: ScanLimits | None = None,
         progress: Progress | None = None,
+        publisher_signature: bytes | None = None,
+        publisher_keys: Sequence[bytes] = (),
     ) -> Bundle:
-        """Scan, encrypt and sign `source` as a new version of `name`."""
+        """Scan, encrypt and sign `source` as a new version of `name`; with a publisher's
+        signature, check it covers exactly these files and keep it in the bundle."""
         validate_model_name(name)
         if version is None:
             existing = [int(v) for v in self.versions(name) if v.isdigit()]
@@ -102,6 +106,8 @@ class BundleStore:
             signing_key=self.signing_key(),
             limits=limits,
             progress=progress,
+            publisher_signature=publisher_signature,
+            publisher_keys=publisher_keys,
         )
 
     def get(self, name: str, version: str | None = None) -> Bundle:

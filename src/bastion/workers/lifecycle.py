@@ -72,6 +72,7 @@ class ModelSpec:
     # gateway could not even read the bundle, why (the model is then integrity_failed).
     bundle_key: bytes | None = field(default=None, repr=False)
     trusted_keys: tuple[bytes, ...] = ()
+    publisher_keys: tuple[bytes, ...] = ()
     bundle_error: str | None = None
 
 
@@ -287,6 +288,7 @@ class WorkerLifecycle:
             heartbeat_interval_s=settings.heartbeat_interval_s,
             bundle_key=spec.bundle_key,
             trusted_keys=list(spec.trusted_keys),
+            publisher_keys=list(spec.publisher_keys),
         )
         sender = asyncio.ensure_future(self._send_load(channel, load))
         sender.add_done_callback(_retrieve_outcome)

@@ -447,7 +447,9 @@ def _load_model(load: LoadModel) -> Runtime:
         return load_runtime(load.runtime, Path(load.path), load.options)
     # A bundle: decrypted and checked against its signed manifest here, in memory.
     bundle = read_bundle(Path(load.path))
-    _, files = open_bundle_with_key(bundle, load.bundle_key, load.trusted_keys)
+    _, files = open_bundle_with_key(
+        bundle, load.bundle_key, load.trusted_keys, publisher_keys=load.publisher_keys
+    )
     return load_runtime(load.runtime, ModelFiles(memory=files), load.options)
 
 

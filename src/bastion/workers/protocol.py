@@ -76,6 +76,8 @@ class LoadModel(Message, frozen=True, kw_only=True):
     # verifies the files in memory; no plaintext weight touches a disk.
     bundle_key: bytes | None = None
     trusted_keys: list[bytes] = []
+    # The trust policy's publishers: the bundle must also be signed by one of them.
+    publisher_keys: list[bytes] = []
 
     def __repr__(self) -> str:
         return f"LoadModel(model={self.model!r}, runtime={self.runtime!r})"

@@ -16,14 +16,17 @@ from safetensors.numpy import save_file
 from bastion.crypto.keyring import KeyRing, LocalKek
 from bastion.models.bundle import (
     IntegrityError,
+    PublisherSignatureError,
     create_bundle,
     export_bundle,
     load_or_create_signing_key,
     open_bundle,
+    open_bundle_with_key,
     read_bundle,
+    unseal_data_key,
 )
 from bastion.models.scan import UnsafeModel
-from bastion.models.signing import SigningKey
+from bastion.models.signing import SigningKey, sign_digests
 
 
 def _model(directory: Path, seed: int = 0) -> Path:
@@ -191,3 +194,92 @@ def test_the_signing_key_is_kept_sealed(tmp_path: Path, ring: KeyRing) -> None:
     assert load_or_create_signing_key(path, ring).key_id == key.key_id
     assert b"PRIVATE KEY" not in path.read_bytes()
     assert path.stat().st_mode & 0o077 == 0
+
+
+def _publisher_signature(source: Path, publisher: SigningKey) -> bytes:
+    """What a publisher ships: an OMS signature of its model directory."""
+    import hashlib
+
+    digests = {
+        p.relative_to(source).as_posix(): hashlib.sha256(p.read_bytes()).digest()
+        for p in source.rglob("*")
+        if p.is_file()
+    }
+    return sign_digests(digests, publisher, model_name="acme", signature_name=None)
+
+
+def test_a_publisher_signature_is_checked_and_kept(
+    tmp_path: Path, ring: KeyRing, key: SigningKey
+) -> None:
+    source = _model(tmp_path / "src")
+    publisher = SigningKey.generate()
+    signature = _publisher_signature(source, publisher)
+    bundle = create_bundle(
+        source,
+        tmp_path / "b",
+        name="m",
+        version="1",
+        keyring=ring,
+        signing_key=key,
+        publisher_signature=signature,
+        publisher_keys=[publisher.public_pem()],
+    )
+    assert (tmp_path / "b/publisher.sig").read_bytes() == signature
+    data_key = unseal_data_key(bundle, ring)
+    _, files = open_bundle_with_key(
+        bundle, data_key, [key.public_pem()], publisher_keys=[publisher.public_pem()]
+    )
+    assert set(files) == {"model.safetensors", "config.json"}
+    # A policy naming another publisher refuses it.
+    with pytest.raises(IntegrityError, match="publisher"):
+        open_bundle_with_key(
+            bundle,
+            data_key,
+            [key.public_pem()],
+            publisher_keys=[SigningKey.generate().public_pem()],
+        )
+
+
+def test_a_publisher_signature_that_does_not_fit_is_refused_at_import(
+    tmp_path: Path, ring: KeyRing, key: SigningKey
+) -> None:
+    source = _model(tmp_path / "src")
+    publisher = SigningKey.generate()
+    signature = _publisher_signature(source, publisher)
+    with pytest.raises(PublisherSignatureError):
+        create_bundle(
+            source,
+            tmp_path / "b1",
+            name="m",
+            version="1",
+            keyring=ring,
+            signing_key=key,
+            publisher_signature=signature,
+            publisher_keys=[SigningKey.generate().public_pem()],
+        )
+    (source / "config.json").write_text(json.dumps({"hidden_size": 1001}))  # changed after signing
+    with pytest.raises(PublisherSignatureError):
+        create_bundle(
+            source,
+            tmp_path / "b2",
+            name="m",
+            version="1",
+            keyring=ring,
+            signing_key=key,
+            publisher_signature=signature,
+            publisher_keys=[publisher.public_pem()],
+        )
+    assert not (tmp_path / "b1").exists() and not (tmp_path / "b2").exists()
+
+
+def test_the_trust_policy_refuses_a_bundle_without_a_publisher(
+    stored: Path, ring: KeyRing, key: SigningKey
+) -> None:
+    bundle = read_bundle(stored)
+    with pytest.raises(IntegrityError, match="requires a publisher"):
+        open_bundle_with_key(
+            bundle,
+            unseal_data_key(bundle, ring),
+            [key.public_pem()],
+            publisher_keys=[SigningKey.generate().public_pem()],
+        )
