@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import stat
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bastion.crypto.keyring import KeyRing, KeyRingError
-from bastion.crypto.streaming_aead import StreamingAeadError, decrypt_to_bytearray, encrypt_file
+from bastion.crypto.streaming_aead import StreamingAeadError, decrypt_into, encrypt_file
 from bastion.errors import ConfigurationError, InvalidRequest
 from bastion.models.signing import (
     Manifest,
@@ -55,6 +56,10 @@ SIGNATURE_NAME = "model.sig"
 PUBLISHER_SIGNATURE_NAME = "publisher.sig"
 _MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 _SIGNING_KEY_CONTEXT = "model-signing-key/1"
+
+# Decrypted files: a bytearray, or anonymous memory for big ones (see _buffer).
+Plaintext = bytearray | mmap.mmap
+_MAPPED_MIN_BYTES = 1 << 20
 
 # Called with the number of plaintext bytes just processed.
 Progress = Callable[[int], None]
@@ -223,7 +228,7 @@ def open_bundle(
     trusted_keys: Sequence[bytes],
     *,
     progress: Progress | None = None,
-) -> tuple[Manifest, dict[str, bytearray]]:
+) -> tuple[Manifest, dict[str, Plaintext]]:
     """Verify the signature, unseal the data key, and decrypt and check every file in
     memory; returns the signed manifest and the plaintext files. Raises IntegrityError."""
     data_key = unseal_data_key(bundle, keyring)
@@ -245,7 +250,7 @@ def open_bundle_with_key(
     *,
     publisher_keys: Sequence[bytes] = (),
     progress: Progress | None = None,
-) -> tuple[Manifest, dict[str, bytearray]]:
+) -> tuple[Manifest, dict[str, Plaintext]]:
     """:func:`open_bundle` with the data key already unsealed (inside a worker).
 
     With `publisher_keys` (a trust policy), the bundle must also carry a signature by one
@@ -259,17 +264,18 @@ def open_bundle_with_key(
         raise IntegrityError(f"The bundle's signature is not valid: {exc}") from exc
     if manifest.model_name != bundle.name:
         raise IntegrityError("The signature is for another model.")
-    files: dict[str, bytearray] = {}
+    files: dict[str, Plaintext] = {}
     digests: dict[str, bytes] = {}
     for f in bundle.files:
         digest = hashlib.sha256()
         try:
             with _open_regular(bundle.directory / f.blob) as sealed:
-                plaintext = decrypt_to_bytearray(
+                plaintext = _buffer(f.size)
+                decrypt_into(
                     data_key,
                     file_aad(bundle.name, bundle.version, f.path),
                     sealed,
-                    expected_size=f.size,
+                    memoryview(plaintext),
                     digest=digest,
                     progress=progress,
                 )
@@ -331,6 +337,16 @@ def export_bundle(
     return manifest
 
 
+def _buffer(size: int) -> Plaintext:
+    """Memory for one decrypted file. Big files get anonymous memory mapped with its pages
+    populated up front, which is much cheaper than a zero-filled bytearray faulting page by
+    page while it is written; it is never backed by a file."""
+    if size < _MAPPED_MIN_BYTES:
+        return bytearray(size)
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+    return mmap.mmap(-1, size, flags=flags)
+
+
 def _is_blob_name(blob: str) -> bool:
     parts = blob.split("/")
     return (
@@ -362,7 +378,7 @@ def _create(path: Path) -> Any:
     return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
 
 
-def _write(path: Path, data: bytes | bytearray) -> None:
+def _write(path: Path, data: bytes | Plaintext) -> None:
     with _create(path) as handle:
         handle.write(data)
         handle.flush()

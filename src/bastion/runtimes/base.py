@@ -8,6 +8,7 @@ looked up by name in :data:`RUNTIMES`, never imported from a path a user supplie
 from __future__ import annotations
 
 import importlib
+import mmap
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -82,6 +83,10 @@ class Runtime(Protocol):
     def infer(self, request: Infer) -> InferResult: ...
 
 
+# A file's bytes held in memory: anything with the buffer protocol.
+Buffer = bytes | bytearray | memoryview | mmap.mmap
+
+
 class ModelFiles:
     """The files of one model: read from its directory, or already in memory (the files of
     a bundle, decrypted and verified inside the worker: they never touch a disk)."""
@@ -90,7 +95,7 @@ class ModelFiles:
         self,
         *,
         directory: Path | None = None,
-        memory: Mapping[str, bytes | bytearray] | None = None,
+        memory: Mapping[str, Buffer] | None = None,
     ) -> None:
         if (directory is None) == (memory is None):
             raise ValueError("give a directory or files in memory")
@@ -107,6 +112,15 @@ class ModelFiles:
         if data is None:
             raise ValueError(f"the model has no file {name}")
         return data
+
+    def read_buffer(self, name: str) -> bytes | memoryview:
+        """Like :meth:`read`, without copying files held in memory (for big weights)."""
+        if self._directory is None:
+            found = self._memory.get(name)
+            if found is None:
+                raise ValueError(f"the model has no file {name}")
+            return memoryview(found)
+        return self.read(name)
 
     def read_optional(self, name: str) -> bytes | None:
         if self._directory is None:

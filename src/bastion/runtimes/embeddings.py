@@ -57,7 +57,7 @@ class SentenceEmbeddingRuntime:
         files = as_model_files(source)
         config = config_from_bytes(files.read("config.json"))
         self._model = model_from_bytes(
-            AutoModel.from_config, config, files.read("model.safetensors")
+            AutoModel.from_config, config, files.read_buffer("model.safetensors")
         )
         self._tokenizer = tokenizer_from_bytes(files.read("tokenizer.json"))
         pooling = read_json_object(files.read_optional(POOLING_CONFIG))

@@ -97,7 +97,7 @@ class TextGenerationRuntime:
         files = as_model_files(source)
         config = config_from_bytes(files.read(CONFIG_FILE))
         self._model = model_from_bytes(
-            AutoModelForCausalLM.from_config, config, files.read(WEIGHTS_FILE)
+            AutoModelForCausalLM.from_config, config, files.read_buffer(WEIGHTS_FILE)
         )
         self._tokenizer = tokenizer_from_bytes(files.read(TOKENIZER_FILE))
         tokenizer_config = read_json_object(files.read_optional(TOKENIZER_CONFIG_FILE))

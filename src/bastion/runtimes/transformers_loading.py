@@ -49,8 +49,65 @@ def tokenizer_from_bytes(data: bytes) -> Tokenizer:
     return tokenizer
 
 
+# safetensors dtype names and the torch dtypes they map to.
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def tensors_from_buffer(view: memoryview) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file held in memory, sharing that memory (no copy).
+
+    safetensors' own loader wants `bytes`, which would copy a decrypted model once more.
+    The format is simple (an 8-byte header length, a JSON header of dtypes, shapes and
+    offsets, then the data); every offset is checked against the buffer here, and the
+    file was already validated at import and verified against its signed digest.
+    """
+    if len(view) < 8:
+        raise ValueError("the weights file is too short for safetensors")
+    header_length = int.from_bytes(view[:8], "little")
+    base = 8 + header_length
+    if base > len(view):
+        raise ValueError("the safetensors header runs past the end of the file")
+    header = json.loads(bytes(view[8:base]))
+    if not isinstance(header, dict):
+        raise ValueError("the safetensors header is not a JSON object")
+    tensors: dict[str, torch.Tensor] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _DTYPES.get(info.get("dtype"))
+        start, end = info.get("data_offsets", (None, None))
+        shape = info.get("shape")
+        if dtype is None or not isinstance(start, int) or not isinstance(end, int):
+            raise ValueError("a tensor in the safetensors header is malformed")
+        count = 1
+        for dimension in shape:
+            count *= int(dimension)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if not 0 <= start <= end <= len(view) - base or end - start != count * itemsize:
+            raise ValueError("a tensor's offsets do not match its shape")
+        if count == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+            continue
+        flat = torch.frombuffer(view, dtype=dtype, count=count, offset=base + start)
+        tensors[name] = flat.reshape(shape)
+    return tensors
+
+
 def model_from_bytes(
-    build: Callable[..., PreTrainedModel], config: PreTrainedConfig, weights: bytes
+    build: Callable[..., PreTrainedModel],
+    config: PreTrainedConfig,
+    weights: bytes | memoryview,
 ) -> PreTrainedModel:
     """Build a float32 model with `build(config)` and load the safetensors `weights` into it.
 
@@ -58,7 +115,9 @@ def model_from_bytes(
     Extra tensors in the file (e.g. an old checkpoint's position_ids buffer) are ignored.
     """
     model = build(config, dtype=torch.float32)
-    state = load_safetensors(weights)
+    state = (
+        load_safetensors(weights) if isinstance(weights, bytes) else tensors_from_buffer(weights)
+    )
     prefix = f"{model.base_model_prefix}."
     expected = model.state_dict()
     if not any(name in expected for name in state) and any(k.startswith(prefix) for k in state):

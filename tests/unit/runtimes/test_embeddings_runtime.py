@@ -109,3 +109,49 @@ def test_too_long_input_is_refused(runtime: SentenceEmbeddingRuntime) -> None:
 def test_generation_is_unsupported(runtime: SentenceEmbeddingRuntime) -> None:
     with pytest.raises(UnsupportedOperation):
         runtime.generate(Generate(id=1, prompt="x"), CancelToken(), lambda i, t: None)
+
+
+def test_files_in_memory_load_the_same_model(
+    minilm_dir: Path, runtime: SentenceEmbeddingRuntime
+) -> None:
+    """A decrypted bundle's files, held in memory (the weights shared, not copied), give the
+    same embeddings as the model directory."""
+    import mmap
+
+    from bastion.runtimes.base import ModelFiles
+
+    files: dict[str, bytearray | mmap.mmap] = {}
+    for path in minilm_dir.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            if path.name == "model.safetensors":
+                buffer = mmap.mmap(-1, len(data))
+                buffer.write(data)
+                files[path.relative_to(minilm_dir).as_posix()] = buffer
+            else:
+                files[path.relative_to(minilm_dir).as_posix()] = bytearray(data)
+    in_memory = load(ModelFiles(memory=files), {"threads": 1})
+    request = Embed(id=1, texts=["a sentence", "another one"])
+    expected = _vectors(runtime.embed(request).vectors, 2, 384)
+    got = _vectors(in_memory.embed(request).vectors, 2, 384)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_weights_in_memory_with_bad_offsets_are_refused() -> None:
+    import json
+    import struct
+
+    import torch
+
+    from bastion.runtimes.transformers_loading import tensors_from_buffer
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 32]}}).encode()
+    data = struct.pack("<Q", len(header)) + header + bytes(16)
+    with pytest.raises(ValueError, match="offsets"):
+        tensors_from_buffer(memoryview(bytearray(data)))
+    good = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
+    data = struct.pack("<Q", len(good)) + good + struct.pack("<4f", 1, 2, 3, 4)
+    tensors = tensors_from_buffer(memoryview(bytearray(data)))
+    assert torch.equal(tensors["w"], torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    with pytest.raises(ValueError):
+        tensors_from_buffer(memoryview(bytearray(struct.pack("<Q", 10**6) + b"{}")))
