@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import json
 import os
 import signal
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from bastion.crypto import bhttp, ohttp
 
 BASTION = [sys.executable, "-m", "bastion"]
 
@@ -189,3 +192,49 @@ class RecordingTransport(httpx.HTTPTransport):
 
     def wire(self) -> bytes:
         return b"".join(self.sent + self.received)
+
+
+def ohttp_config(server: BastionServer) -> ohttp.KeyConfig:
+    """The OHTTP key configuration the server publishes."""
+    return ohttp.decode_key_configs(httpx.get(f"{server.url}/.well-known/ohttp-gateway").content)[0]
+
+
+def seal_request(
+    config: ohttp.KeyConfig,
+    body: dict[str, object],
+    *,
+    path: str = "/v1/chat/completions",
+    date: float | None = None,
+    dated: bool = True,
+) -> tuple[bytes, ohttp.ClientResponseContext]:
+    """An encapsulated JSON request, built by hand (with a Date unless `dated` is False)."""
+    headers = [("content-type", "application/json")]
+    if dated:
+        headers.append(("date", email.utils.formatdate(date or time.time(), usegmt=True)))
+    inner = bhttp.encode_request(
+        bhttp.Request(
+            method="POST",
+            scheme="https",
+            authority="bastion",
+            path=path,
+            headers=tuple(headers),
+            content=json.dumps(body).encode(),
+        )
+    )
+    return ohttp.encapsulate_request(config, inner)
+
+
+def post_sealed(
+    server: BastionServer, key: str, data: bytes, model: str = "echo"
+) -> httpx.Response:
+    """POST an encapsulated request to /v1/ohttp."""
+    return httpx.post(
+        f"{server.url}/v1/ohttp",
+        content=data,
+        headers={
+            "authorization": f"Bearer {key}",
+            "bastion-model": model,
+            "content-type": ohttp.REQUEST_MEDIA_TYPE,
+        },
+        timeout=60,
+    )

@@ -4,7 +4,6 @@ gateway's refusals of what is not a proper encrypted request."""
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import json
 import re
 from pathlib import Path
@@ -17,7 +16,15 @@ import pytest
 from bastion.client import OHTTPTransport
 from bastion.crypto import bhttp, ohttp
 from bastion.models.demo import digits_split
-from bastion_testing import BastionServer, RecordingTransport, cli_json, ohttp_fingerprints
+from bastion_testing import (
+    BastionServer,
+    RecordingTransport,
+    cli_json,
+    ohttp_config,
+    ohttp_fingerprints,
+    post_sealed,
+    seal_request,
+)
 
 CHAT = {"model": "tiny-chat", "max_tokens": 8, "seed": 1, "temperature": 0}
 MESSAGES = [{"role": "user", "content": "Tell me about the sea."}]
@@ -254,29 +261,13 @@ def test_usage_is_accounted_from_sealed_requests(
 def test_binary_http_inner_request_needs_date(
     server: BastionServer, consumer_key: str, fingerprints: list[str]
 ) -> None:
-    config = ohttp.decode_key_configs(httpx.get(f"{server.url}/.well-known/ohttp-gateway").content)[
-        0
-    ]
-    inner = bhttp.encode_request(
-        bhttp.Request(
-            method="POST",
-            scheme="https",
-            authority="bastion",
-            path="/v1/embeddings",
-            headers=(("content-type", "application/json"),),
-            content=b'{"model": "minilm-l6", "input": "x"}',
-        )
+    data, context = seal_request(
+        ohttp_config(server),
+        {"model": "minilm-l6", "input": "x"},
+        path="/v1/embeddings",
+        dated=False,
     )
-    data, context = ohttp.encapsulate_request(config, inner)
-    response = httpx.post(
-        f"{server.url}/v1/ohttp",
-        content=data,
-        headers={
-            "authorization": f"Bearer {consumer_key}",
-            "bastion-model": "minilm-l6",
-            "content-type": "message/ohttp-req",
-        },
-    )
+    response = post_sealed(server, consumer_key, data, model="minilm-l6")
     assert response.status_code == 200
     answer = bhttp.decode_response(context.open(response.content))
     assert answer.status == 400
@@ -287,33 +278,9 @@ def test_binary_http_inner_request_needs_date(
 def test_streamed_inner_request_in_a_whole_answer(server: BastionServer, consumer_key: str) -> None:
     """`stream: true` inside a plain (not chunked) OHTTP request: the whole event stream
     comes back in one encrypted answer."""
-    config = ohttp.decode_key_configs(httpx.get(f"{server.url}/.well-known/ohttp-gateway").content)[
-        0
-    ]
     body = {"model": "echo", "messages": [{"role": "user", "content": "a b c"}], "stream": True}
-    inner = bhttp.encode_request(
-        bhttp.Request(
-            method="POST",
-            scheme="https",
-            authority="bastion",
-            path="/v1/chat/completions",
-            headers=(
-                ("content-type", "application/json"),
-                ("date", email.utils.formatdate(usegmt=True)),
-            ),
-            content=json.dumps(body).encode(),
-        )
-    )
-    data, context = ohttp.encapsulate_request(config, inner)
-    response = httpx.post(
-        f"{server.url}/v1/ohttp",
-        content=data,
-        headers={
-            "authorization": f"Bearer {consumer_key}",
-            "bastion-model": "echo",
-            "content-type": "message/ohttp-req",
-        },
-    )
+    data, context = seal_request(ohttp_config(server), body)
+    response = post_sealed(server, consumer_key, data)
     assert response.status_code == 200
     assert response.headers["cache-control"] == "no-store"
     answer = bhttp.decode_response(context.open(response.content))

@@ -22,50 +22,14 @@ from bastion_testing import (
     RecordingTransport,
     add_echo_model,
     cli_json,
+    ohttp_config,
     ohttp_fingerprints,
+    post_sealed,
     run_cli,
+    seal_request,
 )
 
 KEY_PROBLEM = "https://iana.org/assignments/http-problem-types#ohttp-key"
-
-
-def _config(server: BastionServer) -> ohttp.KeyConfig:
-    return ohttp.decode_key_configs(httpx.get(f"{server.url}/.well-known/ohttp-gateway").content)[0]
-
-
-def _seal(
-    config: ohttp.KeyConfig,
-    body: dict[str, object],
-    *,
-    path: str = "/v1/chat/completions",
-    date: float | None = None,
-) -> tuple[bytes, ohttp.ClientResponseContext]:
-    headers = [("content-type", "application/json")]
-    headers.append(("date", email.utils.formatdate(date or time.time(), usegmt=True)))
-    inner = bhttp.encode_request(
-        bhttp.Request(
-            method="POST",
-            scheme="https",
-            authority="bastion",
-            path=path,
-            headers=tuple(headers),
-            content=json.dumps(body).encode(),
-        )
-    )
-    return ohttp.encapsulate_request(config, inner)
-
-
-def _post(server: BastionServer, key: str, data: bytes, model: str = "echo") -> httpx.Response:
-    return httpx.post(
-        f"{server.url}/v1/ohttp",
-        content=data,
-        headers={
-            "authorization": f"Bearer {key}",
-            "bastion-model": model,
-            "content-type": ohttp.REQUEST_MEDIA_TYPE,
-        },
-        timeout=60,
-    )
 
 
 def _open(context: ohttp.ClientResponseContext, response: httpx.Response) -> bhttp.Response:
@@ -75,10 +39,10 @@ def _open(context: ohttp.ClientResponseContext, response: httpx.Response) -> bht
 
 def _assert_healthy(server: BastionServer, key: str) -> None:
     assert httpx.get(f"{server.url}/healthz").status_code == 200
-    data, context = _seal(
-        _config(server), {"model": "echo", "messages": [{"role": "user", "content": "ok"}]}
+    data, context = seal_request(
+        ohttp_config(server), {"model": "echo", "messages": [{"role": "user", "content": "ok"}]}
     )
-    assert _open(context, _post(server, key, data)).status == 200
+    assert _open(context, post_sealed(server, key, data)).status == 200
 
 
 ECHO = {"model": "echo", "messages": [{"role": "user", "content": "hello"}]}
@@ -136,34 +100,34 @@ def test_marker_is_seen_by_nobody_between_client_and_worker(
 def test_tampered_and_truncated_requests_are_refused(
     server: BastionServer, consumer_key: str
 ) -> None:
-    config = _config(server)
+    config = ohttp_config(server)
     for position in (7, 20, 60, -1):
         # A fresh encapsulation each time: the gateway refuses a reused one as a replay.
-        data, _ = _seal(config, ECHO)
+        data, _ = seal_request(config, ECHO)
         tampered = bytearray(data)
         tampered[position] ^= 0x40
-        response = _post(server, consumer_key, bytes(tampered))
+        response = post_sealed(server, consumer_key, bytes(tampered))
         assert response.status_code == 400
         assert response.json()["error"]["code"] in ("ohttp_decrypt", "ohttp_malformed")
         assert "hello" not in response.text
     for length in (3, 7, 30, -1):
-        data, _ = _seal(config, ECHO)
-        assert _post(server, consumer_key, data[:length]).status_code == 400
+        data, _ = seal_request(config, ECHO)
+        assert post_sealed(server, consumer_key, data[:length]).status_code == 400
     _assert_healthy(server, consumer_key)
 
 
 def test_unknown_key_id_and_suite_get_the_key_problem(
     server: BastionServer, consumer_key: str
 ) -> None:
-    stranger = ohttp.GatewayKey.generate((_config(server).key_id + 7) % 256).config()
-    data, _ = _seal(stranger, ECHO)
-    response = _post(server, consumer_key, data)
+    stranger = ohttp.GatewayKey.generate((ohttp_config(server).key_id + 7) % 256).config()
+    data, _ = seal_request(stranger, ECHO)
+    response = post_sealed(server, consumer_key, data)
     assert response.status_code == 400
     assert response.headers["content-type"] == "application/problem+json"
     assert response.json()["type"] == KEY_PROBLEM
-    data, _ = _seal(_config(server), ECHO)
+    data, _ = seal_request(ohttp_config(server), ECHO)
     other_aead = data[:5] + (0x0002).to_bytes(2, "big") + data[7:]  # AES-256-GCM: not offered
-    assert _post(server, consumer_key, other_aead).json()["type"] == KEY_PROBLEM
+    assert post_sealed(server, consumer_key, other_aead).json()["type"] == KEY_PROBLEM
 
 
 def test_a_forged_copy_cannot_block_the_genuine_request(
@@ -171,18 +135,20 @@ def test_a_forged_copy_cannot_block_the_genuine_request(
 ) -> None:
     # Someone who sees the request in flight sends a tampered copy first (same enc): it
     # does not decrypt, and so does not make the genuine one look like a replay.
-    data, context = _seal(_config(server), ECHO)
+    data, context = seal_request(ohttp_config(server), ECHO)
     forged = bytearray(data)
     forged[-1] ^= 0x01
-    assert _post(server, consumer_key, bytes(forged)).json()["error"]["code"] == "ohttp_decrypt"
-    assert _open(context, _post(server, consumer_key, data)).status == 200
-    assert _post(server, consumer_key, data).json()["error"]["code"] == "ohttp_replay"
+    assert (
+        post_sealed(server, consumer_key, bytes(forged)).json()["error"]["code"] == "ohttp_decrypt"
+    )
+    assert _open(context, post_sealed(server, consumer_key, data)).status == 200
+    assert post_sealed(server, consumer_key, data).json()["error"]["code"] == "ohttp_replay"
 
 
 def test_replayed_request_is_refused(server: BastionServer, consumer_key: str) -> None:
-    data, context = _seal(_config(server), ECHO)
-    assert _open(context, _post(server, consumer_key, data)).status == 200
-    replay = _post(server, consumer_key, data)
+    data, context = seal_request(ohttp_config(server), ECHO)
+    assert _open(context, post_sealed(server, consumer_key, data)).status == 200
+    replay = post_sealed(server, consumer_key, data)
     assert replay.status_code == 400
     assert replay.json()["error"]["code"] == "ohttp_replay"
     # Refusals are counted, for alerting, and recorded as events (never with the payload).
@@ -196,8 +162,8 @@ def test_replayed_request_is_refused(server: BastionServer, consumer_key: str) -
 def test_stale_date_gets_the_date_problem_with_the_server_time(
     server: BastionServer, consumer_key: str, offset: float
 ) -> None:
-    data, context = _seal(_config(server), ECHO, date=time.time() + offset)
-    answer = _open(context, _post(server, consumer_key, data))
+    data, context = seal_request(ohttp_config(server), ECHO, date=time.time() + offset)
+    answer = _open(context, post_sealed(server, consumer_key, data))
     assert answer.status == 400
     assert json.loads(answer.content)["type"] == (
         "https://iana.org/assignments/http-problem-types#date"
@@ -246,16 +212,16 @@ def test_inner_request_for_another_model_is_refused(
     server: BastionServer, consumer_key: str
 ) -> None:
     # Outer header says echo (routing, quotas); the inner request asks for tiny-chat.
-    data, context = _seal(_config(server), {**ECHO, "model": "tiny-chat"})
-    answer = _open(context, _post(server, consumer_key, data, model="echo"))
+    data, context = seal_request(ohttp_config(server), {**ECHO, "model": "tiny-chat"})
+    answer = _open(context, post_sealed(server, consumer_key, data, model="echo"))
     assert answer.status == 400
     assert json.loads(answer.content)["error"]["code"] == "model_mismatch"
-    data, context = _seal(
-        _config(server),
+    data, context = seal_request(
+        ohttp_config(server),
         {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]},
         path="/v2/models/digits/infer",
     )
-    answer = _open(context, _post(server, consumer_key, data, model="echo"))
+    answer = _open(context, post_sealed(server, consumer_key, data, model="echo"))
     assert answer.status == 400
     _assert_healthy(server, consumer_key)
 
@@ -276,7 +242,7 @@ def rotating(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BastionServer
 def _wait_published(server: BastionServer, fingerprint: str) -> None:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        if _config(server).fingerprint() == fingerprint:
+        if ohttp_config(server).fingerprint() == fingerprint:
             return
         time.sleep(0.2)
     raise AssertionError("the new key was not published")
@@ -285,7 +251,7 @@ def _wait_published(server: BastionServer, fingerprint: str) -> None:
 def test_rotation_grace_period_and_retirement(rotating: BastionServer, tmp_path: Path) -> None:
     server = rotating
     key = server.admin_key
-    old = _config(server)
+    old = ohttp_config(server)
     pins = tmp_path / "pins.json"
     tofu = OHTTPTransport(pin_file=pins)
     with httpx.Client(base_url=server.url, transport=tofu) as client:
@@ -301,8 +267,8 @@ def test_rotation_grace_period_and_retirement(rotating: BastionServer, tmp_path:
     listed = {k["fingerprint"]: k["state"] for k in cli_json(server.home, "ohttp", "keys")}
     assert listed == {rotated["fingerprint"]: "current", old.fingerprint(): "previous"}
     # Within the grace period the previous key still works.
-    data, context = _seal(old, ECHO)
-    assert _open(context, _post(server, key, data)).status == 200
+    data, context = seal_request(old, ECHO)
+    assert _open(context, post_sealed(server, key, data)).status == 200
 
     # A client pinned on first use refuses the new key until its operator updates the pin.
     client = httpx.Client(base_url=server.url, transport=OHTTPTransport(pin_file=pins))
@@ -314,8 +280,8 @@ def test_rotation_grace_period_and_retirement(rotating: BastionServer, tmp_path:
     _wait_published(server, newest["fingerprint"])
     time.sleep(1.5)  # the running server reloads the key set
     for retired in (old, ohttp.KeyConfig.decode(rotated_config(rotated))):
-        data, _ = _seal(retired, ECHO)
-        response = _post(server, key, data)
+        data, _ = seal_request(retired, ECHO)
+        response = post_sealed(server, key, data)
         assert response.status_code == 400
         assert response.json()["type"] == KEY_PROBLEM
     every = {k["fingerprint"]: k["state"] for k in cli_json(server.home, "ohttp", "keys", "--all")}

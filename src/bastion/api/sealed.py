@@ -29,7 +29,7 @@ from bastion.errors import (
     UnsupportedMediaType,
 )
 from bastion.gateway.gateway import Gateway
-from bastion.gateway.sealing import KEY_PROBLEM_TYPE, OhttpKeyProblem
+from bastion.gateway.sealing import OhttpKeyProblem
 from bastion.identity.principal import Principal
 from bastion.workers.protocol import (
     SEALED_FRAMING_ALLOWANCE,
@@ -39,8 +39,6 @@ from bastion.workers.protocol import (
     SealedRequest,
     SealedResponse,
 )
-
-MODEL_HEADER = "bastion-model"
 
 
 async def key_configuration(request: Request) -> Response:
@@ -68,7 +66,7 @@ async def sealed_request(request: Request) -> Response:
             f"or {ohttp.CHUNKED_REQUEST_MEDIA_TYPE}."
         )
     principal = authenticate(request)
-    model = request.headers.get(MODEL_HEADER)
+    model = request.headers.get(ohttp.MODEL_HEADER)
     if not model:
         raise InvalidRequest("The Bastion-Model header is required.", param="Bastion-Model")
     actions = gateway.authorize_sealed(principal, model)
@@ -170,7 +168,7 @@ def _refused(gateway: Gateway, principal: Principal, reason: str | None) -> None
 
 def _key_problem(exc: OhttpKeyProblem) -> Response:
     """RFC 9458 §5.3: a key configuration problem, so the client refetches the keys."""
-    body = msgspec.json.encode({"type": KEY_PROBLEM_TYPE, "title": exc.message})
+    body = msgspec.json.encode({"type": ohttp.KEY_PROBLEM_TYPE, "title": exc.message})
     return Response(body, 400, media_type="application/problem+json")
 
 

@@ -44,10 +44,9 @@ def register(
 
     # The model modules (ONNX, signing) load only for these commands: every other
     # `bastion` command starts as fast as before.
-    def store(home: Path | None) -> BundleStore:
+    def store(h: Home) -> BundleStore:
         from bastion.models.bundle_store import BundleStore
 
-        h = open_home(home)
         return BundleStore(h.settings.home, h.keyring)
 
     @contextmanager
@@ -119,7 +118,7 @@ def register(
         from bastion.models.bundle_store import BUNDLE_OPTION
 
         h = open_home(home)
-        bundles = store(home)
+        bundles = store(h)
         total = _source_bytes(source)
         started = time.monotonic()
         with failures(), progress_bar(total, "importing", json_output) as advance:
@@ -166,7 +165,7 @@ def register(
         name: str, version: VersionOpt = None, home: HomeOpt = None, json_output: JsonOpt = False
     ) -> None:
         """Decrypt and check every file of a bundle against its signed manifest (in memory)."""
-        bundles = store(home)
+        bundles = store(open_home(home))
         with failures():
             bundle = bundles.get(name, version)
             started = time.monotonic()
@@ -196,7 +195,7 @@ def register(
     ) -> None:
         """Write a bundle's verified plaintext files and its signature (model.sig); the signing
         public key goes beside the directory, as <out>.public.pem."""
-        bundles = store(home)
+        bundles = store(open_home(home))
         with failures():
             bundle = bundles.get(name, version)
             bundles.export(bundle, out_dir)

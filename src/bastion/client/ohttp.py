@@ -38,9 +38,6 @@ import httpx
 
 from bastion.crypto import bhttp, hpke, ohttp
 
-MODEL_HEADER = "bastion-model"
-KEY_PROBLEM_TYPE = "https://iana.org/assignments/http-problem-types#ohttp-key"
-DATE_PROBLEM_TYPE = "https://iana.org/assignments/http-problem-types#date"
 _AEADS = {
     "aes-128-gcm": hpke.AEAD_AES_128_GCM,
     "chacha20-poly1305": hpke.AEAD_CHACHA20_POLY1305,
@@ -310,7 +307,7 @@ class OHTTPTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         """Why to send the request again: the key changed ("key"), our clock is off ("date")."""
         content_type = response.headers.get("content-type", "")
         if response.status_code == 400 and content_type.startswith("application/problem+json"):
-            if _problem_type(body) == KEY_PROBLEM_TYPE:
+            if _problem_type(body) == ohttp.KEY_PROBLEM_TYPE:
                 # The key was rotated: fetch the configuration again (and check its pin).
                 self._configs.pop(_origin(exchange.request.url), None)
                 return "key"
@@ -330,7 +327,7 @@ class OHTTPTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
 
         Callers retry a request with an adjusted date at most once, as the RFC requires.
         """
-        if _problem_type(body) != DATE_PROBLEM_TYPE:
+        if _problem_type(body) != ohttp.DATE_PROBLEM_TYPE:
             return False
         value = next((v for k, v in headers if k.lower() == "date"), None)
         if value is None:
@@ -396,7 +393,7 @@ class _Exchange:
             data, self._context = ohttp.encapsulate_request(config, message, suite=suite)
             content_type = ohttp.REQUEST_MEDIA_TYPE
             accept = ohttp.RESPONSE_MEDIA_TYPE
-        outer_headers = {"content-type": content_type, "accept": accept, MODEL_HEADER: model}
+        outer_headers = {"content-type": content_type, "accept": accept, ohttp.MODEL_HEADER: model}
         authorization = request.headers.get("authorization")
         if authorization is not None:
             outer_headers["authorization"] = authorization

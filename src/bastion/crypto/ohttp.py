@@ -45,6 +45,13 @@ DEFAULT_SUITES: tuple[tuple[int, int], ...] = (
 )
 # A receiver must accept chunks of 2**14 bytes (draft section 3); the default leaves room for
 # much larger ones while bounding what a hostile length prefix can make us buffer.
+# RFC 9457 problem types of RFC 9458: an unusable key configuration (§5.3), and an inner
+# Date outside the gateway's window (§6.5.2).
+KEY_PROBLEM_TYPE = "https://iana.org/assignments/http-problem-types#ohttp-key"
+DATE_PROBLEM_TYPE = "https://iana.org/assignments/http-problem-types#date"
+# Bastion's one outer header besides Authorization: the model, for routing and quotas.
+MODEL_HEADER = "bastion-model"
+
 DEFAULT_MAX_CHUNK_SIZE = 1 << 24
 # Most chunks a server opens in one chunked request.
 DEFAULT_MAX_REQUEST_CHUNKS = 1024

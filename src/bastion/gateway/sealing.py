@@ -14,8 +14,6 @@ from bastion.crypto.ohttp_keys import ActiveKey
 from bastion.errors import InvalidRequest, ModelUnavailable
 from bastion.workers.protocol import OhttpKey, OhttpSuite, SealingKeys
 
-KEY_PROBLEM_TYPE = "https://iana.org/assignments/http-problem-types#ohttp-key"
-
 
 class OhttpKeyProblem(InvalidRequest):
     """The request names a key id or algorithms this gateway does not accept (RFC 9458 §5.3)."""

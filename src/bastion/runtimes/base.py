@@ -102,10 +102,6 @@ class ModelFiles:
         self._directory = directory.resolve() if directory is not None else None
         self._memory = dict(memory or {})
 
-    @property
-    def in_memory(self) -> bool:
-        return self._directory is None
-
     def read(self, name: str) -> bytes:
         """The bytes of the file `name` (a relative POSIX path); ValueError if absent."""
         data = self.read_optional(name)

@@ -48,7 +48,6 @@ from bastion.workers.protocol import (
 
 logger = logging.getLogger("bastion.worker.sealed")
 
-DATE_PROBLEM_TYPE = "https://iana.org/assignments/http-problem-types#date"
 # Body bytes per chunk of a chunked answer, and the largest whole answer: both keep each
 # IPC message far below the frame limit (MAX_MESSAGE_BYTES).
 SEALED_CHUNK_BYTES = 1024 * 1024
@@ -331,7 +330,7 @@ class SealedServer:
             if inner is None:
                 await exchange.problem(400, "about:blank", "The encrypted request is not valid.")
             elif (stale := self._date_problem(inner)) is not None:
-                await exchange.problem(400, DATE_PROBLEM_TYPE, stale)
+                await exchange.problem(400, ohttp.DATE_PROBLEM_TYPE, stale)
             else:
                 await self._app(_scope(inner), _receiver(inner.content), exchange.asgi_send)
                 if not exchange.started:
