@@ -5,6 +5,7 @@ from __future__ import annotations
 import email.utils
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -140,6 +141,23 @@ class BastionServer:
                         raise AssertionError(f"model {name} failed: {view['detail']}")
                 time.sleep(0.2)
         raise AssertionError(f"model {name} not {state} in time: {view}")
+
+    def tokens(self, model: str, kind: str) -> float:
+        """`bastion_tokens_total` for `model` and `kind` (prompt|completion), all tenants."""
+        with self.client() as client:
+            metrics = client.get("/metrics").text
+        pattern = (
+            rf'^bastion_tokens_total\{{kind="{kind}",model="{re.escape(model)}",[^}}]*\}} (\S+)$'
+        )
+        return sum(float(value) for value in re.findall(pattern, metrics, re.MULTILINE))
+
+    def wait_tokens(self, model: str, kind: str, expected: float, timeout: float = 10) -> float:
+        """Wait until the token counter reaches `expected` (usage is settled when the
+        worker's final report arrives, which may be after the client has its answer)."""
+        deadline = time.monotonic() + timeout
+        while (seen := self.tokens(model, kind)) < expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return seen
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         if self.proc.poll() is None:

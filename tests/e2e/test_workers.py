@@ -67,6 +67,15 @@ def test_deadline_gives_504_and_the_worker_moves_on(small: BastionServer) -> Non
         assert time.monotonic() - start < 20
 
 
+def test_a_request_cut_off_at_the_deadline_is_still_charged(small: BastionServer) -> None:
+    before = small.tokens("echo", "prompt")
+    with small.client() as client:
+        for stream in (False, True):
+            assert _chat(client, "__sleep__:30 two words", stream=stream).status_code == 504
+    # The worker reports the work the cancelled jobs did; the gateway charges it.
+    assert small.wait_tokens("echo", "prompt", before + 2 * 3) == before + 2 * 3
+
+
 def _sealed_client(server: BastionServer) -> httpx.Client:
     """A client whose requests are end-to-end encrypted (OHTTP)."""
     transport = OHTTPTransport(fingerprints=ohttp_fingerprints(server.home))

@@ -157,7 +157,8 @@ async def infer(request: Request) -> Response:
     tensors = _input_tensors(body, binary_inputs, metadata)
     wanted, binary_outputs = _binary_outputs(body, metadata)
     result = expect(
-        await gateway.call(name, Infer(id=0, inputs=tensors, outputs=wanted)), InferResult
+        await gateway.call(name, Infer(id=0, inputs=tensors, outputs=wanted), principal),
+        InferResult,
     )
     answer: dict[str, object] = {
         "model_name": name,

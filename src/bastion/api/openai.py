@@ -149,8 +149,7 @@ async def chat_completions(request: Request) -> Response:
             message,
             _ChatChunks(completion_id, created, body.model, n, include_usage),
         )
-    result = expect(await gateway.call(body.model, message), GenerateResult)
-    gateway.account(body.model, principal, result.prompt_tokens, result.completion_tokens)
+    result = expect(await gateway.call(body.model, message, principal), GenerateResult)
     return json_response(
         {
             "id": completion_id,
@@ -195,7 +194,7 @@ async def completions(request: Request) -> Response:
     choices: list[dict[str, Any]] = []
     prompt_tokens = completion_tokens = 0
     for offset, prompt in enumerate(prompts):
-        result = expect(await gateway.call(body.model, generate(prompt)), GenerateResult)
+        result = expect(await gateway.call(body.model, generate(prompt), principal), GenerateResult)
         prompt_tokens += result.prompt_tokens
         completion_tokens += result.completion_tokens
         for c in result.choices:
@@ -207,7 +206,6 @@ async def completions(request: Request) -> Response:
                     "finish_reason": c.finish_reason,
                 }
             )
-    gateway.account(body.model, principal, prompt_tokens, completion_tokens)
     return json_response(
         {
             "id": completion_id,
@@ -311,7 +309,7 @@ async def _stream(
     message: Generate,
     chunks: _ChatChunks,
 ) -> Response:
-    replies = gateway.stream(model, message)
+    replies = gateway.stream(model, message, principal)
     # The first reply is awaited before the response starts, so that a model that is not
     # available, or a request the model refuses, still gets its proper HTTP status.
     try:
@@ -330,7 +328,6 @@ async def _stream(
                 if isinstance(reply, TextDelta):
                     yield _sse(chunks.delta(reply.index, reply.text))
                 elif isinstance(reply, GenerateResult):
-                    gateway.account(model, principal, reply.prompt_tokens, reply.completion_tokens)
                     for chunk in chunks.finish(reply):
                         yield _sse(chunk)
                     break
@@ -365,8 +362,9 @@ async def embeddings(request: Request) -> Response:
         raise InvalidRequest(
             f"This model only produces {metadata.embedding_dim} dimensions.", param="dimensions"
         )
-    result = expect(await gateway.call(body.model, Embed(id=0, texts=texts)), EmbedResult)
-    gateway.account(body.model, principal, result.prompt_tokens, 0)
+    result = expect(
+        await gateway.call(body.model, Embed(id=0, texts=texts), principal), EmbedResult
+    )
     vectors = np.frombuffer(result.vectors, dtype="<f4").reshape(result.count, result.dim)
     data = [
         {

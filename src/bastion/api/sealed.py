@@ -87,10 +87,9 @@ async def sealed_request(request: Request) -> Response:
     message = SealedRequest(id=0, data=body, chunked=chunked, actions=actions)
     if chunked:
         return await _stream(gateway, principal, model, message, header.enc)
-    reply = await gateway.call(model, message)
+    reply = await gateway.call(model, message, principal)
     if not isinstance(reply, SealedResponse):
         return _failure(gateway, principal, reply, header.enc)
-    gateway.account(model, principal, reply.prompt_tokens, reply.completion_tokens)
     # No cache may keep an answer: it is one client's, and may carry a Date correction.
     return Response(
         reply.data, media_type=ohttp.RESPONSE_MEDIA_TYPE, headers={"cache-control": "no-store"}
@@ -100,7 +99,7 @@ async def sealed_request(request: Request) -> Response:
 async def _stream(
     gateway: Gateway, principal: Principal, model: str, message: SealedRequest, enc: bytes
 ) -> Response:
-    replies = gateway.stream(model, message)
+    replies = gateway.stream(model, message, principal)
     # The first reply is awaited before the response starts, so that a request the worker
     # cannot decrypt still gets its own status.
     try:
@@ -119,7 +118,6 @@ async def _stream(
                 if isinstance(reply, SealedChunk):
                     yield reply.data
                 elif isinstance(reply, SealedResponse):
-                    gateway.account(model, principal, reply.prompt_tokens, reply.completion_tokens)
                     yield reply.data
                     return
                 else:

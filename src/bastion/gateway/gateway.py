@@ -40,8 +40,8 @@ from bastion.models.bundle_store import BUNDLE_OPTION, BundleStore
 from bastion.models.registry import ModelRecord, ModelRegistry
 from bastion.observability.metrics import Metrics
 from bastion.store.db import Database
-from bastion.workers.channel import WorkRequest
-from bastion.workers.protocol import FromWorker, ModelMetadata, SealedChunk, TextDelta
+from bastion.workers.channel import Reply, Settle, WorkRequest
+from bastion.workers.protocol import FromWorker, ModelMetadata, SealedChunk, TextDelta, usage_of
 from bastion.workers.supervisor import ModelSpec, ModelStatus, Supervisor
 
 logger = logging.getLogger("bastion.gateway")
@@ -243,19 +243,21 @@ class Gateway:
         if self._draining:
             raise ModelUnavailable("The server is shutting down.", retry_after_s=5)
 
-    async def call(self, model: str, message: WorkRequest) -> FromWorker:
+    async def call(self, model: str, message: WorkRequest, principal: Principal) -> FromWorker:
         """Send one request and wait for its final answer, within the request deadline."""
         try:
             async with asyncio.timeout(self.settings.request_timeout_s):
-                return await self.supervisor.call(model, message)
+                return await self.supervisor.call(model, message, self._settler(model, principal))
         except TimeoutError:
             raise GatewayTimeout("The model did not answer in time.") from None
 
-    async def stream(self, model: str, message: WorkRequest) -> AsyncIterator[FromWorker]:
+    async def stream(
+        self, model: str, message: WorkRequest, principal: Principal
+    ) -> AsyncIterator[FromWorker]:
         """Stream a request's messages; past the deadline the job is cancelled (504)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.request_timeout_s
-        replies = self.supervisor.stream(model, message)
+        replies = self.supervisor.stream(model, message, self._settler(model, principal))
         try:
             while True:
                 try:
@@ -270,14 +272,21 @@ class Gateway:
                     return
         finally:
             # Closing the worker stream early tells the worker to cancel the job.
-            await replies.aclose()  # type: ignore[attr-defined]
+            await replies.aclose()
 
-    def account(self, model: str, principal: Principal, prompt: int, completion: int) -> None:
+    def _settler(self, model: str, principal: Principal) -> Settle:
+        """Accounts a request's usage from its final reply, as soon as the worker sends it:
+        a client that leaves early (or stops reading at `[DONE]`) is still charged."""
         tenant = principal.tenant_name
-        if prompt:
-            self.metrics.tokens.labels(model, tenant, "prompt").inc(prompt)
-        if completion:
-            self.metrics.tokens.labels(model, tenant, "completion").inc(completion)
+
+        def settle(reply: Reply) -> None:
+            prompt, completion = usage_of(reply)
+            if prompt:
+                self.metrics.tokens.labels(model, tenant, "prompt").inc(prompt)
+            if completion:
+                self.metrics.tokens.labels(model, tenant, "completion").inc(completion)
+
+        return settle
 
 
 def _unavailable_message(name: str, status: ModelStatus) -> str:

@@ -36,11 +36,16 @@ class Pipeline(Protocol):
 
     def admit(self, principal: Principal, model: str) -> None: ...
 
-    async def call(self, model: str, message: WorkRequest) -> FromWorker: ...
+    async def call(self, model: str, message: WorkRequest, principal: Principal) -> FromWorker:
+        """Send `message` and return its final reply; the pipeline accounts its usage."""
+        ...
 
-    def stream(self, model: str, message: WorkRequest) -> AsyncIterator[FromWorker]: ...
-
-    def account(self, model: str, principal: Principal, prompt: int, completion: int) -> None: ...
+    def stream(
+        self, model: str, message: WorkRequest, principal: Principal
+    ) -> AsyncIterator[FromWorker]:
+        """Stream `message`'s replies; the pipeline accounts the usage of the work done,
+        even when the caller stops reading before the end."""
+        ...
 
 
 def require_capability(name: str, metadata: ModelMetadata, capability: str) -> None:

@@ -70,14 +70,22 @@ _PARTIAL_TYPES: Mapping[type[WorkRequest], type[Reply] | None] = {
     Infer: None,
     SealedRequest: SealedChunk,
 }
+# Called with a request's final reply as soon as it arrives, whether or not its caller is
+# still reading: usage is settled even when the client has gone.
+Settle = Callable[[Reply], None]
+# Requests closed before their final reply, whose usage is still to be settled.
+_MAX_UNSETTLED = 4096
 
 
 class _Pending:
     """The replies of one request not yet read by its caller (None: the worker is gone)."""
 
-    __slots__ = ("final_type", "finished", "loop", "partial_type", "replies", "waiter")
+    __slots__ = ("final_type", "finished", "loop", "partial_type", "replies", "settle", "waiter")
 
-    def __init__(self, request: WorkRequest, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, request: WorkRequest, loop: asyncio.AbstractEventLoop, settle: Settle | None
+    ) -> None:
+        self.settle = settle
         self.final_type = _FINAL_TYPES[type(request)]
         self.partial_type = _PARTIAL_TYPES[type(request)]
         self.finished = False
@@ -136,6 +144,8 @@ class WorkerChannel:
         self.faulted: asyncio.Future[str] = self._loop.create_future()
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
+        # Request id -> settle callback of requests closed before their final reply.
+        self._unsettled: dict[int, Settle] = {}
         self._idle = asyncio.Event()
         self._idle.set()
         self._draining = False
@@ -211,11 +221,15 @@ class WorkerChannel:
 
     # ------------------------------------------------------------------ requests
 
-    async def request(self, message: WorkRequest) -> AsyncGenerator[Reply, None]:
+    async def request(
+        self, message: WorkRequest, settle: Settle | None = None
+    ) -> AsyncGenerator[Reply, None]:
         """Send `message` and yield its TextDeltas, then its result or RequestFailed.
 
         The channel numbers requests itself; the `id` of `message` is replaced. Closing the
-        iterator early (the client left, a timeout) tells the worker to cancel the request.
+        iterator early (the client left, a timeout) tells the worker to cancel the request;
+        the worker still reports the work it did, and `settle` gets that final reply when
+        it arrives (as it gets every final reply, read or not).
         """
         if self._fault_reason is not None:
             raise self._crashed()
@@ -225,7 +239,7 @@ class WorkerChannel:
             )
         request_id = next(self._ids)
         frame = self._frame(msgspec.structs.replace(message, id=request_id))
-        pending = _Pending(message, self._loop)
+        pending = _Pending(message, self._loop, settle)
         self._pending[request_id] = pending
         self._idle.clear()
         finished = False
@@ -249,7 +263,12 @@ class WorkerChannel:
         finally:
             if not finished:
                 self._forget(request_id)
-                if self._fault_reason is None:
+                # A request whose final reply already arrived has nothing left to cancel.
+                if self._fault_reason is None and not pending.finished:
+                    if settle is not None:
+                        self._unsettled[request_id] = settle
+                        if len(self._unsettled) > _MAX_UNSETTLED:
+                            del self._unsettled[next(iter(self._unsettled))]
                     self.send_nowait(Cancel(id=request_id))
 
     def _forget(self, request_id: int) -> None:
@@ -282,6 +301,7 @@ class WorkerChannel:
         if not self.faulted.done():
             self.faulted.set_result(reason)
         self._connection.close()
+        self._unsettled.clear()
         for pending in self._pending.values():
             pending.put(None)
         if self._on_fault is not None:
@@ -305,6 +325,10 @@ class WorkerChannel:
         pending = self._pending.get(message.id)
         if pending is None or pending.finished:
             # The answer to a request that was cancelled or already ended.
+            if not isinstance(message, TextDelta | SealedChunk):
+                settle = self._unsettled.pop(message.id, None)
+                if settle is not None:
+                    settle(message)
             return
         if not pending.accepts(message):
             self.fail(f"the worker sent an unexpected {type(message).__name__}")
@@ -314,6 +338,8 @@ class WorkerChannel:
             self.fail("the worker sent more output than the gateway buffers")
             return
         pending.finished = not isinstance(message, TextDelta | SealedChunk)
+        if pending.finished and pending.settle is not None:
+            pending.settle(message)
         pending.put((message, size))
 
     # ------------------------------------------------------------------ closing

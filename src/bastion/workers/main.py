@@ -66,6 +66,7 @@ from bastion.workers.protocol import (
     SealingKeys,
     Shutdown,
     TextDelta,
+    cancelled,
     decode_to_worker,
 )
 from bastion.workers.sealed import JobHandle, SealedPipeline, SealedServer
@@ -304,6 +305,9 @@ class Worker:
             self._send(Ready(model=load.model, metadata=metadata, pid=os.getpid()))
             while (job := self._queue.get()) is not None:
                 if job.cancelled:
+                    if job.deliver is None:
+                        # Ends the request at the gateway, which waits to settle its usage.
+                        self._send(cancelled(job.request.id))
                     continue
                 outcome: Message = (
                     self._serve_sealed(runtime, job)
@@ -315,8 +319,8 @@ class Worker:
                         job.deliver(outcome)
                     continue
                 self._jobs.pop(job.request.id, None)
-                if not job.cancelled:
-                    self._send(outcome)
+                # Sent even when cancelled: the gateway settles the usage of the work done.
+                self._send(outcome)
             self._finish(EXIT_OK)
         except Exception as exc:
             # The type only: messages and tracebacks can quote a request.

@@ -263,6 +263,22 @@ class RequestFailed(Message, frozen=True, kw_only=True):
     message: str
 
 
+def cancelled(request_id: int) -> RequestFailed:
+    """The worker's last word on a request the gateway cancelled before it ran to the end."""
+    return RequestFailed(
+        id=request_id, status=499, code="cancelled", message="The request was cancelled."
+    )
+
+
+def usage_of(reply: Message) -> tuple[int, int]:
+    """(prompt tokens, completion tokens) a final reply reports; (0, 0) for the others."""
+    if isinstance(reply, GenerateResult | SealedResponse):
+        return reply.prompt_tokens, reply.completion_tokens
+    if isinstance(reply, EmbedResult):
+        return reply.prompt_tokens, 0
+    return 0, 0
+
+
 ToWorker = LoadModel | Generate | Embed | Infer | SealingKeys | SealedRequest | Cancel | Shutdown
 FromWorker = (
     Ready

@@ -44,6 +44,8 @@ from bastion.workers.protocol import (
     SealedResponse,
     SealingKeys,
     TextDelta,
+    cancelled,
+    usage_of,
 )
 
 logger = logging.getLogger("bastion.worker.sealed")
@@ -71,6 +73,11 @@ class JobHandle:
 class _Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+
+    def add(self, reply: Message) -> None:
+        prompt, completion = usage_of(reply)
+        self.prompt_tokens += prompt
+        self.completion_tokens += completion
 
 
 _PRINCIPAL: contextvars.ContextVar[Principal] = contextvars.ContextVar("bastion_sealed_principal")
@@ -132,19 +139,24 @@ class SealedPipeline:
     def admit(self, principal: Principal, model: str) -> None:
         """Admission happened at the gateway, on the outer request."""
 
-    async def call(self, model: str, message: Any) -> FromWorker:
+    async def call(self, model: str, message: Any, principal: Principal) -> FromWorker:
         final: FromWorker | None = None
-        async for reply in self.stream(model, message):
+        async for reply in self.stream(model, message, principal):
             final = reply
         assert final is not None
         return final
 
-    async def stream(self, model: str, message: Any) -> AsyncIterator[FromWorker]:
+    async def stream(
+        self, model: str, message: Any, principal: Principal
+    ) -> AsyncIterator[FromWorker]:
+        # The usage goes back to the gateway beside the sealed answer, which accounts it.
+        usage = _USAGE.get()
         run_inline = _INLINE.get()
         if run_inline is not None:
             # On the runtime thread, for an answer sent whole: run the model right here.
             partial: list[FromWorker] = []
             final = run_inline(message, lambda reply: partial.append(cast(FromWorker, reply)))
+            usage.add(final)
             for reply in partial:
                 yield reply
             yield cast(FromWorker, final)
@@ -162,17 +174,14 @@ class SealedPipeline:
             while True:
                 reply = await replies.get()
                 finished = not isinstance(reply, TextDelta)
+                if finished:
+                    usage.add(reply)
                 yield reply
                 if finished:
                     return
         finally:
             if not finished:
                 job.cancel()
-
-    def account(self, model: str, principal: Principal, prompt: int, completion: int) -> None:
-        usage = _USAGE.get()
-        usage.prompt_tokens += prompt
-        usage.completion_tokens += completion
 
 
 class SealedServer:
@@ -268,13 +277,20 @@ class SealedServer:
 
     def _start(self, request: SealedRequest) -> None:
         with self._lock:
-            cancelled = request.id in self._cancelled
-        if cancelled:
+            was_cancelled = request.id in self._cancelled
+        if was_cancelled:
+            self._send(cancelled(request.id))
             self._finished(request.id)
             return
         task = self._loop.create_task(self._serve(request, self._send))
         self._tasks[request.id] = task
-        task.add_done_callback(lambda _: self._finished(request.id))
+        task.add_done_callback(lambda done: self._done(request.id, done))
+
+    def _done(self, request_id: int, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            # Cancelled before it ran (_serve answers a cancellation once it has started).
+            self._send(cancelled(request_id))
+        self._finished(request_id)
 
     def _cancel_task(self, request_id: int) -> None:
         task = self._tasks.get(request_id)
@@ -336,6 +352,7 @@ class SealedServer:
                 if not exchange.started:
                     await exchange.problem(500, "about:blank", "The request failed.")
         except asyncio.CancelledError:
+            send(cancelled(request.id))
             return
         except Exception as exc:
             # The type only: a message could quote the request.

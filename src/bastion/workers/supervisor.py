@@ -21,7 +21,7 @@ from pathlib import Path
 from bastion.audit.events import MODEL_UNLOADED, EventSink
 from bastion.config import Settings
 from bastion.errors import ConfigurationError, ModelUnavailable
-from bastion.workers.channel import Reply, WorkRequest
+from bastion.workers.channel import Reply, Settle, WorkRequest
 from bastion.workers.lifecycle import (
     ModelSlot,
     ModelSpec,
@@ -125,7 +125,9 @@ class Supervisor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(slot.changed.wait(), remaining)
 
-    def stream(self, name: str, message: WorkRequest) -> AsyncGenerator[Reply, None]:
+    def stream(
+        self, name: str, message: WorkRequest, settle: Settle | None = None
+    ) -> AsyncGenerator[Reply, None]:
         """Send `message` to the model's worker; yields TextDeltas, then the final reply.
 
         Raises ModelUnavailable (503 with Retry-After) at once if the model is not ready,
@@ -136,12 +138,12 @@ class Supervisor:
             raise ModelUnavailable("The server is shutting down.")
         if slot is None or slot.state is not ModelState.READY or slot.channel is None:
             raise self._unavailable(slot)
-        return slot.channel.request(message)
+        return slot.channel.request(message, settle)
 
-    async def call(self, name: str, message: WorkRequest) -> Reply:
+    async def call(self, name: str, message: WorkRequest, settle: Settle | None = None) -> Reply:
         """Send `message` and return the final reply (a result or RequestFailed)."""
         final: Reply | None = None
-        async with contextlib.aclosing(self.stream(name, message)) as replies:
+        async with contextlib.aclosing(self.stream(name, message, settle)) as replies:
             async for reply in replies:
                 final = reply
         assert final is not None

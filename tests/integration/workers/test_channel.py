@@ -196,6 +196,63 @@ def test_a_frame_split_across_writes_is_reassembled() -> None:
     run(scenario())
 
 
+def test_usage_is_settled_even_when_the_caller_stops_reading() -> None:
+    """A client that leaves mid-answer (or stops at [DONE]) is still charged for the work."""
+
+    def result(request_id: int, completion: int) -> GenerateResult:
+        return GenerateResult(
+            id=request_id, choices=[], prompt_tokens=3, completion_tokens=completion
+        )
+
+    async def scenario() -> None:
+        async with channel_and_peer() as (channel, peer):
+            settled: list[Message] = []
+            # Read to the end: settled once, when the result arrives.
+            replies = channel.request(Generate(id=0, prompt="x"), settled.append)
+            first = asyncio.ensure_future(anext(replies))
+            sent = await peer.receive_request()
+            await peer.send(result(sent.id, 1))
+            assert await first == result(sent.id, 1)
+            assert settled == [result(sent.id, 1)]
+            await replies.aclose()
+
+            # The result arrived but the caller stopped after the last delta: still settled.
+            replies = channel.request(Generate(id=0, prompt="x", stream=True), settled.append)
+            first = asyncio.ensure_future(anext(replies))
+            sent = await peer.receive_request()
+            await peer.send(TextDelta(id=sent.id, index=0, text="a"))
+            await peer.send(result(sent.id, 2))
+            assert await first == TextDelta(id=sent.id, index=0, text="a")
+            while len(settled) < 2:
+                await asyncio.sleep(0.01)
+            await replies.aclose()
+            assert settled[1] == result(sent.id, 2)
+
+            # Closed before the worker finished: the worker's late report is settled...
+            replies = channel.request(Generate(id=0, prompt="x", stream=True), settled.append)
+            waiting = asyncio.ensure_future(anext(replies))
+            sent = await peer.receive_request()
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiting
+            await replies.aclose()
+            assert await peer.receive() == Cancel(id=sent.id)
+            await peer.send(TextDelta(id=sent.id, index=0, text="late"))
+            await peer.send(result(sent.id, 4))
+            while len(settled) < 3:
+                await asyncio.sleep(0.01)
+            assert settled[2] == result(sent.id, 4)
+            # ...once: a repeated report of the same request is ignored.
+            await peer.send(result(sent.id, 4))
+            await peer.send(Heartbeat(in_flight=0))
+            while channel.worker_in_flight != 0:
+                await asyncio.sleep(0.01)
+            assert len(settled) == 3
+            assert channel.fault_reason is None
+
+    run(scenario())
+
+
 def test_closing_a_request_early_sends_cancel() -> None:
     async def scenario() -> None:
         async with channel_and_peer() as (channel, peer):

@@ -36,6 +36,7 @@ from bastion.workers.protocol import (
     Message,
     Ready,
     Shutdown,
+    cancelled,
     decode_from_worker,
 )
 from bastion.workers.sandbox import worker_argv
@@ -138,7 +139,7 @@ def test_shutdown_finishes_running_and_queued_work_then_exits_0() -> None:
         assert max(beat.in_flight for beat in gateway.heartbeats) >= 1
 
 
-def test_a_cancelled_queued_request_is_dropped_without_an_answer() -> None:
+def test_a_cancelled_queued_request_is_not_run_and_is_reported_cancelled() -> None:
     with worker() as gateway:
         gateway.load()
         gateway.send(generate(1, "__sleep__:0.5 running"))
@@ -146,22 +147,27 @@ def test_a_cancelled_queued_request_is_dropped_without_an_answer() -> None:
         gateway.send(Cancel(id=2))
         gateway.send(generate(3, "after"))
         gateway.send(Shutdown())
-        answers = [gateway.receive(), gateway.receive()]
-        assert [text_of(answer) for answer in answers] == [
-            (1, "__sleep__:0.5 running"),
-            (3, "after"),
-        ]
+        assert text_of(gateway.receive()) == (1, "__sleep__:0.5 running")
+        # The gateway learns the request ended, with no work done (nothing to charge).
+        assert gateway.receive() == cancelled(2)
+        assert text_of(gateway.receive()) == (3, "after")
         assert gateway.receive() is None
         assert gateway.exit_status() == EXIT_OK
 
 
-def test_a_cancelled_running_request_stops_and_sends_nothing() -> None:
+def test_a_cancelled_running_request_stops_and_reports_its_usage() -> None:
     with worker() as gateway:
         gateway.load()
-        gateway.send(generate(1, "__sleep__:60"))
+        gateway.send(generate(1, "__sleep__:60 four words here"))
         gateway.send(generate(2, "next"))
         gateway.send(Cancel(id=1))
-        # Only answered well before 60 s if the running sleep noticed the cancel.
+        # Answered well before 60 s only if the running sleep noticed the cancel. The
+        # cancelled request still reports its usage (if it started), so it can be charged.
+        report = gateway.receive()
+        assert report is not None and report.id == 1
+        assert report == cancelled(1) or (
+            isinstance(report, GenerateResult) and report.prompt_tokens == 4
+        )
         assert text_of(gateway.receive()) == (2, "next")
 
 
