@@ -35,7 +35,8 @@ def run_cli(home: Path, *args: str, check: bool = True) -> subprocess.CompletedP
         capture_output=True,
         text=True,
         timeout=300,
-        env=clean_env(),
+        # Wide enough that tables are not wrapped.
+        env=clean_env(COLUMNS="200"),
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"bastion {' '.join(args)} failed: {proc.stderr}")

@@ -1,4 +1,5 @@
-"""`bastion models import|verify|export` on a real home, with the official verifier."""
+"""`bastion models import|verify|export|list|remove` on a real home, with the official
+verifier, and bundles served by a real server."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import pickle
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from safetensors.numpy import save_file
@@ -133,13 +136,73 @@ def test_a_bundle_is_served_and_a_tampered_one_is_refused(tmp_path: Path) -> Non
             assert client.post("/v2/models/scale/infer", json=body).status_code == 200
         time.sleep(0.5)
         assert "model.integrity_failed" in srv.logs()
+        # The CLI shows the live states the server publishes, with the reason.
+        listed = _listed_when(home, lambda rows: rows["broken"]["state"] == "integrity_failed")
+        assert "does not decrypt" in listed["broken"]["detail"]
+        assert listed["scale"]["state"] == "ready"
+        assert listed["scale"]["version"] == "1" and listed["scale"]["bundle_versions"] == ["1"]
+        table = run_cli(home, "models", "list").stdout
+        assert "integrity_failed" in table and "broken" in table
         # The worker held the weights only in memory: no plaintext model file anywhere.
         plain = (source / "model.onnx").read_bytes()
         for path in home.rglob("*"):
             if path.is_file():
                 assert plain not in path.read_bytes(), path
+        # Removing the broken model unregisters it, deletes its bundle, stops its worker.
+        removed = cli_json(home, "models", "remove", "broken")
+        assert removed == {"name": "broken", "unregistered": True, "deleted_versions": ["1"]}
+        assert not (home / "bundles/broken").exists()
+        listed = _listed_when(home, lambda rows: "broken" not in rows)
+        assert listed["scale"]["state"] == "ready"
     finally:
         srv.stop()
+    # A server that stopped cleanly leaves no live state behind.
+    assert all(row["state"] is None for row in cli_json(home, "models", "list"))
+
+
+def _listed_when(
+    home: Path, condition: Callable[[dict[str, dict[str, Any]]], bool], timeout: float = 30
+) -> dict[str, dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = {row["name"]: row for row in cli_json(home, "models", "list")}
+        if condition(rows) or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.3)
+
+
+def test_models_remove_keeps_or_deletes_bundle_versions(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    run_cli(home, "init", "--no-demo-models")
+    source = _doubling_onnx(tmp_path / "scale", 2.0)
+    for _ in range(3):
+        cli_json(home, "models", "import", str(source), "--name", "scale")
+    cli_json(home, "models", "import", str(source), "--name", "scale", "--runtime", "onnx")
+    rows = {row["name"]: row for row in cli_json(home, "models", "list")}
+    assert rows["scale"]["bundle_versions"] == ["1", "2", "3", "4"]
+    assert rows["scale"]["version"] == "4" and rows["scale"]["registered"]
+    # The version served cannot be deleted alone.
+    refused = run_cli(home, "models", "remove", "scale", "--version", "4", check=False)
+    assert refused.returncode == 1 and "served" in refused.stderr
+    assert cli_json(home, "models", "remove", "scale", "--version", "2")["deleted_versions"] == [
+        "2"
+    ]
+    assert not (home / "bundles/scale/2").exists() and (home / "bundles/scale/4").exists()
+    # Unregister but keep the bundles: still listed, as stored but not served.
+    kept = cli_json(home, "models", "remove", "scale", "--keep-bundles")
+    assert kept == {"name": "scale", "unregistered": True, "deleted_versions": []}
+    rows = {row["name"]: row for row in cli_json(home, "models", "list")}
+    assert rows["scale"]["registered"] is False
+    assert rows["scale"]["bundle_versions"] == ["1", "3", "4"]
+    # Then everything goes; a third remove is a clear error.
+    gone = cli_json(home, "models", "remove", "scale")
+    assert gone == {"name": "scale", "unregistered": False, "deleted_versions": ["1", "3", "4"]}
+    assert not (home / "bundles/scale").exists()
+    again = run_cli(home, "models", "remove", "scale", check=False)
+    assert again.returncode == 1 and "does not exist" in again.stderr
+    # Names are checked before any path is built from them.
+    escape = run_cli(home, "models", "remove", "../keys", check=False)
+    assert escape.returncode == 1 and (home / "master.key").exists()
 
 
 def test_a_trust_policy_serves_only_bundles_from_a_listed_publisher(tmp_path: Path) -> None:

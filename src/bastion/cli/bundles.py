@@ -1,9 +1,10 @@
-"""`bastion models import|verify|export`: model bundles (scanned, signed, encrypted)."""
+"""`bastion models import|verify|export|list|remove`: models and their bundles (scanned,
+signed, encrypted), with the live states a running server publishes."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -37,6 +38,7 @@ def register(
     models_app: typer.Typer,
     open_home: Callable[[Path | None], Home],
     print_json: Callable[[Any], None],
+    table: Callable[[Sequence[dict[str, Any]], Sequence[str], str], None],
     out: Console,
     err: Console,
 ) -> None:
@@ -212,6 +214,107 @@ def register(
                 f"Exported to {out_dir}. Check it with: model_signing verify key {out_dir} "
                 f"--signature {out_dir / 'model.sig'} --public_key {public}"
             )
+
+    @models_app.command("list")
+    def models_list(home: HomeOpt = None, json_output: JsonOpt = False) -> None:
+        """List models: registered ones, stored bundle versions, and the live state (such as
+        integrity_failed, with its reason) that a running server reports."""
+        from bastion.models.bundle_store import BUNDLE_OPTION
+        from bastion.models.status import StatusBoard
+
+        h = open_home(home)
+        bundles = store(h)
+        with failures():
+            records = {r.name: r for r in h.registry.list()}
+            live = StatusBoard(h.db).read()
+            stored = {name: bundles.versions(name) for name in bundles.names()}
+        rows = []
+        for name in sorted(records.keys() | stored.keys()):
+            record = records.get(name)
+            status = live.get(name)
+            served = record.options.get(BUNDLE_OPTION) if record is not None else None
+            rows.append(
+                {
+                    "name": name,
+                    "runtime": record.runtime if record is not None else None,
+                    "registered": record is not None,
+                    # The bundle version served; None for a plain directory registered in place.
+                    "version": served,
+                    "bundle_versions": stored.get(name, []),
+                    "desired_state": record.desired_state if record is not None else None,
+                    # As last published by a running server; None when none reports it.
+                    "state": status.state if status is not None else None,
+                    "detail": status.detail if status is not None else None,
+                    "restarts": status.restarts if status is not None else None,
+                    "state_since": status.since.isoformat() if status is not None else None,
+                    "description": record.description if record is not None else "",
+                }
+            )
+        if json_output:
+            print_json(rows)
+            return
+        for row in rows:
+            if row["version"] is None and row["registered"]:
+                row["version"] = "plain"
+            elif not row["registered"]:
+                row["desired_state"] = "not served"
+        table(
+            rows,
+            ["name", "runtime", "version", "bundle_versions", "desired_state", "state", "detail"],
+            "Models",
+        )
+
+    @models_app.command("remove")
+    def models_remove(
+        name: str,
+        version: Annotated[
+            str | None,
+            typer.Option(help="Delete only this stored bundle version (not the one served)."),
+        ] = None,
+        keep_bundles: Annotated[
+            bool, typer.Option("--keep-bundles", help="Unregister, but keep the stored bundles.")
+        ] = False,
+        home: HomeOpt = None,
+        json_output: JsonOpt = False,
+    ) -> None:
+        """Unregister a model (a running server stops its worker) and delete its bundles."""
+        from bastion.errors import Conflict, ModelNotFound, NotFound
+        from bastion.identity.principal import OPERATOR
+        from bastion.models.bundle_store import BUNDLE_OPTION
+
+        h = open_home(home)
+        bundles = store(h)
+        with failures():
+            try:
+                record = h.registry.get(name)
+            except ModelNotFound:
+                record = None
+            if version is not None:
+                if record is not None and record.options.get(BUNDLE_OPTION) == version:
+                    raise Conflict(
+                        f"Version {version} of '{name}' is the one served: import or choose "
+                        "another first, or remove the model."
+                    )
+                deleted = bundles.remove(name, version)
+                unregistered = False
+            else:
+                has_bundles = bool(bundles.versions(name))
+                if record is None and not has_bundles:
+                    raise NotFound(f"The model '{name}' does not exist.")
+                if record is not None:
+                    h.registry.remove(OPERATOR, name)
+                deleted = bundles.remove(name) if has_bundles and not keep_bundles else []
+                unregistered = record is not None
+        result = {"name": name, "unregistered": unregistered, "deleted_versions": deleted}
+        if json_output:
+            print_json(result)
+            return
+        done = ["unregistered"] if unregistered else []
+        if deleted:
+            done.append(
+                "deleted bundle version" + ("s " if len(deleted) > 1 else " ") + ", ".join(deleted)
+            )
+        out.print(f"{name}: {' and '.join(done)}.", highlight=False)
 
 
 def _source_bytes(source: Path) -> int:

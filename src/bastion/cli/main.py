@@ -290,25 +290,6 @@ def keys_rotate(key_id: str, home: HomeOpt = None, json_output: JsonOpt = False)
 # ---------------------------------------------------------------- models
 
 
-@models_app.command("list")
-def models_list(home: HomeOpt = None, json_output: JsonOpt = False) -> None:
-    """List registered models and whether they should be loaded."""
-    h = _open(home)
-    rows = [
-        {
-            "name": r.name,
-            "runtime": r.runtime,
-            "desired_state": r.desired_state,
-            "description": r.description,
-        }
-        for r in _run(h.registry.list)
-    ]
-    if json_output:
-        _print_json(rows)
-    else:
-        _table(rows, ["name", "runtime", "desired_state", "description"], "Models")
-
-
 def _set_model_state(name: str, state: str, home: Path | None, json_output: bool) -> None:
     h = _open(home)
     record = _run(lambda: h.registry.set_desired_state(OPERATOR, name, state))
@@ -373,14 +354,6 @@ def models_add(
         _print_json({"name": record.name, "runtime": record.runtime, "path": record.path})
     else:
         out.print(f"Registered model {record.name} ({record.runtime}).")
-
-
-@models_app.command("remove")
-def models_remove(name: str, home: HomeOpt = None, json_output: JsonOpt = False) -> None:
-    """Unregister a model; a running server stops its worker."""
-    h = _open(home)
-    _run(lambda: h.registry.remove(OPERATOR, name))
-    _print_json({"name": name, "removed": True}) if json_output else out.print(f"Removed {name}.")
 
 
 @models_app.command("load")
@@ -528,7 +501,7 @@ def chat(
 def _register_bundle_commands() -> None:
     from bastion.cli.bundles import register
 
-    register(models_app, _open, _print_json, out, err)
+    register(models_app, _open, _print_json, _table, out, err)
 
 
 _register_bundle_commands()

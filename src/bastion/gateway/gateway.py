@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 from bastion.audit.events import ACCESS_DENIED, SERVER_STOPPED, Event, EventSink
@@ -38,6 +39,7 @@ from bastion.identity.principal import (
 from bastion.models.bundle import IntegrityError, read_bundle, unseal_data_key
 from bastion.models.bundle_store import BUNDLE_OPTION, BundleStore
 from bastion.models.registry import ModelRecord, ModelRegistry
+from bastion.models.status import PublishedStatus, StatusBoard
 from bastion.observability.metrics import Metrics
 from bastion.store.db import Database
 from bastion.workers.channel import Reply, Settle, WorkRequest
@@ -78,6 +80,7 @@ class Gateway:
         self.ohttp_keys = ohttp_keys
         self.bundles = bundles
         self.sealing = SealingState(settings)
+        self.status_board = StatusBoard(db)
         self._catalog: dict[str, ModelRecord] = {}
         self._revision = -1
         self._refresher: asyncio.Task[None] | None = None
@@ -90,6 +93,7 @@ class Gateway:
         await self.supervisor.start()
         await asyncio.to_thread(self.ohttp_keys.ensure_current, SYSTEM_ACTOR)
         await self.refresh()
+        await self._publish_statuses()
         self._refresher = asyncio.create_task(self._refresh_forever(), name="bastion-refresh")
         self.started = True
 
@@ -100,6 +104,12 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
         await self.supervisor.stop(self.settings.drain_timeout_s)
+        try:
+            await asyncio.to_thread(self.status_board.clear)
+        except Exception as exc:
+            logger.warning(
+                "could not clear the model states", extra={"exc_type": type(exc).__name__}
+            )
         self.events.emit(Event(kind=SERVER_STOPPED))
 
     async def refresh(self) -> None:
@@ -170,8 +180,23 @@ class Gateway:
                     # Erases the retired private keys and bumps the revision: refresh reloads.
                     await asyncio.to_thread(self.ohttp_keys.retire_expired, SYSTEM_ACTOR)
                 await self.refresh()
+                await self._publish_statuses()
             except Exception as exc:  # keep serving from the cache if the store hiccups
                 logger.warning("refresh failed", extra={"exc_type": type(exc).__name__})
+
+    async def _publish_statuses(self) -> None:
+        """Copy the workers' states to the database for `bastion models list`."""
+        statuses = [
+            PublishedStatus(
+                name=status.name,
+                state=str(status.state),
+                detail=status.detail,
+                restarts=status.restarts,
+                since=datetime.fromtimestamp(status.since, UTC),
+            )
+            for status in self.supervisor.statuses().values()
+        ]
+        await asyncio.to_thread(self.status_board.publish, statuses)
 
     # ------------------------------------------------------------------ pipeline steps
 

@@ -7,6 +7,7 @@ holds Bastion's model signing key, sealed by the key ring.
 from __future__ import annotations
 
 import re
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,26 @@ class BundleStore:
             return []
         found = [p.name for p in directory.iterdir() if p.is_dir() and _VERSION.fullmatch(p.name)]
         return sorted(found, key=_version_key)
+
+    def names(self) -> list[str]:
+        """The models with at least one stored bundle."""
+        if not self._root.is_dir():
+            return []
+        return sorted(p.name for p in self._root.iterdir() if p.is_dir() and self.versions(p.name))
+
+    def remove(self, name: str, version: str | None = None) -> list[str]:
+        """Delete one stored version of `name`, or all of them; returns those deleted."""
+        versions = self.versions(name)
+        doomed = versions if version is None else [v for v in versions if v == version]
+        if not doomed:
+            raise NotFound(
+                f"No bundle of the model '{name}'" + (f" version {version}." if version else ".")
+            )
+        for each in doomed:
+            shutil.rmtree(self._root / name / each)
+        if version is None or doomed == versions:
+            shutil.rmtree(self._root / name, ignore_errors=True)
+        return doomed
 
     def import_model(
         self,

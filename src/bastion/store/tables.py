@@ -112,6 +112,19 @@ models = sa.Table(
     sa.CheckConstraint("desired_state IN ('loaded', 'unloaded')", name="desired_state_valid"),
 )
 
+# What a running gateway last saw of each model's worker (written by the gateway without
+# bumping the revision): the CLI reads it to show live states, such as integrity_failed.
+model_status = sa.Table(
+    "model_status",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("state", sa.String(24), nullable=False),
+    sa.Column("detail", sa.Text, nullable=True),
+    sa.Column("restarts", sa.Integer, nullable=False),
+    sa.Column("since", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
 meta = sa.Table(
     "meta",
     metadata,
