@@ -68,6 +68,12 @@ class Settings:
     # by the OS path separator).
     require_publisher: bool = False
     trusted_publisher_keys: str | None = None
+    # Limits of `bastion models import`: largest file, largest model, most files, and
+    # ONNX operator domains accepted beyond the standard ones (comma-separated).
+    import_max_file_bytes: int = 64 * 1024 * MiB
+    import_max_total_bytes: int = 512 * 1024 * MiB
+    import_max_files: int = 10_000
+    import_onnx_domains: str = ""
 
     def publisher_keys(self) -> list[bytes]:
         """The trusted publishers' public keys (PEM), read from their files."""
@@ -155,4 +161,8 @@ _ENV_FIELDS: dict[str, Any] = {
     "transit_token": str,
     "require_publisher": _parse_bool,
     "trusted_publisher_keys": str,
+    "import_max_file_bytes": int,
+    "import_max_total_bytes": int,
+    "import_max_files": int,
+    "import_onnx_domains": str,
 }

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
-from bastion_testing import BastionServer, cli_json, run_cli
+from bastion_testing import BASTION, BastionServer, clean_env, cli_json, run_cli
 
 
 class _RunsCode:
@@ -256,3 +256,27 @@ def test_a_trust_policy_serves_only_bundles_from_a_listed_publisher(tmp_path: Pa
         assert "publisher" in status["detail"]
     finally:
         srv.stop()
+
+
+def test_import_limits_come_from_the_configuration(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    run_cli(home, "init", "--no-demo-models")
+    source = _doubling_onnx(tmp_path / "scale", 2.0)
+    size = (source / "model.onnx").stat().st_size
+
+    def import_with(**env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*BASTION, "models", "import", str(source), "--name", "m", "--home", str(home)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=clean_env(**env),
+        )
+
+    small = import_with(BASTION_IMPORT_MAX_FILE_BYTES=str(size - 1))
+    assert small.returncode == 1
+    assert f"over the limit of {size - 1} bytes" in small.stderr
+    assert not (home / "bundles/m").exists()
+    assert import_with(BASTION_IMPORT_MAX_FILES="0").returncode == 1
+    assert "must be a positive number" in import_with(BASTION_IMPORT_MAX_FILES="0").stderr
+    assert import_with(BASTION_IMPORT_MAX_FILE_BYTES=str(size)).returncode == 0

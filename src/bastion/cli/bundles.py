@@ -118,6 +118,7 @@ def register(
             raise typer.Exit(2) from None
         from bastion.identity.principal import OPERATOR
         from bastion.models.bundle_store import BUNDLE_OPTION
+        from bastion.models.scan import limits_from_settings
 
         h = open_home(home)
         bundles = store(h)
@@ -128,6 +129,7 @@ def register(
                 source,
                 name,
                 version,
+                limits=limits_from_settings(h.settings),
                 progress=advance,
                 publisher_signature=published,
                 publisher_keys=publishers,

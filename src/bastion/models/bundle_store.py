@@ -6,6 +6,7 @@ holds Bastion's model signing key, sealed by the key ring.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 from collections.abc import Sequence
@@ -118,18 +119,24 @@ class BundleStore:
             raise Conflict(f"The model '{name}' already has a version {version}.")
         destination.parent.mkdir(parents=True, mode=0o700, exist_ok=True)
         self._root.chmod(0o700)
-        return create_bundle(
-            source,
-            destination,
-            name=name,
-            version=version,
-            keyring=self._keyring,
-            signing_key=self.signing_key(),
-            limits=limits,
-            progress=progress,
-            publisher_signature=publisher_signature,
-            publisher_keys=publisher_keys,
-        )
+        try:
+            return create_bundle(
+                source,
+                destination,
+                name=name,
+                version=version,
+                keyring=self._keyring,
+                signing_key=self.signing_key(),
+                limits=limits,
+                progress=progress,
+                publisher_signature=publisher_signature,
+                publisher_keys=publisher_keys,
+            )
+        except BaseException:
+            # A refused import leaves nothing behind, not even the model's empty directory.
+            with contextlib.suppress(OSError):
+                destination.parent.rmdir()
+            raise
 
     def get(self, name: str, version: str | None = None) -> Bundle:
         versions = self.versions(name)

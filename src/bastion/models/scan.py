@@ -46,11 +46,14 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import onnx
 
 from bastion.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from bastion.config import Settings
 
 _GIB = 1 << 30
 _MIB = 1 << 20
@@ -86,6 +89,20 @@ class ScanLimits:
     # Protobuf cannot parse a message of 2 GiB or more; bigger models use external data.
     max_onnx_model_bytes: int = 2 * _GIB - 1
     onnx_allowed_domains: frozenset[str] = field(default=DEFAULT_ONNX_DOMAINS)
+
+
+def limits_from_settings(settings: Settings) -> ScanLimits:
+    """The import limits a home's configuration sets (BASTION_IMPORT_*)."""
+    for name in ("import_max_file_bytes", "import_max_total_bytes", "import_max_files"):
+        if getattr(settings, name) <= 0:
+            raise InvalidRequest(f"BASTION_{name.upper()} must be a positive number.")
+    extra = {d.strip() for d in settings.import_onnx_domains.split(",") if d.strip()}
+    return ScanLimits(
+        max_file_bytes=settings.import_max_file_bytes,
+        max_total_bytes=settings.import_max_total_bytes,
+        max_files=settings.import_max_files,
+        onnx_allowed_domains=DEFAULT_ONNX_DOMAINS | extra,
+    )
 
 
 @dataclass(frozen=True)
@@ -226,7 +243,7 @@ def _walk(
         st = entry.stat(follow_symlinks=False)
         _check_type(rel, st)
         if len(found) >= limits.max_files:
-            raise UnsafeModel(".", f"more than {limits.max_files} files")
+            raise UnsafeModel(".", f"more than {limits.max_files} files (BASTION_IMPORT_MAX_FILES)")
         if stat.S_ISDIR(st.st_mode):
             sub_fd = os.open(entry.name, _DIR_FLAGS, dir_fd=dir_fd)
             try:
@@ -709,11 +726,17 @@ def scan_model(source: Path, limits: ScanLimits | None = None) -> ScanReport:
     total = 0
     for item in found:
         if item.st.st_size > limits.max_file_bytes:
-            raise UnsafeModel(item.path, f"file of {item.st.st_size} bytes is over the limit")
+            raise UnsafeModel(
+                item.path,
+                f"file of {item.st.st_size} bytes is over the limit of {limits.max_file_bytes} "
+                "bytes (BASTION_IMPORT_MAX_FILE_BYTES)",
+            )
         total += item.st.st_size
         if total > limits.max_total_bytes:
             raise UnsafeModel(
-                ".", f"model is over the total limit of {limits.max_total_bytes} bytes"
+                ".",
+                f"model is over the total limit of {limits.max_total_bytes} bytes "
+                "(BASTION_IMPORT_MAX_TOTAL_BYTES)",
             )
 
     # ONNX models first: they decide which other files are their external data.
