@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,20 +133,27 @@ def initialise(settings: Settings, events: EventSink | None = None) -> InitResul
 
 
 def register_demo_models(home: Home) -> list[str]:
-    """Build the demo models into the home directory and register them."""
-    from bastion.models.demo import build_demo_models
+    """Build the demo models and import them like any model (scanned, signed, encrypted
+    bundles), then register them to be served from their bundles."""
+    from bastion.models.bundle_store import BUNDLE_OPTION, BundleStore
+    from bastion.models.demo import MARKER_FILE, build_demo_models
 
+    bundles = BundleStore(home.settings.home, home.keyring)
     names = []
-    for model in build_demo_models(home.settings.models_dir):
-        relative = model.path.relative_to(home.settings.home)
-        home.registry.register(
-            OPERATOR,
-            name=model.name,
-            runtime=model.runtime,
-            path=str(relative),
-            options=dict(model.options),
-            description=model.description,
-            replace=True,
-        )
-        names.append(model.name)
+    # The plaintext build is public data (committed or from PyPI) and lives only until
+    # it is imported, in a private folder of the home.
+    with tempfile.TemporaryDirectory(prefix=".demo-build-", dir=home.settings.home) as staging:
+        for model in build_demo_models(Path(staging)):
+            (model.path / MARKER_FILE).unlink()  # the build's own bookkeeping, not the model's
+            bundle = bundles.import_model(model.path, model.name)
+            home.registry.register(
+                OPERATOR,
+                name=model.name,
+                runtime=model.runtime,
+                path=bundles.relative_path(bundle),
+                options={**model.options, BUNDLE_OPTION: bundle.version},
+                description=model.description,
+                replace=True,
+            )
+            names.append(model.name)
     return names

@@ -8,6 +8,7 @@ import stat
 import subprocess
 from pathlib import Path
 
+from bastion.models import demo
 from bastion_testing import BASTION, BastionServer, clean_env, cli_json, run_cli
 
 
@@ -98,7 +99,19 @@ def test_a_relative_home_serves_the_demo_models(tmp_path: Path) -> None:
     # `make serve` runs with the default home, ./.bastion, relative to the checkout.
     srv = BastionServer(tmp_path / ".bastion", cwd=tmp_path)
     try:
-        srv.wait_ready(["digits"], timeout=120)
+        srv.wait_ready(["digits", "minilm-l6", "tiny-chat"], timeout=120)
+        # The demo models went through the import path: served from signed, encrypted
+        # bundles, with no plaintext weights left in the home.
+        listed = {row["name"]: row for row in cli_json(srv.home, "models", "list")}
+        for name in ("digits", "minilm-l6", "tiny-chat"):
+            assert listed[name]["version"] == "1" and listed[name]["state"] == "ready"
+            assert cli_json(srv.home, "models", "verify", name)["ok"] is True
+        weights = (demo.tiny_chat_assets() / "model.safetensors").read_bytes()
+        assert not [
+            path
+            for path in srv.home.rglob("*")
+            if path.is_file() and weights[4096:8192] in path.read_bytes()
+        ]
         with srv.client() as client:
             answer = client.post(
                 "/v2/models/digits/infer",
