@@ -149,8 +149,11 @@ class BundleStore:
         return read_bundle(self._root / name / version)
 
     def verify(self, bundle: Bundle, *, progress: Progress | None = None) -> Verified:
-        """Decrypt and check every file in memory; raises IntegrityError."""
-        manifest, _ = open_bundle(bundle, self._keyring, self.trusted_keys(), progress=progress)
+        """Decrypt and check every file in memory against both signatures (SHA-256 and
+        BLAKE3); raises IntegrityError."""
+        manifest, _ = open_bundle(
+            bundle, self._keyring, self.trusted_keys(), progress=progress, full=True
+        )
         return Verified(bundle, manifest)
 
     def export(self, bundle: Bundle, out: Path) -> Manifest:

@@ -3,8 +3,10 @@
 A signature is what ``model_signing sign key DIR`` writes: a Sigstore bundle (v0.3 JSON)
 holding a DSSE envelope whose payload is an in-toto statement. Its predicate
 (``https://model_signing/signature/v1.0``) lists every file of the model with its SHA-256
-(``"method": "files"`` serialization) and its subject carries a root digest: SHA-256 over
-the file digests in the order listed. The envelope is signed with ECDSA.
+(``"method": "files"`` serialization; BLAKE3, which the format also defines, for the
+signatures Bastion checks when loading, as it hashes twice as fast) and its subject
+carries a root digest: SHA-256 over the file digests in the order listed. The envelope is
+signed with ECDSA.
 
 Bastion signs from digests, so the plaintext of a model never has to sit on disk, and it
 verifies with ``cryptography`` alone, so a worker checks a manifest without importing
@@ -44,6 +46,10 @@ DEFAULT_SIGNATURE_NAME = "model.sig"
 GIT_IGNORE_PATHS = (".git", ".gitattributes", ".github", ".gitignore")
 # A signature lists one small JSON object per file; this bounds hostile input, not models.
 MAX_SIGNATURE_BYTES = 16 * 1024 * 1024
+
+#: The file digest algorithms (OMS ``hash_type``) Bastion signs and accepts.
+DIGEST_ALGORITHMS = ("sha256", "blake3")
+_ALGORITHM_NAMES = {"sha256": "SHA-256", "blake3": "BLAKE3"}
 
 _T = TypeVar("_T")
 _DIGEST_BYTES = 32
@@ -139,13 +145,15 @@ class SigningKey:
 
 @dataclass(frozen=True)
 class Manifest:
-    """What a verified signature vouches for: relative path -> SHA-256 of the plaintext."""
+    """What a verified signature vouches for: relative path -> digest of the plaintext
+    (SHA-256, or BLAKE3 where `algorithm` says so)."""
 
     model_name: str
     files: Mapping[str, bytes]
     signer_key_id: str
     signer_public_pem: bytes = field(repr=False)
     ignore_paths: tuple[str, ...] = ()
+    algorithm: str = "sha256"
 
 
 def sign_digests(
@@ -154,13 +162,17 @@ def sign_digests(
     *,
     model_name: str,
     signature_name: str | None = DEFAULT_SIGNATURE_NAME,
+    algorithm: str = "sha256",
 ) -> bytes:
-    """Sign a model given as ``relative path -> SHA-256 digest``; returns the OMS JSON.
+    """Sign a model given as ``relative path -> digest``; returns the OMS JSON.
 
     The result is what ``model_signing sign key`` writes for a directory holding those
-    files: file serialization, SHA-256, the git paths ignored, and ``signature_name``
-    ignored too when the signature will be stored inside the directory (``None`` if not).
+    files: file serialization, `algorithm` (sha256 or blake3), the git paths ignored, and
+    ``signature_name`` ignored too when the signature will be stored inside the directory
+    (``None`` if not).
     """
+    if algorithm not in DIGEST_ALGORITHMS:
+        raise ValueError(f"Unsupported digest algorithm {algorithm!r}.")
     ignore_paths = set(GIT_IGNORE_PATHS)
     if signature_name is not None:
         _check_relative_path(signature_name, ValueError)
@@ -170,12 +182,14 @@ def sign_digests(
     for path, digest in files.items():
         _check_relative_path(path, ValueError)
         if len(digest) != _DIGEST_BYTES:
-            raise ValueError(f"The digest of {_quote(path)} is not a SHA-256 digest.")
+            raise ValueError(
+                f"The digest of {_quote(path)} is not a {_ALGORITHM_NAMES[algorithm]} digest."
+            )
         if _is_ignored(path, ignore_paths):
             raise ValueError(
                 f"{_quote(path)} would be skipped by model_signing (ignored path); rename it."
             )
-    return _sign_with_model_signing(files, key, model_name, sorted(ignore_paths))
+    return _sign_with_model_signing(files, key, model_name, sorted(ignore_paths), algorithm)
 
 
 def verify_signature(signature: bytes, public_keys: Sequence[bytes]) -> Manifest:
@@ -183,7 +197,7 @@ def verify_signature(signature: bytes, public_keys: Sequence[bytes]) -> Manifest
 
     Checks the bundle's media type, the DSSE payload type, the ECDSA signature with the key
     the bundle names (or, for bundles naming none, any trusted key), the statement and
-    predicate types, the serialization (files, SHA-256) and the root digest.
+    predicate types, the serialization (files, SHA-256 or BLAKE3) and the root digest.
     """
     trusted = [_load_public_key(pem) for pem in public_keys]
     if not trusted:
@@ -220,7 +234,8 @@ def check_file(manifest: Manifest, path: str, digest: bytes) -> None:
     if expected is None:
         raise ManifestMismatch(f"{_quote(path)} is not in the signed manifest.")
     if not hmac.compare_digest(expected, digest):
-        raise ManifestMismatch(f"{_quote(path)} does not match its signed SHA-256 digest.")
+        algorithm = _ALGORITHM_NAMES[manifest.algorithm]
+        raise ManifestMismatch(f"{_quote(path)} does not match its signed {algorithm} digest.")
 
 
 def check_files(manifest: Manifest, files: Mapping[str, bytes]) -> None:
@@ -233,7 +248,11 @@ def check_files(manifest: Manifest, files: Mapping[str, bytes]) -> None:
 
 
 def _sign_with_model_signing(
-    files: Mapping[str, bytes], key: SigningKey, model_name: str, ignore_paths: list[str]
+    files: Mapping[str, bytes],
+    key: SigningKey,
+    model_name: str,
+    ignore_paths: list[str],
+    algorithm: str,
 ) -> bytes:
     # model_signing's own Payload and EC signer build the statement and bundle, so the
     # JSON is byte-for-byte what its CLI writes (but for the random ECDSA signature). Its
@@ -250,7 +269,7 @@ def _sign_with_model_signing(
     serialization_type = oms_manifest.SerializationType.from_args(
         {
             "method": "files",
-            "hash_type": "sha256",
+            "hash_type": algorithm,
             "allow_symlinks": False,
             "ignore_paths": ignore_paths,
         }
@@ -258,7 +277,7 @@ def _sign_with_model_signing(
     items = [
         oms_manifest.FileManifestItem(
             path=pathlib.PurePosixPath(path),
-            digest=oms_hashing.Digest("sha256", bytes(digest)),
+            digest=oms_hashing.Digest(algorithm, bytes(digest)),
         )
         for path, digest in files.items()
     ]
@@ -303,8 +322,9 @@ def _manifest_from_statement(payload: bytes, signer: ec.EllipticCurvePublicKey) 
     serialization_args = _field(predicate, "serialization", dict)
     if serialization_args.get("method") != "files":
         raise UnsupportedSignature("Only per-file serialization ('files') is supported.")
-    if serialization_args.get("hash_type") != "sha256":
-        raise UnsupportedSignature("Only SHA-256 file digests are supported.")
+    algorithm = serialization_args.get("hash_type")
+    if algorithm not in DIGEST_ALGORITHMS:
+        raise UnsupportedSignature("Only SHA-256 and BLAKE3 file digests are supported.")
     ignore_paths = serialization_args.get("ignore_paths", [])
     if not isinstance(ignore_paths, list) or not all(isinstance(p, str) for p in ignore_paths):
         raise MalformedSignature("The signature's ignore_paths is not a list of paths.")
@@ -314,8 +334,10 @@ def _manifest_from_statement(payload: bytes, signer: ec.EllipticCurvePublicKey) 
     for resource in _field(predicate, "resources", list):
         if not isinstance(resource, dict):
             raise MalformedSignature("A manifest resource is not a JSON object.")
-        if resource.get("algorithm") != "sha256":
-            raise UnsupportedSignature("Only SHA-256 file digests are supported.")
+        if resource.get("algorithm") not in DIGEST_ALGORITHMS:
+            raise UnsupportedSignature("Only SHA-256 and BLAKE3 file digests are supported.")
+        if resource.get("algorithm") != algorithm:
+            raise MalformedSignature("A file digest is not of the manifest's algorithm.")
         path = _field(resource, "name", str)
         _check_relative_path(path, MalformedSignature)
         if path in files:
@@ -333,6 +355,7 @@ def _manifest_from_statement(payload: bytes, signer: ec.EllipticCurvePublicKey) 
         signer_key_id=_key_id(signer),
         signer_public_pem=_public_pem(signer),
         ignore_paths=tuple(ignore_paths),
+        algorithm=algorithm,
     )
 
 

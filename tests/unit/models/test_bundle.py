@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import blake3
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
@@ -26,7 +27,7 @@ from bastion.models.bundle import (
     unseal_data_key,
 )
 from bastion.models.scan import UnsafeModel
-from bastion.models.signing import SigningKey, sign_digests
+from bastion.models.signing import SigningKey, sign_digests, verify_signature
 
 
 def _model(directory: Path, seed: int = 0) -> Path:
@@ -165,6 +166,78 @@ def test_a_manifest_edited_after_signing_is_refused(
     signature["dsseEnvelope"]["payload"] = signature["dsseEnvelope"]["payload"][:-8] + "AAAAAAA="
     (stored / "model.sig").write_text(json.dumps(signature))
     _refused(stored, ring, [key.public_pem()], "signature")
+
+
+def test_the_load_signature_is_bound_to_the_bundle_signature(
+    tmp_path: Path, stored: Path, ring: KeyRing, key: SigningKey
+) -> None:
+    """load.sig (BLAKE3, checked at load) vouches for model.sig: neither can be swapped
+    for another version's, even one signed by the same key."""
+    trusted = [key.public_pem()]
+    load = verify_signature((stored / "load.sig").read_bytes(), trusted)
+    assert load.algorithm == "blake3"
+    assert set(load.files) == {"model.safetensors", "config.json", ".model.sig"}
+    create_bundle(
+        _model(tmp_path / "src2", seed=1),
+        tmp_path / "b2",
+        name="m",
+        version="2",
+        keyring=ring,
+        signing_key=key,
+    )
+    original = {name: (stored / name).read_bytes() for name in ("model.sig", "load.sig")}
+    for name in ("model.sig", "load.sig"):
+        shutil.copy(tmp_path / "b2" / name, stored / name)
+        _refused(stored, ring, trusted, "load signature does not match")
+        (stored / name).write_bytes(original[name])
+    # Both from version 2: the signatures agree, but not with version 1's files.
+    shutil.copy(tmp_path / "b2/model.sig", stored / "model.sig")
+    shutil.copy(tmp_path / "b2/load.sig", stored / "load.sig")
+    _refused(stored, ring, trusted, "does not match its signed BLAKE3 digest")
+    # A load signature by another key, or a link in its place, is refused too.
+    (stored / "load.sig").write_bytes(
+        sign_digests(dict(load.files), SigningKey.generate(), model_name="m", algorithm="blake3")
+    )
+    (stored / "model.sig").write_bytes(original["model.sig"])
+    _refused(stored, ring, trusted, "load signature is not valid")
+    (stored / "load.sig").unlink()
+    (stored / "load.sig").symlink_to(tmp_path / "b2/load.sig")
+    _refused(stored, ring, trusted, "load signature is missing")
+
+
+def test_without_a_load_signature_sha256_is_checked(
+    stored: Path, ring: KeyRing, key: SigningKey
+) -> None:
+    (stored / "load.sig").unlink()
+    manifest, files = open_bundle(read_bundle(stored), ring, [key.public_pem()])
+    assert set(files) == set(manifest.files)
+    blob = _blob(stored, "config.json")
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0x01
+    blob.write_bytes(data)
+    _refused(stored, ring, [key.public_pem()], "does not decrypt")
+
+
+def test_a_full_verify_also_checks_the_sha256_signature(
+    stored: Path, ring: KeyRing, key: SigningKey
+) -> None:
+    """A signer that vouched for wrong SHA-256 digests (and bound load.sig to them) is
+    caught by a full check, such as `bastion models verify` and export, not by a load."""
+    trusted = [key.public_pem()]
+    sha = verify_signature((stored / "model.sig").read_bytes(), trusted)
+    load = verify_signature((stored / "load.sig").read_bytes(), trusted)
+    lying = sign_digests(
+        {**sha.files, "config.json": b"\x00" * 32}, key, model_name="m", signature_name=None
+    )
+    rebound = dict(load.files) | {".model.sig": blake3.blake3(lying).digest()}
+    (stored / "model.sig").write_bytes(lying)
+    (stored / "load.sig").write_bytes(
+        sign_digests(rebound, key, model_name="m", signature_name=None, algorithm="blake3")
+    )
+    bundle = read_bundle(stored)
+    assert set(open_bundle(bundle, ring, trusted)[1]) == {"model.safetensors", "config.json"}
+    with pytest.raises(IntegrityError, match="does not match its signed SHA-256 digest"):
+        open_bundle(bundle, ring, trusted, full=True)
 
 
 def test_a_signature_from_an_untrusted_key_is_refused(stored: Path, ring: KeyRing) -> None:
