@@ -236,7 +236,7 @@ def decrypt_to_bytearray(
 def decrypt_into(
     key: bytes,
     associated_data: bytes,
-    source: BinaryIO,
+    source: BinaryIO | memoryview,
     out: bytearray | memoryview,
     *,
     digest: Digest | None = None,
@@ -244,30 +244,30 @@ def decrypt_into(
 ) -> None:
     """Decrypt `source` into `out`, whose length must be the plaintext size.
 
-    For a caller that owns the memory (a reused buffer, a prefaulted mmap, a tensor's
-    storage): fresh memory costs page faults that can exceed the decryption itself. Raises
-    StreamingAeadError as decrypt_to_bytearray does; `out` then holds the plaintext of the
-    authentic segments before the failure (the failing one is zeroed), which the caller
-    must discard as it is incomplete.
+    `source` is a file, or the whole ciphertext as a buffer (e.g. a memory map of the file,
+    which spares the copy that reading makes). For a caller that owns the memory (a reused
+    buffer, a prefaulted mmap, a tensor's storage): fresh memory costs page faults that can
+    exceed the decryption itself. Raises StreamingAeadError as decrypt_to_bytearray does;
+    `out` then holds the plaintext of the authentic segments before the failure (the
+    failing one is zeroed), which the caller must discard as it is incomplete.
     """
     output = memoryview(out).cast("B")
     if output.readonly:
         raise ValueError("out must be writable")
     size = len(output)
-    fill = _reader(source)
-    header = bytearray(HEADER_SIZE)
-    if fill(memoryview(header)) != HEADER_SIZE:
+    take = _taker(source)
+    header = take(HEADER_SIZE)
+    if len(header) != HEADER_SIZE:
         raise _fail()
     cipher = _SegmentCipher.from_header(key, associated_data, bytes(header))
-    sealed = memoryview(bytearray(SEGMENT_SIZE))
     segments = _segment_count(size)
     position = 0
     for index in range(segments):
         last = index == segments - 1
         capacity = FIRST_PLAINTEXT_SEGMENT_SIZE if index == 0 else PLAINTEXT_SEGMENT_SIZE
         length = size - position if last else capacity
-        ciphertext = sealed[: length + TAG_SIZE]
-        if fill(ciphertext) != len(ciphertext):
+        ciphertext = take(length + TAG_SIZE)
+        if len(ciphertext) != length + TAG_SIZE:
             raise _fail()
         segment = output[position : position + length]
         cipher.decrypt_into(index, last, ciphertext, segment)
@@ -276,8 +276,32 @@ def decrypt_into(
         if progress is not None:
             progress(length)
         position += length
-    if fill(sealed[:1]):
+    if len(take(1)):
         raise _fail()
+
+
+def _taker(source: BinaryIO | memoryview) -> Callable[[int], memoryview]:
+    """A function returning the next `count` bytes of `source` (fewer at its end): views
+    of a buffer, or of one reused buffer filled from a file."""
+    if isinstance(source, memoryview):
+        data = source.cast("B")
+        offset = 0
+
+        def view(count: int) -> memoryview:
+            nonlocal offset
+            piece = data[offset : offset + count]
+            offset += len(piece)
+            return piece
+
+        return view
+    fill = _reader(source)
+    buffer = memoryview(bytearray(SEGMENT_SIZE))
+
+    def read(count: int) -> memoryview:
+        piece = buffer[:count]
+        return piece[: fill(piece)]
+
+    return read
 
 
 def decrypt_segments(key: bytes, associated_data: bytes, source: BinaryIO) -> Iterator[memoryview]:

@@ -263,6 +263,8 @@ def assert_refused(ciphertext: bytes, key: bytes = KEY, ad: bytes = AD) -> None:
             key, ad, io.BytesIO(ciphertext), expected_size=len(ATTACK_PLAINTEXT)
         ),
         lambda: decrypt_streamed(ciphertext, key, ad),
+        # From the ciphertext as a buffer (a memory map, in bundles), not a file.
+        lambda: decrypt_into(key, ad, memoryview(ciphertext), bytearray(len(ATTACK_PLAINTEXT))),
     ]
     messages = set()
     for opener in openers:
@@ -377,6 +379,16 @@ def test_decrypt_into_a_caller_buffer(victim: bytes) -> None:
         decrypt_into(KEY, AD, io.BytesIO(victim), memoryview(bytes(len(ATTACK_PLAINTEXT))))
     with pytest.raises(StreamingAeadError):
         decrypt_into(KEY, AD, io.BytesIO(victim), bytearray(len(ATTACK_PLAINTEXT) - 1))
+
+
+def test_decrypt_from_a_buffer_with_a_digest(victim: bytes) -> None:
+    out = bytearray(len(ATTACK_PLAINTEXT))
+    digest = hashlib.sha256()
+    decrypt_into(KEY, AD, memoryview(victim), out, digest=digest)
+    assert out == ATTACK_PLAINTEXT
+    assert digest.digest() == hashlib.sha256(ATTACK_PLAINTEXT).digest()
+    with pytest.raises(StreamingAeadError):
+        decrypt_into(KEY, AD, memoryview(victim + b"x"), bytearray(len(ATTACK_PLAINTEXT)))
 
 
 def test_unauthenticated_plaintext_is_never_left_in_the_buffer(victim: bytes) -> None:
