@@ -280,3 +280,107 @@ def test_import_limits_come_from_the_configuration(tmp_path: Path) -> None:
     assert import_with(BASTION_IMPORT_MAX_FILES="0").returncode == 1
     assert "must be a positive number" in import_with(BASTION_IMPORT_MAX_FILES="0").stderr
     assert import_with(BASTION_IMPORT_MAX_FILE_BYTES=str(size)).returncode == 0
+
+
+def test_every_attack_on_a_stored_bundle_is_refused_and_the_server_stays_healthy(
+    tmp_path: Path,
+) -> None:
+    """Each tampering of a served bundle: the model goes integrity_failed with its own
+    reason, nothing of it is loaded, and the untouched model keeps serving."""
+    import hashlib
+
+    import blake3
+
+    from bastion.models.signing import SigningKey, sign_digests
+
+    home = tmp_path / "home"
+    run_cli(home, "init", "--no-demo-models")
+    source = _doubling_onnx(tmp_path / "scale", 3.0)
+    attacks = ["flipped", "truncated", "swapped", "edited", "resigned", "forged", "wrong-kek"]
+    for name in ["scale", *attacks]:
+        cli_json(home, "models", "import", str(source), "--name", name, "--runtime", "onnx")
+
+    def bundle(name: str) -> Path:
+        return home / "bundles" / name / "1"
+
+    def blob(name: str) -> Path:
+        return next((bundle(name) / "blobs").iterdir())
+
+    data = bytearray(blob("flipped").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    blob("flipped").write_bytes(data)
+    blob("truncated").write_bytes(blob("truncated").read_bytes()[:-10])
+    blob("swapped").write_bytes(blob("scale").read_bytes())
+    manifest = json.loads((bundle("edited") / "bundle.json").read_text())
+    manifest["files"] = []
+    (bundle("edited") / "bundle.json").write_text(json.dumps(manifest))
+    # Signatures over the right digests, by a key the server does not trust.
+    plain = (source / "model.onnx").read_bytes()
+    stranger = SigningKey.generate()
+    model_sig = sign_digests(
+        {"model.onnx": hashlib.sha256(plain).digest()},
+        stranger,
+        model_name="resigned",
+        signature_name=None,
+    )
+    (bundle("resigned") / "model.sig").write_bytes(model_sig)
+    (bundle("resigned") / "load.sig").write_bytes(
+        sign_digests(
+            {
+                "model.onnx": blake3.blake3(plain).digest(),
+                ".model.sig": blake3.blake3(model_sig).digest(),
+            },
+            stranger,
+            model_name="resigned",
+            signature_name=None,
+            algorithm="blake3",
+        )
+    )
+    # The signed statement edited after signing.
+    signature = json.loads((bundle("forged") / "load.sig").read_text())
+    payload = signature["dsseEnvelope"]["payload"]
+    signature["dsseEnvelope"]["payload"] = (
+        payload[:40] + ("A" if payload[40] != "A" else "B") + payload[41:]
+    )
+    (bundle("forged") / "load.sig").write_text(json.dumps(signature))
+    # The data key wrapped by another home's KEK, for the same model name and version.
+    other = tmp_path / "other"
+    run_cli(other, "init", "--no-demo-models")
+    cli_json(other, "models", "import", str(source), "--name", "wrong-kek")
+    theirs = json.loads((other / "bundles/wrong-kek/1/bundle.json").read_text())
+    ours = json.loads((bundle("wrong-kek") / "bundle.json").read_text())
+    ours["data_key"] = theirs["data_key"]
+    (bundle("wrong-kek") / "bundle.json").write_text(json.dumps(ours))
+
+    reasons = {
+        "flipped": "does not decrypt",
+        "truncated": "does not decrypt",
+        "swapped": "does not decrypt",
+        "edited": "Signed file missing",
+        "resigned": "not trusted",
+        "forged": "load signature is not valid",
+        "wrong-kek": "data key cannot be opened",
+    }
+    body = {
+        "inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]
+    }
+    srv = BastionServer(home)
+    try:
+        srv.wait_ready(["scale"], timeout=120)
+        with srv.client() as client:
+            for name, reason in reasons.items():
+                status = srv.wait_model(name, "integrity_failed", timeout=60)
+                assert reason in status["detail"], (name, status["detail"])
+                refused = client.post(f"/v2/models/{name}/infer", json=body)
+                assert refused.status_code == 503, (name, refused.text)
+            answer = client.post("/v2/models/scale/infer", json=body)
+            assert answer.status_code == 200
+            assert answer.json()["outputs"][0]["data"] == [3.0, 6.0, 9.0, 12.0]
+            assert client.get("/healthz").status_code == 200
+        # Each reason is distinct enough to act on, and none quotes the model's bytes.
+        assert len({srv.wait_model(n, "integrity_failed")["detail"] for n in reasons}) >= 5
+        logs = srv.logs()
+        assert logs.count("model.integrity_failed") >= len(reasons)
+        assert plain[-64:].hex() not in logs
+    finally:
+        srv.stop()

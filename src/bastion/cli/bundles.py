@@ -202,7 +202,8 @@ def register(
         bundles = store(open_home(home))
         with failures():
             bundle = bundles.get(name, version)
-            bundles.export(bundle, out_dir)
+            with progress_bar(bundle.total_bytes, "verifying", json_output) as advance:
+                bundles.export(bundle, out_dir, progress=advance)
         public = out_dir.parent / f"{out_dir.name}.public.pem"
         result = {
             "directory": str(out_dir),

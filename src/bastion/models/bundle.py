@@ -421,11 +421,16 @@ def _check_publisher(
 
 
 def export_bundle(
-    bundle: Bundle, keyring: KeyRing, trusted_keys: Sequence[bytes], out: Path
+    bundle: Bundle,
+    keyring: KeyRing,
+    trusted_keys: Sequence[bytes],
+    out: Path,
+    *,
+    progress: Progress | None = None,
 ) -> Manifest:
     """Write the verified plaintext files and the signature to the new directory `out`, so
     that `model_signing verify key OUT --signature OUT/model.sig --public_key ...` accepts it."""
-    manifest, files = open_bundle(bundle, keyring, trusted_keys, full=True)
+    manifest, files = open_bundle(bundle, keyring, trusted_keys, full=True, progress=progress)
     out.mkdir(parents=True, mode=0o700, exist_ok=False)
     for path, data in files.items():
         target = out / path

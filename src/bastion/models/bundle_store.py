@@ -156,10 +156,10 @@ class BundleStore:
         )
         return Verified(bundle, manifest)
 
-    def export(self, bundle: Bundle, out: Path) -> Manifest:
+    def export(self, bundle: Bundle, out: Path, *, progress: Progress | None = None) -> Manifest:
         if out.exists():
             raise Conflict(f"{out} already exists.")
-        manifest = export_bundle(bundle, self._keyring, self.trusted_keys(), out)
+        manifest = export_bundle(bundle, self._keyring, self.trusted_keys(), out, progress=progress)
         (out.parent / f"{out.name}.public.pem").write_bytes(self.signing_key().public_pem())
         return manifest
 
