@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 import subprocess
 import sys
 import time
@@ -297,8 +298,11 @@ def test_every_attack_on_a_stored_bundle_is_refused_and_the_server_stays_healthy
     run_cli(home, "init", "--no-demo-models")
     source = _doubling_onnx(tmp_path / "scale", 3.0)
     attacks = ["flipped", "truncated", "swapped", "edited", "resigned", "forged", "wrong-kek"]
-    for name in ["scale", *attacks]:
+    for name in ["scale", *attacks, "imposter"]:
         cli_json(home, "models", "import", str(source), "--name", name, "--runtime", "onnx")
+    # A rollback: version 2 is served, and version 1's whole directory is put in its place.
+    cli_json(home, "models", "import", str(source), "--name", "rolled")
+    cli_json(home, "models", "import", str(source), "--name", "rolled", "--runtime", "onnx")
 
     def bundle(name: str) -> Path:
         return home / "bundles" / name / "1"
@@ -352,7 +356,15 @@ def test_every_attack_on_a_stored_bundle_is_refused_and_the_server_stays_healthy
     ours["data_key"] = theirs["data_key"]
     (bundle("wrong-kek") / "bundle.json").write_text(json.dumps(ours))
 
+    shutil.rmtree(home / "bundles/rolled/2")
+    shutil.copytree(home / "bundles/rolled/1", home / "bundles/rolled/2")
+    # Another model's whole bundle under this model's name.
+    shutil.rmtree(home / "bundles/imposter/1")
+    shutil.copytree(home / "bundles/scale/1", home / "bundles/imposter/1")
+
     reasons = {
+        "rolled": "is not rolled version 2",
+        "imposter": "is not imposter version 1",
         "flipped": "does not decrypt",
         "truncated": "does not decrypt",
         "swapped": "does not decrypt",

@@ -247,6 +247,8 @@ def register(
                     "desired_state": record.desired_state if record is not None else None,
                     # As last published by a running server; None when none reports it.
                     "state": status.state if status is not None else None,
+                    # True when that server has not confirmed it lately (it may be gone).
+                    "state_stale": status.stale() if status is not None else None,
                     "detail": status.detail if status is not None else None,
                     "restarts": status.restarts if status is not None else None,
                     "state_since": status.since.isoformat() if status is not None else None,
@@ -257,6 +259,8 @@ def register(
             print_json(rows)
             return
         for row in rows:
+            if row["state_stale"]:
+                row["state"] = f"{row['state']} (stale: no server reports it)"
             if row["version"] is None and row["registered"]:
                 row["version"] = "plain"
             elif not row["registered"]:

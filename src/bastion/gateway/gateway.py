@@ -36,7 +36,12 @@ from bastion.identity.principal import (
     ACTION_INFER,
     Principal,
 )
-from bastion.models.bundle import IntegrityError, read_bundle, unseal_data_key
+from bastion.models.bundle import (
+    IntegrityError,
+    expect_identity,
+    read_bundle,
+    unseal_data_key,
+)
 from bastion.models.bundle_store import BUNDLE_OPTION, BundleStore
 from bastion.models.registry import ModelRecord, ModelRegistry
 from bastion.models.status import PublishedStatus, StatusBoard
@@ -156,6 +161,7 @@ class Gateway:
                         "The trust policy requires a publisher, but lists no publisher keys."
                     )
             bundle = read_bundle(spec.path)
+            expect_identity(bundle, spec.name, spec.options.get(BUNDLE_OPTION))
             key = unseal_data_key(bundle, self.bundles.keyring)
             trusted = tuple(self.bundles.trusted_keys())
         except OSError:

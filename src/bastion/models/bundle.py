@@ -40,7 +40,12 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import blake3
 
 from bastion.crypto.keyring import KeyRing, KeyRingError
-from bastion.crypto.streaming_aead import StreamingAeadError, decrypt_into, encrypt_file
+from bastion.crypto.streaming_aead import (
+    StreamingAeadError,
+    ciphertext_size,
+    decrypt_into,
+    encrypt_file,
+)
 from bastion.errors import ConfigurationError, InvalidRequest
 from bastion.models.signing import (
     Manifest,
@@ -58,11 +63,16 @@ if TYPE_CHECKING:
     from bastion.models.scan import ScanLimits
 
 BUNDLE_FORMAT = "bastion-model-bundle/1"
+# The registry option that marks a model served from a bundle (its value: the version).
+BUNDLE_OPTION = "bundle"
 MANIFEST_NAME = "bundle.json"
 SIGNATURE_NAME = "model.sig"
 LOAD_SIGNATURE_NAME = "load.sig"
-# load.sig's entry for model.sig: a hidden name, which the scanner never lets a model use.
+# load.sig's entries for model.sig and for the bundle's name and version: hidden names,
+# which the scanner never lets a model file have.
 _SIGNATURE_ENTRY = ".model.sig"
+_IDENTITY_ENTRY = ".bundle"
+_PSEUDO_ENTRIES = frozenset({_SIGNATURE_ENTRY, _IDENTITY_ENTRY})
 # The model's publisher's own signature, when one was given at import.
 PUBLISHER_SIGNATURE_NAME = "publisher.sig"
 _MAX_MANIFEST_BYTES = 16 * 1024 * 1024
@@ -159,7 +169,8 @@ def create_bundle(
     report = scan_model(source, limits)
     if destination.exists():
         raise FileExistsError(destination)
-    partial = destination.with_name(destination.name + ".partial")
+    # A hidden name, which no version can have: never taken for a version while written.
+    partial = destination.with_name(f".partial-{destination.name}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(mode=0o700)
     (partial / "blobs").mkdir(mode=0o700)
@@ -194,6 +205,7 @@ def create_bundle(
             _write(partial / PUBLISHER_SIGNATURE_NAME, publisher_signature)
         signature = sign_digests(digests, signing_key, model_name=name, signature_name=None)
         fast_digests[_SIGNATURE_ENTRY] = blake3.blake3(signature).digest()
+        fast_digests[_IDENTITY_ENTRY] = _identity_digest(name, version)
         load_signature = sign_digests(
             fast_digests, signing_key, model_name=name, signature_name=None, algorithm="blake3"
         )
@@ -294,9 +306,14 @@ def open_bundle_with_key(
             fast.algorithm != "blake3"
             or bound is None
             or not hmac.compare_digest(bound, blake3.blake3(signature).digest())
-            or set(fast.files) - {_SIGNATURE_ENTRY} != set(manifest.files)
+            or set(fast.files) - _PSEUDO_ENTRIES != set(manifest.files)
         ):
             raise IntegrityError("The load signature does not match the bundle's signature.")
+        identity = fast.files.get(_IDENTITY_ENTRY)
+        if identity is None or not hmac.compare_digest(
+            identity, _identity_digest(bundle.name, bundle.version)
+        ):
+            raise IntegrityError("The load signature is for another model or version.")
     checks = ([manifest] if fast is None or full else []) + ([fast] if fast is not None else [])
     files: dict[str, Plaintext] = {}
     computed: dict[str, _Digests] = {}
@@ -306,7 +323,7 @@ def open_bundle_with_key(
             blake3=any(m.algorithm == "blake3" for m in checks),
         )
         try:
-            with _ciphertext(bundle.directory / f.blob) as sealed:
+            with _ciphertext(bundle.directory / f.blob, ciphertext_size(f.size)) as sealed:
                 plaintext = _buffer(f.size)
                 decrypt_into(
                     data_key,
@@ -330,7 +347,8 @@ def open_bundle_with_key(
         for checked in checks:
             expected = {path: digest.of(checked.algorithm) for path, digest in computed.items()}
             if checked is fast:
-                expected[_SIGNATURE_ENTRY] = fast.files[_SIGNATURE_ENTRY]
+                for entry in _PSEUDO_ENTRIES:
+                    expected[entry] = fast.files[entry]
             check_files(checked, expected)
     except SignatureError as exc:
         raise IntegrityError(str(exc)) from exc
@@ -347,11 +365,28 @@ def open_bundle_with_key(
             # The signed digests: checked above, model.sig's vouched for by load.sig.
             known = {"sha256": manifest.files}
             if fast is not None:
-                known["blake3"] = {p: d for p, d in fast.files.items() if p != _SIGNATURE_ENTRY}
+                known["blake3"] = {p: d for p, d in fast.files.items() if p not in _PSEUDO_ENTRIES}
             _check_publisher(published, publisher_keys, known)
         except PublisherSignatureError as exc:
             raise IntegrityError(exc.message) from None
     return manifest, files
+
+
+def expect_identity(bundle: Bundle, name: str, version: object) -> None:
+    """Raise IntegrityError unless the bundle is `name` version `version`, as the registry
+    says: a whole bundle directory swapped for another version's (a rollback) or another
+    model's is consistent in itself, and only this comparison sees it."""
+    if bundle.name != name or bundle.version != str(version):
+        raise IntegrityError(
+            f"The bundle is not {name} version {version}: it was replaced by another."
+        )
+
+
+def _identity_digest(name: str, version: str) -> bytes:
+    digest: bytes = blake3.blake3(
+        b"\x00".join((b"bastion-bundle/1", name.encode(), version.encode()))
+    ).digest()
+    return digest
 
 
 def _verified(
@@ -451,23 +486,28 @@ def _buffer(size: int) -> Plaintext:
 
 
 @contextlib.contextmanager
-def _ciphertext(path: Path) -> Iterator[BinaryIO | memoryview]:
-    """A blob to decrypt: big ones memory-mapped, which spares copying them out of the page
-    cache. Pages changed under the map while it is read cannot slip through: the digest
-    is taken over the plaintext written, and checked against the signed one."""
+def _ciphertext(path: Path, expected_size: int) -> Iterator[BinaryIO | memoryview]:
+    """A blob to decrypt, which must have the size its plaintext implies: big ones
+    memory-mapped, which spares copying them out of the page cache. Pages changed under
+    the map while it is read cannot slip through: the digest is taken over the plaintext
+    written, and checked against the signed one."""
     with _open_regular(path) as handle:
         size = os.fstat(handle.fileno()).st_size
+        if size != expected_size:
+            raise StreamingAeadError("the blob does not have its ciphertext's size")
         if size < _MAPPED_MIN_BYTES:
             yield handle
             return
         mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-        mapped.madvise(mmap.MADV_SEQUENTIAL)
+        view = memoryview(mapped)
         try:
-            yield memoryview(mapped)
+            mapped.madvise(mmap.MADV_SEQUENTIAL)
+            yield view
         finally:
-            # After a failure, the traceback may still hold views of it: it is unmapped
-            # when they go.
+            # Once decryption is over no view of it is left, but after a failure the
+            # traceback may hold some: then it is unmapped when they go.
             with contextlib.suppress(BufferError):
+                view.release()
                 mapped.close()
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from bastion.crypto.keyring import KeyRing
 from bastion.errors import Conflict, InvalidRequest, NotFound
 from bastion.models.bundle import (
+    BUNDLE_OPTION,
     Bundle,
     IntegrityError,
     Progress,
@@ -26,7 +27,7 @@ from bastion.models.bundle import (
     open_bundle,
     read_bundle,
 )
-from bastion.models.registry import validate_model_name
+from bastion.models.registry import MODEL_NAME_PATTERN, validate_model_name
 from bastion.models.signing import Manifest, SigningKey
 
 if TYPE_CHECKING:
@@ -34,8 +35,6 @@ if TYPE_CHECKING:
     from bastion.models.scan import ScanLimits
 
 _VERSION = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]{0,31}")
-# The registry option that marks a model served from a bundle (its value: the version).
-BUNDLE_OPTION = "bundle"
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +78,11 @@ class BundleStore:
         """The models with at least one stored bundle."""
         if not self._root.is_dir():
             return []
-        return sorted(p.name for p in self._root.iterdir() if p.is_dir() and self.versions(p.name))
+        return sorted(
+            p.name
+            for p in self._root.iterdir()
+            if p.is_dir() and MODEL_NAME_PATTERN.fullmatch(p.name) and self.versions(p.name)
+        )
 
     def remove(self, name: str, version: str | None = None) -> list[str]:
         """Delete one stored version of `name`, or all of them; returns those deleted."""
@@ -89,8 +92,13 @@ class BundleStore:
             raise NotFound(
                 f"No bundle of the model '{name}'" + (f" version {version}." if version else ".")
             )
-        for each in doomed:
-            shutil.rmtree(self._root / name / each)
+        try:
+            for each in doomed:
+                shutil.rmtree(self._root / name / each)
+        except OSError as exc:
+            raise Conflict(
+                f"A bundle of the model '{name}' could not be deleted ({exc.strerror})."
+            ) from None
         if version is None or doomed == versions:
             shutil.rmtree(self._root / name, ignore_errors=True)
         return doomed
@@ -168,4 +176,4 @@ def _version_key(version: str) -> tuple[int, int | str]:
     return (0, int(version)) if version.isdigit() else (1, version)
 
 
-__all__ = ["BundleStore", "IntegrityError", "Verified"]
+__all__ = ["BUNDLE_OPTION", "BundleStore", "IntegrityError", "Verified"]

@@ -2,14 +2,17 @@
 
 The gateway knows each worker's state (loading, ready, failed, integrity_failed with its
 reason...) in memory; :class:`StatusBoard` copies it to the ``model_status`` table when it
-changes, so that ``bastion models list`` shows it without talking to the server. A gateway
-that stops cleanly clears the board; rows left by one that crashed keep their
-``updated_at``, which tells their age.
+changes, so that ``bastion models list`` shows it without talking to the server. The
+gateway also touches every row at least every :data:`TOUCH_INTERVAL_S`, so rows older than
+:data:`STALE_AFTER_S` come from a gateway that is gone (one that stops cleanly clears the
+board; one that crashed leaves rows that turn stale).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -17,6 +20,9 @@ import sqlalchemy as sa
 
 from bastion.store.db import Database
 from bastion.store.tables import model_status
+
+TOUCH_INTERVAL_S = 10.0
+STALE_AFTER_S = 3 * TOUCH_INTERVAL_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,26 +37,52 @@ class PublishedStatus:
     def key(self) -> tuple[str, str | None, int, datetime]:
         return (self.state, self.detail, self.restarts, self.since)
 
+    def stale(self, now: datetime | None = None) -> bool:
+        """True if no gateway has vouched for this row lately (it may be gone)."""
+        if self.updated_at is None:
+            return True
+        age = ((now or datetime.now(UTC)) - self.updated_at).total_seconds()
+        return age > STALE_AFTER_S
+
 
 class StatusBoard:
     """Writes and reads the ``model_status`` table (never bumps the change revision)."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._db = db
-        self._published: dict[str, tuple[str, str | None, int, datetime]] = {}
+        self._clock = clock
+        # None until the first publish, which replaces whatever an earlier gateway left.
+        self._published: dict[str, tuple[str, str | None, int, datetime]] | None = None
+        self._touched = 0.0
+        self._lock = threading.Lock()
+        self._closed = False
 
     def publish(self, statuses: Iterable[PublishedStatus]) -> bool:
-        """Write the statuses that changed since the last call, delete the models no longer
-        there; True if anything was written."""
-        current = {status.name: status for status in statuses}
-        changed = [s for s in current.values() if self._published.get(s.name) != s.key()]
-        gone = [name for name in self._published if name not in current]
-        if not changed and not gone:
+        """Write the statuses that changed since the last call (all of them, now and then,
+        to show this gateway is alive), delete the others; True if anything was written."""
+        with self._lock:
+            if self._closed:
+                return False
+            return self._publish({status.name: status for status in statuses})
+
+    def _publish(self, current: dict[str, PublishedStatus]) -> bool:
+        published = self._published
+        touch = published is None or self._clock() - self._touched >= TOUCH_INTERVAL_S
+        if touch:
+            changed = list(current.values())
+        else:
+            assert published is not None
+            changed = [s for s in current.values() if published.get(s.name) != s.key()]
+        gone = [name for name in published or {} if name not in current]
+        if not changed and not gone and not touch:
             return False
         now = datetime.now(UTC)
         with self._db.write(bump_revision=False) as conn:
-            names = [s.name for s in changed] + gone
-            conn.execute(sa.delete(model_status).where(model_status.c.name.in_(names)))
+            if published is None:
+                conn.execute(sa.delete(model_status))
+            else:
+                names = [s.name for s in changed] + gone
+                conn.execute(sa.delete(model_status).where(model_status.c.name.in_(names)))
             if changed:
                 conn.execute(
                     sa.insert(model_status),
@@ -67,12 +99,16 @@ class StatusBoard:
                     ],
                 )
         self._published = {name: status.key() for name, status in current.items()}
+        if touch:
+            self._touched = self._clock()
         return True
 
     def clear(self) -> None:
-        with self._db.write(bump_revision=False) as conn:
-            conn.execute(sa.delete(model_status))
-        self._published = {}
+        """Remove every row, for good: a publish still running or coming later is dropped."""
+        with self._lock:
+            self._closed = True
+            with self._db.write(bump_revision=False) as conn:
+                conn.execute(sa.delete(model_status))
 
     def read(self) -> dict[str, PublishedStatus]:
         with self._db.read() as conn:

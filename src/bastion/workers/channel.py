@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import logging
 import os
 from collections.abc import AsyncGenerator, Callable, Mapping
 from pathlib import Path
@@ -51,6 +52,8 @@ from bastion.workers.protocol import (
     TextDelta,
     ToWorker,
 )
+
+logger = logging.getLogger("bastion.workers.channel")
 
 WORKER_CRASHED_MESSAGE = "The model's worker stopped; retry shortly."
 
@@ -242,9 +245,10 @@ class WorkerChannel:
         pending = _Pending(message, self._loop, settle)
         self._pending[request_id] = pending
         self._idle.clear()
-        finished = False
+        finished = sent = False
         try:
             await self._send_frame(frame)
+            sent = True
             while True:
                 item = pending.replies.popleft() if pending.replies else await pending.get()
                 if item is None:
@@ -263,8 +267,9 @@ class WorkerChannel:
         finally:
             if not finished:
                 self._forget(request_id)
-                # A request whose final reply already arrived has nothing left to cancel.
-                if self._fault_reason is None and not pending.finished:
+                # A request whose final reply already arrived has nothing left to cancel;
+                # one never sent (cancelled while waiting to send) has nothing to settle.
+                if self._fault_reason is None and not pending.finished and sent:
                     if settle is not None:
                         self._unsettled[request_id] = settle
                         if len(self._unsettled) > _MAX_UNSETTLED:
@@ -328,7 +333,7 @@ class WorkerChannel:
             if not isinstance(message, TextDelta | SealedChunk):
                 settle = self._unsettled.pop(message.id, None)
                 if settle is not None:
-                    settle(message)
+                    _settle(settle, message)
             return
         if not pending.accepts(message):
             self.fail(f"the worker sent an unexpected {type(message).__name__}")
@@ -338,9 +343,9 @@ class WorkerChannel:
             self.fail("the worker sent more output than the gateway buffers")
             return
         pending.finished = not isinstance(message, TextDelta | SealedChunk)
-        if pending.finished and pending.settle is not None:
-            pending.settle(message)
         pending.put((message, size))
+        if pending.finished and pending.settle is not None:
+            _settle(pending.settle, message)
 
     # ------------------------------------------------------------------ closing
 
@@ -349,3 +354,11 @@ class WorkerChannel:
         if self._opened:
             self.fail("the channel was closed")
         self._connection.close()
+
+
+def _settle(settle: Settle, reply: Reply) -> None:
+    """Account a reply; a failure there is logged, never a fault of the channel."""
+    try:
+        settle(reply)
+    except Exception as exc:
+        logger.error("settling a request's usage failed", extra={"exc_type": type(exc).__name__})

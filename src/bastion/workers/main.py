@@ -32,7 +32,13 @@ from typing import Any, NoReturn
 
 import msgspec
 
-from bastion.models.bundle import IntegrityError, open_bundle_with_key, read_bundle
+from bastion.models.bundle import (
+    BUNDLE_OPTION,
+    IntegrityError,
+    expect_identity,
+    open_bundle_with_key,
+    read_bundle,
+)
 from bastion.observability.logging import configure_logging
 from bastion.runtimes.base import (
     CancelToken,
@@ -451,6 +457,7 @@ def _load_model(load: LoadModel) -> Runtime:
         return load_runtime(load.runtime, Path(load.path), load.options)
     # A bundle: decrypted and checked against its signed manifest here, in memory.
     bundle = read_bundle(Path(load.path))
+    expect_identity(bundle, load.model, load.options.get(BUNDLE_OPTION))
     _, files = open_bundle_with_key(
         bundle, load.bundle_key, load.trusted_keys, publisher_keys=load.publisher_keys
     )

@@ -7,9 +7,12 @@ Every message carries a tag (its class name) so one decoder reads the whole unio
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+
+# A token count a worker reports: never negative (the gateway adds it to counters).
+Tokens = Annotated[int, msgspec.Meta(ge=0)]
 
 
 class Message(msgspec.Struct, tag=True, frozen=True, kw_only=True):
@@ -216,8 +219,8 @@ class GenerateResult(Message, frozen=True, kw_only=True):
 
     id: int
     choices: list[Choice]
-    prompt_tokens: int
-    completion_tokens: int
+    prompt_tokens: Tokens
+    completion_tokens: Tokens
 
 
 class EmbedResult(Message, frozen=True, kw_only=True):
@@ -226,7 +229,7 @@ class EmbedResult(Message, frozen=True, kw_only=True):
     vectors: bytes
     count: int
     dim: int
-    prompt_tokens: int
+    prompt_tokens: Tokens
 
 
 class InferResult(Message, frozen=True, kw_only=True):
@@ -246,8 +249,8 @@ class SealedResponse(Message, frozen=True, kw_only=True):
 
     id: int
     data: bytes
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    prompt_tokens: Tokens = 0
+    completion_tokens: Tokens = 0
 
 
 class RequestFailed(Message, frozen=True, kw_only=True):

@@ -253,6 +253,24 @@ def test_usage_is_settled_even_when_the_caller_stops_reading() -> None:
     run(scenario())
 
 
+def test_a_failing_settle_callback_does_not_break_the_channel() -> None:
+    def settle(reply: Message) -> None:
+        raise ValueError("accounting broke")
+
+    async def scenario() -> None:
+        async with channel_and_peer() as (channel, peer):
+            replies = channel.request(Embed(id=0, texts=["x"]), settle)
+            first = asyncio.ensure_future(anext(replies))
+            sent = await peer.receive_request()
+            result = EmbedResult(id=sent.id, count=1, dim=1, vectors=bytes(4), prompt_tokens=1)
+            await peer.send(result)
+            assert await first == result
+            assert channel.fault_reason is None
+            await replies.aclose()
+
+    run(scenario())
+
+
 def test_closing_a_request_early_sends_cancel() -> None:
     async def scenario() -> None:
         async with channel_and_peer() as (channel, peer):

@@ -19,6 +19,7 @@ from bastion.models.bundle import (
     IntegrityError,
     PublisherSignatureError,
     create_bundle,
+    expect_identity,
     export_bundle,
     load_or_create_signing_key,
     open_bundle,
@@ -176,7 +177,7 @@ def test_the_load_signature_is_bound_to_the_bundle_signature(
     trusted = [key.public_pem()]
     load = verify_signature((stored / "load.sig").read_bytes(), trusted)
     assert load.algorithm == "blake3"
-    assert set(load.files) == {"model.safetensors", "config.json", ".model.sig"}
+    assert set(load.files) == {"model.safetensors", "config.json", ".model.sig", ".bundle"}
     create_bundle(
         _model(tmp_path / "src2", seed=1),
         tmp_path / "b2",
@@ -190,10 +191,10 @@ def test_the_load_signature_is_bound_to_the_bundle_signature(
         shutil.copy(tmp_path / "b2" / name, stored / name)
         _refused(stored, ring, trusted, "load signature does not match")
         (stored / name).write_bytes(original[name])
-    # Both from version 2: the signatures agree, but not with version 1's files.
+    # Both from version 2: the signatures agree with each other, not with this bundle.
     shutil.copy(tmp_path / "b2/model.sig", stored / "model.sig")
     shutil.copy(tmp_path / "b2/load.sig", stored / "load.sig")
-    _refused(stored, ring, trusted, "does not match its signed BLAKE3 digest")
+    _refused(stored, ring, trusted, "for another model or version")
     # A load signature by another key, or a link in its place, is refused too.
     (stored / "load.sig").write_bytes(
         sign_digests(dict(load.files), SigningKey.generate(), model_name="m", algorithm="blake3")
@@ -203,6 +204,22 @@ def test_the_load_signature_is_bound_to_the_bundle_signature(
     (stored / "load.sig").unlink()
     (stored / "load.sig").symlink_to(tmp_path / "b2/load.sig")
     _refused(stored, ring, trusted, "load signature is missing")
+
+
+def test_a_whole_bundle_swapped_for_another_version_is_refused(
+    tmp_path: Path, stored: Path, ring: KeyRing, key: SigningKey
+) -> None:
+    """Consistent in itself, so only the registry's name and version give it away."""
+    expect_identity(read_bundle(stored), "m", "1")
+    with pytest.raises(IntegrityError, match="is not m version 2"):
+        expect_identity(read_bundle(stored), "m", "2")
+    with pytest.raises(IntegrityError, match="is not other version 1"):
+        expect_identity(read_bundle(stored), "other", "1")
+    # bundle.json relabelled: the data key no longer opens (bound to name and version).
+    manifest = json.loads((stored / "bundle.json").read_text())
+    manifest["version"] = "2"
+    (stored / "bundle.json").write_text(json.dumps(manifest))
+    _refused(stored, ring, [key.public_pem()], "data key")
 
 
 def test_without_a_load_signature_sha256_is_checked(
