@@ -9,7 +9,7 @@ NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test check lint typecheck bench bench-ohttp clean-venv
+.PHONY: serve test check lint typecheck bench bench-ohttp clean-venv sandbox-deps
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,10 +25,17 @@ $(NODE_STAMP): $(NODE_DIR)/package-lock.json
 	cd $(NODE_DIR) && npm ci --no-audit --no-fund --loglevel=error
 	@touch $(NODE_STAMP)
 
-serve: $(STAMP)
+# Workers run inside bubblewrap (and its seccomp filter needs libseccomp): installed here
+# when we run as root, otherwise a clear message (or `bastion serve --unsafe-no-sandbox`).
+sandbox-deps:
+	@command -v bwrap >/dev/null && ldconfig -p | grep -q libseccomp.so.2 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq bubblewrap libseccomp2; \
+	  else echo "workers run in a bubblewrap sandbox: install Debian's bubblewrap and libseccomp2 (or serve with --unsafe-no-sandbox, trusted models only)" >&2; exit 1; fi; }
+
+serve: $(STAMP) sandbox-deps
 	$(BIN)/bastion serve --host $(HOST) --port $(PORT)
 
-test: $(STAMP) $(NODE_STAMP)
+test: $(STAMP) $(NODE_STAMP) sandbox-deps
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)

@@ -74,6 +74,19 @@ class Settings:
     import_max_total_bytes: int = 512 * 1024 * MiB
     import_max_files: int = 10_000
     import_onnx_domains: str = ""
+    # How workers are isolated: "bwrap" (bubblewrap, the default) or "none" (plain
+    # subprocesses), which also needs unsafe_no_sandbox (`serve --unsafe-no-sandbox`).
+    sandbox: str = "bwrap"
+    unsafe_no_sandbox: bool = False
+    # Hard limits of each sandboxed worker (0: none of that kind).
+    worker_address_space_bytes: int = 32 * 1024 * 1024 * MiB
+    worker_open_files: int = 4096
+    worker_processes: int = 512
+    worker_file_bytes: int = 1024 * MiB
+    worker_tmp_bytes: int = 256 * MiB
+    # cgroup limits of each sandboxed worker, where the host allows them (0: none).
+    worker_memory_bytes: int = 8 * 1024 * MiB
+    worker_cpus: float = 0.0
 
     def publisher_keys(self) -> list[bytes]:
         """The trusted publishers' public keys (PEM), read from their files."""
@@ -165,4 +178,13 @@ _ENV_FIELDS: dict[str, Any] = {
     "import_max_total_bytes": int,
     "import_max_files": int,
     "import_onnx_domains": str,
+    "sandbox": str,
+    "unsafe_no_sandbox": _parse_bool,
+    "worker_address_space_bytes": int,
+    "worker_open_files": int,
+    "worker_processes": int,
+    "worker_file_bytes": int,
+    "worker_tmp_bytes": int,
+    "worker_memory_bytes": int,
+    "worker_cpus": float,
 }

@@ -15,6 +15,7 @@ from bastion.gateway.auth import Authenticator
 from bastion.gateway.gateway import Gateway
 from bastion.models.bundle_store import BundleStore
 from bastion.observability.metrics import Metrics, MetricsEventSink
+from bastion.workers.bwrap import BwrapSandbox
 from bastion.workers.sandbox import make_sandbox
 from bastion.workers.supervisor import Supervisor
 
@@ -33,7 +34,7 @@ def is_loopback(host: str) -> bool:
 def build_gateway(home: Home, metrics: Metrics) -> Gateway:
     settings = home.settings
     events = FanOutSink(home.events, MetricsEventSink(metrics))
-    supervisor = Supervisor(settings, make_sandbox("subprocess"), events)
+    supervisor = Supervisor(settings, make_sandbox(settings), events)
     authenticator = Authenticator(home.db, home.hasher, events)
     return Gateway(
         settings,
@@ -56,12 +57,16 @@ def serve(home: Home) -> None:
             "listening on a non-loopback address: every client that can reach it can try keys",
             extra={"host": settings.host},
         )
-    logger.warning(
-        "workers run as plain subprocesses without a sandbox; "
-        "sandboxed backends arrive with the compute-isolation work"
-    )
     metrics = Metrics()
     gateway = build_gateway(home, metrics)
+    sandbox = gateway.supervisor.sandbox
+    if sandbox.name == "none":
+        logger.warning(
+            "UNSAFE: workers run as plain subprocesses without a sandbox "
+            "(--unsafe-no-sandbox): model code can read the master key and reach the network"
+        )
+    elif isinstance(sandbox, BwrapSandbox):
+        sandbox.check()
     app = create_app(gateway, home.identity)
     config = uvicorn.Config(
         app,

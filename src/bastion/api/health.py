@@ -20,13 +20,15 @@ async def readyz(request: Request) -> Response:
     if not gateway.started:
         return json_response({"status": "starting"}, status=503)
     states = [str(s.state) for s in gateway.supervisor.statuses().values()]
-    return json_response(
-        {
-            "status": "ready",
-            "models_ready": states.count("ready"),
-            "models_total": len(states),
-        }
-    )
+    body: dict[str, object] = {
+        "status": "ready",
+        "models_ready": states.count("ready"),
+        "models_total": len(states),
+        "sandbox": gateway.supervisor.sandbox.name,
+    }
+    if gateway.supervisor.sandbox.name == "none":
+        body["warning"] = "workers run without a sandbox (--unsafe-no-sandbox)"
+    return json_response(body)
 
 
 async def metrics(request: Request) -> Response:

@@ -100,17 +100,31 @@ def serve(
     no_demo_models: Annotated[
         bool, typer.Option("--no-demo-models", help="Do not build the demo models on first start.")
     ] = False,
+    unsafe_no_sandbox: Annotated[
+        bool,
+        typer.Option(
+            "--unsafe-no-sandbox",
+            help="Run workers as plain subprocesses, without bubblewrap: only for trusted "
+            "models (model code could read the master key and reach the network).",
+        ),
+    ] = False,
     json_output: JsonOpt = False,
 ) -> None:
     """Start the server (creating the home directory on first start)."""
     from bastion.observability.logging import configure_logging
     from bastion.server import serve as run_server
 
-    settings = _settings(home, host=host, port=port, demo_models=False if no_demo_models else None)
+    settings = _settings(
+        home,
+        host=host,
+        port=port,
+        demo_models=False if no_demo_models else None,
+        unsafe_no_sandbox=True if unsafe_no_sandbox else None,
+    )
     configure_logging(settings.log_level)
     result = _run(lambda: initialise(settings))
     _announce(result.admin_token, settings, json_output)
-    run_server(result.home)
+    _run(lambda: run_server(result.home))
 
 
 @app.command()

@@ -30,6 +30,8 @@ RUNTIMES: Mapping[str, str] = {
     "text-generation": "bastion.runtimes.textgen",
     "sentence-embedding": "bastion.runtimes.embeddings",
     "echo": "bastion.runtimes.echo",
+    # A test fixture: tries to escape its sandbox and reports how far it got.
+    "escape-test": "bastion.runtimes.escape",
 }
 
 # Called with (choice index, text) for each piece of a streamed generation.

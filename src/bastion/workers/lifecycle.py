@@ -34,7 +34,14 @@ from bastion.audit.events import (
 )
 from bastion.config import Settings
 from bastion.workers.channel import WorkerChannel
-from bastion.workers.protocol import LoadModel, ModelMetadata, Ready, SealingKeys, Shutdown
+from bastion.workers.protocol import (
+    EXIT_STUCK,
+    LoadModel,
+    ModelMetadata,
+    Ready,
+    SealingKeys,
+    Shutdown,
+)
 from bastion.workers.sandbox import Sandbox, WorkerLaunch, WorkerProcess, worker_argv
 
 logger = logging.getLogger("bastion.workers.supervisor")
@@ -47,6 +54,7 @@ _TERMINATE_GRACE_S = 2.0
 _KILL_GRACE_S = 5.0
 # A worker that failed to load exits by itself; it gets this long before it is killed.
 _LOAD_FAILED_EXIT_GRACE_S = 2.0
+_EXIT_STATUS_GRACE_S = 0.5
 
 
 class ModelState(StrEnum):
@@ -404,7 +412,17 @@ class WorkerLifecycle:
         slot.set_state(ModelState.RESTARTING, reason)
         channel.fail(reason, retry_after_s=self._restart_retry_after(slot))
         pid = process.pid
-        exit_code = await self._reap(process, exit_task)
+        # A worker whose connection closed is usually exiting: a moment lets its own
+        # exit status (which may say why) arrive before it is killed.
+        exit_code = await self._reap(process, exit_task, grace_s=_EXIT_STATUS_GRACE_S)
+        # What the exit says: a job that ignored its cancellation, or what the sandbox
+        # knows, such as a cgroup's out-of-memory kill.
+        notes = [getattr(process, "exit_note", None)]
+        if exit_code == EXIT_STUCK and "cancellation" not in reason:
+            notes.append("a job ignored its cancellation")
+        if any(notes):
+            reason = ": ".join([reason, *(n for n in notes if n)])
+            slot.set_state(ModelState.RESTARTING, reason)
         logger.warning(
             "worker crashed",
             extra={"model": slot.spec.name, "pid": pid, "reason": reason, "exit_code": exit_code},
@@ -481,6 +499,8 @@ def _exit_status(exit_task: asyncio.Future[int]) -> str:
     if exit_task.cancelled() or exit_task.exception() is not None:
         return "status unknown"
     code = exit_task.result()
+    if code == EXIT_STUCK:
+        return f"status {code}: a job ignored its cancellation"
     return f"signal {-code}" if code < 0 else f"status {code}"
 
 

@@ -55,6 +55,7 @@ from bastion.workers.framing import (
     encode_frame,
 )
 from bastion.workers.protocol import (
+    EXIT_STUCK,
     Cancel,
     Embed,
     EmbedResult,
@@ -89,6 +90,10 @@ EXIT_BAD_START = 2
 EXIT_GATEWAY_GONE = 3
 # The gateway broke the protocol (an oversized frame), or the worker itself failed.
 EXIT_WORKER_ERROR = 4
+# A job went on running long after it was cancelled (EXIT_STUCK, in protocol.py).
+# How long a cancelled job may take to notice before the worker gives up on it and exits:
+# the supervisor then starts a fresh worker.
+CANCEL_GRACE_S = 5.0
 
 _RECEIVE_CHUNK = 256 * 1024
 _REASON_LIMIT = 200
@@ -134,6 +139,8 @@ class Worker:
         self._exit_code: int | None = None
         self._exiting = threading.Event()
         self._sealed: SealedServer | None = None
+        # The job the runtime thread is running, if any.
+        self._running: _Job | None = None
         self._pipeline: SealedPipeline | None = None
         self._early_keys: SealingKeys | None = None
 
@@ -275,6 +282,7 @@ class Worker:
         def cancel() -> None:
             job.cancelled = True
             job.cancel.cancel()
+            self._watch_cancelled(job)
 
         return JobHandle(cancel)
 
@@ -286,6 +294,22 @@ class Worker:
         if job is not None:
             job.cancelled = True
             job.cancel.cancel()
+            self._watch_cancelled(job)
+
+    def _watch_cancelled(self, job: _Job) -> None:
+        """A running job that ignores its cancellation (a runtime spinning in code that
+        never checks) holds the worker: past the grace period, the worker exits."""
+        if self._running is not job:
+            return
+
+        def check() -> None:
+            if self._running is job:
+                logger.error("a cancelled job is still running; the worker exits")
+                _exit_now(EXIT_STUCK)
+
+        timer = threading.Timer(CANCEL_GRACE_S, check)
+        timer.daemon = True
+        timer.start()
 
     # ------------------------------------------------------------------ runtime thread
 
@@ -315,11 +339,15 @@ class Worker:
                         # Ends the request at the gateway, which waits to settle its usage.
                         self._send(cancelled(job.request.id))
                     continue
-                outcome: Message = (
-                    self._serve_sealed(runtime, job)
-                    if isinstance(job.request, SealedRequest)
-                    else self._execute(runtime, job)
-                )
+                self._running = job
+                try:
+                    outcome: Message = (
+                        self._serve_sealed(runtime, job)
+                        if isinstance(job.request, SealedRequest)
+                        else self._execute(runtime, job)
+                    )
+                finally:
+                    self._running = None
                 if job.deliver is not None:
                     if not job.cancelled:
                         job.deliver(outcome)

@@ -11,6 +11,9 @@ from typing import Annotated, Any
 
 import msgspec
 
+# The exit status of a worker that gave up on a job which ignored its cancellation.
+EXIT_STUCK = 5
+
 # A token count a worker reports: never negative (the gateway adds it to counters).
 Tokens = Annotated[int, msgspec.Meta(ge=0)]
 

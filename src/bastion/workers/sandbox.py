@@ -14,12 +14,15 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from bastion.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from bastion.config import Settings
 
 # Longest line of worker output forwarded to the gateway's log; the rest is cut off so a
 # worker cannot fill the log with one enormous line.
@@ -124,8 +127,17 @@ def worker_environment(launch: WorkerLaunch, parent: Mapping[str, str]) -> dict[
 class SubprocessWorker:
     """A worker running as a direct child process in its own session."""
 
-    def __init__(self, process: asyncio.subprocess.Process, worker_id: str) -> None:
+    def __init__(
+        self,
+        process: asyncio.subprocess.Process,
+        worker_id: str,
+        on_exit: Callable[[], str | None] | None = None,
+    ) -> None:
         self._process = process
+        # Called once the process has exited: cleans up, and may explain the exit.
+        self._on_exit = on_exit
+        #: What the sandbox knows of why the worker exited (e.g. its memory limit), if any.
+        self.exit_note: str | None = None
         logger = logging.getLogger(_OUTPUT_LOGGER)
         assert process.stdout is not None
         self._output = asyncio.create_task(_forward_output(process.stdout, logger, worker_id))
@@ -145,6 +157,9 @@ class SubprocessWorker:
 
     async def wait(self) -> int:
         code = await self._process.wait()
+        if self._on_exit is not None:
+            on_exit, self._on_exit = self._on_exit, None
+            self.exit_note = on_exit()
         # A grandchild could hold the pipe open; the worker's own exit is what counts.
         try:
             await asyncio.wait_for(asyncio.shield(self._output), 1.0)
@@ -173,7 +188,7 @@ class SubprocessWorker:
 class SubprocessSandbox:
     """No isolation beyond a separate process, a private directory and a minimal environment."""
 
-    name = "subprocess"
+    name = "none"
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         self._environ = environ
@@ -195,11 +210,42 @@ class SubprocessSandbox:
         return SubprocessWorker(process, launch.worker_id)
 
 
-def make_sandbox(name: str, environ: Mapping[str, str] | None = None) -> Sandbox:
-    """The sandbox backend called `name`; `environ` supplies PATH/PYTHONPATH for workers."""
-    if name == "subprocess":
+def make_sandbox(settings: Settings, environ: Mapping[str, str] | None = None) -> Sandbox:
+    """The sandbox backend the settings name; `environ` supplies PATH/PYTHONPATH for
+    workers. "none" needs `unsafe_no_sandbox` too: it must never be chosen by accident."""
+    if settings.unsafe_no_sandbox:
         return SubprocessSandbox(environ)
-    raise ConfigurationError(f"Unknown sandbox backend {name!r}; known: subprocess.")
+    if settings.sandbox == "bwrap":
+        from bastion.workers.bwrap import BwrapSandbox, WorkerLimits
+        from bastion.workers.cgroups import CgroupLimits, detect
+
+        cgroups, why_not = detect(
+            CgroupLimits(
+                memory_bytes=settings.worker_memory_bytes,
+                cpus=settings.worker_cpus,
+                processes=settings.worker_processes,
+            )
+        )
+        if cgroups is None:
+            logging.getLogger("bastion.workers.cgroups").warning(
+                "workers run without cgroup limits (memory, CPU, processes): %s; "
+                "their rlimits still apply",
+                why_not,
+            )
+        limits = WorkerLimits(
+            address_space_bytes=settings.worker_address_space_bytes,
+            open_files=settings.worker_open_files,
+            processes=settings.worker_processes,
+            file_bytes=settings.worker_file_bytes,
+            tmp_bytes=settings.worker_tmp_bytes,
+        )
+        return BwrapSandbox(limits, environ=environ, cgroups=cgroups)
+    if settings.sandbox in ("none", "subprocess"):
+        raise ConfigurationError(
+            "BASTION_SANDBOX=none runs model code without isolation; it needs "
+            "--unsafe-no-sandbox (or BASTION_UNSAFE_NO_SANDBOX=true) to say so."
+        )
+    raise ConfigurationError(f"Unknown sandbox backend {settings.sandbox!r}; known: bwrap, none.")
 
 
 async def _forward_output(

@@ -49,6 +49,8 @@ class Supervisor:
         self._closing = False
         self._sealing_keys: SealingKeys | None = None
         self._lifecycle = WorkerLifecycle(settings, sandbox, events, lambda: self._sealing_keys)
+        #: How workers are isolated.
+        self.sandbox = sandbox
 
     @property
     def runtime_dir(self) -> Path:
