@@ -338,13 +338,21 @@ def test_private_keys_reach_workers_only_over_their_channel(server: BastionServe
     forms = [form for s in secrets_ for form in (s, s.hex().encode(), s.hex().upper().encode())]
     workers = _descendants(server.proc.pid)
     assert workers
+    directories = 0
     for pid in workers:
         proc = Path(f"/proc/{pid}")
-        seen = [(proc / "cmdline").read_bytes(), (proc / "environ").read_bytes()]
-        cwd = (proc / "cwd").resolve()
-        seen += [p.read_bytes() for p in cwd.rglob("*") if p.is_file() and not p.is_symlink()]
+        cmdline = (proc / "cmdline").read_bytes()
+        seen = [cmdline, (proc / "environ").read_bytes()]
+        argv = cmdline.split(b"\0")
+        if b"bastion.workers.main" in argv:
+            # The worker's private directory: where its socket is.
+            directory = Path(argv[argv.index(b"--endpoint") + 1].decode()).parent
+            files = [p for p in directory.rglob("*") if p.is_file() and not p.is_symlink()]
+            seen += [p.read_bytes() for p in files]
+            directories += 1
         for blob in seen:
             assert not any(form in blob for form in forms), pid
+    assert directories > 0
     # Nor does the database or any file under the home hold them in the clear.
     for path in Path(server.home).rglob("*"):
         if path.is_file():
