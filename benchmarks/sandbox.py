@@ -23,6 +23,7 @@ import asyncio
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +36,8 @@ from bastion.workers.sandbox import Sandbox, make_sandbox
 from bastion.workers.supervisor import ModelSpec, ModelState, Supervisor
 
 SETTINGS = Settings(heartbeat_interval_s=1.0, load_timeout_s=60.0)
+# The echo model reads nothing, but a sandbox binds its directory: an empty one.
+MODEL_DIR = Path(tempfile.mkdtemp(prefix="bastion-bench-echo-"))
 
 
 def sandbox(name: str) -> Sandbox:
@@ -48,7 +51,7 @@ async def cold_start(backend: Sandbox) -> float:
     await supervisor.start()
     try:
         started = time.perf_counter()
-        await supervisor.ensure(ModelSpec("echo", "echo", Path("unused"), {}))
+        await supervisor.ensure(ModelSpec("echo", "echo", MODEL_DIR, {}))
         status = await supervisor.wait_ready("echo", 60)
         elapsed = time.perf_counter() - started
         if status.state is not ModelState.READY:
@@ -62,7 +65,7 @@ async def throughput(backend: Sandbox, seconds: float, concurrency: int) -> floa
     supervisor = Supervisor(SETTINGS, backend, MemoryEventSink())
     await supervisor.start()
     try:
-        await supervisor.ensure(ModelSpec("echo", "echo", Path("unused"), {}))
+        await supervisor.ensure(ModelSpec("echo", "echo", MODEL_DIR, {}))
         await supervisor.wait_ready("echo", 60)
         message = Generate(id=0, prompt="the quick brown fox jumps over the lazy dog")
         done = 0
