@@ -224,7 +224,6 @@ class BwrapSandbox:
             "--cap-drop",
             "ALL",
             *_system_binds(),
-            *_ro_binds(runtime_paths(environ or {})),
             "--proc",
             "/proc",
             "--dev",
@@ -233,7 +232,9 @@ class BwrapSandbox:
         if self._limits.tmp_bytes:
             argv += ["--size", str(self._limits.tmp_bytes)]
         argv += ["--tmpfs", "/tmp"]  # noqa: S108 - the sandbox's own, private tmpfs
-        # After /tmp: the worker's directories may lie under the host's /tmp.
+        # After /tmp: the runtime (a checkout and its venv), the model and the worker's
+        # directory may all lie under the host's /tmp, and are mounted over the tmpfs.
+        argv += _ro_binds(runtime_paths(environ or {}))
         if launch.model_dir != Path("/"):
             argv += ["--ro-bind", str(launch.model_dir), str(launch.model_dir)]
         if launch.ipc_dir != Path("/"):
