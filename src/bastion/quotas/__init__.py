@@ -1,1 +1,1 @@
-"""quotas."""
+"""Per-tenant and per-key quotas: rate limiters, budgets, and (to come) the fair queue."""
