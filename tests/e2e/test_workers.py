@@ -74,6 +74,11 @@ def test_a_request_cut_off_at_the_deadline_is_still_charged(small: BastionServer
             assert _chat(client, "__sleep__:30 two words", stream=stream).status_code == 504
     # The worker reports the work the cancelled jobs did; the gateway charges it.
     assert small.wait_tokens("echo", "prompt", before + 2 * 3) == before + 2 * 3
+    # Encrypted too, whole and streamed (chunked OHTTP): the cancellation carries the usage.
+    with _sealed_client(small) as sealed:
+        for stream in (False, True):
+            assert _chat(sealed, "__sleep__:30 two words", stream=stream).status_code == 504
+    assert small.wait_tokens("echo", "prompt", before + 4 * 3) == before + 4 * 3
 
 
 def _sealed_client(server: BastionServer) -> httpx.Client:

@@ -335,9 +335,9 @@ class Worker:
             self._send(Ready(model=load.model, metadata=metadata, pid=os.getpid()))
             while (job := self._queue.get()) is not None:
                 if job.cancelled:
-                    if job.deliver is None:
-                        # Ends the request at the gateway, which waits to settle its usage.
-                        self._send(cancelled(job.request.id))
+                    # Ends the request (at the gateway, or for the sealed request waiting
+                    # on it) with no work done, so its usage can be settled.
+                    (job.deliver or self._send)(cancelled(job.request.id))
                     continue
                 self._running = job
                 try:
@@ -349,8 +349,8 @@ class Worker:
                 finally:
                     self._running = None
                 if job.deliver is not None:
-                    if not job.cancelled:
-                        job.deliver(outcome)
+                    # Even when cancelled: the sealed side charges the work done.
+                    job.deliver(outcome)
                     continue
                 self._jobs.pop(job.request.id, None)
                 # Sent even when cancelled: the gateway settles the usage of the work done.

@@ -267,18 +267,27 @@ class RequestFailed(Message, frozen=True, kw_only=True):
     status: int
     code: str
     message: str
+    # The work done before it failed or was cancelled, which is charged all the same.
+    prompt_tokens: Tokens = 0
+    completion_tokens: Tokens = 0
 
 
-def cancelled(request_id: int) -> RequestFailed:
-    """The worker's last word on a request the gateway cancelled before it ran to the end."""
+def cancelled(request_id: int, prompt_tokens: int = 0, completion_tokens: int = 0) -> RequestFailed:
+    """The worker's last word on a request the gateway cancelled before it ran to the end,
+    with the tokens of the work done until then."""
     return RequestFailed(
-        id=request_id, status=499, code="cancelled", message="The request was cancelled."
+        id=request_id,
+        status=499,
+        code="cancelled",
+        message="The request was cancelled.",
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
     )
 
 
 def usage_of(reply: Message) -> tuple[int, int]:
     """(prompt tokens, completion tokens) a final reply reports; (0, 0) for the others."""
-    if isinstance(reply, GenerateResult | SealedResponse):
+    if isinstance(reply, GenerateResult | SealedResponse | RequestFailed):
         return reply.prompt_tokens, reply.completion_tokens
     if isinstance(reply, EmbedResult):
         return reply.prompt_tokens, 0

@@ -53,6 +53,9 @@ logger = logging.getLogger("bastion.worker.sealed")
 # Body bytes per chunk of a chunked answer, and the largest whole answer: both keep each
 # IPC message far below the frame limit (MAX_MESSAGE_BYTES).
 SEALED_CHUNK_BYTES = 1024 * 1024
+# How long a cancelled sealed request waits for its inner job's report (the worker gives
+# up on a job that ignores its cancellation sooner than this).
+_ABANDONED_REPORT_WAIT_S = 10.0
 MAX_WHOLE_ANSWER_BYTES = MAX_MESSAGE_BYTES - 64 * 1024
 
 # A job for the runtime thread: the request, and where its replies go (any thread).
@@ -73,6 +76,9 @@ class JobHandle:
 class _Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Resolved when an inner job given up on (the sealed request was cancelled) has
+    # reported what it did, so that the cancellation can carry its usage.
+    outstanding: asyncio.Future[None] | None = None
 
     def add(self, reply: Message) -> None:
         prompt, completion = usage_of(reply)
@@ -163,10 +169,20 @@ class SealedPipeline:
             return
         loop = asyncio.get_running_loop()
         replies: asyncio.Queue[FromWorker] = asyncio.Queue()
+        abandoned = False
+
+        def arrive(reply: FromWorker) -> None:
+            if not abandoned:
+                replies.put_nowait(reply)
+            elif not isinstance(reply, TextDelta):
+                # The job given up on has stopped: what it did is charged all the same.
+                usage.add(reply)
+                if usage.outstanding is not None and not usage.outstanding.done():
+                    usage.outstanding.set_result(None)
 
         def deliver(reply: Message) -> None:
             # The runtime thread only ever hands over replies (FromWorker messages).
-            loop.call_soon_threadsafe(replies.put_nowait, cast(FromWorker, reply))
+            loop.call_soon_threadsafe(arrive, cast(FromWorker, reply))
 
         job = self._submit(message, deliver)
         finished = False
@@ -181,7 +197,14 @@ class SealedPipeline:
                     return
         finally:
             if not finished:
-                job.cancel()
+                abandoned = True
+                while not replies.empty():
+                    if not isinstance(waiting := replies.get_nowait(), TextDelta):
+                        usage.add(waiting)
+                        break
+                else:
+                    usage.outstanding = loop.create_future()
+                    job.cancel()
 
 
 class SealedServer:
@@ -352,7 +375,11 @@ class SealedServer:
                 if not exchange.started:
                     await exchange.problem(500, "about:blank", "The request failed.")
         except asyncio.CancelledError:
-            send(cancelled(request.id))
+            if usage.outstanding is not None:
+                # Its inner job stops at its next check (or the worker exits, past a grace
+                # period): wait for its report, so the cancellation carries the usage.
+                await asyncio.wait({usage.outstanding}, timeout=_ABANDONED_REPORT_WAIT_S)
+            send(cancelled(request.id, usage.prompt_tokens, usage.completion_tokens))
             return
         except Exception as exc:
             # The type only: a message could quote the request.
