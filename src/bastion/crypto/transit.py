@@ -86,29 +86,28 @@ class TransitKek:
         return base64.b64decode(data["plaintext"]), data["ciphertext"].encode()
 
     def unwrap(self, wrapped: bytes, kek_id: str, aad: bytes) -> bytes:
-        self._check_kek(kek_id)
-        answer = self._call(
-            "unwrap a data key with",
-            self._client.secrets.transit.decrypt_data,
-            name=self._key,
-            ciphertext=wrapped.decode(errors="replace"),
-            context=_context(aad),
-            mount_point=self._mount,
-        )
-        return base64.b64decode(answer["data"]["plaintext"])
+        data = self._on_wrapped("unwrap a data key with", "decrypt_data", wrapped, kek_id, aad)
+        return base64.b64decode(data["plaintext"])
 
     def rewrap(self, wrapped: bytes, kek_id: str, aad: bytes) -> bytes:
+        data = self._on_wrapped("rewrap a data key with", "rewrap_data", wrapped, kek_id, aad)
+        ciphertext: str = data["ciphertext"]
+        return ciphertext.encode()
+
+    def _on_wrapped(
+        self, what: str, operation: str, wrapped: bytes, kek_id: str, aad: bytes
+    ) -> Any:
+        """Call the Transit `operation` on a wrapped data key; returns the answer's data."""
         self._check_kek(kek_id)
         answer = self._call(
-            "rewrap a data key with",
-            self._client.secrets.transit.rewrap_data,
+            what,
+            getattr(self._client.secrets.transit, operation),
             name=self._key,
             ciphertext=wrapped.decode(errors="replace"),
             context=_context(aad),
             mount_point=self._mount,
         )
-        ciphertext: str = answer["data"]["ciphertext"]
-        return ciphertext.encode()
+        return answer["data"]
 
     def rotate(self) -> int:
         """Make a new version of the Transit key; returns the latest version."""

@@ -417,11 +417,10 @@ class WorkerLifecycle:
         exit_code = await self._reap(process, exit_task, grace_s=_EXIT_STATUS_GRACE_S)
         # What the exit says: a job that ignored its cancellation, or what the sandbox
         # knows, such as a cgroup's out-of-memory kill.
-        notes = [getattr(process, "exit_note", None)]
-        if exit_code == EXIT_STUCK and "cancellation" not in reason:
-            notes.append("a job ignored its cancellation")
-        if any(notes):
-            reason = ": ".join([reason, *(n for n in notes if n)])
+        found = (_exit_meaning(exit_code), getattr(process, "exit_note", None))
+        notes: list[str] = [note for note in found if note and note not in reason]
+        if notes:
+            reason = ": ".join([reason, *notes])
             slot.set_state(ModelState.RESTARTING, reason)
         logger.warning(
             "worker crashed",
@@ -499,9 +498,14 @@ def _exit_status(exit_task: asyncio.Future[int]) -> str:
     if exit_task.cancelled() or exit_task.exception() is not None:
         return "status unknown"
     code = exit_task.result()
-    if code == EXIT_STUCK:
-        return f"status {code}: a job ignored its cancellation"
-    return f"signal {-code}" if code < 0 else f"status {code}"
+    status = f"signal {-code}" if code < 0 else f"status {code}"
+    meaning = _exit_meaning(code)
+    return f"{status}: {meaning}" if meaning else status
+
+
+def _exit_meaning(code: int | None) -> str | None:
+    """What a worker's own exit status says of why it left, where it says something."""
+    return "a job ignored its cancellation" if code == EXIT_STUCK else None
 
 
 def _retrieve_outcome(future: asyncio.Future[Any]) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,19 +19,6 @@ from bastion.models.registry import ModelRegistry
 from bastion.store.db import Database
 
 pytestmark = pytest.mark.unit
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    database = Database(f"sqlite:///{tmp_path / 'bastion.db'}")
-    database.migrate()
-    yield database
-    database.close()
-
-
-@pytest.fixture
-def events() -> MemoryEventSink:
-    return MemoryEventSink()
 
 
 @pytest.fixture
