@@ -296,24 +296,7 @@ def open_bundle_with_key(
     With `publisher_keys` (a trust policy), the bundle must also carry a signature by one
     of those publishers over exactly these files."""
     signature, manifest = _verified(bundle, SIGNATURE_NAME, trusted_keys, "signature")
-    fast: Manifest | None = None
-    if (bundle.directory / LOAD_SIGNATURE_NAME).exists() or (
-        bundle.directory / LOAD_SIGNATURE_NAME
-    ).is_symlink():
-        _, fast = _verified(bundle, LOAD_SIGNATURE_NAME, trusted_keys, "load signature")
-        bound = fast.files.get(_SIGNATURE_ENTRY)
-        if (
-            fast.algorithm != "blake3"
-            or bound is None
-            or not hmac.compare_digest(bound, blake3.blake3(signature).digest())
-            or set(fast.files) - _PSEUDO_ENTRIES != set(manifest.files)
-        ):
-            raise IntegrityError("The load signature does not match the bundle's signature.")
-        identity = fast.files.get(_IDENTITY_ENTRY)
-        if identity is None or not hmac.compare_digest(
-            identity, _identity_digest(bundle.name, bundle.version)
-        ):
-            raise IntegrityError("The load signature is for another model or version.")
+    fast = _load_manifest(bundle, signature, manifest, trusted_keys)
     checks = ([manifest] if fast is None or full else []) + ([fast] if fast is not None else [])
     files: dict[str, Plaintext] = {}
     computed: dict[str, _Digests] = {}
@@ -370,6 +353,30 @@ def open_bundle_with_key(
         except PublisherSignatureError as exc:
             raise IntegrityError(exc.message) from None
     return manifest, files
+
+
+def _load_manifest(
+    bundle: Bundle, signature: bytes, manifest: Manifest, trusted_keys: Sequence[bytes]
+) -> Manifest | None:
+    """load.sig's verified manifest, bound to model.sig and to this bundle's name and
+    version; None for a bundle made before load signatures (a link in its place is not)."""
+    if not os.path.lexists(bundle.directory / LOAD_SIGNATURE_NAME):
+        return None
+    _, fast = _verified(bundle, LOAD_SIGNATURE_NAME, trusted_keys, "load signature")
+    bound = fast.files.get(_SIGNATURE_ENTRY)
+    if (
+        fast.algorithm != "blake3"
+        or bound is None
+        or not hmac.compare_digest(bound, blake3.blake3(signature).digest())
+        or set(fast.files) - _PSEUDO_ENTRIES != set(manifest.files)
+    ):
+        raise IntegrityError("The load signature does not match the bundle's signature.")
+    identity = fast.files.get(_IDENTITY_ENTRY)
+    if identity is None or not hmac.compare_digest(
+        identity, _identity_digest(bundle.name, bundle.version)
+    ):
+        raise IntegrityError("The load signature is for another model or version.")
+    return fast
 
 
 def expect_identity(bundle: Bundle, name: str, version: object) -> None:
