@@ -31,6 +31,12 @@ class Settings:
     max_tokens_limit: int = 4096
     # How long a request may wait for its answer before the client gets 504.
     request_timeout_s: float = 60.0
+    # Requests each model's worker holds at once; the rest wait in the model's fair queue
+    # (weighted fair queuing across tenants), which holds at most `queue_size` requests.
+    model_concurrency: int = 4
+    queue_size: int = 256
+    # How often metered usage (requests, tokens, compute seconds) is written to the database.
+    usage_flush_interval_s: float = 5.0
     # How often the gateway re-reads keys, tenants and models from the database.
     refresh_interval_s: float = 1.0
     heartbeat_interval_s: float = 1.0
@@ -156,6 +162,9 @@ _ENV_FIELDS: dict[str, Any] = {
     "max_choices": int,
     "max_tokens_limit": int,
     "request_timeout_s": float,
+    "model_concurrency": int,
+    "queue_size": int,
+    "usage_flush_interval_s": float,
     "refresh_interval_s": float,
     "heartbeat_interval_s": float,
     "heartbeat_timeout_s": float,

@@ -1,4 +1,5 @@
-"""One access log line and one metrics sample per request, without bodies or raw paths."""
+"""One access log line and one metrics sample per request, without bodies or raw paths;
+and the end of each admitted request's hold on its quotas."""
 
 from __future__ import annotations
 
@@ -36,6 +37,10 @@ class AccessLog:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 started = True
+                ticket = state.get("ticket")
+                if ticket is not None and ticket.headers:
+                    # OpenAI's x-ratelimit-* headers, on every admitted request's answer.
+                    message = {**message, "headers": [*message["headers"], *ticket.headers]}
             await send(message)
 
         self.metrics.in_flight.inc()
@@ -57,6 +62,10 @@ class AccessLog:
                 )
                 await send({"type": "http.response.body", "body": body})
         finally:
+            ticket = state.get("ticket")
+            if ticket is not None:
+                # The answer is sent (or abandoned): settle the quota reservation.
+                ticket.close()
             self.metrics.in_flight.dec()
             elapsed = time.perf_counter() - start
             route = scope.get("route")

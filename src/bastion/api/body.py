@@ -30,6 +30,8 @@ async def read_body(request: Request, limit: int) -> bytes:
         if received > limit:
             raise PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")
         chunks.append(chunk)
+    # The size counts against the caller's quota (max_request_bytes) at admission.
+    request.state.body_bytes = received
     return b"".join(chunks)
 
 

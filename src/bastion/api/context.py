@@ -10,6 +10,7 @@ from starlette.responses import Response
 
 from bastion.gateway.pipeline import Pipeline
 from bastion.identity.principal import Principal
+from bastion.quotas.admission import Ticket
 
 if TYPE_CHECKING:
     # Only for the annotation: the worker imports this module and not the gateway.
@@ -31,6 +32,17 @@ def pipeline_of(request: Request) -> Pipeline:
     """What serves an inference route: the gateway, or a worker opening a sealed request."""
     pipeline: Pipeline = request.app.state.gateway
     return pipeline
+
+
+def admit(request: Request, principal: Principal, model: str, tokens: int = 0) -> Ticket:
+    """Admit the request against the caller's quotas (estimated at `tokens` tokens). The
+    ticket rides on the request: the access middleware adds its `x-ratelimit-*` headers
+    to the response and settles it once the response is sent."""
+    ticket = pipeline_of(request).admit(
+        principal, model, tokens=tokens, request_bytes=getattr(request.state, "body_bytes", 0)
+    )
+    request.state.ticket = ticket
+    return ticket
 
 
 def authenticate(request: Request) -> Principal:

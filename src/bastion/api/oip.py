@@ -12,7 +12,14 @@ from starlette.routing import Route
 import bastion
 from bastion.api import oip_binary
 from bastion.api.body import read_body
-from bastion.api.context import JSON, authenticate, gateway_of, json_response, pipeline_of
+from bastion.api.context import (
+    JSON,
+    admit,
+    authenticate,
+    gateway_of,
+    json_response,
+    pipeline_of,
+)
 from bastion.api.errors import validation_error
 from bastion.api.replies import expect
 from bastion.api.schemas import OipInferRequest
@@ -153,11 +160,12 @@ async def infer(request: Request) -> Response:
     gateway, principal, name = _known_model(request, "infer")
     body, binary_inputs = await _read_infer_request(request, gateway.settings.max_body_bytes)
     metadata = gateway.ready_model(name, "infer")
-    gateway.admit(principal, name)
     tensors = _input_tensors(body, binary_inputs, metadata)
     wanted, binary_outputs = _binary_outputs(body, metadata)
+    # Tensors are not tokens: an inference counts as a request, against request quotas.
+    ticket = admit(request, principal, name)
     result = expect(
-        await gateway.call(name, Infer(id=0, inputs=tensors, outputs=wanted), principal),
+        await gateway.call(name, Infer(id=0, inputs=tensors, outputs=wanted), ticket),
         InferResult,
     )
     answer: dict[str, object] = {

@@ -14,12 +14,20 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from bastion.api.body import decode_json
-from bastion.api.context import JSON, authenticate, gateway_of, json_response, pipeline_of
+from bastion.api.context import (
+    JSON,
+    admit,
+    authenticate,
+    gateway_of,
+    json_response,
+    pipeline_of,
+)
 from bastion.api.replies import expect, raise_for_failure
 from bastion.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from bastion.errors import BastionError, InvalidRequest
 from bastion.gateway.pipeline import Pipeline
 from bastion.identity.principal import Principal
+from bastion.quotas.admission import Ticket, estimate_tokens
 from bastion.workers.protocol import (
     ChatMessage,
     Embed,
@@ -102,7 +110,6 @@ async def _prepare(
     # Labelled only once known to exist: a client-chosen name must not reach logs or metrics.
     request.state.model = body.model
     metadata = gateway.ready_model(body.model, action)
-    gateway.admit(principal, body.model)
     return gateway, principal, body, metadata
 
 
@@ -132,24 +139,26 @@ def _generate(
 async def chat_completions(request: Request) -> Response:
     gateway, principal, body, _ = await _prepare(request, "chat", ChatCompletionRequest)
     max_tokens, n = _limits(gateway, body.max_completion_tokens or body.max_tokens, body.n)
-    message = _generate(
-        body,
-        max_tokens,
-        n,
-        messages=[ChatMessage(role=m.role, content=m.text()) for m in body.messages],
+    messages = [ChatMessage(role=m.role, content=m.text()) for m in body.messages]
+    ticket = admit(
+        request,
+        principal,
+        body.model,
+        estimate_tokens(*(m.content for m in messages)) + max_tokens * n,
     )
+    message = _generate(body, max_tokens, n, messages=messages)
     completion_id = "chatcmpl-" + secrets.token_hex(12)
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await _stream(
             gateway,
-            principal,
+            ticket,
             body.model,
             message,
             _ChatChunks(completion_id, created, body.model, n, include_usage),
         )
-    result = expect(await gateway.call(body.model, message, principal), GenerateResult)
+    result = expect(await gateway.call(body.model, message, ticket), GenerateResult)
     return json_response(
         {
             "id": completion_id,
@@ -176,6 +185,9 @@ async def completions(request: Request) -> Response:
     prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
     if body.stream and len(prompts) > 1:
         raise InvalidRequest("Streaming supports a single prompt.", param="prompt")
+    ticket = admit(
+        request, principal, body.model, estimate_tokens(*prompts) + max_tokens * n * len(prompts)
+    )
 
     def generate(prompt: str) -> Generate:
         return _generate(body, max_tokens, n, prompt=prompt)
@@ -186,7 +198,7 @@ async def completions(request: Request) -> Response:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await _stream(
             gateway,
-            principal,
+            ticket,
             body.model,
             generate(prompts[0]),
             _CompletionChunks(completion_id, created, body.model, n, include_usage),
@@ -194,7 +206,7 @@ async def completions(request: Request) -> Response:
     choices: list[dict[str, Any]] = []
     prompt_tokens = completion_tokens = 0
     for offset, prompt in enumerate(prompts):
-        result = expect(await gateway.call(body.model, generate(prompt), principal), GenerateResult)
+        result = expect(await gateway.call(body.model, generate(prompt), ticket), GenerateResult)
         prompt_tokens += result.prompt_tokens
         completion_tokens += result.completion_tokens
         for c in result.choices:
@@ -304,12 +316,12 @@ def _sse(payload: Any) -> bytes:
 
 async def _stream(
     gateway: Pipeline,
-    principal: Principal,
+    ticket: Ticket,
     model: str,
     message: Generate,
     chunks: _ChatChunks,
 ) -> Response:
-    replies = gateway.stream(model, message, principal)
+    replies = gateway.stream(model, message, ticket)
     # The first reply is awaited before the response starts, so that a model that is not
     # available, or a request the model refuses, still gets its proper HTTP status.
     try:
@@ -362,9 +374,8 @@ async def embeddings(request: Request) -> Response:
         raise InvalidRequest(
             f"This model only produces {metadata.embedding_dim} dimensions.", param="dimensions"
         )
-    result = expect(
-        await gateway.call(body.model, Embed(id=0, texts=texts), principal), EmbedResult
-    )
+    ticket = admit(request, principal, body.model, estimate_tokens(*texts))
+    result = expect(await gateway.call(body.model, Embed(id=0, texts=texts), ticket), EmbedResult)
     vectors = np.frombuffer(result.vectors, dtype="<f4").reshape(result.count, result.dim)
     data = [
         {

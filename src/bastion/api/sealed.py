@@ -19,7 +19,8 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from bastion.api.body import read_body
-from bastion.api.context import authenticate, gateway_of
+from bastion.api.context import admit, authenticate, gateway_of
+from bastion.api.openai import DEFAULT_MAX_TOKENS
 from bastion.audit.events import OHTTP_REFUSED, Event
 from bastion.crypto import ohttp
 from bastion.errors import (
@@ -31,6 +32,7 @@ from bastion.errors import (
 from bastion.gateway.gateway import Gateway
 from bastion.gateway.sealing import OhttpKeyProblem
 from bastion.identity.principal import Principal
+from bastion.quotas.admission import Ticket
 from bastion.workers.protocol import (
     SEALED_FRAMING_ALLOWANCE,
     FromWorker,
@@ -74,8 +76,10 @@ async def sealed_request(request: Request) -> Response:
     # Labelled only once known to exist: a client-chosen name must not reach logs or metrics.
     request.state.model = model
     gateway.ready_model(model, None)
-    gateway.admit(principal, model)
     body = await read_body(request, gateway.settings.max_body_bytes + SEALED_FRAMING_ALLOWANCE)
+    # The gateway cannot read the request: it reserves its size and a default answer length,
+    # and settles with the usage the worker reports beside the sealed answer.
+    ticket = admit(request, principal, model, len(body) // 4 + DEFAULT_MAX_TOKENS)
     try:
         header = gateway.sealing.check_request(body)
     except OhttpKeyProblem as exc:
@@ -86,8 +90,8 @@ async def sealed_request(request: Request) -> Response:
         raise
     message = SealedRequest(id=0, data=body, chunked=chunked, actions=actions)
     if chunked:
-        return await _stream(gateway, principal, model, message, header.enc)
-    reply = await gateway.call(model, message, principal)
+        return await _stream(gateway, ticket, message, header.enc)
+    reply = await gateway.call(model, message, ticket)
     if not isinstance(reply, SealedResponse):
         return _failure(gateway, principal, reply, header.enc)
     # No cache may keep an answer: it is one client's, and may carry a Date correction.
@@ -96,10 +100,9 @@ async def sealed_request(request: Request) -> Response:
     )
 
 
-async def _stream(
-    gateway: Gateway, principal: Principal, model: str, message: SealedRequest, enc: bytes
-) -> Response:
-    replies = gateway.stream(model, message, principal)
+async def _stream(gateway: Gateway, ticket: Ticket, message: SealedRequest, enc: bytes) -> Response:
+    principal = ticket.principal
+    replies = gateway.stream(ticket.model, message, ticket)
     # The first reply is awaited before the response starts, so that a request the worker
     # cannot decrypt still gets its own status.
     try:

@@ -39,6 +39,7 @@ OHTTP_KEY_CREATED = "ohttp_key.created"
 OHTTP_KEY_ROTATED = "ohttp_key.rotated"
 OHTTP_KEY_RETIRED = "ohttp_key.retired"
 OHTTP_REFUSED = "ohttp.refused"
+QUOTA_CHANGED = "quota.changed"
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,9 +46,28 @@ from bastion.models.bundle_store import BUNDLE_OPTION, BundleStore
 from bastion.models.registry import ModelRecord, ModelRegistry
 from bastion.models.status import PublishedStatus, StatusBoard
 from bastion.observability.metrics import Metrics
+from bastion.quotas.admission import Ticket, limit_headers
+from bastion.quotas.fair import FairQueue, QueueFull
+from bastion.quotas.limiter import (
+    InMemoryLimiter,
+    Limiter,
+    QuotaExceeded,
+    QuotaLimits,
+    RequestTooLarge,
+    Subject,
+)
+from bastion.quotas.store import EMPTY_TABLE, KEY, TENANT, QuotaStore, QuotaTable
+from bastion.quotas.usage import UsageMeter
 from bastion.store.db import Database
 from bastion.workers.channel import Reply, Settle, WorkRequest
-from bastion.workers.protocol import FromWorker, ModelMetadata, SealedChunk, TextDelta, usage_of
+from bastion.workers.protocol import (
+    FromWorker,
+    ModelMetadata,
+    SealedChunk,
+    TextDelta,
+    compute_of,
+    usage_of,
+)
 from bastion.workers.supervisor import ModelSpec, ModelStatus, Supervisor
 
 logger = logging.getLogger("bastion.gateway")
@@ -74,6 +93,7 @@ class Gateway:
         metrics: Metrics,
         ohttp_keys: OhttpKeyStore,
         bundles: BundleStore | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -86,6 +106,14 @@ class Gateway:
         self.bundles = bundles
         self.sealing = SealingState(settings)
         self.status_board = StatusBoard(db)
+        # Quotas: the limiter of this process (a shared one can replace it), the stored
+        # limits as of the last refresh, the fair queue of each model, and the meter.
+        self.limiter: Limiter = limiter or InMemoryLimiter()
+        self.quota_store = QuotaStore(db, events)
+        self.quotas: QuotaTable = EMPTY_TABLE
+        self.meter = UsageMeter(db)
+        self._queues: dict[str, FairQueue] = {}
+        self._flushed_at = time.monotonic()
         self._catalog: dict[str, ModelRecord] = {}
         self._revision = -1
         self._refresher: asyncio.Task[None] | None = None
@@ -109,6 +137,7 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
         await self.supervisor.stop(self.settings.drain_timeout_s)
+        await self._flush_usage()
         try:
             await asyncio.to_thread(self.status_board.clear)
         except Exception as exc:
@@ -123,6 +152,7 @@ class Gateway:
         if revision == self._revision:
             return
         await asyncio.to_thread(self.authenticator.refresh)
+        self.quotas = await asyncio.to_thread(self.quota_store.table)
         records = await asyncio.to_thread(self.registry.list)
         self._catalog = {record.name: record for record in records}
         active_keys = await asyncio.to_thread(self.ohttp_keys.active)
@@ -187,8 +217,18 @@ class Gateway:
                     await asyncio.to_thread(self.ohttp_keys.retire_expired, SYSTEM_ACTOR)
                 await self.refresh()
                 await self._publish_statuses()
+                if time.monotonic() - self._flushed_at >= self.settings.usage_flush_interval_s:
+                    await self._flush_usage()
             except Exception as exc:  # keep serving from the cache if the store hiccups
                 logger.warning("refresh failed", extra={"exc_type": type(exc).__name__})
+
+    async def _flush_usage(self) -> None:
+        """Write metered usage to the database (kept in memory if that fails)."""
+        self._flushed_at = time.monotonic()
+        try:
+            await asyncio.to_thread(self.meter.flush)
+        except Exception as exc:
+            logger.warning("writing usage failed", extra={"exc_type": type(exc).__name__})
 
     async def _publish_statuses(self) -> None:
         """Copy the workers' states to the database for `bastion models list`."""
@@ -269,55 +309,145 @@ class Gateway:
             require_capability(name, status.metadata, capability)
         return status.metadata
 
-    def admit(self, principal: Principal, model: str) -> None:
-        """Admission control. Quotas and fair queuing arrive with the governance issue."""
+    def admit(
+        self, principal: Principal, model: str, *, tokens: int = 0, request_bytes: int = 0
+    ) -> Ticket:
+        """Reserve the request's estimated `tokens` (prompt + max_tokens) against the quotas
+        of its tenant and key; 429 (or 413) with the rate-limit headers if they do not
+        allow it. The ticket holds the reservation until the request ends."""
         if self._draining:
             raise ModelUnavailable("The server is shutting down.", retry_after_s=5)
+        subjects = self._quota_subjects(principal)
+        tenant = principal.tenant_name
+        self.meter.record(tenant, model, requests=1)
+        if not subjects:
+            return Ticket(principal, model)
+        try:
+            reservation = self.limiter.reserve(subjects, tokens=tokens, request_bytes=request_bytes)
+        except (QuotaExceeded, RequestTooLarge) as exc:
+            exc.headers.update(
+                (name.decode(), value.decode()) for name, value in self._limit_headers(subjects)
+            )
+            self._refused(tenant, model, exc.code)
+            raise
+        return Ticket(
+            principal,
+            model,
+            limiter=self.limiter,
+            reservation=reservation,
+            headers=self._limit_headers(subjects),
+        )
 
-    async def call(self, model: str, message: WorkRequest, principal: Principal) -> FromWorker:
-        """Send one request and wait for its final answer, within the request deadline."""
+    def _quota_subjects(self, principal: Principal) -> list[tuple[Subject, QuotaLimits]]:
+        subjects = []
+        tenant_limits = self.quotas.tenant_limits(principal.tenant_name)
+        if tenant_limits != _NO_LIMITS:
+            subjects.append((Subject(TENANT, principal.tenant_name), tenant_limits))
+        key_limits = self.quotas.key_limits(principal.key_id)
+        if key_limits is not None and key_limits != _NO_LIMITS:
+            subjects.append((Subject(KEY, principal.key_id), key_limits))
+        return subjects
+
+    def _limit_headers(
+        self, subjects: list[tuple[Subject, QuotaLimits]]
+    ) -> list[tuple[bytes, bytes]]:
+        return limit_headers([self.limiter.state(subject, limits) for subject, limits in subjects])
+
+    def _refused(self, tenant: str, model: str, code: str) -> None:
+        self.metrics.refused.labels(model, tenant, code).inc()
+        self.meter.record(tenant, model, refused=1)
+
+    def _queue(self, model: str) -> FairQueue:
+        queue = self._queues.get(model)
+        if queue is None:
+            queue = self._queues[model] = FairQueue(
+                self.settings.model_concurrency, self.settings.queue_size, self.quotas.weight
+            )
+        return queue
+
+    async def _acquire(self, model: str, tenant: str) -> FairQueue:
+        """Wait for a place at the model's worker, in fair order across tenants (503 if
+        the queue is full); the caller releases it on the returned queue."""
+        queue = self._queue(model)
+        try:
+            await queue.acquire(tenant)
+        except QueueFull as exc:
+            self._refused(tenant, model, exc.code)
+            raise
+        return queue
+
+    async def call(self, model: str, message: WorkRequest, ticket: Ticket) -> FromWorker:
+        """Send one request and wait for its final answer, within the request deadline
+        (which the wait in the model's fair queue counts toward)."""
         try:
             async with asyncio.timeout(self.settings.request_timeout_s):
-                return await self.supervisor.call(model, message, self._settler(model, principal))
+                queue = await self._acquire(model, ticket.principal.tenant_name)
+                try:
+                    return await self.supervisor.call(model, message, self._settler(ticket))
+                finally:
+                    queue.release()
         except TimeoutError:
             raise GatewayTimeout("The model did not answer in time.") from None
 
     async def stream(
-        self, model: str, message: WorkRequest, principal: Principal
+        self, model: str, message: WorkRequest, ticket: Ticket
     ) -> AsyncIterator[FromWorker]:
-        """Stream a request's messages; past the deadline the job is cancelled (504)."""
+        """Stream a request's messages; past the deadline (the wait in the fair queue
+        included) the job is cancelled (504)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.request_timeout_s
-        replies = self.supervisor.stream(model, message, self._settler(model, principal))
         try:
-            while True:
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        reply = await anext(replies)
-                except StopAsyncIteration:
-                    return
-                except TimeoutError:
-                    raise GatewayTimeout("The model did not answer in time.") from None
-                yield reply
-                if not isinstance(reply, TextDelta | SealedChunk):
-                    return
+            async with asyncio.timeout_at(deadline):
+                queue = await self._acquire(model, ticket.principal.tenant_name)
+        except TimeoutError:
+            raise GatewayTimeout("The model did not answer in time.") from None
+        try:
+            replies = self.supervisor.stream(model, message, self._settler(ticket))
+            try:
+                while True:
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            reply = await anext(replies)
+                    except StopAsyncIteration:
+                        return
+                    except TimeoutError:
+                        raise GatewayTimeout("The model did not answer in time.") from None
+                    yield reply
+                    if not isinstance(reply, TextDelta | SealedChunk):
+                        return
+            finally:
+                # Closing the worker stream early tells the worker to cancel the job.
+                await replies.aclose()
         finally:
-            # Closing the worker stream early tells the worker to cancel the job.
-            await replies.aclose()
+            queue.release()
 
-    def _settler(self, model: str, principal: Principal) -> Settle:
+    def _settler(self, ticket: Ticket) -> Settle:
         """Accounts a request's usage from its final reply, as soon as the worker sends it:
         a client that leaves early (or stops reading at `[DONE]`) is still charged."""
-        tenant = principal.tenant_name
+        tenant, model = ticket.principal.tenant_name, ticket.model
 
         def settle(reply: Reply) -> None:
             prompt, completion = usage_of(reply)
+            compute = compute_of(reply)
             if prompt:
                 self.metrics.tokens.labels(model, tenant, "prompt").inc(prompt)
             if completion:
                 self.metrics.tokens.labels(model, tenant, "completion").inc(completion)
+            if compute:
+                self.metrics.compute_seconds.labels(model, tenant).inc(compute)
+            self.meter.record(
+                tenant,
+                model,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                compute_seconds=compute,
+            )
+            ticket.report(prompt + completion)
 
         return settle
+
+
+_NO_LIMITS = QuotaLimits()
 
 
 def _unavailable_message(name: str, status: ModelStatus) -> str:

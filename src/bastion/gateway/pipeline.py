@@ -14,6 +14,7 @@ from typing import Protocol
 from bastion.config import Settings
 from bastion.errors import InvalidRequest
 from bastion.identity.principal import Principal
+from bastion.quotas.admission import Ticket
 from bastion.workers.channel import WorkRequest
 from bastion.workers.protocol import FromWorker, ModelMetadata
 
@@ -34,15 +35,17 @@ class Pipeline(Protocol):
 
     def ready_model(self, name: str, capability: str) -> ModelMetadata: ...
 
-    def admit(self, principal: Principal, model: str) -> None: ...
+    def admit(
+        self, principal: Principal, model: str, *, tokens: int = 0, request_bytes: int = 0
+    ) -> Ticket:
+        """Admit a request estimated at `tokens` tokens (quotas), or raise 429/413."""
+        ...
 
-    async def call(self, model: str, message: WorkRequest, principal: Principal) -> FromWorker:
+    async def call(self, model: str, message: WorkRequest, ticket: Ticket) -> FromWorker:
         """Send `message` and return its final reply; the pipeline accounts its usage."""
         ...
 
-    def stream(
-        self, model: str, message: WorkRequest, principal: Principal
-    ) -> AsyncIterator[FromWorker]:
+    def stream(self, model: str, message: WorkRequest, ticket: Ticket) -> AsyncIterator[FromWorker]:
         """Stream `message`'s replies; the pipeline accounts the usage of the work done,
         even when the caller stops reading before the end."""
         ...

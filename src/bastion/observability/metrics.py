@@ -40,6 +40,20 @@ class Metrics:
             ["model", "tenant", "kind"],
             registry=self.registry,
         )
+        self.compute_seconds = Counter(
+            "bastion_worker_compute_seconds",
+            "Seconds workers spent running model code, by model and tenant.",
+            ["model", "tenant"],
+            registry=self.registry,
+        )
+        self.refused = Counter(
+            "bastion_requests_refused",
+            "Requests turned away by a quota or a full queue, by model, tenant and code "
+            "(rate_limit_exceeded, tokens_limit_exceeded, concurrency_limit_exceeded, "
+            "daily_budget_exceeded, payload_too_large, queue_full).",
+            ["model", "tenant", "code"],
+            registry=self.registry,
+        )
         self.auth_failures = Counter(
             "bastion_auth_failures",
             "Requests refused for missing or invalid credentials.",

@@ -99,6 +99,11 @@ class Limiter(Protocol):
         """The request ended having used `tokens`; frees its concurrent slot. Idempotent."""
         ...
 
+    def charge(self, reservation: Reservation, tokens: int) -> None:
+        """Usage reported after the request was settled (a client that left before the
+        model's last word): `tokens` more are taken from its subjects' buckets."""
+        ...
+
     def state(self, subject: Subject, limits: QuotaLimits) -> LimitState: ...
 
 
@@ -183,6 +188,17 @@ class InMemoryLimiter:
                     # the next ones wait for the refill.
                     usage.tokens.level -= difference
                 usage.day_tokens = max(0, usage.day_tokens + difference)
+
+    def charge(self, reservation: Reservation, tokens: int) -> None:
+        if tokens <= 0:
+            return
+        with self._lock:
+            now = self._clock()
+            for subject, limits in reservation.subjects:
+                usage = self._current(subject, limits, now)
+                if usage.tokens is not None:
+                    usage.tokens.level -= tokens
+                usage.day_tokens += tokens
 
     def state(self, subject: Subject, limits: QuotaLimits) -> LimitState:
         with self._lock:

@@ -155,3 +155,39 @@ ohttp_keys = sa.Table(
     sa.CheckConstraint("state IN ('current', 'previous', 'retired')", name="state_valid"),
     sa.CheckConstraint("key_id >= 0 AND key_id <= 255", name="key_id_range"),
 )
+
+QUOTA_KINDS = ("tenant", "key")
+
+# Limits per tenant or per API key (`subject` is the tenant's name or the key's id; the
+# tenant "*" holds the defaults of tenants without a value of their own). NULL: no limit.
+quotas = sa.Table(
+    "quotas",
+    metadata,
+    sa.Column("kind", sa.String(8), primary_key=True),
+    sa.Column("subject", sa.String(64), primary_key=True),
+    sa.Column("requests_per_minute", sa.BigInteger, nullable=True),
+    sa.Column("tokens_per_minute", sa.BigInteger, nullable=True),
+    sa.Column("concurrent_requests", sa.BigInteger, nullable=True),
+    sa.Column("tokens_per_day", sa.BigInteger, nullable=True),
+    sa.Column("max_request_bytes", sa.BigInteger, nullable=True),
+    # The tenant's share in its models' fair queues (tenants only; NULL: 1).
+    sa.Column("weight", sa.Float, nullable=True),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.CheckConstraint("kind IN ('tenant', 'key')", name="kind_valid"),
+)
+
+# Metered usage per tenant, model and hour (written by gateways without bumping the
+# revision). `refused` counts requests turned away by a quota or a full queue.
+usage = sa.Table(
+    "usage",
+    metadata,
+    sa.Column("tenant", sa.String(64), primary_key=True),
+    sa.Column("model", sa.String(64), primary_key=True),
+    sa.Column("hour", UTCDateTime, primary_key=True),
+    sa.Column("requests", sa.BigInteger, nullable=False),
+    sa.Column("refused", sa.BigInteger, nullable=False),
+    sa.Column("prompt_tokens", sa.BigInteger, nullable=False),
+    sa.Column("completion_tokens", sa.BigInteger, nullable=False),
+    sa.Column("compute_seconds", sa.Float, nullable=False),
+    sa.Index("ix_usage_hour", "hour"),
+)

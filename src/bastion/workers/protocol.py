@@ -16,6 +16,8 @@ EXIT_STUCK = 5
 
 # A token count a worker reports: never negative (the gateway adds it to counters).
 Tokens = Annotated[int, msgspec.Meta(ge=0)]
+# Seconds the worker spent running a request's model code (metered per tenant and model).
+Seconds = Annotated[float, msgspec.Meta(ge=0.0)]
 
 
 class Message(msgspec.Struct, tag=True, frozen=True, kw_only=True):
@@ -224,6 +226,8 @@ class GenerateResult(Message, frozen=True, kw_only=True):
     choices: list[Choice]
     prompt_tokens: Tokens
     completion_tokens: Tokens
+    # Seconds the worker spent on the model's code for this request (set by the worker).
+    compute_s: Seconds = 0.0
 
 
 class EmbedResult(Message, frozen=True, kw_only=True):
@@ -233,11 +237,15 @@ class EmbedResult(Message, frozen=True, kw_only=True):
     count: int
     dim: int
     prompt_tokens: Tokens
+    # Seconds the worker spent on the model's code for this request (set by the worker).
+    compute_s: Seconds = 0.0
 
 
 class InferResult(Message, frozen=True, kw_only=True):
     id: int
     outputs: list[TensorData]
+    # Seconds the worker spent on the model's code for this request (set by the worker).
+    compute_s: Seconds = 0.0
 
 
 class SealedChunk(Message, frozen=True, kw_only=True):
@@ -254,6 +262,8 @@ class SealedResponse(Message, frozen=True, kw_only=True):
     data: bytes
     prompt_tokens: Tokens = 0
     completion_tokens: Tokens = 0
+    # Seconds the worker spent on the model's code for this request (set by the worker).
+    compute_s: Seconds = 0.0
 
 
 class RequestFailed(Message, frozen=True, kw_only=True):
@@ -270,11 +280,15 @@ class RequestFailed(Message, frozen=True, kw_only=True):
     # The work done before it failed or was cancelled, which is charged all the same.
     prompt_tokens: Tokens = 0
     completion_tokens: Tokens = 0
+    # Seconds the worker spent on the model's code for this request (set by the worker).
+    compute_s: Seconds = 0.0
 
 
-def cancelled(request_id: int, prompt_tokens: int = 0, completion_tokens: int = 0) -> RequestFailed:
+def cancelled(
+    request_id: int, prompt_tokens: int = 0, completion_tokens: int = 0, compute_s: float = 0.0
+) -> RequestFailed:
     """The worker's last word on a request the gateway cancelled before it ran to the end,
-    with the tokens of the work done until then."""
+    with the tokens and compute time of the work done until then."""
     return RequestFailed(
         id=request_id,
         status=499,
@@ -282,6 +296,7 @@ def cancelled(request_id: int, prompt_tokens: int = 0, completion_tokens: int = 
         message="The request was cancelled.",
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
+        compute_s=compute_s,
     )
 
 
@@ -292,6 +307,14 @@ def usage_of(reply: Message) -> tuple[int, int]:
     if isinstance(reply, EmbedResult):
         return reply.prompt_tokens, 0
     return 0, 0
+
+
+_METERED = (GenerateResult, EmbedResult, InferResult, SealedResponse, RequestFailed)
+
+
+def compute_of(reply: Message) -> float:
+    """Seconds of model compute a final reply reports; 0 for the others."""
+    return reply.compute_s if isinstance(reply, _METERED) else 0.0
 
 
 ToWorker = LoadModel | Generate | Embed | Infer | SealingKeys | SealedRequest | Cancel | Shutdown

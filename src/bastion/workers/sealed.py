@@ -32,6 +32,7 @@ from bastion.crypto import bhttp, hpke, ohttp
 from bastion.errors import InvalidRequest, ModelNotFound
 from bastion.gateway.pipeline import require_capability
 from bastion.identity.principal import ROLE_CONSUMER, Principal
+from bastion.quotas.admission import Ticket
 from bastion.workers.framing import MAX_MESSAGE_BYTES
 from bastion.workers.protocol import (
     SEALED_FRAMING_ALLOWANCE,
@@ -45,6 +46,7 @@ from bastion.workers.protocol import (
     SealingKeys,
     TextDelta,
     cancelled,
+    compute_of,
     usage_of,
 )
 
@@ -76,6 +78,7 @@ class JobHandle:
 class _Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    compute_s: float = 0.0
     # Resolved when an inner job given up on (the sealed request was cancelled) has
     # reported what it did, so that the cancellation can carry its usage.
     outstanding: asyncio.Future[None] | None = None
@@ -84,6 +87,7 @@ class _Usage:
         prompt, completion = usage_of(reply)
         self.prompt_tokens += prompt
         self.completion_tokens += completion
+        self.compute_s += compute_of(reply)
 
 
 _PRINCIPAL: contextvars.ContextVar[Principal] = contextvars.ContextVar("bastion_sealed_principal")
@@ -142,19 +146,21 @@ class SealedPipeline:
         require_capability(name, self.metadata, capability)
         return self.metadata
 
-    def admit(self, principal: Principal, model: str) -> None:
-        """Admission happened at the gateway, on the outer request."""
+    def admit(
+        self, principal: Principal, model: str, *, tokens: int = 0, request_bytes: int = 0
+    ) -> Ticket:
+        """Admission (quotas, the fair queue) happened at the gateway, on the outer request;
+        the usage of the inner one travels back beside the sealed answer."""
+        return Ticket(principal, model)
 
-    async def call(self, model: str, message: Any, principal: Principal) -> FromWorker:
+    async def call(self, model: str, message: Any, ticket: Ticket) -> FromWorker:
         final: FromWorker | None = None
-        async for reply in self.stream(model, message, principal):
+        async for reply in self.stream(model, message, ticket):
             final = reply
         assert final is not None
         return final
 
-    async def stream(
-        self, model: str, message: Any, principal: Principal
-    ) -> AsyncIterator[FromWorker]:
+    async def stream(self, model: str, message: Any, ticket: Ticket) -> AsyncIterator[FromWorker]:
         # The usage goes back to the gateway beside the sealed answer, which accounts it.
         usage = _USAGE.get()
         run_inline = _INLINE.get()
@@ -379,7 +385,9 @@ class SealedServer:
                 # Its inner job stops at its next check (or the worker exits, past a grace
                 # period): wait for its report, so the cancellation carries the usage.
                 await asyncio.wait({usage.outstanding}, timeout=_ABANDONED_REPORT_WAIT_S)
-            send(cancelled(request.id, usage.prompt_tokens, usage.completion_tokens))
+            send(
+                cancelled(request.id, usage.prompt_tokens, usage.completion_tokens, usage.compute_s)
+            )
             return
         except Exception as exc:
             # The type only: a message could quote the request.
@@ -523,6 +531,7 @@ class _Exchange:
                 data=data,
                 prompt_tokens=usage.prompt_tokens,
                 completion_tokens=usage.completion_tokens,
+                compute_s=usage.compute_s,
             )
         )
 

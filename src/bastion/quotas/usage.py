@@ -1,0 +1,185 @@
+"""Metering: requests, tokens and worker compute seconds per tenant, model and hour.
+
+The gateway adds to an in-memory :class:`UsageMeter` on the hot path (a dict update under
+a lock) and flushes it to the ``usage`` table every few seconds and when it stops; rows of
+the same tenant, model and hour add up, so several gateways can share one database.
+:func:`usage_report` reads it back for ``bastion usage`` and ``/admin/v1/usage``. Nothing
+here ever holds a key or a payload: tenants and model names only.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from bastion.errors import InvalidRequest
+from bastion.store.db import Database
+from bastion.store.tables import usage
+
+_HOUR_S = 3600
+GROUPS = ("hour", "day", "total")
+
+
+@dataclass(slots=True)
+class Counts:
+    requests: int = 0
+    refused: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    compute_seconds: float = 0.0
+
+    def add(self, other: Counts) -> None:
+        self.requests += other.requests
+        self.refused += other.refused
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.compute_seconds += other.compute_seconds
+
+
+class UsageMeter:
+    """Usage not yet written, per (tenant, model, hour); thread-safe."""
+
+    def __init__(self, db: Database, clock: Callable[[], float] = time.time) -> None:
+        self._db = db
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._pending: dict[tuple[str, str, int], Counts] = {}
+
+    def record(
+        self,
+        tenant: str,
+        model: str,
+        *,
+        requests: int = 0,
+        refused: int = 0,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        compute_seconds: float = 0.0,
+    ) -> None:
+        hour = int(self._clock() // _HOUR_S) * _HOUR_S
+        with self._lock:
+            counts = self._pending.get((tenant, model, hour))
+            if counts is None:
+                counts = self._pending[(tenant, model, hour)] = Counts()
+            counts.requests += requests
+            counts.refused += refused
+            counts.prompt_tokens += prompt_tokens
+            counts.completion_tokens += completion_tokens
+            counts.compute_seconds += compute_seconds
+
+    def flush(self) -> None:
+        """Add what was recorded to the database. On failure it is kept for the next try."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        if not pending:
+            return
+        try:
+            with self._db.write(bump_revision=False) as conn:
+                for (tenant, model, hour), counts in pending.items():
+                    _add_row(conn, tenant, model, datetime.fromtimestamp(hour, UTC), counts)
+        except Exception:
+            with self._lock:
+                for key, counts in pending.items():
+                    self._pending.setdefault(key, Counts()).add(counts)
+            raise
+
+
+def _add_row(conn: Connection, tenant: str, model: str, hour: datetime, counts: Counts) -> None:
+    where = (usage.c.tenant == tenant, usage.c.model == model, usage.c.hour == hour)
+    values = asdict(counts)
+    updated = conn.execute(
+        sa.update(usage)
+        .where(*where)
+        .values({name: getattr(usage.c, name) + value for name, value in values.items()})
+    ).rowcount
+    if not updated:
+        conn.execute(sa.insert(usage).values(tenant=tenant, model=model, hour=hour, **values))
+
+
+def usage_report(
+    db: Database,
+    *,
+    since: datetime,
+    until: datetime | None = None,
+    tenant: str | None = None,
+    model: str | None = None,
+    group: str = "total",
+) -> list[dict[str, Any]]:
+    """Usage rows per tenant and model, summed per hour, per day (UTC) or over the whole
+    period. Hours are whole: `since` counts from the start of its hour."""
+    if group not in GROUPS:
+        raise InvalidRequest(f"group must be one of {', '.join(GROUPS)}.", param="group")
+    start = since.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    query = sa.select(usage).where(usage.c.hour >= start)
+    if until is not None:
+        query = query.where(usage.c.hour < until)
+    if tenant is not None:
+        query = query.where(usage.c.tenant == tenant)
+    if model is not None:
+        query = query.where(usage.c.model == model)
+    totals: dict[tuple[str, str, str | None], Counts] = {}
+    with db.read() as conn:
+        for row in conn.execute(query.order_by(usage.c.hour)).mappings():
+            period = _period(row["hour"], group)
+            counts = totals.setdefault((row["tenant"], row["model"], period), Counts())
+            counts.add(
+                Counts(
+                    requests=row["requests"],
+                    refused=row["refused"],
+                    prompt_tokens=row["prompt_tokens"],
+                    completion_tokens=row["completion_tokens"],
+                    compute_seconds=row["compute_seconds"],
+                )
+            )
+    rows = []
+    for (row_tenant, row_model, period), counts in sorted(
+        totals.items(), key=lambda item: (item[0][2] or "", item[0][0], item[0][1])
+    ):
+        rows.append(
+            {
+                **({"period": period} if group != "total" else {}),
+                "tenant": row_tenant,
+                "model": row_model,
+                **asdict(counts),
+                "total_tokens": counts.prompt_tokens + counts.completion_tokens,
+                "compute_seconds": round(counts.compute_seconds, 6),
+            }
+        )
+    return rows
+
+
+def _period(hour: datetime, group: str) -> str | None:
+    if group == "hour":
+        return hour.isoformat()
+    if group == "day":
+        return hour.date().isoformat()
+    return None
+
+
+def parse_since(value: str, now: datetime) -> datetime:
+    """`24h`, `7d`, `90m`, `30s` before `now`, or an ISO 8601 date or timestamp (UTC if no
+    zone is given)."""
+    text = value.strip()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[-1:].lower() in units:
+        try:
+            amount = float(text[:-1])
+        except ValueError:
+            amount = -1.0
+        if amount >= 0:
+            return now - timedelta(seconds=amount * units[text[-1].lower()])
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidRequest(
+            "since must be a duration (30m, 24h, 7d) or an ISO 8601 date or timestamp.",
+            param="since",
+        ) from None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
