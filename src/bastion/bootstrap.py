@@ -22,6 +22,7 @@ from bastion.identity.keys import KeyHasher
 from bastion.identity.principal import OPERATOR
 from bastion.identity.service import IdentityService
 from bastion.models.registry import ModelRegistry
+from bastion.quotas.store import QuotaStore
 from bastion.store.db import Database
 
 logger = logging.getLogger("bastion.bootstrap")
@@ -39,6 +40,7 @@ class Home:
     registry: ModelRegistry
     keyring: KeyRing
     ohttp_keys: OhttpKeyStore
+    quotas: QuotaStore
 
 
 @dataclass
@@ -77,6 +79,7 @@ def open_home(settings: Settings, events: EventSink | None = None) -> Home:
         registry=ModelRegistry(db, sink),
         keyring=keyring,
         ohttp_keys=OhttpKeyStore(db, keyring, sink),
+        quotas=QuotaStore(db, sink),
     )
 
 

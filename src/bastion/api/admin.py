@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from starlette.requests import Request
@@ -12,12 +12,15 @@ from starlette.routing import Route
 
 from bastion.api.body import decode_json
 from bastion.api.context import authenticate, gateway_of, json_response
-from bastion.api.schemas import KeyCreate, TenantCreate
-from bastion.errors import InvalidRequest
+from bastion.api.schemas import KeyCreate, QuotaUpdate, TenantCreate
+from bastion.errors import InvalidRequest, NotFound, PermissionDenied
 from bastion.gateway.gateway import Gateway
+from bastion.identity.grants import is_global_admin
 from bastion.identity.principal import Principal
 from bastion.identity.service import IdentityService
 from bastion.models.registry import ModelRecord
+from bastion.quotas.store import KEY, TENANT
+from bastion.quotas.usage import parse_since, usage_report
 
 
 def _identity(request: Request) -> IdentityService:
@@ -162,6 +165,78 @@ async def unload_model(request: Request) -> Response:
     return await _set_state(request, "unloaded")
 
 
+# ---------------------------------------------------------------- quotas and usage
+
+_QUOTA_KINDS = {"tenants": TENANT, "keys": KEY}
+
+
+def _quota_subject(request: Request) -> tuple[str, str]:
+    kind = _QUOTA_KINDS.get(request.path_params["kind"])
+    if kind is None:
+        raise NotFound("Quotas are set on /admin/v1/quotas/tenants/… or /admin/v1/quotas/keys/….")
+    return kind, request.path_params["subject"]
+
+
+async def list_quotas(request: Request) -> Response:
+    gateway, principal = _admin(request)
+    tenant = request.query_params.get("tenant")
+    rows = await asyncio.to_thread(gateway.quota_store.list, principal, tenant)
+    return json_response({"data": [q.to_dict() for q in rows]})
+
+
+async def get_quota(request: Request) -> Response:
+    gateway, principal = _admin(request)
+    kind, subject = _quota_subject(request)
+    quota = await asyncio.to_thread(gateway.quota_store.get, principal, kind, subject)
+    return json_response(quota.to_dict())
+
+
+async def update_quota(request: Request) -> Response:
+    gateway, principal = _admin(request)
+    kind, subject = _quota_subject(request)
+    body = await decode_json(request, QuotaUpdate, gateway.settings.max_body_bytes)
+    quota = await asyncio.to_thread(
+        gateway.quota_store.set, principal, kind, subject, body.changes()
+    )
+    await gateway.refresh()
+    return json_response(quota.to_dict())
+
+
+async def remove_quota(request: Request) -> Response:
+    gateway, principal = _admin(request)
+    kind, subject = _quota_subject(request)
+    await asyncio.to_thread(gateway.quota_store.remove, principal, kind, subject)
+    await gateway.refresh()
+    return Response(status_code=204)
+
+
+async def get_usage(request: Request) -> Response:
+    """Metered usage; admins see every tenant, a tenant's admins their own."""
+    gateway, principal = _admin(request)
+    query = request.query_params
+    tenant = query.get("tenant")
+    if not is_global_admin(principal):
+        if tenant not in (None, principal.tenant_name):
+            raise PermissionDenied("This API key may not read this tenant's usage.")
+        tenant = principal.tenant_name
+    now = datetime.now(UTC)
+    since = parse_since(query.get("since", "24h"), now)
+    until = parse_since(query["until"], now) if "until" in query else None
+    # What this gateway metered in the last seconds is written first.
+    await asyncio.to_thread(gateway.meter.flush)
+    rows = await asyncio.to_thread(
+        lambda: usage_report(
+            gateway.db,
+            since=since,
+            until=until,
+            tenant=tenant,
+            model=query.get("model"),
+            group=query.get("group", "total"),
+        )
+    )
+    return json_response({"since": since.isoformat(), "data": rows})
+
+
 routes = [
     Route("/admin/v1/tenants", list_tenants, methods=["GET"]),
     Route("/admin/v1/tenants", create_tenant, methods=["POST"]),
@@ -175,4 +250,9 @@ routes = [
     Route("/admin/v1/models/{name}", get_model, methods=["GET"]),
     Route("/admin/v1/models/{name}/load", load_model, methods=["POST"]),
     Route("/admin/v1/models/{name}/unload", unload_model, methods=["POST"]),
+    Route("/admin/v1/quotas", list_quotas, methods=["GET"]),
+    Route("/admin/v1/quotas/{kind}/{subject}", get_quota, methods=["GET"]),
+    Route("/admin/v1/quotas/{kind}/{subject}", update_quota, methods=["PATCH", "PUT"]),
+    Route("/admin/v1/quotas/{kind}/{subject}", remove_quota, methods=["DELETE"]),
+    Route("/admin/v1/usage", get_usage, methods=["GET"]),
 ]

@@ -17,6 +17,7 @@ _BODIES: dict[tuple[str, str], type[Any]] = {
     ("/v2/models/{name}/infer", "post"): schemas.OipInferRequest,
     ("/admin/v1/tenants", "post"): schemas.TenantCreate,
     ("/admin/v1/keys", "post"): schemas.KeyCreate,
+    ("/admin/v1/quotas/{kind}/{subject}", "patch"): schemas.QuotaUpdate,
 }
 
 _OPERATIONS: list[tuple[str, str, str, bool]] = [
@@ -59,6 +60,21 @@ _OPERATIONS: list[tuple[str, str, str, bool]] = [
     ("/admin/v1/models/{name}", "get", "One model's live state", True),
     ("/admin/v1/models/{name}/load", "post", "Load a model", True),
     ("/admin/v1/models/{name}/unload", "post", "Unload a model", True),
+    ("/admin/v1/quotas", "get", "List quotas (?tenant= for one tenant and its keys)", True),
+    ("/admin/v1/quotas/{kind}/{subject}", "get", "One tenant's or key's quota", True),
+    (
+        "/admin/v1/quotas/{kind}/{subject}",
+        "patch",
+        "Set or clear limits of a tenant (kind: tenants; * for defaults) or key (kind: keys)",
+        True,
+    ),
+    ("/admin/v1/quotas/{kind}/{subject}", "delete", "Remove a quota", True),
+    (
+        "/admin/v1/usage",
+        "get",
+        "Metered usage (?tenant=&model=&since=24h&until=&group=total|day|hour)",
+        True,
+    ),
 ]
 
 

@@ -138,3 +138,25 @@ class KeyCreate(msgspec.Struct, frozen=True):
     actions: list[NonEmptyStr] | None = None
     expires_at: str | None = None
     name: Annotated[str, msgspec.Meta(max_length=128)] | None = None
+
+
+Limit = Annotated[int, msgspec.Meta(ge=0, le=2**62)] | None
+
+
+class QuotaUpdate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The limits to change (a value sets, null clears); fields left out are kept."""
+
+    requests_per_minute: Limit | msgspec.UnsetType = msgspec.UNSET
+    tokens_per_minute: Limit | msgspec.UnsetType = msgspec.UNSET
+    concurrent_requests: Limit | msgspec.UnsetType = msgspec.UNSET
+    tokens_per_day: Limit | msgspec.UnsetType = msgspec.UNSET
+    max_request_bytes: Limit | msgspec.UnsetType = msgspec.UNSET
+    # Share in the fair queues (tenants only).
+    weight: Annotated[float, msgspec.Meta(gt=0, le=1000)] | msgspec.UnsetType | None = msgspec.UNSET
+
+    def changes(self) -> dict[str, int | float | None]:
+        return {
+            name: value
+            for name in self.__struct_fields__
+            if (value := getattr(self, name)) is not msgspec.UNSET
+        }

@@ -1,4 +1,4 @@
-"""The `bastion` command: serve, init, tenants, keys, models, ohttp, chat.
+"""The `bastion` command: serve, init, tenants, keys, models, quotas, usage, ohttp, chat.
 
 Every command takes --home and --json. Management commands work on the home directory
 directly, through the same service layer as the admin API; a running server picks the
@@ -519,6 +519,15 @@ def _register_bundle_commands() -> None:
 
 
 _register_bundle_commands()
+
+
+def _register_quota_commands() -> None:
+    from bastion.cli.quotas import register
+
+    register(app, _open, _run, _print_json, _table, out, err)
+
+
+_register_quota_commands()
 
 
 def main() -> None:
