@@ -1,0 +1,95 @@
+"""Metering: usage adds up per tenant, model and hour, and reads back by period."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from bastion.errors import InvalidRequest
+from bastion.quotas.usage import UsageMeter, parse_since, usage_report
+from bastion.store.db import Database
+
+# 2026-11-27 12:00:00 UTC
+NOON = 1_795_780_800.0
+T0 = datetime.fromtimestamp(NOON, UTC)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = NOON
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_usage_adds_up_across_flushes_and_meters(db: Database) -> None:
+    clock = Clock()
+    meter = UsageMeter(db, clock)
+    meter.record("acme", "echo", requests=1)
+    meter.record("acme", "echo", prompt_tokens=5, completion_tokens=7, compute_seconds=0.25)
+    meter.flush()
+    # A second gateway on the same database adds to the same row.
+    other = UsageMeter(db, clock)
+    other.record("acme", "echo", requests=1, refused=1, compute_seconds=0.5)
+    other.flush()
+    meter.flush()  # nothing pending: no change
+    clock.now += 3600
+    meter.record("acme", "echo", requests=2, prompt_tokens=1)
+    meter.record("globex", "echo", requests=1)
+    meter.flush()
+    total = usage_report(db, since=T0, tenant="acme")
+    assert total == [
+        {
+            "tenant": "acme",
+            "model": "echo",
+            "requests": 4,
+            "refused": 1,
+            "prompt_tokens": 6,
+            "completion_tokens": 7,
+            "total_tokens": 13,
+            "compute_seconds": 0.75,
+        }
+    ]
+    hourly = usage_report(db, since=T0, tenant="acme", group="hour")
+    assert [(r["period"], r["requests"]) for r in hourly] == [
+        (T0.isoformat(), 2),
+        ((T0 + timedelta(hours=1)).isoformat(), 2),
+    ]
+    # `since` counts from the start of its hour; `until` ends before its hour.
+    later = usage_report(db, since=T0 + timedelta(minutes=90))
+    assert {(r["tenant"], r["requests"]) for r in later} == {("acme", 2), ("globex", 1)}
+    assert (
+        usage_report(db, since=T0, until=T0 + timedelta(hours=1), tenant="acme")[0]["requests"] == 2
+    )
+    daily = usage_report(db, since=T0, group="day", model="echo")
+    assert {r["period"] for r in daily} == {"2026-11-27"}
+    with pytest.raises(InvalidRequest):
+        usage_report(db, since=T0, group="week")
+
+
+def test_a_failed_flush_keeps_the_usage_for_the_next(db: Database) -> None:
+    meter = UsageMeter(db, Clock())
+    meter.record("acme", "echo", requests=3)
+    with db.write(bump_revision=False) as conn:
+        conn.execute(sa.text("ALTER TABLE usage RENAME TO usage_away"))
+    with pytest.raises(sa.exc.OperationalError):
+        meter.flush()
+    with db.write(bump_revision=False) as conn:
+        conn.execute(sa.text("ALTER TABLE usage_away RENAME TO usage"))
+    meter.record("acme", "echo", requests=1)
+    meter.flush()
+    assert usage_report(db, since=T0)[0]["requests"] == 4
+
+
+def test_parse_since() -> None:
+    now = T0
+    assert parse_since("24h", now) == now - timedelta(hours=24)
+    assert parse_since("90m", now) == now - timedelta(minutes=90)
+    assert parse_since("7d", now) == now - timedelta(days=7)
+    assert parse_since("2026-11-01", now) == datetime(2026, 11, 1, tzinfo=UTC)
+    assert parse_since("2026-11-01T10:00:00+01:00", now).astimezone(UTC).hour == 9
+    for bad in ("yesterday", "-5h", "h", ""):
+        with pytest.raises(InvalidRequest):
+            parse_since(bad, now)
