@@ -282,3 +282,36 @@ def test_unsafe_mode_needs_its_flag_and_says_so(tmp_path: Path) -> None:
     finally:
         unsafe.stop()
     assert "UNSAFE" in unsafe.logs()
+
+
+def test_docker_asked_for_without_an_engine_is_a_clear_error(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    run_cli(home, "init", "--no-demo-models")
+    refused = run_cli(home, "models", "add", "odd", "--runtime", "echo", "--path", str(home),
+                      "--option", "sandbox=podman", check=False)  # fmt: skip
+    assert refused.returncode != 0 and "sandbox option must be one of" in refused.stderr
+    run_cli(home, "models", "add", "boxed", "--runtime", "echo", "--path", str(home),
+            "--option", "sandbox=docker")  # fmt: skip
+    add_echo_model(home, "plain")
+    no_engine = {"DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock"}
+    # Globally: the server refuses to start, and says why.
+    server = BastionServer(home, env={**no_engine, "BASTION_SANDBOX": "docker"})
+    try:
+        assert server.proc.wait(60) != 0
+    finally:
+        server.stop()
+    assert "needs a running Docker engine" in server.logs()
+    assert "Traceback" not in server.logs()
+    # For one model: that model fails to load with the reason; the others serve.
+    server = BastionServer(home, env=no_engine)
+    try:
+        server.wait_ready(["plain"], timeout=60)
+        with server.client() as client:
+            deadline = time.monotonic() + 30
+            while (view := client.get("/admin/v1/models/boxed").json())["state"] != "failed":
+                assert time.monotonic() < deadline, view
+                time.sleep(0.2)
+        assert "needs a running Docker engine" in view["detail"]
+    finally:
+        server.stop()
+    assert "Traceback" not in server.logs()
