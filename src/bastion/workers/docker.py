@@ -25,6 +25,7 @@ removed when a new one starts.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import errno
 import hashlib
 import io
@@ -33,16 +34,18 @@ import logging
 import os
 import signal
 import tarfile
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from bastion.errors import ConfigurationError
 from bastion.workers.bwrap import DENIED_SYSCALLS, SANDBOX_ID, runtime_paths
 from bastion.workers.sandbox import OUTPUT_LOGGER, WorkerLaunch, forward_output, worker_environment
 
 logger = logging.getLogger("bastion.workers.docker")
+T = TypeVar("T")
 
 LABEL = "bastion.worker"
 GATEWAY_LABEL = "bastion.gateway"
@@ -289,7 +292,14 @@ class DockerWorker:
         self.exit_note: str | None = None
         reader = asyncio.StreamReader(limit=_OUTPUT_CHUNK * 4)
         loop = asyncio.get_running_loop()
-        self._pump = loop.run_in_executor(None, _pump, stream, reader, loop)
+        # Its own thread, as for the wait below: these calls last as long as the worker,
+        # and would hold the event loop's shared thread pool that much.
+        threading.Thread(
+            target=_pump,
+            args=(stream, reader, loop),
+            name=f"docker-output-{worker_id}",
+            daemon=True,
+        ).start()
         logger_ = logging.getLogger(OUTPUT_LOGGER)
         self._output = asyncio.create_task(forward_output(reader, logger_, worker_id))
 
@@ -312,7 +322,7 @@ class DockerWorker:
             return self._returncode
         container = self._container
         try:
-            result = await asyncio.to_thread(container.wait)
+            result = await _in_own_thread(container.wait)
             code = int(result.get("StatusCode", -1))
             await asyncio.to_thread(container.reload)
             if container.attrs["State"].get("OOMKilled"):
@@ -403,6 +413,22 @@ def _hand_over(ipc_dir: Path, uid: int, gid: int) -> None:
 def _refused(exc: Exception) -> ConfigurationError:
     reason = str(exc).split("\n")[0][:200]
     return ConfigurationError(f"the Docker engine could not start the worker ({reason})")
+
+
+async def _in_own_thread(call: Callable[[], T]) -> T:
+    """Run a call that may block for long in a thread of its own, not the shared pool."""
+    future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(call())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="docker-wait", daemon=True).start()
+    return await asyncio.wrap_future(future)
 
 
 def _pump(stream: Any, reader: asyncio.StreamReader, loop: asyncio.AbstractEventLoop) -> None:
