@@ -40,7 +40,9 @@ from bastion.workers.supervisor import ModelSpec, ModelState, Supervisor
 
 SETTINGS = Settings(heartbeat_interval_s=1.0, load_timeout_s=60.0)
 # The echo model reads nothing, but a sandbox binds its directory: an empty one.
+# World-readable: a root gateway's Docker workers run as uid 65534.
 MODEL_DIR = Path(tempfile.mkdtemp(prefix="bastion-bench-echo-"))
+MODEL_DIR.chmod(0o755)
 
 
 def sandbox(name: str) -> Sandbox:

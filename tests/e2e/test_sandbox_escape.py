@@ -46,15 +46,21 @@ def sandboxed(
     backend: str = request.param
     home = tmp_path_factory.mktemp(f"escape-{backend}") / "home"
     run_cli(home, "init", "--no-demo-models")
+    # World-readable and empty (the runtimes read nothing): a root gateway's Docker
+    # workers run as uid 65534 and are refused a model directory they cannot read.
     probe = home.parent / "probe-model"
-    probe.mkdir()
+    probe.mkdir(mode=0o755)
     run_cli(home, "models", "add", "hostile", "--runtime", "escape-test", "--path", str(probe))
-    add_echo_model(home, "victim")
+    run_cli(home, "models", "add", "victim", "--runtime", "echo", "--path", str(probe),
+            "--option", "test_hooks=true")  # fmt: skip
     models = ["hostile", "victim"]
     if backend == "bwrap":
         run_cli(home, "models", "add", "contained", "--runtime", "escape-test",
                 "--path", str(probe), "--option", "sandbox=docker")  # fmt: skip
         models.append("contained")
+    else:
+        # The home is owner-only: refused to uid 65534, with the reason.
+        add_echo_model(home, "private")
     srv = BastionServer(home, env={**ENV, "BASTION_SANDBOX": backend})
     srv.backend = backend  # type: ignore[attr-defined]
     try:
@@ -116,6 +122,12 @@ def test_the_worker_runs_as_nobody_in_its_own_namespaces(sandboxed: BastionServe
     else:
         assert ready["sandboxes"] == ["docker"]
         assert len(_containers_of(sandboxed)) == 2
+        with sandboxed.client() as client:
+            deadline = time.monotonic() + 30
+            while (view := client.get("/admin/v1/models/private").json())["state"] != "failed":
+                assert time.monotonic() < deadline, view
+                time.sleep(0.2)
+        assert "not readable by uid 65534" in view["detail"]
 
 
 def _containers_of(server: BastionServer) -> list[dict[str, Any]]:

@@ -186,6 +186,8 @@ class DockerSandbox:
         if self._image is None:
             await asyncio.to_thread(self._ensure_image)
         if self._uid != os.getuid():
+            if launch.model_dir != Path("/"):
+                check_readable(launch.model_dir, self._uid, self._gid)
             _hand_over(launch.ipc_dir, self._uid, self._gid)
         spec = self.container_spec(launch, parent)
         try:
@@ -397,6 +399,27 @@ def _system_paths() -> list[Path]:
             paths.append(path)
     paths += [p for p in (Path("/etc/ld.so.cache"), Path("/etc/localtime")) if p.exists()]
     return paths
+
+
+def check_readable(path: Path, uid: int, gid: int) -> None:
+    """ConfigurationError unless `uid`/`gid` may list and enter `path` (the model's directory).
+
+    A root gateway's workers run as another user, who may not read an owner-only model
+    directory (a bundle's, for one); say so, rather than let the worker fail on it.
+    """
+    info = path.stat()
+    if info.st_uid == uid:
+        bits = (info.st_mode >> 6) & 0o7
+    elif info.st_gid == gid:
+        bits = (info.st_mode >> 3) & 0o7
+    else:
+        bits = info.st_mode & 0o7
+    if bits & 0o5 != 0o5:
+        raise ConfigurationError(
+            f"the model's directory is not readable by uid {uid}, the user of Docker workers "
+            "when the gateway runs as root; serve it with bwrap, run the gateway as another "
+            "user, or let that uid read it"
+        )
 
 
 def _hand_over(ipc_dir: Path, uid: int, gid: int) -> None:

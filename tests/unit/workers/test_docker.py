@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 from io import BytesIO
 from pathlib import Path
@@ -14,7 +15,13 @@ from bastion.config import Settings
 from bastion.errors import ConfigurationError
 from bastion.workers import docker as docker_backend
 from bastion.workers.bwrap import DENIED_SYSCALLS
-from bastion.workers.docker import ContainerLimits, DockerSandbox, container_user, image_context
+from bastion.workers.docker import (
+    ContainerLimits,
+    DockerSandbox,
+    check_readable,
+    container_user,
+    image_context,
+)
 from bastion.workers.sandbox import Sandboxes, SubprocessSandbox, WorkerLaunch, make_sandbox
 
 MiB = 1024 * 1024
@@ -129,6 +136,17 @@ def test_the_image_is_mount_points_only_and_its_tag_is_stable() -> None:
 def test_a_root_gateway_runs_workers_as_nobody_and_others_as_themselves() -> None:
     assert container_user(0, 0) == (65534, 65534)
     assert container_user(1000, 1000) == (1000, 1000)
+
+
+def test_an_owner_only_model_directory_is_refused_for_another_user(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir(mode=0o700)
+    me, group = os.getuid(), os.getgid()
+    check_readable(model, me, group)
+    with pytest.raises(ConfigurationError, match="not readable by uid 65534"):
+        check_readable(model, 65534, 65534)
+    model.chmod(0o755)
+    check_readable(model, 65534, 65534)
 
 
 def test_docker_without_an_engine_is_a_clear_configuration_error(
