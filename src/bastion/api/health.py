@@ -25,7 +25,7 @@ async def readyz(request: Request) -> Response:
         "models_ready": states.count("ready"),
         "models_total": len(states),
         "sandbox": gateway.supervisor.sandbox.name,
-        # Every backend in use: the server's, and those models asked for by option.
+        # Every backend set up: the server's, and those models asked for by option.
         "sandboxes": gateway.supervisor.sandboxes.names(),
     }
     if gateway.supervisor.sandbox.name == "none":

@@ -280,7 +280,8 @@ def check_sandbox_option(options: Mapping[str, object]) -> None:
     chosen = options.get(SANDBOX_OPTION)
     if chosen is not None and chosen not in MODEL_BACKENDS:
         raise ConfigurationError(
-            f"The sandbox option must be one of {', '.join(MODEL_BACKENDS)}; got {chosen!r}."
+            f"The sandbox option must be one of {', '.join(MODEL_BACKENDS)}; "
+            f"got {str(chosen)[:40]!r}."
         )
 
 
