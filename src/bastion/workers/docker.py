@@ -50,8 +50,8 @@ T = TypeVar("T")
 LABEL = "bastion.worker"
 GATEWAY_LABEL = "bastion.gateway"
 IMAGE_REPOSITORY = "bastion-worker-root"
-# How long `docker stop` waits between SIGTERM and SIGKILL, and how long the engine may
-# take to answer at start.
+# How long a call to the engine may take before the SDK gives up on it. (Stopping a
+# worker is the supervisor's: SIGTERM, then SIGKILL after its own grace period.)
 _ENGINE_TIMEOUT_S = 30
 # The flag of clone() that creates a user namespace: refused, as bubblewrap's
 # --disable-userns does.
