@@ -9,7 +9,7 @@ NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test check lint typecheck bench bench-ohttp clean-venv sandbox-deps
+.PHONY: serve test check lint typecheck bench bench-ohttp clean-venv sandbox-deps docker-deps
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,10 +32,25 @@ sandbox-deps:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq bubblewrap libseccomp2; \
 	  else echo "workers run in a bubblewrap sandbox: install Debian's bubblewrap and libseccomp2 (or serve with --unsafe-no-sandbox, trusted models only)" >&2; exit 1; fi; }
 
+# The Docker sandbox (BASTION_SANDBOX=docker, or a model's sandbox=docker option) needs a
+# running Docker engine. As root: Debian's docker.io, and dockerd started in the background
+# (no bridge, no iptables: workers have no network anyway) unless an engine answers
+# already. Otherwise a clear message.
+DOCKERD_LOG ?= /var/log/dockerd.log
+docker-deps:
+	@docker info >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" != 0 ]; then \
+	    echo "the docker sandbox (and its tests) need a running Docker engine: install Debian's docker.io and start dockerd, or run this as root" >&2; exit 1; fi; \
+	  command -v dockerd >/dev/null || { apt-get update -qq && apt-get install -y -qq docker.io >/dev/null; }; \
+	  echo "starting dockerd (log: $(DOCKERD_LOG))"; \
+	  nohup dockerd --iptables=false --bridge=none >$(DOCKERD_LOG) 2>&1 & \
+	  for i in $$(seq 1 60); do docker info >/dev/null 2>&1 && exit 0; sleep 1; done; \
+	  echo "dockerd did not answer within 60 s; see $(DOCKERD_LOG)" >&2; exit 1; }
+
 serve: $(STAMP) sandbox-deps
 	$(BIN)/bastion serve --host $(HOST) --port $(PORT)
 
-test: $(STAMP) $(NODE_STAMP) sandbox-deps
+test: $(STAMP) $(NODE_STAMP) sandbox-deps docker-deps
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Sandbox overhead: a worker's cold start and steady-state throughput, bubblewrap vs none.
+"""Sandbox overhead: a worker's cold start and steady-state throughput, bubblewrap and
+Docker vs none.
 
-In one run, the two backends taking turns going first, a supervisor (the gateway's own)
+In one run, the backends taking turns going first, a supervisor (the gateway's own)
 starts the echo model's worker and measures:
 
 - cold start: from asking for the worker to the worker reporting Ready (process start,
@@ -10,8 +11,10 @@ starts the echo model's worker and measures:
   `--dur` seconds: the traffic pattern with the most system calls per unit of work, so
   the most exposed to seccomp and namespace costs.
 
-The `bwrap` backend is the full sandbox, cgroups included where the host allows.
-Targets: bwrap throughput >= 95% of none; cold start <= none + 300 ms.
+The `bwrap` backend is the full sandbox, cgroups included where the host allows; `docker`
+is the Docker backend (a running engine needed: `make docker-deps`), its image built
+before the first measurement. Targets: bwrap throughput >= 95% of none; cold start <= none
++ 300 ms. Docker's figures are reported beside them, without a target.
 
 Usage: .venv/bin/python benchmarks/sandbox.py [--reps 5] [--dur 5] [--conc 8]
 """
@@ -37,13 +40,19 @@ from bastion.workers.supervisor import ModelSpec, ModelState, Supervisor
 
 SETTINGS = Settings(heartbeat_interval_s=1.0, load_timeout_s=60.0)
 # The echo model reads nothing, but a sandbox binds its directory: an empty one.
+# World-readable: a root gateway's Docker workers run as uid 65534.
 MODEL_DIR = Path(tempfile.mkdtemp(prefix="bastion-bench-echo-"))
+MODEL_DIR.chmod(0o755)
 
 
 def sandbox(name: str) -> Sandbox:
     if name == "none":
         return make_sandbox(SETTINGS.with_changes(unsafe_no_sandbox=True))
-    return make_sandbox(SETTINGS.with_changes(sandbox=name))
+    backend = make_sandbox(SETTINGS.with_changes(sandbox=name))
+    check = getattr(backend, "check", None)
+    if check is not None:
+        check()
+    return backend
 
 
 async def cold_start(backend: Sandbox) -> float:
@@ -89,7 +98,7 @@ async def throughput(backend: Sandbox, seconds: float, concurrency: int) -> floa
 
 
 async def main_async(args: argparse.Namespace) -> int:
-    backends = {"none": sandbox("none"), "bwrap": sandbox("bwrap")}
+    backends = {name: sandbox(name) for name in ("none", "bwrap", "docker")}
     starts: dict[str, list[float]] = {name: [] for name in backends}
     rates: dict[str, list[float]] = {name: [] for name in backends}
     for rep in range(args.reps):
@@ -111,6 +120,9 @@ async def main_async(args: argparse.Namespace) -> int:
     print(f"{'PASS' if ratio >= 0.95 else 'FAIL'}  bwrap throughput >= 95% of none: {ratio:.1%}")
     verdict = "PASS" if extra_ms <= 300 else "FAIL"
     print(f"{verdict}  bwrap cold start <= none + 300 ms: {extra_ms:+.0f} ms")
+    docker_ratio = rate["docker"] / rate["none"]
+    docker_ms = (start["docker"] - start["none"]) * 1000
+    print(f"info  docker throughput {docker_ratio:.1%} of none; cold start {docker_ms:+.0f} ms")
     return 0
 
 

@@ -15,8 +15,7 @@ from bastion.gateway.auth import Authenticator
 from bastion.gateway.gateway import Gateway
 from bastion.models.bundle_store import BundleStore
 from bastion.observability.metrics import Metrics, MetricsEventSink
-from bastion.workers.bwrap import BwrapSandbox
-from bastion.workers.sandbox import make_sandbox
+from bastion.workers.sandbox import Sandboxes, make_sandbox
 from bastion.workers.supervisor import Supervisor
 
 logger = logging.getLogger("bastion.server")
@@ -34,7 +33,8 @@ def is_loopback(host: str) -> bool:
 def build_gateway(home: Home, metrics: Metrics) -> Gateway:
     settings = home.settings
     events = FanOutSink(home.events, MetricsEventSink(metrics))
-    supervisor = Supervisor(settings, make_sandbox(settings), events)
+    sandboxes = Sandboxes(make_sandbox(settings), settings)
+    supervisor = Supervisor(settings, sandboxes, events)
     authenticator = Authenticator(home.db, home.hasher, events)
     return Gateway(
         settings,
@@ -65,8 +65,12 @@ def serve(home: Home) -> None:
             "UNSAFE: workers run as plain subprocesses without a sandbox "
             "(--unsafe-no-sandbox): model code can read the master key and reach the network"
         )
-    elif isinstance(sandbox, BwrapSandbox):
-        sandbox.check()
+    else:
+        # Starts one empty sandbox (bubblewrap) or builds the worker image and removes
+        # the containers of a previous server (Docker): trouble shows now, not per model.
+        check = getattr(sandbox, "check", None)
+        if check is not None:
+            check()
     app = create_app(gateway, home.identity)
     config = uvicorn.Config(
         app,

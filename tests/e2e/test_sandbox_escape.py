@@ -1,11 +1,14 @@
-"""Escape attempts from inside the bubblewrap sandbox, by a hostile model's own code.
+"""Escape attempts from inside each sandbox backend (bubblewrap, Docker), by a hostile
+model's own code.
 
 The `escape-test` runtime is loaded like any model and, for each request, tries one way
 out from inside its worker: the network, DNS, other sockets, secrets on disk, the
 gateway's process, writing outside /tmp, ptrace, and exhausting processes, memory, CPU
 and /tmp. Each attempt must fail in the specific way the sandbox makes it fail; the
 gateway stays healthy and another model keeps serving; a worker that hits a hard limit
-is killed, restarted, and the event says why.
+is killed, restarted, and the event says why. Every test runs against both backends on a
+real engine: the Docker tests fail, not skip, where no Docker engine runs (`make test`
+starts one).
 """
 
 from __future__ import annotations
@@ -31,27 +34,54 @@ ENV = {
 }
 
 
-@pytest.fixture(scope="module")
-def sandboxed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BastionServer]:
-    home = tmp_path_factory.mktemp("escape") / "home"
+BACKENDS = ["bwrap", "docker"]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def sandboxed(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[BastionServer]:
+    """A server whose workers all run in one backend; under bubblewrap, one more model
+    asks for Docker by its `sandbox` option."""
+    backend: str = request.param
+    home = tmp_path_factory.mktemp(f"escape-{backend}") / "home"
     run_cli(home, "init", "--no-demo-models")
+    # World-readable and empty (the runtimes read nothing): a root gateway's Docker
+    # workers run as uid 65534 and are refused a model directory they cannot read.
     probe = home.parent / "probe-model"
-    probe.mkdir()
+    probe.mkdir(mode=0o755)
     run_cli(home, "models", "add", "hostile", "--runtime", "escape-test", "--path", str(probe))
-    add_echo_model(home, "victim")
-    srv = BastionServer(home, env=ENV)
+    run_cli(home, "models", "add", "victim", "--runtime", "echo", "--path", str(probe),
+            "--option", "test_hooks=true")  # fmt: skip
+    models = ["hostile", "victim"]
+    if backend == "bwrap":
+        run_cli(home, "models", "add", "contained", "--runtime", "escape-test",
+                "--path", str(probe), "--option", "sandbox=docker")  # fmt: skip
+        models.append("contained")
+    else:
+        # The home is owner-only: refused to uid 65534, with the reason.
+        add_echo_model(home, "private")
+    srv = BastionServer(home, env={**ENV, "BASTION_SANDBOX": backend})
+    srv.backend = backend  # type: ignore[attr-defined]
     try:
-        srv.wait_ready(["hostile", "victim"], timeout=120)
+        srv.wait_ready(models, timeout=120)
         yield srv
     finally:
         srv.stop()
 
 
-def attempt(server: BastionServer, what: str, /, **args: Any) -> dict[str, Any]:
+def backend_of(server: BastionServer) -> str:
+    backend: str = server.backend  # type: ignore[attr-defined]
+    return backend
+
+
+def attempt(
+    server: BastionServer, what: str, /, *, model: str = "hostile", **args: Any
+) -> dict[str, Any]:
     with server.client() as client:
         answer = client.post(
             "/v1/completions",
-            json={"model": "hostile", "prompt": json.dumps({"attempt": what, "args": args})},
+            json={"model": model, "prompt": json.dumps({"attempt": what, "args": args})},
         )
     assert answer.status_code == 200, answer.text
     report: dict[str, Any] = json.loads(answer.json()["choices"][0]["text"])
@@ -59,8 +89,8 @@ def attempt(server: BastionServer, what: str, /, **args: Any) -> dict[str, Any]:
     return report
 
 
-def blocked(server: BastionServer, what: str, /, **args: Any) -> str:
-    report = attempt(server, what, **args)
+def blocked(server: BastionServer, what: str, /, *, model: str = "hostile", **args: Any) -> str:
+    report = attempt(server, what, model=model, **args)
     assert report["escaped"] is False, report
     error: str = report["error"]
     return error
@@ -78,7 +108,40 @@ def test_the_worker_runs_as_nobody_in_its_own_namespaces(sandboxed: BastionServe
     report = attempt(sandboxed, "whoami")
     assert report["uid"] == 65534 and report["sandboxed"] is True
     with sandboxed.client() as client:
-        assert client.get("/readyz").json()["sandbox"] == "bwrap"
+        ready = client.get("/readyz").json()
+    assert ready["sandbox"] == backend_of(sandboxed)
+    if backend_of(sandboxed) == "bwrap":
+        # The model that asked for Docker by option runs there, and readyz says so.
+        assert ready["sandboxes"] == ["bwrap", "docker"]
+        assert attempt(sandboxed, "whoami", model="contained")["sandboxed"] is True
+        assert blocked(sandboxed, "connect", model="contained", host="1.1.1.1", port=443) == (
+            "ENETUNREACH"
+        )
+        # Only that model's worker is in a container.
+        assert len(_containers_of(sandboxed)) == 1
+    else:
+        assert ready["sandboxes"] == ["docker"]
+        assert len(_containers_of(sandboxed)) == 2
+        with sandboxed.client() as client:
+            deadline = time.monotonic() + 30
+            while (view := client.get("/admin/v1/models/private").json())["state"] != "failed":
+                assert time.monotonic() < deadline, view
+                time.sleep(0.2)
+        assert "not readable by uid 65534" in view["detail"]
+
+
+def _containers_of(server: BastionServer) -> list[dict[str, Any]]:
+    """The running worker containers of `server`, as the Docker engine describes them."""
+    import docker
+
+    client = docker.from_env()
+    try:
+        found = client.containers.list(filters={"label": "bastion.worker"})
+        return [
+            c.attrs for c in found if c.labels["bastion.gateway"].startswith(f"{server.proc.pid}:")
+        ]
+    finally:
+        client.close()
 
 
 def test_no_network_at_all(sandboxed: BastionServer) -> None:
@@ -97,7 +160,7 @@ def test_no_other_unix_socket(sandboxed: BastionServer) -> None:
     for path in [*sockets, "/var/run/docker.sock", "/run/dbus/system_bus_socket"]:
         error = blocked(sandboxed, "unix", path=path)
         # Its own socket is in use by the gateway (one connection); the others are not
-        # even in its file system.
+        # even in its file system (in either backend: Docker's own socket neither).
         assert error in {"ENOENT", "ECONNREFUSED"}, (path, error)
     assert_healthy(sandboxed)
 
@@ -181,7 +244,9 @@ def test_a_memory_bomb_kills_only_its_worker(sandboxed: BastionServer) -> None:
                 ),
             },
         )
-    # Killed by the kernel at its cgroup's memory limit: the request fails, the gateway not.
+    # Killed by the kernel at its cgroup's memory limit (the worker's own cgroup under
+    # bubblewrap, the container's under Docker, which records OOMKilled): the request
+    # fails, the gateway not.
     assert answer.status_code == 503, answer.text
     assert_healthy(sandboxed)
     assert _restarted(sandboxed, before)["restarts"] > before
@@ -229,3 +294,36 @@ def test_unsafe_mode_needs_its_flag_and_says_so(tmp_path: Path) -> None:
     finally:
         unsafe.stop()
     assert "UNSAFE" in unsafe.logs()
+
+
+def test_docker_asked_for_without_an_engine_is_a_clear_error(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    run_cli(home, "init", "--no-demo-models")
+    refused = run_cli(home, "models", "add", "odd", "--runtime", "echo", "--path", str(home),
+                      "--option", "sandbox=podman", check=False)  # fmt: skip
+    assert refused.returncode != 0 and "sandbox option must be one of" in refused.stderr
+    run_cli(home, "models", "add", "boxed", "--runtime", "echo", "--path", str(home),
+            "--option", "sandbox=docker")  # fmt: skip
+    add_echo_model(home, "plain")
+    no_engine = {"DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock"}
+    # Globally: the server refuses to start, and says why.
+    server = BastionServer(home, env={**no_engine, "BASTION_SANDBOX": "docker"})
+    try:
+        assert server.proc.wait(60) != 0
+    finally:
+        server.stop()
+    assert "needs a running Docker engine" in server.logs()
+    assert "Traceback" not in server.logs()
+    # For one model: that model fails to load with the reason; the others serve.
+    server = BastionServer(home, env=no_engine)
+    try:
+        server.wait_ready(["plain"], timeout=60)
+        with server.client() as client:
+            deadline = time.monotonic() + 30
+            while (view := client.get("/admin/v1/models/boxed").json())["state"] != "failed":
+                assert time.monotonic() < deadline, view
+                time.sleep(0.2)
+        assert "needs a running Docker engine" in view["detail"]
+    finally:
+        server.stop()
+    assert "Traceback" not in server.logs()

@@ -25,6 +25,8 @@ async def readyz(request: Request) -> Response:
         "models_ready": states.count("ready"),
         "models_total": len(states),
         "sandbox": gateway.supervisor.sandbox.name,
+        # Every backend set up: the server's, and those models asked for by option.
+        "sandboxes": gateway.supervisor.sandboxes.names(),
     }
     if gateway.supervisor.sandbox.name == "none":
         body["warning"] = "workers run without a sandbox (--unsafe-no-sandbox)"

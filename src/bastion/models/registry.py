@@ -26,12 +26,13 @@ from bastion.audit.events import (
     EventSink,
     emit_change,
 )
-from bastion.errors import Conflict, InvalidRequest, ModelNotFound
+from bastion.errors import ConfigurationError, Conflict, InvalidRequest, ModelNotFound
 from bastion.identity.principal import Principal
 from bastion.runtimes.base import RUNTIMES
 from bastion.store.db import Database
 from bastion.store.tables import DESIRED_STATES
 from bastion.store.tables import models as models_table
+from bastion.workers.sandbox import check_sandbox_option
 
 MODEL_NAME_PATTERN = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}")
 MAX_DESCRIPTION_LENGTH = 2000
@@ -237,6 +238,10 @@ def _validate_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     if len(encoded) > MAX_OPTIONS_BYTES:
         raise InvalidRequest("options are too large.", param="options")
     decoded: dict[str, Any] = json.loads(encoded)
+    try:
+        check_sandbox_option(decoded)
+    except ConfigurationError as exc:
+        raise InvalidRequest(exc.message, param="options") from None
     return decoded
 
 

@@ -33,6 +33,7 @@ from bastion.audit.events import (
     EventSink,
 )
 from bastion.config import Settings
+from bastion.errors import ConfigurationError
 from bastion.workers.channel import WorkerChannel
 from bastion.workers.protocol import (
     EXIT_STUCK,
@@ -42,7 +43,13 @@ from bastion.workers.protocol import (
     SealingKeys,
     Shutdown,
 )
-from bastion.workers.sandbox import Sandbox, WorkerLaunch, WorkerProcess, worker_argv
+from bastion.workers.sandbox import (
+    Sandbox,
+    Sandboxes,
+    WorkerLaunch,
+    WorkerProcess,
+    worker_argv,
+)
 
 logger = logging.getLogger("bastion.workers.supervisor")
 
@@ -156,12 +163,12 @@ class WorkerLifecycle:
     def __init__(
         self,
         settings: Settings,
-        sandbox: Sandbox,
+        sandbox: Sandbox | Sandboxes,
         events: EventSink,
         sealing_keys: Callable[[], SealingKeys | None] = lambda: None,
     ) -> None:
         self._settings = settings
-        self._sandbox = sandbox
+        self._sandboxes = sandbox if isinstance(sandbox, Sandboxes) else Sandboxes(sandbox)
         self._events = events
         # The OHTTP keys in force, read when a worker starts (rotations reach running
         # workers through the supervisor).
@@ -229,7 +236,13 @@ class WorkerLifecycle:
                 model_dir=slot.spec.path,
             )
             try:
-                process = await self._sandbox.launch(launch)
+                sandbox = await asyncio.to_thread(self._sandboxes.for_options, slot.spec.options)
+                process = await sandbox.launch(launch)
+            except ConfigurationError as exc:
+                # The model's sandbox cannot run here (Docker is not running, say).
+                failure = _Failure("load_failed", exc.message)
+                self._load_failed(slot, failure.reason)
+                return failure
             except OSError as exc:
                 failure = _Failure(
                     "load_failed", f"could not start a worker ({type(exc).__name__})"

@@ -4,6 +4,8 @@ The supervisor describes a worker with a :class:`WorkerLaunch` (the command, its
 directory, the model directory) and asks a :class:`Sandbox` to start it. Backends differ only
 in how they wrap the same command: :class:`SubprocessSandbox` runs it as a plain child
 process with a minimal environment; bubblewrap and Docker backends wrap the same argv.
+:class:`Sandboxes` holds the backend the settings name and, per model, the one its
+``sandbox`` option names.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +30,7 @@ if TYPE_CHECKING:
 # Longest line of worker output forwarded to the gateway's log; the rest is cut off so a
 # worker cannot fill the log with one enormous line.
 MAX_OUTPUT_LINE = 4096
-_OUTPUT_LOGGER = "bastion.workers.output"
+OUTPUT_LOGGER = "bastion.workers.output"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,9 +59,9 @@ class WorkerProcess(Protocol):
         """The pid the worker's IPC connection may come from: the worker or an ancestor.
 
         The gateway accepts the connection from this process or any of its descendants
-        (a launcher such as bubblewrap may start the worker as its child). None means the
-        gateway cannot see the worker's pid (a container); any process of the gateway's own
-        uid is then accepted.
+        (a launcher such as bubblewrap, or a container's init, may start the worker as its
+        child). None means the gateway cannot see the worker's pid; any process of the
+        gateway's own uid is then accepted.
         """
         ...
 
@@ -138,9 +141,9 @@ class SubprocessWorker:
         self._on_exit = on_exit
         #: What the sandbox knows of why the worker exited (e.g. its memory limit), if any.
         self.exit_note: str | None = None
-        logger = logging.getLogger(_OUTPUT_LOGGER)
+        logger = logging.getLogger(OUTPUT_LOGGER)
         assert process.stdout is not None
-        self._output = asyncio.create_task(_forward_output(process.stdout, logger, worker_id))
+        self._output = asyncio.create_task(forward_output(process.stdout, logger, worker_id))
 
     @property
     def pid(self) -> int:
@@ -210,12 +213,22 @@ class SubprocessSandbox:
         return SubprocessWorker(process, launch.worker_id)
 
 
-def make_sandbox(settings: Settings, environ: Mapping[str, str] | None = None) -> Sandbox:
-    """The sandbox backend the settings name; `environ` supplies PATH/PYTHONPATH for
-    workers. "none" needs `unsafe_no_sandbox` too: it must never be chosen by accident."""
-    if settings.unsafe_no_sandbox:
+# The backends a model's `sandbox` option may name. "none" is not among them: running
+# without a sandbox is a server-wide decision (--unsafe-no-sandbox), never a model's.
+MODEL_BACKENDS = ("bwrap", "docker")
+SANDBOX_OPTION = "sandbox"
+
+
+def make_sandbox(
+    settings: Settings, environ: Mapping[str, str] | None = None, *, backend: str | None = None
+) -> Sandbox:
+    """The sandbox backend the settings name (or `backend`); `environ` supplies
+    PATH/PYTHONPATH for workers. "none" needs `unsafe_no_sandbox` too: it must never be
+    chosen by accident. ConfigurationError if the backend is unknown or cannot run here."""
+    name = backend or settings.sandbox
+    if settings.unsafe_no_sandbox and backend is None:
         return SubprocessSandbox(environ)
-    if settings.sandbox == "bwrap":
+    if name == "bwrap":
         from bastion.workers.bwrap import BwrapSandbox, WorkerLimits
         from bastion.workers.cgroups import CgroupLimits, detect
 
@@ -240,17 +253,85 @@ def make_sandbox(settings: Settings, environ: Mapping[str, str] | None = None) -
             tmp_bytes=settings.worker_tmp_bytes,
         )
         return BwrapSandbox(limits, environ=environ, cgroups=cgroups)
-    if settings.sandbox in ("none", "subprocess"):
+    if name == "docker":
+        from bastion.workers.docker import ContainerLimits, DockerSandbox
+
+        return DockerSandbox(
+            ContainerLimits(
+                memory_bytes=settings.worker_memory_bytes,
+                cpus=settings.worker_cpus,
+                processes=settings.worker_processes,
+                open_files=settings.worker_open_files,
+                file_bytes=settings.worker_file_bytes,
+                tmp_bytes=settings.worker_tmp_bytes,
+            ),
+            environ=environ,
+        )
+    if name in ("none", "subprocess"):
         raise ConfigurationError(
             "BASTION_SANDBOX=none runs model code without isolation; it needs "
             "--unsafe-no-sandbox (or BASTION_UNSAFE_NO_SANDBOX=true) to say so."
         )
-    raise ConfigurationError(f"Unknown sandbox backend {settings.sandbox!r}; known: bwrap, none.")
+    raise ConfigurationError(f"Unknown sandbox backend {name!r}; known: bwrap, docker, none.")
 
 
-async def _forward_output(
-    stream: asyncio.StreamReader, logger: logging.Logger, worker: str
-) -> None:
+def check_sandbox_option(options: Mapping[str, object]) -> None:
+    """Raise ConfigurationError unless a model's `sandbox` option, if any, names a backend."""
+    chosen = options.get(SANDBOX_OPTION)
+    if chosen is not None and chosen not in MODEL_BACKENDS:
+        raise ConfigurationError(
+            f"The sandbox option must be one of {', '.join(MODEL_BACKENDS)}; "
+            f"got {str(chosen)[:40]!r}."
+        )
+
+
+class Sandboxes:
+    """The server's sandbox backend, and the others that models ask for by option.
+
+    A model's ``sandbox`` option picks its backend; models without one use the default.
+    Another backend is set up the first time a model asks for it (on a server without a
+    sandbox too: a model may ask for more isolation, never for less); if it cannot run
+    here, that model fails to load with the reason, and its next start tries again.
+    """
+
+    def __init__(
+        self,
+        default: Sandbox,
+        settings: Settings | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.default = default
+        self._settings = settings
+        self._environ = environ
+        self._others: dict[str, Sandbox] = {default.name: default}
+        self._lock = threading.Lock()
+
+    def for_options(self, options: Mapping[str, object]) -> Sandbox:
+        """The backend for a model with these options; ConfigurationError if unavailable."""
+        chosen = options.get(SANDBOX_OPTION)
+        if chosen is None or chosen == self.default.name:
+            return self.default
+        check_sandbox_option(options)
+        name = str(chosen)
+        # Called from worker threads (setting a backend up blocks): one at a time.
+        with self._lock:
+            found = self._others.get(name)
+            if found is None:
+                if self._settings is None:
+                    raise ConfigurationError(f"The {name} sandbox is not set up on this server.")
+                found = make_sandbox(self._settings, self._environ, backend=name)
+                check = getattr(found, "check", None)
+                if check is not None:
+                    check()
+                self._others[name] = found
+        return found
+
+    def names(self) -> list[str]:
+        """The backends set up so far, the default first."""
+        return [self.default.name, *sorted(n for n in self._others if n != self.default.name)]
+
+
+async def forward_output(stream: asyncio.StreamReader, logger: logging.Logger, worker: str) -> None:
     """Log the worker's output line by line, each line cut to MAX_OUTPUT_LINE bytes."""
     pending = b""
     while chunk := await stream.read(65536):

@@ -30,7 +30,7 @@ from bastion.workers.lifecycle import (
     WorkerLifecycle,
 )
 from bastion.workers.protocol import SealingKeys
-from bastion.workers.sandbox import Sandbox
+from bastion.workers.sandbox import Sandbox, Sandboxes
 
 __all__ = ["ModelSpec", "ModelState", "ModelStatus", "Supervisor"]
 
@@ -41,16 +41,18 @@ _MAX_RUNTIME_DIR_CHARS = 80
 class Supervisor:
     """Runs one worker per model through a sandbox backend, and keeps it running."""
 
-    def __init__(self, settings: Settings, sandbox: Sandbox, events: EventSink) -> None:
+    def __init__(self, settings: Settings, sandbox: Sandbox | Sandboxes, events: EventSink) -> None:
         self._settings = settings
         self._slots: dict[str, ModelSlot] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._runtime_dir: Path | None = None
         self._closing = False
         self._sealing_keys: SealingKeys | None = None
-        self._lifecycle = WorkerLifecycle(settings, sandbox, events, lambda: self._sealing_keys)
-        #: How workers are isolated.
-        self.sandbox = sandbox
+        sandboxes = sandbox if isinstance(sandbox, Sandboxes) else Sandboxes(sandbox)
+        self._lifecycle = WorkerLifecycle(settings, sandboxes, events, lambda: self._sealing_keys)
+        #: How workers are isolated: the server's backend, and those models asked for.
+        self.sandboxes = sandboxes
+        self.sandbox = sandboxes.default
 
     @property
     def runtime_dir(self) -> Path:

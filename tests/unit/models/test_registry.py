@@ -76,6 +76,9 @@ def test_duplicates_conflict_unless_replace(registry: ModelRegistry) -> None:
         {"options": {"x": object()}},
         {"options": {"x": float("nan")}},
         {"options": {"blob": "x" * 70_000}},
+        # A model may pick a sandbox backend, but only a real one, and never "none".
+        {"options": {"sandbox": "podman"}},
+        {"options": {"sandbox": "none"}},
         {"description": "d" * 2001},
     ],
 )

@@ -1,0 +1,214 @@
+"""The Docker container spec, its image and seccomp profile, and choosing a backend per model."""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bastion.config import Settings
+from bastion.errors import ConfigurationError
+from bastion.workers import docker as docker_backend
+from bastion.workers.bwrap import DENIED_SYSCALLS
+from bastion.workers.docker import (
+    ContainerLimits,
+    DockerSandbox,
+    check_readable,
+    container_user,
+    image_context,
+)
+from bastion.workers.sandbox import Sandboxes, SubprocessSandbox, WorkerLaunch, make_sandbox
+
+MiB = 1024 * 1024
+LAUNCH = WorkerLaunch(
+    worker_id="w1",
+    argv=["python", "-m", "bastion.workers.main"],
+    ipc_dir=Path("/tmp/bastion-x/w1"),
+    model_dir=Path("/srv/home/bundles/m/1"),
+)
+
+
+def _spec(monkeypatch: pytest.MonkeyPatch, **limits: Any) -> dict[str, Any]:
+    runtime = [Path("/opt/python"), Path("/tmp/clone/.venv"), Path("/usr/lib/python3")]
+    monkeypatch.setattr(docker_backend, "runtime_paths", lambda environ: runtime)
+    sandbox = DockerSandbox(ContainerLimits(**limits), client=object())
+    return sandbox.container_spec(LAUNCH, {"PATH": "/usr/bin", "SECRET": "no"})
+
+
+def _mounts(spec: dict[str, Any]) -> dict[str, bool]:
+    """Target -> read-only, of every bind mount."""
+    binds = {}
+    for mount in spec["mounts"]:
+        assert mount["Type"] == "bind" and mount["Source"] == mount["Target"]
+        binds[mount["Target"]] = mount["ReadOnly"]
+    return binds
+
+
+def test_the_container_has_no_network_no_capabilities_and_a_read_only_root(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spec = _spec(monkeypatch)
+    assert spec["network_mode"] == "none"
+    assert spec["read_only"] is True
+    assert spec["cap_drop"] == ["ALL"] and "cap_add" not in spec
+    assert "no-new-privileges" in spec["security_opt"]
+    assert "privileged" not in spec and "pid_mode" not in spec and "volumes" not in spec
+    uid, gid = (int(part) for part in spec["user"].split(":"))
+    assert uid != 0 and gid != 0
+    assert spec["hostname"] == "bastion-worker"
+    assert spec["command"] == LAUNCH.argv
+    assert spec["labels"]["bastion.worker"] == "w1"
+    # The worker's environment is built, never the gateway's passed through.
+    assert "SECRET" not in spec["environment"]
+    assert spec["environment"]["HOME"] == str(LAUNCH.ipc_dir)
+
+
+def test_only_the_ipc_directory_is_mounted_writable(monkeypatch: pytest.MonkeyPatch) -> None:
+    binds = _mounts(_spec(monkeypatch))
+    assert [target for target, read_only in binds.items() if not read_only] == ["/tmp/bastion-x/w1"]
+    # The runtime, the model's own directory and /usr, read-only; paths under /usr come
+    # with /usr itself.
+    for target in ("/usr", "/opt/python", "/tmp/clone/.venv", "/srv/home/bundles/m/1"):
+        assert binds[target] is True
+    assert "/usr/lib/python3" not in binds and "/srv/home" not in binds
+    assert "/var/run/docker.sock" not in binds
+
+
+def test_limits_come_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = _spec(
+        monkeypatch,
+        memory_bytes=512 * MiB,
+        cpus=1.5,
+        processes=64,
+        open_files=100,
+        file_bytes=MiB,
+        tmp_bytes=8 * MiB,
+    )
+    assert spec["mem_limit"] == spec["memswap_limit"] == 512 * MiB
+    assert spec["nano_cpus"] == 1_500_000_000
+    assert spec["pids_limit"] == 64
+    ulimits = {u["Name"]: (u["Soft"], u["Hard"]) for u in spec["ulimits"]}
+    assert ulimits == {"core": (0, 0), "nofile": (100, 100), "fsize": (MiB, MiB)}
+    assert spec["tmpfs"]["/tmp"].startswith(f"size={8 * MiB},")
+    assert spec["log_config"]["Type"] == "none"
+
+
+def test_zero_means_no_limit_of_that_kind(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = _spec(monkeypatch, memory_bytes=0, cpus=0, processes=0)
+    assert "mem_limit" not in spec and "nano_cpus" not in spec and spec["pids_limit"] is None
+
+
+def test_the_seccomp_profile_denies_what_bubblewrap_denies(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    option = next(o for o in _spec(monkeypatch)["security_opt"] if o.startswith("seccomp="))
+    profile = json.loads(option.removeprefix("seccomp="))
+    denied = {
+        name
+        for rule in profile["syscalls"]
+        if rule["action"] == "SCMP_ACT_ERRNO" and "args" not in rule
+        for name in rule["names"]
+    }
+    assert set(DENIED_SYSCALLS) <= denied and "ptrace" in denied and "clone3" in denied
+    (clone,) = [rule for rule in profile["syscalls"] if rule["names"] == ["clone"]]
+    assert clone["args"][0]["value"] == 0x10000000  # CLONE_NEWUSER
+
+
+def test_the_image_is_mount_points_only_and_its_tag_is_stable() -> None:
+    context = image_context()
+    assert context == image_context()
+    with tarfile.open(fileobj=BytesIO(context)) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        dockerfile = tar.extractfile("Dockerfile")
+        assert dockerfile is not None and dockerfile.read().startswith(b"FROM scratch\n")
+    files = [name for name, m in members.items() if m.isfile() and name != "Dockerfile"]
+    assert files == []
+    assert members["rootfs/tmp"].mode == 0o1777
+    # No /etc/passwd, no shadow: the image holds nothing to read.
+    assert "rootfs/etc/passwd" not in members
+
+
+def test_a_root_gateway_runs_workers_as_nobody_and_others_as_themselves() -> None:
+    assert container_user(0, 0) == (65534, 65534)
+    assert container_user(1000, 1000) == (1000, 1000)
+
+
+def test_an_owner_only_model_directory_is_refused_for_another_user(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir(mode=0o700)
+    me, group = os.getuid(), os.getgid()
+    check_readable(model, me, group)
+    with pytest.raises(ConfigurationError, match="not readable by uid 65534"):
+        check_readable(model, 65534, 65534)
+    model.chmod(0o755)
+    check_readable(model, 65534, 65534)
+
+
+def test_docker_without_an_engine_is_a_clear_configuration_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
+    with pytest.raises(ConfigurationError, match="needs a running Docker engine"):
+        make_sandbox(Settings(sandbox="docker"))
+
+
+def test_an_unknown_backend_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="known: bwrap, docker, none"):
+        make_sandbox(Settings(sandbox="podman"))
+
+
+class _Named:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    async def launch(self, launch: WorkerLaunch) -> Any:
+        raise NotImplementedError
+
+
+def test_a_model_option_picks_its_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[str] = []
+
+    def fake_make(settings: Settings, environ: Any = None, *, backend: str | None = None) -> Any:
+        assert backend is not None
+        made.append(backend)
+        return _Named(backend)
+
+    monkeypatch.setattr("bastion.workers.sandbox.make_sandbox", fake_make)
+    sandboxes = Sandboxes(_Named("bwrap"), Settings())
+    assert sandboxes.for_options({}) is sandboxes.default
+    assert sandboxes.for_options({"sandbox": "bwrap"}) is sandboxes.default
+    docker = sandboxes.for_options({"sandbox": "docker"})
+    assert docker.name == "docker"
+    # Set up once, then reused.
+    assert sandboxes.for_options({"sandbox": "docker"}) is docker and made == ["docker"]
+    assert sandboxes.names() == ["bwrap", "docker"]
+    for wrong in ("none", "podman", 3):
+        with pytest.raises(ConfigurationError, match="must be one of bwrap, docker"):
+            sandboxes.for_options({"sandbox": wrong})
+
+
+def test_a_model_may_ask_for_a_sandbox_on_a_server_without_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(
+        "bastion.workers.sandbox.make_sandbox",
+        lambda settings, environ=None, *, backend=None: _Named(str(backend)),
+    )
+    sandboxes = Sandboxes(SubprocessSandbox(), Settings(unsafe_no_sandbox=True))
+    assert sandboxes.for_options({"sandbox": "docker"}).name == "docker"
+    assert sandboxes.for_options({}).name == "none"
+
+
+def test_a_backend_that_cannot_run_fails_only_the_model_that_asked(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
+    sandboxes = Sandboxes(_Named("bwrap"), Settings())
+    with pytest.raises(ConfigurationError, match="needs a running Docker engine"):
+        sandboxes.for_options({"sandbox": "docker"})
+    assert sandboxes.names() == ["bwrap"]
