@@ -350,3 +350,32 @@ def test_a_flooding_tenant_does_not_starve_a_quiet_one(tmp_path: Path) -> None:
         assert max(waits) <= 3, waits
     finally:
         srv.stop()
+
+
+def test_a_worker_crash_under_load_leaves_no_request_hanging(server: BastionServer) -> None:
+    """Requests queued in the fair queue when the worker dies: every one gets an answer
+    (200 before the crash, 503 after), none hangs, and the model serves again."""
+    key, _ = tenant_key(server, "crashload")
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def send(prompt: str) -> None:
+        with server.client(key) as client:
+            answer = client.post("/v1/completions", json={"model": "echo", "prompt": prompt})
+        with lock:
+            statuses.append(answer.status_code)
+
+    prompts = ["__sleep__:0.05 x"] * 10 + ["__crash__"] + ["__sleep__:0.05 y"] * 10
+    threads = [threading.Thread(target=send, args=(prompt,)) for prompt in prompts]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.01)
+    for thread in threads:
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads), "a request hung"
+    assert len(statuses) == len(prompts)
+    assert set(statuses) <= {200, 503} and 503 in statuses and 200 in statuses
+    server.wait_model("echo", "ready", timeout=60)
+    with server.client(key) as client:
+        again = client.post("/v1/completions", json={"model": "echo", "prompt": "back"})
+    assert again.status_code == 200 and again.json()["choices"][0]["text"] == "back"
