@@ -182,15 +182,7 @@ class QuotaStore:
                     .where(quotas.c.kind == kind, quotas.c.subject == subject)
                     .values(**record)
                 )
-        emit_change(
-            self._events,
-            QUOTA_CHANGED,
-            actor.actor,
-            subject if kind == KEY else None,
-            tenant=subject if kind == TENANT else None,
-            detail={"kind": kind, **{k: v for k, v in values.items()}},
-            at=self._clock(),
-        )
+        self._emit(actor, kind, subject, values)
         return updated
 
     def remove(self, actor: Principal, kind: str, subject: str) -> None:
@@ -203,13 +195,17 @@ class QuotaStore:
             ).rowcount
         if not deleted:
             raise NotFound(f"No quota is set for this {kind}.")
+        self._emit(actor, kind, subject, {"removed": True})
+
+    def _emit(self, actor: Principal, kind: str, subject: str, detail: Mapping[str, Any]) -> None:
+        """One `quota.changed` event: a key's id as its target, a tenant's name as tenant."""
         emit_change(
             self._events,
             QUOTA_CHANGED,
             actor.actor,
             subject if kind == KEY else None,
             tenant=subject if kind == TENANT else None,
-            detail={"kind": kind, "removed": True},
+            detail={"kind": kind, **detail},
             at=self._clock(),
         )
 
