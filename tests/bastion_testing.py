@@ -28,7 +28,9 @@ def free_port() -> int:
         return port
 
 
-def run_cli(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    home: Path, *args: str, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run `bastion <args> --home <home>` and return the finished process."""
     proc = subprocess.run(
         [*BASTION, *args, "--home", str(home)],
@@ -36,11 +38,19 @@ def run_cli(home: Path, *args: str, check: bool = True) -> subprocess.CompletedP
         text=True,
         timeout=300,
         # Wide enough that tables are not wrapped.
-        env=clean_env(COLUMNS="200"),
+        env=clean_env(COLUMNS="200", **(env or {})),
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"bastion {' '.join(args)} failed: {proc.stderr}")
     return proc
+
+
+def empty_model_dir(home: Path) -> Path:
+    """An empty, world-readable directory beside `home`, for runtimes that read no files
+    (a root gateway's workers run as users of their own, who may not read the home)."""
+    path = home.parent / "empty-model"
+    path.mkdir(mode=0o755, exist_ok=True)
+    return path
 
 
 def add_echo_model(home: Path, name: str = "echo") -> None:
@@ -53,10 +63,18 @@ def add_echo_model(home: Path, name: str = "echo") -> None:
         "--runtime",
         "echo",
         "--path",
-        str(home),
+        str(empty_model_dir(home)),
         "--option",
         "test_hooks=true",
     )
+
+
+# The hostile runtime of the escape tests (tests/hostile_runtime.py), which Bastion does not
+# ship: registered for the CLI and the server through the operator's extra runtimes.
+HOSTILE_RUNTIME_ENV = {
+    "BASTION_EXTRA_RUNTIMES": "escape-test=hostile_runtime",
+    "PYTHONPATH": str(Path(__file__).parent),
+}
 
 
 def cli_json(home: Path, *args: str) -> Any:

@@ -76,11 +76,18 @@ def open_home(settings: Settings, events: EventSink | None = None) -> Home:
         hasher=hasher,
         events=sink,
         identity=IdentityService(db, hasher, sink),
-        registry=ModelRegistry(db, sink),
+        registry=ModelRegistry(db, sink, extra_runtimes=_extra_runtimes(settings)),
         keyring=keyring,
         ohttp_keys=OhttpKeyStore(db, keyring, sink),
         quotas=QuotaStore(db, sink),
     )
+
+
+def _extra_runtimes(settings: Settings) -> dict[str, str]:
+    try:
+        return settings.runtime_modules()
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
 
 
 def _keyring(settings: Settings, master_key: bytes) -> KeyRing:

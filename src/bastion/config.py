@@ -7,6 +7,7 @@ once per command.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -96,6 +97,30 @@ class Settings:
     # cgroup limits of each sandboxed worker, where the host allows them (0: none).
     worker_memory_bytes: int = 8 * 1024 * MiB
     worker_cpus: float = 0.0
+    # A root gateway runs each worker as a host uid of its own from base + 1 … base +
+    # count (no /etc/passwd entry needed); base itself is the workers' shared group, which
+    # may read the bundles they serve. Never root, never shared by two workers at once.
+    worker_uid_base: int = 1_900_000_000
+    worker_uid_count: int = 4096
+    # Runtimes beyond the built-in ones, as `name=python.module` pairs (comma-separated):
+    # each module defines `load(source, options)` and must be importable by workers (on
+    # PYTHONPATH, which the sandboxes mount read-only). For an operator's own runtimes,
+    # and for the tests' hostile runtime; never settable through the API.
+    extra_runtimes: str = ""
+
+    def runtime_modules(self) -> dict[str, str]:
+        """The extra runtimes: name -> module (ValueError if malformed)."""
+        found: dict[str, str] = {}
+        for entry in self.extra_runtimes.split(","):
+            if not entry.strip():
+                continue
+            name, sep, module = (part.strip() for part in entry.partition("="))
+            if not sep or not name or not _MODULE.fullmatch(module):
+                raise ValueError(
+                    "BASTION_EXTRA_RUNTIMES: each entry is name=python.module, comma-separated."
+                )
+            found[name] = module
+        return found
 
     def publisher_keys(self) -> list[bytes]:
         """The trusted publishers' public keys (PEM), read from their files."""
@@ -199,4 +224,8 @@ _ENV_FIELDS: dict[str, Any] = {
     "worker_tmp_bytes": int,
     "worker_memory_bytes": int,
     "worker_cpus": float,
+    "worker_uid_base": int,
+    "worker_uid_count": int,
+    "extra_runtimes": str,
 }
+_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,13 @@ from typing import Any
 import httpx
 import pytest
 
-from bastion_testing import BastionServer, add_echo_model, run_cli
+from bastion_testing import (
+    HOSTILE_RUNTIME_ENV,
+    BastionServer,
+    add_echo_model,
+    empty_model_dir,
+    run_cli,
+)
 
 MiB = 1024 * 1024
 ENV = {
@@ -35,6 +42,8 @@ ENV = {
 
 
 BACKENDS = ["bwrap", "docker"]
+# The default range of worker uids (BASTION_WORKER_UID_BASE): the base is their group.
+UID_BASE = 1_900_000_000
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -46,22 +55,22 @@ def sandboxed(
     backend: str = request.param
     home = tmp_path_factory.mktemp(f"escape-{backend}") / "home"
     run_cli(home, "init", "--no-demo-models")
-    # World-readable and empty (the runtimes read nothing): a root gateway's Docker
-    # workers run as uid 65534 and are refused a model directory they cannot read.
-    probe = home.parent / "probe-model"
-    probe.mkdir(mode=0o755)
-    run_cli(home, "models", "add", "hostile", "--runtime", "escape-test", "--path", str(probe))
+    # World-readable and empty (the runtimes read nothing): a root gateway's workers run
+    # as users of their own and are refused a model directory they cannot read.
+    probe = empty_model_dir(home)
+    env = HOSTILE_RUNTIME_ENV
+    run_cli(home, "models", "add", "hostile", "--runtime", "escape-test", "--path", str(probe),
+            env=env)  # fmt: skip
     run_cli(home, "models", "add", "victim", "--runtime", "echo", "--path", str(probe),
             "--option", "test_hooks=true")  # fmt: skip
     models = ["hostile", "victim"]
     if backend == "bwrap":
         run_cli(home, "models", "add", "contained", "--runtime", "escape-test",
-                "--path", str(probe), "--option", "sandbox=docker")  # fmt: skip
+                "--path", str(probe), "--option", "sandbox=docker", env=env)  # fmt: skip
         models.append("contained")
-    else:
-        # The home is owner-only: refused to uid 65534, with the reason.
-        add_echo_model(home, "private")
-    srv = BastionServer(home, env={**ENV, "BASTION_SANDBOX": backend})
+    # The home is owner-only: refused to the worker's user, with the reason.
+    run_cli(home, "models", "add", "private", "--runtime", "echo", "--path", str(home))
+    srv = BastionServer(home, env={**ENV, **env, "BASTION_SANDBOX": backend})
     srv.backend = backend  # type: ignore[attr-defined]
     try:
         srv.wait_ready(models, timeout=120)
@@ -104,9 +113,19 @@ def assert_healthy(server: BastionServer) -> None:
         assert echoed.json()["choices"][0]["text"] == "still serving"
 
 
-def test_the_worker_runs_as_nobody_in_its_own_namespaces(sandboxed: BastionServer) -> None:
+def test_the_worker_runs_as_a_user_of_its_own_in_its_own_namespaces(
+    sandboxed: BastionServer,
+) -> None:
     report = attempt(sandboxed, "whoami")
-    assert report["uid"] == 65534 and report["sandboxed"] is True
+    assert report["sandboxed"] is True
+    # The gateway runs as root here: the worker is a host user of its own, in the workers'
+    # group only, with no capability at all, no_new_privs and a seccomp filter.
+    assert UID_BASE < report["uid"] <= UID_BASE + 4096
+    assert report["gid"] == report["uid"] and UID_BASE in report["groups"]
+    assert set(report["groups"]) <= {UID_BASE, report["uid"]}
+    assert int(report["cap_eff"], 16) == 0 and int(report["cap_bnd"], 16) == 0
+    assert report["no_new_privs"] == "1" and report["seccomp"] == "2"
+    assert report["home"] == "/tmp"
     with sandboxed.client() as client:
         ready = client.get("/readyz").json()
     assert ready["sandbox"] == backend_of(sandboxed)
@@ -122,12 +141,12 @@ def test_the_worker_runs_as_nobody_in_its_own_namespaces(sandboxed: BastionServe
     else:
         assert ready["sandboxes"] == ["docker"]
         assert len(_containers_of(sandboxed)) == 2
-        with sandboxed.client() as client:
-            deadline = time.monotonic() + 30
-            while (view := client.get("/admin/v1/models/private").json())["state"] != "failed":
-                assert time.monotonic() < deadline, view
-                time.sleep(0.2)
-        assert "not readable by uid 65534" in view["detail"]
+    with sandboxed.client() as client:
+        deadline = time.monotonic() + 30
+        while (view := client.get("/admin/v1/models/private").json())["state"] != "failed":
+            assert time.monotonic() < deadline, view
+            time.sleep(0.2)
+    assert "not readable by uid" in view["detail"]
 
 
 def _containers_of(server: BastionServer) -> list[dict[str, Any]]:
@@ -142,6 +161,143 @@ def _containers_of(server: BastionServer) -> list[dict[str, Any]]:
         ]
     finally:
         client.close()
+
+
+def _worker_pids(server: BastionServer) -> list[int]:
+    """The host pids of `server`'s worker processes (python -m bastion.workers.main): its
+    descendants under bubblewrap, its containers' under Docker."""
+    # The bubblewrap server also runs one model in Docker.
+    roots = {server.proc.pid} | {int(c["State"]["Pid"]) for c in _containers_of(server)}
+    found = []
+    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            argv = Path(cmdline).read_bytes().split(b"\0")
+        except OSError:
+            continue
+        # The worker itself, not bubblewrap (whose command line holds the worker's).
+        if b"bastion.workers.main" not in argv or b"python" not in argv[0].rsplit(b"/", 1)[-1]:
+            continue
+        pid = int(cmdline.split("/")[2])
+        if roots & set(_ancestors(pid)):
+            found.append(pid)
+    return sorted(found)
+
+
+def _ancestors(pid: int) -> list[int]:
+    chain = []
+    while pid > 1:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+        chain.append(pid)
+    return chain
+
+
+def _status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
+
+
+def test_from_the_host_each_worker_is_an_unprivileged_user_of_its_own(
+    sandboxed: BastionServer,
+) -> None:
+    pids = _worker_pids(sandboxed)
+    # hostile, victim (and contained, in Docker beside bubblewrap).
+    assert len(pids) >= 2, pids
+    uids = set()
+    gateway_ns = {n: os.readlink(f"/proc/{sandboxed.proc.pid}/ns/{n}") for n in NAMESPACES}
+    for pid in pids:
+        status = _status(pid)
+        real, effective, saved, filesystem = (int(v) for v in status["Uid"].split())
+        assert real == effective == saved == filesystem != 0, status["Uid"]
+        assert UID_BASE < real <= UID_BASE + 4096
+        assert {int(v) for v in status["Gid"].split()} == {real}
+        # The workers' group (Docker lists the primary group there too).
+        assert str(UID_BASE) in status["Groups"].split()
+        assert set(status["Groups"].split()) <= {str(UID_BASE), str(real)}
+        for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+            assert int(status[caps], 16) == 0, (caps, status[caps])
+        assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
+        uids.add(real)
+        # Namespaces of its own: none shared with the gateway.
+        for name, gateway in gateway_ns.items():
+            assert os.readlink(f"/proc/{pid}/ns/{name}") != gateway, name
+        # What it has mounted: /proc/sys read-only, nothing writable but its tmpfs.
+        mounts = _mounts_of(pid)
+        assert "ro" in mounts["/proc/sys"].split(","), mounts
+        writable = {target for target, options in mounts.items() if "rw" in options.split(",")}
+        assert writable <= WRITABLE_MOUNTS, writable - WRITABLE_MOUNTS
+        for target in ("/tmp", "/dev/shm"):
+            if target in mounts:
+                assert {"nosuid", "nodev"} <= set(mounts[target].split(",")), mounts[target]
+    # One uid per worker.
+    assert len(uids) == len(pids)
+
+
+NAMESPACES = ("net", "pid", "mnt", "ipc", "uts")
+# Its tmpfs, and the character devices any program writes to (/dev/null, ...); under
+# Docker also the masks over /proc entries (/dev/null, or an empty tmpfs) and the root-owned
+# tmpfs holding the (read-only) cgroup mounts.
+WRITABLE_MOUNTS = (
+    {"/tmp", "/dev/shm", "/dev", "/proc", "/sys/fs/cgroup"}
+    | {f"/dev/{name}" for name in ("null", "zero", "full", "random", "urandom", "tty", "pts")}
+    | {"/dev/mqueue", "/dev/console"}
+    | {f"/proc/{name}" for name in ("keys", "timer_list", "kcore", "latency_stats", "acpi")}
+    | {"/proc/sched_debug", "/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap"}
+)
+
+
+def _mounts_of(pid: int) -> dict[str, str]:
+    """Mount point -> its per-mount options, as the worker sees them."""
+    found = {}
+    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
+        fields = line.split()
+        found[fields[4]] = fields[5]
+    return found
+
+
+def test_kernel_settings_cannot_be_written(sandboxed: BastionServer) -> None:
+    before = Path("/proc/sys/kernel/core_pattern").read_bytes()
+    # Every writable-looking sysctl (764 of them opened for writing before the fix, with a
+    # root gateway under bubblewrap), without writing a byte.
+    report = attempt(sandboxed, "writable_files", top="/proc/sys")
+    assert report["escaped"] is False, report["opened"]
+    assert report["tried"] > 100 and report["opened"] == []
+    # core_pattern, for real (with its own value): a pipe there runs as host root.
+    assert blocked(sandboxed, "rewrite", path="/proc/sys/kernel/core_pattern") in {
+        "EROFS",
+        "EACCES",
+    }
+    assert blocked(sandboxed, "rewrite", path="/proc/sys/fs/suid_dumpable") in {"EROFS", "EACCES"}
+    assert blocked(sandboxed, "rewrite", path="/proc/sysrq-trigger") in {
+        "EROFS",
+        "EACCES",
+        "ENOENT",
+    }
+    # /sys: not there at all under bubblewrap, read-only under Docker.
+    report = attempt(sandboxed, "writable_files", top="/sys")
+    assert report["escaped"] is False, report.get("opened")
+    assert Path("/proc/sys/kernel/core_pattern").read_bytes() == before
+    assert_healthy(sandboxed)
+
+
+def test_no_set_user_id_files_devices_or_new_namespaces(sandboxed: BastionServer) -> None:
+    report = attempt(sandboxed, "setuid_file")
+    assert report["escaped"] is False, report
+    assert report["owner"] != 0 and report["nosuid"] is True
+    assert report["chown_to_root"] == "EPERM"
+    assert blocked(sandboxed, "mknod") == "EPERM"
+    for kind in ("user", "net"):
+        report = attempt(sandboxed, "new_namespace", flag=kind)
+        assert report["escaped"] is False, report
+        assert report["error"] == "EPERM" and report["clone_error"] == "EPERM", report
+    # io_uring: a large kernel surface the seccomp allow-list leaves out.
+    assert blocked(sandboxed, "io_uring") == "EPERM"
+    # Its own IPC directory (on the host's disk) is read-only; only its tmpfs is writable.
+    assert blocked(sandboxed, "write_beside_socket") == "EROFS"
+    assert_healthy(sandboxed)
 
 
 def test_no_network_at_all(sandboxed: BastionServer) -> None:

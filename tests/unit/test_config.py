@@ -32,3 +32,12 @@ def test_home_is_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.chdir(tmp_path)
     assert Settings.load({}).home == tmp_path / ".bastion"
     assert Settings.load({}, home=Path("rel")).home == tmp_path / "rel"
+
+
+def test_extra_runtimes_are_name_module_pairs() -> None:
+    settings = Settings.load({"BASTION_EXTRA_RUNTIMES": "mine=acme.runtime, other = x_y.z"})
+    assert settings.runtime_modules() == {"mine": "acme.runtime", "other": "x_y.z"}
+    assert Settings().runtime_modules() == {}
+    for bad in ("mine", "mine=", "=acme", "mine=../acme", "mine=acme-runtime"):
+        with pytest.raises(ValueError, match=r"name=python\.module"):
+            Settings(extra_runtimes=bad).runtime_modules()

@@ -20,10 +20,13 @@ async def readyz(request: Request) -> Response:
     if not gateway.started:
         return json_response({"status": "starting"}, status=503)
     states = [str(s.state) for s in gateway.supervisor.statuses().values()]
+    stalled = gateway.stalled_models()
     body: dict[str, object] = {
-        "status": "ready",
-        "models_ready": states.count("ready"),
+        # Degraded: a model's worker places are all held past the deadline.
+        "status": "degraded" if stalled else "ready",
+        "models_ready": states.count("ready") - len(stalled),
         "models_total": len(states),
+        "models_stalled": stalled,
         "sandbox": gateway.supervisor.sandbox.name,
         # Every backend set up: the server's, and those models asked for by option.
         "sandboxes": gateway.supervisor.sandboxes.names(),
@@ -36,8 +39,11 @@ async def readyz(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     gateway = gateway_of(request)
     gateway.authorize(authenticate(request), "metrics")
+    stalled = set(gateway.stalled_models())
     for name, status in gateway.supervisor.statuses().items():
-        gateway.metrics.model_ready.labels(name).set(1 if status.state == "ready" else 0)
+        ready = status.state == "ready" and name not in stalled
+        gateway.metrics.model_ready.labels(name).set(1 if ready else 0)
+        gateway.metrics.model_stalled.labels(name).set(1 if name in stalled else 0)
     return Response(gateway.metrics.render(), media_type=CONTENT_TYPE)
 
 

@@ -88,7 +88,10 @@ async def model_metadata(request: Request) -> Response:
 
 async def model_ready(request: Request) -> Response:
     _, _, name = _known_model(request, "models")
-    is_ready = gateway_of(request).supervisor.status(name).state == "ready"
+    gateway = gateway_of(request)
+    is_ready = (
+        gateway.supervisor.status(name).state == "ready" and name not in gateway.stalled_models()
+    )
     # The protocol answers readiness with the status code: 200 ready, 4xx not ready.
     if is_ready:
         return json_response({"name": name, "ready": True})

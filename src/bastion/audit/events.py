@@ -30,6 +30,8 @@ MODEL_FAILED = "model.failed"
 MODEL_INTEGRITY_FAILED = "model.integrity_failed"
 MODEL_UNLOADED = "model.unloaded"
 MODEL_REMOVED = "model.removed"
+# Places at a model's worker were held past the deadline (leaked) and taken back.
+MODEL_STALLED = "model.stalled"
 WORKER_CRASHED = "worker.crashed"
 WORKER_RESTARTED = "worker.restarted"
 SERVER_STARTED = "server.started"

@@ -9,13 +9,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bastion.audit.events import ACCESS_DENIED, SERVER_STOPPED, Event, EventSink
+from bastion.audit.events import (
+    ACCESS_DENIED,
+    MODEL_STALLED,
+    SERVER_STOPPED,
+    Event,
+    EventSink,
+)
 from bastion.config import Settings
 from bastion.crypto.ohttp_keys import OhttpKeyStore
 from bastion.errors import (
@@ -47,7 +54,7 @@ from bastion.models.registry import ModelRecord, ModelRegistry
 from bastion.models.status import PublishedStatus, StatusBoard
 from bastion.observability.metrics import Metrics
 from bastion.quotas.admission import Ticket, limit_headers
-from bastion.quotas.fair import FairQueue, QueueFull
+from bastion.quotas.fair import FairQueue, Hold, QueueFull
 from bastion.quotas.limiter import (
     InMemoryLimiter,
     Limiter,
@@ -69,6 +76,7 @@ from bastion.workers.protocol import (
     usage_of,
 )
 from bastion.workers.supervisor import ModelSpec, ModelStatus, Supervisor
+from bastion.workers.uids import grant_group_read
 
 logger = logging.getLogger("bastion.gateway")
 
@@ -77,6 +85,9 @@ SEALED_ACTIONS = frozenset({ACTION_CHAT, ACTION_COMPLETIONS, ACTION_EMBEDDINGS, 
 
 # The actor of changes the server makes by itself (first OHTTP key, key retirement).
 SYSTEM_ACTOR = "system"
+# Every hold on a worker's place ends by the request deadline; past it by this much more,
+# the place leaked and is taken back.
+LEAKED_HOLD_GRACE_S = 5.0
 
 
 class Gateway:
@@ -198,6 +209,14 @@ class Gateway:
             return replace(spec, bundle_error="A trusted publisher key file cannot be read.")
         except (IntegrityError, ConfigurationError) as exc:
             return replace(spec, bundle_error=str(exc)[:200])
+        if os.geteuid() == 0:
+            # A root gateway's workers run as users of their own, in the workers' group:
+            # that group, and no one else, may read the (encrypted) bundle.
+            try:
+                grant_group_read(spec.path, self.settings.worker_uid_base)
+            except OSError as exc:
+                reason = f"The bundle cannot be shared with its worker ({exc.strerror})."
+                return replace(spec, bundle_error=reason)
         return replace(spec, bundle_key=key, trusted_keys=trusted, publisher_keys=publishers)
 
     def resolve_model_path(self, path: str) -> Path:
@@ -216,6 +235,7 @@ class Gateway:
                     # Erases the retired private keys and bumps the revision: refresh reloads.
                     await asyncio.to_thread(self.ohttp_keys.retire_expired, SYSTEM_ACTOR)
                 await self.refresh()
+                self._reclaim_leaked()
                 await self._publish_statuses()
                 if time.monotonic() - self._flushed_at >= self.settings.usage_flush_interval_s:
                     await self._flush_usage()
@@ -305,6 +325,13 @@ class Gateway:
         status = self.supervisor.status(name)
         if status.state != "ready" or status.metadata is None:
             raise ModelUnavailable(_unavailable_message(name, status), retry_after_s=2)
+        queue = self._queues.get(name)
+        if queue is not None and queue.stalled(self.settings.request_timeout_s):
+            raise ModelUnavailable(
+                f"The model '{name}' is not making progress; retry shortly.",
+                code="model_stalled",
+                retry_after_s=5,
+            )
         if capability is not None:
             require_capability(name, status.metadata, capability)
         return status.metadata
@@ -365,27 +392,56 @@ class Gateway:
             )
         return queue
 
-    async def _acquire(self, model: str, tenant: str) -> FairQueue:
+    async def _acquire(self, model: str, tenant: str) -> Hold:
         """Wait for a place at the model's worker, in fair order across tenants (503 if
-        the queue is full); the caller releases it on the returned queue."""
+        the queue is full); the caller releases the hold."""
         queue = self._queue(model)
         try:
-            await queue.acquire(tenant)
+            return await queue.acquire(tenant)
         except QueueFull as exc:
             self._refused(tenant, model, exc.code)
             raise
-        return queue
+
+    def stalled_models(self) -> list[str]:
+        """Models whose every place at the worker has been held past the request deadline:
+        nothing moves there (a leaked place), until it is reclaimed."""
+        limit = self.settings.request_timeout_s
+        return sorted(name for name, queue in self._queues.items() if queue.stalled(limit))
+
+    def _reclaim_leaked(self) -> None:
+        """Take back places held well past the deadline, which every request's hold ends
+        by: they leaked. Each is reported (event, metric, log), never silently lost."""
+        limit = self.settings.request_timeout_s + LEAKED_HOLD_GRACE_S
+        for model, queue in self._queues.items():
+            leaked = queue.overdue(limit)
+            if not leaked:
+                continue
+            logger.error(
+                "places at a model's worker were held past the deadline; reclaimed",
+                extra={"model": model, "reclaimed": len(leaked)},
+            )
+            self.events.emit(
+                Event(
+                    kind=MODEL_STALLED,
+                    outcome="failure",
+                    target=model,
+                    detail={"reclaimed": len(leaked), "slots": queue.slots},
+                )
+            )
+            self.metrics.slots_reclaimed.labels(model).inc(len(leaked))
+            for hold in leaked:
+                queue.reclaim(hold)
 
     async def call(self, model: str, message: WorkRequest, ticket: Ticket) -> FromWorker:
         """Send one request and wait for its final answer, within the request deadline
         (which the wait in the model's fair queue counts toward)."""
         try:
             async with asyncio.timeout(self.settings.request_timeout_s):
-                queue = await self._acquire(model, ticket.principal.tenant_name)
+                hold = await self._acquire(model, ticket.principal.tenant_name)
                 try:
                     return await self.supervisor.call(model, message, self._settler(ticket))
                 finally:
-                    queue.release()
+                    hold.release()
         except TimeoutError:
             raise GatewayTimeout("The model did not answer in time.") from None
 
@@ -398,7 +454,7 @@ class Gateway:
         deadline = loop.time() + self.settings.request_timeout_s
         try:
             async with asyncio.timeout_at(deadline):
-                queue = await self._acquire(model, ticket.principal.tenant_name)
+                hold = await self._acquire(model, ticket.principal.tenant_name)
         except TimeoutError:
             raise GatewayTimeout("The model did not answer in time.") from None
         try:
@@ -419,7 +475,7 @@ class Gateway:
                 # Closing the worker stream early tells the worker to cancel the job.
                 await replies.aclose()
         finally:
-            queue.release()
+            hold.release()
 
     def _settler(self, ticket: Ticket) -> Settle:
         """Accounts a request's usage from its final reply, as soon as the worker sends it:

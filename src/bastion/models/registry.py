@@ -71,11 +71,18 @@ class ModelRegistry:
     """Register, list, load, unload and remove models, on behalf of a principal."""
 
     def __init__(
-        self, db: Database, events: EventSink, *, clock: Callable[[], float] = time.time
+        self,
+        db: Database,
+        events: EventSink,
+        *,
+        clock: Callable[[], float] = time.time,
+        extra_runtimes: Mapping[str, str] | None = None,
     ) -> None:
         self._db = db
         self._events = events
         self._clock = clock
+        # The operator's own runtimes (BASTION_EXTRA_RUNTIMES) beside the built-in ones.
+        self.runtimes = {**(extra_runtimes or {}), **RUNTIMES}
 
     def register(
         self,
@@ -92,9 +99,9 @@ class ModelRegistry:
         """Add a model (admin only); Conflict if the name is taken, unless `replace`."""
         actor.require_admin()
         validate_model_name(name)
-        if runtime not in RUNTIMES:
+        if runtime not in self.runtimes:
             raise InvalidRequest(
-                f"Unknown runtime; expected one of {', '.join(sorted(RUNTIMES))}.",
+                f"Unknown runtime; expected one of {', '.join(sorted(self.runtimes))}.",
                 param="runtime",
             )
         _validate_desired_state(desired_state)

@@ -78,6 +78,18 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        self.model_stalled = Gauge(
+            "bastion_model_stalled",
+            "1 while every place at the model's worker has been held past the deadline.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.slots_reclaimed = Counter(
+            "bastion_fair_queue_slots_reclaimed",
+            "Places at a model's worker held past the deadline (leaked) and taken back.",
+            ["model"],
+            registry=self.registry,
+        )
         self.in_flight = Gauge(
             "bastion_in_flight_requests",
             "Requests being served now.",

@@ -14,6 +14,12 @@ unless another tenant holds more waiting requests than the newcomer's tenant: th
 tenant's newest waiting request is refused instead, so a flood cannot lock others out.
 A request that gives up while waiting (its deadline passed, its client left) leaves the
 queue at once.
+
+A request that gets a place holds a :class:`Hold` until it gives it back
+(:meth:`Hold.release`, idempotent), so the accounting holds whatever the interleaving:
+free places + held places == slots, always. A hold kept past the request deadline means
+a place leaked: :meth:`FairQueue.overdue` finds it, and :meth:`FairQueue.reclaim` takes it
+back (the gateway reports it).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -33,12 +40,26 @@ class QueueFull(ModelUnavailable):
     code = "queue_full"
 
 
+@dataclass(slots=True, eq=False)
+class Hold:
+    """A request's place at the worker, from the moment it is given until released."""
+
+    queue: FairQueue = field(repr=False)
+    tenant: str
+    since: float
+    released: bool = False
+
+    def release(self) -> None:
+        """Give the place back (to the next waiter in fair order); idempotent."""
+        self.queue._release(self)
+
+
 @dataclass(slots=True)
 class _Waiter:
     tenant: str
     tag: float
     seq: int
-    future: asyncio.Future[None] = field(repr=False)
+    future: asyncio.Future[Hold] = field(repr=False)
 
 
 class FairQueue:
@@ -51,57 +72,96 @@ class FairQueue:
         weight_of: Callable[[str], float] = lambda tenant: 1.0,
         *,
         retry_after_s: int = 1,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if slots < 1:
             raise ConfigurationError("BASTION_MODEL_CONCURRENCY must be at least 1.")
         if size < 0:
             raise ConfigurationError("BASTION_QUEUE_SIZE cannot be negative.")
+        self.slots = slots
         self._free = slots
         self._size = size
         self._weight_of = weight_of
         self._retry_after_s = retry_after_s
+        self._clock = clock
         self._virtual = 0.0
         self._last_tag: dict[str, float] = {}
         self._waiting: dict[str, collections.deque[_Waiter]] = {}
         self._queued = 0
         self._seq = itertools.count()
+        self._held: set[Hold] = set()
 
     @property
     def queued(self) -> int:
         """Requests waiting now."""
         return self._queued
 
-    async def acquire(self, tenant: str) -> None:
-        """Wait for a slot at the worker; raises QueueFull if the queue is full."""
+    @property
+    def free(self) -> int:
+        """Places at the worker nobody holds."""
+        return self._free
+
+    @property
+    def held(self) -> int:
+        """Places held now."""
+        return len(self._held)
+
+    async def acquire(self, tenant: str) -> Hold:
+        """Wait for a place at the worker; raises QueueFull if the queue is full. The
+        caller gives the place back with :meth:`Hold.release`."""
         tag = self._tag(tenant)
         if self._free > 0 and not self._queued:
             self._free -= 1
             self._virtual = max(self._virtual, tag - 1.0 / self._weight(tenant))
-            return
+            return self._hold(tenant)
         if self._queued >= self._size:
             self._make_room(tenant)
         waiter = _Waiter(tenant, tag, next(self._seq), asyncio.get_running_loop().create_future())
         self._waiting.setdefault(tenant, collections.deque()).append(waiter)
         self._queued += 1
         try:
-            await waiter.future
+            return await waiter.future
         except BaseException:
-            if waiter.future.done() and not waiter.future.cancelled():
-                if waiter.future.exception() is None:
-                    # Given the slot just as it gave up: pass the slot on.
-                    self.release()
+            future = waiter.future
+            if future.done() and not future.cancelled() and future.exception() is None:
+                # Given the place just as it gave up: pass it on.
+                future.result().release()
             else:
                 self._remove(waiter)
             raise
 
-    def release(self) -> None:
-        """A request that held a slot is done with the worker."""
-        waiter = self._next()
-        if waiter is None:
-            self._free += 1
+    def overdue(self, limit_s: float) -> list[Hold]:
+        """Places held for longer than `limit_s` (a request's deadline bounds a hold)."""
+        now = self._clock()
+        return [hold for hold in self._held if now - hold.since > limit_s]
+
+    def stalled(self, limit_s: float) -> bool:
+        """Every place held, and one of them for longer than `limit_s`: nothing moves."""
+        return self._free == 0 and bool(self.overdue(limit_s))
+
+    def reclaim(self, hold: Hold) -> None:
+        """Take back a leaked place; a later release of it does nothing."""
+        self._release(hold)
+
+    def _hold(self, tenant: str) -> Hold:
+        hold = Hold(self, tenant, self._clock())
+        self._held.add(hold)
+        return hold
+
+    def _release(self, hold: Hold) -> None:
+        if hold.released:
             return
-        self._virtual = max(self._virtual, waiter.tag - 1.0 / self._weight(waiter.tenant))
-        waiter.future.set_result(None)
+        hold.released = True
+        self._held.discard(hold)
+        while (waiter := self._next()) is not None:
+            # A waiter whose deadline cancelled it, not yet woken to leave the queue:
+            # it cannot take the place; the next one does.
+            if waiter.future.done():
+                continue
+            self._virtual = max(self._virtual, waiter.tag - 1.0 / self._weight(waiter.tenant))
+            waiter.future.set_result(self._hold(waiter.tenant))
+            return
+        self._free += 1
 
     # ------------------------------------------------------------------ internals
 
@@ -138,10 +198,12 @@ class FairQueue:
         longest = max(self._waiting.values(), key=len, default=None)
         if longest is None or len(longest) <= mine + 1:
             raise self._full()
-        # The tenant holding the most of the queue gives up its newest request.
+        # The tenant holding the most of the queue gives up its newest request (one that
+        # already gave up only needs to leave).
         victim = longest[-1]
         self._remove(victim)
-        victim.future.set_exception(self._full())
+        if not victim.future.done():
+            victim.future.set_exception(self._full())
 
     def _remove(self, waiter: _Waiter) -> None:
         queue = self._waiting.get(waiter.tenant)

@@ -30,8 +30,6 @@ RUNTIMES: Mapping[str, str] = {
     "text-generation": "bastion.runtimes.textgen",
     "sentence-embedding": "bastion.runtimes.embeddings",
     "echo": "bastion.runtimes.echo",
-    # A test fixture: tries to escape its sandbox and reports how far it got.
-    "escape-test": "bastion.runtimes.escape",
 }
 
 # Called with (choice index, text) for each piece of a streamed generation.
@@ -138,12 +136,13 @@ class RuntimeLoader(Protocol):
     def __call__(self, source: Path | ModelFiles, options: Mapping[str, Any]) -> Runtime: ...
 
 
-def load_runtime(name: str, path: Path | ModelFiles, options: Mapping[str, Any]) -> Runtime:
-    """Load the model at `path` (a directory, or files in memory) with the runtime `name`."""
-    try:
-        module_name = RUNTIMES[name]
-    except KeyError:
-        raise ValueError(f"unknown runtime {name!r}") from None
-    module = importlib.import_module(module_name)
-    loader: RuntimeLoader = module.load
+def load_runtime(
+    name: str, path: Path | ModelFiles, options: Mapping[str, Any], module: str | None = None
+) -> Runtime:
+    """Load the model at `path` (a directory, or files in memory) with the runtime `name`:
+    a built-in one, or else the operator's `module` (BASTION_EXTRA_RUNTIMES)."""
+    module_name = RUNTIMES.get(name, module)
+    if module_name is None:
+        raise ValueError(f"unknown runtime {name!r}")
+    loader: RuntimeLoader = importlib.import_module(module_name).load
     return loader(path, options)

@@ -5,15 +5,15 @@ A worker started by :class:`DockerSandbox` runs as ``python -m bastion.workers.m
 container created through the Docker SDK:
 
 - network mode ``none`` (a loopback and nothing else), its own PID, IPC, UTS and mount
-  namespaces, host name ``bastion-worker``; a non-root user (uid/gid 65534 when the
-  gateway runs as root, otherwise the gateway's own uid), every capability dropped,
-  ``no-new-privileges``, a seccomp profile denying the same system calls as bubblewrap's
-  (plus namespace-creating ``clone``);
+  namespaces, host name ``bastion-worker``; a non-root user (a host uid of its own from
+  :mod:`bastion.workers.uids` when the gateway runs as root, otherwise the gateway's own
+  uid), every capability dropped, ``no-new-privileges``, and the same seccomp allow-list
+  as bubblewrap's (:mod:`bastion.workers.seccomp`) in place of Docker's default;
 - a read-only root from a tiny image built here from files (no registry): empty mount
   points and the links a merged-``/usr`` system has. Read-only binds of the host's
   ``/usr``, the Python runtime (the same :func:`~bastion.workers.bwrap.runtime_paths` as
-  bubblewrap), the linker cache, the time zone and the model's directory; the private IPC
-  directory is the only writable bind; a size-limited tmpfs ``/tmp``;
+  bubblewrap), the linker cache, the time zone, the model's directory and the private IPC
+  directory; a size-limited tmpfs ``/tmp`` (also its HOME) is its only writable place;
 - memory (no swap), CPU and PID limits from the container's cgroup; open-file, file-size
   and core-dump ulimits; a small init (``docker-init``) as PID 1 that forwards signals.
 
@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import errno
 import hashlib
 import io
-import json
 import logging
 import os
 import signal
@@ -41,8 +39,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bastion.errors import ConfigurationError
-from bastion.workers.bwrap import DENIED_SYSCALLS, SANDBOX_ID, runtime_paths
-from bastion.workers.sandbox import OUTPUT_LOGGER, WorkerLaunch, forward_output, worker_environment
+from bastion.workers.bwrap import WORKER_TMP, runtime_paths
+from bastion.workers.sandbox import (
+    OUTPUT_LOGGER,
+    WorkerLaunch,
+    check_readable,
+    forward_output,
+    hand_over,
+    worker_environment,
+)
+from bastion.workers.seccomp import docker_profile
+from bastion.workers.uids import WorkerUid, WorkerUids
 
 logger = logging.getLogger("bastion.workers.docker")
 T = TypeVar("T")
@@ -53,9 +60,6 @@ IMAGE_REPOSITORY = "bastion-worker-root"
 # How long a call to the engine may take before the SDK gives up on it. (Stopping a
 # worker is the supervisor's: SIGTERM, then SIGKILL after its own grace period.)
 _ENGINE_TIMEOUT_S = 30
-# The flag of clone() that creates a user namespace: refused, as bubblewrap's
-# --disable-userns does.
-_CLONE_NEWUSER = 0x10000000
 _OUTPUT_CHUNK = 65536
 
 
@@ -69,35 +73,6 @@ class ContainerLimits:
     open_files: int = 4096
     file_bytes: int = 1024**3
     tmp_bytes: int = 256 * 1024**2
-
-
-def seccomp_profile() -> str:
-    """A Docker seccomp profile (JSON) denying :data:`DENIED_SYSCALLS` with EPERM.
-
-    It replaces Docker's default allowlist with bubblewrap's denylist, so both backends
-    refuse the same calls; the calls the default profile also refuses need capabilities,
-    which the container does not have.
-    """
-    rules: list[dict[str, Any]] = [
-        {"names": list(DENIED_SYSCALLS), "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EPERM},
-        {
-            "names": ["clone"],
-            "action": "SCMP_ACT_ERRNO",
-            "errnoRet": errno.EPERM,
-            "args": [
-                {
-                    "index": 0,
-                    "value": _CLONE_NEWUSER,
-                    "valueTwo": _CLONE_NEWUSER,
-                    "op": "SCMP_CMP_MASKED_EQ",
-                }
-            ],
-        },
-        # clone3 passes its flags in memory, where seccomp cannot look: ENOSYS makes the C
-        # library fall back to clone, which the rule above checks.
-        {"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.ENOSYS},
-    ]
-    return json.dumps({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": rules})
 
 
 def image_context() -> bytes:
@@ -135,17 +110,6 @@ def image_context() -> bytes:
     return buffer.getvalue()
 
 
-def container_user(gateway_uid: int, gateway_gid: int) -> tuple[int, int]:
-    """The uid and gid a worker runs as: never root.
-
-    A gateway that is not root runs its workers as itself (they read what it can read,
-    as under bubblewrap); a root gateway runs them as "nobody".
-    """
-    if gateway_uid == 0:
-        return SANDBOX_ID, SANDBOX_ID
-    return gateway_uid, gateway_gid
-
-
 class DockerSandbox:
     """Starts each worker in a Docker container; see the module documentation."""
 
@@ -157,11 +121,15 @@ class DockerSandbox:
         *,
         environ: Mapping[str, str] | None = None,
         client: Any = None,
+        uids: WorkerUids | None = None,
     ) -> None:
         self._limits = limits or ContainerLimits()
         self._environ = environ
+        # As root, each worker runs as a host uid of its own; otherwise as the gateway's.
+        if os.geteuid() == 0 and uids is None:
+            raise ConfigurationError("A root gateway needs a range of worker uids.")
+        self._uids = uids
         self._client = client if client is not None else connect()
-        self._uid, self._gid = container_user(os.getuid(), os.getgid())
         self._gateway = _gateway_label()
         self._image: str | None = None
 
@@ -185,15 +153,20 @@ class DockerSandbox:
         parent = os.environ if self._environ is None else self._environ
         if self._image is None:
             await asyncio.to_thread(self._ensure_image)
-        if self._uid != os.getuid():
-            if launch.model_dir != Path("/"):
-                check_readable(launch.model_dir, self._uid, self._gid)
-            _hand_over(launch.ipc_dir, self._uid, self._gid)
-        spec = self.container_spec(launch, parent)
+        user = self._uids.claim() if self._uids is not None else None
         try:
+            if user is not None:
+                if launch.model_dir != Path("/"):
+                    check_readable(launch.model_dir, user.uid, user.gid, (user.group,))
+                hand_over(launch.ipc_dir, user.uid, user.gid)
+            spec = self.container_spec(launch, parent, user=user)
             container = await asyncio.to_thread(self._client.containers.create, **spec)
-        except DockerException as exc:
-            raise _refused(exc) from None
+        except BaseException as exc:
+            if user is not None:
+                user.release()
+            if isinstance(exc, DockerException):
+                raise _refused(exc) from None
+            raise
         try:
             # Attached before the start, so that no early output is lost.
             stream = await asyncio.to_thread(
@@ -203,13 +176,18 @@ class DockerSandbox:
             await asyncio.to_thread(container.reload)
         except BaseException as exc:
             await asyncio.to_thread(_ignore_gone, lambda: container.remove(force=True))
+            if user is not None:
+                user.release()
             if isinstance(exc, DockerException):
                 raise _refused(exc) from None
             raise
-        return DockerWorker(container, launch.worker_id, stream)
+        return DockerWorker(container, launch.worker_id, stream, user)
 
-    def container_spec(self, launch: WorkerLaunch, environ: Mapping[str, str]) -> dict[str, Any]:
-        """The keyword arguments of ``containers.create`` for `launch`."""
+    def container_spec(
+        self, launch: WorkerLaunch, environ: Mapping[str, str], *, user: WorkerUid | None = None
+    ) -> dict[str, Any]:
+        """The keyword arguments of ``containers.create`` for `launch`, run as `user`
+        (None: the gateway's own uid)."""
         from docker.types import LogConfig, Mount, Ulimit
 
         limits = self._limits
@@ -220,27 +198,30 @@ class DockerSandbox:
         if launch.model_dir != Path("/"):
             model = str(launch.model_dir)
             mounts.append(Mount(model, model, type="bind", read_only=True))
+        # Read-only: the worker only connects to its socket; it writes to its tmpfs only.
         ipc = str(launch.ipc_dir)
-        mounts.append(Mount(ipc, ipc, type="bind", read_only=False))
+        mounts.append(Mount(ipc, ipc, type="bind", read_only=True))
         ulimits = [Ulimit(name="core", soft=0, hard=0)]
         if limits.open_files:
             ulimits.append(Ulimit(name="nofile", soft=limits.open_files, hard=limits.open_files))
         if limits.file_bytes:
             ulimits.append(Ulimit(name="fsize", soft=limits.file_bytes, hard=limits.file_bytes))
         tmp_size = f"size={limits.tmp_bytes}," if limits.tmp_bytes else ""
+        uid, gid = (user.uid, user.gid) if user is not None else (os.getuid(), os.getgid())
         spec: dict[str, Any] = {
             "image": self._image or image_tag(),
             "command": launch.argv,
             "name": f"bastion-{self._gateway.split(':')[0]}-{launch.worker_id}",
             "labels": {LABEL: launch.worker_id, GATEWAY_LABEL: self._gateway},
-            "environment": worker_environment(launch, environ),
+            "environment": worker_environment(launch, environ, home=WORKER_TMP),
             "working_dir": ipc,
-            "user": f"{self._uid}:{self._gid}",
+            "user": f"{uid}:{gid}",
+            "group_add": [str(user.group)] if user is not None else [],
             "hostname": "bastion-worker",
             "network_mode": "none",
             "read_only": True,
             "cap_drop": ["ALL"],
-            "security_opt": ["no-new-privileges", f"seccomp={seccomp_profile()}"],
+            "security_opt": ["no-new-privileges", f"seccomp={docker_profile()}"],
             "init": True,
             "ipc_mode": "private",
             "mounts": mounts,
@@ -284,8 +265,12 @@ class DockerSandbox:
 class DockerWorker:
     """A worker running in a container; it is removed once it has exited."""
 
-    def __init__(self, container: Any, worker_id: str, stream: Any) -> None:
+    def __init__(
+        self, container: Any, worker_id: str, stream: Any, user: WorkerUid | None = None
+    ) -> None:
         self._container = container
+        # Given back once the container is gone: nothing runs as this uid any more.
+        self._user = user
         state = container.attrs["State"]
         self._pid = int(state["Pid"])
         self._returncode: int | None = None
@@ -334,6 +319,8 @@ class DockerWorker:
             code = -signal.SIGKILL
         finally:
             await asyncio.to_thread(_ignore_gone, lambda: container.remove(force=True))
+            if self._user is not None:
+                self._user.release()
         # docker-init reports a worker killed by signal N as 128 + N; as for a child
         # process, a negative status says "killed by that signal".
         if 128 < code <= 128 + 64:
@@ -399,38 +386,6 @@ def _system_paths() -> list[Path]:
             paths.append(path)
     paths += [p for p in (Path("/etc/ld.so.cache"), Path("/etc/localtime")) if p.exists()]
     return paths
-
-
-def check_readable(path: Path, uid: int, gid: int) -> None:
-    """ConfigurationError unless `uid`/`gid` may list and enter `path` (the model's directory).
-
-    A root gateway's workers run as another user, who may not read an owner-only model
-    directory (a bundle's, for one); say so, rather than let the worker fail on it.
-    """
-    info = path.stat()
-    if info.st_uid == uid:
-        bits = (info.st_mode >> 6) & 0o7
-    elif info.st_gid == gid:
-        bits = (info.st_mode >> 3) & 0o7
-    else:
-        bits = info.st_mode & 0o7
-    if bits & 0o5 != 0o5:
-        raise ConfigurationError(
-            f"the model's directory is not readable by uid {uid}, the user of Docker workers "
-            "when the gateway runs as root; serve it with bwrap, run the gateway as another "
-            "user, or let that uid read it"
-        )
-
-
-def _hand_over(ipc_dir: Path, uid: int, gid: int) -> None:
-    """Give the worker's private directory (and the socket in it) to the container's user.
-
-    It stays 0700 inside the gateway's own 0700 runtime directory: no other user on the
-    host can reach it, and no other container has it mounted.
-    """
-    os.chown(ipc_dir, uid, gid)
-    for entry in ipc_dir.iterdir():
-        os.chown(entry, uid, gid, follow_symlinks=False)
 
 
 def _refused(exc: Exception) -> ConfigurationError:

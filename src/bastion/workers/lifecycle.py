@@ -173,6 +173,7 @@ class WorkerLifecycle:
         # The OHTTP keys in force, read when a worker starts (rotations reach running
         # workers through the supervisor).
         self._sealing_keys = sealing_keys
+        self._extra_runtimes = settings.runtime_modules()
         self._check_interval_s = min(
             1.0, max(0.05, min(settings.heartbeat_interval_s, settings.heartbeat_timeout_s / 4))
         )
@@ -306,6 +307,7 @@ class WorkerLifecycle:
             runtime=spec.runtime,
             path=str(spec.path),
             options=dict(spec.options),
+            runtime_module=self._extra_runtimes.get(spec.runtime),
             heartbeat_interval_s=settings.heartbeat_interval_s,
             bundle_key=spec.bundle_key,
             trusted_keys=list(spec.trusted_keys),

@@ -489,14 +489,14 @@ def _load_model(load: LoadModel) -> Runtime:
 
             torch.set_num_threads(threads)
     if load.bundle_key is None:
-        return load_runtime(load.runtime, Path(load.path), load.options)
+        return load_runtime(load.runtime, Path(load.path), load.options, load.runtime_module)
     # A bundle: decrypted and checked against its signed manifest here, in memory.
     bundle = read_bundle(Path(load.path))
     expect_identity(bundle, load.model, load.options.get(BUNDLE_OPTION))
     _, files = open_bundle_with_key(
         bundle, load.bundle_key, load.trusted_keys, publisher_keys=load.publisher_keys
     )
-    return load_runtime(load.runtime, ModelFiles(memory=files), load.options)
+    return load_runtime(load.runtime, ModelFiles(memory=files), load.options, load.runtime_module)
 
 
 def _thread_count(options: Mapping[str, Any]) -> int | None:

@@ -78,6 +78,8 @@ class LoadModel(Message, frozen=True, kw_only=True):
     runtime: str
     path: str
     options: dict[str, Any] = {}
+    # The module of a runtime that is not built in (the operator's BASTION_EXTRA_RUNTIMES).
+    runtime_module: str | None = None
     heartbeat_interval_s: float = 1.0
     # For a bundle (scanned, signed, encrypted model): its data key, unsealed by the
     # gateway, and the public keys its signature may come from. The worker decrypts and

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from bastion.errors import ConfigurationError
+from bastion.workers.uids import WorkerUids
 
 if TYPE_CHECKING:
     from bastion.config import Settings
@@ -98,11 +99,14 @@ def worker_argv(endpoint: str, log_level: str = "info", python: str | None = Non
     return [executable, *module, "--endpoint", endpoint, "--log-level", log_level]
 
 
-def worker_environment(launch: WorkerLaunch, parent: Mapping[str, str]) -> dict[str, str]:
+def worker_environment(
+    launch: WorkerLaunch, parent: Mapping[str, str], *, home: str | None = None
+) -> dict[str, str]:
     """The whole environment of a worker: a few fixed variables, never the parent's secrets.
 
-    Only PATH and PYTHONPATH come from the parent. `launch.env` may tune the defaults (thread
-    counts) but cannot lift the offline switches or move HOME out of the private directory.
+    Only PATH and PYTHONPATH come from the parent. HOME is `home` (a sandbox's private
+    tmpfs), else the worker's private directory. `launch.env` may tune the defaults (thread
+    counts) but cannot lift the offline switches or move HOME.
     """
     env = {
         "PATH": parent.get("PATH", os.defpath),
@@ -119,12 +123,46 @@ def worker_environment(launch: WorkerLaunch, parent: Mapping[str, str]) -> dict[
     env.update(launch.env)
     env.update(
         {
-            "HOME": str(launch.ipc_dir),
+            "HOME": home or str(launch.ipc_dir),
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
         }
     )
     return env
+
+
+def check_readable(path: Path, uid: int, gid: int, groups: tuple[int, ...] = ()) -> None:
+    """ConfigurationError unless `uid` (primary group `gid`, supplementary `groups`) may
+    list and enter `path`, the model's directory.
+
+    A root gateway's workers run as users of their own, who may not read an owner-only
+    model directory; say so, rather than let the worker fail on it.
+    """
+    info = path.stat()
+    if info.st_uid == uid:
+        bits = (info.st_mode >> 6) & 0o7
+    elif info.st_gid == gid or info.st_gid in groups:
+        bits = (info.st_mode >> 3) & 0o7
+    else:
+        bits = info.st_mode & 0o7
+    if bits & 0o5 != 0o5:
+        group = f" or group {groups[0]}" if groups else ""
+        raise ConfigurationError(
+            f"the model's directory is not readable by uid {uid}, the user its worker runs "
+            f"as when the gateway runs as root: let that uid{group} read it "
+            "(chmod o+rX, or chgrp and g+rX), or run the gateway as another user"
+        )
+
+
+def hand_over(ipc_dir: Path, uid: int, gid: int) -> None:
+    """Give the worker's private directory (and the socket in it) to the worker's user.
+
+    It stays 0700 inside the gateway's own 0700 runtime directory: no other user on the
+    host can reach it, and no other worker has it mounted (read-only, for its own).
+    """
+    os.chown(ipc_dir, uid, gid)
+    for entry in ipc_dir.iterdir():
+        os.chown(entry, uid, gid, follow_symlinks=False)
 
 
 class SubprocessWorker:
@@ -228,6 +266,7 @@ def make_sandbox(
     name = backend or settings.sandbox
     if settings.unsafe_no_sandbox and backend is None:
         return SubprocessSandbox(environ)
+    uids = worker_uids(settings) if name in MODEL_BACKENDS else None
     if name == "bwrap":
         from bastion.workers.bwrap import BwrapSandbox, WorkerLimits
         from bastion.workers.cgroups import CgroupLimits, detect
@@ -252,7 +291,7 @@ def make_sandbox(
             file_bytes=settings.worker_file_bytes,
             tmp_bytes=settings.worker_tmp_bytes,
         )
-        return BwrapSandbox(limits, environ=environ, cgroups=cgroups)
+        return BwrapSandbox(limits, environ=environ, cgroups=cgroups, uids=uids)
     if name == "docker":
         from bastion.workers.docker import ContainerLimits, DockerSandbox
 
@@ -266,6 +305,7 @@ def make_sandbox(
                 tmp_bytes=settings.worker_tmp_bytes,
             ),
             environ=environ,
+            uids=uids,
         )
     if name in ("none", "subprocess"):
         raise ConfigurationError(
@@ -273,6 +313,14 @@ def make_sandbox(
             "--unsafe-no-sandbox (or BASTION_UNSAFE_NO_SANDBOX=true) to say so."
         )
     raise ConfigurationError(f"Unknown sandbox backend {name!r}; known: bwrap, docker, none.")
+
+
+def worker_uids(settings: Settings) -> WorkerUids | None:
+    """The host uids a root gateway's workers run as; None when not root (workers then run
+    as the gateway's own uid, which is not root either)."""
+    if os.geteuid() != 0:
+        return None
+    return WorkerUids(settings.worker_uid_base, settings.worker_uid_count)
 
 
 def check_sandbox_option(options: Mapping[str, object]) -> None:

@@ -132,3 +132,17 @@ def test_only_admins_change_the_registry(registry: ModelRegistry, role: str) -> 
     with pytest.raises(PermissionDenied):
         registry.remove(principal, "tiny-chat")
     assert registry.get("tiny-chat").desired_state == "loaded"
+
+
+def test_the_hostile_test_runtime_is_not_a_runtime_of_bastion(
+    db: Database, events: MemoryEventSink
+) -> None:
+    # It used to sit in the production table, where any admin could register it.
+    with pytest.raises(InvalidRequest, match="Unknown runtime"):
+        _register(ModelRegistry(db, events), "hostile", runtime="escape-test")
+    # Only an operator's configuration (BASTION_EXTRA_RUNTIMES) adds a runtime.
+    extended = ModelRegistry(db, events, extra_runtimes={"escape-test": "hostile_runtime"})
+    assert _register(extended, "hostile", runtime="escape-test").runtime == "escape-test"
+    # An extra runtime cannot replace a built-in one.
+    shadowing = ModelRegistry(db, events, extra_runtimes={"onnx": "evil"})
+    assert shadowing.runtimes["onnx"] == "bastion.runtimes.onnx"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tarfile
+import tempfile
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -14,15 +15,16 @@ import pytest
 from bastion.config import Settings
 from bastion.errors import ConfigurationError
 from bastion.workers import docker as docker_backend
-from bastion.workers.bwrap import DENIED_SYSCALLS
-from bastion.workers.docker import (
-    ContainerLimits,
-    DockerSandbox,
+from bastion.workers.docker import ContainerLimits, DockerSandbox, image_context
+from bastion.workers.sandbox import (
+    Sandboxes,
+    SubprocessSandbox,
+    WorkerLaunch,
     check_readable,
-    container_user,
-    image_context,
+    make_sandbox,
 )
-from bastion.workers.sandbox import Sandboxes, SubprocessSandbox, WorkerLaunch, make_sandbox
+from bastion.workers.seccomp import ALLOWED_SYSCALLS, DENIED_SYSCALLS
+from bastion.workers.uids import WorkerUids
 
 MiB = 1024 * 1024
 LAUNCH = WorkerLaunch(
@@ -36,8 +38,16 @@ LAUNCH = WorkerLaunch(
 def _spec(monkeypatch: pytest.MonkeyPatch, **limits: Any) -> dict[str, Any]:
     runtime = [Path("/opt/python"), Path("/tmp/clone/.venv"), Path("/usr/lib/python3")]
     monkeypatch.setattr(docker_backend, "runtime_paths", lambda environ: runtime)
-    sandbox = DockerSandbox(ContainerLimits(**limits), client=object())
-    return sandbox.container_spec(LAUNCH, {"PATH": "/usr/bin", "SECRET": "no"})
+    uids = WorkerUids(1_900_000_000, 4, lock_dir=_LOCKS)
+    sandbox = DockerSandbox(ContainerLimits(**limits), client=object(), uids=uids)
+    user = uids.claim()
+    try:
+        return sandbox.container_spec(LAUNCH, {"PATH": "/usr/bin", "SECRET": "no"}, user=user)
+    finally:
+        user.release()
+
+
+_LOCKS = Path(tempfile.mkdtemp(prefix="bastion-test-uids-"))
 
 
 def _mounts(spec: dict[str, Any]) -> dict[str, bool]:
@@ -59,18 +69,24 @@ def test_the_container_has_no_network_no_capabilities_and_a_read_only_root(
     assert "no-new-privileges" in spec["security_opt"]
     assert "privileged" not in spec and "pid_mode" not in spec and "volumes" not in spec
     uid, gid = (int(part) for part in spec["user"].split(":"))
-    assert uid != 0 and gid != 0
+    # A user of its own (a root gateway's), in the workers' group.
+    assert 1_900_000_000 < uid <= 1_900_000_004 and gid == uid
+    assert spec["group_add"] == ["1900000000"]
     assert spec["hostname"] == "bastion-worker"
     assert spec["command"] == LAUNCH.argv
     assert spec["labels"]["bastion.worker"] == "w1"
     # The worker's environment is built, never the gateway's passed through.
     assert "SECRET" not in spec["environment"]
-    assert spec["environment"]["HOME"] == str(LAUNCH.ipc_dir)
+    assert spec["environment"]["HOME"] == "/tmp"
 
 
-def test_only_the_ipc_directory_is_mounted_writable(monkeypatch: pytest.MonkeyPatch) -> None:
-    binds = _mounts(_spec(monkeypatch))
-    assert [target for target, read_only in binds.items() if not read_only] == ["/tmp/bastion-x/w1"]
+def test_nothing_of_the_host_is_mounted_writable(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = _spec(monkeypatch)
+    binds = _mounts(spec)
+    # The worker's own directory (its socket) too: its only writable place is its tmpfs.
+    assert [target for target, read_only in binds.items() if not read_only] == []
+    assert binds["/tmp/bastion-x/w1"] is True
+    assert "nosuid" in spec["tmpfs"]["/tmp"] and "nodev" in spec["tmpfs"]["/tmp"]
     # The runtime, the model's own directory and /usr, read-only; paths under /usr come
     # with /usr itself.
     for target in ("/usr", "/opt/python", "/tmp/clone/.venv", "/srv/home/bundles/m/1"):
@@ -103,20 +119,20 @@ def test_zero_means_no_limit_of_that_kind(monkeypatch: pytest.MonkeyPatch) -> No
     assert "mem_limit" not in spec and "nano_cpus" not in spec and spec["pids_limit"] is None
 
 
-def test_the_seccomp_profile_denies_what_bubblewrap_denies(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_the_seccomp_profile_is_the_shared_allow_list(monkeypatch: pytest.MonkeyPatch) -> None:
     option = next(o for o in _spec(monkeypatch)["security_opt"] if o.startswith("seccomp="))
     profile = json.loads(option.removeprefix("seccomp="))
-    denied = {
+    # Not Docker's default (which allows io_uring, for one), and not a deny-list.
+    assert profile["defaultAction"] == "SCMP_ACT_ERRNO"
+    allowed = {
         name
         for rule in profile["syscalls"]
-        if rule["action"] == "SCMP_ACT_ERRNO" and "args" not in rule
+        if rule["action"] == "SCMP_ACT_ALLOW"
         for name in rule["names"]
     }
-    assert set(DENIED_SYSCALLS) <= denied and "ptrace" in denied and "clone3" in denied
-    (clone,) = [rule for rule in profile["syscalls"] if rule["names"] == ["clone"]]
-    assert clone["args"][0]["value"] == 0x10000000  # CLONE_NEWUSER
+    assert allowed >= set(ALLOWED_SYSCALLS)
+    assert not allowed & set(DENIED_SYSCALLS)
+    assert "io_uring_setup" not in allowed and "ptrace" not in allowed
 
 
 def test_the_image_is_mount_points_only_and_its_tag_is_stable() -> None:
@@ -133,9 +149,18 @@ def test_the_image_is_mount_points_only_and_its_tag_is_stable() -> None:
     assert "rootfs/etc/passwd" not in members
 
 
-def test_a_root_gateway_runs_workers_as_nobody_and_others_as_themselves() -> None:
-    assert container_user(0, 0) == (65534, 65534)
-    assert container_user(1000, 1000) == (1000, 1000)
+def test_without_worker_uids_the_container_runs_as_the_gateway(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(docker_backend, "runtime_paths", lambda environ: [])
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(os, "getuid", lambda: 1000)
+    monkeypatch.setattr(os, "getgid", lambda: 1000)
+    spec = DockerSandbox(client=object()).container_spec(LAUNCH, {})
+    assert spec["user"] == "1000:1000" and spec["group_add"] == []
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    with pytest.raises(ConfigurationError, match="range of worker uids"):
+        DockerSandbox(client=object())
 
 
 def test_an_owner_only_model_directory_is_refused_for_another_user(tmp_path: Path) -> None:
@@ -143,10 +168,16 @@ def test_an_owner_only_model_directory_is_refused_for_another_user(tmp_path: Pat
     model.mkdir(mode=0o700)
     me, group = os.getuid(), os.getgid()
     check_readable(model, me, group)
-    with pytest.raises(ConfigurationError, match="not readable by uid 65534"):
-        check_readable(model, 65534, 65534)
+    with pytest.raises(ConfigurationError, match="not readable by uid 1900000001"):
+        check_readable(model, 1_900_000_001, 1_900_000_001, (1_900_000_000,))
+    # Open to the workers' group, or to everyone: readable.
+    os.chown(model, -1, 1_900_000_000)
+    model.chmod(0o750)
+    check_readable(model, 1_900_000_001, 1_900_000_001, (1_900_000_000,))
+    with pytest.raises(ConfigurationError):
+        check_readable(model, 1_900_000_001, 1_900_000_001)
     model.chmod(0o755)
-    check_readable(model, 65534, 65534)
+    check_readable(model, 1_900_000_001, 1_900_000_001)
 
 
 def test_docker_without_an_engine_is_a_clear_configuration_error(

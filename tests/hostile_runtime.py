@@ -1,13 +1,16 @@
 """A hostile runtime for the sandbox's escape tests: it tries to get out, and says how far
 it got.
 
-Registered as ``escape-test`` and loaded like any model, it reads each prompt as a JSON
+It is not one of Bastion's runtimes: the escape tests register it as ``escape-test`` with
+``BASTION_EXTRA_RUNTIMES=escape-test=hostile_runtime`` (this folder on PYTHONPATH), and
+load it like any model. It it reads each prompt as a JSON
 ``{"attempt": NAME, "args": {...}}``, makes that attempt from inside its worker, and
 answers with a JSON report ``{"attempt", "escaped": bool, "error": errno name or message,
 ...}``. It never sends anything it reads anywhere but into that report. The attempts that
 exhaust resources (fork, memory, CPU, /tmp) run only inside Bastion's bubblewrap sandbox
-(uid 65534, hostname ``bastion-worker``); elsewhere they refuse, so registering this model
-on an unsandboxed server cannot hurt the host.
+(not root, hostname ``bastion-worker``); elsewhere they refuse, so registering this model
+on an unsandboxed server cannot hurt the host. Attempts on kernel settings never change
+one: they open files for writing without writing, or write back the value just read.
 """
 
 from __future__ import annotations
@@ -37,7 +40,13 @@ from bastion.workers.protocol import (
 
 Report = dict[str, Any]
 _PTRACE_ATTACH = 16
-_SYS_PTRACE = 101  # x86-64
+# x86-64 system call numbers.
+_SYS_PTRACE = 101
+_SYS_CLONE = 56
+_SYS_IO_URING_SETUP = 425
+_CLONE_NEWUSER = 0x10000000
+_CLONE_NEWNET = 0x40000000
+_SIGCHLD = 17
 
 
 def _error(exc: BaseException) -> str:
@@ -144,7 +153,7 @@ def _fill_tmp(limit_bytes: int) -> Report:
     written = 0
     block = b"\0" * (1024 * 1024)
     try:
-        with open("/tmp/fill", "wb") as handle:  # noqa: S108 - the sandbox's own tmpfs
+        with open("/tmp/fill", "wb") as handle:
             while written < limit_bytes:
                 handle.write(block)
                 handle.flush()
@@ -152,12 +161,136 @@ def _fill_tmp(limit_bytes: int) -> Report:
     except OSError as exc:
         return {"escaped": False, "error": _error(exc), "written": written}
     finally:
-        Path("/tmp/fill").unlink(missing_ok=True)  # noqa: S108
+        Path("/tmp/fill").unlink(missing_ok=True)
     return {"escaped": True, "written": written}
 
 
+def _writable_files(top: str) -> Report:
+    """Open every file under `top` that looks writable (a w bit) for writing, without
+    writing a byte; report those that opened."""
+    if not os.path.isdir(top):
+        return {"escaped": False, "error": "ENOENT"}
+    tried = 0
+    opened: list[str] = []
+    errors: dict[str, int] = {}
+    for root, dirs, files in os.walk(top, followlinks=False):
+        # Per-process copies (sys/fs/cgroup/...) are walked like the rest.
+        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(root, d))]
+        for name in files:
+            path = os.path.join(root, name)
+            try:
+                if not os.lstat(path).st_mode & 0o222:
+                    continue
+            except OSError:
+                continue
+            tried += 1
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY)
+            except OSError as exc:
+                code = _error(exc)
+                errors[code] = errors.get(code, 0) + 1
+                continue
+            os.close(fd)
+            opened.append(path)
+    return {"escaped": bool(opened), "tried": tried, "opened": opened[:20], "errors": errors}
+
+
+def _rewrite(path: str) -> Report:
+    """Write a file's own content back to it (a kernel setting stays as it was)."""
+
+    def attempt() -> str:
+        value = Path(path).read_bytes()
+        with open(path, "wb", buffering=0) as handle:
+            handle.write(value)
+        return "rewritten"
+
+    return _blocked(attempt)
+
+
+def _setuid_file() -> Report:
+    """Make a set-user-id file in the writable tmpfs, and say what it would be worth."""
+    path = "/tmp/suid"
+    Path(path).write_bytes(b"#!/bin/sh\n")
+    os.chmod(path, 0o4755)  # noqa: S103 - the attack under test
+    info = os.stat(path)
+    nosuid = bool(os.statvfs("/tmp").f_flag & os.ST_NOSUID)
+    try:
+        os.chown(path, 0, 0)
+        chown = "done"
+    except OSError as exc:
+        chown = _error(exc)
+    return {
+        # Worth something only if it is root's, on a file system that honours the bit.
+        "escaped": info.st_uid == 0 and not nosuid,
+        "owner": info.st_uid,
+        "setuid_bit": bool(info.st_mode & 0o4000),
+        "nosuid": nosuid,
+        "chown_to_root": chown,
+    }
+
+
+def _syscall(*args: int) -> Report:
+    libc = ctypes.CDLL(None, use_errno=True)
+    result = libc.syscall(*(ctypes.c_long(a) for a in args))
+    if result >= 0:
+        return {"escaped": True, "result": result}
+    return {"escaped": False, "error": errno.errorcode.get(ctypes.get_errno(), "?")}
+
+
+def _new_namespace(flag: str) -> Report:
+    """unshare() and clone() asking for a new user (or network) namespace."""
+    value = {"user": _CLONE_NEWUSER, "net": _CLONE_NEWNET}[flag]
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(value) == 0:
+        return {"escaped": True, "result": "unshare"}
+    unshare_error = errno.errorcode.get(ctypes.get_errno(), "?")
+    pid = libc.syscall(ctypes.c_long(_SYS_CLONE), ctypes.c_long(value | _SIGCHLD), 0, 0, 0, 0)
+    if pid == 0:
+        os._exit(0)
+    if pid > 0:
+        os.waitpid(pid, 0)
+        return {"escaped": True, "result": "clone"}
+    clone_error = errno.errorcode.get(ctypes.get_errno(), "?")
+    return {"escaped": False, "error": unshare_error, "clone_error": clone_error}
+
+
+def _write_beside_socket() -> Report:
+    """Write a file in the worker's own IPC directory (on the host's disk)."""
+    argv = Path("/proc/self/cmdline").read_bytes().split(b"\0")
+    socket_path = argv[argv.index(b"--endpoint") + 1].decode()
+    return _write(str(Path(socket_path).parent / "escape"))
+
+
+def _io_uring() -> Report:
+    params = ctypes.create_string_buffer(120)
+    return _syscall(_SYS_IO_URING_SETUP, 8, ctypes.addressof(params))
+
+
+def _mknod() -> Report:
+    # /dev/mem's numbers: a device node would give the host's memory to whoever opens it.
+    return _blocked(lambda: os.mknod("/tmp/mem", 0o20600, os.makedev(1, 1)))
+
+
+def _identity() -> Report:
+    status = dict(
+        line.split(":\t", 1) for line in Path("/proc/self/status").read_text().splitlines()
+    )
+    return {
+        "escaped": False,
+        "uid": os.getuid(),
+        "gid": os.getgid(),
+        "groups": os.getgroups(),
+        "sandboxed": _sandboxed(),
+        "cap_eff": status["CapEff"].strip(),
+        "cap_bnd": status["CapBnd"].strip(),
+        "no_new_privs": status["NoNewPrivs"].strip(),
+        "seccomp": status["Seccomp"].strip(),
+        "home": os.environ.get("HOME"),
+    }
+
+
 def _sandboxed() -> bool:
-    return os.getuid() == 65534 and socket.gethostname() == "bastion-worker"
+    return os.getuid() != 0 and socket.gethostname() == "bastion-worker"
 
 
 _ATTEMPTS: dict[str, Callable[..., Report]] = {
@@ -168,6 +301,13 @@ _ATTEMPTS: dict[str, Callable[..., Report]] = {
     "write": _write,
     "ptrace": _ptrace,
     "signal": _signal,
+    "writable_files": _writable_files,
+    "rewrite": _rewrite,
+    "setuid_file": _setuid_file,
+    "new_namespace": _new_namespace,
+    "io_uring": _io_uring,
+    "mknod": _mknod,
+    "write_beside_socket": _write_beside_socket,
 }
 _EXHAUSTING: dict[str, Callable[..., Report]] = {
     "fork_bomb": _fork_bomb,
@@ -180,7 +320,7 @@ _EXHAUSTING: dict[str, Callable[..., Report]] = {
 def run_attempt(attempt: str, args: Mapping[str, Any]) -> Report:
     """Make one attempt and report on it."""
     if attempt == "whoami":
-        return {"escaped": False, "uid": os.getuid(), "sandboxed": _sandboxed()}
+        return _identity()
     if attempt in _EXHAUSTING:
         if not _sandboxed():
             return {"escaped": False, "error": "refused outside the sandbox"}
