@@ -289,6 +289,46 @@ def _identity() -> Report:
     }
 
 
+def _panic() -> Report:
+    """A real Rust panic through PyO3 (a BaseException): a tokenizer whose pre-tokenizer
+    regex exceeds Oniguruma's retry limit, as a tokenizer.json from a model could make."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"((a+)+)+b"), "isolated")
+    tokenizer.encode("a" * 25 + "c")
+    return {"escaped": False, "error": "no panic"}
+
+
+def _exit(code: int) -> Report:
+    raise SystemExit(code)
+
+
+def _say(marker: str) -> Report:
+    """Write `marker` (standing in for a request's text) everywhere a runtime could:
+    stdout, stderr, a raw write to fd 2, an exception in a thread, an unraisable one."""
+    import sys
+    import threading
+
+    print(marker)
+    print(marker, file=sys.stderr)
+    os.write(2, f"{marker}\n".encode())
+
+    def fail() -> None:
+        raise ValueError(marker)
+
+    thread = threading.Thread(target=fail)
+    thread.start()
+    thread.join()
+
+    class Unraisable:
+        def __del__(self) -> None:
+            raise ValueError(marker)
+
+    Unraisable()
+    return {"escaped": False, "error": "said"}
+
+
 def _sandboxed() -> bool:
     return os.getuid() != 0 and socket.gethostname() == "bastion-worker"
 
@@ -308,6 +348,9 @@ _ATTEMPTS: dict[str, Callable[..., Report]] = {
     "io_uring": _io_uring,
     "mknod": _mknod,
     "write_beside_socket": _write_beside_socket,
+    "panic": _panic,
+    "exit": _exit,
+    "say": _say,
 }
 _EXHAUSTING: dict[str, Callable[..., Report]] = {
     "fork_bomb": _fork_bomb,

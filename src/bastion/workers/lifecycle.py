@@ -36,6 +36,7 @@ from bastion.config import Settings
 from bastion.errors import ConfigurationError
 from bastion.workers.channel import WorkerChannel
 from bastion.workers.protocol import (
+    EXIT_RUNTIME_FAULT,
     EXIT_STUCK,
     LoadModel,
     ModelMetadata,
@@ -520,7 +521,11 @@ def _exit_status(exit_task: asyncio.Future[int]) -> str:
 
 def _exit_meaning(code: int | None) -> str | None:
     """What a worker's own exit status says of why it left, where it says something."""
-    return "a job ignored its cancellation" if code == EXIT_STUCK else None
+    if code == EXIT_STUCK:
+        return "a job ignored its cancellation"
+    if code == EXIT_RUNTIME_FAULT:
+        return "the model's runtime failed in a way that may leave it corrupt (a panic)"
+    return None
 
 
 def _retrieve_outcome(future: asyncio.Future[Any]) -> None:

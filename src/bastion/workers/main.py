@@ -56,6 +56,7 @@ from bastion.workers.framing import (
     encode_frame,
 )
 from bastion.workers.protocol import (
+    EXIT_RUNTIME_FAULT,
     EXIT_STUCK,
     Cancel,
     Embed,
@@ -144,6 +145,9 @@ class Worker:
         self._running: _Job | None = None
         self._pipeline: SealedPipeline | None = None
         self._early_keys: SealingKeys | None = None
+        # Set when runtime code raised a BaseException that is not an Exception: the
+        # runtime may be corrupt, so the worker leaves once that request is answered.
+        self._runtime_fault: str | None = None
 
     def run(self) -> int:
         """Load the model and serve it; returns the process exit status."""
@@ -331,6 +335,12 @@ class Worker:
                 self._send(LoadFailed(model=load.model, reason=reason))
                 self._finish(EXIT_LOAD_FAILED)
                 return
+            except BaseException as exc:
+                # A panic in a native library, SystemExit from model code: the type only.
+                reason = f"the runtime raised {type(exc).__name__} while loading"
+                self._send(LoadFailed(model=load.model, reason=reason[:_REASON_LIMIT]))
+                self._finish(EXIT_LOAD_FAILED)
+                return
             if self._pipeline is not None:
                 self._pipeline.metadata = metadata
             self._send(Ready(model=load.model, metadata=metadata, pid=os.getpid()))
@@ -352,12 +362,19 @@ class Worker:
                 if job.deliver is not None:
                     # Even when cancelled: the sealed side charges the work done.
                     job.deliver(outcome)
-                    continue
-                self._jobs.pop(job.request.id, None)
-                # Sent even when cancelled: the gateway settles the usage of the work done.
-                self._send(outcome)
+                else:
+                    self._jobs.pop(job.request.id, None)
+                    # Sent even when cancelled: the gateway settles the work done.
+                    self._send(outcome)
+                if self._runtime_fault is not None:
+                    logger.error(
+                        "the runtime raised %s; the worker leaves for a fresh one",
+                        self._runtime_fault,
+                    )
+                    self._finish(EXIT_RUNTIME_FAULT)
+                    return
             self._finish(EXIT_OK)
-        except Exception as exc:
+        except BaseException as exc:
             # The type only: messages and tracebacks can quote a request.
             logger.error("the runtime thread failed", extra={"exc_type": type(exc).__name__})
             self._finish(EXIT_WORKER_ERROR)
@@ -405,8 +422,13 @@ class Worker:
             return outcome
         except RuntimeInputError as exc:
             failure = RequestFailed(id=request.id, status=400, code=exc.code, message=exc.message)
-        except Exception as exc:
+        except BaseException as exc:
+            # Whatever runtime code raises, a Rust panic (pyo3's PanicException is a
+            # BaseException) or sys.exit() included, fails this request only; the type is
+            # all that is told. Past Exception, the runtime may be corrupt: see _run_runtime.
             logger.error("the runtime failed a request", extra={"exc_type": type(exc).__name__})
+            if not isinstance(exc, Exception):
+                self._runtime_fault = type(exc).__name__
             failure = RequestFailed(
                 id=request.id,
                 status=500,
@@ -513,10 +535,53 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def contain_output(log_level: str) -> None:
+    """Keep what runtime code writes out of the gateway's log, and tracebacks everywhere.
+
+    The worker's own JSON log lines go to (a copy of) the stderr the gateway reads. File
+    descriptors 1 and 2, which libraries, model code and a Rust panic's message write to,
+    are a pipe whose lines are counted and withheld: they may quote a request. Uncaught
+    exceptions in any thread, and unraisable ones, are logged by type only.
+    """
+    log_stream = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
+    configure_logging(log_level, stream=log_stream)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 1)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    threading.Thread(target=_withhold, args=(read_end,), name="bastion-output", daemon=True).start()
+
+    def uncaught(kind: type[BaseException], *_: object) -> None:
+        logger.error("an uncaught exception", extra={"exc_type": kind.__name__})
+
+    sys.excepthook = lambda kind, value, tb: uncaught(kind)
+    threading.excepthook = lambda hook: uncaught(hook.exc_type)
+    sys.unraisablehook = lambda hook: uncaught(hook.exc_type)
+
+
+# How often the count of withheld output lines is logged, at most.
+_WITHHELD_REPORT_S = 60.0
+
+
+def _withhold(fd: int) -> None:
+    """Read the runtime's output and drop it, logging now and then how much there was."""
+    lines = 0
+    reported = 0.0
+    while chunk := os.read(fd, 65536):
+        lines += chunk.count(b"\n") or 1
+        now = time.monotonic()
+        if now - reported >= _WITHHELD_REPORT_S:
+            logger.warning(
+                "the model's runtime wrote to its output; withheld, as it may quote requests",
+                extra={"lines": lines},
+            )
+            reported, lines = now, 0
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run a worker until it is told to stop, its model fails to load, or its gateway dies."""
     args = _parse_args(argv)
-    configure_logging(args.log_level)
+    contain_output(args.log_level)
     code = Worker(args.endpoint).run()
     logging.shutdown()
     sys.stderr.flush()

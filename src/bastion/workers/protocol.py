@@ -13,6 +13,10 @@ import msgspec
 
 # The exit status of a worker that gave up on a job which ignored its cancellation.
 EXIT_STUCK = 5
+# The exit status of a worker whose runtime raised what no Python code should (a Rust
+# panic, SystemExit...): the request failed, and the worker leaves so that a fresh one
+# replaces a runtime that may be left in a corrupt state.
+EXIT_RUNTIME_FAULT = 6
 
 # A token count a worker reports: never negative (the gateway adds it to counters).
 Tokens = Annotated[int, msgspec.Meta(ge=0)]

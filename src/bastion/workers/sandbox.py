@@ -117,6 +117,8 @@ def worker_environment(
         "MKL_NUM_THREADS": "1",
         "OPENBLAS_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        # A Rust panic's message without a backtrace (it is withheld from the log anyway).
+        "RUST_BACKTRACE": "0",
     }
     if parent.get("PYTHONPATH"):
         env["PYTHONPATH"] = parent["PYTHONPATH"]
