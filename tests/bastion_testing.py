@@ -243,11 +243,15 @@ def seal_request(
     path: str = "/v1/chat/completions",
     date: float | None = None,
     dated: bool = True,
+    date_text: str | None = None,
+    raw: bytes | None = None,
 ) -> tuple[bytes, ohttp.ClientResponseContext]:
-    """An encapsulated JSON request, built by hand (with a Date unless `dated` is False)."""
+    """An encapsulated JSON request, built by hand (with a Date unless `dated` is False;
+    `date_text` replaces the Date's value, `raw` the JSON body)."""
     headers = [("content-type", "application/json")]
     if dated:
-        headers.append(("date", email.utils.formatdate(date or time.time(), usegmt=True)))
+        when = date_text or email.utils.formatdate(date or time.time(), usegmt=True)
+        headers.append(("date", when))
     inner = bhttp.encode_request(
         bhttp.Request(
             method="POST",
@@ -255,7 +259,7 @@ def seal_request(
             authority="bastion",
             path=path,
             headers=tuple(headers),
-            content=json.dumps(body).encode(),
+            content=json.dumps(body).encode() if raw is None else raw,
         )
     )
     return ohttp.encapsulate_request(config, inner)

@@ -148,3 +148,85 @@ def test_a_model_without_the_capability_is_400(server: BastionServer) -> None:
     with server.client() as client:
         response = client.post("/v1/chat/completions", json={"model": "digits", "messages": MSG})
         assert _openai_error(response, 400)["code"] == "unsupported_operation"
+
+
+# ---------------------------------------------------------------- issue 10's 500s, now 4xx
+
+_JSON = {"content-type": "application/json"}
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", b'{"model":"echo","messages":[{"role":"user","content":"\xff"}]}'),
+        ("/v1/completions", b'{"model":"echo","prompt":"\xc3"}'),
+        ("/v1/embeddings", b'{"model":"echo","input":["\xed\xa0\x80"]}'),
+        ("/admin/v1/tenants", b'{"name":"\xff"}'),
+        ("/admin/v1/keys", b'{"tenant":"\xfe"}'),
+    ],
+)
+def test_invalid_utf8_inside_json_strings_is_400(
+    server: BastionServer, path: str, body: bytes
+) -> None:
+    with server.client() as client:
+        response = client.post(path, content=body, headers=_JSON)
+    assert _openai_error(response, 400)["code"] == "invalid_json"
+
+
+def test_invalid_utf8_and_deep_nesting_in_oip_are_400(server: BastionServer) -> None:
+    bodies = [
+        b'{"inputs":[{"name":"input","shape":[1],"datatype":"BYTES","data":["\xff"]}]}',
+        b'{"inputs":[{"name":"\xff","shape":[1],"datatype":"BYTES","data":["a"]}]}',
+        b'{"inputs":[{"name":"input","shape":[1,1],"datatype":"FP32","data":'
+        + b"[" * 50_000
+        + b"]" * 50_000
+        + b"}]}",
+    ]
+    with server.client() as client:
+        for body in bodies:
+            response = client.post("/v2/models/echo/infer", content=body, headers=_JSON)
+            assert response.status_code == 400, response.text
+            assert set(response.json()) == {"error"}
+
+
+def test_json_nested_fifty_thousand_deep_is_400(server: BastionServer) -> None:
+    deep = b"[" * 50_000 + b"]" * 50_000
+    with server.client() as client:
+        for path, body in (
+            ("/v1/chat/completions", b'{"model":"echo","messages":' + deep + b"}"),
+            ("/v1/completions", b'{"model":"echo","prompt":"x","stop":' + deep + b"}"),
+            ("/admin/v1/tenants", b'{"name":' + deep + b"}"),
+            ("/v1/embeddings", b'{"model":"echo","input":' + deep + b"}"),
+        ):
+            response = client.post(path, content=body, headers=_JSON)
+            _openai_error(response, 400)
+
+
+def test_vanishing_temperature_and_top_p_are_greedy_not_500(server: BastionServer) -> None:
+    with server.client() as client:
+        for sampling in ({"temperature": 1e-300}, {"top_p": 1e-300}, {"temperature": 5e-324}):
+            response = client.post(
+                "/v1/completions",
+                json={"model": "tiny-chat", "prompt": "The", "max_tokens": 4, **sampling},
+            )
+            assert response.status_code == 200, (sampling, response.text)
+
+
+@pytest.mark.parametrize(
+    "query", ["since=99999999999d", "since=1e309h", "since=inf", "until=-1e309s",
+              "since=0001-01-01T00:00:00+01:00", "since=9999-12-31T23:59:59-01:00"],
+)  # fmt: skip
+def test_usage_periods_out_of_any_range_are_400(server: BastionServer, query: str) -> None:
+    with server.client() as client:
+        response = client.get(f"/admin/v1/usage?{query}")
+    error = _openai_error(response, 400)
+    assert error["param"] == "since"
+
+
+@pytest.mark.parametrize(
+    "expires_at", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00", "1969-07-20T20:17Z"]
+)
+def test_expiry_out_of_range_is_400(server: BastionServer, tenant: str, expires_at: str) -> None:
+    with server.client() as client:
+        response = client.post("/admin/v1/keys", json={"tenant": tenant, "expires_at": expires_at})
+    assert _openai_error(response, 400)["param"] == "expires_at"

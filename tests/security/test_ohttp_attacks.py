@@ -172,6 +172,31 @@ def test_stale_date_gets_the_date_problem_with_the_server_time(
     assert abs(server_date.timestamp() - time.time()) < 30
 
 
+def test_a_date_out_of_any_range_gets_the_date_problem(
+    server: BastionServer, consumer_key: str
+) -> None:
+    # A 20-digit year overflowed the clock conversion: an encrypted 500 before.
+    for text in (
+        "Sun, 06 Dec 99999999999999999999 10:00:00 GMT",
+        "Mon, 01 Jan 0001 00:00:00 -0100",
+    ):
+        data, context = seal_request(ohttp_config(server), ECHO, date_text=text)
+        answer = _open(context, post_sealed(server, consumer_key, data))
+        assert answer.status == 400, text
+        assert json.loads(answer.content)["type"].endswith("#date")
+
+
+def test_invalid_utf8_inside_an_encrypted_request_is_an_encrypted_400(
+    server: BastionServer, consumer_key: str
+) -> None:
+    body = b'{"model":"echo","messages":[{"role":"user","content":"\xff\xfe"}]}'
+    data, context = seal_request(ohttp_config(server), ECHO, raw=body)
+    answer = _open(context, post_sealed(server, consumer_key, data))
+    assert answer.status == 400
+    assert json.loads(answer.content)["error"]["code"] == "invalid_json"
+    _assert_healthy(server, consumer_key)
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_client_corrects_its_clock_after_a_date_problem(
     server: BastionServer, consumer_key: str, stream: bool

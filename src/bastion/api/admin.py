@@ -36,7 +36,8 @@ def _admin(request: Request) -> tuple[Gateway, Principal]:
 
 
 def parse_expiry(value: str | None) -> datetime | None:
-    """An ISO 8601 timestamp with a time zone, or None."""
+    """An ISO 8601 timestamp with a time zone, as UTC, or None; InvalidRequest (400) if it
+    is not one or lies outside 1970-9998."""
     if value is None:
         return None
     try:
@@ -47,7 +48,19 @@ def parse_expiry(value: str | None) -> datetime | None:
         ) from None
     if parsed.tzinfo is None:
         raise InvalidRequest("expires_at must include a time zone.", param="expires_at")
-    return parsed
+    try:
+        utc = parsed.astimezone(UTC)
+    except (OverflowError, ValueError):
+        utc = None
+    if utc is None or not _EARLIEST_EXPIRY <= utc <= _LATEST_EXPIRY:
+        raise InvalidRequest(
+            "expires_at must lie between 1970 and 9998.", param="expires_at"
+        ) from None
+    return utc
+
+
+_EARLIEST_EXPIRY = datetime(1970, 1, 1, tzinfo=UTC)
+_LATEST_EXPIRY = datetime(9998, 12, 31, tzinfo=UTC)
 
 
 # ---------------------------------------------------------------- tenants

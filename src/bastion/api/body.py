@@ -47,10 +47,23 @@ def require_json(request: Request) -> None:
 async def decode_json(request: Request, schema: type[T], limit: int) -> T:
     """Check content type and size, then decode and validate the body against `schema`."""
     require_json(request)
-    body = await read_body(request, limit)
-    if not body:
+    return decode_value(await read_body(request, limit), schema)
+
+
+def decode_value(data: bytes, schema: type[T]) -> T:
+    """Decode JSON `data` and validate it against `schema`; any flaw is a 400."""
+    if not data:
         raise InvalidRequest("The request body is empty.", code="invalid_json")
     try:
-        return msgspec.json.decode(body, type=schema)
+        return msgspec.json.decode(data, type=schema)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise validation_error(exc) from None
+    except UnicodeDecodeError:
+        # A string holding bytes that are not UTF-8 (msgspec checks them as it builds it).
+        raise InvalidRequest(
+            "The request body is not valid UTF-8 JSON.", code="invalid_json"
+        ) from None
+    except RecursionError:
+        raise InvalidRequest(
+            "The request body is nested too deeply.", code="invalid_json"
+        ) from None

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 import bastion
 from bastion.api import oip_binary
-from bastion.api.body import read_body
+from bastion.api.body import decode_value, read_body
 from bastion.api.context import (
     JSON,
     admit,
@@ -20,7 +19,6 @@ from bastion.api.context import (
     json_response,
     pipeline_of,
 )
-from bastion.api.errors import validation_error
 from bastion.api.replies import expect
 from bastion.api.schemas import OipInferRequest
 from bastion.api.tensors import to_json_tensor, to_tensor_data
@@ -113,12 +111,7 @@ async def _read_infer_request(
     body = await read_body(request, limit)
     header_length = request.headers.get(oip_binary.HEADER)
     header, binary = oip_binary.split_body(body, header_length) if header_length else (body, b"")
-    if not header:
-        raise InvalidRequest("The request body is empty.", code="invalid_json")
-    try:
-        parsed = msgspec.json.decode(header, type=OipInferRequest)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise validation_error(exc) from None
+    parsed = decode_value(header, OipInferRequest)
     return parsed, oip_binary.take_binary_inputs(parsed.inputs, binary)
 
 

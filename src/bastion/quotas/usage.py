@@ -163,23 +163,36 @@ def _period(hour: datetime, group: str) -> str | None:
     return None
 
 
+# How far back `since` may reach: further than any usage kept, well inside datetime's range.
+MAX_LOOKBACK = timedelta(days=100 * 366)
+
+
 def parse_since(value: str, now: datetime) -> datetime:
     """`24h`, `7d`, `90m`, `30s` before `now`, or an ISO 8601 date or timestamp (UTC if no
-    zone is given)."""
+    zone is given); InvalidRequest (400) for anything else, or more than 100 years back."""
     text = value.strip()
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     if text[-1:].lower() in units:
         try:
-            amount = float(text[:-1])
+            seconds = float(text[:-1]) * units[text[-1].lower()]
         except ValueError:
-            amount = -1.0
-        if amount >= 0:
-            return now - timedelta(seconds=amount * units[text[-1].lower()])
+            seconds = -1.0
+        if 0 <= seconds <= MAX_LOOKBACK.total_seconds():
+            return now - timedelta(seconds=seconds)
+        if seconds > MAX_LOOKBACK.total_seconds():
+            raise _out_of_range()
     try:
         parsed = datetime.fromisoformat(text)
-    except ValueError:
+        parsed = parsed.astimezone(UTC) if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+    except (ValueError, OverflowError):
         raise InvalidRequest(
             "since must be a duration (30m, 24h, 7d) or an ISO 8601 date or timestamp.",
             param="since",
         ) from None
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+    if parsed < now - MAX_LOOKBACK:
+        raise _out_of_range()
+    return parsed
+
+
+def _out_of_range() -> InvalidRequest:
+    return InvalidRequest("since may reach back at most 100 years.", param="since")

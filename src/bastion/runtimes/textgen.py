@@ -54,6 +54,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
+# Below this temperature, sampling is greedy (as in vLLM: 1e-5).
+MIN_SAMPLING_TEMPERATURE = 1e-5
 # Byte-level decoders put this in place of bytes that do not yet form a whole character.
 _INCOMPLETE_CHAR = "\ufffd"
 
@@ -190,14 +192,19 @@ class TextGenerationRuntime:
     def _next_token(
         self, logits: torch.Tensor, request: Generate, generator: torch.Generator
     ) -> int:
-        if request.temperature == 0:
+        # A temperature this close to 0 is greedy decoding: dividing by it would overflow
+        # the logits to infinities (and the probabilities to NaN).
+        if request.temperature < MIN_SAMPLING_TEMPERATURE:
             return int(torch.argmax(logits).item())
         probs = torch.softmax(logits.float() / request.temperature, dim=-1)
         if request.top_p < 1:
             sorted_probs, sorted_ids = torch.sort(probs, descending=True)
-            # Keep the smallest set of most likely tokens whose mass reaches top_p.
+            # Keep the smallest set of most likely tokens whose mass reaches top_p, and
+            # always the most likely one (a top_p of 1e-300 is 0 in float32).
             before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-            sorted_probs[before >= request.top_p] = 0
+            dropped = before >= request.top_p
+            dropped[0] = False
+            sorted_probs[dropped] = 0
             choice = torch.multinomial(sorted_probs, 1, generator=generator)
             return int(sorted_ids[choice].item())
         return int(torch.multinomial(probs, 1, generator=generator).item())

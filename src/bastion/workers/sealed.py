@@ -424,11 +424,12 @@ class SealedServer:
         else:
             try:
                 parsed = email.utils.parsedate_to_datetime(value)
-            except (TypeError, ValueError):
+                if parsed.tzinfo is None:
+                    parsed = parsed.replace(tzinfo=UTC)
+                sent = parsed.timestamp()
+            except (TypeError, ValueError, OverflowError):
+                # A year of 20 digits, say: out of any clock's range.
                 return "The encrypted request's Date header field is not a valid date."
-            if parsed.tzinfo is None:
-                parsed = parsed.replace(tzinfo=UTC)
-            sent = parsed.timestamp()
             self._last_date = (value, sent)
         if abs(time.time() - sent) > window:
             return "date field in request outside of acceptable range"

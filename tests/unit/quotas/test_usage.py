@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
+from bastion.api.admin import parse_expiry
 from bastion.errors import InvalidRequest
 from bastion.quotas.usage import UsageMeter, parse_since, usage_report
 from bastion.store.db import Database
@@ -93,3 +94,18 @@ def test_parse_since() -> None:
     for bad in ("yesterday", "-5h", "h", ""):
         with pytest.raises(InvalidRequest):
             parse_since(bad, now)
+    # Out of any range: an OverflowError (a 500) before.
+    for bad in ("99999999999d", "1e309h", "inf", "nanh", "0001-01-01T00:00:00+01:00",
+                "9999-12-31T23:59:59-01:00", "1800-01-01"):  # fmt: skip
+        with pytest.raises(InvalidRequest, match="since"):
+            parse_since(bad, now)
+    assert parse_since("36500d", now) == now - timedelta(days=36500)
+
+
+def test_parse_expiry() -> None:
+    assert parse_expiry(None) is None
+    assert parse_expiry("2030-01-01T01:00:00+01:00") == datetime(2030, 1, 1, tzinfo=UTC)
+    for bad in ("0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00", "1969-12-31T00:00Z",
+                "2030-01-01T00:00:00", "tomorrow"):  # fmt: skip
+        with pytest.raises(InvalidRequest):
+            parse_expiry(bad)

@@ -119,6 +119,17 @@ def test_tiny_top_p_is_greedy(runtime: TextGenerationRuntime) -> None:
     assert nucleus.choices[0].text == greedy.choices[0].text
 
 
+def test_vanishing_temperature_or_top_p_is_greedy_not_an_error(
+    runtime: TextGenerationRuntime,
+) -> None:
+    # 1e-300 overflowed the logits to infinities (temperature) or was 0 in float32 and
+    # dropped every token (top_p): torch refused to sample, a 500.
+    greedy, _ = _run(runtime, prompt="Numbers", max_tokens=10, temperature=0)
+    for sampling in ({"temperature": 1e-300}, {"top_p": 1e-300}, {"temperature": 5e-324}):
+        result, _ = _run(runtime, prompt="Numbers", max_tokens=10, seed=3, **sampling)
+        assert result.choices[0].text == greedy.choices[0].text, sampling
+
+
 def test_stop_string_ends_the_text(runtime: TextGenerationRuntime) -> None:
     full, _ = _run(runtime, prompt="Stop here", max_tokens=20, temperature=0)
     text = full.choices[0].text
