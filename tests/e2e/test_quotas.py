@@ -255,8 +255,14 @@ def test_who_may_manage_and_read(server: BastionServer) -> None:
         assert denied.status_code == 403
         own = client.get("/admin/v1/quotas/tenants/owners")
         assert own.status_code == 200 and own.json()["requests_per_minute"] == 50
-        assert client.get("/admin/v1/quotas/tenants/rpm").status_code == 403
-        assert client.get("/admin/v1/usage", params={"tenant": "rpm"}).status_code == 403
+        # Another tenant is "not found", exactly like a tenant that does not exist.
+        for name in ("rpm", "no-such-tenant"):
+            other = client.get(f"/admin/v1/quotas/tenants/{name}")
+            assert other.status_code == 404
+            assert other.json()["error"]["message"] == "No tenant has this name."
+            usage = client.get("/admin/v1/usage", params={"tenant": name})
+            assert usage.status_code == 404
+            assert usage.json()["error"]["message"] == "No tenant has this name."
         assert client.get("/admin/v1/usage").status_code == 200
     with server.client(consumer) as client:
         assert client.get("/admin/v1/quotas").status_code == 403

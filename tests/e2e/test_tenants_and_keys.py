@@ -119,11 +119,25 @@ def test_tenant_admin_manages_only_its_own_tenant(server: BastionServer) -> None
             assert admin.post("/admin/v1/tenants", json={"name": name}).status_code == 201
         made = admin.post("/admin/v1/keys", json={"tenant": "team-a", "role": "tenant-admin"})
         ta_key = made.json()["key"]
+        team_b_key = admin.post("/admin/v1/keys", json={"tenant": "team-b"}).json()["id"]
     with server.client(ta_key) as tenant_admin:
         own = tenant_admin.post("/admin/v1/keys", json={"tenant": "team-a"})
         assert own.status_code == 201
+        # Another tenant, and its keys, answer exactly as ones that do not exist (404).
         other = tenant_admin.post("/admin/v1/keys", json={"tenant": "team-b"})
-        assert other.status_code == 403
+        missing = tenant_admin.post("/admin/v1/keys", json={"tenant": "team-zz"})
+        assert other.status_code == missing.status_code == 404
+        assert other.json() == missing.json()
+        other_key = team_b_key
+        for key_id in (other_key, "0123456789abcdef"):
+            revoke = tenant_admin.post(f"/admin/v1/keys/{key_id}/revoke")
+            rotate = tenant_admin.post(f"/admin/v1/keys/{key_id}/rotate")
+            assert revoke.status_code == rotate.status_code == 404
+            assert revoke.json()["error"]["message"] == "No API key has this id."
+        listed_other = tenant_admin.get("/admin/v1/keys", params={"tenant": "team-b"})
+        listed_missing = tenant_admin.get("/admin/v1/keys", params={"tenant": "team-zz"})
+        assert listed_other.status_code == listed_missing.status_code == 404
+        assert listed_other.json() == listed_missing.json()
         escalate = tenant_admin.post("/admin/v1/keys", json={"tenant": "team-a", "role": "admin"})
         assert escalate.status_code == 403
         listed = tenant_admin.get("/admin/v1/keys").json()["data"]

@@ -13,9 +13,9 @@ from starlette.routing import Route
 from bastion.api.body import decode_json
 from bastion.api.context import authenticate, gateway_of, json_response
 from bastion.api.schemas import KeyCreate, QuotaUpdate, TenantCreate
-from bastion.errors import InvalidRequest, NotFound, PermissionDenied
+from bastion.errors import InvalidRequest, NotFound
 from bastion.gateway.gateway import Gateway
-from bastion.identity.grants import is_global_admin
+from bastion.identity.grants import TENANT_NOT_FOUND, is_global_admin
 from bastion.identity.principal import Principal
 from bastion.identity.service import IdentityService
 from bastion.models.registry import ModelRecord
@@ -230,7 +230,8 @@ async def get_usage(request: Request) -> Response:
     tenant = query.get("tenant")
     if not is_global_admin(principal):
         if tenant not in (None, principal.tenant_name):
-            raise PermissionDenied("This API key may not read this tenant's usage.")
+            # Another tenant is "not found", like one that does not exist.
+            raise NotFound(TENANT_NOT_FOUND)
         tenant = principal.tenant_name
     now = datetime.now(UTC)
     since = parse_since(query.get("since", "24h"), now)

@@ -45,23 +45,38 @@ def require_manager(actor: Principal) -> None:
 
 
 def authorize_tenant(actor: Principal, row: RowMapping | None) -> RowMapping:
-    """The tenant row if the actor may manage it; a missing tenant is 404 for admins only.
+    """The tenant row if the actor may manage it.
 
-    Other actors get 403 either way, so they cannot probe which tenant names exist.
+    A tenant the actor may not manage is "not found" (404), exactly like a missing one,
+    so that a tenant-admin cannot probe which tenant names exist.
     """
-    if row is None:
-        if is_global_admin(actor):
-            raise NotFound("No tenant has this name.")
-        raise PermissionDenied("This API key may not manage this tenant.")
-    actor.require_tenant_admin_of(row["id"])
+    if row is None or not _manages(actor, row["id"]):
+        raise NotFound(TENANT_NOT_FOUND)
     return row
 
 
 def authorize_key(actor: Principal, info: KeyInfo) -> None:
-    """Raise unless `actor` may manage the key: its tenant's admin, and only admins for admins."""
-    actor.require_tenant_admin_of(info.tenant_id)
+    """Raise unless `actor` may manage the key: its tenant's admin, and only admins for admins.
+
+    Another tenant's key is "not found" (404), like a key id that does not exist.
+    """
+    if not _manages(actor, info.tenant_id):
+        raise NotFound(KEY_NOT_FOUND)
     if info.role == ROLE_ADMIN and not is_global_admin(actor):
         raise PermissionDenied("Only admin keys may manage admin keys.")
+
+
+# The one answer for a tenant or key that does not exist *or* is not the caller's.
+TENANT_NOT_FOUND = "No tenant has this name."
+KEY_NOT_FOUND = "No API key has this id."
+
+
+def _manages(actor: Principal, tenant_id: int) -> bool:
+    try:
+        actor.require_tenant_admin_of(tenant_id)
+    except PermissionDenied:
+        return False
+    return True
 
 
 def grant_role(actor: Principal, role: str) -> None:

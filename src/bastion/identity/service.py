@@ -28,7 +28,9 @@ from bastion.audit.events import (
 )
 from bastion.errors import Conflict, NotFound
 from bastion.identity.grants import (
+    KEY_NOT_FOUND,
     TENANT_NAME_PATTERN,
+    TENANT_NOT_FOUND,
     authorize_key,
     authorize_tenant,
     grant_actions,
@@ -117,7 +119,7 @@ class IdentityService:
         with self._db.write() as conn:
             row = _tenant_row(conn, name)
             if row is None:
-                raise NotFound("No tenant has this name.")
+                raise NotFound(TENANT_NOT_FOUND)
             if row["disabled"]:
                 raise Conflict("The tenant is already disabled.")
             conn.execute(
@@ -304,7 +306,7 @@ class IdentityService:
             else None
         )
         if row is None:
-            raise NotFound("No API key has this id.")
+            raise NotFound(KEY_NOT_FOUND)
         info = key_info(row)
         authorize_key(actor, info)
         return info

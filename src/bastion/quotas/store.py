@@ -22,7 +22,12 @@ from sqlalchemy.engine import Connection, RowMapping
 
 from bastion.audit.events import QUOTA_CHANGED, EventSink, emit_change
 from bastion.errors import InvalidRequest, NotFound, PermissionDenied
-from bastion.identity.grants import TENANT_NAME_PATTERN, is_global_admin
+from bastion.identity.grants import (
+    KEY_NOT_FOUND,
+    TENANT_NAME_PATTERN,
+    TENANT_NOT_FOUND,
+    is_global_admin,
+)
 from bastion.identity.keys import is_public_id
 from bastion.identity.principal import Principal
 from bastion.quotas.limiter import QuotaLimits
@@ -116,9 +121,10 @@ class QuotaStore:
     def list(self, actor: Principal, tenant: str | None = None) -> list[Quota]:
         """Quotas the actor may read: all (admins), or its own tenant's and its keys'."""
         if not is_global_admin(actor):
-            if tenant not in (None, actor.tenant_name):
-                raise PermissionDenied("This API key may not read this tenant's quotas.")
             _require_reader(actor)
+            if tenant not in (None, actor.tenant_name):
+                # Another tenant is "not found", like one that does not exist.
+                raise NotFound(TENANT_NOT_FOUND)
             tenant = actor.tenant_name
         query = sa.select(quotas).order_by(quotas.c.kind.desc(), quotas.c.subject)
         with self._db.read() as conn:
@@ -142,9 +148,11 @@ class QuotaStore:
     def get(self, actor: Principal, kind: str, subject: str) -> Quota:
         """One subject's stored quota (empty when nothing is set)."""
         _check_kind(kind)
+        if not is_global_admin(actor):
+            _require_reader(actor)
         with self._db.read() as conn:
             owner = _owner(conn, kind, subject)
-            _authorize_read(actor, owner)
+            _authorize_read(actor, kind, owner)
             row = _row(conn, kind, subject)
         return _quota(row) if row is not None else Quota(kind=kind, subject=subject)
 
@@ -252,7 +260,7 @@ def _owner(conn: Connection, kind: str, subject: str) -> str | None:
             ).scalar()
             if found is not None:
                 return str(found)
-        raise NotFound("No tenant has this name.")
+        raise NotFound(TENANT_NOT_FOUND)
     if is_public_id(subject):
         found = conn.execute(
             sa.select(tenants.c.name)
@@ -261,7 +269,7 @@ def _owner(conn: Connection, kind: str, subject: str) -> str | None:
         ).scalar()
         if found is not None:
             return str(found)
-    raise NotFound("No API key has this id.")
+    raise NotFound(KEY_NOT_FOUND)
 
 
 def _require_reader(actor: Principal) -> None:
@@ -269,12 +277,14 @@ def _require_reader(actor: Principal) -> None:
         raise PermissionDenied("This API key may not read quotas.")
 
 
-def _authorize_read(actor: Principal, owner: str | None) -> None:
-    if is_global_admin(actor):
+def _authorize_read(actor: Principal, kind: str, owner: str | None) -> None:
+    if is_global_admin(actor) or owner == actor.tenant_name:
         return
-    _require_reader(actor)
-    if owner != actor.tenant_name:
-        raise PermissionDenied("This API key may not read this tenant's quotas.")
+    if owner is None:
+        # The defaults ('*'), which exist everywhere: only admins read them.
+        raise PermissionDenied("This API key may not read the default quotas.")
+    # Another tenant's, answered as if it did not exist (see _owner).
+    raise NotFound(TENANT_NOT_FOUND if kind == TENANT else KEY_NOT_FOUND)
 
 
 def _quota(row: RowMapping) -> Quota:

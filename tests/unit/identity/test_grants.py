@@ -96,11 +96,16 @@ def test_only_managers_manage() -> None:
             require_manager(actor)
 
 
-def test_missing_tenant_is_404_for_admins_and_403_for_others() -> None:
+def test_a_missing_tenant_and_another_tenant_look_the_same() -> None:
     with pytest.raises(NotFound):
         authorize_tenant(OPERATOR, None)
-    with pytest.raises(PermissionDenied):
+    # A tenant-admin gets the same 404 for a missing tenant and for another one: it
+    # cannot probe which names exist.
+    with pytest.raises(NotFound) as missing:
         authorize_tenant(TENANT_ADMIN, None)
+    with pytest.raises(NotFound) as other:
+        authorize_tenant(TENANT_ADMIN, {"id": 8, "name": "other"})
+    assert missing.value.message == other.value.message
 
 
 def test_tenant_admin_manages_only_non_admin_keys_of_its_tenant() -> None:
@@ -108,7 +113,8 @@ def test_tenant_admin_manages_only_non_admin_keys_of_its_tenant() -> None:
     authorize_key(OPERATOR, _key(ROLE_ADMIN))
     with pytest.raises(PermissionDenied):
         authorize_key(TENANT_ADMIN, _key(ROLE_ADMIN))
-    with pytest.raises(PermissionDenied):
+    # Another tenant's key is "not found", as a key id that does not exist.
+    with pytest.raises(NotFound, match="No API key has this id"):
         authorize_key(TENANT_ADMIN, _key(ROLE_CONSUMER, tenant_id=8))
 
 

@@ -276,19 +276,22 @@ def test_tenant_admin_manages_only_its_own_tenant(
     service.revoke_key(tenant_admin, info.id)
 
     globex_key = _key(service, "globex")
-    with pytest.raises(PermissionDenied):
-        service.create_key(tenant_admin, tenant="globex", role="consumer")
-    with pytest.raises(PermissionDenied):
-        service.list_keys(tenant_admin, "globex")
-    with pytest.raises(PermissionDenied):
-        service.revoke_key(tenant_admin, globex_key.key_id)
-    with pytest.raises(PermissionDenied):
-        service.rotate_key(tenant_admin, globex_key.key_id)
-    with pytest.raises(PermissionDenied):
-        service.get_tenant(tenant_admin, "globex")
-    # Unknown tenants look the same as other tenants' to a tenant-admin.
-    with pytest.raises(PermissionDenied):
-        service.get_tenant(tenant_admin, "nobody")
+    # Another tenant, and its keys, look exactly like ones that do not exist: 404 with
+    # the same message, so a tenant-admin cannot probe names or key ids.
+    for tenant in ("globex", "nobody"):
+        with pytest.raises(NotFound, match="No tenant has this name"):
+            service.create_key(tenant_admin, tenant=tenant, role="consumer")
+        with pytest.raises(NotFound, match="No tenant has this name"):
+            service.list_keys(tenant_admin, tenant)
+        with pytest.raises(NotFound, match="No tenant has this name"):
+            service.get_tenant(tenant_admin, tenant)
+    for key_id in (globex_key.key_id, "0123456789abcdef"):
+        with pytest.raises(NotFound, match="No API key has this id"):
+            service.revoke_key(tenant_admin, key_id)
+        with pytest.raises(NotFound, match="No API key has this id"):
+            service.rotate_key(tenant_admin, key_id)
+        with pytest.raises(NotFound, match="No API key has this id"):
+            service.get_key(tenant_admin, key_id)
     with pytest.raises(PermissionDenied):
         service.create_tenant(tenant_admin, "mine")
     with pytest.raises(PermissionDenied):

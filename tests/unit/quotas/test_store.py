@@ -120,12 +120,17 @@ def test_only_admins_change_quotas_and_tenant_admins_read_their_own(
     with pytest.raises(PermissionDenied):
         store.remove(tenant_admin, TENANT, "acme")
     assert store.get(tenant_admin, TENANT, "acme").limits.requests_per_minute == 5
+    # Another tenant's quotas look like those of a tenant or key that does not exist.
+    for tenant in ("globex", "nobody"):
+        with pytest.raises(NotFound, match="No tenant has this name"):
+            store.get(tenant_admin, TENANT, tenant)
+        with pytest.raises(NotFound, match="No tenant has this name"):
+            store.list(tenant_admin, tenant)
+    for key_id in (other_key.id, "0123456789abcdef"):
+        with pytest.raises(NotFound, match="No API key has this id"):
+            store.get(tenant_admin, KEY, key_id)
     with pytest.raises(PermissionDenied):
-        store.get(tenant_admin, TENANT, "globex")
-    with pytest.raises(PermissionDenied):
-        store.get(tenant_admin, KEY, other_key.id)
-    with pytest.raises(PermissionDenied):
-        store.list(tenant_admin, "globex")
+        store.get(tenant_admin, TENANT, "*")
     assert [q.subject for q in store.list(tenant_admin)] == ["acme"]
     with pytest.raises(PermissionDenied):
         store.get(consumer, TENANT, "acme")
