@@ -398,10 +398,10 @@ class EscapeRuntime:
             completion_tokens=1,
         )
 
-    def embed(self, request: Embed) -> EmbedResult:
+    def embed(self, request: Embed, cancel: CancelToken | None = None) -> EmbedResult:
         raise UnsupportedOperation("embeddings")
 
-    def infer(self, request: Infer) -> InferResult:
+    def infer(self, request: Infer, cancel: CancelToken | None = None) -> InferResult:
         raise UnsupportedOperation("inference")
 
 

@@ -30,6 +30,13 @@ class Settings:
     max_choices: int = 4
     # Largest `max_tokens` a request may ask for.
     max_tokens_limit: int = 4096
+    # Open Inference Protocol inputs: the largest batch (first dimension, or number of
+    # BYTES items) and the most elements per request; and the largest answer body the
+    # gateway builds (JSON of a big tensor is many times its raw size). Each can be set
+    # per model with the options max_batch, max_input_elements and max_answer_bytes.
+    oip_max_batch: int = 2048
+    oip_max_elements: int = 4 * 1024 * 1024
+    max_answer_bytes: int = 64 * MiB
     # How long a request may wait for its answer before the client gets 504.
     request_timeout_s: float = 60.0
     # Requests each model's worker holds at once; the rest wait in the model's fair queue
@@ -173,6 +180,42 @@ class Settings:
         return cls(**values)
 
 
+# The model options that tighten or widen the size limits for one model.
+LIMIT_OPTIONS = ("max_batch", "max_input_elements", "max_answer_bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class SizeLimits:
+    """How big one model's requests and answers may be (settings, or the model's options)."""
+
+    max_batch: int
+    max_input_elements: int
+    max_answer_bytes: int
+
+    @classmethod
+    def of(cls, settings: Settings, options: Mapping[str, Any]) -> SizeLimits:
+        def pick(option: str, default: int) -> int:
+            value = options.get(option)
+            valid = isinstance(value, int) and not isinstance(value, bool) and value > 0
+            return value if valid else default  # type: ignore[return-value]
+
+        return cls(
+            max_batch=pick("max_batch", settings.oip_max_batch),
+            max_input_elements=pick("max_input_elements", settings.oip_max_elements),
+            max_answer_bytes=pick("max_answer_bytes", settings.max_answer_bytes),
+        )
+
+
+def check_limit_options(options: Mapping[str, Any]) -> None:
+    """Raise ValueError unless each size-limit option present is a positive integer."""
+    for name in LIMIT_OPTIONS:
+        value = options.get(name)
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= 2**40
+        ):
+            raise ValueError(f"The {name} option must be a positive integer.")
+
+
 def _parse_bool(raw: str) -> bool:
     lowered = raw.strip().lower()
     if lowered in {"1", "true", "yes", "on"}:
@@ -189,6 +232,9 @@ _ENV_FIELDS: dict[str, Any] = {
     "max_body_bytes": int,
     "max_choices": int,
     "max_tokens_limit": int,
+    "oip_max_batch": int,
+    "oip_max_elements": int,
+    "max_answer_bytes": int,
     "request_timeout_s": float,
     "model_concurrency": int,
     "queue_size": int,

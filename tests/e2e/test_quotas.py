@@ -180,10 +180,44 @@ def test_sealed_requests_are_settled_from_the_workers_usage(server: BastionServe
             "usage"
         ] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
         remaining.append(int(response.headers["x-ratelimit-remaining-tokens"]))
-    # The gateway could not read the request: it reserved its size plus a default answer
-    # length (over 256 tokens), and settled the first to the 6 the worker reported.
-    assert remaining[0] <= 100_000 - 256
-    assert -20 <= remaining[0] - remaining[1] <= 6
+    # The gateway could not read the requests: each reserved what the tenant had left
+    # (the worker holds the inner request to that), and was settled to the 6 it used.
+    assert all(r < 100 for r in remaining), remaining
+    after = chat(sdk(server, key), "one two three")
+    left = int(after.headers["x-ratelimit-remaining-tokens"])
+    # Both were settled: all but the 12 they used (refilled since) is left again, less
+    # this one's own reservation (its prompt and 256 by default).
+    assert 100_000 - 12 - 256 - 10 <= left <= 100_000 - 256
+
+
+def test_sealed_requests_cannot_overshoot_their_budget(server: BastionServer) -> None:
+    # The finding: a sealed request reserved its size/4 + 256 tokens, but its inner request
+    # asked for 16 prompts x n=4 x max_tokens: 4 of them were served 22,922 tokens against
+    # a 5,000 tokens/day budget.
+    key, _ = tenant_key(server, "sealed-budget")
+    set_quota(server, "tenants", "sealed-budget", tokens_per_day=5000)
+    config = ohttp_config(server)
+    greedy = {"model": "echo", "prompt": ["a b c d"] * 16, "n": 4, "max_tokens": 500}
+    for _ in range(4):
+        data, context = seal_request(config, greedy, path="/v1/completions")
+        response = post_sealed(server, key, data)
+        assert response.status_code == 200
+        inner = bhttp.decode_response(context.open(response.content))
+        assert inner.status == 429, inner.content
+        assert json.loads(inner.content)["error"]["code"] == "tokens_limit_exceeded"
+    # A request within what is left is served, and settled to what it used.
+    modest = {"model": "echo", "prompt": "a b c d", "max_tokens": 16}
+    data, context = seal_request(config, modest, path="/v1/completions")
+    response = post_sealed(server, key, data)
+    assert bhttp.decode_response(context.open(response.content)).status == 200
+    with server.client() as admin:
+        deadline = time.monotonic() + 10
+        while True:
+            rows = admin.get("/admin/v1/usage", params={"tenant": "sealed-budget"}).json()["data"]
+            if rows or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    assert sum(r["total_tokens"] for r in rows) == 8
 
 
 def test_a_quota_set_from_the_cli_reaches_the_running_server(server: BastionServer) -> None:

@@ -34,12 +34,24 @@ def pipeline_of(request: Request) -> Pipeline:
     return pipeline
 
 
-def admit(request: Request, principal: Principal, model: str, tokens: int = 0) -> Ticket:
-    """Admit the request against the caller's quotas (estimated at `tokens` tokens). The
-    ticket rides on the request: the access middleware adds its `x-ratelimit-*` headers
-    to the response and settles it once the response is sent."""
+def admit(
+    request: Request,
+    principal: Principal,
+    model: str,
+    tokens: int = 0,
+    *,
+    tokens_up_to: int | None = None,
+) -> Ticket:
+    """Admit the request against the caller's quotas (estimated at `tokens` tokens, or up
+    to `tokens_up_to` when they allow). The ticket rides on the request: the access
+    middleware adds its `x-ratelimit-*` headers to the response and settles it once the
+    response is sent."""
     ticket = pipeline_of(request).admit(
-        principal, model, tokens=tokens, request_bytes=getattr(request.state, "body_bytes", 0)
+        principal,
+        model,
+        tokens=tokens,
+        request_bytes=getattr(request.state, "body_bytes", 0),
+        tokens_up_to=tokens_up_to,
     )
     request.state.ticket = ticket
     return ticket

@@ -21,7 +21,13 @@ from bastion.api.context import (
 )
 from bastion.api.replies import expect
 from bastion.api.schemas import OipInferRequest
-from bastion.api.tensors import to_json_tensor, to_tensor_data
+from bastion.api.tensors import (
+    check_answer_size,
+    check_input_size,
+    json_size,
+    to_json_tensor,
+    to_tensor_data,
+)
 from bastion.errors import InvalidRequest, ModelUnavailable, UnsupportedMediaType
 from bastion.gateway.pipeline import Pipeline
 from bastion.identity.principal import Principal
@@ -156,13 +162,20 @@ async def infer(request: Request) -> Response:
     gateway, principal, name = _known_model(request, "infer")
     body, binary_inputs = await _read_infer_request(request, gateway.settings.max_body_bytes)
     metadata = gateway.ready_model(name, "infer")
+    limits = gateway.size_limits(name)
+    check_input_size(body.inputs, limits)
     tensors = _input_tensors(body, binary_inputs, metadata)
     wanted, binary_outputs = _binary_outputs(body, metadata)
-    # Tensors are not tokens: an inference counts as a request, against request quotas.
-    ticket = admit(request, principal, name)
+    # Numbers are not tokens; text (BYTES) is, as for /v1/embeddings: it is reserved
+    # against token quotas here, and settled with the count the model reports.
+    ticket = admit(request, principal, name, _text_tokens(tensors))
     result = expect(
         await gateway.call(name, Infer(id=0, inputs=tensors, outputs=wanted), ticket),
         InferResult,
+    )
+    check_answer_size(
+        sum(len(t.raw) if t.name in binary_outputs else json_size(t) for t in result.outputs),
+        limits,
     )
     answer: dict[str, object] = {
         "model_name": name,
@@ -189,6 +202,11 @@ async def infer(request: Request) -> Response:
         media_type="application/octet-stream",
         headers={oip_binary.HEADER: str(len(header))},
     )
+
+
+def _text_tokens(tensors: list[TensorData]) -> int:
+    """An estimate of the tokens in the text (BYTES) inputs: 4 bytes a token."""
+    return sum(-(-len(item) // 4) for t in tensors if t.datatype == "BYTES" for item in t.items)
 
 
 routes = [

@@ -24,6 +24,7 @@ from bastion.api.context import (
 )
 from bastion.api.replies import expect, raise_for_failure
 from bastion.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from bastion.api.tensors import check_answer_size
 from bastion.errors import BastionError, InvalidRequest
 from bastion.gateway.pipeline import Pipeline
 from bastion.identity.principal import Principal
@@ -376,6 +377,9 @@ async def embeddings(request: Request) -> Response:
         )
     ticket = admit(request, principal, body.model, estimate_tokens(*texts))
     result = expect(await gateway.call(body.model, Embed(id=0, texts=texts), ticket), EmbedResult)
+    # Each float is ~20 characters of JSON, or 4 bytes as base64 (4/3 of them).
+    per_value = 6 if body.encoding_format == "base64" else 21
+    check_answer_size(result.count * result.dim * per_value, gateway.size_limits(body.model))
     vectors = np.frombuffer(result.vectors, dtype="<f4").reshape(result.count, result.dim)
     data = [
         {

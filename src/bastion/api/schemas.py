@@ -17,6 +17,8 @@ TopP = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
 Seed = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+# Most prompts in one completion request.
+MAX_PROMPTS = 16
 StopList = Annotated[list[Annotated[str, msgspec.Meta(min_length=1)]], msgspec.Meta(max_length=4)]
 
 
@@ -61,7 +63,7 @@ class ChatCompletionRequest(msgspec.Struct, frozen=True):
 
 class CompletionRequest(msgspec.Struct, frozen=True):
     model: NonEmptyStr
-    prompt: str | Annotated[list[str], msgspec.Meta(min_length=1, max_length=16)]
+    prompt: str | Annotated[list[str], msgspec.Meta(min_length=1, max_length=MAX_PROMPTS)]
     max_tokens: PositiveInt | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None

@@ -21,6 +21,7 @@ from starlette.routing import Route
 from bastion.api.body import read_body
 from bastion.api.context import admit, authenticate, gateway_of
 from bastion.api.openai import DEFAULT_MAX_TOKENS
+from bastion.api.schemas import MAX_PROMPTS
 from bastion.audit.events import OHTTP_REFUSED, Event
 from bastion.crypto import ohttp
 from bastion.errors import (
@@ -76,10 +77,20 @@ async def sealed_request(request: Request) -> Response:
     # Labelled only once known to exist: a client-chosen name must not reach logs or metrics.
     request.state.model = model
     gateway.ready_model(model, None)
-    body = await read_body(request, gateway.settings.max_body_bytes + SEALED_FRAMING_ALLOWANCE)
-    # The gateway cannot read the request: it reserves its size and a default answer length,
-    # and settles with the usage the worker reports beside the sealed answer.
-    ticket = admit(request, principal, model, len(body) // 4 + DEFAULT_MAX_TOKENS)
+    settings = gateway.settings
+    body = await read_body(request, settings.max_body_bytes + SEALED_FRAMING_ALLOWANCE)
+    # The gateway cannot read the request. It reserves at least its size and a default
+    # answer length, and as much more as the caller's token limits leave, up to what any
+    # request may ask; the worker refuses (encrypted 429) an inner request estimated at
+    # more than was reserved, and the usage it reports beside the answer settles it.
+    prompt = len(body) // 4
+    ticket = admit(
+        request,
+        principal,
+        model,
+        prompt + DEFAULT_MAX_TOKENS,
+        tokens_up_to=prompt + settings.max_tokens_limit * settings.max_choices * MAX_PROMPTS,
+    )
     try:
         header = gateway.sealing.check_request(body)
     except OhttpKeyProblem as exc:
@@ -88,7 +99,9 @@ async def sealed_request(request: Request) -> Response:
     except InvalidRequest as exc:
         _refused(gateway, principal, exc.code)
         raise
-    message = SealedRequest(id=0, data=body, chunked=chunked, actions=actions)
+    message = SealedRequest(
+        id=0, data=body, chunked=chunked, actions=actions, allowance=ticket.allowance
+    )
     if chunked:
         return await _stream(gateway, ticket, message, header.enc)
     reply = await gateway.call(model, message, ticket)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from bastion.api.schemas import OipInputTensor
-from bastion.errors import InvalidRequest
+from bastion.config import SizeLimits
+from bastion.errors import InvalidRequest, PayloadTooLarge
 from bastion.workers.protocol import TensorData, TensorSpec
 
 NUMPY_TYPES: dict[str, str] = {
@@ -36,6 +38,48 @@ _INT_RANGES = {
     "INT64": (-(2**63), 2**63 - 1),
 }
 MAX_ELEMENTS = 16 * 1024 * 1024
+# Characters per element of a tensor rendered as JSON (a float32 as Python prints its
+# double: "0.12345678918063641"), for estimating an answer's size before building it.
+_JSON_CHARS = {"BOOL": 6, "UINT8": 4, "INT8": 5, "UINT16": 6, "INT16": 7, "FP16": 12}
+
+
+def check_input_size(inputs: Sequence[OipInputTensor], limits: SizeLimits) -> None:
+    """413 if the declared shapes ask for a bigger batch or more elements than allowed,
+    before any of the data is converted."""
+    total = 0
+    for tensor in inputs:
+        batch = tensor.shape[0] if tensor.shape else 1
+        if batch > limits.max_batch:
+            raise PayloadTooLarge(
+                f"Input '{tensor.name}' has a batch of {batch}; this model takes at most "
+                f"{limits.max_batch} at once.",
+                code="input_too_large",
+            )
+        total += math.prod(tensor.shape)
+        if total > limits.max_input_elements:
+            raise PayloadTooLarge(
+                f"The inputs hold more than {limits.max_input_elements} elements, the "
+                "model's limit.",
+                code="input_too_large",
+            )
+
+
+def json_size(tensor: TensorData) -> int:
+    """About how many bytes `tensor` takes as OIP JSON."""
+    if tensor.datatype == "BYTES":
+        return sum(len(item) + 4 for item in tensor.items) + 64
+    count = len(tensor.raw) // np.dtype(NUMPY_TYPES[tensor.datatype]).itemsize
+    return count * _JSON_CHARS.get(tensor.datatype, 21) + 64
+
+
+def check_answer_size(size: int, limits: SizeLimits) -> None:
+    """413 before an answer of about `size` bytes is built, if it would pass the limit."""
+    if size > limits.max_answer_bytes:
+        raise PayloadTooLarge(
+            f"The answer would take about {size} bytes, more than the limit of "
+            f"{limits.max_answer_bytes}; send fewer inputs at once (or ask for binary outputs).",
+            code="answer_too_large",
+        )
 
 
 def _flatten(data: list[Any], out: list[Any], depth: int = 0) -> None:

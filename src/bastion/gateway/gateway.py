@@ -23,7 +23,7 @@ from bastion.audit.events import (
     Event,
     EventSink,
 )
-from bastion.config import Settings
+from bastion.config import Settings, SizeLimits
 from bastion.crypto.ohttp_keys import OhttpKeyStore
 from bastion.errors import (
     AuthenticationError,
@@ -315,6 +315,10 @@ class Gateway:
     def require_model(self, name: str) -> None:
         self.model_record(name)
 
+    def size_limits(self, name: str) -> SizeLimits:
+        """How big the model's requests and answers may be (settings, or its options)."""
+        return SizeLimits.of(self.settings, self.model_record(name).options)
+
     def visible_models(self, principal: Principal) -> list[ModelRecord]:
         return [r for r in self._catalog.values() if principal.can_see_model(r.name)]
 
@@ -337,11 +341,18 @@ class Gateway:
         return status.metadata
 
     def admit(
-        self, principal: Principal, model: str, *, tokens: int = 0, request_bytes: int = 0
+        self,
+        principal: Principal,
+        model: str,
+        *,
+        tokens: int = 0,
+        request_bytes: int = 0,
+        tokens_up_to: int | None = None,
     ) -> Ticket:
         """Reserve the request's estimated `tokens` (prompt + max_tokens) against the quotas
         of its tenant and key; 429 (or 413) with the rate-limit headers if they do not
-        allow it. The ticket holds the reservation until the request ends."""
+        allow it. With `tokens_up_to`, reserve as much more as they have left, up to that
+        (an encrypted request). The ticket holds the reservation until the request ends."""
         if self._draining:
             raise ModelUnavailable("The server is shutting down.", retry_after_s=5)
         subjects = self._quota_subjects(principal)
@@ -350,7 +361,9 @@ class Gateway:
         if not subjects:
             return Ticket(principal, model)
         try:
-            reservation = self.limiter.reserve(subjects, tokens=tokens, request_bytes=request_bytes)
+            reservation = self.limiter.reserve(
+                subjects, tokens=tokens, request_bytes=request_bytes, up_to=tokens_up_to
+            )
         except (QuotaExceeded, RequestTooLarge) as exc:
             exc.headers.update(
                 (name.decode(), value.decode()) for name, value in self._limit_headers(subjects)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from bastion.config import Settings
+from bastion.config import Settings, SizeLimits
 from bastion.errors import InvalidRequest
 from bastion.identity.principal import Principal
 from bastion.quotas.admission import Ticket
@@ -35,8 +35,18 @@ class Pipeline(Protocol):
 
     def ready_model(self, name: str, capability: str) -> ModelMetadata: ...
 
+    def size_limits(self, name: str) -> SizeLimits:
+        """How big the model's requests and answers may be."""
+        ...
+
     def admit(
-        self, principal: Principal, model: str, *, tokens: int = 0, request_bytes: int = 0
+        self,
+        principal: Principal,
+        model: str,
+        *,
+        tokens: int = 0,
+        request_bytes: int = 0,
+        tokens_up_to: int | None = None,
     ) -> Ticket:
         """Admit a request estimated at `tokens` tokens (quotas), or raise 429/413."""
         ...

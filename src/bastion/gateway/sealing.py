@@ -116,6 +116,9 @@ class SealingState:
             max_body_bytes=settings.max_body_bytes,
             max_tokens_limit=settings.max_tokens_limit,
             max_choices=settings.max_choices,
+            oip_max_batch=settings.oip_max_batch,
+            oip_max_elements=settings.oip_max_elements,
+            max_answer_bytes=settings.max_answer_bytes,
         )
         return self.worker_keys
 

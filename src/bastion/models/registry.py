@@ -26,6 +26,7 @@ from bastion.audit.events import (
     EventSink,
     emit_change,
 )
+from bastion.config import check_limit_options
 from bastion.errors import ConfigurationError, Conflict, InvalidRequest, ModelNotFound
 from bastion.identity.principal import Principal
 from bastion.runtimes.base import RUNTIMES
@@ -247,8 +248,11 @@ def _validate_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     decoded: dict[str, Any] = json.loads(encoded)
     try:
         check_sandbox_option(decoded)
+        check_limit_options(decoded)
     except ConfigurationError as exc:
         raise InvalidRequest(exc.message, param="options") from None
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param="options") from None
     return decoded
 
 

@@ -50,6 +50,15 @@ class Ticket:
         self._reservation = reservation
         self._lock = threading.Lock()
 
+    @property
+    def allowance(self) -> int | None:
+        """Tokens reserved for a request whose size the gateway could not see (an encrypted
+        one), which its worker must hold it to; None when no token limit applies."""
+        reservation = self._reservation
+        if reservation is None or not reservation.token_limited:
+            return None
+        return reservation.tokens
+
     def report(self, tokens: int) -> None:
         """The worker reported `tokens` used by one of this request's jobs."""
         with self._lock:

@@ -62,12 +62,17 @@ class LimitState:
 
 @dataclass(slots=True)
 class Reservation:
-    """What one admitted request holds until it is settled."""
+    """What one admitted request holds until it is settled.
+
+    `tokens` is what was reserved; `token_limited` says whether any subject limits tokens
+    (if not, the reservation bounds nothing).
+    """
 
     id: int
     subjects: tuple[tuple[Subject, QuotaLimits], ...]
     tokens: int
     settled: bool = False
+    token_limited: bool = False
 
 
 class QuotaExceeded(RateLimited):
@@ -90,9 +95,11 @@ class Limiter(Protocol):
         *,
         tokens: int,
         request_bytes: int = 0,
+        up_to: int | None = None,
     ) -> Reservation:
         """Admit one request of about `tokens` tokens, or raise QuotaExceeded (429) or
-        RequestTooLarge (413)."""
+        RequestTooLarge (413). With `up_to`, reserve as many more tokens as the subjects
+        have left, up to `up_to` (for a request whose size the gateway cannot see)."""
         ...
 
     def settle(self, reservation: Reservation, tokens: int) -> None:
@@ -153,6 +160,7 @@ class InMemoryLimiter:
         *,
         tokens: int,
         request_bytes: int = 0,
+        up_to: int | None = None,
     ) -> Reservation:
         tokens = max(0, tokens)
         with self._lock:
@@ -164,6 +172,11 @@ class InMemoryLimiter:
             # Check every subject first: a refusal takes nothing from anyone.
             for subject, limits, usage in usages:
                 self._check(subject, limits, usage, tokens, request_bytes, now)
+            left = [_tokens_left(limits, usage) for _, limits, usage in usages]
+            limited = [n for n in left if n is not None]
+            if up_to is not None:
+                # What every subject has left (at least `tokens`: the checks passed).
+                tokens = max(tokens, min([up_to, *limited]))
             for _, _, usage in usages:
                 if usage.requests is not None:
                     usage.requests.level -= 1
@@ -171,7 +184,9 @@ class InMemoryLimiter:
                     usage.tokens.level -= tokens
                 usage.day_tokens += tokens
                 usage.concurrent += 1
-            return Reservation(next(self._ids), tuple(subjects), tokens)
+            return Reservation(
+                next(self._ids), tuple(subjects), tokens, token_limited=bool(limited)
+            )
 
     def settle(self, reservation: Reservation, tokens: int) -> None:
         with self._lock:
@@ -280,6 +295,16 @@ class InMemoryLimiter:
                 code="daily_budget_exceeded",
                 retry_after_s=_seconds(midnight - now),
             )
+
+
+def _tokens_left(limits: QuotaLimits, usage: _Usage) -> int | None:
+    """Tokens the subject may still use now (its minute bucket, its day); None: no limit."""
+    left: list[int] = []
+    if usage.tokens is not None:
+        left.append(max(0, math.floor(usage.tokens.level)))
+    if limits.tokens_per_day is not None:
+        left.append(max(0, limits.tokens_per_day - usage.day_tokens))
+    return min(left) if left else None
 
 
 def _resized(bucket: _Bucket | None, capacity: int | None, now: float) -> _Bucket | None:

@@ -55,6 +55,15 @@ class UnsupportedOperation(RuntimeInputError):
         super().__init__(f"This model does not support {operation}.", "unsupported_operation")
 
 
+class Cancelled(Exception):
+    """The request was cancelled while the runtime worked on it (its deadline passed, its
+    client left); `prompt_tokens` is what the runtime had read by then, which is charged."""
+
+    def __init__(self, prompt_tokens: int = 0) -> None:
+        super().__init__("cancelled")
+        self.prompt_tokens = prompt_tokens
+
+
 class CancelToken:
     """Set by the worker when the gateway cancels a request; runtimes poll it."""
 
@@ -68,6 +77,11 @@ class CancelToken:
     def cancelled(self) -> bool:
         return self._event.is_set()
 
+    def check(self, prompt_tokens: int = 0) -> None:
+        """Raise Cancelled if the request was cancelled (call it between units of work)."""
+        if self._event.is_set():
+            raise Cancelled(prompt_tokens)
+
 
 class Runtime(Protocol):
     """A loaded model. Methods run in a worker thread, one request at a time."""
@@ -78,9 +92,13 @@ class Runtime(Protocol):
         """Generate text; with request.stream, call `emit` for each new piece of text."""
         ...
 
-    def embed(self, request: Embed) -> EmbedResult: ...
+    def embed(self, request: Embed, cancel: CancelToken | None = None) -> EmbedResult:
+        """Embed texts; a long job checks `cancel` between batches (Cancelled)."""
+        ...
 
-    def infer(self, request: Infer) -> InferResult: ...
+    def infer(self, request: Infer, cancel: CancelToken | None = None) -> InferResult:
+        """Run the model on tensors; a long job checks `cancel` between batches."""
+        ...
 
 
 # A file's bytes held in memory: anything with the buffer protocol.

@@ -99,7 +99,7 @@ class EchoRuntime:
             completion_tokens=len(out) * request.n,
         )
 
-    def embed(self, request: Embed) -> EmbedResult:
+    def embed(self, request: Embed, cancel: CancelToken | None = None) -> EmbedResult:
         import numpy as np
 
         for text in request.texts:
@@ -115,7 +115,7 @@ class EchoRuntime:
             prompt_tokens=sum(len(t.split()) for t in request.texts),
         )
 
-    def infer(self, request: Infer) -> InferResult:
+    def infer(self, request: Infer, cancel: CancelToken | None = None) -> InferResult:
         outputs = [
             TensorData(name="output", datatype=t.datatype, shape=t.shape, raw=t.raw, items=t.items)
             for t in request.inputs[:1]

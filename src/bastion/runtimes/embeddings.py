@@ -86,9 +86,13 @@ class SentenceEmbeddingRuntime:
     def generate(self, request: Generate, cancel: CancelToken, emit: EmitDelta) -> GenerateResult:
         raise UnsupportedOperation("text generation")
 
-    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray[Any, Any], int]:
-        """Unit-length float32 embeddings of `texts` (rows) and the number of tokens read."""
+    def encode(
+        self, texts: Sequence[str], cancel: CancelToken | None = None
+    ) -> tuple[np.ndarray[Any, Any], int]:
+        """Unit-length float32 embeddings of `texts` (rows) and the number of tokens read;
+        Cancelled between batches once `cancel` is set."""
         encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=True)
+        tokens = sum(len(e.ids) for e in encodings)
         longest = max((len(e.ids) for e in encodings), default=0)
         if longest > self._max_tokens:
             raise RuntimeInputError(
@@ -101,10 +105,13 @@ class SentenceEmbeddingRuntime:
         order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
         with torch.inference_mode():
             for start in range(0, len(order), BATCH_SIZE):
+                if cancel is not None:
+                    # Nobody waits for the rest: stop, charging what was read.
+                    cancel.check(tokens)
                 rows = order[start : start + BATCH_SIZE]
                 pooled = self._encode_batch([encodings[i] for i in rows])
                 vectors[rows] = pooled.numpy()
-        return vectors, sum(len(e.ids) for e in encodings)
+        return vectors, tokens
 
     def _encode_batch(self, encodings: Sequence[Any]) -> torch.Tensor:
         width = max(len(e.ids) for e in encodings)
@@ -125,8 +132,8 @@ class SentenceEmbeddingRuntime:
         mean = summed / torch.clamp(weights.sum(dim=1), min=1e-9)
         return torch.nn.functional.normalize(mean, p=2, dim=1).float()
 
-    def embed(self, request: Embed) -> EmbedResult:
-        vectors, tokens = self.encode(request.texts)
+    def embed(self, request: Embed, cancel: CancelToken | None = None) -> EmbedResult:
+        vectors, tokens = self.encode(request.texts, cancel)
         return EmbedResult(
             id=request.id,
             vectors=vectors.tobytes(),
@@ -135,7 +142,7 @@ class SentenceEmbeddingRuntime:
             prompt_tokens=tokens,
         )
 
-    def infer(self, request: Infer) -> InferResult:
+    def infer(self, request: Infer, cancel: CancelToken | None = None) -> InferResult:
         if any(name != EMBEDDING_OUTPUT for name in request.outputs):
             raise RuntimeInputError(f"The model's only output is {EMBEDDING_OUTPUT!r}.")
         if len(request.inputs) != 1 or request.inputs[0].name != TEXT_INPUT:
@@ -152,14 +159,15 @@ class SentenceEmbeddingRuntime:
             texts = [item.decode("utf-8") for item in tensor.items]
         except UnicodeDecodeError:
             raise RuntimeInputError(f"Input {TEXT_INPUT!r} holds invalid UTF-8.") from None
-        vectors, _ = self.encode(texts)
+        vectors, tokens = self.encode(texts, cancel)
         output = TensorData(
             name=EMBEDDING_OUTPUT,
             datatype="FP32",
             shape=[len(texts), self._dim],
             raw=vectors.tobytes(),
         )
-        return InferResult(id=request.id, outputs=[output])
+        # Texts are tokens: they count against token quotas as /v1/embeddings' do.
+        return InferResult(id=request.id, outputs=[output], prompt_tokens=tokens)
 
 
 def load(source: Path | ModelFiles, options: Mapping[str, Any]) -> SentenceEmbeddingRuntime:

@@ -164,10 +164,10 @@ class OnnxRuntime:
     def generate(self, request: Generate, cancel: CancelToken, emit: EmitDelta) -> GenerateResult:
         raise UnsupportedOperation("text generation")
 
-    def embed(self, request: Embed) -> EmbedResult:
+    def embed(self, request: Embed, cancel: CancelToken | None = None) -> EmbedResult:
         raise UnsupportedOperation("embeddings")
 
-    def infer(self, request: Infer) -> InferResult:
+    def infer(self, request: Infer, cancel: CancelToken | None = None) -> InferResult:
         feeds: dict[str, np.ndarray[Any, Any]] = {}
         for tensor in request.inputs:
             spec = self._inputs.get(tensor.name)

@@ -131,10 +131,10 @@ class TextGenerationRuntime:
     def metadata(self) -> ModelMetadata:
         return self._metadata
 
-    def embed(self, request: Embed) -> EmbedResult:
+    def embed(self, request: Embed, cancel: CancelToken | None = None) -> EmbedResult:
         raise UnsupportedOperation("embeddings")
 
-    def infer(self, request: Infer) -> InferResult:
+    def infer(self, request: Infer, cancel: CancelToken | None = None) -> InferResult:
         raise UnsupportedOperation("tensor inference")
 
     def _prompt_ids(self, request: Generate) -> list[int]:

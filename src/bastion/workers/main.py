@@ -42,6 +42,7 @@ from bastion.models.bundle import (
 )
 from bastion.observability.logging import configure_logging
 from bastion.runtimes.base import (
+    Cancelled,
     CancelToken,
     ModelFiles,
     Runtime,
@@ -162,7 +163,7 @@ class Worker:
             load = self._receive_load()
             if isinstance(load, int):
                 return load
-            self._start_sealed_server(load.model)
+            self._start_sealed_server(load.model, load.options)
             interval = max(0.05, load.heartbeat_interval_s)
             threading.Thread(
                 target=self._heartbeat, args=(interval,), name="bastion-heartbeat", daemon=True
@@ -271,10 +272,10 @@ class Worker:
             )
         )
 
-    def _start_sealed_server(self, model: str) -> None:
+    def _start_sealed_server(self, model: str, options: Mapping[str, Any]) -> None:
         from bastion.api.sealed_app import create_sealed_app
 
-        self._pipeline = SealedPipeline(model, self._submit_inner)
+        self._pipeline = SealedPipeline(model, self._submit_inner, options)
         self._sealed = SealedServer(create_sealed_app(self._pipeline), self._pipeline, self._send)
         if self._early_keys is not None:
             self._sealed.set_keys(self._early_keys)
@@ -412,9 +413,9 @@ class Worker:
 
                 outcome: Outcome = runtime.generate(request, job.cancel, emit)
             elif isinstance(request, Embed):
-                outcome = runtime.embed(request)
+                outcome = runtime.embed(request, job.cancel)
             else:
-                outcome = runtime.infer(request)
+                outcome = runtime.infer(request, job.cancel)
             if not isinstance(outcome, _RESULT_TYPES[type(request)]):
                 raise TypeError("the runtime returned the wrong result type")
             if outcome.id != request.id:
@@ -422,6 +423,8 @@ class Worker:
             return outcome
         except RuntimeInputError as exc:
             failure = RequestFailed(id=request.id, status=400, code=exc.code, message=exc.message)
+        except Cancelled as exc:
+            failure = cancelled(request.id, prompt_tokens=exc.prompt_tokens)
         except BaseException as exc:
             # Whatever runtime code raises, a Rust panic (pyo3's PanicException is a
             # BaseException) or sys.exit() included, fails this request only; the type is

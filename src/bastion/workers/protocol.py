@@ -155,6 +155,10 @@ class SealingKeys(Message, frozen=True, kw_only=True):
     max_body_bytes: int
     max_tokens_limit: int
     max_choices: int
+    # Size limits of inner OIP requests and of answers (the gateway's settings).
+    oip_max_batch: int
+    oip_max_elements: int
+    max_answer_bytes: int
 
     def __repr__(self) -> str:
         return f"SealingKeys(version={self.version}, keys={len(self.keys)})"
@@ -176,6 +180,9 @@ class SealedRequest(Message, frozen=True, kw_only=True):
     data: bytes
     chunked: bool = False
     actions: list[str] = []
+    # The tokens reserved for it when the caller's tokens are limited: the inner request
+    # may not be estimated at more (None: no limit).
+    allowance: int | None = None
 
 
 class Cancel(Message, frozen=True, kw_only=True):
@@ -250,6 +257,8 @@ class EmbedResult(Message, frozen=True, kw_only=True):
 class InferResult(Message, frozen=True, kw_only=True):
     id: int
     outputs: list[TensorData]
+    # Tokens read, for a model whose inputs are text (a sentence encoder); 0 otherwise.
+    prompt_tokens: Tokens = 0
     # Seconds the worker spent on the model's code for this request (set by the worker).
     compute_s: Seconds = 0.0
 
@@ -310,7 +319,7 @@ def usage_of(reply: Message) -> tuple[int, int]:
     """(prompt tokens, completion tokens) a final reply reports; (0, 0) for the others."""
     if isinstance(reply, GenerateResult | SealedResponse | RequestFailed):
         return reply.prompt_tokens, reply.completion_tokens
-    if isinstance(reply, EmbedResult):
+    if isinstance(reply, EmbedResult | InferResult):
         return reply.prompt_tokens, 0
     return 0, 0
 

@@ -20,16 +20,16 @@ import email.utils
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from datetime import UTC
 from typing import Any, cast
 
 import msgspec
 
-from bastion.config import Settings
+from bastion.config import Settings, SizeLimits
 from bastion.crypto import bhttp, hpke, ohttp
-from bastion.errors import InvalidRequest, ModelNotFound
+from bastion.errors import InvalidRequest, ModelNotFound, RateLimited
 from bastion.gateway.pipeline import require_capability
 from bastion.identity.principal import ROLE_CONSUMER, Principal
 from bastion.quotas.admission import Ticket
@@ -92,6 +92,10 @@ class _Usage:
 
 _PRINCIPAL: contextvars.ContextVar[Principal] = contextvars.ContextVar("bastion_sealed_principal")
 _USAGE: contextvars.ContextVar[_Usage] = contextvars.ContextVar("bastion_sealed_usage")
+# The tokens the gateway reserved for the sealed request being served (None: no limit).
+_ALLOWANCE: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "bastion_sealed_allowance", default=None
+)
 # Set while a request is served on the runtime thread itself (see serve_inline).
 _INLINE: contextvars.ContextVar[RunInline | None] = contextvars.ContextVar(
     "bastion_sealed_inline", default=None
@@ -105,9 +109,12 @@ class SealedPipeline:
     request may only use this worker's model and the actions the caller's key holds.
     """
 
-    def __init__(self, model: str, submit: Submit) -> None:
+    def __init__(
+        self, model: str, submit: Submit, options: Mapping[str, Any] | None = None
+    ) -> None:
         self.model = model
         self._submit = submit
+        self._options = dict(options or {})
         self.metadata: ModelMetadata | None = None
         self._settings = Settings()
 
@@ -120,7 +127,13 @@ class SealedPipeline:
             max_body_bytes=keys.max_body_bytes,
             max_tokens_limit=keys.max_tokens_limit,
             max_choices=keys.max_choices,
+            oip_max_batch=keys.oip_max_batch,
+            oip_max_elements=keys.oip_max_elements,
+            max_answer_bytes=keys.max_answer_bytes,
         )
+
+    def size_limits(self, name: str) -> SizeLimits:
+        return SizeLimits.of(self._settings, self._options)
 
     def authenticate(self, authorization: str | None) -> Principal:
         # The outer request was authenticated; an inner Authorization header means nothing.
@@ -147,10 +160,24 @@ class SealedPipeline:
         return self.metadata
 
     def admit(
-        self, principal: Principal, model: str, *, tokens: int = 0, request_bytes: int = 0
+        self,
+        principal: Principal,
+        model: str,
+        *,
+        tokens: int = 0,
+        request_bytes: int = 0,
+        tokens_up_to: int | None = None,
     ) -> Ticket:
         """Admission (quotas, the fair queue) happened at the gateway, on the outer request;
-        the usage of the inner one travels back beside the sealed answer."""
+        the usage of the inner one travels back beside the sealed answer. An inner request
+        estimated at more tokens than the gateway could reserve is refused (429)."""
+        allowance = _ALLOWANCE.get()
+        if allowance is not None and tokens > allowance:
+            raise RateLimited(
+                f"The request may use {tokens} tokens, more than the {allowance} its quotas "
+                "leave now; lower max_tokens or n, or retry later.",
+                code="tokens_limit_exceeded",
+            )
         return Ticket(principal, model)
 
     async def call(self, model: str, message: Any, ticket: Ticket) -> FromWorker:
@@ -360,6 +387,7 @@ class SealedServer:
         exchange = _Exchange(request, context, send)
         usage = _Usage()
         _USAGE.set(usage)
+        _ALLOWANCE.set(request.allowance)
         _INLINE.set(run_inline)
         _PRINCIPAL.set(
             Principal(

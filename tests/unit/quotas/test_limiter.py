@@ -138,3 +138,30 @@ def test_changed_limits_keep_what_was_used(clock: Clock) -> None:
     limiter.reserve([(TENANT, QuotaLimits(tokens_per_minute=100))], tokens=80)
     raised = QuotaLimits(tokens_per_minute=200)
     assert limiter.state(TENANT, raised).remaining_tokens == 120
+
+
+def test_up_to_reserves_what_every_subject_has_left(clock: Clock) -> None:
+    # An encrypted request: the gateway cannot see its size, so it takes what is left (the
+    # worker holds the inner request to it) and settles to what was used.
+    limiter = InMemoryLimiter(clock)
+    tenant = QuotaLimits(tokens_per_day=5000)
+    key = QuotaLimits(tokens_per_minute=3000)
+    first = limiter.reserve([(TENANT, tenant), (KEY, key)], tokens=300, up_to=100_000)
+    assert first.tokens == 3000 and first.token_limited
+    # Nothing is left for a second one meanwhile: no two can overshoot together.
+    with pytest.raises(QuotaExceeded):
+        limiter.reserve([(TENANT, tenant), (KEY, key)], tokens=300, up_to=100_000)
+    limiter.settle(first, 200)
+    clock.now += 60
+    second = limiter.reserve([(TENANT, tenant), (KEY, key)], tokens=300, up_to=100_000)
+    # The day's budget is what bounds it now: 5000 - 200.
+    assert second.tokens == 3000
+    limiter.settle(second, 2800)
+    clock.now += 60
+    third = limiter.reserve([(TENANT, tenant)], tokens=300, up_to=100_000)
+    assert third.tokens == 5000 - 200 - 2800
+    # Up to is a ceiling too, and without any token limit it is what is reserved.
+    limiter.settle(third, 0)
+    assert limiter.reserve([(TENANT, tenant)], tokens=10, up_to=50).tokens == 50
+    free = limiter.reserve([(TENANT, QuotaLimits(requests_per_minute=9))], tokens=10, up_to=70)
+    assert free.tokens == 70 and not free.token_limited

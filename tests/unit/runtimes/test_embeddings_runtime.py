@@ -8,7 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bastion.runtimes.base import CancelToken, RuntimeInputError, UnsupportedOperation
+from bastion.runtimes.base import (
+    Cancelled,
+    CancelToken,
+    RuntimeInputError,
+    UnsupportedOperation,
+)
 from bastion.runtimes.embeddings import SentenceEmbeddingRuntime, load
 from bastion.workers.protocol import Embed, Generate, Infer, TensorData, TensorSpec
 
@@ -79,6 +84,31 @@ def test_infer_returns_embedding_rows(runtime: SentenceEmbeddingRuntime) -> None
     assert (output.name, output.datatype, output.shape) == ("embedding", "FP32", [2, 384])
     embedded = runtime.embed(Embed(id=1, texts=TEXTS[:2]))
     assert output.raw == embedded.vectors
+    # Text is tokens through OIP as through /v1/embeddings: counted for the quotas.
+    assert result.prompt_tokens == embedded.prompt_tokens > 0
+
+
+def test_a_cancelled_request_stops_between_batches(runtime: SentenceEmbeddingRuntime) -> None:
+    # 45,000 texts kept a worker (and every other tenant) busy for 35 s: the loop now looks
+    # at the cancellation between batches, and charges what it read.
+    texts = [f"text number {i}" for i in range(200)]
+    cancel = CancelToken()
+    batches: list[int] = []
+    original = runtime._encode_batch
+
+    def encode_batch(encodings: list[object]) -> object:
+        batches.append(len(encodings))
+        if len(batches) == 2:
+            cancel.cancel()  # the deadline passes while the second batch runs
+        return original(encodings)  # type: ignore[arg-type]
+
+    runtime._encode_batch = encode_batch  # type: ignore[method-assign]
+    try:
+        with pytest.raises(Cancelled) as caught:
+            runtime.embed(Embed(id=1, texts=texts), cancel)
+    finally:
+        del runtime._encode_batch
+    assert len(batches) == 2 and caught.value.prompt_tokens > 200
 
 
 @pytest.mark.parametrize(

@@ -61,6 +61,9 @@ def _server(app: Any = None) -> tuple[sealed.SealedServer, list[Message]]:
             max_body_bytes=1 << 20,
             max_tokens_limit=4096,
             max_choices=1,
+            oip_max_batch=16,
+            oip_max_elements=1024,
+            max_answer_bytes=1 << 20,
         )
     )
     return server, sent
