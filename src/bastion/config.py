@@ -37,8 +37,18 @@ class Settings:
     oip_max_batch: int = 2048
     oip_max_elements: int = 4 * 1024 * 1024
     max_answer_bytes: int = 64 * MiB
-    # How long a request may wait for its answer before the client gets 504.
+    # How long a request may wait for its answer before the client gets 504 (one deadline
+    # for the whole request, however many calls to the model it makes).
     request_timeout_s: float = 60.0
+    # Connections: the most open at once (more are closed at once), how long a client may
+    # take to send a request's headers (also a kept-alive connection's next request), to
+    # send its body (408), and to read the answer (a client that stops reading is cut off,
+    # and what was held for it freed); how long an idle kept-alive connection stays open.
+    max_connections: int = 2048
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    send_timeout_s: float = 30.0
+    keepalive_timeout_s: float = 5.0
     # Requests each model's worker holds at once; the rest wait in the model's fair queue
     # (weighted fair queuing across tenants), which holds at most `queue_size` requests.
     # A worker serves its requests in arrival order, so 1 gives the fairest latencies; a
@@ -236,6 +246,11 @@ _ENV_FIELDS: dict[str, Any] = {
     "oip_max_elements": int,
     "max_answer_bytes": int,
     "request_timeout_s": float,
+    "max_connections": int,
+    "header_timeout_s": float,
+    "body_timeout_s": float,
+    "send_timeout_s": float,
+    "keepalive_timeout_s": float,
     "model_concurrency": int,
     "queue_size": int,
     "usage_flush_interval_s": float,

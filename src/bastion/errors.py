@@ -9,6 +9,7 @@
     ├── NotFound                      404  no such route, model, tenant or key
     │   └── ModelNotFound             404
     ├── MethodNotAllowed              405
+    ├── RequestTimeout                408  the client did not send its body in time
     ├── Conflict                      409  the resource exists or is in the wrong state
     ├── PayloadTooLarge               413  body over the configured limit
     ├── UnsupportedMediaType          415  the body is not JSON
@@ -97,6 +98,14 @@ class MethodNotAllowed(BastionError):
     status = 405
     error_type = "invalid_request_error"
     code = "method_not_allowed"
+
+
+class RequestTimeout(BastionError):
+    """The client did not send the whole request body in time."""
+
+    status = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
 
 
 class Conflict(BastionError):

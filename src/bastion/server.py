@@ -9,6 +9,7 @@ import logging
 import uvicorn
 
 from bastion.api.app import create_app
+from bastion.api.transport import protocol_class
 from bastion.audit.events import SERVER_STARTED, Event, FanOutSink
 from bastion.bootstrap import Home
 from bastion.gateway.auth import Authenticator
@@ -77,7 +78,13 @@ def serve(home: Home) -> None:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        # httptools, with a cap on connections and timeouts for slow or stalled clients.
+        http=protocol_class(
+            max_connections=settings.max_connections,
+            header_timeout_s=settings.header_timeout_s,
+            send_timeout_s=settings.send_timeout_s,
+        ),
+        timeout_keep_alive=max(1, round(settings.keepalive_timeout_s)),
         lifespan="on",
         access_log=False,
         log_config=None,

@@ -111,6 +111,8 @@ async def create_key(request: Request) -> Response:
             name=body.name,
         )
     )
+    # The new key is usable at once (the gateway knows every key id in memory).
+    await gateway_of(request).refresh()
     return json_response({**info.to_dict(), "key": token}, status=201)
 
 

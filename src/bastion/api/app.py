@@ -41,4 +41,5 @@ def create_app(gateway: Gateway, identity: IdentityService) -> Starlette:
     )
     app.state.gateway = gateway
     app.state.identity = identity
+    app.state.body_timeout_s = gateway.settings.body_timeout_s
     return app

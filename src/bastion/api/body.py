@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TypeVar
 
 import msgspec
 from starlette.requests import Request
 
 from bastion.api.errors import validation_error
-from bastion.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from bastion.errors import InvalidRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 
 T = TypeVar("T")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """Read the body, refusing more than `limit` bytes before reading them all (413)."""
+    """Read the body, refusing more than `limit` bytes before reading them all (413), and
+    a client that takes longer than the body timeout to send it (408)."""
+    timeout = getattr(request.app.state, "body_timeout_s", None)
+    try:
+        async with asyncio.timeout(timeout):
+            return await _read(request, limit)
+    except TimeoutError:
+        raise RequestTimeout("The request body did not arrive in time.") from None
+
+
+async def _read(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         try:

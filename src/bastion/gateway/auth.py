@@ -1,11 +1,17 @@
 """The gateway's first step: turn an ``Authorization`` header into a Principal, or a 401.
 
 Key records are cached in memory by public id, so the usual request costs one dict lookup,
-one HMAC and one constant-time compare, with no database access. A cache miss reads the
-database once; ids that do not exist are remembered for a short while (in a bounded table),
-so a flood of random ids cannot turn into a flood of queries. :meth:`Authenticator.refresh`
-drops every cached record when the database's change revision moves, which is how a key
-revoked by another process (the CLI) stops working within the refresh interval.
+one HMAC and one constant-time compare, with no database access. The set of every key id
+is kept in memory too, reloaded with the revision: an id that is not in it is refused
+without a query. (Only a few such ids a second are looked up anyway, for a key created by
+another process since the last reload.) A cache miss for a known id reads the database
+once. :meth:`Authenticator.refresh` drops every cached record when the database's change
+revision moves, which is how a key revoked by another process (the CLI) stops working
+within the refresh interval.
+
+Failures are events (``auth.failed``), but a flood of them is not a flood of log lines: at
+most :data:`FAILURES_LOGGED_PER_WINDOW` a window are emitted one by one, and the rest as one
+event per reason with their count when the window ends.
 """
 
 from __future__ import annotations
@@ -36,6 +42,12 @@ REASON_BAD_SECRET = "bad_secret"  # noqa: S105 (a reason code, not a secret)
 REASON_REVOKED = "revoked"
 REASON_EXPIRED = "expired"
 REASON_TENANT_DISABLED = "tenant_disabled"
+
+# Failures emitted one by one per window; the rest are counted and emitted as one event.
+FAILURES_LOGGED_PER_WINDOW = 20
+FAILURE_WINDOW_S = 10.0
+# Ids missing from the in-memory id set that may still be looked up (new keys), per second.
+UNLISTED_LOOKUPS_PER_S = 5.0
 
 # Messages for failures that only a caller holding the right secret can see; every other
 # failure gets the generic message, so guessing reveals nothing.
@@ -85,6 +97,10 @@ class Authenticator:
         # Bumped on every cache reset; a database read that started under an older
         # generation may be stale and is not cached.
         self._generation = 0
+        # Every key id, as of the last refresh (None until the first).
+        self._ids: frozenset[str] | None = None
+        self._lookups = _Allowance(UNLISTED_LOOKUPS_PER_S)
+        self._failures = FailureReports(events, clock)
 
     def authenticate(self, authorization: str | None) -> Principal:
         """The principal of a ``Bearer <token>`` header; AuthenticationError otherwise."""
@@ -102,6 +118,11 @@ class Authenticator:
 
         record = self._keys.get(public_id)
         if record is None:
+            ids = self._ids
+            if ids is not None and public_id not in ids and not self._lookups.take():
+                # Not a key as of the last reload, and no lookups left this second: a
+                # flood of made-up ids costs the database nothing.
+                self._fail(REASON_UNKNOWN_KEY, public_id)
             record = self._load(public_id)
             if record is None:
                 self._fail(REASON_UNKNOWN_KEY, public_id)
@@ -119,13 +140,21 @@ class Authenticator:
         return principal
 
     def refresh(self) -> bool:
-        """Drop the caches if the database changed since the last call; True if it did."""
+        """Drop the caches and reload the key ids if the database changed since the last
+        call; True if it did. (Blocking: call it from a thread.)"""
         revision = self._db.revision()
         if revision == self._revision:
             return False
+        with self._db.read() as conn:
+            ids = frozenset(conn.execute(sa.select(api_keys.c.id)).scalars())
         self.invalidate()
+        self._ids = ids
         self._revision = revision
         return True
+
+    def flush_failures(self) -> None:
+        """Emit the counts of failures held back in a window that has ended."""
+        self._failures.flush()
 
     def invalidate(self) -> None:
         """Forget every cached record (the next request per key reads the database)."""
@@ -199,7 +228,7 @@ class Authenticator:
         self, reason: str, public_id: str | None = None, tenant: str | None = None
     ) -> NoReturn:
         # Only the public id (when well-formed) is recorded: never the header or secret.
-        self._events.emit(
+        self._failures.report(
             Event(
                 kind=AUTH_FAILED,
                 outcome="failure",
@@ -213,6 +242,70 @@ class Authenticator:
         error = AuthenticationError(message) if message else AuthenticationError()
         # `from None`: the chained cause could hold the token in a traceback's locals.
         raise error from None
+
+
+class FailureReports:
+    """Emits failure events one by one up to a number per window, then counts them."""
+
+    def __init__(
+        self,
+        events: EventSink,
+        clock: Callable[[], float],
+        *,
+        per_window: int = FAILURES_LOGGED_PER_WINDOW,
+        window_s: float = FAILURE_WINDOW_S,
+    ) -> None:
+        self._events = events
+        self._clock = clock
+        self._per_window = per_window
+        self._window_s = window_s
+        self._window_start = clock()
+        self._emitted = 0
+        self._held: dict[str, int] = {}
+
+    def report(self, event: Event) -> None:
+        self.flush()
+        if self._emitted < self._per_window:
+            self._emitted += 1
+            self._events.emit(event)
+            return
+        reason = str(event.detail.get("reason"))
+        self._held[reason] = self._held.get(reason, 0) + 1
+
+    def flush(self) -> None:
+        """If the window has ended: one event per reason held back, and a new window."""
+        now = self._clock()
+        if now - self._window_start < self._window_s:
+            return
+        held, self._held = self._held, {}
+        self._window_start, self._emitted = now, 0
+        for reason, count in sorted(held.items()):
+            self._events.emit(
+                Event(
+                    kind=AUTH_FAILED,
+                    outcome="failure",
+                    detail={"reason": reason, "count": count, "window_s": self._window_s},
+                    at=now,
+                )
+            )
+
+
+class _Allowance:
+    """A small token bucket (monotonic clock): `rate` a second, as many at once."""
+
+    def __init__(self, rate: float) -> None:
+        self._rate = rate
+        self._level = rate
+        self._at = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self._level = min(self._rate, self._level + (now - self._at) * self._rate)
+        self._at = now
+        if self._level >= 1:
+            self._level -= 1
+            return True
+        return False
 
 
 def _bounded_put(table: dict[str, _V], key: str, value: _V, limit: int) -> None:

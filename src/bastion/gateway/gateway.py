@@ -236,6 +236,7 @@ class Gateway:
                     await asyncio.to_thread(self.ohttp_keys.retire_expired, SYSTEM_ACTOR)
                 await self.refresh()
                 self._reclaim_leaked()
+                self.authenticator.flush_failures()
                 await self._publish_statuses()
                 if time.monotonic() - self._flushed_at >= self.settings.usage_flush_interval_s:
                     await self._flush_usage()
@@ -355,11 +356,12 @@ class Gateway:
         (an encrypted request). The ticket holds the reservation until the request ends."""
         if self._draining:
             raise ModelUnavailable("The server is shutting down.", retry_after_s=5)
+        deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_s
         subjects = self._quota_subjects(principal)
         tenant = principal.tenant_name
         self.meter.record(tenant, model, requests=1)
         if not subjects:
-            return Ticket(principal, model)
+            return Ticket(principal, model, deadline=deadline)
         try:
             reservation = self.limiter.reserve(
                 subjects, tokens=tokens, request_bytes=request_bytes, up_to=tokens_up_to
@@ -376,6 +378,7 @@ class Gateway:
             limiter=self.limiter,
             reservation=reservation,
             headers=self._limit_headers(subjects),
+            deadline=deadline,
         )
 
     def _quota_subjects(self, principal: Principal) -> list[tuple[Subject, QuotaLimits]]:
@@ -446,10 +449,10 @@ class Gateway:
                 queue.reclaim(hold)
 
     async def call(self, model: str, message: WorkRequest, ticket: Ticket) -> FromWorker:
-        """Send one request and wait for its final answer, within the request deadline
-        (which the wait in the model's fair queue counts toward)."""
+        """Send one request and wait for its final answer, within the request's deadline
+        (which the wait in the model's fair queue, and earlier calls, count toward)."""
         try:
-            async with asyncio.timeout(self.settings.request_timeout_s):
+            async with asyncio.timeout_at(self._deadline(ticket)):
                 hold = await self._acquire(model, ticket.principal.tenant_name)
                 try:
                     return await self.supervisor.call(model, message, self._settler(ticket))
@@ -463,8 +466,7 @@ class Gateway:
     ) -> AsyncIterator[FromWorker]:
         """Stream a request's messages; past the deadline (the wait in the fair queue
         included) the job is cancelled (504)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.request_timeout_s
+        deadline = self._deadline(ticket)
         try:
             async with asyncio.timeout_at(deadline):
                 hold = await self._acquire(model, ticket.principal.tenant_name)
@@ -489,6 +491,11 @@ class Gateway:
                 await replies.aclose()
         finally:
             hold.release()
+
+    def _deadline(self, ticket: Ticket) -> float:
+        if ticket.deadline is not None:
+            return ticket.deadline
+        return asyncio.get_running_loop().time() + self.settings.request_timeout_s
 
     def _settler(self, ticket: Ticket) -> Settle:
         """Accounts a request's usage from its final reply, as soon as the worker sends it:

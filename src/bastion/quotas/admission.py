@@ -26,6 +26,7 @@ class Ticket:
         "_lock",
         "_reservation",
         "closed",
+        "deadline",
         "headers",
         "model",
         "principal",
@@ -40,9 +41,13 @@ class Ticket:
         limiter: Limiter | None = None,
         reservation: Reservation | None = None,
         headers: Headers | None = None,
+        deadline: float | None = None,
     ) -> None:
         self.principal = principal
         self.model = model
+        #: When the whole request must be answered (event loop time), every call it makes
+        #: to the model included: a completion of 16 prompts gets one deadline, not 16.
+        self.deadline = deadline
         self.headers: Headers = headers or []
         self.used = 0
         self.closed = False
