@@ -62,6 +62,7 @@ def flood(base: str, conns: int, seconds: float, result: dict[str, float]) -> No
 
 
 def measure(name: str, source: Path, args: argparse.Namespace, work: Path) -> dict[str, object]:
+    (work / "logs").mkdir()
     fleet = Fleet(work / "logs")
     env = {"PYTHONPATH": str(source / "src")}
     try:
