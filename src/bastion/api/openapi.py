@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any
 
 import msgspec
@@ -20,11 +21,25 @@ _BODIES: dict[tuple[str, str], type[Any]] = {
     ("/admin/v1/quotas/{kind}/{subject}", "patch"): schemas.QuotaUpdate,
 }
 
+# Query parameters of the operations that take some: name -> description.
+_QUERY: dict[tuple[str, str], dict[str, str]] = {
+    ("/admin/v1/keys", "get"): {"tenant": "Only this tenant's keys"},
+    ("/admin/v1/quotas", "get"): {"tenant": "Only this tenant's quotas and its keys'"},
+    ("/admin/v1/usage", "get"): {
+        "tenant": "One tenant (a tenant-admin: its own)",
+        "model": "One model",
+        "since": "A duration back from now (30m, 24h, 7d) or an ISO 8601 date (default 24h)",
+        "until": "A duration back from now or an ISO 8601 date",
+        "group": "total (default), day or hour",
+    },
+}
+
 _OPERATIONS: list[tuple[str, str, str, bool]] = [
     # path, method, summary, needs credentials
     ("/healthz", "get", "Liveness of the gateway process", False),
     ("/readyz", "get", "Readiness of the gateway", False),
     ("/metrics", "get", "Prometheus metrics (needs the metrics action)", True),
+    ("/openapi.json", "get", "This document", True),
     ("/v1/models", "get", "List the models this key may use", True),
     ("/v1/models/{model}", "get", "Describe one model", True),
     ("/v1/chat/completions", "post", "Chat completion (stream: true for server-sent events)", True),
@@ -47,13 +62,27 @@ _OPERATIONS: list[tuple[str, str, str, bool]] = [
     ("/v2/health/ready", "get", "OIP server readiness", False),
     ("/v2", "get", "OIP server metadata", True),
     ("/v2/models/{name}", "get", "OIP model metadata", True),
+    ("/v2/models/{name}/versions/{version}", "get", "OIP model metadata (one version)", True),
     ("/v2/models/{name}/ready", "get", "OIP model readiness (200 ready, 400 not)", True),
+    (
+        "/v2/models/{name}/versions/{version}/ready",
+        "get",
+        "OIP model readiness (one version)",
+        True,
+    ),
     ("/v2/models/{name}/infer", "post", "OIP inference with JSON tensors", True),
+    (
+        "/v2/models/{name}/versions/{version}/infer",
+        "post",
+        "OIP inference (one version)",
+        True,
+    ),
     ("/admin/v1/tenants", "get", "List tenants", True),
     ("/admin/v1/tenants", "post", "Create a tenant", True),
     ("/admin/v1/tenants/{name}/disable", "post", "Disable a tenant and all its keys", True),
     ("/admin/v1/keys", "get", "List API keys (never their secrets)", True),
     ("/admin/v1/keys", "post", "Create an API key; the secret is shown once", True),
+    ("/admin/v1/keys/{key_id}", "delete", "Revoke a key", True),
     ("/admin/v1/keys/{key_id}/revoke", "post", "Revoke a key", True),
     ("/admin/v1/keys/{key_id}/rotate", "post", "Replace a key by a new one", True),
     ("/admin/v1/models", "get", "List models with their live state", True),
@@ -68,14 +97,89 @@ _OPERATIONS: list[tuple[str, str, str, bool]] = [
         "Set or clear limits of a tenant (kind: tenants; * for defaults) or key (kind: keys)",
         True,
     ),
-    ("/admin/v1/quotas/{kind}/{subject}", "delete", "Remove a quota", True),
     (
-        "/admin/v1/usage",
-        "get",
-        "Metered usage (?tenant=&model=&since=24h&until=&group=total|day|hour)",
+        "/admin/v1/quotas/{kind}/{subject}",
+        "put",
+        "Set or clear limits (as PATCH: fields left out are kept)",
         True,
     ),
+    ("/admin/v1/quotas/{kind}/{subject}", "delete", "Remove a quota", True),
+    ("/admin/v1/usage", "get", "Metered usage, per tenant and model", True),
 ]
+
+_PATH_PARAMETER = re.compile(r"{([a-z_]+)}")
+_ERROR = {
+    "type": "object",
+    "description": 'OpenAI\'s error shape (/v1, /admin); /v2 answers {"error": message}.',
+    "properties": {
+        "error": {
+            "oneOf": [
+                {
+                    "type": "object",
+                    "properties": {
+                        "message": {"type": "string"},
+                        "type": {"type": "string"},
+                        "code": {"type": ["string", "null"]},
+                        "param": {"type": ["string", "null"]},
+                    },
+                },
+                {"type": "string"},
+            ]
+        }
+    },
+}
+
+
+def _operation(path: str, method: str, summary: str, secured: bool) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "operationId": f"{method}_{re.sub(r'[^a-z0-9]+', '_', path.lower()).strip('_')}",
+        "summary": summary,
+        "responses": {
+            "200": {"description": "Success"},
+            "default": {
+                "description": "An error in the API's own shape (4xx for the request, 5xx "
+                "for the server)",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            },
+        },
+    }
+    parameters: list[dict[str, Any]] = [
+        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        for name in _PATH_PARAMETER.findall(path)
+    ]
+    parameters += [
+        {"name": name, "in": "query", "required": False, "description": text,
+         "schema": {"type": "string"}}
+        for name, text in _QUERY.get((path, method), {}).items()
+    ]  # fmt: skip
+    if path == "/v1/ohttp":
+        parameters.append(
+            {
+                "name": "Bastion-Model",
+                "in": "header",
+                "required": True,
+                "schema": {"type": "string"},
+            }
+        )
+        operation["requestBody"] = {
+            "required": True,
+            "content": {
+                media: {"schema": {"type": "string", "format": "binary"}}
+                for media in ("message/ohttp-req", "message/ohttp-chunked-req")
+            },
+        }
+    if parameters:
+        operation["parameters"] = parameters
+    if not secured:
+        operation["security"] = []
+    else:
+        operation["responses"].update(
+            {
+                "401": {"description": "Missing or invalid API key"},
+                "403": {"description": "Key lacks the role, model or action"},
+            }
+        )
+    return operation
 
 
 @functools.cache
@@ -84,21 +188,15 @@ def openapi_document() -> dict[str, Any]:
         list(_BODIES.values()), ref_template="#/components/schemas/{name}"
     )
     refs = dict(zip(_BODIES.keys(), body_schemas, strict=True))
+    refs[("/admin/v1/quotas/{kind}/{subject}", "put")] = refs[
+        ("/admin/v1/quotas/{kind}/{subject}", "patch")
+    ]
+    refs[("/v2/models/{name}/versions/{version}/infer", "post")] = refs[
+        ("/v2/models/{name}/infer", "post")
+    ]
     paths: dict[str, dict[str, Any]] = {}
     for path, method, summary, secured in _OPERATIONS:
-        operation: dict[str, Any] = {
-            "summary": summary,
-            "responses": {"200": {"description": "Success"}},
-        }
-        if not secured:
-            operation["security"] = []
-        else:
-            operation["responses"].update(
-                {
-                    "401": {"description": "Missing or invalid API key"},
-                    "403": {"description": "Key lacks the role, model or action"},
-                }
-            )
+        operation = _operation(path, method, summary, secured)
         if (path, method) in refs:
             operation["requestBody"] = {
                 "required": True,
@@ -110,7 +208,7 @@ def openapi_document() -> dict[str, Any]:
         "info": {"title": "Bastion", "version": bastion.__version__},
         "paths": paths,
         "components": {
-            "schemas": components,
+            "schemas": {**components, "Error": _ERROR},
             "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}},
         },
         "security": [{"apiKey": []}],

@@ -357,11 +357,18 @@ def encode(message: Message) -> bytes:
 
 def decode_to_worker(data: bytes) -> ToWorker:
     """Decode a gateway message; raises msgspec.DecodeError/ValidationError on bad input."""
-    message: ToWorker = _to_worker.decode(data)
+    try:
+        message: ToWorker = _to_worker.decode(data)
+    except (UnicodeDecodeError, RecursionError):
+        raise msgspec.DecodeError("a message that does not decode") from None
     return message
 
 
 def decode_from_worker(data: bytes) -> FromWorker:
-    """Decode a worker message; raises msgspec.DecodeError/ValidationError on bad input."""
-    message: FromWorker = _from_worker.decode(data)
+    """Decode a worker message; raises msgspec.DecodeError/ValidationError on bad input
+    (a string that is not UTF-8, or nesting too deep, included)."""
+    try:
+        message: FromWorker = _from_worker.decode(data)
+    except (UnicodeDecodeError, RecursionError):
+        raise msgspec.DecodeError("a message that does not decode") from None
     return message

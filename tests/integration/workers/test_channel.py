@@ -288,13 +288,23 @@ def test_closing_a_request_early_sends_cancel() -> None:
     run(scenario())
 
 
-def test_undecodable_frame_is_a_fault_that_fails_pending_requests() -> None:
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\xc1 definitely not msgpack",
+        # Found by the fuzzer: a string that is not UTF-8 (msgspec raised UnicodeDecodeError,
+        # which escaped the protocol's callback instead of faulting the channel).
+        b"\x82\xa4type\xa9Hear\xa4type\xa9Heartbeat\xa9",
+        # Nested far deeper than any message.
+        b"\x91" * 100_000,
+    ],
+)
+def test_undecodable_frame_is_a_fault_that_fails_pending_requests(body: bytes) -> None:
     async def scenario() -> None:
         async with channel_and_peer() as (channel, peer):
             replies = channel.request(Embed(id=0, texts=["x"]))
             waiting = asyncio.ensure_future(anext(replies))
             await peer.receive()
-            body = b"\xc1 definitely not msgpack"
             await peer.send_raw(struct.pack("<I", len(body)) + body)
             with pytest.raises(WorkerCrashed) as caught:
                 await waiting
