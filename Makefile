@@ -3,20 +3,40 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Every dependency, pinned with its hashes (make lock writes it from pyproject.toml).
+LOCK := requirements.lock
 # An independent OHTTP client (npm @hpke/core, bhttp-js) for the interop tests.
 NODE_DIR := tests/interop/node
 NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test check lint typecheck bench bench-ohttp clean-venv sandbox-deps docker-deps
+.PHONY: serve test check lint typecheck audit sbom lock bench bench-ohttp clean-venv sandbox-deps docker-deps
 
-$(STAMP): pyproject.toml
+# Only what the lock names, each file checked against its hash; then Bastion itself, in
+# place, built with the locked setuptools (no unpinned build environment).
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch is pinned to the CPU build that lies on this machine's disk.
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --require-hashes -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
+
+# Re-resolve the lock after changing a pin in pyproject.toml (needs the package index).
+lock: $(STAMP)
+	$(BIN)/pip-compile --quiet --extra dev --generate-hashes --allow-unsafe --strip-extras \
+	  --output-file $(LOCK) pyproject.toml
+
+# A CycloneDX SBOM of the locked dependencies (with their hashes), in build/.
+sbom: $(STAMP)
+	@mkdir -p build
+	$(BIN)/cyclonedx-py requirements $(LOCK) --output-format JSON --output-file build/sbom.cdx.json
+	@echo "wrote build/sbom.cdx.json"
+
+# Known vulnerabilities of the locked dependencies (pip-audit); says plainly when no
+# vulnerability service could be reached.
+audit: $(STAMP)
+	$(BIN)/python scripts/audit_lock.py
 
 $(NODE_STAMP): $(NODE_DIR)/package-lock.json
 	@command -v npm >/dev/null || { \
@@ -60,7 +80,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-check: lint typecheck test
+check: lint typecheck audit test
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/gateway.py $(BENCH_ARGS)
