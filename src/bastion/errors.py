@@ -16,6 +16,7 @@
     ├── RateLimited                   429  (quotas, a later issue)
     ├── ModelUnavailable              503  model not loaded, loading, failed, or worker gone
     │   └── WorkerCrashed             503  the worker died while serving the request
+    ├── StorageUnavailable            503  the database cannot be written now (disk full, locked)
     ├── GatewayTimeout                504  the answer did not come before the deadline
     └── ConfigurationError            500  Bastion itself is set up wrongly (CLI: exit 2)
 
@@ -150,6 +151,19 @@ class WorkerCrashed(ModelUnavailable):
     """The worker serving the request died before answering."""
 
     code = "worker_crashed"
+
+
+class StorageUnavailable(BastionError):
+    """The database cannot be read or written now (its disk is full, another process holds
+    its lock too long, its server is gone); nothing was changed, the client may retry."""
+
+    status = 503
+    error_type = "server_error"
+    code = "storage_unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: int = 5, **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.headers.setdefault("retry-after", str(max(1, retry_after_s)))
 
 
 class GatewayTimeout(BastionError):

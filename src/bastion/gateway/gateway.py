@@ -122,7 +122,8 @@ class Gateway:
         self.limiter: Limiter = limiter or InMemoryLimiter()
         self.quota_store = QuotaStore(db, events)
         self.quotas: QuotaTable = EMPTY_TABLE
-        self.meter = UsageMeter(db)
+        # Journaled in the home, so that a gateway killed between flushes loses no usage.
+        self.meter = UsageMeter(db, journal_dir=settings.home / "usage")
         self._queues: dict[str, FairQueue] = {}
         self._flushed_at = time.monotonic()
         self._catalog: dict[str, ModelRecord] = {}
@@ -134,6 +135,11 @@ class Gateway:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
+        recovered = await asyncio.to_thread(self.meter.recover)
+        if recovered:
+            logger.info(
+                "added the usage a stopped gateway had not written", extra={"records": recovered}
+            )
         await self.supervisor.start()
         await asyncio.to_thread(self.ohttp_keys.ensure_current, SYSTEM_ACTOR)
         await self.refresh()
@@ -149,6 +155,7 @@ class Gateway:
                 await self._refresher
         await self.supervisor.stop(self.settings.drain_timeout_s)
         await self._flush_usage()
+        self.meter.close()
         try:
             await asyncio.to_thread(self.status_board.clear)
         except Exception as exc:

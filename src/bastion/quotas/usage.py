@@ -1,8 +1,10 @@
 """Metering: requests, tokens and worker compute seconds per tenant, model and hour.
 
 The gateway adds to an in-memory :class:`UsageMeter` on the hot path (a dict update under
-a lock) and flushes it to the ``usage`` table every few seconds and when it stops; rows of
-the same tenant, model and hour add up, so several gateways can share one database.
+a lock, and one line appended to its journal: :mod:`bastion.quotas.journal`) and flushes
+it to the ``usage`` table every few seconds and when it stops; rows of the same tenant,
+model and hour add up, so several gateways can share one database. What a gateway killed
+before its flush had recorded is added by the next one to start (:meth:`UsageMeter.recover`).
 :func:`usage_report` reads it back for ``bastion usage`` and ``/admin/v1/usage``. Nothing
 here ever holds a key or a payload: tenants and model names only.
 """
@@ -14,14 +16,16 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from bastion.errors import InvalidRequest
+from bastion.quotas.journal import UsageJournal, leftovers
 from bastion.store.db import Database
-from bastion.store.tables import usage
+from bastion.store.tables import usage, usage_flushes
 
 _HOUR_S = 3600
 GROUPS = ("hour", "day", "total")
@@ -44,13 +48,23 @@ class Counts:
 
 
 class UsageMeter:
-    """Usage not yet written, per (tenant, model, hour); thread-safe."""
+    """Usage not yet written, per (tenant, model, hour); thread-safe. With a journal
+    directory, every record is also on disk until it is in the database."""
 
-    def __init__(self, db: Database, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        db: Database,
+        clock: Callable[[], float] = time.time,
+        journal_dir: Path | None = None,
+    ) -> None:
         self._db = db
         self._clock = clock
         self._lock = threading.Lock()
         self._pending: dict[tuple[str, str, int], Counts] = {}
+        self._journal_dir = journal_dir
+        self._journal = UsageJournal(journal_dir) if journal_dir is not None else None
+        # Journal files whose records are in `_pending` (a flush that failed keeps them).
+        self._journal_files: list[Path] = []
 
     def record(
         self,
@@ -73,22 +87,91 @@ class UsageMeter:
             counts.prompt_tokens += prompt_tokens
             counts.completion_tokens += completion_tokens
             counts.compute_seconds += compute_seconds
+            if self._journal is not None:
+                self._journal.append(
+                    (tenant, model, hour, requests, refused, prompt_tokens, completion_tokens,
+                     compute_seconds)
+                )  # fmt: skip
 
     def flush(self) -> None:
         """Add what was recorded to the database. On failure it is kept for the next try."""
         with self._lock:
             pending, self._pending = self._pending, {}
-        if not pending:
+            files, self._journal_files = self._journal_files, []
+            if pending and self._journal is not None:
+                try:
+                    files.append(self._journal.rotate())
+                except OSError:
+                    # The records must leave the journal with the counts: try again later.
+                    self._pending, self._journal_files = pending, files
+                    raise
+        if not pending and not files:
             return
         try:
             with self._db.write(bump_revision=False) as conn:
                 for (tenant, model, hour), counts in pending.items():
                     _add_row(conn, tenant, model, datetime.fromtimestamp(hour, UTC), counts)
+                _mark_flushed(conn, [f.name for f in files], self._now())
         except Exception:
             with self._lock:
                 for key, counts in pending.items():
                     self._pending.setdefault(key, Counts()).add(counts)
+                self._journal_files = files + self._journal_files
             raise
+        for path in files:
+            path.unlink(missing_ok=True)
+
+    def recover(self) -> int:
+        """Add the usage that gateways killed before their flush left in their journals
+        (each file once: those already flushed are only deleted); returns the records."""
+        if self._journal_dir is None:
+            return 0
+        found = list(leftovers(self._journal_dir))
+        if not found:
+            return 0
+        names = [leftover.path.name for leftover in found]
+        with self._db.write(bump_revision=False) as conn:
+            done = set(
+                conn.execute(
+                    sa.select(usage_flushes.c.journal).where(usage_flushes.c.journal.in_(names))
+                ).scalars()
+            )
+            totals: dict[tuple[str, str, int], Counts] = {}
+            recovered = 0
+            for leftover in found:
+                if leftover.path.name in done:
+                    continue
+                for tenant, model, hour, *numbers in leftover.records:
+                    totals.setdefault((tenant, model, hour), Counts()).add(
+                        Counts(*numbers)  # type: ignore[arg-type]
+                    )
+                    recovered += 1
+            for (tenant, model, hour), counts in totals.items():
+                _add_row(conn, tenant, model, datetime.fromtimestamp(hour, UTC), counts)
+            _mark_flushed(conn, [n for n in names if n not in done], self._now())
+        for leftover in found:
+            leftover.path.unlink(missing_ok=True)
+        return recovered
+
+    def close(self) -> None:
+        """After the last flush: the journal is empty and goes."""
+        if self._journal is not None:
+            with self._lock:
+                if not self._pending:
+                    self._journal.close()
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self._clock(), UTC)
+
+
+# Flushed journals are remembered this long (a replay within it is recognised).
+_FLUSHES_KEPT = timedelta(days=7)
+
+
+def _mark_flushed(conn: Connection, names: list[str], now: datetime) -> None:
+    if names:
+        conn.execute(sa.insert(usage_flushes), [{"journal": n, "flushed_at": now} for n in names])
+    conn.execute(sa.delete(usage_flushes).where(usage_flushes.c.flushed_at < now - _FLUSHES_KEPT))
 
 
 def _add_row(conn: Connection, tenant: str, model: str, hour: datetime, counts: Counts) -> None:

@@ -13,6 +13,7 @@ same transaction; gateways poll :meth:`Database.revision` to know when to re-rea
 from __future__ import annotations
 
 import io
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -24,11 +25,12 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import URL, Connection, Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-from bastion.errors import ConfigurationError
+from bastion.errors import ConfigurationError, StorageUnavailable
 from bastion.store.tables import REVISION_KEY, meta
 
+logger = logging.getLogger("bastion.store")
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # How long a SQLite connection waits for another process's lock before giving up.
 SQLITE_BUSY_TIMEOUT_MS = 5000
@@ -70,9 +72,14 @@ class Database:
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
-        """A read-only transaction (a consistent snapshot on both backends)."""
-        with self.engine.connect() as conn, conn.begin():
-            yield conn
+        """A read-only transaction (a consistent snapshot on both backends).
+
+        A database that cannot be used now raises StorageUnavailable (503)."""
+        try:
+            with self.engine.connect() as conn, conn.begin():
+                yield conn
+        except OperationalError as exc:
+            raise _unavailable(exc) from None
 
     @contextmanager
     def write(self, *, bump_revision: bool = True) -> Iterator[Connection]:
@@ -82,12 +89,15 @@ class Database:
         transaction, so gateways notice the change; pass False for writes that gateways do
         not cache.
         """
-        with self.engine.connect() as conn:
-            conn.execution_options(**{_WRITE_OPTION: True})
-            with conn.begin():
-                yield conn
-                if bump_revision:
-                    _bump_revision(conn)
+        try:
+            with self.engine.connect() as conn:
+                conn.execution_options(**{_WRITE_OPTION: True})
+                with conn.begin():
+                    yield conn
+                    if bump_revision:
+                        _bump_revision(conn)
+        except OperationalError as exc:
+            raise _unavailable(exc) from None
 
     def revision(self) -> int:
         """The current change revision: one indexed read, cheap enough to poll every second."""
@@ -136,6 +146,22 @@ def _alembic_config(**kwargs: Any) -> Config:
     config = Config(**kwargs)
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     return config
+
+
+def _unavailable(exc: OperationalError) -> StorageUnavailable:
+    """What went wrong, in words safe to show anyone: the driver's message is not (it can
+    quote the statement and its parameters)."""
+    text = str(exc.orig).lower()
+    if "full" in text or "no space" in text:
+        reason = "its disk is full"
+    elif "locked" in text or "busy" in text:
+        reason = "another process holds its lock"
+    elif "readonly" in text or "read-only" in text:
+        reason = "it is read-only"
+    else:
+        reason = "it does not answer"
+    logger.warning("the database cannot be used", extra={"reason": reason})
+    return StorageUnavailable(f"The server cannot use its database now ({reason}); retry later.")
 
 
 def _bump_revision(conn: Connection) -> None:

@@ -191,3 +191,12 @@ usage = sa.Table(
     sa.Column("compute_seconds", sa.Float, nullable=False),
     sa.Index("ix_usage_hour", "hour"),
 )
+
+# The usage journal files whose counts are in `usage` (see quotas/journal.py).
+usage_flushes = sa.Table(
+    "usage_flushes",
+    metadata,
+    sa.Column("journal", sa.String(80), primary_key=True),
+    sa.Column("flushed_at", UTCDateTime, nullable=False),
+    sa.Index("ix_usage_flushes_flushed_at", "flushed_at"),
+)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from bastion.api.admin import parse_expiry
-from bastion.errors import InvalidRequest
+from bastion.errors import InvalidRequest, StorageUnavailable
 from bastion.quotas.usage import UsageMeter, parse_since, usage_report
 from bastion.store.db import Database
 
@@ -75,7 +77,7 @@ def test_a_failed_flush_keeps_the_usage_for_the_next(db: Database) -> None:
     meter.record("acme", "echo", requests=3)
     with db.write(bump_revision=False) as conn:
         conn.execute(sa.text("ALTER TABLE usage RENAME TO usage_away"))
-    with pytest.raises(sa.exc.OperationalError):
+    with pytest.raises(StorageUnavailable):
         meter.flush()
     with db.write(bump_revision=False) as conn:
         conn.execute(sa.text("ALTER TABLE usage_away RENAME TO usage"))
@@ -109,3 +111,64 @@ def test_parse_expiry() -> None:
                 "2030-01-01T00:00:00", "tomorrow"):  # fmt: skip
         with pytest.raises(InvalidRequest):
             parse_expiry(bad)
+
+
+def _total(db: Database) -> tuple[int, int, int]:
+    rows = usage_report(db, since=T0 - timedelta(days=1))
+    return (
+        sum(r["requests"] for r in rows),
+        sum(r["prompt_tokens"] for r in rows),
+        sum(r["completion_tokens"] for r in rows),
+    )
+
+
+def test_a_gateway_killed_before_its_flush_loses_no_usage(db: Database, tmp_path: Path) -> None:
+    journal = tmp_path / "usage"
+    dead = UsageMeter(db, Clock(), journal_dir=journal)
+    dead.record("acme", "echo", requests=1)
+    dead.record("acme", "echo", prompt_tokens=3, completion_tokens=5, compute_seconds=0.5)
+    dead.flush()
+    dead.record("acme", "echo", requests=2, prompt_tokens=7)
+    # It dies here (kill -9): no flush, its file lock goes with its process.
+    dead._journal._fd = os.close(dead._journal._fd) or -1  # type: ignore[union-attr]
+    assert _total(db) == (1, 3, 5)
+    # A live gateway's journal is not taken from it.
+    alive = UsageMeter(db, Clock(), journal_dir=journal)
+    alive.record("acme", "echo", requests=100)
+    assert alive.recover() == 1
+    assert _total(db) == (3, 10, 5)
+    assert alive.recover() == 0
+    alive.flush()
+    assert _total(db) == (103, 10, 5)
+
+
+def test_a_journal_flushed_just_before_the_death_is_not_counted_twice(
+    db: Database, tmp_path: Path
+) -> None:
+    journal = tmp_path / "usage"
+    dead = UsageMeter(db, Clock(), journal_dir=journal)
+    dead.record("acme", "echo", requests=1, prompt_tokens=4)
+    files = list(journal.iterdir())
+    # The flush committed, and the process died before it deleted the pending file.
+    original_unlink = Path.unlink
+    Path.unlink = lambda self, missing_ok=False: None  # type: ignore[assignment,method-assign]
+    try:
+        dead.flush()
+    finally:
+        Path.unlink = original_unlink  # type: ignore[method-assign]
+    os.close(dead._journal._fd)  # type: ignore[union-attr]
+    assert any(p.name.endswith(".pending") for p in journal.iterdir()), files
+    assert UsageMeter(db, Clock(), journal_dir=journal).recover() == 0
+    assert _total(db) == (1, 4, 0)
+    assert not any(p.name.endswith(".pending") for p in journal.iterdir())
+
+
+def test_a_torn_last_line_is_dropped_and_the_rest_recovered(db: Database, tmp_path: Path) -> None:
+    journal = tmp_path / "usage"
+    dead = UsageMeter(db, Clock(), journal_dir=journal)
+    dead.record("acme", "echo", requests=1)
+    dead.record("acme", "echo", requests=1)
+    os.write(dead._journal._fd, b'["acme","echo",17')  # type: ignore[union-attr]
+    os.close(dead._journal._fd)  # type: ignore[union-attr]
+    assert UsageMeter(db, Clock(), journal_dir=journal).recover() == 2
+    assert _total(db)[0] == 2

@@ -1,0 +1,147 @@
+"""The usage meter's journal: every count recorded in memory is also appended to a file, so
+a gateway killed at any moment (``kill -9``, the OOM killer) loses none of the usage of
+the requests it had answered.
+
+Each gateway appends to ``<home>/usage/<id>.current`` (no fsync: the kernel keeps what was
+written when the process dies; a machine crash may lose the last moments), and holds an
+exclusive lock on it while it lives. At each flush the current file becomes
+``<id>.<n>.pending``; the flush writes the counts to the ``usage`` table *and* the pending
+files' names to ``usage_flushes`` in one transaction, then deletes the files. A gateway
+starting up adds what dead gateways left behind, skipping files already recorded as
+flushed (a gateway killed between the commit and the deletion): nothing is counted twice.
+
+Lines hold tenant names, model names, hours and numbers: never a key or a payload.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger("bastion.quotas.journal")
+
+CURRENT = ".current"
+PENDING = ".pending"
+# A record: tenant, model, hour (Unix seconds), requests, refused, prompt and completion
+# tokens, compute seconds.
+Record = tuple[str, str, int, int, int, int, int, float]
+
+
+@dataclass(frozen=True, slots=True)
+class Leftover:
+    """A journal file a dead gateway left, and the records it holds."""
+
+    path: Path
+    records: list[Record]
+
+
+class UsageJournal:
+    """One gateway's journal files; not thread-safe (the meter holds its lock)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._id = secrets.token_hex(8)
+        self._rotations = 0
+        self._fd = -1
+        self._broken = False
+        self._open_current()
+
+    @property
+    def current(self) -> Path:
+        return self.directory / f"{self._id}{CURRENT}"
+
+    def append(self, record: Record) -> None:
+        """Write one record; a failing disk (full, say) is logged once and then ignored:
+        the count is still in memory and will reach the database at the next flush."""
+        line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
+        try:
+            os.write(self._fd, line)
+        except OSError as exc:
+            if not self._broken:
+                self._broken = True
+                logger.warning(
+                    "the usage journal cannot be written; a gateway killed now would lose "
+                    "the usage since the last flush",
+                    extra={"error": exc.strerror},
+                )
+            return
+        self._broken = False
+
+    def rotate(self) -> Path:
+        """Close the current file as a pending one (returned) and start a new one."""
+        self._rotations += 1
+        pending = self.directory / f"{self._id}.{self._rotations}{PENDING}"
+        os.rename(self.current, pending)
+        os.close(self._fd)
+        self._open_current()
+        return pending
+
+    def close(self) -> None:
+        """Stop (after a final flush): the empty current file goes, and with it the lock."""
+        if self._fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            if os.fstat(self._fd).st_size == 0:
+                self.current.unlink()
+        os.close(self._fd)
+        self._fd = -1
+
+    def _open_current(self) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+        self._fd = os.open(self.current, flags, 0o600)
+        # Held while this gateway lives: how another one knows the file is not a leftover.
+        fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def leftovers(directory: Path) -> Iterator[Leftover]:
+    """The files of gateways that are gone (their current file is not locked)."""
+    if not directory.is_dir():
+        return
+    owners: dict[str, list[Path]] = {}
+    for path in directory.iterdir():
+        if path.name.endswith((CURRENT, PENDING)):
+            owners.setdefault(path.name.split(".", 1)[0], []).append(path)
+    for owner, paths in sorted(owners.items()):
+        current = directory / f"{owner}{CURRENT}"
+        if current.exists() and _locked(current):
+            continue
+        for path in sorted(paths):
+            yield Leftover(path, _read(path))
+
+
+def _locked(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _read(path: Path) -> list[Record]:
+    """The records of a file; a line cut short by the process's death is dropped."""
+    records: list[Record] = []
+    for line in path.read_bytes().splitlines():
+        try:
+            value = json.loads(line)
+            tenant, model, hour, requests, refused, prompt, completion, compute = value
+            records.append(
+                (str(tenant), str(model), int(hour), int(requests), int(refused), int(prompt),
+                 int(completion), float(compute))
+            )  # fmt: skip
+        except (ValueError, TypeError):
+            continue
+    return records
