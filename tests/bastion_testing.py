@@ -196,6 +196,36 @@ class BastionServer:
         )
 
 
+def worker_pids(*roots: int) -> list[int]:
+    """Host pids of the worker processes (python -m bastion.workers.main, not the sandbox
+    launcher whose command line holds theirs) that descend from any of `roots`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"bastion.workers.main" not in argv or b"python" not in argv[0].rsplit(b"/", 1)[-1]:
+            continue
+        pid = int(cmdline.parent.name)
+        if set(roots) & set(ancestors(pid)):
+            found.append(pid)
+    return sorted(found)
+
+
+def ancestors(pid: int) -> list[int]:
+    """The parent, grandparent ... of `pid` (from /proc), up to init."""
+    chain = []
+    while pid > 1:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+        chain.append(pid)
+    return chain
+
+
 def ohttp_fingerprints(home: Path) -> list[str]:
     """Fingerprints of the OHTTP keys a home accepts (current first)."""
     return [key["fingerprint"] for key in cli_json(home, "ohttp", "keys")]

@@ -4,7 +4,6 @@ done now is a clear 503, never a 500 or corruption."""
 
 from __future__ import annotations
 
-import glob
 import os
 import signal
 import sqlite3
@@ -17,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bastion_testing import BastionServer, add_echo_model, cli_json, run_cli
+from bastion_testing import BastionServer, add_echo_model, cli_json, run_cli, worker_pids
 
 PROMPT = "a b c"  # the echo model counts 3 prompt and 3 completion tokens
 
@@ -89,31 +88,6 @@ def _usage(home: Path, tenant: str) -> dict[str, int]:
     }
 
 
-def _worker_pid(server: BastionServer) -> int:
-    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
-        try:
-            argv = Path(cmdline).read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"bastion.workers.main" in argv and b"python" in argv[0].rsplit(b"/", 1)[-1]:
-            pid = int(cmdline.split("/")[2])
-            if _descends_from(pid, server.proc.pid):
-                return pid
-    raise AssertionError("no worker found")
-
-
-def _descends_from(pid: int, ancestor: int) -> bool:
-    while pid > 1:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            return False
-        pid = int(stat.rsplit(")", 1)[1].split()[1])
-        if pid == ancestor:
-            return True
-    return False
-
-
 def test_a_worker_killed_under_load(home: Path) -> None:
     key = _key(home, "load")
     server = BastionServer(home)
@@ -121,7 +95,8 @@ def test_a_worker_killed_under_load(home: Path) -> None:
         server.wait_ready(["echo"])
         with Load(server.url, key) as load:
             time.sleep(2)
-            os.kill(_worker_pid(server), signal.SIGKILL)
+            (worker,) = worker_pids(server.proc.pid)
+            os.kill(worker, signal.SIGKILL)
             time.sleep(1)
             server.wait_model("echo", "ready", timeout=60)
             time.sleep(2)
@@ -147,6 +122,8 @@ def test_the_gateway_killed_under_load_loses_no_answered_usage(home: Path) -> No
     server = BastionServer(home, env={"BASTION_USAGE_FLUSH_INTERVAL_S": "30"})
     try:
         server.wait_ready(["echo"])
+        workers = worker_pids(server.proc.pid)
+        assert workers
         with Load(server.url, key) as load:
             time.sleep(3)
             # Well inside the 30 s between flushes: nothing of this run is in the database.
@@ -158,11 +135,11 @@ def test_the_gateway_killed_under_load_loses_no_answered_usage(home: Path) -> No
         assert load.slowest < 30
     finally:
         server.stop()
-    # Its workers died with it.
-    time.sleep(1)
-    assert not [p for p in glob.glob("/proc/[0-9]*/cmdline")
-                if str(home) in Path(p).read_bytes().decode(errors="replace")
-                and b"bastion.workers.main" in Path(p).read_bytes()]  # fmt: skip
+    # Its workers died with it (bubblewrap's --die-with-parent).
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
     restarted = BastionServer(home)
     try:
         restarted.wait_ready(["echo"])

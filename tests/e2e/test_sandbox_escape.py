@@ -30,6 +30,7 @@ from bastion_testing import (
     add_echo_model,
     empty_model_dir,
     run_cli,
+    worker_pids,
 )
 
 MiB = 1024 * 1024
@@ -164,35 +165,10 @@ def _containers_of(server: BastionServer) -> list[dict[str, Any]]:
 
 
 def _worker_pids(server: BastionServer) -> list[int]:
-    """The host pids of `server`'s worker processes (python -m bastion.workers.main): its
-    descendants under bubblewrap, its containers' under Docker."""
-    # The bubblewrap server also runs one model in Docker.
-    roots = {server.proc.pid} | {int(c["State"]["Pid"]) for c in _containers_of(server)}
-    found = []
-    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
-        try:
-            argv = Path(cmdline).read_bytes().split(b"\0")
-        except OSError:
-            continue
-        # The worker itself, not bubblewrap (whose command line holds the worker's).
-        if b"bastion.workers.main" not in argv or b"python" not in argv[0].rsplit(b"/", 1)[-1]:
-            continue
-        pid = int(cmdline.split("/")[2])
-        if roots & set(_ancestors(pid)):
-            found.append(pid)
-    return sorted(found)
-
-
-def _ancestors(pid: int) -> list[int]:
-    chain = []
-    while pid > 1:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            break
-        pid = int(stat.rsplit(")", 1)[1].split()[1])
-        chain.append(pid)
-    return chain
+    """The host pids of `server`'s workers: its descendants under bubblewrap, its
+    containers' under Docker (the bubblewrap server also runs one model in Docker)."""
+    containers = [int(c["State"]["Pid"]) for c in _containers_of(server)]
+    return worker_pids(server.proc.pid, *containers)
 
 
 def _status(pid: int) -> dict[str, str]:
