@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from gateway_servers import HERE, WRK, start_echo_bastion, wrk_missing
+from gateway_servers import HERE, WRK, baseline_checkout, start_echo_bastion, wrk_missing
 from proctree import Fleet
 
 ROOT = HERE.parent
@@ -87,13 +87,6 @@ def measure(name: str, source: Path, args: argparse.Namespace, work: Path) -> di
         fleet.stop_all()
 
 
-def worktree(ref: str, parent: Path) -> Path:
-    path = parent / "baseline"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(path), ref],
-                   check=True)  # fmt: skip
-    return path
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dur", type=float, default=10.0, help="seconds per phase")
@@ -105,17 +98,12 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bastion-flood-") as tmp:
         work = Path(tmp)
-        baseline = worktree(args.baseline_ref, work) if args.baseline_ref else None
-        try:
-            if baseline is not None:
-                (work / "a").mkdir()
+        if args.baseline_ref:
+            (work / "a").mkdir()
+            with baseline_checkout(args.baseline_ref, work) as baseline:
                 rows.append(measure(f"before ({args.baseline_ref})", baseline, args, work / "a"))
-            (work / "b").mkdir()
-            rows.append(measure("this tree", ROOT, args, work / "b"))
-        finally:
-            if baseline is not None:
-                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
-                                str(baseline)], check=False)  # fmt: skip
+        (work / "b").mkdir()
+        rows.append(measure("this tree", ROOT, args, work / "b"))
     print(f"\nLegitimate completions, ms (flood: wrk -c{args.conns}, made-up key ids)\n")
     print("| version | p50 alone | p99 alone | p50 under flood | p99 under flood | flood req/s |")
     print("|---|---:|---:|---:|---:|---:|")

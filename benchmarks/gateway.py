@@ -16,6 +16,7 @@ Usage: .venv/bin/python benchmarks/gateway.py [--reps 2] [--dur 8] [--conns 1,16
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -34,6 +35,7 @@ from gateway_servers import (
     WRK,
     BenchmarkError,
     Target,
+    baseline_checkout,
     check_answers,
     litserve_python,
     measure_startup,
@@ -112,6 +114,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--targets", default=",".join(TARGET_NAMES), help="subset to run")
     parser.add_argument("--startup-runs", type=int, default=2, help="Bastion start-up samples")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for JSON")
+    parser.add_argument(
+        "--baseline-ref", help="also measure Bastion at this git commit (row 'baseline')"
+    )
     args = parser.parse_args()
     args.conns = [int(c) for c in args.conns.split(",")]
     args.targets = [t for t in args.targets.split(",") if t]
@@ -121,13 +126,17 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def start_targets(fleet: Fleet, work: Path, names: list[str]) -> dict[str, Target]:
+def start_targets(
+    fleet: Fleet, work: Path, names: list[str], baseline: Path | None = None
+) -> dict[str, Target]:
     targets: dict[str, Target] = {}
     for name in names:
         if name == "ceiling":
             targets[name] = start_ceiling(fleet, work)
         elif name == "bastion":
             targets[name] = start_bastion(fleet, work)
+        elif name == "baseline" and baseline is not None:
+            targets[name] = start_bastion(fleet, work / "baseline", name=name, source=baseline)
         else:
             targets[name] = start_litserve(fleet, work)
     check_answers(targets)
@@ -181,6 +190,8 @@ def main() -> int:
     signal.signal(signal.SIGTERM, raise_interrupt)
     signal.signal(signal.SIGINT, raise_interrupt)
     names = [n for n in TARGET_NAMES if n in args.targets]
+    if args.baseline_ref:
+        names.insert(names.index("bastion") + 1 if "bastion" in names else 0, "baseline")
     if "litserve" in names:
         litserve_python()  # create the venv (first use) before any server runs
     planned = args.reps * len(args.conns) * len(names) * (args.dur + args.warmup)
@@ -193,11 +204,16 @@ def main() -> int:
     startup: list[dict[str, Any]] = []
     idle: dict[str, Any] | None = None
     after_load: dict[str, Any] | None = None
-    with tempfile.TemporaryDirectory(prefix="bastion-bench-") as tmp, Fleet(Path(tmp)) as fleet:
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="bastion-bench-"))
+        baseline = None
+        if args.baseline_ref:
+            baseline = stack.enter_context(baseline_checkout(args.baseline_ref, Path(tmp)))
+        fleet = stack.enter_context(Fleet(Path(tmp)))
         try:
             if "bastion" in names:
                 startup = measure_startup(fleet, Path(tmp), args.startup_runs)
-            targets = start_targets(fleet, Path(tmp), names)
+            targets = start_targets(fleet, Path(tmp), names, baseline)
             if "bastion" in targets:
                 time.sleep(2)  # let start-up work settle before reading idle memory
                 idle = bastion_memory(targets["bastion"])

@@ -117,6 +117,13 @@ def figures(
     ]
     if peer:
         lines.append("Bastion / LitServe req/s: " + ", ".join(peer))
+    before = [
+        f"c={c} {m['rps'] / med[('baseline', c)]['rps']:.2f}x"
+        for (name, c), m in med.items()
+        if name == "bastion" and ("baseline", c) in med
+    ]
+    if before:
+        lines.append("Bastion / baseline (--baseline-ref) req/s: " + ", ".join(before))
     split = [
         f"c={c} gateway {m['main_cpu_us_per_req']:.0f} + workers "
         f"{m['cpu_us_per_req'] - m['main_cpu_us_per_req']:.0f}"

@@ -7,6 +7,7 @@ litserve  LitServe 0.2.19 with its API key on, in its own venv (benchmarks/.venv
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -18,7 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -241,19 +242,42 @@ def start_echo_bastion(
     return EchoBastion(server, base, key, home, env)
 
 
-def start_bastion(fleet: Fleet, work: Path) -> Target:
-    """Bastion with the echo model and a tenant key scoped to it (OIP inference)."""
+def start_bastion(
+    fleet: Fleet, work: Path, *, name: str = "bastion", source: Path | None = None
+) -> Target:
+    """Bastion with the echo model and a tenant key scoped to it (OIP inference); with
+    `source`, the code of that checkout (a baseline) instead of this one."""
     spec = json.dumps({"name": "input", "datatype": "FP32", "shape": [-1, 64]})
-    echo = start_echo_bastion(fleet, work, action="infer", echo_options=(f"input={spec}",))
+    env = {"PYTHONPATH": str(source / "src")} if source is not None else None
+    work.mkdir(parents=True, exist_ok=True)
+    echo = start_echo_bastion(
+        fleet, work, action="infer", echo_options=(f"input={spec}",), env_extra=env
+    )
     url, auth = f"{echo.base}/v2/models/echo/infer", f"Bearer {echo.key}"
-    return Target("bastion", url, oip_body(work), echo.server, auth=auth)
+    return Target(name, url, oip_body(work), echo.server, auth=auth)
+
+
+@contextlib.contextmanager
+def baseline_checkout(ref: str, parent: Path) -> Iterator[Path]:
+    """A git worktree of this repository at `ref`, removed afterwards: the code to compare
+    with, in the same run."""
+    path = parent / "baseline-src"
+    root = HERE.parent
+    subprocess.run(["git", "-C", str(root), "worktree", "add", "-q", "--detach", str(path), ref],
+                   check=True)  # fmt: skip
+    try:
+        yield path
+    finally:
+        subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(path)],
+                       check=False)  # fmt: skip
 
 
 def answered_values(name: str, answer: Any) -> list[Any]:
     """The 64 values each target sends back (the ceiling answers a fixed 3)."""
     if name == "ceiling":
         return [answer["output"]] * 64 if answer.get("output") == 3 else []
-    values: list[Any] = answer["outputs"][0]["data"] if name == "bastion" else answer["output"]
+    bastion_like = name in ("bastion", "baseline")
+    values: list[Any] = answer["outputs"][0]["data"] if bastion_like else answer["output"]
     return values
 
 

@@ -215,6 +215,15 @@ def test_idle_and_slow_header_connections_are_closed(hardened: BastionServer) ->
         assert _closed_by_server(sock, within_s=5)
     finally:
         sock.close()
+    # Blank lines after an answer begin no request, but stop uvicorn's keep-alive clock.
+    sock = _connect(hardened)
+    try:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: bastion\r\n\r\n")
+        assert b"200 OK" in sock.recv(4096)
+        sock.sendall(b"\r\n")
+        assert _closed_by_server(sock, within_s=5)
+    finally:
+        sock.close()
 
 
 def test_connections_beyond_the_cap_are_closed_at_once(hardened: BastionServer) -> None:
@@ -234,13 +243,15 @@ def test_connections_beyond_the_cap_are_closed_at_once(hardened: BastionServer) 
     assert httpx.get(hardened.url + "/healthz").status_code == 200
 
 
-def test_a_body_sent_too_slowly_is_a_408(hardened: BastionServer) -> None:
+@pytest.mark.parametrize("sent", [b"{", b""], ids=["part", "nothing"])
+def test_a_body_sent_too_slowly_is_a_408(hardened: BastionServer, sent: bytes) -> None:
     sock = _connect(hardened)
     try:
         sock.sendall(
             b"POST /v1/completions HTTP/1.1\r\nHost: bastion\r\n"
             + f"Authorization: Bearer {hardened.admin_key}\r\n".encode()
-            + b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+            + b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+            + sent
         )
         sock.settimeout(10)
         answer = sock.recv(65536)

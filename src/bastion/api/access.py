@@ -3,28 +3,29 @@ the end of each admitted request's hold on its quotas; and the end of a request 
 client has left.
 
 uvicorn goes on running a request whose client disconnected until the route returns: a
-completion of 16 prompts once ran 150 s for nobody. A request still running after
-:data:`DISCONNECT_CHECK_AFTER_S` (and done reading its body) is watched for the client's
-disconnection, which cancels it: the model's worker is told to stop and the usage of the
-work done is still settled. Quick requests never pay for the watch.
+completion of 16 prompts once ran 150 s for nobody. Bastion's connection protocol
+(``api/transport.py``) tells a request when its connection is lost before the answer is
+complete, which cancels it: the model's worker is told to stop and the usage of the work
+done is still settled. Nothing is watched or armed per request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bastion.api.errors import internal_error_body
+from bastion.api.transport import ON_CLIENT_LEFT
 from bastion.observability.metrics import Metrics
 
 logger = logging.getLogger("bastion.access")
 
-# A request still running this long is watched for its client leaving.
-DISCONNECT_CHECK_AFTER_S = 0.5
 # The status logged for a request whose client left before its answer (nginx's).
 CLIENT_CLOSED = 499
 
@@ -45,7 +46,7 @@ class AccessLog:
         state: dict[str, Any] = scope.setdefault("state", {})
 
         started = False
-        departure = _Departure(receive, scope["method"])
+        departure = _Departure(state.get(ON_CLIENT_LEFT))
 
         async def send_with_status(message: Message) -> None:
             nonlocal status, started
@@ -63,7 +64,7 @@ class AccessLog:
 
         self.metrics.in_flight.inc()
         try:
-            await self.app(scope, departure.receive, send_with_status)
+            await self.app(scope, receive, send_with_status)
         except asyncio.CancelledError:
             if not departure.left():
                 raise
@@ -115,25 +116,15 @@ class AccessLog:
 class _Departure:
     """Cancels the running request if its client disconnects (see the module docstring)."""
 
-    __slots__ = ("_body_read", "_done", "_gone", "_loop", "_receive", "_task", "_timer", "_watcher")
+    __slots__ = ("_gone", "_on_lost", "_task")
 
-    def __init__(self, receive: Receive, method: str) -> None:
-        self._receive = receive
-        # Requests without a body: anything the server receives is a disconnection.
-        self._body_read = method in ("GET", "HEAD", "DELETE", "OPTIONS")
-        self._loop = asyncio.get_running_loop()
+    def __init__(self, on_lost: list[Callable[[], None]] | None) -> None:
+        # None when the server is not Bastion's (a test's in-process transport, say).
+        self._on_lost = on_lost
         self._task = asyncio.current_task()
         self._gone = False
-        self._done = False
-        self._watcher: asyncio.Task[None] | None = None
-        self._timer = self._loop.call_later(DISCONNECT_CHECK_AFTER_S, self._start)
-
-    async def receive(self) -> Message:
-        """The route's receive: notes when the body has been read."""
-        message = await self._receive()
-        if message["type"] == "http.disconnect" or not message.get("more_body", False):
-            self._body_read = True
-        return message
+        if on_lost is not None:
+            on_lost.append(self._client_left)
 
     def left(self) -> bool:
         """Whether the request was cancelled because its client left (and so is over)."""
@@ -143,25 +134,14 @@ class _Departure:
         return False
 
     def stop(self) -> None:
-        self._done = True
-        self._timer.cancel()
-        if self._watcher is not None:
-            self._watcher.cancel()
+        """The answer is complete (or abandoned): the connection's end is no departure."""
+        if self._on_lost is not None:
+            with contextlib.suppress(ValueError):
+                self._on_lost.remove(self._client_left)
+            self._on_lost = None
 
-    def _start(self) -> None:
-        if self._done:
-            return
-        if not self._body_read:
-            # Still reading its body (which has a deadline of its own): look again later.
-            self._timer = self._loop.call_later(DISCONNECT_CHECK_AFTER_S, self._start)
-            return
-        self._watcher = self._loop.create_task(self._watch())
-
-    async def _watch(self) -> None:
-        # The route has its body: all the server can receive now is the client leaving
-        # (or, once the answer is complete, the end of the request, which ends the route).
-        while (await self._receive())["type"] != "http.disconnect":
-            pass
-        if not self._done and self._task is not None:
+    def _client_left(self) -> None:
+        self._on_lost = None
+        if self._task is not None and not self._task.done():
             self._gone = True
             self._task.cancel()

@@ -37,6 +37,7 @@ _INT_RANGES = {
     "INT32": (-(2**31), 2**31 - 1),
     "INT64": (-(2**63), 2**63 - 1),
 }
+_ITEMSIZE = {name: np.dtype(code).itemsize for name, code in NUMPY_TYPES.items()}
 MAX_ELEMENTS = 16 * 1024 * 1024
 # Characters per element of a tensor rendered as JSON (a float32 as Python prints its
 # double: "0.12345678918063641"), for estimating an answer's size before building it.
@@ -68,7 +69,7 @@ def json_size(tensor: TensorData) -> int:
     """About how many bytes `tensor` takes as OIP JSON."""
     if tensor.datatype == "BYTES":
         return sum(len(item) + 4 for item in tensor.items) + 64
-    count = len(tensor.raw) // np.dtype(NUMPY_TYPES[tensor.datatype]).itemsize
+    count = len(tensor.raw) // _ITEMSIZE[tensor.datatype]
     return count * _JSON_CHARS.get(tensor.datatype, 21) + 64
 
 

@@ -127,6 +127,7 @@ class Gateway:
         self._queues: dict[str, FairQueue] = {}
         self._flushed_at = time.monotonic()
         self._catalog: dict[str, ModelRecord] = {}
+        self._size_limits: dict[str, SizeLimits] = {}
         self._revision = -1
         self._refresher: asyncio.Task[None] | None = None
         self._draining = False
@@ -173,6 +174,7 @@ class Gateway:
         self.quotas = await asyncio.to_thread(self.quota_store.table)
         records = await asyncio.to_thread(self.registry.list)
         self._catalog = {record.name: record for record in records}
+        self._size_limits = {r.name: SizeLimits.of(self.settings, r.options) for r in records}
         active_keys = await asyncio.to_thread(self.ohttp_keys.active)
         self.supervisor.set_sealing_keys(self.sealing.update(active_keys))
         self._revision = revision
@@ -325,7 +327,8 @@ class Gateway:
 
     def size_limits(self, name: str) -> SizeLimits:
         """How big the model's requests and answers may be (settings, or its options)."""
-        return SizeLimits.of(self.settings, self.model_record(name).options)
+        self.model_record(name)
+        return self._size_limits[name]
 
     def visible_models(self, principal: Principal) -> list[ModelRecord]:
         return [r for r in self._catalog.values() if principal.can_see_model(r.name)]

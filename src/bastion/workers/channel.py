@@ -343,9 +343,11 @@ class WorkerChannel:
             self.fail("the worker sent more output than the gateway buffers")
             return
         pending.finished = not isinstance(message, TextDelta | SealedChunk)
-        pending.put((message, size))
+        # Settled before the caller is woken: the usage (and its journal entry) comes
+        # before the answer can leave.
         if pending.finished and pending.settle is not None:
             _settle(pending.settle, message)
+        pending.put((message, size))
 
     # ------------------------------------------------------------------ closing
 

@@ -168,7 +168,8 @@ def test_a_torn_last_line_is_dropped_and_the_rest_recovered(db: Database, tmp_pa
     dead = UsageMeter(db, Clock(), journal_dir=journal)
     dead.record("acme", "echo", requests=1)
     dead.record("acme", "echo", requests=1)
-    os.write(dead._journal._fd, b'["acme","echo",17')  # type: ignore[union-attr]
+    # Torn in the last field: eight fields, all numbers, but no newline.
+    os.write(dead._journal._fd, b"acme\techo\t1700000000\t1\t0\t0\t0\t0.")  # type: ignore[union-attr]
     os.close(dead._journal._fd)  # type: ignore[union-attr]
     assert UsageMeter(db, Clock(), journal_dir=journal).recover() == 2
     assert _total(db)[0] == 2
