@@ -38,7 +38,8 @@ from typing import Any
 import httpx
 
 from bastion.client import OHTTPTransport
-from bastion.crypto import bhttp, hpke, ohttp
+from bastion.crypto import hpke, ohttp
+from bastion.wire import bhttp
 from gateway_servers import (
     HERE,
     WRK,

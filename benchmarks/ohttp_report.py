@@ -13,7 +13,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from bastion.crypto import bhttp, hpke, ohttp
+from bastion.crypto import hpke, ohttp
+from bastion.wire import bhttp
 
 Medians = dict[tuple[str, int], dict[str, float]]
 

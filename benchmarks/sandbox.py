@@ -34,9 +34,10 @@ import uvloop
 
 from bastion.audit.events import MemoryEventSink
 from bastion.config import Settings
-from bastion.workers.protocol import Generate
-from bastion.workers.sandbox import Sandbox, make_sandbox
-from bastion.workers.supervisor import ModelSpec, ModelState, Supervisor
+from bastion.sandboxes.base import Sandbox
+from bastion.sandboxes.factory import make_sandbox
+from bastion.supervision.supervisor import ModelSpec, ModelState, Supervisor
+from bastion.wire.protocol import Generate
 
 SETTINGS = Settings(heartbeat_interval_s=1.0, load_timeout_s=60.0)
 # The echo model reads nothing, but a sandbox binds its directory: an empty one.

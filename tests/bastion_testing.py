@@ -16,7 +16,8 @@ from typing import Any
 
 import httpx
 
-from bastion.crypto import bhttp, ohttp
+from bastion.crypto import ohttp
+from bastion.wire import bhttp
 
 BASTION = [sys.executable, "-m", "bastion"]
 
@@ -197,7 +198,7 @@ class BastionServer:
 
 
 def worker_pids(*roots: int) -> list[int]:
-    """Host pids of the worker processes (python -m bastion.workers.main, not the sandbox
+    """Host pids of the worker processes (python -m bastion.worker.main, not the sandbox
     launcher whose command line holds theirs) that descend from any of `roots`."""
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
@@ -205,7 +206,7 @@ def worker_pids(*roots: int) -> list[int]:
             argv = cmdline.read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"bastion.workers.main" not in argv or b"python" not in argv[0].rsplit(b"/", 1)[-1]:
+        if b"bastion.worker.main" not in argv or b"python" not in argv[0].rsplit(b"/", 1)[-1]:
             continue
         pid = int(cmdline.parent.name)
         if set(roots) & set(ancestors(pid)):

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bastion.runtimes.base import CancelToken, EmitDelta, ModelFiles, UnsupportedOperation
-from bastion.workers.protocol import (
+from bastion.wire.protocol import (
     Choice,
     Embed,
     EmbedResult,

@@ -16,8 +16,8 @@ from bastion.audit.events import HOME_INITIALISED, Event, EventSink, LogEventSin
 from bastion.config import Settings
 from bastion.crypto.keyring import KeyRing, KeyRingError, LocalKek
 from bastion.crypto.master_key import derive_key, load_or_create_master_key
-from bastion.crypto.ohttp_keys import OhttpKeyStore
 from bastion.errors import ConfigurationError
+from bastion.gateway.ohttp_keys import OhttpKeyStore
 from bastion.identity.keys import KeyHasher
 from bastion.identity.principal import OPERATOR
 from bastion.identity.service import IdentityService

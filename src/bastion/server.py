@@ -16,8 +16,8 @@ from bastion.gateway.auth import Authenticator
 from bastion.gateway.gateway import Gateway
 from bastion.models.bundle_store import BundleStore
 from bastion.observability.metrics import Metrics, MetricsEventSink
-from bastion.workers.sandbox import Sandboxes, make_sandbox
-from bastion.workers.supervisor import Supervisor
+from bastion.sandboxes.factory import Sandboxes, make_sandbox
+from bastion.supervision.supervisor import Supervisor
 
 logger = logging.getLogger("bastion.server")
 
@@ -69,9 +69,7 @@ def serve(home: Home) -> None:
     else:
         # Starts one empty sandbox (bubblewrap) or builds the worker image and removes
         # the containers of a previous server (Docker): trouble shows now, not per model.
-        check = getattr(sandbox, "check", None)
-        if check is not None:
-            check()
+        sandbox.check()
     app = create_app(gateway, home.identity)
     config = uvicorn.Config(
         app,

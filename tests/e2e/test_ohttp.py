@@ -13,8 +13,9 @@ import openai
 import pytest
 
 from bastion.client import OHTTPTransport
-from bastion.crypto import bhttp, ohttp
+from bastion.crypto import ohttp
 from bastion.models.demo import digits_split
+from bastion.wire import bhttp
 from bastion_testing import (
     BastionServer,
     RecordingTransport,

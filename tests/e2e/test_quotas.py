@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from bastion.crypto import bhttp
+from bastion.wire import bhttp
 from bastion_testing import (
     BastionServer,
     add_echo_model,

@@ -305,7 +305,7 @@ def _worker_sockets() -> list[str]:
             argv = Path(cmdline).read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"bastion.workers.main" in argv and b"--endpoint" in argv:
+        if b"bastion.worker.main" in argv and b"--endpoint" in argv:
             found.add(argv[argv.index(b"--endpoint") + 1].decode())
     return sorted(found)
 

@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from targets import _GATEWAY_KEY
 
-from bastion.crypto import bhttp, ohttp
-from bastion.workers import protocol
-from bastion.workers.framing import encode_frame
+from bastion.crypto import ohttp
+from bastion.wire import bhttp, protocol
+from bastion.wire.framing import encode_frame
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 

@@ -20,12 +20,13 @@ from bastion.api.admin import parse_expiry
 from bastion.api.body import decode_value
 from bastion.api.tensors import check_input_size, to_tensor_data
 from bastion.config import Settings, SizeLimits
-from bastion.crypto import bhttp, hpke, ohttp
+from bastion.crypto import hpke, ohttp
 from bastion.errors import BastionError
 from bastion.models.scan import ScanLimits, UnsafeModel, _check_safetensors
 from bastion.quotas.usage import parse_since
-from bastion.workers.framing import FrameDecoder, FrameTooLarge
-from bastion.workers.protocol import TensorSpec, decode_from_worker, decode_to_worker
+from bastion.wire import bhttp
+from bastion.wire.framing import FrameDecoder, FrameTooLarge
+from bastion.wire.protocol import TensorSpec, decode_from_worker, decode_to_worker
 
 Target = Callable[[bytes], None]
 

@@ -16,7 +16,8 @@ import openai
 import pytest
 
 from bastion.client import OHTTPTransport
-from bastion.crypto import bhttp, ohttp
+from bastion.crypto import ohttp
+from bastion.wire import bhttp
 from bastion_testing import (
     BastionServer,
     RecordingTransport,
@@ -369,7 +370,7 @@ def test_private_keys_reach_workers_only_over_their_channel(server: BastionServe
         cmdline = (proc / "cmdline").read_bytes()
         seen = [cmdline, (proc / "environ").read_bytes()]
         argv = cmdline.split(b"\0")
-        if b"bastion.workers.main" in argv:
+        if b"bastion.worker.main" in argv:
             # The worker's private directory: where its socket is.
             directory = Path(argv[argv.index(b"--endpoint") + 1].decode()).parent
             files = [p for p in directory.rglob("*") if p.is_file() and not p.is_symlink()]

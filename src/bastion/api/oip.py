@@ -31,7 +31,7 @@ from bastion.api.tensors import (
 from bastion.errors import InvalidRequest, ModelUnavailable, UnsupportedMediaType
 from bastion.gateway.pipeline import Pipeline
 from bastion.identity.principal import Principal
-from bastion.workers.protocol import Infer, InferResult, ModelMetadata, TensorData
+from bastion.wire.protocol import Infer, InferResult, ModelMetadata, TensorData
 
 
 def _spec_json(metadata: ModelMetadata) -> dict[str, object]:

@@ -16,7 +16,7 @@ import numpy as np
 from bastion.api.schemas import OipInputTensor
 from bastion.api.tensors import NUMPY_TYPES, check_against_spec
 from bastion.errors import InvalidRequest
-from bastion.workers.protocol import TensorData, TensorSpec
+from bastion.wire.protocol import TensorData, TensorSpec
 
 HEADER = "inference-header-content-length"
 _LENGTH = struct.Struct("<I")

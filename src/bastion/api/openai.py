@@ -29,7 +29,7 @@ from bastion.errors import BastionError, InvalidRequest
 from bastion.gateway.pipeline import Pipeline
 from bastion.identity.principal import Principal
 from bastion.quotas.admission import Ticket, estimate_tokens
-from bastion.workers.protocol import (
+from bastion.wire.protocol import (
     ChatMessage,
     Embed,
     EmbedResult,

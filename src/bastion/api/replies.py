@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TypeVar
 
 from bastion.errors import BastionError, InvalidRequest, ModelUnavailable
-from bastion.workers.protocol import FromWorker, RequestFailed
+from bastion.wire.protocol import FromWorker, RequestFailed
 
 R = TypeVar("R")
 

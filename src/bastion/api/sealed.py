@@ -34,7 +34,8 @@ from bastion.gateway.gateway import Gateway
 from bastion.gateway.sealing import OhttpKeyProblem
 from bastion.identity.principal import Principal
 from bastion.quotas.admission import Ticket
-from bastion.workers.protocol import (
+from bastion.wire.headers import MODEL_HEADER
+from bastion.wire.protocol import (
     SEALED_FRAMING_ALLOWANCE,
     FromWorker,
     RequestFailed,
@@ -69,7 +70,7 @@ async def sealed_request(request: Request) -> Response:
             f"or {ohttp.CHUNKED_REQUEST_MEDIA_TYPE}."
         )
     principal = authenticate(request)
-    model = request.headers.get(ohttp.MODEL_HEADER)
+    model = request.headers.get(MODEL_HEADER)
     if not model:
         raise InvalidRequest("The Bastion-Model header is required.", param="Bastion-Model")
     actions = gateway.authorize_sealed(principal, model)

@@ -11,7 +11,7 @@ import numpy as np
 from bastion.api.schemas import OipInputTensor
 from bastion.config import SizeLimits
 from bastion.errors import InvalidRequest, PayloadTooLarge
-from bastion.workers.protocol import TensorData, TensorSpec
+from bastion.wire.protocol import TensorData, TensorSpec
 
 NUMPY_TYPES: dict[str, str] = {
     "BOOL": "?",

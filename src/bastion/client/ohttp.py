@@ -36,7 +36,9 @@ from typing import Any
 
 import httpx
 
-from bastion.crypto import bhttp, hpke, ohttp
+from bastion.crypto import hpke, ohttp
+from bastion.wire import bhttp
+from bastion.wire.headers import MODEL_HEADER
 
 _AEADS = {
     "aes-128-gcm": hpke.AEAD_AES_128_GCM,
@@ -393,7 +395,7 @@ class _Exchange:
             data, self._context = ohttp.encapsulate_request(config, message, suite=suite)
             content_type = ohttp.REQUEST_MEDIA_TYPE
             accept = ohttp.RESPONSE_MEDIA_TYPE
-        outer_headers = {"content-type": content_type, "accept": accept, ohttp.MODEL_HEADER: model}
+        outer_headers = {"content-type": content_type, "accept": accept, MODEL_HEADER: model}
         authorization = request.headers.get("authorization")
         if authorization is not None:
             outer_headers["authorization"] = authorization

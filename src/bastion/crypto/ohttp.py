@@ -26,6 +26,7 @@ from typing import Protocol
 from cryptography.exceptions import InvalidTag
 
 from bastion.crypto import hpke
+from bastion.wire import varint
 
 KEYS_MEDIA_TYPE = "application/ohttp-keys"
 REQUEST_MEDIA_TYPE = "message/ohttp-req"
@@ -49,8 +50,6 @@ DEFAULT_SUITES: tuple[tuple[int, int], ...] = (
 # Date outside the gateway's window (§6.5.2).
 KEY_PROBLEM_TYPE = "https://iana.org/assignments/http-problem-types#ohttp-key"
 DATE_PROBLEM_TYPE = "https://iana.org/assignments/http-problem-types#date"
-# Bastion's one outer header besides Authorization: the model, for routing and quotas.
-MODEL_HEADER = "bastion-model"
 
 DEFAULT_MAX_CHUNK_SIZE = 1 << 24
 # Most chunks a server opens in one chunked request.
@@ -360,29 +359,12 @@ def _new_response_nonce(suite: hpke.Suite, response_nonce: bytes | None) -> byte
     return bytes(response_nonce)
 
 
-def _encode_varint(value: int) -> bytes:
-    """A QUIC variable-length integer (RFC 9000 section 16), shortest form."""
-    if value < 0x40:
-        return bytes((value,))
-    if value < 0x4000:
-        return (value | 0x4000).to_bytes(2, "big")
-    if value < 0x4000_0000:
-        return (value | 0x8000_0000).to_bytes(4, "big")
-    if value < 1 << 62:
-        return (value | 0xC000_0000_0000_0000).to_bytes(8, "big")
-    raise ValueError("value too large for a varint")
-
-
 def _decode_varint(data: bytes | bytearray, pos: int) -> tuple[int, int]:
     """Read a varint at `pos`; returns (value, next position). Longer forms are accepted."""
-    if pos >= len(data):
+    read = varint.read(data, pos, len(data))
+    if read is None:
         raise MalformedMessage("truncated length")
-    size = 1 << (data[pos] >> 6)
-    end = pos + size
-    if end > len(data):
-        raise MalformedMessage("truncated length")
-    value = int.from_bytes(data[pos:end], "big") & ((1 << (8 * size - 2)) - 1)
-    return value, end
+    return read
 
 
 # --- RFC 9458: one request, one response ----------------------------------------------------
@@ -528,7 +510,7 @@ class ChunkedServerResponseContext:
         if not plaintext:
             raise ValueError("a non-final chunk must not be empty")
         sealed = self._require_open().seal(plaintext, b"")
-        return _encode_varint(len(sealed)) + sealed
+        return varint.encode(len(sealed)) + sealed
 
     def seal_final(self, plaintext: bytes = b"") -> bytes:
         """The final chunk (zero length prefix, AAD "final"); nothing may follow it."""
@@ -696,7 +678,7 @@ def encapsulate_chunked_request(
         if not chunk:
             raise ValueError("a non-final chunk must not be empty")
         sealed = context.seal(chunk)
-        parts += (_encode_varint(len(sealed)), sealed)
+        parts += (varint.encode(len(sealed)), sealed)
     parts += (b"\x00", context.seal(body[-1], FINAL_CHUNK_AAD))
     return b"".join(parts), ChunkedClientResponseContext(context, suite, enc)
 

@@ -24,7 +24,6 @@ from bastion.audit.events import (
     EventSink,
 )
 from bastion.config import Settings, SizeLimits
-from bastion.crypto.ohttp_keys import OhttpKeyStore
 from bastion.errors import (
     AuthenticationError,
     ConfigurationError,
@@ -34,6 +33,7 @@ from bastion.errors import (
     PermissionDenied,
 )
 from bastion.gateway.auth import Authenticator
+from bastion.gateway.ohttp_keys import OhttpKeyStore
 from bastion.gateway.pipeline import require_capability
 from bastion.gateway.sealing import SealingState
 from bastion.identity.principal import (
@@ -65,9 +65,11 @@ from bastion.quotas.limiter import (
 )
 from bastion.quotas.store import EMPTY_TABLE, KEY, TENANT, QuotaStore, QuotaTable
 from bastion.quotas.usage import UsageMeter
+from bastion.sandboxes.uids import grant_group_read
 from bastion.store.db import Database
-from bastion.workers.channel import Reply, Settle, WorkRequest
-from bastion.workers.protocol import (
+from bastion.supervision.channel import Reply, Settle, WorkRequest
+from bastion.supervision.supervisor import ModelSpec, ModelStatus, Supervisor
+from bastion.wire.protocol import (
     FromWorker,
     ModelMetadata,
     SealedChunk,
@@ -75,8 +77,6 @@ from bastion.workers.protocol import (
     compute_of,
     usage_of,
 )
-from bastion.workers.supervisor import ModelSpec, ModelStatus, Supervisor
-from bastion.workers.uids import grant_group_read
 
 logger = logging.getLogger("bastion.gateway")
 

@@ -15,8 +15,8 @@ from bastion.config import Settings, SizeLimits
 from bastion.errors import InvalidRequest
 from bastion.identity.principal import Principal
 from bastion.quotas.admission import Ticket
-from bastion.workers.channel import WorkRequest
-from bastion.workers.protocol import FromWorker, ModelMetadata
+from bastion.supervision.channel import WorkRequest
+from bastion.wire.protocol import FromWorker, ModelMetadata
 
 
 class Pipeline(Protocol):

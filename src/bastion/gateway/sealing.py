@@ -10,9 +10,9 @@ from collections.abc import Callable, Sequence
 
 from bastion.config import Settings
 from bastion.crypto import ohttp
-from bastion.crypto.ohttp_keys import ActiveKey
 from bastion.errors import InvalidRequest, ModelUnavailable
-from bastion.workers.protocol import OhttpKey, OhttpSuite, SealingKeys
+from bastion.gateway.ohttp_keys import ActiveKey
+from bastion.wire.protocol import OhttpKey, OhttpSuite, SealingKeys
 
 
 class OhttpKeyProblem(InvalidRequest):

@@ -30,10 +30,10 @@ from bastion.config import check_limit_options
 from bastion.errors import ConfigurationError, Conflict, InvalidRequest, ModelNotFound
 from bastion.identity.principal import Principal
 from bastion.runtimes.base import RUNTIMES
+from bastion.sandboxes.base import check_sandbox_option
 from bastion.store.db import Database
 from bastion.store.tables import DESIRED_STATES
 from bastion.store.tables import models as models_table
-from bastion.workers.sandbox import check_sandbox_option
 
 MODEL_NAME_PATTERN = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}")
 MAX_DESCRIPTION_LENGTH = 2000

@@ -1,7 +1,7 @@
 """The small protocol every model runtime implements, and the table of known runtimes.
 
 A runtime runs inside a worker process. It is loaded from a model directory, answers
-typed requests from :mod:`bastion.workers.protocol`, and never sees HTTP. Runtimes are
+typed requests from :mod:`bastion.wire.protocol`, and never sees HTTP. Runtimes are
 looked up by name in :data:`RUNTIMES`, never imported from a path a user supplies.
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from bastion.workers.protocol import (
+from bastion.wire.protocol import (
     Embed,
     EmbedResult,
     Generate,

@@ -16,7 +16,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from bastion.runtimes.base import RuntimeInputError
-from bastion.workers.protocol import ChatMessage
+from bastion.wire.protocol import ChatMessage
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"

@@ -22,7 +22,7 @@ from bastion.runtimes.base import (
     ModelFiles,
     RuntimeInputError,
 )
-from bastion.workers.protocol import (
+from bastion.wire.protocol import (
     Choice,
     Embed,
     EmbedResult,

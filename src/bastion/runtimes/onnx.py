@@ -23,7 +23,7 @@ from bastion.runtimes.base import (
     UnsupportedOperation,
     as_model_files,
 )
-from bastion.workers.protocol import (
+from bastion.wire.protocol import (
     Embed,
     EmbedResult,
     Generate,

@@ -39,7 +39,7 @@ from bastion.runtimes.transformers_loading import (
     read_json_object,
     tokenizer_from_bytes,
 )
-from bastion.workers.protocol import (
+from bastion.wire.protocol import (
     Choice,
     Embed,
     EmbedResult,

@@ -8,7 +8,7 @@ import pytest
 from bastion.api import oip_binary
 from bastion.api.schemas import OipInputTensor
 from bastion.errors import InvalidRequest
-from bastion.workers.protocol import TensorData, TensorSpec
+from bastion.wire.protocol import TensorData, TensorSpec
 
 
 def _input(name: str, datatype: str, shape: list[int], size: int) -> OipInputTensor:

@@ -6,7 +6,7 @@ import pytest
 from bastion.api.schemas import OipInputTensor
 from bastion.api.tensors import to_json_tensor, to_tensor_data
 from bastion.errors import InvalidRequest
-from bastion.workers.protocol import TensorSpec
+from bastion.wire.protocol import TensorSpec
 
 SPEC = TensorSpec(name="input", datatype="FP32", shape=[-1, 4])
 

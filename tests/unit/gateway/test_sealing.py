@@ -8,8 +8,8 @@ import pytest
 
 from bastion.config import Settings
 from bastion.crypto import hpke, ohttp
-from bastion.crypto.ohttp_keys import DEFAULT_SUITES, ActiveKey, OhttpKeyInfo
 from bastion.errors import InvalidRequest, ModelUnavailable
+from bastion.gateway.ohttp_keys import DEFAULT_SUITES, ActiveKey, OhttpKeyInfo
 from bastion.gateway.sealing import OhttpKeyProblem, Replayed, ReplayGuard, SealingState
 
 

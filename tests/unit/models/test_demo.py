@@ -10,7 +10,7 @@ import pytest
 
 from bastion.models import demo
 from bastion.runtimes.onnx import load as load_onnx
-from bastion.workers.protocol import Infer, TensorData, TensorSpec
+from bastion.wire.protocol import Infer, TensorData, TensorSpec
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".h5", ".msgpack"}
 

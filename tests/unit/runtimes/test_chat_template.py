@@ -6,7 +6,7 @@ import pytest
 
 from bastion.runtimes.base import RuntimeInputError
 from bastion.runtimes.chat_template import ChatTemplate, find_template_source, special_token_text
-from bastion.workers.protocol import ChatMessage
+from bastion.wire.protocol import ChatMessage
 
 MESSAGES = [
     ChatMessage(role="system", content="Be brief."),

@@ -15,7 +15,7 @@ from bastion.runtimes.base import (
     UnsupportedOperation,
 )
 from bastion.runtimes.embeddings import SentenceEmbeddingRuntime, load
-from bastion.workers.protocol import Embed, Generate, Infer, TensorData, TensorSpec
+from bastion.wire.protocol import Embed, Generate, Infer, TensorData, TensorSpec
 
 TEXTS = [
     "A man is eating food.",

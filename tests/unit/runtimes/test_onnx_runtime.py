@@ -11,7 +11,7 @@ from onnx import TensorProto, helper
 
 from bastion.runtimes.base import CancelToken, RuntimeInputError, UnsupportedOperation
 from bastion.runtimes.onnx import OnnxRuntime, load
-from bastion.workers.protocol import Embed, Generate, Infer, TensorData, TensorSpec
+from bastion.wire.protocol import Embed, Generate, Infer, TensorData, TensorSpec
 
 
 def _save(model: onnx.ModelProto, directory: Path, name: str = "model.onnx") -> Path:

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 
 from bastion.runtimes.base import CancelToken, RuntimeInputError, UnsupportedOperation
 from bastion.runtimes.textgen import TextGenerationRuntime, find_stop, holdback_length, load
-from bastion.workers.protocol import ChatMessage, Embed, Generate, GenerateResult, Infer
+from bastion.wire.protocol import ChatMessage, Embed, Generate, GenerateResult, Infer
 
 TINY_CHAT = Path(__file__).parents[3] / "src/bastion/models/demo_assets/tiny-chat"
 

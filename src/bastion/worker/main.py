@@ -1,0 +1,596 @@
+"""The worker entry point: ``python -m bastion.worker.main --endpoint /path/to/ipc.sock``.
+
+A worker connects to the Unix socket its gateway listens on, loads the one model named by
+the first message (:class:`LoadModel`), then answers requests. Three threads share the
+socket, which stays in blocking mode:
+
+- the main thread reads frames and dispatches them: requests go on a queue, cancels mark
+  their job, Shutdown lets the queue drain and then ends the process;
+- one runtime thread loads the model, then runs the queued requests one at a time in
+  arrival order and sends their deltas and results itself;
+- a heartbeat thread reports liveness, and ends the process if the gateway is gone.
+
+Writers hold one lock for each whole frame, so frames never interleave. Nothing that
+reaches the gateway or the log quotes a request: failures are reported by exception type
+and a fixed message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib.util
+import logging
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, NoReturn
+
+import msgspec
+
+from bastion.models.bundle import (
+    BUNDLE_OPTION,
+    IntegrityError,
+    expect_identity,
+    open_bundle_with_key,
+    read_bundle,
+)
+from bastion.observability.logging import configure_logging
+from bastion.runtimes.base import (
+    Cancelled,
+    CancelToken,
+    ModelFiles,
+    Runtime,
+    RuntimeInputError,
+    load_runtime,
+)
+from bastion.wire.framing import (
+    HEADER_BYTES,
+    MAX_MESSAGE_BYTES,
+    FrameDecoder,
+    FrameTooLarge,
+    encode_frame,
+)
+from bastion.wire.protocol import (
+    EXIT_RUNTIME_FAULT,
+    EXIT_STUCK,
+    Cancel,
+    Embed,
+    EmbedResult,
+    Generate,
+    GenerateResult,
+    Heartbeat,
+    Infer,
+    InferResult,
+    LoadFailed,
+    LoadModel,
+    Message,
+    Ready,
+    RequestFailed,
+    SealedRequest,
+    SealingKeys,
+    Shutdown,
+    TextDelta,
+    cancelled,
+    decode_to_worker,
+)
+from bastion.worker.sealed import JobHandle, SealedPipeline, SealedServer
+
+logger = logging.getLogger("bastion.worker")
+
+Work = Generate | Embed | Infer
+Outcome = GenerateResult | EmbedResult | InferResult | RequestFailed
+
+# Exit statuses, so the supervisor's crash report says why a worker left.
+EXIT_OK = 0
+EXIT_LOAD_FAILED = 1
+EXIT_BAD_START = 2
+EXIT_GATEWAY_GONE = 3
+# The gateway broke the protocol (an oversized frame), or the worker itself failed.
+EXIT_WORKER_ERROR = 4
+# A job went on running long after it was cancelled (EXIT_STUCK, in protocol.py).
+# How long a cancelled job may take to notice before the worker gives up on it and exits:
+# the supervisor then starts a fresh worker.
+CANCEL_GRACE_S = 5.0
+
+_RECEIVE_CHUNK = 256 * 1024
+_REASON_LIMIT = 200
+_RESULT_TYPES: Mapping[type[Work], type[Outcome]] = {
+    Generate: GenerateResult,
+    Embed: EmbedResult,
+    Infer: InferResult,
+}
+
+
+class _Job:
+    """One request from arrival until its answer is sent or it is cancelled."""
+
+    __slots__ = ("cancel", "cancelled", "deliver", "request")
+
+    def __init__(
+        self, request: Work | SealedRequest, deliver: Callable[[Message], None] | None = None
+    ) -> None:
+        self.request = request
+        self.cancel = CancelToken()
+        # Set by the main thread; once set, nothing more is sent for this request.
+        self.cancelled = False
+        # Where replies go; None: straight to the gateway. Sealed requests take them back.
+        self.deliver = deliver
+
+
+class Worker:
+    """Serves one model over one gateway connection."""
+
+    def __init__(self, endpoint: str) -> None:
+        self._endpoint = endpoint
+        self._parent_pid = os.getppid()
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._send_lock = threading.Lock()
+        self._decoder = FrameDecoder(MAX_MESSAGE_BYTES)
+        self._bodies: collections.deque[bytes] = collections.deque()
+        # Requests received and not yet answered or cancelled; the heartbeat counts them.
+        self._jobs: dict[int, _Job] = {}
+        # Jobs for the runtime thread; None tells it to finish after the jobs before it.
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._shutting_down = False
+        # Set by the runtime thread when it is done; the main thread then exits with it.
+        self._exit_code: int | None = None
+        self._exiting = threading.Event()
+        self._sealed: SealedServer | None = None
+        # The job the runtime thread is running, if any.
+        self._running: _Job | None = None
+        self._pipeline: SealedPipeline | None = None
+        self._early_keys: SealingKeys | None = None
+        # Set when runtime code raised a BaseException that is not an Exception: the
+        # runtime may be corrupt, so the worker leaves once that request is answered.
+        self._runtime_fault: str | None = None
+
+    def run(self) -> int:
+        """Load the model and serve it; returns the process exit status."""
+        try:
+            self._socket.connect(self._endpoint)
+        except OSError as exc:
+            if self._parent_died():
+                return EXIT_GATEWAY_GONE
+            logger.error("could not connect to the gateway", extra={"exc_type": type(exc).__name__})
+            return EXIT_BAD_START
+        try:
+            load = self._receive_load()
+            if isinstance(load, int):
+                return load
+            self._start_sealed_server(load.model, load.options)
+            interval = max(0.05, load.heartbeat_interval_s)
+            threading.Thread(
+                target=self._heartbeat, args=(interval,), name="bastion-heartbeat", daemon=True
+            ).start()
+            threading.Thread(
+                target=self._run_runtime, args=(load,), name="bastion-runtime", daemon=True
+            ).start()
+            return self._receive_requests()
+        except FrameTooLarge:
+            logger.error("the gateway sent a message over the size limit")
+            return EXIT_WORKER_ERROR
+        finally:
+            self._exiting.set()
+
+    # ------------------------------------------------------------------ main thread
+
+    def _receive_load(self) -> LoadModel | int:
+        """Wait for LoadModel, which must come first (OHTTP keys may come before it);
+        an int is an exit status."""
+        while True:
+            body = self._next_body()
+            if body is None:
+                return EXIT_GATEWAY_GONE
+            try:
+                message = decode_to_worker(body)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                logger.error("first message from the gateway is not a valid message")
+                return EXIT_BAD_START
+            if isinstance(message, SealingKeys):
+                self._early_keys = message
+                continue
+            if not isinstance(message, LoadModel):
+                logger.error("first message from the gateway is not LoadModel")
+                return EXIT_BAD_START
+            return message
+
+    def _receive_requests(self) -> int:
+        """Dispatch the gateway's messages until the connection ends; returns the status."""
+        while (body := self._next_body()) is not None:
+            try:
+                message = decode_to_worker(body)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                logger.warning("ignored an undecodable message from the gateway")
+                continue
+            if isinstance(message, Generate | Embed | Infer):
+                self._accept(message)
+            elif isinstance(message, SealedRequest):
+                self._accept_sealed(message)
+            elif isinstance(message, SealingKeys):
+                assert self._sealed is not None
+                self._sealed.set_keys(message)
+            elif isinstance(message, Cancel):
+                self._cancel(message.id)
+            elif isinstance(message, Shutdown):
+                if not self._shutting_down:
+                    self._shutting_down = True
+                    # Sealed requests still running may yet queue jobs: wait for them.
+                    assert self._sealed is not None
+                    self._sealed.when_idle(lambda: self._queue.put(None))
+            else:
+                logger.warning("ignored an unexpected %s message", type(message).__name__)
+        # The runtime thread ends the stream itself when it is done (see _finish).
+        return self._exit_code if self._exit_code is not None else EXIT_GATEWAY_GONE
+
+    def _next_body(self) -> bytes | None:
+        """The next frame's body; None once the connection is closed."""
+        while not self._bodies:
+            try:
+                chunk = self._socket.recv(_RECEIVE_CHUNK)
+            except OSError:
+                return None
+            if not chunk:
+                return None
+            self._bodies.extend(self._decoder.feed(chunk))
+        return self._bodies.popleft()
+
+    def _accept(self, request: Work) -> None:
+        if self._shutting_down:
+            self._refuse_shutting_down(request.id)
+            return
+        job = _Job(request)
+        self._jobs[request.id] = job
+        self._queue.put(job)
+
+    def _accept_sealed(self, request: SealedRequest) -> None:
+        if self._shutting_down:
+            self._refuse_shutting_down(request.id)
+            return
+        if request.chunked:
+            # Streamed answers need an event loop that runs while the model generates.
+            assert self._sealed is not None
+            self._sealed.submit(request)
+            return
+        # A whole answer: opened, served and sealed on the runtime thread, like any job.
+        job = _Job(request)
+        self._jobs[request.id] = job
+        self._queue.put(job)
+
+    def _refuse_shutting_down(self, request_id: int) -> None:
+        self._send(
+            RequestFailed(
+                id=request_id,
+                status=503,
+                code="shutting_down",
+                message="The model's worker is shutting down.",
+            )
+        )
+
+    def _start_sealed_server(self, model: str, options: Mapping[str, Any]) -> None:
+        from bastion.api.sealed_app import create_sealed_app
+
+        self._pipeline = SealedPipeline(model, self._submit_inner, options)
+        self._sealed = SealedServer(create_sealed_app(self._pipeline), self._pipeline, self._send)
+        if self._early_keys is not None:
+            self._sealed.set_keys(self._early_keys)
+
+    def _submit_inner(self, request: Work, deliver: Callable[[Message], None]) -> JobHandle:
+        """Queue a job for the inner request of a sealed request; its replies go to `deliver`."""
+        job = _Job(msgspec.structs.replace(request, id=0), deliver)
+        self._queue.put(job)
+
+        def cancel() -> None:
+            job.cancelled = True
+            job.cancel.cancel()
+            self._watch_cancelled(job)
+
+        return JobHandle(cancel)
+
+    def _cancel(self, request_id: int) -> None:
+        if self._sealed is not None and self._sealed.cancel(request_id):
+            return
+        # A queued job stays in the queue; the runtime thread skips it.
+        job = self._jobs.pop(request_id, None)
+        if job is not None:
+            job.cancelled = True
+            job.cancel.cancel()
+            self._watch_cancelled(job)
+
+    def _watch_cancelled(self, job: _Job) -> None:
+        """A running job that ignores its cancellation (a runtime spinning in code that
+        never checks) holds the worker: past the grace period, the worker exits."""
+        if self._running is not job:
+            return
+
+        def check() -> None:
+            if self._running is job:
+                logger.error("a cancelled job is still running; the worker exits")
+                _exit_now(EXIT_STUCK)
+
+        timer = threading.Timer(CANCEL_GRACE_S, check)
+        timer.daemon = True
+        timer.start()
+
+    # ------------------------------------------------------------------ runtime thread
+
+    def _run_runtime(self, load: LoadModel) -> None:
+        """Load the model here, so the runtime runs in the thread that set it up."""
+        try:
+            try:
+                runtime = _load_model(load)
+                metadata = runtime.metadata()
+            except IntegrityError as exc:
+                self._send(
+                    LoadFailed(model=load.model, reason=str(exc)[:_REASON_LIMIT], integrity=True)
+                )
+                self._finish(EXIT_LOAD_FAILED)
+                return
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}"[:_REASON_LIMIT]
+                self._send(LoadFailed(model=load.model, reason=reason))
+                self._finish(EXIT_LOAD_FAILED)
+                return
+            except BaseException as exc:
+                # A panic in a native library, SystemExit from model code: the type only.
+                reason = f"the runtime raised {type(exc).__name__} while loading"
+                self._send(LoadFailed(model=load.model, reason=reason[:_REASON_LIMIT]))
+                self._finish(EXIT_LOAD_FAILED)
+                return
+            if self._pipeline is not None:
+                self._pipeline.metadata = metadata
+            self._send(Ready(model=load.model, metadata=metadata, pid=os.getpid()))
+            while (job := self._queue.get()) is not None:
+                if job.cancelled:
+                    # Ends the request (at the gateway, or for the sealed request waiting
+                    # on it) with no work done, so its usage can be settled.
+                    (job.deliver or self._send)(cancelled(job.request.id))
+                    continue
+                self._running = job
+                try:
+                    outcome: Message = (
+                        self._serve_sealed(runtime, job)
+                        if isinstance(job.request, SealedRequest)
+                        else self._execute(runtime, job)
+                    )
+                finally:
+                    self._running = None
+                if job.deliver is not None:
+                    # Even when cancelled: the sealed side charges the work done.
+                    job.deliver(outcome)
+                else:
+                    self._jobs.pop(job.request.id, None)
+                    # Sent even when cancelled: the gateway settles the work done.
+                    self._send(outcome)
+                if self._runtime_fault is not None:
+                    logger.error(
+                        "the runtime raised %s; the worker leaves for a fresh one",
+                        self._runtime_fault,
+                    )
+                    self._finish(EXIT_RUNTIME_FAULT)
+                    return
+            self._finish(EXIT_OK)
+        except BaseException as exc:
+            # The type only: messages and tracebacks can quote a request.
+            logger.error("the runtime thread failed", extra={"exc_type": type(exc).__name__})
+            self._finish(EXIT_WORKER_ERROR)
+
+    def _serve_sealed(self, runtime: Runtime, job: _Job) -> Message:
+        """Open a sealed request, run its inner request here, return the sealed answer."""
+        request = job.request
+        assert isinstance(request, SealedRequest) and self._sealed is not None
+
+        def run_inner(work: Work, deliver: Callable[[Message], None]) -> Outcome:
+            inner = _Job(msgspec.structs.replace(work, id=0), deliver)
+            # A Cancel for the sealed request stops the model's work on its inner request.
+            inner.cancel = job.cancel
+            return self._execute(runtime, inner)
+
+        return self._sealed.serve_inline(request, run_inner)
+
+    def _execute(self, runtime: Runtime, job: _Job) -> Outcome:
+        """Run one request and return its answer (any failure is RequestFailed), with the
+        seconds its model code took, which the gateway meters."""
+        started = time.perf_counter()
+        outcome = self._run_model(runtime, job)
+        return msgspec.structs.replace(outcome, compute_s=time.perf_counter() - started)
+
+    def _run_model(self, runtime: Runtime, job: _Job) -> Outcome:
+        request = job.request
+        assert not isinstance(request, SealedRequest)
+        send = job.deliver or self._send
+        try:
+            if isinstance(request, Generate):
+
+                def emit(index: int, text: str) -> None:
+                    if not job.cancelled:
+                        send(TextDelta(id=request.id, index=index, text=text))
+
+                outcome: Outcome = runtime.generate(request, job.cancel, emit)
+            elif isinstance(request, Embed):
+                outcome = runtime.embed(request, job.cancel)
+            else:
+                outcome = runtime.infer(request, job.cancel)
+            if not isinstance(outcome, _RESULT_TYPES[type(request)]):
+                raise TypeError("the runtime returned the wrong result type")
+            if outcome.id != request.id:
+                outcome = msgspec.structs.replace(outcome, id=request.id)
+            return outcome
+        except RuntimeInputError as exc:
+            failure = RequestFailed(id=request.id, status=400, code=exc.code, message=exc.message)
+        except Cancelled as exc:
+            failure = cancelled(request.id, prompt_tokens=exc.prompt_tokens)
+        except BaseException as exc:
+            # Whatever runtime code raises, a Rust panic (pyo3's PanicException is a
+            # BaseException) or sys.exit() included, fails this request only; the type is
+            # all that is told. Past Exception, the runtime may be corrupt: see _run_runtime.
+            logger.error("the runtime failed a request", extra={"exc_type": type(exc).__name__})
+            if not isinstance(exc, Exception):
+                self._runtime_fault = type(exc).__name__
+            failure = RequestFailed(
+                id=request.id,
+                status=500,
+                code="runtime_error",
+                message="The model failed to process the request.",
+            )
+        return failure
+
+    def _finish(self, code: int) -> None:
+        """Hand `code` to the main thread and wake it: its next read sees the end."""
+        self._exit_code = code
+        try:
+            self._socket.shutdown(socket.SHUT_RD)
+        except OSError:
+            _exit_now(code)
+
+    # ------------------------------------------------------------------ heartbeat thread
+
+    def _heartbeat(self, interval: float) -> None:
+        while not self._exiting.is_set():
+            if self._parent_died():
+                logger.warning("the gateway process is gone; exiting")
+                _exit_now(EXIT_GATEWAY_GONE)
+            sealed = self._sealed.in_flight if self._sealed is not None else 0
+            self._send(Heartbeat(in_flight=len(self._jobs) + sealed))
+            self._exiting.wait(interval)
+
+    def _parent_died(self) -> bool:
+        return os.getppid() != self._parent_pid
+
+    # ------------------------------------------------------------------ sending
+
+    def _send(self, message: Message) -> None:
+        frame = encode_frame(message)
+        if len(frame) - HEADER_BYTES > MAX_MESSAGE_BYTES:
+            # The gateway would treat a bigger frame as a fault and kill this worker:
+            # refuse this one answer instead.
+            request_id = getattr(message, "id", None)
+            if request_id is None:
+                raise ValueError("an oversized message that answers no request")
+            logger.warning("an answer was too large for the IPC channel")
+            frame = encode_frame(
+                RequestFailed(
+                    id=request_id,
+                    status=500,
+                    code="answer_too_large",
+                    message="The answer is too large to send.",
+                )
+            )
+        self._send_frame(frame)
+
+    def _send_frame(self, frame: bytearray) -> None:
+        """Write one whole frame; any thread may call it."""
+        try:
+            with self._send_lock:
+                self._socket.sendall(frame)
+        except OSError:
+            if self._exiting.is_set():
+                return
+            logger.warning("the connection to the gateway is gone; exiting")
+            _exit_now(EXIT_GATEWAY_GONE)
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Leave at once from any thread; the other threads may be inside the runtime."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _load_model(load: LoadModel) -> Runtime:
+    threads = _thread_count(load.options)
+    if threads is not None:
+        # Set before the runtime imports its libraries, which read these once.
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ[name] = str(threads)
+        if importlib.util.find_spec("torch") is not None:
+            import torch
+
+            torch.set_num_threads(threads)
+    if load.bundle_key is None:
+        return load_runtime(load.runtime, Path(load.path), load.options, load.runtime_module)
+    # A bundle: decrypted and checked against its signed manifest here, in memory.
+    bundle = read_bundle(Path(load.path))
+    expect_identity(bundle, load.model, load.options.get(BUNDLE_OPTION))
+    _, files = open_bundle_with_key(
+        bundle, load.bundle_key, load.trusted_keys, publisher_keys=load.publisher_keys
+    )
+    return load_runtime(load.runtime, ModelFiles(memory=files), load.options, load.runtime_module)
+
+
+def _thread_count(options: Mapping[str, Any]) -> int | None:
+    value = options.get("threads")
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return None
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bastion.worker.main")
+    parser.add_argument("--endpoint", required=True, help="Unix socket the gateway listens on")
+    parser.add_argument("--log-level", default="info")
+    return parser.parse_args(argv)
+
+
+def contain_output(log_level: str) -> None:
+    """Keep what runtime code writes out of the gateway's log, and tracebacks everywhere.
+
+    The worker's own JSON log lines go to (a copy of) the stderr the gateway reads. File
+    descriptors 1 and 2, which libraries, model code and a Rust panic's message write to,
+    are a pipe whose lines are counted and withheld: they may quote a request. Uncaught
+    exceptions in any thread, and unraisable ones, are logged by type only.
+    """
+    log_stream = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
+    configure_logging(log_level, stream=log_stream)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 1)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    threading.Thread(target=_withhold, args=(read_end,), name="bastion-output", daemon=True).start()
+
+    def uncaught(kind: type[BaseException], *_: object) -> None:
+        logger.error("an uncaught exception", extra={"exc_type": kind.__name__})
+
+    sys.excepthook = lambda kind, value, tb: uncaught(kind)
+    threading.excepthook = lambda hook: uncaught(hook.exc_type)
+    sys.unraisablehook = lambda hook: uncaught(hook.exc_type)
+
+
+# How often the count of withheld output lines is logged, at most.
+_WITHHELD_REPORT_S = 60.0
+
+
+def _withhold(fd: int) -> None:
+    """Read the runtime's output and drop it, logging now and then how much there was."""
+    lines = 0
+    reported = 0.0
+    while chunk := os.read(fd, 65536):
+        lines += chunk.count(b"\n") or 1
+        now = time.monotonic()
+        if now - reported >= _WITHHELD_REPORT_S:
+            logger.warning(
+                "the model's runtime wrote to its output; withheld, as it may quote requests",
+                extra={"lines": lines},
+            )
+            reported, lines = now, 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run a worker until it is told to stop, its model fails to load, or its gateway dies."""
+    args = _parse_args(argv)
+    contain_output(args.log_level)
+    code = Worker(args.endpoint).run()
+    logging.shutdown()
+    sys.stderr.flush()
+    # The runtime thread may still be inside a cancelled request; leave without joining it.
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()
