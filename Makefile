@@ -11,7 +11,7 @@ NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test check lint typecheck audit sbom lock bench bench-ohttp clean-venv sandbox-deps docker-deps
+.PHONY: serve test unit check lint typecheck audit sbom lock bench bench-ohttp clean-venv sandbox-deps docker-deps
 
 # Only what the lock names, each file checked against its hash; then Bastion itself, in
 # place, built with the locked setuptools (no unpinned build environment).
@@ -72,6 +72,10 @@ serve: $(STAMP) sandbox-deps
 
 test: $(STAMP) $(NODE_STAMP) sandbox-deps docker-deps
 	$(BIN)/python -m pytest -q tests
+
+# The fast inner loop: unit tests and the layering rules, no server, no sandbox (~40 s).
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit tests/test_layering.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from bastion.wire.protocol import LIMIT_OPTIONS, RequestLimits, SizeLimits
+
 DEFAULT_HOME = Path(".bastion")
 MiB = 1024 * 1024
 
@@ -165,6 +167,23 @@ class Settings:
     def models_dir(self) -> Path:
         return self.home / "models"
 
+    @property
+    def request_limits(self) -> RequestLimits:
+        return RequestLimits(
+            max_body_bytes=self.max_body_bytes,
+            max_tokens_limit=self.max_tokens_limit,
+            max_choices=self.max_choices,
+        )
+
+    @property
+    def size_limits(self) -> SizeLimits:
+        """The size limits of a model without options of its own."""
+        return SizeLimits(
+            max_batch=self.oip_max_batch,
+            max_input_elements=self.oip_max_elements,
+            max_answer_bytes=self.max_answer_bytes,
+        )
+
     def with_changes(self, **changes: Any) -> Settings:
         return replace(self, **changes)
 
@@ -188,32 +207,6 @@ class Settings:
         # relative to the directory Bastion was started from would not resolve there.
         values["home"] = Path(values.get("home", DEFAULT_HOME)).expanduser().absolute()
         return cls(**values)
-
-
-# The model options that tighten or widen the size limits for one model.
-LIMIT_OPTIONS = ("max_batch", "max_input_elements", "max_answer_bytes")
-
-
-@dataclass(frozen=True, slots=True)
-class SizeLimits:
-    """How big one model's requests and answers may be (settings, or the model's options)."""
-
-    max_batch: int
-    max_input_elements: int
-    max_answer_bytes: int
-
-    @classmethod
-    def of(cls, settings: Settings, options: Mapping[str, Any]) -> SizeLimits:
-        def pick(option: str, default: int) -> int:
-            value = options.get(option)
-            valid = isinstance(value, int) and not isinstance(value, bool) and value > 0
-            return value if valid else default  # type: ignore[return-value]
-
-        return cls(
-            max_batch=pick("max_batch", settings.oip_max_batch),
-            max_input_elements=pick("max_input_elements", settings.oip_max_elements),
-            max_answer_bytes=pick("max_answer_bytes", settings.max_answer_bytes),
-        )
 
 
 def check_limit_options(options: Mapping[str, Any]) -> None:

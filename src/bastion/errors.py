@@ -13,7 +13,7 @@
     ├── Conflict                      409  the resource exists or is in the wrong state
     ├── PayloadTooLarge               413  body over the configured limit
     ├── UnsupportedMediaType          415  the body is not JSON
-    ├── RateLimited                   429  (quotas, a later issue)
+    ├── RateLimited                   429  quotas: rate, concurrency, daily budgets
     ├── ModelUnavailable              503  model not loaded, loading, failed, or worker gone
     │   └── WorkerCrashed             503  the worker died while serving the request
     ├── StorageUnavailable            503  the database cannot be written now (disk full, locked)

@@ -19,7 +19,7 @@ from bastion.api import oip_binary, schemas
 from bastion.api.admin import parse_expiry
 from bastion.api.body import decode_value
 from bastion.api.tensors import check_input_size, to_tensor_data
-from bastion.config import Settings, SizeLimits
+from bastion.config import Settings
 from bastion.crypto import hpke, ohttp
 from bastion.errors import BastionError
 from bastion.models.scan import ScanLimits, UnsafeModel, _check_safetensors
@@ -58,7 +58,7 @@ _SPECS = {
     "FP16": TensorSpec(name="x", datatype="FP16", shape=[-1]),
     "UINT8": TensorSpec(name="x", datatype="UINT8", shape=[-1, -1]),
 }
-_LIMITS = SizeLimits.of(Settings(), {})
+_LIMITS = Settings().size_limits
 
 
 def oip_tensors(data: bytes) -> None:

@@ -8,9 +8,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from bastion.gateway.pipeline import Pipeline
-from bastion.identity.principal import Principal
-from bastion.quotas.admission import Ticket
+from bastion.api.pipeline import AnyPipeline
 
 if TYPE_CHECKING:
     # Only for the annotation: the worker imports this module and not the gateway.
@@ -28,20 +26,20 @@ def gateway_of(request: Request) -> Gateway:
     return gateway
 
 
-def pipeline_of(request: Request) -> Pipeline:
+def pipeline_of(request: Request) -> AnyPipeline:
     """What serves an inference route: the gateway, or a worker opening a sealed request."""
-    pipeline: Pipeline = request.app.state.gateway
+    pipeline: AnyPipeline = request.app.state.gateway
     return pipeline
 
 
 def admit(
     request: Request,
-    principal: Principal,
+    principal: Any,
     model: str,
     tokens: int = 0,
     *,
     tokens_up_to: int | None = None,
-) -> Ticket:
+) -> Any:
     """Admit the request against the caller's quotas (estimated at `tokens` tokens, or up
     to `tokens_up_to` when they allow). The ticket rides on the request: the access
     middleware adds its `x-ratelimit-*` headers to the response and settles it once the
@@ -57,7 +55,7 @@ def admit(
     return ticket
 
 
-def authenticate(request: Request) -> Principal:
+def authenticate(request: Request) -> Any:
     """The caller's principal (401 otherwise); its tenant labels the access log line."""
     principal = pipeline_of(request).authenticate(request.headers.get("authorization"))
     request.state.tenant = principal.tenant_name

@@ -19,6 +19,7 @@ from bastion.api.context import (
     json_response,
     pipeline_of,
 )
+from bastion.api.pipeline import AnyPipeline
 from bastion.api.replies import expect
 from bastion.api.schemas import OipInferRequest
 from bastion.api.tensors import (
@@ -29,8 +30,6 @@ from bastion.api.tensors import (
     to_tensor_data,
 )
 from bastion.errors import InvalidRequest, ModelUnavailable, UnsupportedMediaType
-from bastion.gateway.pipeline import Pipeline
-from bastion.identity.principal import Principal
 from bastion.wire.protocol import Infer, InferResult, ModelMetadata, TensorData
 
 
@@ -62,7 +61,7 @@ async def server_metadata(request: Request) -> Response:
     return json_response({"name": "bastion", "version": bastion.__version__, "extensions": []})
 
 
-def _known_model(request: Request, action: str) -> tuple[Pipeline, Principal, str]:
+def _known_model(request: Request, action: str) -> tuple[AnyPipeline, Any, str]:
     """Authenticate, authorize `action` on the path's model, and check that it exists."""
     gateway = pipeline_of(request)
     principal = authenticate(request)
@@ -160,7 +159,7 @@ def _binary_outputs(body: OipInferRequest, metadata: ModelMetadata) -> tuple[lis
 
 async def infer(request: Request) -> Response:
     gateway, principal, name = _known_model(request, "infer")
-    body, binary_inputs = await _read_infer_request(request, gateway.settings.max_body_bytes)
+    body, binary_inputs = await _read_infer_request(request, gateway.limits.max_body_bytes)
     metadata = gateway.ready_model(name, "infer")
     limits = gateway.size_limits(name)
     check_input_size(body.inputs, limits)

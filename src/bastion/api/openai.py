@@ -22,13 +22,11 @@ from bastion.api.context import (
     json_response,
     pipeline_of,
 )
+from bastion.api.pipeline import AnyPipeline, estimate_tokens
 from bastion.api.replies import expect, raise_for_failure
 from bastion.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from bastion.api.tensors import check_answer_size
 from bastion.errors import BastionError, InvalidRequest
-from bastion.gateway.pipeline import Pipeline
-from bastion.identity.principal import Principal
-from bastion.quotas.admission import Ticket, estimate_tokens
 from bastion.wire.protocol import (
     ChatMessage,
     Embed,
@@ -50,14 +48,14 @@ def _stop_list(stop: str | list[str] | None) -> list[str]:
     return [stop] if isinstance(stop, str) else list(stop)
 
 
-def _limits(gateway: Pipeline, max_tokens: int | None, n: int | None) -> tuple[int, int]:
-    limit = gateway.settings.max_tokens_limit
+def _limits(gateway: AnyPipeline, max_tokens: int | None, n: int | None) -> tuple[int, int]:
+    limit = gateway.limits.max_tokens_limit
     tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
     if tokens > limit:
         raise InvalidRequest(f"max_tokens must be at most {limit}.", param="max_tokens")
     choices = 1 if n is None else n
-    if choices > gateway.settings.max_choices:
-        raise InvalidRequest(f"n must be at most {gateway.settings.max_choices}.", param="n")
+    if choices > gateway.limits.max_choices:
+        raise InvalidRequest(f"n must be at most {gateway.limits.max_choices}.", param="n")
     return tokens, choices
 
 
@@ -102,10 +100,10 @@ async def get_model(request: Request) -> Response:
 
 async def _prepare(
     request: Request, action: str, schema: type[Any]
-) -> tuple[Pipeline, Principal, Any, ModelMetadata]:
+) -> tuple[AnyPipeline, Any, Any, ModelMetadata]:
     gateway = pipeline_of(request)
     principal = authenticate(request)
-    body = await decode_json(request, schema, gateway.settings.max_body_bytes)
+    body = await decode_json(request, schema, gateway.limits.max_body_bytes)
     gateway.authorize(principal, action, body.model)
     gateway.require_model(body.model)
     # Labelled only once known to exist: a client-chosen name must not reach logs or metrics.
@@ -316,8 +314,8 @@ def _sse(payload: Any) -> bytes:
 
 
 async def _stream(
-    gateway: Pipeline,
-    ticket: Ticket,
+    gateway: AnyPipeline,
+    ticket: Any,
     model: str,
     message: Generate,
     chunks: _ChatChunks,

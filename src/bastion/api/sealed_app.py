@@ -1,7 +1,7 @@
 """The app a worker runs decrypted end-to-end encrypted requests through.
 
 It holds the same inference routes and error rendering as the gateway's app, served by a
-:class:`~bastion.gateway.pipeline.Pipeline` of the worker's instead of the gateway. It
+:class:`~bastion.api.pipeline.Pipeline` of the worker's instead of the gateway. It
 imports nothing of the gateway's own machinery (database, admin, metrics), so the worker
 that opens sealed requests stays small.
 """
@@ -14,8 +14,8 @@ from starlette.routing import BaseRoute, Route
 
 from bastion.api import oip, openai
 from bastion.api.errors import handle_bastion_error, handle_http_exception
+from bastion.api.pipeline import AnyPipeline
 from bastion.errors import BastionError
-from bastion.gateway.pipeline import Pipeline
 
 # The routes an end-to-end encrypted request may reach: inference, nothing else.
 SEALED_PATHS = frozenset(
@@ -29,7 +29,7 @@ SEALED_PATHS = frozenset(
 )
 
 
-def create_sealed_app(pipeline: Pipeline) -> Starlette:
+def create_sealed_app(pipeline: AnyPipeline) -> Starlette:
     """The inference routes only, answering through `pipeline`."""
     routes: list[BaseRoute] = [
         route

@@ -9,9 +9,8 @@ from typing import Any
 import numpy as np
 
 from bastion.api.schemas import OipInputTensor
-from bastion.config import SizeLimits
 from bastion.errors import InvalidRequest, PayloadTooLarge
-from bastion.wire.protocol import TensorData, TensorSpec
+from bastion.wire.protocol import SizeLimits, TensorData, TensorSpec
 
 NUMPY_TYPES: dict[str, str] = {
     "BOOL": "?",

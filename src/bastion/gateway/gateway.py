@@ -16,6 +16,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bastion.api.pipeline import require_capability
 from bastion.audit.events import (
     ACCESS_DENIED,
     MODEL_STALLED,
@@ -23,7 +24,7 @@ from bastion.audit.events import (
     Event,
     EventSink,
 )
-from bastion.config import Settings, SizeLimits
+from bastion.config import Settings
 from bastion.errors import (
     AuthenticationError,
     ConfigurationError,
@@ -34,7 +35,6 @@ from bastion.errors import (
 )
 from bastion.gateway.auth import Authenticator
 from bastion.gateway.ohttp_keys import OhttpKeyStore
-from bastion.gateway.pipeline import require_capability
 from bastion.gateway.sealing import SealingState
 from bastion.identity.principal import (
     ACTION_CHAT,
@@ -67,13 +67,15 @@ from bastion.quotas.store import EMPTY_TABLE, KEY, TENANT, QuotaStore, QuotaTabl
 from bastion.quotas.usage import UsageMeter
 from bastion.sandboxes.uids import grant_group_read
 from bastion.store.db import Database
-from bastion.supervision.channel import Reply, Settle, WorkRequest
+from bastion.supervision.channel import Reply, Settle
 from bastion.supervision.supervisor import ModelSpec, ModelStatus, Supervisor
 from bastion.wire.protocol import (
     FromWorker,
     ModelMetadata,
     SealedChunk,
+    SizeLimits,
     TextDelta,
+    WorkRequest,
     compute_of,
     usage_of,
 )
@@ -107,6 +109,7 @@ class Gateway:
         limiter: Limiter | None = None,
     ) -> None:
         self.settings = settings
+        self.limits = settings.request_limits
         self.db = db
         self.authenticator = authenticator
         self.registry = registry
@@ -174,7 +177,9 @@ class Gateway:
         self.quotas = await asyncio.to_thread(self.quota_store.table)
         records = await asyncio.to_thread(self.registry.list)
         self._catalog = {record.name: record for record in records}
-        self._size_limits = {r.name: SizeLimits.of(self.settings, r.options) for r in records}
+        self._size_limits = {
+            r.name: self.settings.size_limits.with_options(r.options) for r in records
+        }
         active_keys = await asyncio.to_thread(self.ohttp_keys.active)
         self.supervisor.set_sealing_keys(self.sealing.update(active_keys))
         self._revision = revision

@@ -113,12 +113,8 @@ class SealingState:
                 for k in keys
             ],
             date_window_s=settings.ohttp_date_window_s,
-            max_body_bytes=settings.max_body_bytes,
-            max_tokens_limit=settings.max_tokens_limit,
-            max_choices=settings.max_choices,
-            oip_max_batch=settings.oip_max_batch,
-            oip_max_elements=settings.oip_max_elements,
-            max_answer_bytes=settings.max_answer_bytes,
+            request_limits=settings.request_limits,
+            size_limits=settings.size_limits,
         )
         return self.worker_keys
 

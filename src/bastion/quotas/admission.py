@@ -116,12 +116,3 @@ def reset_text(seconds: float) -> str:
     hours, rest = divmod(whole, 3600)
     minutes, secs = divmod(rest, 60)
     return (f"{hours}h" if hours else "") + f"{minutes}m{secs}s"
-
-
-def estimate_tokens(*texts: str) -> int:
-    """A rough token count for a reservation: one token per 4 bytes of UTF-8, rounded up.
-
-    The real count comes from the model's tokenizer in the worker and replaces this
-    estimate when the request is settled.
-    """
-    return sum(-(-len(text.encode("utf-8", "surrogatepass")) // 4) for text in texts)

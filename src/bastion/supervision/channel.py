@@ -51,13 +51,13 @@ from bastion.wire.protocol import (
     SealedResponse,
     TextDelta,
     ToWorker,
+    WorkRequest,
 )
 
 logger = logging.getLogger("bastion.supervision.channel")
 
 WORKER_CRASHED_MESSAGE = "The model's worker stopped; retry shortly."
 
-WorkRequest = Generate | Embed | Infer | SealedRequest
 Reply = (
     TextDelta | SealedChunk | GenerateResult | EmbedResult | InferResult | SealedResponse
 ) | RequestFailed

@@ -23,7 +23,7 @@ from bastion.config import Settings
 from bastion.errors import ConfigurationError, ModelUnavailable
 from bastion.sandboxes.base import Sandbox
 from bastion.sandboxes.factory import Sandboxes
-from bastion.supervision.channel import Reply, Settle, WorkRequest
+from bastion.supervision.channel import Reply, Settle
 from bastion.supervision.lifecycle import (
     ModelSlot,
     ModelSpec,
@@ -31,7 +31,7 @@ from bastion.supervision.lifecycle import (
     ModelStatus,
     WorkerLifecycle,
 )
-from bastion.wire.protocol import SealingKeys
+from bastion.wire.protocol import SealingKeys, WorkRequest
 
 __all__ = ["ModelSpec", "ModelState", "ModelStatus", "Supervisor"]
 

@@ -7,6 +7,7 @@ Every message carries a tag (its class name) so one decoder reads the whole unio
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 import msgspec
@@ -142,6 +143,40 @@ class OhttpKey(msgspec.Struct, frozen=True, kw_only=True):
         return f"OhttpKey(key_id={self.key_id}, kem_id={self.kem_id})"
 
 
+class RequestLimits(msgspec.Struct, frozen=True, kw_only=True):
+    """What the inference routes check before a request goes anywhere."""
+
+    max_body_bytes: int
+    max_tokens_limit: int
+    max_choices: int
+
+
+# The model options that tighten or widen one model's size limits.
+LIMIT_OPTIONS = ("max_batch", "max_input_elements", "max_answer_bytes")
+
+
+class SizeLimits(msgspec.Struct, frozen=True, kw_only=True):
+    """How big one model's requests and answers may be (settings, or the model's options)."""
+
+    max_batch: int
+    max_input_elements: int
+    max_answer_bytes: int
+
+    def with_options(self, options: Mapping[str, Any]) -> SizeLimits:
+        """These limits, with those a model's options set (positive integers) instead."""
+
+        def pick(option: str, default: int) -> int:
+            value = options.get(option)
+            valid = isinstance(value, int) and not isinstance(value, bool) and value > 0
+            return value if valid else default  # type: ignore[return-value]
+
+        return SizeLimits(
+            max_batch=pick("max_batch", self.max_batch),
+            max_input_elements=pick("max_input_elements", self.max_input_elements),
+            max_answer_bytes=pick("max_answer_bytes", self.max_answer_bytes),
+        )
+
+
 class SealingKeys(Message, frozen=True, kw_only=True):
     """The OHTTP keys and request limits for sealed requests; sent at start and on rotation.
 
@@ -152,13 +187,10 @@ class SealingKeys(Message, frozen=True, kw_only=True):
     keys: list[OhttpKey]
     # The inner request's Date may differ from the worker's clock by this much.
     date_window_s: float
-    max_body_bytes: int
-    max_tokens_limit: int
-    max_choices: int
-    # Size limits of inner OIP requests and of answers (the gateway's settings).
-    oip_max_batch: int
-    oip_max_elements: int
-    max_answer_bytes: int
+    # What the inference routes check, and the size limits of a model without options
+    # (the gateway's settings; the worker applies its model's options to them).
+    request_limits: RequestLimits
+    size_limits: SizeLimits
 
     def __repr__(self) -> str:
         return f"SealingKeys(version={self.version}, keys={len(self.keys)})"
@@ -183,6 +215,10 @@ class SealedRequest(Message, frozen=True, kw_only=True):
     # The tokens reserved for it when the caller's tokens are limited: the inner request
     # may not be estimated at more (None: no limit).
     allowance: int | None = None
+
+
+# What the gateway sends a worker to do.
+WorkRequest = Generate | Embed | Infer | SealedRequest
 
 
 class Cancel(Message, frozen=True, kw_only=True):

@@ -27,12 +27,9 @@ from typing import Any, cast
 
 import msgspec
 
-from bastion.config import Settings, SizeLimits
+from bastion.api.pipeline import require_capability
 from bastion.crypto import hpke, ohttp
-from bastion.errors import InvalidRequest, ModelNotFound, RateLimited
-from bastion.gateway.pipeline import require_capability
-from bastion.identity.principal import ROLE_CONSUMER, Principal
-from bastion.quotas.admission import Ticket
+from bastion.errors import InvalidRequest, ModelNotFound, PermissionDenied, RateLimited
 from bastion.wire import bhttp
 from bastion.wire.framing import MAX_MESSAGE_BYTES
 from bastion.wire.protocol import (
@@ -41,10 +38,12 @@ from bastion.wire.protocol import (
     Message,
     ModelMetadata,
     RequestFailed,
+    RequestLimits,
     SealedChunk,
     SealedRequest,
     SealedResponse,
     SealingKeys,
+    SizeLimits,
     TextDelta,
     cancelled,
     compute_of,
@@ -91,7 +90,31 @@ class _Usage:
         self.compute_s += compute_of(reply)
 
 
-_PRINCIPAL: contextvars.ContextVar[Principal] = contextvars.ContextVar("bastion_sealed_principal")
+@dataclass(frozen=True, slots=True)
+class SealedCaller:
+    """Who sent a sealed request, as far as the worker needs to know: the actions its key
+    holds (the gateway authenticated it and checked the outer request)."""
+
+    actions: frozenset[str]
+    # The access log's tenant label; the gateway logs the real one for the outer request.
+    tenant_name: str = "sealed"
+
+    def require_action(self, action: str) -> None:
+        """Raise PermissionDenied unless the caller's key holds `action`."""
+        if action not in self.actions:
+            raise PermissionDenied(f"This API key is not allowed the '{action}' action.")
+
+
+@dataclass(frozen=True, slots=True)
+class SealedTicket:
+    """An inner request's admission: it happened at the gateway, for the outer request."""
+
+    model: str
+
+
+_PRINCIPAL: contextvars.ContextVar[SealedCaller] = contextvars.ContextVar(
+    "bastion_sealed_principal"
+)
 _USAGE: contextvars.ContextVar[_Usage] = contextvars.ContextVar("bastion_sealed_usage")
 # The tokens the gateway reserved for the sealed request being served (None: no limit).
 _ALLOWANCE: contextvars.ContextVar[int | None] = contextvars.ContextVar(
@@ -104,7 +127,7 @@ _INLINE: contextvars.ContextVar[RunInline | None] = contextvars.ContextVar(
 
 
 class SealedPipeline:
-    """The :class:`~bastion.gateway.pipeline.Pipeline` for inner requests in a worker.
+    """The :class:`~bastion.api.pipeline.Pipeline` for inner requests in a worker.
 
     The gateway already authenticated the caller and admitted the request; here the inner
     request may only use this worker's model and the actions the caller's key holds.
@@ -117,30 +140,30 @@ class SealedPipeline:
         self._submit = submit
         self._options = dict(options or {})
         self.metadata: ModelMetadata | None = None
-        self._settings = Settings()
+        # Nothing is served before the gateway's SealingKeys (and its limits) arrive.
+        self._limits: RequestLimits | None = None
+        self._size_limits: SizeLimits | None = None
 
     @property
-    def settings(self) -> Settings:
-        return self._settings
+    def limits(self) -> RequestLimits:
+        if self._limits is None:
+            raise RuntimeError("a sealed request arrived before the gateway's limits")
+        return self._limits
 
     def configure(self, keys: SealingKeys) -> None:
-        self._settings = Settings(
-            max_body_bytes=keys.max_body_bytes,
-            max_tokens_limit=keys.max_tokens_limit,
-            max_choices=keys.max_choices,
-            oip_max_batch=keys.oip_max_batch,
-            oip_max_elements=keys.oip_max_elements,
-            max_answer_bytes=keys.max_answer_bytes,
-        )
+        self._limits = keys.request_limits
+        self._size_limits = keys.size_limits.with_options(self._options)
 
     def size_limits(self, name: str) -> SizeLimits:
-        return SizeLimits.of(self._settings, self._options)
+        if self._size_limits is None:
+            raise RuntimeError("a sealed request arrived before the gateway's limits")
+        return self._size_limits
 
-    def authenticate(self, authorization: str | None) -> Principal:
+    def authenticate(self, authorization: str | None) -> SealedCaller:
         # The outer request was authenticated; an inner Authorization header means nothing.
         return _PRINCIPAL.get()
 
-    def authorize(self, principal: Principal, action: str, model: str | None = None) -> None:
+    def authorize(self, principal: SealedCaller, action: str, model: str | None = None) -> None:
         principal.require_action(action)
         if model is not None and model != self.model:
             raise InvalidRequest(
@@ -162,13 +185,13 @@ class SealedPipeline:
 
     def admit(
         self,
-        principal: Principal,
+        principal: SealedCaller,
         model: str,
         *,
         tokens: int = 0,
         request_bytes: int = 0,
         tokens_up_to: int | None = None,
-    ) -> Ticket:
+    ) -> SealedTicket:
         """Admission (quotas, the fair queue) happened at the gateway, on the outer request;
         the usage of the inner one travels back beside the sealed answer. An inner request
         estimated at more tokens than the gateway could reserve is refused (429)."""
@@ -179,16 +202,18 @@ class SealedPipeline:
                 "leave now; lower max_tokens or n, or retry later.",
                 code="tokens_limit_exceeded",
             )
-        return Ticket(principal, model)
+        return SealedTicket(model)
 
-    async def call(self, model: str, message: Any, ticket: Ticket) -> FromWorker:
+    async def call(self, model: str, message: Any, ticket: SealedTicket) -> FromWorker:
         final: FromWorker | None = None
         async for reply in self.stream(model, message, ticket):
             final = reply
         assert final is not None
         return final
 
-    async def stream(self, model: str, message: Any, ticket: Ticket) -> AsyncIterator[FromWorker]:
+    async def stream(
+        self, model: str, message: Any, ticket: SealedTicket
+    ) -> AsyncIterator[FromWorker]:
         # The usage goes back to the gateway beside the sealed answer, which accounts it.
         usage = _USAGE.get()
         run_inline = _INLINE.get()
@@ -381,7 +406,7 @@ class SealedServer:
         try:
             inner = bhttp.decode_request(
                 plaintext,
-                max_bytes=self._pipeline.settings.max_body_bytes + SEALED_FRAMING_ALLOWANCE,
+                max_bytes=self._pipeline.limits.max_body_bytes + SEALED_FRAMING_ALLOWANCE,
             )
         except bhttp.BhttpError:
             inner = None
@@ -390,16 +415,7 @@ class SealedServer:
         _USAGE.set(usage)
         _ALLOWANCE.set(request.allowance)
         _INLINE.set(run_inline)
-        _PRINCIPAL.set(
-            Principal(
-                key_id="sealed",
-                tenant_id=0,
-                tenant_name="sealed",
-                role=ROLE_CONSUMER,
-                models=(self._pipeline.model,),
-                actions=frozenset(request.actions),
-            )
-        )
+        _PRINCIPAL.set(SealedCaller(actions=frozenset(request.actions)))
         try:
             if inner is None:
                 await exchange.problem(400, "about:blank", "The encrypted request is not valid.")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from bastion.api.pipeline import estimate_tokens
 from bastion.identity.principal import OPERATOR
-from bastion.quotas.admission import Ticket, estimate_tokens, limit_headers, reset_text
+from bastion.quotas.admission import Ticket, limit_headers, reset_text
 from bastion.quotas.limiter import InMemoryLimiter, QuotaLimits, Subject
 
 TENANT = Subject("tenant", "acme")

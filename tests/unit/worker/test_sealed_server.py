@@ -27,10 +27,12 @@ from bastion.wire.protocol import (
     OhttpKey,
     OhttpSuite,
     RequestFailed,
+    RequestLimits,
     SealedChunk,
     SealedRequest,
     SealedResponse,
     SealingKeys,
+    SizeLimits,
     cancelled,
 )
 from bastion.worker import sealed
@@ -59,12 +61,10 @@ def _server(app: Any = None) -> tuple[sealed.SealedServer, list[Message]]:
                 )
             ],
             date_window_s=60,
-            max_body_bytes=1 << 20,
-            max_tokens_limit=4096,
-            max_choices=1,
-            oip_max_batch=16,
-            oip_max_elements=1024,
-            max_answer_bytes=1 << 20,
+            request_limits=RequestLimits(
+                max_body_bytes=1 << 20, max_tokens_limit=4096, max_choices=1
+            ),
+            size_limits=SizeLimits(max_batch=16, max_input_elements=1024, max_answer_bytes=1 << 20),
         )
     )
     return server, sent

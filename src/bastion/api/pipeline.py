@@ -4,30 +4,33 @@ The gateway is one pipeline. The worker that opens an end-to-end encrypted (OHTT
 is another: it runs the very same route code on the decrypted inner request, so that
 validation, limits and answers are identical whether a request came in plaintext or
 sealed. Routes that only the gateway serves (admin, model listing) use the gateway itself.
+
+The caller and the admission ticket are the pipeline's own types: a route only hands them
+back. So this contract (and the routes) import nothing of identities or quotas, and the
+worker that runs them stays free of the gateway's machinery.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
-from bastion.config import Settings, SizeLimits
 from bastion.errors import InvalidRequest
-from bastion.identity.principal import Principal
-from bastion.quotas.admission import Ticket
-from bastion.supervision.channel import WorkRequest
-from bastion.wire.protocol import FromWorker, ModelMetadata
+from bastion.wire.protocol import FromWorker, ModelMetadata, RequestLimits, SizeLimits, WorkRequest
+
+CallerT = TypeVar("CallerT")
+TicketT = TypeVar("TicketT")
 
 
-class Pipeline(Protocol):
+class Pipeline(Protocol[CallerT, TicketT]):
     """Authenticate, authorize, admit, dispatch and account one inference request."""
 
     @property
-    def settings(self) -> Settings: ...
+    def limits(self) -> RequestLimits: ...
 
-    def authenticate(self, authorization: str | None) -> Principal: ...
+    def authenticate(self, authorization: str | None) -> CallerT: ...
 
-    def authorize(self, principal: Principal, action: str, model: str | None = None) -> None: ...
+    def authorize(self, principal: CallerT, action: str, model: str | None = None) -> None: ...
 
     def require_model(self, name: str) -> None:
         """Raise ModelNotFound unless `name` is a model this pipeline serves."""
@@ -41,21 +44,23 @@ class Pipeline(Protocol):
 
     def admit(
         self,
-        principal: Principal,
+        principal: CallerT,
         model: str,
         *,
         tokens: int = 0,
         request_bytes: int = 0,
         tokens_up_to: int | None = None,
-    ) -> Ticket:
+    ) -> TicketT:
         """Admit a request estimated at `tokens` tokens (quotas), or raise 429/413."""
         ...
 
-    async def call(self, model: str, message: WorkRequest, ticket: Ticket) -> FromWorker:
+    async def call(self, model: str, message: WorkRequest, ticket: TicketT) -> FromWorker:
         """Send `message` and return its final reply; the pipeline accounts its usage."""
         ...
 
-    def stream(self, model: str, message: WorkRequest, ticket: Ticket) -> AsyncIterator[FromWorker]:
+    def stream(
+        self, model: str, message: WorkRequest, ticket: TicketT
+    ) -> AsyncIterator[FromWorker]:
         """Stream `message`'s replies; the pipeline accounts the usage of the work done,
         even when the caller stops reading before the end."""
         ...
@@ -69,3 +74,16 @@ def require_capability(name: str, metadata: ModelMetadata, capability: str) -> N
             code="unsupported_operation",
             param="model",
         )
+
+
+# What a route holds: some pipeline, whose caller and ticket it only passes back.
+AnyPipeline = Pipeline[Any, Any]
+
+
+def estimate_tokens(*texts: str) -> int:
+    """A rough token count for a reservation: one token per 4 bytes of UTF-8, rounded up.
+
+    The real count comes from the model's tokenizer in the worker and replaces this
+    estimate when the request is settled.
+    """
+    return sum(-(-len(text.encode("utf-8", "surrogatepass")) // 4) for text in texts)
