@@ -419,3 +419,70 @@ def test_a_worker_crash_under_load_leaves_no_request_hanging(server: BastionServ
     with server.client(key) as client:
         again = client.post("/v1/completions", json={"model": "echo", "prompt": "back"})
     assert again.status_code == 200 and again.json()["choices"][0]["text"] == "back"
+
+
+# Every route that reaches a model, with a request it would otherwise serve.
+INFERENCE_CALLS = [
+    ("/v1/chat/completions", {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/completions", {"model": "echo", "prompt": "hi"}),
+    ("/v1/embeddings", {"model": "echo", "input": "hi"}),
+    (
+        "/v2/models/echo/infer",
+        {"inputs": [{"name": "input", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]},
+    ),
+    (
+        "/v2/models/echo/versions/1/infer",
+        {"inputs": [{"name": "input", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]},
+    ),
+]
+
+
+@pytest.mark.parametrize(("path", "body"), INFERENCE_CALLS, ids=[p for p, _ in INFERENCE_CALLS])
+def test_every_inference_route_goes_through_admission(
+    server: BastionServer, path: str, body: dict[str, Any]
+) -> None:
+    tenant = "admit-" + re.sub(r"\W", "", path)[:30]
+    key, _ = tenant_key(server, tenant)
+    set_quota(server, "tenants", tenant, requests_per_minute=1)
+    headers = {"authorization": f"Bearer {key}"}
+    first = httpx.post(f"{server.url}{path}", json=body, headers=headers, timeout=30)
+    assert first.status_code == 200, first.text
+    # Its answer carries the quota headers; the next request in the minute is refused.
+    assert first.headers["x-ratelimit-remaining-requests"] == "0"
+    second = httpx.post(f"{server.url}{path}", json=body, headers=headers, timeout=30)
+    assert second.status_code == 429, second.text
+    assert second.headers["x-ratelimit-limit-requests"] == "1"
+
+
+def test_the_encrypted_route_goes_through_admission(server: BastionServer) -> None:
+    key, _ = tenant_key(server, "admit-sealed")
+    set_quota(server, "tenants", "admit-sealed", requests_per_minute=1)
+    config = ohttp_config(server)
+    body = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}
+    first = post_sealed(server, key, seal_request(config, body)[0])
+    assert first.status_code == 200, first.text
+    second = post_sealed(server, key, seal_request(config, body)[0])
+    assert second.status_code == 429, second.text
+
+
+def test_a_request_failing_after_admission_gives_its_place_back(server: BastionServer) -> None:
+    # One concurrent request allowed: if a request that fails after admission (the model
+    # raises) kept its place, the next one would get 429.
+    key, _ = tenant_key(server, "admit-fail")
+    set_quota(server, "tenants", "admit-fail", concurrent_requests=1, requests_per_minute=100)
+    headers = {"authorization": f"Bearer {key}"}
+
+    def ask(content: str) -> httpx.Response:
+        body = {"model": "echo", "messages": [{"role": "user", "content": content}]}
+        return httpx.post(
+            f"{server.url}/v1/chat/completions", json=body, headers=headers, timeout=30
+        )
+
+    for _ in range(3):
+        failed = ask("__fail__")
+        assert failed.status_code >= 400 and failed.status_code != 429, failed.text
+        # An error answer after admission still carries the quota headers.
+        assert failed.headers["x-ratelimit-limit-requests"] == "100"
+    fine = ask("a b")
+    assert fine.status_code == 200, fine.text
+    assert fine.json()["choices"][0]["message"]["content"] == "a b"

@@ -1,6 +1,6 @@
 """One access log line and one metrics sample per request, without bodies or raw paths;
-the end of each admitted request's hold on its quotas; and the end of a request whose
-client has left.
+and the end of a request whose client has left. (An admitted request's hold on its quotas
+is settled by its own admission, api/admission.py.)
 
 uvicorn goes on running a request whose client disconnected until the route returns: a
 completion of 16 prompts once ran 150 s for nobody. Bastion's connection protocol
@@ -53,10 +53,6 @@ class AccessLog:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 started = True
-                ticket = state.get("ticket")
-                if ticket is not None and ticket.headers:
-                    # OpenAI's x-ratelimit-* headers, on every admitted request's answer.
-                    message = {**message, "headers": [*message["headers"], *ticket.headers]}
             elif not message.get("more_body", False):
                 # The answer is complete: the end of the request is no departure.
                 departure.stop()
@@ -87,10 +83,6 @@ class AccessLog:
                 await send({"type": "http.response.body", "body": body})
         finally:
             departure.stop()
-            ticket = state.get("ticket")
-            if ticket is not None:
-                # The answer is sent (or abandoned): settle the quota reservation.
-                ticket.close()
             self.metrics.in_flight.dec()
             elapsed = time.perf_counter() - start
             route = scope.get("route")

@@ -28,9 +28,9 @@ def _identity(request: Request) -> IdentityService:
     return service
 
 
-def _admin(request: Request) -> tuple[Gateway, Principal]:
+async def _admin(request: Request) -> tuple[Gateway, Principal]:
     gateway = gateway_of(request)
-    principal = authenticate(request)
+    principal = await authenticate(request)
     gateway.authorize(principal, "admin")
     return gateway, principal
 
@@ -67,20 +67,20 @@ _LATEST_EXPIRY = datetime(9998, 12, 31, tzinfo=UTC)
 
 
 async def list_tenants(request: Request) -> Response:
-    _, principal = _admin(request)
+    _, principal = await _admin(request)
     tenants = await asyncio.to_thread(_identity(request).list_tenants, principal)
     return json_response({"data": [t.to_dict() for t in tenants]})
 
 
 async def create_tenant(request: Request) -> Response:
-    gateway, principal = _admin(request)
+    gateway, principal = await _admin(request)
     body = await decode_json(request, TenantCreate, gateway.settings.max_body_bytes)
     tenant = await asyncio.to_thread(_identity(request).create_tenant, principal, body.name)
     return json_response(tenant.to_dict(), status=201)
 
 
 async def disable_tenant(request: Request) -> Response:
-    _, principal = _admin(request)
+    _, principal = await _admin(request)
     name = request.path_params["name"]
     tenant = await asyncio.to_thread(_identity(request).disable_tenant, principal, name)
     return json_response(tenant.to_dict())
@@ -90,14 +90,14 @@ async def disable_tenant(request: Request) -> Response:
 
 
 async def list_keys(request: Request) -> Response:
-    _, principal = _admin(request)
+    _, principal = await _admin(request)
     tenant = request.query_params.get("tenant")
     keys = await asyncio.to_thread(_identity(request).list_keys, principal, tenant)
     return json_response({"data": [k.to_dict() for k in keys]})
 
 
 async def create_key(request: Request) -> Response:
-    gateway, principal = _admin(request)
+    gateway, principal = await _admin(request)
     body = await decode_json(request, KeyCreate, gateway.settings.max_body_bytes)
     expires_at = parse_expiry(body.expires_at)
     info, token = await asyncio.to_thread(
@@ -117,7 +117,7 @@ async def create_key(request: Request) -> Response:
 
 
 async def revoke_key(request: Request) -> Response:
-    _, principal = _admin(request)
+    _, principal = await _admin(request)
     key_id = request.path_params["key_id"]
     info = await asyncio.to_thread(_identity(request).revoke_key, principal, key_id)
     await gateway_of(request).refresh()
@@ -125,7 +125,7 @@ async def revoke_key(request: Request) -> Response:
 
 
 async def rotate_key(request: Request) -> Response:
-    _, principal = _admin(request)
+    _, principal = await _admin(request)
     key_id = request.path_params["key_id"]
     info, token = await asyncio.to_thread(_identity(request).rotate_key, principal, key_id)
     await gateway_of(request).refresh()
@@ -150,21 +150,21 @@ def model_view(gateway: Gateway, record: ModelRecord) -> dict[str, Any]:
 
 
 async def list_models(request: Request) -> Response:
-    gateway, principal = _admin(request)
+    gateway, principal = await _admin(request)
     principal.require_admin()
     records = await asyncio.to_thread(gateway.registry.list)
     return json_response({"data": [model_view(gateway, r) for r in records]})
 
 
 async def get_model(request: Request) -> Response:
-    gateway, principal = _admin(request)
+    gateway, principal = await _admin(request)
     principal.require_admin()
     record = await asyncio.to_thread(gateway.registry.get, request.path_params["name"])
     return json_response(model_view(gateway, record))
 
 
 async def _set_state(request: Request, state: str) -> Response:
-    gateway, principal = _admin(request)
+    gateway, principal = await _admin(request)
     principal.require_admin()
     name = request.path_params["name"]
     record = await asyncio.to_thread(gateway.registry.set_desired_state, principal, name, state)
@@ -193,21 +193,21 @@ def _quota_subject(request: Request) -> tuple[str, str]:
 
 
 async def list_quotas(request: Request) -> Response:
-    gateway, principal = _admin(request)
+    gateway, principal = await _admin(request)
     tenant = request.query_params.get("tenant")
     rows = await asyncio.to_thread(gateway.quota_store.list, principal, tenant)
     return json_response({"data": [q.to_dict() for q in rows]})
 
 
 async def get_quota(request: Request) -> Response:
-    gateway, principal = _admin(request)
+    gateway, principal = await _admin(request)
     kind, subject = _quota_subject(request)
     quota = await asyncio.to_thread(gateway.quota_store.get, principal, kind, subject)
     return json_response(quota.to_dict())
 
 
 async def update_quota(request: Request) -> Response:
-    gateway, principal = _admin(request)
+    gateway, principal = await _admin(request)
     kind, subject = _quota_subject(request)
     body = await decode_json(request, QuotaUpdate, gateway.settings.max_body_bytes)
     quota = await asyncio.to_thread(
@@ -218,7 +218,7 @@ async def update_quota(request: Request) -> Response:
 
 
 async def remove_quota(request: Request) -> Response:
-    gateway, principal = _admin(request)
+    gateway, principal = await _admin(request)
     kind, subject = _quota_subject(request)
     await asyncio.to_thread(gateway.quota_store.remove, principal, kind, subject)
     await gateway.refresh()
@@ -227,7 +227,7 @@ async def remove_quota(request: Request) -> Response:
 
 async def get_usage(request: Request) -> Response:
     """Metered usage; admins see every tenant, a tenant's admins their own."""
-    gateway, principal = _admin(request)
+    gateway, principal = await _admin(request)
     query = request.query_params
     tenant = query.get("tenant")
     if not is_global_admin(principal):

@@ -32,31 +32,9 @@ def pipeline_of(request: Request) -> AnyPipeline:
     return pipeline
 
 
-def admit(
-    request: Request,
-    principal: Any,
-    model: str,
-    tokens: int = 0,
-    *,
-    tokens_up_to: int | None = None,
-) -> Any:
-    """Admit the request against the caller's quotas (estimated at `tokens` tokens, or up
-    to `tokens_up_to` when they allow). The ticket rides on the request: the access
-    middleware adds its `x-ratelimit-*` headers to the response and settles it once the
-    response is sent."""
-    ticket = pipeline_of(request).admit(
-        principal,
-        model,
-        tokens=tokens,
-        request_bytes=getattr(request.state, "body_bytes", 0),
-        tokens_up_to=tokens_up_to,
-    )
-    request.state.ticket = ticket
-    return ticket
-
-
-def authenticate(request: Request) -> Any:
-    """The caller's principal (401 otherwise); its tenant labels the access log line."""
-    principal = pipeline_of(request).authenticate(request.headers.get("authorization"))
+async def authenticate(request: Request) -> Any:
+    """The caller's principal (401 otherwise); its tenant labels the access log line.
+    (Inference routes authenticate through their Admission, api/admission.py.)"""
+    principal = await pipeline_of(request).authenticate(request.headers.get("authorization"))
     request.state.tenant = principal.tenant_name
     return principal

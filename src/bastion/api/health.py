@@ -38,7 +38,7 @@ async def readyz(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     gateway = gateway_of(request)
-    gateway.authorize(authenticate(request), "metrics")
+    gateway.authorize(await authenticate(request), "metrics")
     stalled = set(gateway.stalled_models())
     for name, status in gateway.supervisor.statuses().items():
         ready = status.state == "ready" and name not in stalled
@@ -49,7 +49,7 @@ async def metrics(request: Request) -> Response:
 
 async def openapi(request: Request) -> Response:
     # The API description is not secret, but every route but health needs a key.
-    authenticate(request)
+    await authenticate(request)
     return json_response(openapi_document())
 
 

@@ -10,16 +10,9 @@ from starlette.routing import Route
 
 import bastion
 from bastion.api import oip_binary
+from bastion.api.admission import Admission, inference
 from bastion.api.body import decode_value, read_body
-from bastion.api.context import (
-    JSON,
-    admit,
-    authenticate,
-    gateway_of,
-    json_response,
-    pipeline_of,
-)
-from bastion.api.pipeline import AnyPipeline
+from bastion.api.context import JSON, authenticate, gateway_of, json_response
 from bastion.api.replies import expect
 from bastion.api.schemas import OipInferRequest
 from bastion.api.tensors import (
@@ -57,24 +50,24 @@ async def ready(request: Request) -> Response:
 
 async def server_metadata(request: Request) -> Response:
     gateway = gateway_of(request)
-    gateway.authorize(authenticate(request), "models")
+    gateway.authorize(await authenticate(request), "models")
     return json_response({"name": "bastion", "version": bastion.__version__, "extensions": []})
 
 
-def _known_model(request: Request, action: str) -> tuple[AnyPipeline, Any, str]:
-    """Authenticate, authorize `action` on the path's model, and check that it exists."""
-    gateway = pipeline_of(request)
-    principal = authenticate(request)
-    name = request.path_params["name"]
-    gateway.authorize(principal, action, name)
+async def _known_model(request: Request) -> str:
+    """Authenticate, authorize reading the path's model, and check that it exists."""
+    gateway = gateway_of(request)
+    principal = await authenticate(request)
+    name: str = request.path_params["name"]
+    gateway.authorize(principal, "models", name)
     gateway.require_model(name)
     # Labelled only once known to exist: a client-chosen name must not reach logs or metrics.
     request.state.model = name
-    return gateway, principal, name
+    return name
 
 
 async def model_metadata(request: Request) -> Response:
-    _, _, name = _known_model(request, "models")
+    name = await _known_model(request)
     status = gateway_of(request).supervisor.status(name)
     if status.metadata is None:
         raise ModelUnavailable(f"The model '{name}' is not ready.", retry_after_s=2)
@@ -90,7 +83,7 @@ async def model_metadata(request: Request) -> Response:
 
 
 async def model_ready(request: Request) -> Response:
-    _, _, name = _known_model(request, "models")
+    name = await _known_model(request)
     gateway = gateway_of(request)
     is_ready = (
         gateway.supervisor.status(name).state == "ready" and name not in gateway.stalled_models()
@@ -157,21 +150,23 @@ def _binary_outputs(body: OipInferRequest, metadata: ModelMetadata) -> tuple[lis
     return wanted, binary
 
 
-async def infer(request: Request) -> Response:
-    gateway, principal, name = _known_model(request, "infer")
+@inference
+async def infer(request: Request, admission: Admission) -> Response:
+    name: str = request.path_params["name"]
+    await admission.check("infer", name)
+    gateway = admission.pipeline
     body, binary_inputs = await _read_infer_request(request, gateway.limits.max_body_bytes)
-    metadata = gateway.ready_model(name, "infer")
+    metadata = await admission.ready("infer", name, "infer")
     limits = gateway.size_limits(name)
     check_input_size(body.inputs, limits)
     tensors = _input_tensors(body, binary_inputs, metadata)
     wanted, binary_outputs = _binary_outputs(body, metadata)
     # Numbers are not tokens; text (BYTES) is, as for /v1/embeddings: it is reserved
     # against token quotas here, and settled with the count the model reports.
-    ticket = admit(request, principal, name, _text_tokens(tensors))
-    result = expect(
-        await gateway.call(name, Infer(id=0, inputs=tensors, outputs=wanted), ticket),
-        InferResult,
+    admitted = await admission.admit(
+        "infer", name, capability="infer", tokens=_text_tokens(tensors)
     )
+    result = expect(await admitted.call(Infer(id=0, inputs=tensors, outputs=wanted)), InferResult)
     check_answer_size(
         sum(len(t.raw) if t.name in binary_outputs else json_size(t) for t in result.outputs),
         limits,

@@ -13,15 +13,9 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from bastion.api.admission import Admission, Admitted, inference
 from bastion.api.body import decode_json
-from bastion.api.context import (
-    JSON,
-    admit,
-    authenticate,
-    gateway_of,
-    json_response,
-    pipeline_of,
-)
+from bastion.api.context import JSON, authenticate, gateway_of, json_response
 from bastion.api.pipeline import AnyPipeline, estimate_tokens
 from bastion.api.replies import expect, raise_for_failure
 from bastion.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -64,7 +58,7 @@ def _limits(gateway: AnyPipeline, max_tokens: int | None, n: int | None) -> tupl
 
 async def list_models(request: Request) -> Response:
     gateway = gateway_of(request)
-    principal = authenticate(request)
+    principal = await authenticate(request)
     gateway.authorize(principal, "models")
     data = [
         {
@@ -80,7 +74,7 @@ async def list_models(request: Request) -> Response:
 
 async def get_model(request: Request) -> Response:
     gateway = gateway_of(request)
-    principal = authenticate(request)
+    principal = await authenticate(request)
     name = request.path_params["model"]
     gateway.authorize(principal, "models", name)
     record = gateway.model_record(name)
@@ -99,17 +93,12 @@ async def get_model(request: Request) -> Response:
 
 
 async def _prepare(
-    request: Request, action: str, schema: type[Any]
-) -> tuple[AnyPipeline, Any, Any, ModelMetadata]:
-    gateway = pipeline_of(request)
-    principal = authenticate(request)
-    body = await decode_json(request, schema, gateway.limits.max_body_bytes)
-    gateway.authorize(principal, action, body.model)
-    gateway.require_model(body.model)
-    # Labelled only once known to exist: a client-chosen name must not reach logs or metrics.
-    request.state.model = body.model
-    metadata = gateway.ready_model(body.model, action)
-    return gateway, principal, body, metadata
+    request: Request, admission: Admission, action: str, schema: type[Any]
+) -> tuple[Any, ModelMetadata]:
+    """The body, read once the caller is known, and the metadata of the model it names."""
+    await admission.caller()
+    body = await decode_json(request, schema, admission.pipeline.limits.max_body_bytes)
+    return body, await admission.ready(action, body.model, action)
 
 
 def _generate(
@@ -135,15 +124,18 @@ def _generate(
     )
 
 
-async def chat_completions(request: Request) -> Response:
-    gateway, principal, body, _ = await _prepare(request, "chat", ChatCompletionRequest)
-    max_tokens, n = _limits(gateway, body.max_completion_tokens or body.max_tokens, body.n)
+@inference
+async def chat_completions(request: Request, admission: Admission) -> Response:
+    body, _ = await _prepare(request, admission, "chat", ChatCompletionRequest)
+    max_tokens, n = _limits(
+        admission.pipeline, body.max_completion_tokens or body.max_tokens, body.n
+    )
     messages = [ChatMessage(role=m.role, content=m.text()) for m in body.messages]
-    ticket = admit(
-        request,
-        principal,
+    admitted = await admission.admit(
+        "chat",
         body.model,
-        estimate_tokens(*(m.content for m in messages)) + max_tokens * n,
+        capability="chat",
+        tokens=estimate_tokens(*(m.content for m in messages)) + max_tokens * n,
     )
     message = _generate(body, max_tokens, n, messages=messages)
     completion_id = "chatcmpl-" + secrets.token_hex(12)
@@ -151,13 +143,9 @@ async def chat_completions(request: Request) -> Response:
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await _stream(
-            gateway,
-            ticket,
-            body.model,
-            message,
-            _ChatChunks(completion_id, created, body.model, n, include_usage),
+            admitted, message, _ChatChunks(completion_id, created, body.model, n, include_usage)
         )
-    result = expect(await gateway.call(body.model, message, ticket), GenerateResult)
+    result = expect(await admitted.call(message), GenerateResult)
     return json_response(
         {
             "id": completion_id,
@@ -178,14 +166,18 @@ async def chat_completions(request: Request) -> Response:
     )
 
 
-async def completions(request: Request) -> Response:
-    gateway, principal, body, _ = await _prepare(request, "completions", CompletionRequest)
-    max_tokens, n = _limits(gateway, body.max_tokens, body.n)
+@inference
+async def completions(request: Request, admission: Admission) -> Response:
+    body, _ = await _prepare(request, admission, "completions", CompletionRequest)
+    max_tokens, n = _limits(admission.pipeline, body.max_tokens, body.n)
     prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
     if body.stream and len(prompts) > 1:
         raise InvalidRequest("Streaming supports a single prompt.", param="prompt")
-    ticket = admit(
-        request, principal, body.model, estimate_tokens(*prompts) + max_tokens * n * len(prompts)
+    admitted = await admission.admit(
+        "completions",
+        body.model,
+        capability="completions",
+        tokens=estimate_tokens(*prompts) + max_tokens * n * len(prompts),
     )
 
     def generate(prompt: str) -> Generate:
@@ -196,16 +188,14 @@ async def completions(request: Request) -> Response:
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await _stream(
-            gateway,
-            ticket,
-            body.model,
+            admitted,
             generate(prompts[0]),
             _CompletionChunks(completion_id, created, body.model, n, include_usage),
         )
     choices: list[dict[str, Any]] = []
     prompt_tokens = completion_tokens = 0
     for offset, prompt in enumerate(prompts):
-        result = expect(await gateway.call(body.model, generate(prompt), ticket), GenerateResult)
+        result = expect(await admitted.call(generate(prompt)), GenerateResult)
         prompt_tokens += result.prompt_tokens
         completion_tokens += result.completion_tokens
         for c in result.choices:
@@ -313,21 +303,15 @@ def _sse(payload: Any) -> bytes:
     return b"data: " + JSON.encode(payload) + b"\n\n"
 
 
-async def _stream(
-    gateway: AnyPipeline,
-    ticket: Any,
-    model: str,
-    message: Generate,
-    chunks: _ChatChunks,
-) -> Response:
-    replies = gateway.stream(model, message, ticket)
+async def _stream(admitted: Admitted, message: Generate, chunks: _ChatChunks) -> Response:
+    replies = admitted.stream(message)
     # The first reply is awaited before the response starts, so that a model that is not
     # available, or a request the model refuses, still gets its proper HTTP status.
     try:
         first = await anext(replies)
         raise_for_failure(first)
     except BaseException:
-        await replies.aclose()  # type: ignore[attr-defined]
+        await replies.aclose()
         raise
 
     async def events() -> AsyncIterator[bytes]:
@@ -352,7 +336,7 @@ async def _stream(
                 {"error": {"message": exc.message, "type": exc.error_type, "code": exc.code}}
             )
         finally:
-            await replies.aclose()  # type: ignore[attr-defined]
+            await replies.aclose()
 
     return StreamingResponse(
         events(),
@@ -364,8 +348,9 @@ async def _stream(
 # ---------------------------------------------------------------- embeddings
 
 
-async def embeddings(request: Request) -> Response:
-    gateway, principal, body, metadata = await _prepare(request, "embeddings", EmbeddingRequest)
+@inference
+async def embeddings(request: Request, admission: Admission) -> Response:
+    body, metadata = await _prepare(request, admission, "embeddings", EmbeddingRequest)
     texts = [body.input] if isinstance(body.input, str) else list(body.input)
     if any(not text for text in texts):
         raise InvalidRequest("Input texts must not be empty.", param="input")
@@ -373,11 +358,15 @@ async def embeddings(request: Request) -> Response:
         raise InvalidRequest(
             f"This model only produces {metadata.embedding_dim} dimensions.", param="dimensions"
         )
-    ticket = admit(request, principal, body.model, estimate_tokens(*texts))
-    result = expect(await gateway.call(body.model, Embed(id=0, texts=texts), ticket), EmbedResult)
+    admitted = await admission.admit(
+        "embeddings", body.model, capability="embeddings", tokens=estimate_tokens(*texts)
+    )
+    result = expect(await admitted.call(Embed(id=0, texts=texts)), EmbedResult)
     # Each float is ~20 characters of JSON, or 4 bytes as base64 (4/3 of them).
     per_value = 6 if body.encoding_format == "base64" else 21
-    check_answer_size(result.count * result.dim * per_value, gateway.size_limits(body.model))
+    check_answer_size(
+        result.count * result.dim * per_value, admission.pipeline.size_limits(body.model)
+    )
     vectors = np.frombuffer(result.vectors, dtype="<f4").reshape(result.count, result.dim)
     data = [
         {

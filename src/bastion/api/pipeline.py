@@ -12,14 +12,35 @@ worker that runs them stays free of the gateway's machinery.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, Protocol, TypeVar
 
 from bastion.errors import InvalidRequest
 from bastion.wire.protocol import FromWorker, ModelMetadata, RequestLimits, SizeLimits, WorkRequest
 
-CallerT = TypeVar("CallerT")
-TicketT = TypeVar("TicketT")
+
+class Ticket(Protocol):
+    """What the admission step needs of a pipeline's ticket (its hold on the quotas)."""
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """The `x-ratelimit-*` headers for the answer."""
+        ...
+
+    def close(self) -> None:
+        """The request is over (answered, failed or abandoned): settle. Idempotent."""
+        ...
+
+
+class Caller(Protocol):
+    """What the admission step needs of a pipeline's caller: its tenant, for the log."""
+
+    @property
+    def tenant_name(self) -> str: ...
+
+
+CallerT = TypeVar("CallerT", bound=Caller)
+TicketT = TypeVar("TicketT", bound=Ticket)
 
 
 class Pipeline(Protocol[CallerT, TicketT]):
@@ -28,7 +49,9 @@ class Pipeline(Protocol[CallerT, TicketT]):
     @property
     def limits(self) -> RequestLimits: ...
 
-    def authenticate(self, authorization: str | None) -> CallerT: ...
+    async def authenticate(self, authorization: str | None) -> CallerT:
+        """The caller of a request with this Authorization header, or 401."""
+        ...
 
     def authorize(self, principal: CallerT, action: str, model: str | None = None) -> None: ...
 
@@ -36,7 +59,9 @@ class Pipeline(Protocol[CallerT, TicketT]):
         """Raise ModelNotFound unless `name` is a model this pipeline serves."""
         ...
 
-    def ready_model(self, name: str, capability: str) -> ModelMetadata: ...
+    def ready_model(self, name: str, capability: str | None) -> ModelMetadata:
+        """The metadata of a ready model (503 otherwise) that offers `capability` (400)."""
+        ...
 
     def size_limits(self, name: str) -> SizeLimits:
         """How big the model's requests and answers may be."""
@@ -60,7 +85,7 @@ class Pipeline(Protocol[CallerT, TicketT]):
 
     def stream(
         self, model: str, message: WorkRequest, ticket: TicketT
-    ) -> AsyncIterator[FromWorker]:
+    ) -> AsyncGenerator[FromWorker, None]:
         """Stream `message`'s replies; the pipeline accounts the usage of the work done,
         even when the caller stops reading before the end."""
         ...

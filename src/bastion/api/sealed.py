@@ -18,8 +18,9 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from bastion.api.admission import SEALED, Admission, Admitted, inference
 from bastion.api.body import read_body
-from bastion.api.context import admit, authenticate, gateway_of
+from bastion.api.context import gateway_of
 from bastion.api.openai import DEFAULT_MAX_TOKENS
 from bastion.api.schemas import MAX_PROMPTS
 from bastion.audit.events import OHTTP_REFUSED, Event
@@ -33,7 +34,6 @@ from bastion.errors import (
 from bastion.gateway.gateway import Gateway
 from bastion.gateway.sealing import OhttpKeyProblem
 from bastion.identity.principal import Principal
-from bastion.quotas.admission import Ticket
 from bastion.wire.headers import MODEL_HEADER
 from bastion.wire.protocol import (
     SEALED_FRAMING_ALLOWANCE,
@@ -57,7 +57,8 @@ async def key_configuration(request: Request) -> Response:
     )
 
 
-async def sealed_request(request: Request) -> Response:
+@inference
+async def sealed_request(request: Request, admission: Admission) -> Response:
     gateway = gateway_of(request)
     media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media == ohttp.REQUEST_MEDIA_TYPE:
@@ -69,15 +70,12 @@ async def sealed_request(request: Request) -> Response:
             f"Content-Type must be {ohttp.REQUEST_MEDIA_TYPE} "
             f"or {ohttp.CHUNKED_REQUEST_MEDIA_TYPE}."
         )
-    principal = authenticate(request)
+    principal: Principal = await admission.caller()
     model = request.headers.get(MODEL_HEADER)
     if not model:
         raise InvalidRequest("The Bastion-Model header is required.", param="Bastion-Model")
-    actions = gateway.authorize_sealed(principal, model)
-    gateway.require_model(model)
-    # Labelled only once known to exist: a client-chosen name must not reach logs or metrics.
-    request.state.model = model
-    gateway.ready_model(model, None)
+    actions = await admission.check_sealed(model, gateway.authorize_sealed)
+    await admission.ready(SEALED, model, None)
     settings = gateway.settings
     body = await read_body(request, settings.max_body_bytes + SEALED_FRAMING_ALLOWANCE)
     # The gateway cannot read the request. It reserves at least its size and a default
@@ -85,11 +83,11 @@ async def sealed_request(request: Request) -> Response:
     # request may ask; the worker refuses (encrypted 429) an inner request estimated at
     # more than was reserved, and the usage it reports beside the answer settles it.
     prompt = len(body) // 4
-    ticket = admit(
-        request,
-        principal,
+    admitted = await admission.admit(
+        SEALED,
         model,
-        prompt + DEFAULT_MAX_TOKENS,
+        capability=None,
+        tokens=prompt + DEFAULT_MAX_TOKENS,
         tokens_up_to=prompt + settings.max_tokens_limit * settings.max_choices * MAX_PROMPTS,
     )
     try:
@@ -101,11 +99,11 @@ async def sealed_request(request: Request) -> Response:
         _refused(gateway, principal, exc.code)
         raise
     message = SealedRequest(
-        id=0, data=body, chunked=chunked, actions=actions, allowance=ticket.allowance
+        id=0, data=body, chunked=chunked, actions=actions, allowance=admitted.ticket.allowance
     )
     if chunked:
-        return await _stream(gateway, ticket, message, header.enc)
-    reply = await gateway.call(model, message, ticket)
+        return await _stream(gateway, admitted, principal, message, header.enc)
+    reply = await admitted.call(message)
     if not isinstance(reply, SealedResponse):
         return _failure(gateway, principal, reply, header.enc)
     # No cache may keep an answer: it is one client's, and may carry a Date correction.
@@ -114,18 +112,19 @@ async def sealed_request(request: Request) -> Response:
     )
 
 
-async def _stream(gateway: Gateway, ticket: Ticket, message: SealedRequest, enc: bytes) -> Response:
-    principal = ticket.principal
-    replies = gateway.stream(ticket.model, message, ticket)
+async def _stream(
+    gateway: Gateway, admitted: Admitted, principal: Principal, message: SealedRequest, enc: bytes
+) -> Response:
+    replies = admitted.stream(message)
     # The first reply is awaited before the response starts, so that a request the worker
     # cannot decrypt still gets its own status.
     try:
         first = await anext(replies)
     except BaseException:
-        await replies.aclose()  # type: ignore[attr-defined]
+        await replies.aclose()
         raise
     if not isinstance(first, SealedChunk | SealedResponse):
-        await replies.aclose()  # type: ignore[attr-defined]
+        await replies.aclose()
         return _failure(gateway, principal, first, enc)
 
     async def chunks() -> AsyncIterator[bytes]:
@@ -144,7 +143,7 @@ async def _stream(gateway: Gateway, ticket: Ticket, message: SealedRequest, enc:
         except BastionError:
             return
         finally:
-            await replies.aclose()  # type: ignore[attr-defined]
+            await replies.aclose()
 
     return StreamingResponse(
         chunks(),

@@ -16,6 +16,7 @@ event per reason with their count when the window ends.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,6 +70,10 @@ class _KeyRecord:
     tenant_disabled: bool
 
 
+class NeedsRead(Exception):
+    """Raised by ``authenticate(..., may_read=False)`` when only the database can answer."""
+
+
 class Authenticator:
     """Checks bearer tokens against the key store, through an in-memory cache."""
 
@@ -102,8 +107,11 @@ class Authenticator:
         self._lookups = _Allowance(UNLISTED_LOOKUPS_PER_S)
         self._failures = FailureReports(events, clock)
 
-    def authenticate(self, authorization: str | None) -> Principal:
-        """The principal of a ``Bearer <token>`` header; AuthenticationError otherwise."""
+    def authenticate(self, authorization: str | None, *, may_read: bool = True) -> Principal:
+        """The principal of a ``Bearer <token>`` header; AuthenticationError otherwise.
+
+        With `may_read` false, NeedsRead instead of a database read: the event loop answers
+        from memory and hands only a cache miss to a thread."""
         if authorization is None:
             self._fail(REASON_MISSING)
         if len(authorization) > MAX_AUTHORIZATION_LENGTH:
@@ -123,6 +131,8 @@ class Authenticator:
                 # Not a key as of the last reload, and no lookups left this second: a
                 # flood of made-up ids costs the database nothing.
                 self._fail(REASON_UNKNOWN_KEY, public_id)
+            if not may_read and not self._known_unknown(public_id):
+                raise NeedsRead
             record = self._load(public_id)
             if record is None:
                 self._fail(REASON_UNKNOWN_KEY, public_id)
@@ -164,6 +174,11 @@ class Authenticator:
         self._unknown = {}
 
     # ------------------------------------------------------------------ internals
+
+    def _known_unknown(self, public_id: str) -> bool:
+        """Whether `public_id` is remembered, still, as no key at all."""
+        until = self._unknown.get(public_id)
+        return until is not None and time.monotonic() < until
 
     def _load(self, public_id: str) -> _KeyRecord | None:
         """Read one key on a cache miss, remembering the answer (found or not)."""
@@ -262,23 +277,30 @@ class FailureReports:
         self._window_start = clock()
         self._emitted = 0
         self._held: dict[str, int] = {}
+        # Failures come from the event loop and, for keys read from the database, from
+        # the threads that read them.
+        self._lock = threading.Lock()
 
     def report(self, event: Event) -> None:
         self.flush()
-        if self._emitted < self._per_window:
-            self._emitted += 1
+        with self._lock:
+            emit = self._emitted < self._per_window
+            if emit:
+                self._emitted += 1
+            else:
+                reason = str(event.detail.get("reason"))
+                self._held[reason] = self._held.get(reason, 0) + 1
+        if emit:
             self._events.emit(event)
-            return
-        reason = str(event.detail.get("reason"))
-        self._held[reason] = self._held.get(reason, 0) + 1
 
     def flush(self) -> None:
         """If the window has ended: one event per reason held back, and a new window."""
         now = self._clock()
-        if now - self._window_start < self._window_s:
-            return
-        held, self._held = self._held, {}
-        self._window_start, self._emitted = now, 0
+        with self._lock:
+            if now - self._window_start < self._window_s:
+                return
+            held, self._held = self._held, {}
+            self._window_start, self._emitted = now, 0
         for reason, count in sorted(held.items()):
             self._events.emit(
                 Event(

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,7 +33,7 @@ from bastion.errors import (
     ModelUnavailable,
     PermissionDenied,
 )
-from bastion.gateway.auth import Authenticator
+from bastion.gateway.auth import Authenticator, NeedsRead
 from bastion.gateway.ohttp_keys import OhttpKeyStore
 from bastion.gateway.sealing import SealingState
 from bastion.identity.principal import (
@@ -281,9 +281,13 @@ class Gateway:
 
     # ------------------------------------------------------------------ pipeline steps
 
-    def authenticate(self, authorization: str | None) -> Principal:
+    async def authenticate(self, authorization: str | None) -> Principal:
         try:
-            return self.authenticator.authenticate(authorization)
+            try:
+                return self.authenticator.authenticate(authorization, may_read=False)
+            except NeedsRead:
+                # A key not in the cache: its database read must not stall the event loop.
+                return await asyncio.to_thread(self.authenticator.authenticate, authorization)
         except AuthenticationError:
             self.metrics.auth_failures.inc()
             raise
@@ -478,7 +482,7 @@ class Gateway:
 
     async def stream(
         self, model: str, message: WorkRequest, ticket: Ticket
-    ) -> AsyncIterator[FromWorker]:
+    ) -> AsyncGenerator[FromWorker, None]:
         """Stream a request's messages; past the deadline (the wait in the fair queue
         included) the job is cancelled (504)."""
         deadline = self._deadline(ticket)

@@ -20,8 +20,14 @@ import email.utils
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
-from dataclasses import dataclass
+from collections.abc import (
+    AsyncGenerator,
+    Awaitable,
+    Callable,
+    Mapping,
+    MutableMapping,
+)
+from dataclasses import dataclass, field
 from datetime import UTC
 from typing import Any, cast
 
@@ -107,9 +113,14 @@ class SealedCaller:
 
 @dataclass(frozen=True, slots=True)
 class SealedTicket:
-    """An inner request's admission: it happened at the gateway, for the outer request."""
+    """An inner request's admission: it happened at the gateway, for the outer request,
+    whose ticket the gateway settles and whose answer carries the quota headers."""
 
     model: str
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+    def close(self) -> None:
+        """Nothing to settle here: the usage travels back beside the sealed answer."""
 
 
 _PRINCIPAL: contextvars.ContextVar[SealedCaller] = contextvars.ContextVar(
@@ -159,7 +170,7 @@ class SealedPipeline:
             raise RuntimeError("a sealed request arrived before the gateway's limits")
         return self._size_limits
 
-    def authenticate(self, authorization: str | None) -> SealedCaller:
+    async def authenticate(self, authorization: str | None) -> SealedCaller:
         # The outer request was authenticated; an inner Authorization header means nothing.
         return _PRINCIPAL.get()
 
@@ -176,11 +187,12 @@ class SealedPipeline:
         if name != self.model:
             raise ModelNotFound(f"The model '{name}' does not exist.", param="model")
 
-    def ready_model(self, name: str, capability: str) -> ModelMetadata:
+    def ready_model(self, name: str, capability: str | None) -> ModelMetadata:
         self.require_model(name)
         if self.metadata is None:
             raise RuntimeError("a sealed request arrived before the model was ready")
-        require_capability(name, self.metadata, capability)
+        if capability is not None:
+            require_capability(name, self.metadata, capability)
         return self.metadata
 
     def admit(
@@ -213,7 +225,7 @@ class SealedPipeline:
 
     async def stream(
         self, model: str, message: Any, ticket: SealedTicket
-    ) -> AsyncIterator[FromWorker]:
+    ) -> AsyncGenerator[FromWorker, None]:
         # The usage goes back to the gateway beside the sealed answer, which accounts it.
         usage = _USAGE.get()
         run_inline = _INLINE.get()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -12,7 +15,8 @@ import sqlalchemy as sa
 
 from bastion.audit.events import AUTH_FAILED, MemoryEventSink
 from bastion.errors import AuthenticationError
-from bastion.gateway.auth import Authenticator
+from bastion.gateway.auth import Authenticator, NeedsRead
+from bastion.gateway.gateway import Gateway
 from bastion.identity.keys import KeyHasher, generate_api_key, parse_api_key
 from bastion.identity.principal import OPERATOR
 from bastion.identity.service import IdentityService
@@ -257,3 +261,47 @@ def test_a_flood_of_failures_is_logged_as_counts(h: Harness) -> None:
     (summary,) = h.events.events[first + 20 :]
     assert summary.kind == AUTH_FAILED and summary.detail["count"] == 280
     assert summary.detail["reason"] == "malformed"
+
+
+def test_without_reads_a_cache_miss_asks_for_a_thread(h: Harness) -> None:
+    _, token = h.key()
+    h.auth.refresh()
+    before = h.queries
+    with pytest.raises(NeedsRead):
+        h.auth.authenticate(f"Bearer {token}", may_read=False)
+    assert h.queries == before
+    principal = h.auth.authenticate(f"Bearer {token}")
+    # Now cached: answered from memory, without a read.
+    assert h.auth.authenticate(f"Bearer {token}", may_read=False) == principal
+    # An id remembered as unknown is answered from memory too.
+    unknown = generate_api_key()
+    with pytest.raises(AuthenticationError):
+        h.auth.authenticate(f"Bearer {unknown.token}")
+    queries = h.queries
+    with pytest.raises(AuthenticationError):
+        h.auth.authenticate(f"Bearer {unknown.token}", may_read=False)
+    assert h.queries == queries
+
+
+def test_the_gateway_reads_a_missed_key_off_the_event_loop(h: Harness) -> None:
+    _, token = h.key()
+    h.auth.refresh()
+    threads: list[threading.Thread] = []
+    read = h.auth._read
+
+    def record(public_id: str) -> Any:
+        threads.append(threading.current_thread())
+        return read(public_id)
+
+    h.auth._read = record  # type: ignore[method-assign]
+    owner = SimpleNamespace(authenticator=h.auth, metrics=SimpleNamespace())
+
+    async def authenticate() -> Any:
+        return await Gateway.authenticate(owner, f"Bearer {token}")  # type: ignore[arg-type]
+
+    principal = asyncio.run(authenticate())
+    assert principal.tenant_name == "acme"
+    assert len(threads) == 1 and threads[0] is not threading.main_thread()
+    # A cache hit stays on the loop's thread and reads nothing.
+    asyncio.run(authenticate())
+    assert len(threads) == 1
