@@ -212,3 +212,14 @@ def test_what_the_worker_really_loads_is_what_the_reading_says() -> None:
     # Third-party packages appear in the reading by the name imported, often the top one.
     bad = {m for m in _forbidden(loaded) if m not in explained and m.split(".")[0] not in explained}
     assert not bad, f"importing the worker loads {sorted(bad)}"
+
+
+def test_no_hidden_parameters_on_the_request_path() -> None:
+    # A request's context (caller, usage, limits) travels as values, never as ContextVars
+    # that a callee reads behind its caller's back.
+    users = sorted(
+        module
+        for module, imports in _graph().items()
+        if _package(module) in ("api", "worker", "gateway") and "contextvars" in imports
+    )
+    assert not users, f"request-path modules importing contextvars: {users}"

@@ -26,9 +26,17 @@ def gateway_of(request: Request) -> Gateway:
     return gateway
 
 
+# The ASGI scope state key of a request that brings its own pipeline: in a worker, each
+# sealed request is served by a pipeline that carries that request's context.
+PIPELINE_STATE = "bastion.pipeline"
+
+
 def pipeline_of(request: Request) -> AnyPipeline:
     """What serves an inference route: the gateway, or a worker opening a sealed request."""
-    pipeline: AnyPipeline = request.app.state.gateway
+    state = request.scope.get("state")
+    pipeline: AnyPipeline | None = state.get(PIPELINE_STATE) if state else None
+    if pipeline is None:
+        pipeline = request.app.state.gateway
     return pipeline
 
 

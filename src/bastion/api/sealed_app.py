@@ -14,7 +14,6 @@ from starlette.routing import BaseRoute, Route
 
 from bastion.api import oip, openai
 from bastion.api.errors import handle_bastion_error, handle_http_exception
-from bastion.api.pipeline import AnyPipeline
 from bastion.errors import BastionError
 
 # The routes an end-to-end encrypted request may reach: inference, nothing else.
@@ -29,8 +28,9 @@ SEALED_PATHS = frozenset(
 )
 
 
-def create_sealed_app(pipeline: AnyPipeline) -> Starlette:
-    """The inference routes only, answering through `pipeline`."""
+def create_sealed_app() -> Starlette:
+    """The inference routes only. Each request brings its own pipeline in its ASGI scope
+    state (api/context.py's PIPELINE_STATE): the worker's, with that request's context."""
     routes: list[BaseRoute] = [
         route
         for route in (*oip.routes, *openai.routes)
@@ -43,5 +43,4 @@ def create_sealed_app(pipeline: AnyPipeline) -> Starlette:
             HTTPException: handle_http_exception,
         },
     )
-    app.state.gateway = pipeline
     return app

@@ -276,7 +276,7 @@ class Worker:
         from bastion.api.sealed_app import create_sealed_app
 
         self._pipeline = SealedPipeline(model, self._submit_inner, options)
-        self._sealed = SealedServer(create_sealed_app(self._pipeline), self._pipeline, self._send)
+        self._sealed = SealedServer(create_sealed_app(), self._pipeline, self._send)
         if self._early_keys is not None:
             self._sealed.set_keys(self._early_keys)
 

@@ -15,7 +15,6 @@ runs on the worker's runtime thread, reached through `submit`.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import email.utils
 import logging
 import threading
@@ -33,6 +32,7 @@ from typing import Any, cast
 
 import msgspec
 
+from bastion.api.context import PIPELINE_STATE
 from bastion.api.pipeline import require_capability
 from bastion.crypto import hpke, ohttp
 from bastion.errors import InvalidRequest, ModelNotFound, PermissionDenied, RateLimited
@@ -123,20 +123,6 @@ class SealedTicket:
         """Nothing to settle here: the usage travels back beside the sealed answer."""
 
 
-_PRINCIPAL: contextvars.ContextVar[SealedCaller] = contextvars.ContextVar(
-    "bastion_sealed_principal"
-)
-_USAGE: contextvars.ContextVar[_Usage] = contextvars.ContextVar("bastion_sealed_usage")
-# The tokens the gateway reserved for the sealed request being served (None: no limit).
-_ALLOWANCE: contextvars.ContextVar[int | None] = contextvars.ContextVar(
-    "bastion_sealed_allowance", default=None
-)
-# Set while a request is served on the runtime thread itself (see serve_inline).
-_INLINE: contextvars.ContextVar[RunInline | None] = contextvars.ContextVar(
-    "bastion_sealed_inline", default=None
-)
-
-
 class SealedPipeline:
     """The :class:`~bastion.api.pipeline.Pipeline` for inner requests in a worker.
 
@@ -170,10 +156,6 @@ class SealedPipeline:
             raise RuntimeError("a sealed request arrived before the gateway's limits")
         return self._size_limits
 
-    async def authenticate(self, authorization: str | None) -> SealedCaller:
-        # The outer request was authenticated; an inner Authorization header means nothing.
-        return _PRINCIPAL.get()
-
     def authorize(self, principal: SealedCaller, action: str, model: str | None = None) -> None:
         principal.require_action(action)
         if model is not None and model != self.model:
@@ -195,6 +177,67 @@ class SealedPipeline:
             require_capability(name, self.metadata, capability)
         return self.metadata
 
+    def submit(self, message: Any, deliver: Callable[[Message], None]) -> JobHandle:
+        """Hand `message` to the runtime thread; its replies go to `deliver`."""
+        return self._submit(message, deliver)
+
+    def for_request(
+        self,
+        caller: SealedCaller,
+        usage: _Usage,
+        allowance: int | None,
+        run_inline: RunInline | None,
+    ) -> SealedCall:
+        """The pipeline of one sealed request: this model, with that request's context."""
+        return SealedCall(self, caller, usage, allowance, run_inline)
+
+
+class SealedCall:
+    """The :class:`~bastion.api.pipeline.Pipeline` the routes see for one sealed request.
+
+    Everything the request's context decides travels here explicitly: who sent it (the
+    actions its key holds), where its usage is counted, how many tokens the gateway
+    reserved for it, and whether it runs inline on the runtime thread.
+    """
+
+    __slots__ = ("_pipeline", "allowance", "caller", "run_inline", "usage")
+
+    def __init__(
+        self,
+        pipeline: SealedPipeline,
+        caller: SealedCaller,
+        usage: _Usage,
+        allowance: int | None,
+        run_inline: RunInline | None,
+    ) -> None:
+        self._pipeline = pipeline
+        self.caller = caller
+        self.usage = usage
+        # The tokens the gateway reserved for this request (None: no limit).
+        self.allowance = allowance
+        # Set when the request is served on the runtime thread itself (see serve_inline).
+        self.run_inline = run_inline
+
+    @property
+    def limits(self) -> RequestLimits:
+        return self._pipeline.limits
+
+    def size_limits(self, name: str) -> SizeLimits:
+        return self._pipeline.size_limits(name)
+
+    async def authenticate(self, authorization: str | None) -> SealedCaller:
+        # The outer request was authenticated; an inner Authorization header means nothing.
+        return self.caller
+
+    def authorize(self, principal: SealedCaller, action: str, model: str | None = None) -> None:
+        self._pipeline.authorize(principal, action, model)
+
+    def require_model(self, name: str) -> None:
+        self._pipeline.require_model(name)
+
+    def ready_model(self, name: str, capability: str | None) -> ModelMetadata:
+        return self._pipeline.ready_model(name, capability)
+
     def admit(
         self,
         principal: SealedCaller,
@@ -207,7 +250,7 @@ class SealedPipeline:
         """Admission (quotas, the fair queue) happened at the gateway, on the outer request;
         the usage of the inner one travels back beside the sealed answer. An inner request
         estimated at more tokens than the gateway could reserve is refused (429)."""
-        allowance = _ALLOWANCE.get()
+        allowance = self.allowance
         if allowance is not None and tokens > allowance:
             raise RateLimited(
                 f"The request may use {tokens} tokens, more than the {allowance} its quotas "
@@ -227,8 +270,8 @@ class SealedPipeline:
         self, model: str, message: Any, ticket: SealedTicket
     ) -> AsyncGenerator[FromWorker, None]:
         # The usage goes back to the gateway beside the sealed answer, which accounts it.
-        usage = _USAGE.get()
-        run_inline = _INLINE.get()
+        usage = self.usage
+        run_inline = self.run_inline
         if run_inline is not None:
             # On the runtime thread, for an answer sent whole: run the model right here.
             partial: list[FromWorker] = []
@@ -255,7 +298,7 @@ class SealedPipeline:
             # The runtime thread only ever hands over replies (FromWorker messages).
             loop.call_soon_threadsafe(arrive, cast(FromWorker, reply))
 
-        job = self._submit(message, deliver)
+        job = self._pipeline.submit(message, deliver)
         finished = False
         try:
             while True:
@@ -424,17 +467,16 @@ class SealedServer:
             inner = None
         exchange = _Exchange(request, context, send)
         usage = _Usage()
-        _USAGE.set(usage)
-        _ALLOWANCE.set(request.allowance)
-        _INLINE.set(run_inline)
-        _PRINCIPAL.set(SealedCaller(actions=frozenset(request.actions)))
+        call = self._pipeline.for_request(
+            SealedCaller(actions=frozenset(request.actions)), usage, request.allowance, run_inline
+        )
         try:
             if inner is None:
                 await exchange.problem(400, "about:blank", "The encrypted request is not valid.")
             elif (stale := self._date_problem(inner)) is not None:
                 await exchange.problem(400, ohttp.DATE_PROBLEM_TYPE, stale)
             else:
-                await self._app(_scope(inner), _receiver(inner.content), exchange.asgi_send)
+                await self._app(_scope(inner, call), _receiver(inner.content), exchange.asgi_send)
                 if not exchange.started:
                     await exchange.problem(500, "about:blank", "The request failed.")
         except asyncio.CancelledError:
@@ -636,7 +678,8 @@ def _refusal(request_id: int, exc: ohttp.OhttpError) -> RequestFailed:
     )
 
 
-def _scope(inner: bhttp.Request) -> dict[str, Any]:
+def _scope(inner: bhttp.Request, pipeline: SealedCall) -> dict[str, Any]:
+    """The ASGI scope of an inner request; its state carries the request's own pipeline."""
     path, _, query = inner.path.partition("?")
     headers = [
         (name.encode("latin-1"), value.encode("latin-1"))
@@ -659,7 +702,7 @@ def _scope(inner: bhttp.Request) -> dict[str, Any]:
         "headers": headers,
         "client": None,
         "server": None,
-        "state": {},
+        "state": {PIPELINE_STATE: pipeline},
     }
 
 

@@ -48,7 +48,7 @@ def _server(app: Any = None) -> tuple[sealed.SealedServer, list[Message]]:
     pipeline = sealed.SealedPipeline("m", submit)
     pipeline.metadata = ModelMetadata(runtime="echo", capabilities=["chat"], context_length=10)
     sent: list[Message] = []
-    server = sealed.SealedServer(app or create_sealed_app(pipeline), pipeline, sent.append)
+    server = sealed.SealedServer(app or create_sealed_app(), pipeline, sent.append)
     server.set_keys(
         SealingKeys(
             version=1,
