@@ -9,13 +9,16 @@ import logging
 import uvicorn
 
 from bastion.api.app import create_app
+from bastion.api.services import Services
 from bastion.api.transport import protocol_class
 from bastion.audit.events import SERVER_STARTED, Event, FanOutSink
 from bastion.bootstrap import Home
 from bastion.gateway.auth import Authenticator
+from bastion.gateway.control import ControlPlane
 from bastion.gateway.gateway import Gateway
 from bastion.models.bundle_store import BundleStore
 from bastion.observability.metrics import Metrics, MetricsEventSink
+from bastion.quotas.usage import UsageMeter
 from bastion.sandboxes.factory import Sandboxes, make_sandbox
 from bastion.supervision.supervisor import Supervisor
 
@@ -31,22 +34,40 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def build_gateway(home: Home, metrics: Metrics) -> Gateway:
+def build_services(home: Home, metrics: Metrics) -> Services:
+    """Every service the server runs, each built once, wired to the ones it needs."""
     settings = home.settings
     events = FanOutSink(home.events, MetricsEventSink(metrics))
     sandboxes = Sandboxes(make_sandbox(settings), settings)
     supervisor = Supervisor(settings, sandboxes, events)
     authenticator = Authenticator(home.db, home.hasher, events)
-    return Gateway(
+    # Journaled in the home, so that a gateway killed between flushes loses no usage.
+    meter = UsageMeter(home.db, journal_dir=settings.home / "usage")
+    gateway = Gateway(settings, authenticator, supervisor, events, metrics, meter)
+    control = ControlPlane(
         settings,
         home.db,
+        gateway,
         authenticator,
         home.registry,
+        home.quotas,
         supervisor,
-        events,
-        metrics,
         home.ohttp_keys,
+        meter,
+        events,
         BundleStore(settings.home, home.keyring),
+    )
+    return Services(
+        settings=settings,
+        db=home.db,
+        gateway=gateway,
+        control=control,
+        identity=home.identity,
+        registry=home.registry,
+        quotas=home.quotas,
+        supervisor=supervisor,
+        meter=meter,
+        metrics=metrics,
     )
 
 
@@ -59,8 +80,8 @@ def serve(home: Home) -> None:
             extra={"host": settings.host},
         )
     metrics = Metrics()
-    gateway = build_gateway(home, metrics)
-    sandbox = gateway.supervisor.sandbox
+    services = build_services(home, metrics)
+    sandbox = services.supervisor.sandbox
     if sandbox.name == "none":
         logger.warning(
             "UNSAFE: workers run as plain subprocesses without a sandbox "
@@ -70,7 +91,7 @@ def serve(home: Home) -> None:
         # Starts one empty sandbox (bubblewrap) or builds the worker image and removes
         # the containers of a previous server (Docker): trouble shows now, not per model.
         sandbox.check()
-    app = create_app(gateway, home.identity)
+    app = create_app(services)
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -11,28 +11,28 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from bastion.api.body import decode_json
-from bastion.api.context import authenticate, gateway_of, json_response
+from bastion.api.context import authenticate, json_response, services_of
 from bastion.api.schemas import KeyCreate, QuotaUpdate, TenantCreate
+from bastion.api.services import Services
 from bastion.errors import InvalidRequest, NotFound
-from bastion.gateway.gateway import Gateway
 from bastion.identity.grants import TENANT_NOT_FOUND, is_global_admin
 from bastion.identity.principal import Principal
 from bastion.identity.service import IdentityService
 from bastion.models.registry import ModelRecord
 from bastion.quotas.store import KEY, TENANT
 from bastion.quotas.usage import parse_since, usage_report
+from bastion.supervision.supervisor import Supervisor
 
 
 def _identity(request: Request) -> IdentityService:
-    service: IdentityService = request.app.state.identity
-    return service
+    return services_of(request).identity
 
 
-async def _admin(request: Request) -> tuple[Gateway, Principal]:
-    gateway = gateway_of(request)
+async def _admin(request: Request) -> tuple[Services, Principal]:
+    services = services_of(request)
     principal = await authenticate(request)
-    gateway.authorize(principal, "admin")
-    return gateway, principal
+    services.gateway.authorize(principal, "admin")
+    return services, principal
 
 
 def parse_expiry(value: str | None) -> datetime | None:
@@ -73,8 +73,8 @@ async def list_tenants(request: Request) -> Response:
 
 
 async def create_tenant(request: Request) -> Response:
-    gateway, principal = await _admin(request)
-    body = await decode_json(request, TenantCreate, gateway.settings.max_body_bytes)
+    services, principal = await _admin(request)
+    body = await decode_json(request, TenantCreate, services.settings.max_body_bytes)
     tenant = await asyncio.to_thread(_identity(request).create_tenant, principal, body.name)
     return json_response(tenant.to_dict(), status=201)
 
@@ -97,8 +97,8 @@ async def list_keys(request: Request) -> Response:
 
 
 async def create_key(request: Request) -> Response:
-    gateway, principal = await _admin(request)
-    body = await decode_json(request, KeyCreate, gateway.settings.max_body_bytes)
+    services, principal = await _admin(request)
+    body = await decode_json(request, KeyCreate, services.settings.max_body_bytes)
     expires_at = parse_expiry(body.expires_at)
     info, token = await asyncio.to_thread(
         lambda: _identity(request).create_key(
@@ -112,7 +112,7 @@ async def create_key(request: Request) -> Response:
         )
     )
     # The new key is usable at once (the gateway knows every key id in memory).
-    await gateway_of(request).refresh()
+    await services_of(request).control.refresh()
     return json_response({**info.to_dict(), "key": token}, status=201)
 
 
@@ -120,7 +120,7 @@ async def revoke_key(request: Request) -> Response:
     _, principal = await _admin(request)
     key_id = request.path_params["key_id"]
     info = await asyncio.to_thread(_identity(request).revoke_key, principal, key_id)
-    await gateway_of(request).refresh()
+    await services_of(request).control.refresh()
     return json_response(info.to_dict())
 
 
@@ -128,15 +128,15 @@ async def rotate_key(request: Request) -> Response:
     _, principal = await _admin(request)
     key_id = request.path_params["key_id"]
     info, token = await asyncio.to_thread(_identity(request).rotate_key, principal, key_id)
-    await gateway_of(request).refresh()
+    await services_of(request).control.refresh()
     return json_response({**info.to_dict(), "key": token}, status=201)
 
 
 # ---------------------------------------------------------------- models
 
 
-def model_view(gateway: Gateway, record: ModelRecord) -> dict[str, Any]:
-    status = gateway.supervisor.status(record.name)
+def model_view(supervisor: Supervisor, record: ModelRecord) -> dict[str, Any]:
+    status = supervisor.status(record.name)
     return {
         "name": record.name,
         "runtime": record.runtime,
@@ -150,26 +150,26 @@ def model_view(gateway: Gateway, record: ModelRecord) -> dict[str, Any]:
 
 
 async def list_models(request: Request) -> Response:
-    gateway, principal = await _admin(request)
+    services, principal = await _admin(request)
     principal.require_admin()
-    records = await asyncio.to_thread(gateway.registry.list)
-    return json_response({"data": [model_view(gateway, r) for r in records]})
+    records = await asyncio.to_thread(services.registry.list)
+    return json_response({"data": [model_view(services.supervisor, r) for r in records]})
 
 
 async def get_model(request: Request) -> Response:
-    gateway, principal = await _admin(request)
+    services, principal = await _admin(request)
     principal.require_admin()
-    record = await asyncio.to_thread(gateway.registry.get, request.path_params["name"])
-    return json_response(model_view(gateway, record))
+    record = await asyncio.to_thread(services.registry.get, request.path_params["name"])
+    return json_response(model_view(services.supervisor, record))
 
 
 async def _set_state(request: Request, state: str) -> Response:
-    gateway, principal = await _admin(request)
+    services, principal = await _admin(request)
     principal.require_admin()
     name = request.path_params["name"]
-    record = await asyncio.to_thread(gateway.registry.set_desired_state, principal, name, state)
-    await gateway.refresh()
-    return json_response(model_view(gateway, record), status=202)
+    record = await asyncio.to_thread(services.registry.set_desired_state, principal, name, state)
+    await services.control.refresh()
+    return json_response(model_view(services.supervisor, record), status=202)
 
 
 async def load_model(request: Request) -> Response:
@@ -193,41 +193,39 @@ def _quota_subject(request: Request) -> tuple[str, str]:
 
 
 async def list_quotas(request: Request) -> Response:
-    gateway, principal = await _admin(request)
+    services, principal = await _admin(request)
     tenant = request.query_params.get("tenant")
-    rows = await asyncio.to_thread(gateway.quota_store.list, principal, tenant)
+    rows = await asyncio.to_thread(services.quotas.list, principal, tenant)
     return json_response({"data": [q.to_dict() for q in rows]})
 
 
 async def get_quota(request: Request) -> Response:
-    gateway, principal = await _admin(request)
+    services, principal = await _admin(request)
     kind, subject = _quota_subject(request)
-    quota = await asyncio.to_thread(gateway.quota_store.get, principal, kind, subject)
+    quota = await asyncio.to_thread(services.quotas.get, principal, kind, subject)
     return json_response(quota.to_dict())
 
 
 async def update_quota(request: Request) -> Response:
-    gateway, principal = await _admin(request)
+    services, principal = await _admin(request)
     kind, subject = _quota_subject(request)
-    body = await decode_json(request, QuotaUpdate, gateway.settings.max_body_bytes)
-    quota = await asyncio.to_thread(
-        gateway.quota_store.set, principal, kind, subject, body.changes()
-    )
-    await gateway.refresh()
+    body = await decode_json(request, QuotaUpdate, services.settings.max_body_bytes)
+    quota = await asyncio.to_thread(services.quotas.set, principal, kind, subject, body.changes())
+    await services.control.refresh()
     return json_response(quota.to_dict())
 
 
 async def remove_quota(request: Request) -> Response:
-    gateway, principal = await _admin(request)
+    services, principal = await _admin(request)
     kind, subject = _quota_subject(request)
-    await asyncio.to_thread(gateway.quota_store.remove, principal, kind, subject)
-    await gateway.refresh()
+    await asyncio.to_thread(services.quotas.remove, principal, kind, subject)
+    await services.control.refresh()
     return Response(status_code=204)
 
 
 async def get_usage(request: Request) -> Response:
     """Metered usage; admins see every tenant, a tenant's admins their own."""
-    gateway, principal = await _admin(request)
+    services, principal = await _admin(request)
     query = request.query_params
     tenant = query.get("tenant")
     if not is_global_admin(principal):
@@ -239,10 +237,10 @@ async def get_usage(request: Request) -> Response:
     since = parse_since(query.get("since", "24h"), now)
     until = parse_since(query["until"], now) if "until" in query else None
     # What this gateway metered in the last seconds is written first.
-    await asyncio.to_thread(gateway.meter.flush)
+    await asyncio.to_thread(services.meter.flush)
     rows = await asyncio.to_thread(
         lambda: usage_report(
-            gateway.db,
+            services.db,
             since=since,
             until=until,
             tenant=tenant,

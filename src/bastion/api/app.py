@@ -12,34 +12,34 @@ from starlette.middleware import Middleware
 from bastion.api import admin, health, oip, openai, sealed
 from bastion.api.access import AccessLog
 from bastion.api.errors import handle_bastion_error, handle_http_exception
+from bastion.api.services import Services
 from bastion.errors import BastionError
-from bastion.gateway.gateway import Gateway
-from bastion.identity.service import IdentityService
 
 
-def create_app(gateway: Gateway, identity: IdentityService) -> Starlette:
-    """Build the ASGI app; the gateway starts and stops with the app's lifespan."""
+def create_app(services: Services) -> Starlette:
+    """Build the ASGI app; the control plane starts and stops with the app's lifespan."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await gateway.start()
+        await services.control.start()
         try:
             yield
         finally:
-            await gateway.stop()
+            await services.control.stop()
 
     app = Starlette(
         # Inference routes first (encrypted, then plaintext): Starlette tries routes in order,
         # and they are the hot path.
         routes=[*sealed.routes, *oip.routes, *openai.routes, *health.routes, *admin.routes],
-        middleware=[Middleware(AccessLog, metrics=gateway.metrics)],
+        middleware=[Middleware(AccessLog, metrics=services.metrics)],
         exception_handlers={
             BastionError: handle_bastion_error,
             HTTPException: handle_http_exception,
         },
         lifespan=lifespan,
     )
-    app.state.gateway = gateway
-    app.state.identity = identity
-    app.state.body_timeout_s = gateway.settings.body_timeout_s
+    app.state.services = services
+    # The pipeline of the inference routes (api/context.py's pipeline_of).
+    app.state.gateway = services.gateway
+    app.state.body_timeout_s = services.settings.body_timeout_s
     return app

@@ -11,7 +11,8 @@ from starlette.responses import Response
 from bastion.api.pipeline import AnyPipeline
 
 if TYPE_CHECKING:
-    # Only for the annotation: the worker imports this module and not the gateway.
+    # Only for the annotations: the worker imports this module and not the gateway.
+    from bastion.api.services import Services
     from bastion.gateway.gateway import Gateway
 
 JSON = msgspec.json.Encoder()
@@ -29,6 +30,12 @@ def gateway_of(request: Request) -> Gateway:
 # The ASGI scope state key of a request that brings its own pipeline: in a worker, each
 # sealed request is served by a pipeline that carries that request's context.
 PIPELINE_STATE = "bastion.pipeline"
+
+
+def services_of(request: Request) -> Services:
+    """The server's services (gateway-only routes; a worker's sealed app has none)."""
+    services: Services = request.app.state.services
+    return services
 
 
 def pipeline_of(request: Request) -> AnyPipeline:

@@ -12,7 +12,7 @@ import bastion
 from bastion.api import oip_binary
 from bastion.api.admission import Admission, inference
 from bastion.api.body import decode_value, read_body
-from bastion.api.context import JSON, authenticate, gateway_of, json_response
+from bastion.api.context import JSON, authenticate, gateway_of, json_response, services_of
 from bastion.api.replies import expect
 from bastion.api.schemas import OipInferRequest
 from bastion.api.tensors import (
@@ -42,8 +42,7 @@ async def live(request: Request) -> Response:
 
 
 async def ready(request: Request) -> Response:
-    gateway = gateway_of(request)
-    if not gateway.started:
+    if not services_of(request).control.started:
         return json_response({"ready": False}, status=503)
     return json_response({"ready": True})
 
@@ -68,7 +67,7 @@ async def _known_model(request: Request) -> str:
 
 async def model_metadata(request: Request) -> Response:
     name = await _known_model(request)
-    status = gateway_of(request).supervisor.status(name)
+    status = services_of(request).supervisor.status(name)
     if status.metadata is None:
         raise ModelUnavailable(f"The model '{name}' is not ready.", retry_after_s=2)
     metadata = status.metadata
@@ -84,9 +83,10 @@ async def model_metadata(request: Request) -> Response:
 
 async def model_ready(request: Request) -> Response:
     name = await _known_model(request)
-    gateway = gateway_of(request)
+    services = services_of(request)
     is_ready = (
-        gateway.supervisor.status(name).state == "ready" and name not in gateway.stalled_models()
+        services.supervisor.status(name).state == "ready"
+        and name not in services.gateway.stalled_models()
     )
     # The protocol answers readiness with the status code: 200 ready, 4xx not ready.
     if is_ready:

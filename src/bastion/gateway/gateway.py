@@ -1,40 +1,34 @@
 """The request pipeline: authenticate, authorize, admit, dispatch, account.
 
-A :class:`Gateway` owns the components a request passes through. The HTTP routes call its
-steps in order; each step has one job and raises a :mod:`bastion.errors` error to stop.
+A :class:`Gateway` holds the request steps, and nothing else: the inference routes reach
+them through api/admission.py; each step has one job and raises a :mod:`bastion.errors`
+error to stop. It serves from what it holds in memory (keys, quotas, models, OHTTP keys),
+which the control plane (:mod:`bastion.gateway.control`) keeps current. Its collaborators
+are built once at start (``server.build_services``) and handed in.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-import time
 from collections.abc import AsyncGenerator
-from dataclasses import replace
-from datetime import UTC, datetime
-from pathlib import Path
 
 from bastion.api.pipeline import require_capability
 from bastion.audit.events import (
     ACCESS_DENIED,
     MODEL_STALLED,
-    SERVER_STOPPED,
     Event,
     EventSink,
 )
 from bastion.config import Settings
 from bastion.errors import (
     AuthenticationError,
-    ConfigurationError,
     GatewayTimeout,
     ModelNotFound,
     ModelUnavailable,
     PermissionDenied,
 )
 from bastion.gateway.auth import Authenticator, NeedsRead
-from bastion.gateway.ohttp_keys import OhttpKeyStore
 from bastion.gateway.sealing import SealingState
 from bastion.identity.principal import (
     ACTION_CHAT,
@@ -43,15 +37,7 @@ from bastion.identity.principal import (
     ACTION_INFER,
     Principal,
 )
-from bastion.models.bundle import (
-    IntegrityError,
-    expect_identity,
-    read_bundle,
-    unseal_data_key,
-)
-from bastion.models.bundle_store import BUNDLE_OPTION, BundleStore
-from bastion.models.registry import ModelRecord, ModelRegistry
-from bastion.models.status import PublishedStatus, StatusBoard
+from bastion.models.registry import ModelRecord
 from bastion.observability.metrics import Metrics
 from bastion.quotas.admission import Ticket, limit_headers
 from bastion.quotas.fair import FairQueue, Hold, QueueFull
@@ -63,12 +49,10 @@ from bastion.quotas.limiter import (
     RequestTooLarge,
     Subject,
 )
-from bastion.quotas.store import EMPTY_TABLE, KEY, TENANT, QuotaStore, QuotaTable
+from bastion.quotas.store import EMPTY_TABLE, KEY, TENANT, QuotaTable
 from bastion.quotas.usage import UsageMeter
-from bastion.sandboxes.uids import grant_group_read
-from bastion.store.db import Database
 from bastion.supervision.channel import Reply, Settle
-from bastion.supervision.supervisor import ModelSpec, ModelStatus, Supervisor
+from bastion.supervision.supervisor import ModelStatus, Supervisor
 from bastion.wire.protocol import (
     FromWorker,
     ModelMetadata,
@@ -85,199 +69,55 @@ logger = logging.getLogger("bastion.gateway")
 # What an encrypted request can ask of a model (the inner request names which one).
 SEALED_ACTIONS = frozenset({ACTION_CHAT, ACTION_COMPLETIONS, ACTION_EMBEDDINGS, ACTION_INFER})
 
-# The actor of changes the server makes by itself (first OHTTP key, key retirement).
-SYSTEM_ACTOR = "system"
 # Every hold on a worker's place ends by the request deadline; past it by this much more,
 # the place leaked and is taken back.
 LEAKED_HOLD_GRACE_S = 5.0
 
 
 class Gateway:
-    """Identity, routing and dispatch for every API request."""
+    """The request steps of every API request; see the module docstring."""
 
     def __init__(
         self,
         settings: Settings,
-        db: Database,
         authenticator: Authenticator,
-        registry: ModelRegistry,
         supervisor: Supervisor,
         events: EventSink,
         metrics: Metrics,
-        ohttp_keys: OhttpKeyStore,
-        bundles: BundleStore | None = None,
+        meter: UsageMeter,
         limiter: Limiter | None = None,
     ) -> None:
         self.settings = settings
         self.limits = settings.request_limits
-        self.db = db
         self.authenticator = authenticator
-        self.registry = registry
         self.supervisor = supervisor
         self.events = events
         self.metrics = metrics
-        self.ohttp_keys = ohttp_keys
-        self.bundles = bundles
+        # The OHTTP keys in force and the replay guard; the control plane updates the keys.
         self.sealing = SealingState(settings)
-        self.status_board = StatusBoard(db)
         # Quotas: the limiter of this process (a shared one can replace it), the stored
         # limits as of the last refresh, the fair queue of each model, and the meter.
         self.limiter: Limiter = limiter or InMemoryLimiter()
-        self.quota_store = QuotaStore(db, events)
         self.quotas: QuotaTable = EMPTY_TABLE
-        # Journaled in the home, so that a gateway killed between flushes loses no usage.
-        self.meter = UsageMeter(db, journal_dir=settings.home / "usage")
+        self.meter = meter
         self._queues: dict[str, FairQueue] = {}
-        self._flushed_at = time.monotonic()
         self._catalog: dict[str, ModelRecord] = {}
         self._size_limits: dict[str, SizeLimits] = {}
-        self._revision = -1
-        self._refresher: asyncio.Task[None] | None = None
         self._draining = False
-        self.started = False
 
-    # ------------------------------------------------------------------ lifecycle
+    # ------------------------------------------------------------------ the control plane's
 
-    async def start(self) -> None:
-        recovered = await asyncio.to_thread(self.meter.recover)
-        if recovered:
-            logger.info(
-                "added the usage a stopped gateway had not written", extra={"records": recovered}
-            )
-        await self.supervisor.start()
-        await asyncio.to_thread(self.ohttp_keys.ensure_current, SYSTEM_ACTOR)
-        await self.refresh()
-        await self._publish_statuses()
-        self._refresher = asyncio.create_task(self._refresh_forever(), name="bastion-refresh")
-        self.started = True
-
-    async def stop(self) -> None:
-        self._draining = True
-        if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
-        await self.supervisor.stop(self.settings.drain_timeout_s)
-        await self._flush_usage()
-        self.meter.close()
-        try:
-            await asyncio.to_thread(self.status_board.clear)
-        except Exception as exc:
-            logger.warning(
-                "could not clear the model states", extra={"exc_type": type(exc).__name__}
-            )
-        self.events.emit(Event(kind=SERVER_STOPPED))
-
-    async def refresh(self) -> None:
-        """Re-read keys and models when the database changed, and reconcile the workers."""
-        revision = await asyncio.to_thread(self.db.revision)
-        if revision == self._revision:
-            return
-        await asyncio.to_thread(self.authenticator.refresh)
-        self.quotas = await asyncio.to_thread(self.quota_store.table)
-        records = await asyncio.to_thread(self.registry.list)
+    def update(self, *, quotas: QuotaTable, records: list[ModelRecord]) -> None:
+        """Take the quotas and models as of the latest revision (the control plane's call)."""
+        self.quotas = quotas
         self._catalog = {record.name: record for record in records}
         self._size_limits = {
             r.name: self.settings.size_limits.with_options(r.options) for r in records
         }
-        active_keys = await asyncio.to_thread(self.ohttp_keys.active)
-        self.supervisor.set_sealing_keys(self.sealing.update(active_keys))
-        self._revision = revision
-        await self._reconcile()
 
-    async def _reconcile(self) -> None:
-        for record in self._catalog.values():
-            if record.desired_state == "loaded":
-                spec = ModelSpec(
-                    name=record.name,
-                    runtime=record.runtime,
-                    path=self.resolve_model_path(record.path),
-                    options=dict(record.options),
-                )
-                if BUNDLE_OPTION in record.options:
-                    spec = await asyncio.to_thread(self._with_bundle_key, spec)
-                await self.supervisor.ensure(spec)
-            elif self.supervisor.status(record.name).state != "unloaded":
-                await self.supervisor.unload(record.name)
-        for name in list(self.supervisor.statuses()):
-            if name not in self._catalog:
-                await self.supervisor.unload(name)
-
-    def _with_bundle_key(self, spec: ModelSpec) -> ModelSpec:
-        """The spec of a bundle, with its data key unsealed for the worker (or why not)."""
-        if self.bundles is None:
-            return replace(spec, bundle_error="This server has no bundle store.")
-        publishers: tuple[bytes, ...] = ()
-        try:
-            if self.settings.require_publisher:
-                publishers = tuple(self.settings.publisher_keys())
-                if not publishers:
-                    raise ConfigurationError(
-                        "The trust policy requires a publisher, but lists no publisher keys."
-                    )
-            bundle = read_bundle(spec.path)
-            expect_identity(bundle, spec.name, spec.options.get(BUNDLE_OPTION))
-            key = unseal_data_key(bundle, self.bundles.keyring)
-            trusted = tuple(self.bundles.trusted_keys())
-        except OSError:
-            return replace(spec, bundle_error="A trusted publisher key file cannot be read.")
-        except (IntegrityError, ConfigurationError) as exc:
-            return replace(spec, bundle_error=str(exc)[:200])
-        if os.geteuid() == 0:
-            # A root gateway's workers run as users of their own, in the workers' group:
-            # that group, and no one else, may read the (encrypted) bundle.
-            try:
-                grant_group_read(spec.path, self.settings.worker_uid_base)
-            except OSError as exc:
-                reason = f"The bundle cannot be shared with its worker ({exc.strerror})."
-                return replace(spec, bundle_error=reason)
-        return replace(spec, bundle_key=key, trusted_keys=trusted, publisher_keys=publishers)
-
-    def resolve_model_path(self, path: str) -> Path:
-        candidate = Path(path)
-        if not candidate.is_absolute():
-            candidate = self.settings.home / candidate
-        # Workers start in their own directory: hand them an absolute path.
-        return candidate.absolute()
-
-    async def _refresh_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.refresh_interval_s)
-            try:
-                retirement = self.sealing.next_retirement
-                if retirement is not None and retirement <= time.time():
-                    # Erases the retired private keys and bumps the revision: refresh reloads.
-                    await asyncio.to_thread(self.ohttp_keys.retire_expired, SYSTEM_ACTOR)
-                await self.refresh()
-                self._reclaim_leaked()
-                self.authenticator.flush_failures()
-                await self._publish_statuses()
-                if time.monotonic() - self._flushed_at >= self.settings.usage_flush_interval_s:
-                    await self._flush_usage()
-            except Exception as exc:  # keep serving from the cache if the store hiccups
-                logger.warning("refresh failed", extra={"exc_type": type(exc).__name__})
-
-    async def _flush_usage(self) -> None:
-        """Write metered usage to the database (kept in memory if that fails)."""
-        self._flushed_at = time.monotonic()
-        try:
-            await asyncio.to_thread(self.meter.flush)
-        except Exception as exc:
-            logger.warning("writing usage failed", extra={"exc_type": type(exc).__name__})
-
-    async def _publish_statuses(self) -> None:
-        """Copy the workers' states to the database for `bastion models list`."""
-        statuses = [
-            PublishedStatus(
-                name=status.name,
-                state=str(status.state),
-                detail=status.detail,
-                restarts=status.restarts,
-                since=datetime.fromtimestamp(status.since, UTC),
-            )
-            for status in self.supervisor.statuses().values()
-        ]
-        await asyncio.to_thread(self.status_board.publish, statuses)
+    def drain(self) -> None:
+        """Refuse new work from now on: the server is stopping."""
+        self._draining = True
 
     # ------------------------------------------------------------------ pipeline steps
 
@@ -443,7 +283,7 @@ class Gateway:
         limit = self.settings.request_timeout_s
         return sorted(name for name, queue in self._queues.items() if queue.stalled(limit))
 
-    def _reclaim_leaked(self) -> None:
+    def reclaim_leaked(self) -> None:
         """Take back places held well past the deadline, which every request's hold ends
         by: they leaked. Each is reported (event, metric, log), never silently lost."""
         limit = self.settings.request_timeout_s + LEAKED_HOLD_GRACE_S

@@ -1,0 +1,224 @@
+"""The control plane: keeps the gateway's view of the database current, and the workers in
+line with it.
+
+The gateway (:mod:`bastion.gateway.gateway`) serves requests from what it holds in memory;
+this module is the one that changes what it holds. On start and then every
+``refresh_interval_s`` (and at once after an admin change) it re-reads keys, quotas,
+models and OHTTP keys when the database revision moved, hands them to the gateway, and
+reconciles the workers with the models' desired states (a bundle's data key unsealed for
+its worker). Between refreshes it retires expired OHTTP keys, gives back fair-queue places
+whose requests vanished, publishes the workers' states for ``bastion models list``, and
+writes metered usage to the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bastion.audit.events import SERVER_STOPPED, Event, EventSink
+from bastion.config import Settings
+from bastion.errors import ConfigurationError
+from bastion.gateway.auth import Authenticator
+from bastion.gateway.gateway import Gateway
+from bastion.gateway.ohttp_keys import OhttpKeyStore
+from bastion.models.bundle import (
+    IntegrityError,
+    expect_identity,
+    read_bundle,
+    unseal_data_key,
+)
+from bastion.models.bundle_store import BUNDLE_OPTION, BundleStore
+from bastion.models.registry import ModelRecord, ModelRegistry
+from bastion.models.status import PublishedStatus, StatusBoard
+from bastion.quotas.store import QuotaStore
+from bastion.quotas.usage import UsageMeter
+from bastion.sandboxes.uids import grant_group_read
+from bastion.store.db import Database
+from bastion.supervision.supervisor import ModelSpec, Supervisor
+
+logger = logging.getLogger("bastion.gateway")
+
+# The actor of changes the server makes by itself (first OHTTP key, key retirement).
+SYSTEM_ACTOR = "system"
+
+
+class ControlPlane:
+    """Refreshes the gateway's view and reconciles the workers; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        gateway: Gateway,
+        authenticator: Authenticator,
+        registry: ModelRegistry,
+        quotas: QuotaStore,
+        supervisor: Supervisor,
+        ohttp_keys: OhttpKeyStore,
+        meter: UsageMeter,
+        events: EventSink,
+        bundles: BundleStore | None = None,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.gateway = gateway
+        self.authenticator = authenticator
+        self.registry = registry
+        self.quotas = quotas
+        self.supervisor = supervisor
+        self.ohttp_keys = ohttp_keys
+        self.meter = meter
+        self.events = events
+        self.bundles = bundles
+        self.status_board = StatusBoard(db)
+        self._revision = -1
+        self._refresher: asyncio.Task[None] | None = None
+        self._flushed_at = time.monotonic()
+        self._catalog: dict[str, ModelRecord] = {}
+        self.started = False
+
+    async def start(self) -> None:
+        recovered = await asyncio.to_thread(self.meter.recover)
+        if recovered:
+            logger.info(
+                "added the usage a stopped gateway had not written", extra={"records": recovered}
+            )
+        await self.supervisor.start()
+        await asyncio.to_thread(self.ohttp_keys.ensure_current, SYSTEM_ACTOR)
+        await self.refresh()
+        await self._publish_statuses()
+        self._refresher = asyncio.create_task(self._refresh_forever(), name="bastion-refresh")
+        self.started = True
+
+    async def stop(self) -> None:
+        self.gateway.drain()
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+        await self.supervisor.stop(self.settings.drain_timeout_s)
+        await self._flush_usage()
+        self.meter.close()
+        try:
+            await asyncio.to_thread(self.status_board.clear)
+        except Exception as exc:
+            logger.warning(
+                "could not clear the model states", extra={"exc_type": type(exc).__name__}
+            )
+        self.events.emit(Event(kind=SERVER_STOPPED))
+
+    async def refresh(self) -> None:
+        """Re-read keys and models when the database changed, and reconcile the workers."""
+        revision = await asyncio.to_thread(self.db.revision)
+        if revision == self._revision:
+            return
+        await asyncio.to_thread(self.authenticator.refresh)
+        quotas = await asyncio.to_thread(self.quotas.table)
+        records = await asyncio.to_thread(self.registry.list)
+        self._catalog = {record.name: record for record in records}
+        self.gateway.update(quotas=quotas, records=records)
+        active_keys = await asyncio.to_thread(self.ohttp_keys.active)
+        self.supervisor.set_sealing_keys(self.gateway.sealing.update(active_keys))
+        self._revision = revision
+        await self._reconcile()
+
+    async def _reconcile(self) -> None:
+        for record in self._catalog.values():
+            if record.desired_state == "loaded":
+                spec = ModelSpec(
+                    name=record.name,
+                    runtime=record.runtime,
+                    path=self.resolve_model_path(record.path),
+                    options=dict(record.options),
+                )
+                if BUNDLE_OPTION in record.options:
+                    spec = await asyncio.to_thread(self._with_bundle_key, spec)
+                await self.supervisor.ensure(spec)
+            elif self.supervisor.status(record.name).state != "unloaded":
+                await self.supervisor.unload(record.name)
+        for name in list(self.supervisor.statuses()):
+            if name not in self._catalog:
+                await self.supervisor.unload(name)
+
+    def _with_bundle_key(self, spec: ModelSpec) -> ModelSpec:
+        """The spec of a bundle, with its data key unsealed for the worker (or why not)."""
+        if self.bundles is None:
+            return replace(spec, bundle_error="This server has no bundle store.")
+        publishers: tuple[bytes, ...] = ()
+        try:
+            if self.settings.require_publisher:
+                publishers = tuple(self.settings.publisher_keys())
+                if not publishers:
+                    raise ConfigurationError(
+                        "The trust policy requires a publisher, but lists no publisher keys."
+                    )
+            bundle = read_bundle(spec.path)
+            expect_identity(bundle, spec.name, spec.options.get(BUNDLE_OPTION))
+            key = unseal_data_key(bundle, self.bundles.keyring)
+            trusted = tuple(self.bundles.trusted_keys())
+        except OSError:
+            return replace(spec, bundle_error="A trusted publisher key file cannot be read.")
+        except (IntegrityError, ConfigurationError) as exc:
+            return replace(spec, bundle_error=str(exc)[:200])
+        if os.geteuid() == 0:
+            # A root gateway's workers run as users of their own, in the workers' group:
+            # that group, and no one else, may read the (encrypted) bundle.
+            try:
+                grant_group_read(spec.path, self.settings.worker_uid_base)
+            except OSError as exc:
+                reason = f"The bundle cannot be shared with its worker ({exc.strerror})."
+                return replace(spec, bundle_error=reason)
+        return replace(spec, bundle_key=key, trusted_keys=trusted, publisher_keys=publishers)
+
+    def resolve_model_path(self, path: str) -> Path:
+        candidate = Path(path)
+        if not candidate.is_absolute():
+            candidate = self.settings.home / candidate
+        # Workers start in their own directory: hand them an absolute path.
+        return candidate.absolute()
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.refresh_interval_s)
+            try:
+                retirement = self.gateway.sealing.next_retirement
+                if retirement is not None and retirement <= time.time():
+                    # Erases the retired private keys and bumps the revision: refresh reloads.
+                    await asyncio.to_thread(self.ohttp_keys.retire_expired, SYSTEM_ACTOR)
+                await self.refresh()
+                self.gateway.reclaim_leaked()
+                self.authenticator.flush_failures()
+                await self._publish_statuses()
+                if time.monotonic() - self._flushed_at >= self.settings.usage_flush_interval_s:
+                    await self._flush_usage()
+            except Exception as exc:  # keep serving from the cache if the store hiccups
+                logger.warning("refresh failed", extra={"exc_type": type(exc).__name__})
+
+    async def _flush_usage(self) -> None:
+        """Write metered usage to the database (kept in memory if that fails)."""
+        self._flushed_at = time.monotonic()
+        try:
+            await asyncio.to_thread(self.meter.flush)
+        except Exception as exc:
+            logger.warning("writing usage failed", extra={"exc_type": type(exc).__name__})
+
+    async def _publish_statuses(self) -> None:
+        """Copy the workers' states to the database for `bastion models list`."""
+        statuses = [
+            PublishedStatus(
+                name=status.name,
+                state=str(status.state),
+                detail=status.detail,
+                restarts=status.restarts,
+                since=datetime.fromtimestamp(status.since, UTC),
+            )
+            for status in self.supervisor.statuses().values()
+        ]
+        await asyncio.to_thread(self.status_board.publish, statuses)
