@@ -38,12 +38,8 @@ from transformers import BertConfig, BertModel
 
 from bastion.crypto.keyring import KeyRing, LocalKek
 from bastion.crypto.streaming_aead import decrypt_into
-from bastion.models.bundle import (
-    create_bundle,
-    file_aad,
-    open_bundle_with_key,
-    unseal_data_key,
-)
+from bastion.models.bundle.reader import file_aad, open_bundle_with_key, unseal_data_key
+from bastion.models.bundle.writer import create_bundle
 from bastion.models.signing import SigningKey
 from bastion.runtimes.base import ModelFiles, load_runtime
 

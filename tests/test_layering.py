@@ -52,6 +52,13 @@ NEVER_IN_WORKER = (
     "bastion.bootstrap",
     "bastion.server",
     "bastion.cli",
+    "bastion.config",
+    # Of the models package, only the bundle reader (and the signatures it checks).
+    "bastion.models.bundle.writer",
+    "bastion.models.scan",
+    "bastion.models.registry",
+    "bastion.models.bundle_store",
+    "bastion.models.demo",
     "sqlalchemy",
     "alembic",
     "uvicorn",

@@ -22,7 +22,8 @@ from bastion.api.tensors import check_input_size, to_tensor_data
 from bastion.config import Settings
 from bastion.crypto import hpke, ohttp
 from bastion.errors import BastionError
-from bastion.models.scan import ScanLimits, UnsafeModel, _check_safetensors
+from bastion.models.scan import ScanLimits, UnsafeModel
+from bastion.models.scan.safetensors import check_safetensors
 from bastion.quotas.usage import parse_since
 from bastion.wire import bhttp
 from bastion.wire.framing import FrameDecoder, FrameTooLarge
@@ -149,7 +150,7 @@ def ipc_frames(data: bytes) -> None:
 def safetensors_header(data: bytes) -> None:
     """The import scanner's safetensors check, on a file of these bytes."""
     with contextlib.suppress(UnsafeModel):
-        _check_safetensors("model.safetensors", io.BytesIO(data), len(data), _SCAN_LIMITS)
+        check_safetensors("model.safetensors", io.BytesIO(data), len(data), _SCAN_LIMITS)
 
 
 _SCAN_LIMITS = ScanLimits(max_safetensors_header_bytes=1 << 16, max_json_depth=32)

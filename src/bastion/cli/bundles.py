@@ -53,7 +53,7 @@ def register(
 
     @contextmanager
     def failures() -> Iterator[None]:
-        from bastion.models.bundle import IntegrityError
+        from bastion.models.bundle.reader import IntegrityError
         from bastion.models.scan import UnsafeModel
 
         try:

@@ -14,20 +14,18 @@ key and the model name. Answers are decapsulated here; streamed answers (``"stre
 true``) use chunked OHTTP and are decrypted chunk by chunk as they arrive.
 
 The key configuration is fetched from ``/.well-known/ohttp-gateway`` and must match a
-pin: fingerprints given by the operator (``bastion ohttp keys``), or, with `pin_file`,
-the fingerprint seen on first use (like SSH's known_hosts). A server that presents
-another key is refused, so nobody in between can substitute a key of their own.
+pin (:mod:`bastion.client.pins`): fingerprints given by the operator (``bastion ohttp
+keys``), or, with `pin_file`, the fingerprint seen on first use (like SSH's known_hosts).
+A server that presents another key is refused, so nobody in between can substitute a key
+of their own.
 """
 
 from __future__ import annotations
 
-import contextlib
 import email.utils
-import fcntl
 import json
 import os
 import re
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC
@@ -36,6 +34,8 @@ from typing import Any
 
 import httpx
 
+from bastion.client.errors import OHTTPError, OHTTPKeyError
+from bastion.client.pins import KeyPins
 from bastion.crypto import hpke, ohttp
 from bastion.wire import bhttp
 from bastion.wire.headers import MODEL_HEADER
@@ -66,14 +66,6 @@ _ATTEMPTS = 3
 _OIP_MODEL_PATH = re.compile(r"^/v2/models/([^/]+)/")
 
 
-class OHTTPError(httpx.TransportError):
-    """The exchange could not be protected or its answer could not be opened."""
-
-
-class OHTTPKeyError(OHTTPError):
-    """The server's key configuration is unusable or does not match the pin."""
-
-
 class OHTTPTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
     """Encrypts each request to the server's pinned OHTTP key; works sync and async.
 
@@ -102,8 +94,7 @@ class OHTTPTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             raise ValueError(f"aead must be one of {', '.join(_AEADS)}")
         if isinstance(fingerprints, str):
             fingerprints = [fingerprints]
-        self._fingerprints = frozenset(f.lower() for f in fingerprints or ())
-        self._pin_file = Path(pin_file) if pin_file is not None else None
+        self._pins = KeyPins(fingerprints or (), Path(pin_file) if pin_file is not None else None)
         self._gateway_url = gateway_url
         self._keys_url = keys_url
         self._aead = _AEADS[aead]
@@ -247,11 +238,11 @@ class OHTTPTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         ]
         if not usable:
             raise OHTTPKeyError("The server offers no OHTTP key this client supports.")
-        pinned = self._pins(origin)
+        pinned = self._pins.trusted(origin)
         if pinned is None:
             # Trust on first use: remember what this server presented.
             config = usable[0]
-            self._store_pin(origin, config.fingerprint())
+            self._pins.remember(origin, config.fingerprint())
         else:
             matching = [c for c in usable if c.fingerprint() in pinned]
             if not matching:
@@ -263,43 +254,6 @@ class OHTTPTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             config = matching[0]
         self._configs[origin] = config
         return config
-
-    def _pins(self, origin: str) -> frozenset[str] | None:
-        if self._fingerprints:
-            return self._fingerprints
-        pins = _read_pins(self._pin_file)
-        stored = pins.get(origin)
-        return frozenset(stored) if stored else None
-
-    def _store_pin(self, origin: str, fingerprint: str) -> None:
-        if self._pin_file is None:
-            return
-        self._pin_file.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = self._pin_file.with_name(self._pin_file.name + ".lock")
-        lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        try:
-            # Another client may be pinning another server in the same file right now.
-            fcntl.flock(lock_fd, fcntl.LOCK_EX)
-            pins = _read_pins(self._pin_file)
-            existing = pins.get(origin)
-            if existing and fingerprint not in existing:
-                raise OHTTPKeyError(
-                    "Another client pinned a different OHTTP key for this server meanwhile."
-                )
-            pins[origin] = existing or [fingerprint]
-            fd, temporary = tempfile.mkstemp(
-                dir=self._pin_file.parent, prefix=self._pin_file.name, suffix=".tmp"
-            )
-            try:
-                with os.fdopen(fd, "w") as handle:
-                    json.dump(pins, handle, indent=2)
-                os.replace(temporary, self._pin_file)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(temporary)
-                raise
-        finally:
-            os.close(lock_fd)
 
     # ------------------------------------------------------------------ retries
 
@@ -605,15 +559,3 @@ def _problem_type(body: bytes) -> str | None:
 
 def _response_headers(headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(k, v) for k, v in headers if k.lower() not in ("content-length", "transfer-encoding")]
-
-
-def _read_pins(path: Path | None) -> dict[str, list[str]]:
-    if path is None or not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise OHTTPKeyError(f"The pin file {path} is unreadable.") from None
-    if not isinstance(data, dict):
-        raise OHTTPKeyError(f"The pin file {path} is not a JSON object.")
-    return {str(k): [str(f).lower() for f in v] for k, v in data.items() if isinstance(v, list)}

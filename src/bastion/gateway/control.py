@@ -28,7 +28,7 @@ from bastion.errors import ConfigurationError
 from bastion.gateway.auth import Authenticator
 from bastion.gateway.gateway import Gateway
 from bastion.gateway.ohttp_keys import OhttpKeyStore
-from bastion.models.bundle import (
+from bastion.models.bundle.reader import (
     IntegrityError,
     expect_identity,
     read_bundle,

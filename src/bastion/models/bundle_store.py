@@ -16,17 +16,15 @@ from typing import TYPE_CHECKING
 
 from bastion.crypto.keyring import KeyRing
 from bastion.errors import Conflict, InvalidRequest, NotFound
-from bastion.models.bundle import (
+from bastion.models.bundle.reader import (
     BUNDLE_OPTION,
     Bundle,
     IntegrityError,
     Progress,
-    create_bundle,
-    export_bundle,
-    load_or_create_signing_key,
     open_bundle,
     read_bundle,
 )
+from bastion.models.bundle.writer import create_bundle, export_bundle, load_or_create_signing_key
 from bastion.models.registry import MODEL_NAME_PATTERN, validate_model_name
 from bastion.models.signing import Manifest, SigningKey
 

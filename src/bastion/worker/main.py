@@ -33,7 +33,7 @@ from typing import Any, NoReturn
 
 import msgspec
 
-from bastion.models.bundle import (
+from bastion.models.bundle.reader import (
     BUNDLE_OPTION,
     IntegrityError,
     expect_identity,

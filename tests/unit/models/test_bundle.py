@@ -16,19 +16,17 @@ import pytest
 from safetensors.numpy import save_file
 
 from bastion.crypto.keyring import KeyRing, LocalKek
-from bastion.models.bundle import (
+from bastion.models.bundle.reader import (
     Bundle,
     IntegrityError,
     PublisherSignatureError,
-    create_bundle,
     expect_identity,
-    export_bundle,
-    load_or_create_signing_key,
     open_bundle,
     open_bundle_with_key,
     read_bundle,
     unseal_data_key,
 )
+from bastion.models.bundle.writer import create_bundle, export_bundle, load_or_create_signing_key
 from bastion.models.scan import UnsafeModel
 from bastion.models.signing import SigningKey, sign_digests, verify_signature
 

@@ -1,25 +1,5 @@
-"""Model bundles: scanned, signed, encrypted at rest.
-
-A bundle is a directory::
-
-    bundle.json     format, model name and version, the files (path, size, blob), the
-                    bundle's data key in a key ring envelope, the signer's key id
-    model.sig       the OpenSSF Model Signing signature over every plaintext file's SHA-256
-    load.sig        the same format and key over every file's BLAKE3 and over model.sig:
-                    what a worker checks when it loads (BLAKE3 hashes about twice as fast
-                    as SHA-256; model.sig stays the standard one, for export and publishers)
-    blobs/NNNN.enc  each file, encrypted with the streaming AEAD (Tink's AES-GCM-HKDF,
-                    1 MiB segments) under the data key, the file's identity (model name,
-                    version, path) bound as associated data
-
-`bundle.json` is not itself signed: everything that matters in it is checked elsewhere.
-A blob moved to another path, or from another bundle, does not decrypt (associated
-data); a file left out, added or changed fails the signed manifest; another data key
-does not decrypt; an envelope edited or moved to another bundle does not open.
-
-Plaintext exists only in memory while a bundle is verified or loaded; :func:`export_bundle`
-is the one operation that writes it, on the operator's explicit request.
-"""
+"""Reading a bundle: what the worker needs to verify and decrypt one, and the gateway
+to unseal its data key. Nothing here writes a file."""
 
 from __future__ import annotations
 
@@ -30,57 +10,66 @@ import hmac
 import json
 import mmap
 import os
-import shutil
 import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
 import blake3
 
 from bastion.crypto.keyring import KeyRing, KeyRingError
-from bastion.crypto.streaming_aead import (
-    StreamingAeadError,
-    ciphertext_size,
-    decrypt_into,
-    encrypt_file,
-)
-from bastion.errors import ConfigurationError, InvalidRequest
+from bastion.crypto.streaming_aead import StreamingAeadError, ciphertext_size, decrypt_into
+from bastion.errors import InvalidRequest
 from bastion.models.signing import (
     Manifest,
     ManifestMismatch,
     SignatureError,
-    SigningKey,
     check_file,
     check_files,
-    sign_digests,
     verify_signature,
 )
 
-if TYPE_CHECKING:
-    # Type only: the scanner (and ONNX) load where models are imported, not in servers.
-    from bastion.models.scan import ScanLimits
-
 BUNDLE_FORMAT = "bastion-model-bundle/1"
+
+
 # The registry option that marks a model served from a bundle (its value: the version).
 BUNDLE_OPTION = "bundle"
+
+
 MANIFEST_NAME = "bundle.json"
+
+
 SIGNATURE_NAME = "model.sig"
+
+
 LOAD_SIGNATURE_NAME = "load.sig"
+
+
 # load.sig's entries for model.sig and for the bundle's name and version: hidden names,
 # which the scanner never lets a model file have.
-_SIGNATURE_ENTRY = ".model.sig"
-_IDENTITY_ENTRY = ".bundle"
-_PSEUDO_ENTRIES = frozenset({_SIGNATURE_ENTRY, _IDENTITY_ENTRY})
+SIGNATURE_ENTRY = ".model.sig"
+
+
+IDENTITY_ENTRY = ".bundle"
+
+
+_PSEUDO_ENTRIES = frozenset({SIGNATURE_ENTRY, IDENTITY_ENTRY})
+
+
 # The model's publisher's own signature, when one was given at import.
 PUBLISHER_SIGNATURE_NAME = "publisher.sig"
+
+
 _MAX_MANIFEST_BYTES = 16 * 1024 * 1024
-_SIGNING_KEY_CONTEXT = "model-signing-key/1"
+
 
 # Decrypted files: a bytearray, or anonymous memory for big ones (see _buffer).
 Plaintext = bytearray | mmap.mmap
+
+
 _MAPPED_MIN_BYTES = 1 << 20
+
 
 # Called with the number of plaintext bytes just processed.
 Progress = Callable[[int], None]
@@ -124,108 +113,8 @@ def file_aad(name: str, version: str, path: str) -> bytes:
     return b"\x00".join((b"bastion-model-file/1", name.encode(), version.encode(), path.encode()))
 
 
-def _envelope_context(name: str, version: str) -> str:
+def envelope_context(name: str, version: str) -> str:
     return f"model-bundle/{name}/{version}"
-
-
-def load_or_create_signing_key(path: Path, keyring: KeyRing) -> SigningKey:
-    """Bastion's model signing key (ECDSA P-256), kept sealed by the key ring in `path`."""
-    try:
-        sealed = path.read_bytes()
-    except FileNotFoundError:
-        key = SigningKey.generate()
-        envelope = keyring.seal(key.to_pem(), _SIGNING_KEY_CONTEXT)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(envelope)
-        return key
-    try:
-        return SigningKey.from_pem(keyring.open(sealed, _SIGNING_KEY_CONTEXT))
-    except (KeyRingError, SignatureError) as exc:
-        raise ConfigurationError(f"The model signing key in {path} cannot be opened.") from exc
-
-
-def create_bundle(
-    source: Path,
-    destination: Path,
-    *,
-    name: str,
-    version: str,
-    keyring: KeyRing,
-    signing_key: SigningKey,
-    limits: ScanLimits | None = None,
-    progress: Progress | None = None,
-    publisher_signature: bytes | None = None,
-    publisher_keys: Sequence[bytes] = (),
-) -> Bundle:
-    """Scan `source`, then encrypt and sign it into the new directory `destination`.
-
-    Raises UnsafeModel (nothing is written) if the source is refused. The bundle appears
-    at `destination` only once complete.
-    """
-    # Imported here: workers open bundles, and need none of the scanner (nor ONNX).
-    from bastion.models.scan import open_scanned, scan_model
-
-    report = scan_model(source, limits)
-    if destination.exists():
-        raise FileExistsError(destination)
-    # A hidden name, which no version can have: never taken for a version while written.
-    partial = destination.with_name(f".partial-{destination.name}")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(mode=0o700)
-    (partial / "blobs").mkdir(mode=0o700)
-    try:
-        data_key = os.urandom(32)
-        digests: dict[str, bytes] = {}
-        files: list[BundleFile] = []
-        fast_digests: dict[str, bytes] = {}
-        for index, scanned in enumerate(report.files):
-            blob = f"blobs/{index:05d}.enc"
-            digest = _Digests(sha256=True, blake3=True)
-            with open_scanned(report, scanned) as plain, _create(partial / blob) as sealed:
-                encrypt_file(
-                    data_key,
-                    file_aad(name, version, scanned.path),
-                    plain,
-                    sealed,
-                    digest=digest,
-                    progress=progress,
-                )
-                sealed.flush()
-                os.fsync(sealed.fileno())
-            digests[scanned.path] = digest.sha256_digest()
-            fast_digests[scanned.path] = digest.blake3_digest()
-            files.append(BundleFile(scanned.path, scanned.size, blob))
-        if publisher_signature is not None:
-            _check_publisher(
-                publisher_signature,
-                publisher_keys,
-                {"sha256": digests, "blake3": dict(fast_digests)},
-            )
-            _write(partial / PUBLISHER_SIGNATURE_NAME, publisher_signature)
-        signature = sign_digests(digests, signing_key, model_name=name, signature_name=None)
-        fast_digests[_SIGNATURE_ENTRY] = blake3.blake3(signature).digest()
-        fast_digests[_IDENTITY_ENTRY] = _identity_digest(name, version)
-        load_signature = sign_digests(
-            fast_digests, signing_key, model_name=name, signature_name=None, algorithm="blake3"
-        )
-        envelope = keyring.seal(data_key, _envelope_context(name, version))
-        manifest = {
-            "format": BUNDLE_FORMAT,
-            "name": name,
-            "version": version,
-            "files": [{"path": f.path, "size": f.size, "blob": f.blob} for f in files],
-            "data_key": base64.b64encode(envelope).decode(),
-            "signer": signing_key.key_id,
-        }
-        _write(partial / SIGNATURE_NAME, signature)
-        _write(partial / LOAD_SIGNATURE_NAME, load_signature)
-        _write(partial / MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
-        os.replace(partial, destination)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    return read_bundle(destination)
 
 
 def read_bundle(directory: Path) -> Bundle:
@@ -275,7 +164,7 @@ def open_bundle(
 def unseal_data_key(bundle: Bundle, keyring: KeyRing) -> bytes:
     """The bundle's data key (for the worker that will load it); raises IntegrityError."""
     try:
-        return keyring.open(bundle.envelope, _envelope_context(bundle.name, bundle.version))
+        return keyring.open(bundle.envelope, envelope_context(bundle.name, bundle.version))
     except KeyRingError as exc:
         raise IntegrityError(f"The bundle's data key cannot be opened: {exc}") from exc
 
@@ -299,9 +188,9 @@ def open_bundle_with_key(
     fast = _load_manifest(bundle, signature, manifest, trusted_keys)
     checks = ([manifest] if fast is None or full else []) + ([fast] if fast is not None else [])
     files: dict[str, Plaintext] = {}
-    computed: dict[str, _Digests] = {}
+    computed: dict[str, Digests] = {}
     for f in bundle.files:
-        digest = _Digests(
+        digest = Digests(
             sha256=any(m.algorithm == "sha256" for m in checks),
             blake3=any(m.algorithm == "blake3" for m in checks),
         )
@@ -349,7 +238,7 @@ def open_bundle_with_key(
             known = {"sha256": manifest.files}
             if fast is not None:
                 known["blake3"] = {p: d for p, d in fast.files.items() if p not in _PSEUDO_ENTRIES}
-            _check_publisher(published, publisher_keys, known)
+            check_publisher(published, publisher_keys, known)
         except PublisherSignatureError as exc:
             raise IntegrityError(exc.message) from None
     return manifest, files
@@ -363,7 +252,7 @@ def _load_manifest(
     if not os.path.lexists(bundle.directory / LOAD_SIGNATURE_NAME):
         return None
     _, fast = _verified(bundle, LOAD_SIGNATURE_NAME, trusted_keys, "load signature")
-    bound = fast.files.get(_SIGNATURE_ENTRY)
+    bound = fast.files.get(SIGNATURE_ENTRY)
     if (
         fast.algorithm != "blake3"
         or bound is None
@@ -371,9 +260,9 @@ def _load_manifest(
         or set(fast.files) - _PSEUDO_ENTRIES != set(manifest.files)
     ):
         raise IntegrityError("The load signature does not match the bundle's signature.")
-    identity = fast.files.get(_IDENTITY_ENTRY)
+    identity = fast.files.get(IDENTITY_ENTRY)
     if identity is None or not hmac.compare_digest(
-        identity, _identity_digest(bundle.name, bundle.version)
+        identity, identity_digest(bundle.name, bundle.version)
     ):
         raise IntegrityError("The load signature is for another model or version.")
     return fast
@@ -389,7 +278,7 @@ def expect_identity(bundle: Bundle, name: str, version: object) -> None:
         )
 
 
-def _identity_digest(name: str, version: str) -> bytes:
+def identity_digest(name: str, version: str) -> bytes:
     digest: bytes = blake3.blake3(
         b"\x00".join((b"bastion-bundle/1", name.encode(), version.encode()))
     ).digest()
@@ -411,7 +300,7 @@ def _verified(
     return signature, manifest
 
 
-class _Digests:
+class Digests:
     """SHA-256 and/or BLAKE3 of one file, fed segment by segment."""
 
     __slots__ = ("_blake3", "_sha256")
@@ -444,7 +333,7 @@ def _blake3_hasher() -> blake3.blake3:
     return blake3.blake3(max_threads=1)
 
 
-def _check_publisher(
+def check_publisher(
     signature: bytes,
     publisher_keys: Sequence[bytes],
     digests: Mapping[str, Mapping[str, bytes]],
@@ -460,26 +349,6 @@ def _check_publisher(
         raise PublisherSignatureError(
             f"The publisher's signature is not accepted: {exc}", param="signature"
         ) from None
-
-
-def export_bundle(
-    bundle: Bundle,
-    keyring: KeyRing,
-    trusted_keys: Sequence[bytes],
-    out: Path,
-    *,
-    progress: Progress | None = None,
-) -> Manifest:
-    """Write the verified plaintext files and the signature to the new directory `out`, so
-    that `model_signing verify key OUT --signature OUT/model.sig --public_key ...` accepts it."""
-    manifest, files = open_bundle(bundle, keyring, trusted_keys, full=True, progress=progress)
-    out.mkdir(parents=True, mode=0o700, exist_ok=False)
-    for path, data in files.items():
-        target = out / path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _write(target, data)
-    _write(out / SIGNATURE_NAME, (bundle.directory / SIGNATURE_NAME).read_bytes())
-    return manifest
 
 
 def _buffer(size: int) -> Plaintext:
@@ -542,15 +411,3 @@ def _read_regular(path: Path, limit: int) -> bytes:
     if len(data) > limit:
         raise ValueError("file too large")
     return data
-
-
-def _create(path: Path) -> Any:
-    """A new file readable by its owner only."""
-    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
-
-
-def _write(path: Path, data: bytes | Plaintext) -> None:
-    with _create(path) as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
