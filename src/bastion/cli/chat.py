@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any
 
 import httpx
+import typer
 from rich.console import Console
+
+from bastion.cli.common import HomeOpt, JsonOpt, err, out, settings_of
 
 
 def _stream_answer(
@@ -92,3 +96,59 @@ def run_chat(
                 err.print(f"[red]error:[/] {exc}")
                 return 1
             messages.append({"role": "assistant", "content": answer})
+
+
+# ---------------------------------------------------------------- the command (bastion chat)
+
+
+def chat(
+    model: Annotated[str, typer.Option(help="Model to chat with.")] = "tiny-chat",
+    url: Annotated[str, typer.Option(help="Server URL.")] = "http://127.0.0.1:8000",
+    key: Annotated[
+        str | None, typer.Option(envvar="BASTION_API_KEY", help="API key (default: admin.key).")
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 128,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.8,
+    e2e: Annotated[
+        bool,
+        typer.Option(
+            "--e2e", help="Encrypt end to end (Oblivious HTTP): only the model's worker reads it."
+        ),
+    ] = False,
+    fingerprint: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--fingerprint",
+            help="With --e2e: the server's OHTTP key fingerprint (`bastion ohttp keys`); repeat "
+            "for several. Without it the key is trusted on first use and pinned in --pin-file.",
+        ),
+    ] = None,
+    pin_file: Annotated[
+        Path | None,
+        typer.Option(help="With --e2e: pins file (default ~/.config/bastion/ohttp-pins.json)."),
+    ] = None,
+    home: HomeOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """A small interactive chat client (streams the answers). /quit ends it."""
+    settings = settings_of(home)
+    token = key
+    if token is None:
+        try:
+            token = settings.admin_key_path.read_text().strip()
+        except OSError:
+            err.print("[red]error:[/] no --key given and no admin.key in the home directory")
+            raise typer.Exit(2) from None
+    transport = None
+    if e2e:
+        from bastion.client import OHTTPTransport
+
+        if fingerprint:
+            transport = OHTTPTransport(fingerprints=fingerprint)
+        else:
+            pins = pin_file or Path.home() / ".config" / "bastion" / "ohttp-pins.json"
+            transport = OHTTPTransport(pin_file=pins)
+    code = run_chat(
+        url, token, model, max_tokens, temperature, json_output, out, err, transport=transport
+    )
+    raise typer.Exit(code)

@@ -1,0 +1,90 @@
+"""`bastion ohttp`: the Oblivious HTTP keys of end-to-end encryption."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Annotated
+
+import typer
+
+from bastion.cli.common import (
+    HomeOpt,
+    JsonOpt,
+    err,
+    open_home,
+    out,
+    print_json,
+    run,
+    table,
+)
+from bastion.identity.principal import OPERATOR
+
+app = typer.Typer(
+    help="Manage the Oblivious HTTP keys of end-to-end encryption.", no_args_is_help=True
+)
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(value: str) -> timedelta:
+    """`90`, `90s`, `15m`, `24h` or `7d`."""
+    text = value.strip().lower()
+    unit = _DURATION_UNITS.get(text[-1:])
+    number = text[:-1] if unit is not None else text
+    try:
+        seconds = float(number) * (unit or 1)
+    except ValueError:
+        err.print("[red]error:[/] a duration is a number with s, m, h or d, e.g. 24h")
+        raise typer.Exit(2) from None
+    if seconds < 0:
+        err.print("[red]error:[/] a duration cannot be negative")
+        raise typer.Exit(2)
+    return timedelta(seconds=seconds)
+
+
+_OHTTP_COLUMNS = ["key_id", "state", "fingerprint", "created_at", "retire_at"]
+
+
+@app.command("keys")
+def ohttp_keys(
+    all_keys: Annotated[bool, typer.Option("--all", help="Include retired keys.")] = False,
+    home: HomeOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """List the OHTTP keys: the current one, previous ones still accepted, (retired)."""
+    h = open_home(home)
+    rows = [k.to_json() for k in run(lambda: h.ohttp_keys.list_keys(include_retired=all_keys))]
+    if json_output:
+        print_json(rows)
+    else:
+        table(rows, _OHTTP_COLUMNS, "OHTTP keys")
+
+
+@app.command("rotate")
+def ohttp_rotate(
+    grace: Annotated[
+        str | None,
+        typer.Option(
+            help="How long the previous key stays accepted, e.g. 24h; 0 retires it at once "
+            "(default: BASTION_OHTTP_GRACE_PERIOD_S, 24h)."
+        ),
+    ] = None,
+    home: HomeOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Publish a new OHTTP key; the previous one is accepted for the grace period, then retired."""
+    h = open_home(home)
+    period = (
+        _duration(grace)
+        if grace is not None
+        else timedelta(seconds=h.settings.ohttp_grace_period_s)
+    )
+    info = run(lambda: h.ohttp_keys.rotate(OPERATOR.key_id, period))
+    if json_output:
+        print_json(info.to_json())
+        return
+    out.print(
+        f"New OHTTP key {info.key_id} ({info.fingerprint}); the previous key is accepted for "
+        f"{period}. A running server publishes it within seconds."
+    )
