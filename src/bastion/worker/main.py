@@ -79,7 +79,8 @@ from bastion.wire.protocol import (
     cancelled,
     decode_to_worker,
 )
-from bastion.worker.sealed import JobHandle, SealedPipeline, SealedServer
+from bastion.worker.inner import JobHandle, SealedPipeline
+from bastion.worker.sealed import SealedServer
 
 logger = logging.getLogger("bastion.worker")
 

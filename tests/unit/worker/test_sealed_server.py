@@ -35,17 +35,17 @@ from bastion.wire.protocol import (
     SizeLimits,
     cancelled,
 )
-from bastion.worker import sealed
+from bastion.worker import inner, sealed
 
 KEY = ohttp.GatewayKey.generate(1)
 TEXT = "y" * (3 * 1024 * 1024)  # a 3 MiB answer
 
 
 def _server(app: Any = None) -> tuple[sealed.SealedServer, list[Message]]:
-    def submit(request: Any, deliver: Callable[[Message], None]) -> sealed.JobHandle:
+    def submit(request: Any, deliver: Callable[[Message], None]) -> inner.JobHandle:
         raise AssertionError("the tests run inner requests inline")
 
-    pipeline = sealed.SealedPipeline("m", submit)
+    pipeline = inner.SealedPipeline("m", submit)
     pipeline.metadata = ModelMetadata(runtime="echo", capabilities=["chat"], context_length=10)
     sent: list[Message] = []
     server = sealed.SealedServer(app or create_sealed_app(), pipeline, sent.append)
