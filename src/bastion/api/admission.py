@@ -49,9 +49,9 @@ class Admitted:
         self.metadata = metadata
         self.ticket = ticket
 
-    async def call(self, message: WorkRequest) -> FromWorker:
-        """Send `message` to the model and return its final reply."""
-        return await self._pipeline.call(self.model, message, self.ticket)
+    def call(self, message: WorkRequest) -> Awaitable[FromWorker]:
+        """Send `message` to the model; await its final reply."""
+        return self._pipeline.call(self.model, message, self.ticket)
 
     def stream(self, message: WorkRequest) -> AsyncGenerator[FromWorker, None]:
         """Send `message` and yield its replies as they come."""
@@ -61,35 +61,40 @@ class Admitted:
 class Admission:
     """One request's way through the steps; see the module docstring."""
 
-    __slots__ = ("_caller", "_checked", "_ready", "admitted", "pipeline", "request")
+    __slots__ = (
+        "_caller",
+        "_checked_action",
+        "_checked_model",
+        "_metadata",
+        "admitted",
+        "pipeline",
+        "request",
+    )
 
     def __init__(self, request: Request) -> None:
         self.request = request
         self.pipeline = pipeline_of(request)
         self._caller: Any = None
-        self._checked: tuple[str, str | None] | None = None
-        self._ready: dict[tuple[str, str | None], ModelMetadata] = {}
+        self._checked_action: str | None = None
+        self._checked_model: str | None = None
+        self._metadata: tuple[str | None, ModelMetadata] | None = None
         self.admitted: Admitted | None = None
 
     async def caller(self) -> Any:
         """The authenticated caller (401 otherwise); its tenant labels the access log."""
-        if self._caller is None:
+        caller = self._caller
+        if caller is None:
             caller = await self.pipeline.authenticate(self.request.headers.get("authorization"))
             self.request.state.tenant = caller.tenant_name
             self._caller = caller
-        return self._caller
+        return caller
 
     async def check(self, action: str, model: str | None = None) -> Any:
         """Authenticate, authorize `action` (on `model`), and check that the model exists."""
-        caller = await self.caller()
-        if self._checked != (action, model):
-            self.pipeline.authorize(caller, action, model)
-            if model is not None:
-                self.pipeline.require_model(model)
-                # Labelled only once known to exist: a client-chosen name must not reach
-                # logs or metrics.
-                self.request.state.model = model
-            self._checked = (action, model)
+        caller = self._caller
+        if caller is None:
+            caller = await self.caller()
+        self._authorize(caller, action, model)
         return caller
 
     async def check_sealed(
@@ -102,17 +107,16 @@ class Admission:
         actions = authorize(caller, model)
         self.pipeline.require_model(model)
         self.request.state.model = model
-        self._checked = (SEALED, model)
+        self._checked_action, self._checked_model = SEALED, model
         return actions
 
     async def ready(self, action: str, model: str, capability: str | None) -> ModelMetadata:
         """The steps up to the model: it must be ready (503) and offer `capability` (400)."""
-        await self.check(action, model)
-        metadata = self._ready.get((model, capability))
-        if metadata is None:
-            metadata = self.pipeline.ready_model(model, capability)
-            self._ready[(model, capability)] = metadata
-        return metadata
+        caller = self._caller
+        if caller is None:
+            caller = await self.caller()
+        self._authorize(caller, action, model)
+        return self._ready(model, capability)
 
     async def admit(
         self,
@@ -127,8 +131,11 @@ class Admission:
         request estimated at `tokens` tokens (or up to `tokens_up_to` when they allow)."""
         if self.admitted is not None:
             raise RuntimeError("a request is admitted once")
-        caller = await self.check(action, model)
-        metadata = await self.ready(action, model, capability)
+        caller = self._caller
+        if caller is None:
+            caller = await self.caller()
+        self._authorize(caller, action, model)
+        metadata = self._ready(model, capability)
         ticket = self.pipeline.admit(
             caller,
             model,
@@ -146,7 +153,26 @@ class Admission:
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         """The `x-ratelimit-*` headers of the admitted call (none before admission)."""
-        return list(self.admitted.ticket.headers) if self.admitted is not None else []
+        return self.admitted.ticket.headers if self.admitted is not None else []
+
+    def _authorize(self, caller: Any, action: str, model: str | None) -> None:
+        if action == self._checked_action and model == self._checked_model:
+            return
+        self.pipeline.authorize(caller, action, model)
+        if model is not None:
+            self.pipeline.require_model(model)
+            # Labelled only once known to exist: a client-chosen name must not reach logs
+            # or metrics.
+            self.request.state.model = model
+        self._checked_action, self._checked_model = action, model
+
+    def _ready(self, model: str, capability: str | None) -> ModelMetadata:
+        known = self._metadata
+        if known is not None and known[0] == capability:
+            return known[1]
+        metadata = self.pipeline.ready_model(model, capability)
+        self._metadata = (capability, metadata)
+        return metadata
 
 
 Handler = Callable[[Request, Admission], Awaitable[Response]]
@@ -191,12 +217,13 @@ class _Settled(Response):
         headers = self._admission.headers()
 
         async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start" and headers:
+            if message["type"] == "http.response.start":
                 message = {**message, "headers": [*message["headers"], *headers]}
             await send(message)
 
         try:
-            await self._answer(scope, receive, send_with_headers)
+            # Without quota headers (no limits apply) the answer goes out as it is.
+            await self._answer(scope, receive, send_with_headers if headers else send)
         finally:
             # The answer is sent, or abandoned (the client left): settle the reservation.
             self._admission.close()
