@@ -26,6 +26,7 @@ ALLOWED: dict[str, set[str]] = {
     "wire": {"errors"},
     "crypto": {"errors", "wire"},
     "runtimes": {"errors", "wire"},
+    "protection": {"errors", "wire"},
     "store": {"errors"},
     "audit": {"errors"},
     "config": {"errors", "wire"},
@@ -35,10 +36,29 @@ ALLOWED: dict[str, set[str]] = {
     "supervision": {"errors", "config", "wire", "sandboxes", "audit", "observability"},
     "identity": {"errors", "store", "audit"},
     "quotas": {"errors", "store", "audit", "identity"},
-    "models": {"errors", "config", "crypto", "store", "audit", "identity", "runtimes", "sandboxes"},
+    "models": {
+        "errors",
+        "config",
+        "crypto",
+        "store",
+        "audit",
+        "identity",
+        "runtimes",
+        "sandboxes",
+        "protection",
+    },
     # The sandboxed process: what both sides share, the runtimes, crypto, the route contract
     # (bastion.api's inference routes), its log format and the bundle reader.
-    "worker": {"errors", "wire", "crypto", "runtimes", "api", "observability", "models"},
+    "worker": {
+        "errors",
+        "wire",
+        "crypto",
+        "runtimes",
+        "protection",
+        "api",
+        "observability",
+        "models",
+    },
 }
 
 # What must never be loaded into the worker process, however indirectly.

@@ -32,6 +32,11 @@ def test_health_and_metadata(client: triton.InferenceServerClient, auth: dict[st
     outputs = {o["name"]: o for o in metadata["outputs"]}
     assert outputs["probabilities"]["datatype"] == "FP32"
     assert outputs["probabilities"]["shape"] == [-1, 10]
+    # The answers' scores follow the default output policy, declared to clients.
+    assert metadata["output_policy"] == {
+        "policy": "top_k=1,decimals=2",
+        "scores": ["probabilities"],
+    }
 
 
 def test_heldout_accuracy_through_the_api(
@@ -45,7 +50,9 @@ def test_heldout_accuracy_through_the_api(
     result = client.infer("digits", [tensor], outputs=wanted, headers=auth)
     probabilities = result.as_numpy("probabilities")
     assert probabilities.shape == (len(y_test), 10)
-    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
+    # The default output policy: the best class alone, its score to two decimals.
+    assert (np.count_nonzero(probabilities, axis=1) == 1).all()
+    np.testing.assert_allclose(probabilities, np.round(probabilities, 2), atol=1e-6)
     accuracy = float((probabilities.argmax(axis=1) == np.asarray(y_test)).mean())
     assert accuracy >= 0.95
 

@@ -71,14 +71,16 @@ async def model_metadata(request: Request) -> Response:
     if status.metadata is None:
         raise ModelUnavailable(f"The model '{name}' is not ready.", retry_after_s=2)
     metadata = status.metadata
-    return json_response(
-        {
-            "name": name,
-            "versions": metadata.versions,
-            "platform": metadata.platform,
-            **_spec_json(metadata),
-        }
-    )
+    answer: dict[str, object] = {
+        "name": name,
+        "versions": metadata.versions,
+        "platform": metadata.platform,
+        **_spec_json(metadata),
+    }
+    if metadata.output_policy is not None:
+        # Bastion's extension: what the answers reveal of the model's scores.
+        answer["output_policy"] = metadata.output_policy
+    return json_response(answer)
 
 
 async def model_ready(request: Request) -> Response:

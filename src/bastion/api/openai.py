@@ -6,7 +6,7 @@ import base64
 import secrets
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from starlette.requests import Request
@@ -33,6 +33,11 @@ from bastion.wire.protocol import (
     TextDelta,
 )
 
+if TYPE_CHECKING:
+    # Only for annotations: the worker imports this module and not the gateway.
+    from bastion.gateway.gateway import Gateway
+    from bastion.models.registry import ModelRecord
+
 DEFAULT_MAX_TOKENS = 256
 
 
@@ -40,6 +45,28 @@ def _stop_list(stop: str | list[str] | None) -> list[str]:
     if stop is None:
         return []
     return [stop] if isinstance(stop, str) else list(stop)
+
+
+def _output_policy(
+    logprobs: bool | int | None, top_logprobs: int | None, logit_bias: dict[str, float] | None
+) -> None:
+    """Text models' output policy: no log probabilities out, no logit bias in. Both let a
+    caller copy a model through its API (Carlini et al., ICML 2024, recovered production
+    models' projection matrices that way); asking for them is a 400 that names the policy."""
+    if logprobs or top_logprobs:
+        raise InvalidRequest(
+            "This server's output policy returns no log probabilities (logprobs, "
+            "top_logprobs): they would let a caller copy the model.",
+            code="output_policy",
+            param="logprobs" if logprobs else "top_logprobs",
+        )
+    if logit_bias:
+        raise InvalidRequest(
+            "This server's output policy accepts no logit_bias: it would let a caller copy "
+            "the model.",
+            code="output_policy",
+            param="logit_bias",
+        )
 
 
 def _limits(gateway: AnyPipeline, max_tokens: int | None, n: int | None) -> tuple[int, int]:
@@ -60,15 +87,7 @@ async def list_models(request: Request) -> Response:
     gateway = gateway_of(request)
     principal = await authenticate(request)
     gateway.authorize(principal, "models")
-    data = [
-        {
-            "id": r.name,
-            "object": "model",
-            "created": int(r.created_at.timestamp()),
-            "owned_by": "bastion",
-        }
-        for r in gateway.visible_models(principal)
-    ]
+    data = [_model_object(gateway, r) for r in gateway.visible_models(principal)]
     return json_response({"object": "list", "data": data})
 
 
@@ -79,14 +98,21 @@ async def get_model(request: Request) -> Response:
     gateway.authorize(principal, "models", name)
     record = gateway.model_record(name)
     request.state.model = name
-    return json_response(
-        {
-            "id": record.name,
-            "object": "model",
-            "created": int(record.created_at.timestamp()),
-            "owned_by": "bastion",
-        }
-    )
+    return json_response(_model_object(gateway, record))
+
+
+def _model_object(gateway: Gateway, record: ModelRecord) -> dict[str, Any]:
+    """OpenAI's model object; with Bastion's output_policy once the model is loaded."""
+    answer: dict[str, Any] = {
+        "id": record.name,
+        "object": "model",
+        "created": int(record.created_at.timestamp()),
+        "owned_by": "bastion",
+    }
+    metadata = gateway.supervisor.status(record.name).metadata
+    if metadata is not None and metadata.output_policy is not None:
+        answer["output_policy"] = metadata.output_policy
+    return answer
 
 
 # ---------------------------------------------------------------- text generation
@@ -127,6 +153,7 @@ def _generate(
 @inference
 async def chat_completions(request: Request, admission: Admission) -> Response:
     body, _ = await _prepare(request, admission, "chat", ChatCompletionRequest)
+    _output_policy(body.logprobs, body.top_logprobs, body.logit_bias)
     max_tokens, n = _limits(
         admission.pipeline, body.max_completion_tokens or body.max_tokens, body.n
     )
@@ -169,6 +196,7 @@ async def chat_completions(request: Request, admission: Admission) -> Response:
 @inference
 async def completions(request: Request, admission: Admission) -> Response:
     body, _ = await _prepare(request, admission, "completions", CompletionRequest)
+    _output_policy(body.logprobs, None, body.logit_bias)
     max_tokens, n = _limits(admission.pipeline, body.max_tokens, body.n)
     prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
     if body.stream and len(prompts) > 1:

@@ -59,6 +59,10 @@ class ChatCompletionRequest(msgspec.Struct, frozen=True):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     user: str | None = None
+    # Refused by the output policy (api/openai.py): they let a caller copy the model.
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
+    logit_bias: dict[str, float] | None = None
 
 
 class CompletionRequest(msgspec.Struct, frozen=True):
@@ -76,6 +80,9 @@ class CompletionRequest(msgspec.Struct, frozen=True):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     user: str | None = None
+    # Refused by the output policy (api/openai.py), as for chat.
+    logprobs: Annotated[int, msgspec.Meta(ge=0, le=5)] | None = None
+    logit_bias: dict[str, float] | None = None
 
 
 class EmbeddingRequest(msgspec.Struct, frozen=True):

@@ -66,6 +66,9 @@ class ModelMetadata(msgspec.Struct, frozen=True, kw_only=True):
     embedding_dim: int = 0
     platform: str = ""
     versions: list[str] = msgspec.field(default_factory=lambda: ["1"])
+    # What its answers reveal of the scores it computes (bastion.protection.output), e.g.
+    # {"policy": "top_k=1,decimals=2", "scores": ["probabilities"]}; None: no scores.
+    output_policy: dict[str, Any] | None = None
 
 
 class ChatMessage(msgspec.Struct, frozen=True, kw_only=True):

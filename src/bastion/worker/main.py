@@ -41,6 +41,7 @@ from bastion.models.bundle.reader import (
     read_bundle,
 )
 from bastion.observability.logging import configure_logging
+from bastion.protection.output import OutputGuard
 from bastion.runtimes.base import (
     Cancelled,
     CancelToken,
@@ -150,6 +151,8 @@ class Worker:
         # Set when runtime code raised a BaseException that is not an Exception: the
         # runtime may be corrupt, so the worker leaves once that request is answered.
         self._runtime_fault: str | None = None
+        # What its answers reveal of the scores it computes (set once the model is loaded).
+        self._guard: OutputGuard | None = None
 
     def run(self) -> int:
         """Load the model and serve it; returns the process exit status."""
@@ -325,7 +328,9 @@ class Worker:
         try:
             try:
                 runtime = _load_model(load)
-                metadata = runtime.metadata()
+                # What its answers reveal of its scores: enforced here, declared to clients.
+                self._guard = OutputGuard(load.options, runtime.metadata())
+                metadata = self._guard.declare(runtime.metadata())
             except IntegrityError as exc:
                 self._send(
                     LoadFailed(model=load.model, reason=str(exc)[:_REASON_LIMIT], integrity=True)
@@ -417,6 +422,8 @@ class Worker:
                 outcome = runtime.embed(request, job.cancel)
             else:
                 outcome = runtime.infer(request, job.cancel)
+                if self._guard is not None:
+                    outcome = self._guard.apply(outcome)
             if not isinstance(outcome, _RESULT_TYPES[type(request)]):
                 raise TypeError("the runtime returned the wrong result type")
             if outcome.id != request.id:

@@ -1,0 +1,205 @@
+"""Runtime model protection against a real server: what a classifier's answers reveal.
+
+A consumer key tries the equation-solving extraction attack (Tramèr et al. 2016) on the
+`digits` logistic regression through the Open Inference Protocol: 2,000 noisy
+near-average images, the returned probabilities solved for the model's weights. Served
+with `protect.output=full`, the copy agrees with the model on held-out digits; with the
+default policy it does not, while the model's own top-1 answers are unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from bastion.models.demo import digits_onnx, digits_split
+from bastion.wire import bhttp
+from bastion_testing import (
+    BastionServer,
+    add_echo_model,
+    ohttp_config,
+    post_sealed,
+    run_cli,
+    seal_request,
+)
+
+pytestmark = pytest.mark.e2e
+
+QUERIES = 2000
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BastionServer]:
+    base = tmp_path_factory.mktemp("protection")
+    model = base / "digits"
+    model.mkdir()
+    (model / "model.onnx").write_bytes(digits_onnx())
+    home = base / "home"
+    run_cli(home, "init", "--no-demo-models")
+    add_echo_model(home)
+    run_cli(home, "models", "add", "digits", "--runtime", "onnx", "--path", str(model))
+    run_cli(
+        home, "models", "add", "digits-full", "--runtime", "onnx", "--path", str(model),
+        "--option", "protect.output=full",
+    )  # fmt: skip
+    srv = BastionServer(home)
+    try:
+        srv.wait_ready(["digits", "digits-full", "echo"])
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def consumer(server: BastionServer) -> str:
+    with server.client() as admin:
+        admin.post("/admin/v1/tenants", json={"name": "thief"})
+        created = admin.post(
+            "/admin/v1/keys",
+            json={"tenant": "thief", "role": "consumer", "models": ["digits*", "echo"]},
+        )
+        assert created.status_code == 201, created.text
+        return str(created.json()["key"])
+
+
+def _infer(server: BastionServer, key: str, model: str, x: np.ndarray[Any, Any]) -> Any:
+    """Labels and probabilities for `x`, asked 400 images a request (the body limit)."""
+    if len(x) > 400:
+        parts = [_infer(server, key, model, x[i : i + 400]) for i in range(0, len(x), 400)]
+        return np.concatenate([a for a, _ in parts]), np.vstack([b for _, b in parts])
+    tensor = {"name": "input", "shape": list(x.shape), "datatype": "FP32"}
+    body = {"inputs": [{**tensor, "data": x.ravel().tolist()}]}
+    answer = httpx.post(
+        f"{server.url}/v2/models/{model}/infer",
+        json=body,
+        headers={"authorization": f"Bearer {key}"},
+        timeout=60,
+    )
+    assert answer.status_code == 200, answer.text
+    outputs = {o["name"]: o for o in answer.json()["outputs"]}
+    probabilities = np.asarray(outputs["probabilities"]["data"], dtype=np.float64)
+    return np.asarray(outputs["label"]["data"]), probabilities.reshape(len(x), 10)
+
+
+def _equation_solving(x: np.ndarray[Any, Any], p: np.ndarray[Any, Any]) -> Any:
+    """Tramèr et al.'s attack on a softmax model: log(p_a / p_b) is linear in x, for every
+    pair of classes an answer gives a score for. Least squares over all of them."""
+    n, d = x.shape
+    ones = np.hstack([x, np.ones((n, 1))])
+    rows, targets = [], []
+    for r in range(n):
+        known = np.nonzero(p[r] > 0)[0]
+        for a in known:
+            for b in known:
+                if a < b:
+                    row = np.zeros((10, d + 1))
+                    row[a], row[b] = ones[r], -ones[r]
+                    rows.append(row[1:].ravel())  # class 0's weights fixed at 0
+                    targets.append(np.log(p[r, a] / p[r, b]))
+    if not rows:
+        return lambda z: np.zeros(len(z), dtype=int)
+    solved = np.linalg.lstsq(np.asarray(rows), np.asarray(targets), rcond=None)[0]
+    weights = np.vstack([np.zeros(d + 1), solved.reshape(9, d + 1)])
+    return lambda z: np.argmax(np.hstack([z, np.ones((len(z), 1))]) @ weights.T, axis=1)
+
+
+def test_the_model_declares_its_policy(server: BastionServer, consumer: str) -> None:
+    for model, policy in (("digits", "top_k=1,decimals=2"), ("digits-full", "full")):
+        answer = httpx.get(
+            f"{server.url}/v2/models/{model}", headers={"authorization": f"Bearer {consumer}"}
+        )
+        assert answer.json()["output_policy"] == {"policy": policy, "scores": ["probabilities"]}
+        listed = httpx.get(
+            f"{server.url}/v1/models/{model}", headers={"authorization": f"Bearer {consumer}"}
+        )
+        assert listed.json()["output_policy"]["policy"] == policy
+
+
+def test_equation_solving_fails_under_the_default_policy(
+    server: BastionServer, consumer: str
+) -> None:
+    x_train, x_test, _, _ = digits_split()
+    rng = np.random.default_rng(0)
+    mean, spread = x_train.mean(axis=0), x_train.std(axis=0) + 1e-3
+    probes = np.clip(mean + rng.normal(size=(QUERIES, 64)) * spread, 0, 16).astype(np.float32)
+    agreement = {}
+    for model in ("digits-full", "digits"):
+        _, answers = _infer(server, consumer, model, probes)
+        copy = _equation_solving(probes.astype(np.float64), answers)
+        served, _ = _infer(server, consumer, model, x_test.astype(np.float32))
+        agreement[model] = float(np.mean(copy(x_test.astype(np.float64)) == served))
+    # Full scores: the copy is the model. The default: no better than the issue's 60 %.
+    assert agreement["digits-full"] >= 0.95, agreement
+    assert agreement["digits"] <= 0.60, agreement
+
+
+def test_top1_answers_are_unchanged_by_the_policy(server: BastionServer, consumer: str) -> None:
+    _, x_test, _, y_test = digits_split()
+    x = x_test.astype(np.float32)
+    full_labels, full_scores = _infer(server, consumer, "digits-full", x)
+    labels, scores = _infer(server, consumer, "digits", x)
+    assert (labels == full_labels).all()
+    assert (scores.argmax(axis=1) == full_scores.argmax(axis=1)).all()
+    assert float(np.mean(labels == y_test)) >= 0.95
+    # The same through the policy's other forms is a registration away; a bad one is a 400.
+    run = run_cli(
+        server.home, "models", "add", "digits-bad", "--runtime", "onnx", "--path",
+        str(Path(server.home).parent / "digits"), "--option", "protect.output=top_k=0",
+        check=False,
+    )  # fmt: skip
+    assert run.returncode != 0 and "top_k" in (run.stdout + run.stderr)
+
+
+LEAKY = [
+    ("chat", {"logprobs": True}, "logprobs"),
+    ("chat", {"logprobs": False, "top_logprobs": 5}, "top_logprobs"),
+    ("chat", {"logit_bias": {"50256": -100}}, "logit_bias"),
+    ("completions", {"logprobs": 2}, "logprobs"),
+    ("completions", {"logit_bias": {"1": 5}}, "logit_bias"),
+]
+
+
+@pytest.mark.parametrize(("kind", "extra", "param"), LEAKY)
+def test_text_models_refuse_what_would_reveal_their_logits(
+    server: BastionServer, consumer: str, kind: str, extra: dict[str, Any], param: str
+) -> None:
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=consumer, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as refused:
+        if kind == "chat":
+            client.chat.completions.create(
+                model="echo", messages=[{"role": "user", "content": "hi"}], extra_body=extra
+            )
+        else:
+            client.completions.create(model="echo", prompt="hi", extra_body=extra)
+    error = refused.value.response.json()["error"]
+    assert error["code"] == "output_policy" and error["param"] == param
+    assert "output policy" in error["message"]
+
+
+def test_asking_for_nothing_leaky_is_served(server: BastionServer, consumer: str) -> None:
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=consumer, max_retries=0)
+    answer = client.chat.completions.create(
+        model="echo",
+        messages=[{"role": "user", "content": "a b"}],
+        logprobs=False,
+        extra_body={"logit_bias": {}},
+    )
+    assert answer.choices[0].message.content == "a b"
+
+
+def test_the_policy_holds_inside_an_encrypted_request(server: BastionServer, consumer: str) -> None:
+    config = ohttp_config(server)
+    body = {"model": "echo", "messages": [{"role": "user", "content": "hi"}], "logprobs": True}
+    data, context = seal_request(config, body)
+    response = post_sealed(server, consumer, data)
+    assert response.status_code == 200  # the outer answer; the inner one is the refusal
+    inner = bhttp.decode_response(context.open(response.content))
+    assert inner.status == 400
+    assert json.loads(inner.content)["error"]["code"] == "output_policy"
