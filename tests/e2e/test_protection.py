@@ -89,24 +89,17 @@ def _infer(server: BastionServer, key: str, model: str, x: np.ndarray[Any, Any])
 
 
 def _equation_solving(x: np.ndarray[Any, Any], p: np.ndarray[Any, Any]) -> Any:
-    """Tramèr et al.'s attack on a softmax model: log(p_a / p_b) is linear in x, for every
-    pair of classes an answer gives a score for. Least squares over all of them."""
+    """Tramèr et al.'s attack on a softmax model: log(p_i / p_0) is linear in x, so each
+    class's weights (relative to class 0's) are a least-squares fit over the answers that
+    give a score for both. (Small matrices: this runs inside the test process.)"""
     n, d = x.shape
     ones = np.hstack([x, np.ones((n, 1))])
-    rows, targets = [], []
-    for r in range(n):
-        known = np.nonzero(p[r] > 0)[0]
-        for a in known:
-            for b in known:
-                if a < b:
-                    row = np.zeros((10, d + 1))
-                    row[a], row[b] = ones[r], -ones[r]
-                    rows.append(row[1:].ravel())  # class 0's weights fixed at 0
-                    targets.append(np.log(p[r, a] / p[r, b]))
-    if not rows:
-        return lambda z: np.zeros(len(z), dtype=int)
-    solved = np.linalg.lstsq(np.asarray(rows), np.asarray(targets), rcond=None)[0]
-    weights = np.vstack([np.zeros(d + 1), solved.reshape(9, d + 1)])
+    weights = np.zeros((10, d + 1))
+    for i in range(1, 10):
+        known = (p[:, i] > 0) & (p[:, 0] > 0)
+        if known.sum() > d:
+            ratio = np.log(p[known, i] / p[known, 0])
+            weights[i] = np.linalg.lstsq(ones[known], ratio, rcond=None)[0]
     return lambda z: np.argmax(np.hstack([z, np.ones((len(z), 1))]) @ weights.T, axis=1)
 
 

@@ -3,6 +3,7 @@ pass (atheris) per parser. Longer runs: tests/fuzz/run_atheris.py."""
 
 from __future__ import annotations
 
+import resource
 import shutil
 import subprocess
 import sys
@@ -32,6 +33,9 @@ def test_every_seed_is_parsed_or_refused_cleanly(name: str) -> None:
 def test_a_bounded_coverage_guided_pass_finds_nothing(name: str, tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
     shutil.copytree(FUZZ / "corpus" / name, corpus)
+    # libFuzzer reads its RSS as the process's high-water mark, which Linux carries over
+    # from the forking process (this test runner) through exec: allow 2 GiB on top of it.
+    inherited_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     done = subprocess.run(
         [
             sys.executable,
@@ -41,6 +45,7 @@ def test_a_bounded_coverage_guided_pass_finds_nothing(name: str, tmp_path: Path)
             f"-max_total_time={SECONDS}",
             "-max_len=65536",
             "-timeout=10",
+            f"-rss_limit_mb={2048 + inherited_mb}",
             f"-artifact_prefix={tmp_path}/",
             str(corpus),
         ],
