@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -47,11 +46,16 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BastionServer]:
     run_cli(home, "models", "add", "digits", "--runtime", "onnx", "--path", str(model))
     run_cli(
         home, "models", "add", "digits-full", "--runtime", "onnx", "--path", str(model),
-        "--option", "protect.output=full",
+        "--protect", "output=full",
+    )  # fmt: skip
+    # A bundle, imported with a policy of its own.
+    run_cli(
+        home, "models", "import", str(model), "--name", "digits-sealed", "--runtime", "onnx",
+        "--protect", "output=label_only",
     )  # fmt: skip
     srv = BastionServer(home)
     try:
-        srv.wait_ready(["digits", "digits-full", "echo"])
+        srv.wait_ready(["digits", "digits-full", "digits-sealed", "echo"])
         yield srv
     finally:
         srv.stop()
@@ -104,7 +108,12 @@ def _equation_solving(x: np.ndarray[Any, Any], p: np.ndarray[Any, Any]) -> Any:
 
 
 def test_the_model_declares_its_policy(server: BastionServer, consumer: str) -> None:
-    for model, policy in (("digits", "top_k=1,decimals=2"), ("digits-full", "full")):
+    declared = (
+        ("digits", "top_k=1,decimals=2"),
+        ("digits-full", "full"),
+        ("digits-sealed", "label_only"),
+    )
+    for model, policy in declared:
         answer = httpx.get(
             f"{server.url}/v2/models/{model}", headers={"authorization": f"Bearer {consumer}"}
         )
@@ -141,13 +150,42 @@ def test_top1_answers_are_unchanged_by_the_policy(server: BastionServer, consume
     assert (labels == full_labels).all()
     assert (scores.argmax(axis=1) == full_scores.argmax(axis=1)).all()
     assert float(np.mean(labels == y_test)) >= 0.95
-    # The same through the policy's other forms is a registration away; a bad one is a 400.
-    run = run_cli(
-        server.home, "models", "add", "digits-bad", "--runtime", "onnx", "--path",
-        str(Path(server.home).parent / "digits"), "--option", "protect.output=top_k=0",
+    # An imported bundle served label_only: one-hot answers, the same labels.
+    sealed_labels, one_hot = _infer(server, consumer, "digits-sealed", x)
+    assert (sealed_labels == full_labels).all()
+    assert (one_hot.sum(axis=1) == 1).all() and (one_hot.argmax(axis=1) == full_labels).all()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--protect", "output=top_k=0"], "top_k"),
+        (["--protect", "output=everything"], "protect.output"),
+        (["--protect", "colour=red"], "--protect takes"),
+    ],
+)
+def test_a_bad_policy_is_a_clear_cli_error(
+    server: BastionServer, args: list[str], message: str
+) -> None:
+    model = server.home.parent / "digits"
+    for command in (
+        ["models", "add", "digits-bad", "--runtime", "onnx", "--path", str(model)],
+        ["models", "import", str(model), "--name", "digits-bad", "--runtime", "onnx"],
+    ):
+        done = run_cli(server.home, *command, *args, check=False)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert message in done.stderr and "Traceback" not in done.stderr
+    listed = run_cli(server.home, "models", "list", "--json")
+    assert "digits-bad" not in listed.stdout
+
+
+def test_protect_on_import_needs_a_runtime(server: BastionServer) -> None:
+    model = server.home.parent / "digits"
+    done = run_cli(
+        server.home, "models", "import", str(model), "--name", "x", "--protect", "output=full",
         check=False,
     )  # fmt: skip
-    assert run.returncode != 0 and "top_k" in (run.stdout + run.stderr)
+    assert done.returncode == 2 and "--protect needs --runtime" in done.stderr
 
 
 LEAKY = [

@@ -21,6 +21,7 @@ from rich.progress import (
 
 from bastion.bootstrap import Home
 from bastion.cli.common import HomeOpt, JsonOpt, err, open_home, out, print_json, table
+from bastion.cli.models import ProtectOpt, protect_options
 from bastion.cli.models import app as models_app
 from bastion.errors import BastionError
 
@@ -92,10 +93,15 @@ def models_import(
         Path | None,
         typer.Option(help="The publisher's public key (PEM) the signature must verify with."),
     ] = None,
+    protect: ProtectOpt = None,
     home: HomeOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
     """Scan a model, refuse anything unsafe, and store it signed and encrypted."""
+    protection = protect_options(protect)
+    if protection and runtime is None:
+        err.print("[red]error:[/] --protect needs --runtime: a policy belongs to a served model")
+        raise typer.Exit(2)
     if (signature is None) != (publisher_key is None):
         err.print("[red]error:[/] --signature and --publisher-key go together")
         raise typer.Exit(2)
@@ -131,7 +137,7 @@ def models_import(
                 name=bundle.name,
                 runtime=runtime,
                 path=bundles.relative_path(bundle),
-                options={BUNDLE_OPTION: bundle.version},
+                options={BUNDLE_OPTION: bundle.version, **protection},
                 description=f"Signed, encrypted bundle version {bundle.version}.",
                 replace=True,
             )

@@ -18,6 +18,10 @@ from bastion.cli.common import (
     run,
 )
 from bastion.identity.principal import OPERATOR
+from bastion.protection.output import check_policy_options
+
+# The keys of --protect: model options protect.<key>.
+PROTECT_KEYS = ("output", "scores")
 
 app = typer.Typer(help="Manage models.", no_args_is_help=True)
 
@@ -46,6 +50,37 @@ def _parse_options(pairs: list[str] | None) -> dict[str, Any]:
     return options
 
 
+ProtectOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--protect",
+        help="Protection policy KEY=VALUE (repeat): output=full|label_only|top_k=K,decimals=D "
+        "(what answers reveal of the scores; default top_k=1,decimals=2), "
+        "scores=OUTPUT[,OUTPUT] (which outputs are scores). See docs/model-protection.md.",
+    ),
+]
+
+
+def protect_options(pairs: list[str] | None) -> dict[str, str]:
+    """`--protect` pairs as model options (protect.KEY), checked now: a bad policy is a
+    clear error before anything is registered or imported."""
+    options: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in PROTECT_KEYS:
+            err.print(
+                f"[red]error:[/] --protect takes {' or '.join(PROTECT_KEYS)}=VALUE, got {pair!r}"
+            )
+            raise typer.Exit(2)
+        options[f"protect.{key}"] = value
+    try:
+        check_policy_options(options)
+    except ValueError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    return options
+
+
 @app.command("add")
 def models_add(
     name: str,
@@ -57,13 +92,14 @@ def models_add(
         list[str] | None, typer.Option("--option", help="Runtime option KEY=VALUE (repeat).")
     ] = None,
     description: Annotated[str, typer.Option(help="A line about the model.")] = "",
+    protect: ProtectOpt = None,
     unloaded: Annotated[bool, typer.Option("--unloaded", help="Register without loading.")] = False,
     home: HomeOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
     """Register a model directory in place (a Hugging Face directory or an ONNX file)."""
+    options = {**_parse_options(option), **protect_options(protect)}
     h = open_home(home)
-    options = _parse_options(option)
     target = path.expanduser().resolve()
     if not target.exists():
         err.print(f"[red]error:[/] {path} does not exist")
