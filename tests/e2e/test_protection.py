@@ -10,6 +10,7 @@ default policy it does not, while the model's own top-1 answers are unchanged.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -234,3 +235,46 @@ def test_the_policy_holds_inside_an_encrypted_request(server: BastionServer, con
     inner = bhttp.decode_response(context.open(response.content))
     assert inner.status == 400
     assert json.loads(inner.content)["error"]["code"] == "output_policy"
+
+
+def test_protect_show_and_set_reach_the_running_server(
+    server: BastionServer, consumer: str
+) -> None:
+    shown = {
+        row["model"]: row["output"]
+        for row in json.loads(run_cli(server.home, "protect", "show", "--json").stdout)
+    }
+    assert shown["digits"] == "top_k=1,decimals=2 (default)"
+    assert shown["digits-full"] == "full" and shown["digits-sealed"] == "label_only"
+    _, x_test, _, _ = digits_split()
+    x = x_test[:50].astype(np.float32)
+    run_cli(server.home, "protect", "set", "digits", "output=top_k=2,decimals=1")
+    try:
+        # The server reloads the model with its new policy (its worker is restarted).
+        deadline = time.monotonic() + 60
+        while True:
+            metadata = httpx.get(
+                f"{server.url}/v2/models/digits",
+                headers={"authorization": f"Bearer {consumer}"},
+            )
+            policy = (metadata.json().get("output_policy") or {}).get("policy")
+            if metadata.status_code == 200 and policy == "top_k=2,decimals=1":
+                break
+            assert time.monotonic() < deadline, metadata.text
+            time.sleep(0.5)
+        _, scores = _infer(server, consumer, "digits", x)
+        assert (np.count_nonzero(scores, axis=1) <= 2).all()
+        assert (np.count_nonzero(scores, axis=1) == 2).any()
+    finally:
+        run_cli(server.home, "protect", "set", "digits", "output=default")
+    reset = json.loads(
+        run_cli(server.home, "protect", "show", "--model", "digits", "--json").stdout
+    )
+    assert reset == [
+        {"model": "digits", "output": "top_k=1,decimals=2 (default)",
+         "scores": "(by name: prob, score, logit)"}
+    ]  # fmt: skip
+    bad = run_cli(server.home, "protect", "set", "digits", "output=top_k=0", check=False)
+    assert bad.returncode == 2 and "top_k" in bad.stderr
+    missing = run_cli(server.home, "protect", "set", "nope", "output=full", check=False)
+    assert missing.returncode == 1 and "does not exist" in missing.stderr

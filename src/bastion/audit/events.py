@@ -42,6 +42,8 @@ OHTTP_KEY_ROTATED = "ohttp_key.rotated"
 OHTTP_KEY_RETIRED = "ohttp_key.retired"
 OHTTP_REFUSED = "ohttp.refused"
 QUOTA_CHANGED = "quota.changed"
+# A model's protection policy (what its answers reveal) was changed.
+PROTECT_POLICY_CHANGED = "protect.policy_changed"
 
 
 @dataclass(frozen=True, slots=True)

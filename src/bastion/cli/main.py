@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from bastion.bootstrap import initialise
-from bastion.cli import bundles, chat, keys, models, ohttp, quotas, tenants
+from bastion.cli import bundles, chat, keys, models, ohttp, protect, quotas, tenants
 from bastion.cli.common import HomeOpt, JsonOpt, out, print_json, run, settings_of
 from bastion.config import Settings
 
@@ -22,6 +22,7 @@ app.add_typer(keys.app, name="keys")
 app.add_typer(models.app, name="models")
 app.add_typer(ohttp.app, name="ohttp")
 app.add_typer(quotas.app, name="quotas")
+app.add_typer(protect.app, name="protect")
 
 # ---------------------------------------------------------------- serve / init
 

@@ -23,13 +23,14 @@ from bastion.audit.events import (
     MODEL_REGISTERED,
     MODEL_REMOVED,
     MODEL_UNLOAD_REQUESTED,
+    PROTECT_POLICY_CHANGED,
     EventSink,
     emit_change,
 )
 from bastion.config import check_limit_options
 from bastion.errors import ConfigurationError, Conflict, InvalidRequest, ModelNotFound
 from bastion.identity.principal import Principal
-from bastion.protection.output import check_policy_options
+from bastion.protection.output import PROTECT_PREFIX, check_policy_options
 from bastion.runtimes.base import RUNTIMES
 from bastion.sandboxes.base import check_sandbox_option
 from bastion.store.db import Database
@@ -200,6 +201,40 @@ class ModelRegistry:
             record = _record({**row, "desired_state": state, "updated_at": now})
         kind = MODEL_LOAD_REQUESTED if state == "loaded" else MODEL_UNLOAD_REQUESTED
         emit_change(self._events, kind, actor.actor, name, at=self._clock())
+        return record
+
+    def set_protection(
+        self, actor: Principal, name: str, changes: Mapping[str, str | None]
+    ) -> ModelRecord:
+        """Set (a value) or reset to the default (None) a model's protection options, the
+        ``protect.*`` keys of its options (admin only). A running server restarts its
+        worker with the new policy."""
+        actor.require_admin()
+        unknown = [key for key in changes if not key.startswith(PROTECT_PREFIX)]
+        if unknown:
+            raise InvalidRequest(f"Not a protection option: {unknown[0]}.", param="options")
+        now = self._now()
+        with self._db.write() as conn:
+            row = _row(conn, name)
+            if row is None:
+                raise ModelNotFound(f"The model '{name}' does not exist.", param="model")
+            options = dict(_record(row).options)
+            for key, value in changes.items():
+                if value is None:
+                    options.pop(key, None)
+                else:
+                    options[key] = value
+            checked = _validate_options(options)
+            conn.execute(
+                sa.update(models_table)
+                .where(models_table.c.name == name)
+                .values(options=checked, updated_at=now)
+            )
+            record = _record({**row, "options": checked, "updated_at": now})
+        detail = {key: value if value is not None else "default" for key, value in changes.items()}
+        emit_change(
+            self._events, PROTECT_POLICY_CHANGED, actor.actor, name, detail=detail, at=self._clock()
+        )
         return record
 
     def remove(self, actor: Principal, name: str) -> None:

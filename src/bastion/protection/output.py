@@ -35,6 +35,8 @@ import numpy as np
 
 from bastion.wire.protocol import InferResult, ModelMetadata, TensorData, TensorSpec
 
+# Model options that set a model's protection; `bastion protect set` changes only these.
+PROTECT_PREFIX = "protect."
 POLICY_OPTION = "protect.output"
 SCORES_OPTION = "protect.scores"
 DEFAULT_POLICY = "top_k=1,decimals=2"

@@ -11,6 +11,7 @@ from bastion.audit.events import (
     MODEL_LOAD_REQUESTED,
     MODEL_REGISTERED,
     MODEL_UNLOAD_REQUESTED,
+    PROTECT_POLICY_CHANGED,
     MemoryEventSink,
 )
 from bastion.errors import Conflict, InvalidRequest, ModelNotFound, PermissionDenied
@@ -146,3 +147,37 @@ def test_the_hostile_test_runtime_is_not_a_runtime_of_bastion(
     # An extra runtime cannot replace a built-in one.
     shadowing = ModelRegistry(db, events, extra_runtimes={"onnx": "evil"})
     assert shadowing.runtimes["onnx"] == "bastion.runtimes.onnx"
+
+
+def test_protection_is_set_and_reset_with_an_event(
+    registry: ModelRegistry, db: Database, events: MemoryEventSink
+) -> None:
+    _register(registry, "digits", runtime="onnx")
+    revision = db.revision()
+    record = registry.set_protection(OPERATOR, "digits", {"protect.output": "full"})
+    assert record.options["protect.output"] == "full" and record.options["max_len"] == 64
+    assert registry.get("digits").options["protect.output"] == "full"
+    assert db.revision() == revision + 1  # a running server sees the change
+    event = events.events[-1]
+    assert event.kind == PROTECT_POLICY_CHANGED and event.target == "digits"
+    assert event.detail == {"protect.output": "full"}
+    record = registry.set_protection(OPERATOR, "digits", {"protect.output": None})
+    assert "protect.output" not in record.options
+    assert events.events[-1].detail == {"protect.output": "default"}
+
+
+def test_protection_changes_are_checked(registry: ModelRegistry) -> None:
+    _register(registry, "digits", runtime="onnx")
+    with pytest.raises(InvalidRequest, match="top_k"):
+        registry.set_protection(OPERATOR, "digits", {"protect.output": "top_k=0"})
+    with pytest.raises(InvalidRequest, match="Not a protection option"):
+        registry.set_protection(OPERATOR, "digits", {"sandbox": "docker"})
+    with pytest.raises(ModelNotFound):
+        registry.set_protection(OPERATOR, "nope", {"protect.output": "full"})
+    consumer = Principal(
+        key_id="k", tenant_id=1, tenant_name="t", role="consumer",
+        actions=validate_actions("consumer", None),
+    )  # fmt: skip
+    with pytest.raises(PermissionDenied):
+        registry.set_protection(consumer, "digits", {"protect.output": "full"})
+    assert "protect.output" not in registry.get("digits").options
