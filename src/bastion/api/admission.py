@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from bastion.api.context import pipeline_of
+from bastion.api.context import authenticate, pipeline_of
 from bastion.api.pipeline import AnyPipeline
 from bastion.errors import BastionError
 from bastion.wire.protocol import FromWorker, ModelMetadata, WorkRequest
@@ -82,18 +82,13 @@ class Admission:
 
     async def caller(self) -> Any:
         """The authenticated caller (401 otherwise); its tenant labels the access log."""
-        caller = self._caller
-        if caller is None:
-            caller = await self.pipeline.authenticate(self.request.headers.get("authorization"))
-            self.request.state.tenant = caller.tenant_name
-            self._caller = caller
-        return caller
+        if self._caller is None:
+            self._caller = await authenticate(self.request, self.pipeline)
+        return self._caller
 
     async def check(self, action: str, model: str | None = None) -> Any:
         """Authenticate, authorize `action` (on `model`), and check that the model exists."""
-        caller = self._caller
-        if caller is None:
-            caller = await self.caller()
+        caller = self._caller or await self.caller()
         self._authorize(caller, action, model)
         return caller
 
@@ -112,9 +107,7 @@ class Admission:
 
     async def ready(self, action: str, model: str, capability: str | None) -> ModelMetadata:
         """The steps up to the model: it must be ready (503) and offer `capability` (400)."""
-        caller = self._caller
-        if caller is None:
-            caller = await self.caller()
+        caller = self._caller or await self.caller()
         self._authorize(caller, action, model)
         return self._ready(model, capability)
 
@@ -131,9 +124,7 @@ class Admission:
         request estimated at `tokens` tokens (or up to `tokens_up_to` when they allow)."""
         if self.admitted is not None:
             raise RuntimeError("a request is admitted once")
-        caller = self._caller
-        if caller is None:
-            caller = await self.caller()
+        caller = self._caller or await self.caller()
         self._authorize(caller, action, model)
         metadata = self._ready(model, capability)
         ticket = self.pipeline.admit(

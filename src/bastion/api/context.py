@@ -47,9 +47,10 @@ def pipeline_of(request: Request) -> AnyPipeline:
     return pipeline
 
 
-async def authenticate(request: Request) -> Any:
+async def authenticate(request: Request, pipeline: AnyPipeline | None = None) -> Any:
     """The caller's principal (401 otherwise); its tenant labels the access log line.
     (Inference routes authenticate through their Admission, api/admission.py.)"""
-    principal = await pipeline_of(request).authenticate(request.headers.get("authorization"))
+    pipeline = pipeline if pipeline is not None else pipeline_of(request)
+    principal = await pipeline.authenticate(request.headers.get("authorization"))
     request.state.tenant = principal.tenant_name
     return principal

@@ -11,9 +11,10 @@ from typing import Annotated
 
 import typer
 
-from bastion.cli.common import HomeOpt, JsonOpt, open_home, out, print_json, run, table
-from bastion.cli.models import protect_options
+from bastion.cli.common import HomeOpt, JsonOpt, err, open_home, out, print_json, run, table
+from bastion.cli.models import PROTECT_KEYS, protect_options
 from bastion.identity.principal import OPERATOR
+from bastion.models.registry import ModelRecord
 from bastion.protection.output import DEFAULT_POLICY, POLICY_OPTION, SCORES_OPTION
 
 app = typer.Typer(
@@ -32,14 +33,7 @@ def protect_show(
     """Each model's output policy: its own, or the default."""
     h = open_home(home)
     records = [run(lambda: h.registry.get(model))] if model else run(h.registry.list)
-    rows = [
-        {
-            "model": r.name,
-            "output": r.options.get(POLICY_OPTION, f"{DEFAULT_POLICY} (default)"),
-            "scores": r.options.get(SCORES_OPTION, "(by name: prob, score, logit)"),
-        }
-        for r in records
-    ]
+    rows = [_policy(r) for r in records]
     if json_output:
         print_json(rows)
     else:
@@ -59,21 +53,28 @@ def protect_set(
     json_output: JsonOpt = False,
 ) -> None:
     """Change a model's policy; `default` goes back to the default."""
-    resets = {f"protect.{s.partition('=')[0]}": None for s in settings if s.endswith("=default")}
-    changes: dict[str, str | None] = {
-        **protect_options([s for s in settings if not s.endswith("=default")]),
-        **resets,
-    }
+    given = [s for s in settings if not s.endswith("=default")]
+    changes: dict[str, str | None] = dict(protect_options(given))
+    for reset in (s.removesuffix("=default") for s in settings if s.endswith("=default")):
+        if reset not in PROTECT_KEYS:
+            err.print(f"[red]error:[/] --protect takes {' or '.join(PROTECT_KEYS)}, got {reset!r}")
+            raise typer.Exit(2)
+        changes[f"protect.{reset}"] = None
     h = open_home(home)
     record = run(lambda: h.registry.set_protection(OPERATOR, model, changes))
-    result = {
-        "model": record.name,
-        "output": record.options.get(POLICY_OPTION, f"{DEFAULT_POLICY} (default)"),
-        "scores": record.options.get(SCORES_OPTION, "(by name: prob, score, logit)"),
-    }
+    result = _policy(record)
     if json_output:
         print_json(result)
     else:
         out.print(
             f"Model {record.name}: output {result['output']}; a running server applies it shortly."
         )
+
+
+def _policy(record: ModelRecord) -> dict[str, str]:
+    """A model's policy as shown: its own settings, or what it gets by default."""
+    return {
+        "model": record.name,
+        "output": str(record.options.get(POLICY_OPTION, f"{DEFAULT_POLICY} (default)")),
+        "scores": str(record.options.get(SCORES_OPTION, "(by name: prob, score, logit)")),
+    }

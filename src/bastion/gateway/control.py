@@ -81,7 +81,6 @@ class ControlPlane:
         self._revision = -1
         self._refresher: asyncio.Task[None] | None = None
         self._flushed_at = time.monotonic()
-        self._catalog: dict[str, ModelRecord] = {}
         self.started = False
 
     async def start(self) -> None:
@@ -122,15 +121,14 @@ class ControlPlane:
         await asyncio.to_thread(self.authenticator.refresh)
         quotas = await asyncio.to_thread(self.quotas.table)
         records = await asyncio.to_thread(self.registry.list)
-        self._catalog = {record.name: record for record in records}
         self.gateway.update(quotas=quotas, records=records)
         active_keys = await asyncio.to_thread(self.ohttp_keys.active)
         self.supervisor.set_sealing_keys(self.gateway.sealing.update(active_keys))
         self._revision = revision
-        await self._reconcile()
+        await self._reconcile(records)
 
-    async def _reconcile(self) -> None:
-        for record in self._catalog.values():
+    async def _reconcile(self, records: list[ModelRecord]) -> None:
+        for record in records:
             if record.desired_state == "loaded":
                 spec = ModelSpec(
                     name=record.name,
@@ -143,8 +141,9 @@ class ControlPlane:
                 await self.supervisor.ensure(spec)
             elif self.supervisor.status(record.name).state != "unloaded":
                 await self.supervisor.unload(record.name)
+        known = {record.name for record in records}
         for name in list(self.supervisor.statuses()):
-            if name not in self._catalog:
+            if name not in known:
                 await self.supervisor.unload(name)
 
     def _with_bundle_key(self, spec: ModelSpec) -> ModelSpec:
