@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 
 from bastion.crypto import ohttp
 from bastion.wire import bhttp
@@ -44,6 +45,21 @@ def run_cli(
     if check and proc.returncode != 0:
         raise AssertionError(f"bastion {' '.join(args)} failed: {proc.stderr}")
     return proc
+
+
+def store_reference(model: Path, samples: Any) -> None:
+    """`bastion protect reference MODEL SAMPLES.npy`: what real inputs of the model in
+    directory `model` look like, stored with it for the extraction monitor."""
+    path = model.parent / f"{model.name}-samples.npy"
+    np.save(path, samples)
+    proc = subprocess.run(
+        [*BASTION, "protect", "reference", str(model), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=clean_env(),
+    )
+    assert proc.returncode == 0, proc.stderr
 
 
 def empty_model_dir(home: Path) -> Path:

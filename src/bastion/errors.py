@@ -81,6 +81,13 @@ class PermissionDenied(BastionError):
     code = "permission_denied"
 
 
+class ExtractionSuspected(PermissionDenied):
+    """The key's queries to a model look like an attempt to copy it: blocked until an
+    admin clears it."""
+
+    code = "extraction_suspected"
+
+
 class NotFound(BastionError):
     """No such route, tenant or key."""
 

@@ -16,8 +16,10 @@ from bastion.bootstrap import Home
 from bastion.gateway.auth import Authenticator
 from bastion.gateway.control import ControlPlane
 from bastion.gateway.gateway import Gateway
+from bastion.gateway.protection import ProtectionDesk
 from bastion.models.bundle_store import BundleStore
 from bastion.observability.metrics import Metrics, MetricsEventSink
+from bastion.protection.monitor import monitor_policy_of
 from bastion.quotas.usage import UsageMeter
 from bastion.sandboxes.factory import Sandboxes, make_sandbox
 from bastion.supervision.supervisor import Supervisor
@@ -43,7 +45,14 @@ def build_services(home: Home, metrics: Metrics) -> Services:
     authenticator = Authenticator(home.db, home.hasher, events)
     # Journaled in the home, so that a gateway killed between flushes loses no usage.
     meter = UsageMeter(home.db, journal_dir=settings.home / "usage")
-    gateway = Gateway(settings, authenticator, supervisor, events, metrics, meter)
+    desk = ProtectionDesk(
+        events,
+        metrics,
+        policy_of=lambda model: monitor_policy_of(gateway.model_record(model).options),
+        clear_worker=supervisor.clear_risk,
+    )
+    supervisor.on_risk = desk.reported
+    gateway = Gateway(settings, authenticator, supervisor, events, metrics, meter, protection=desk)
     control = ControlPlane(
         settings,
         home.db,

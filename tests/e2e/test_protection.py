@@ -28,6 +28,7 @@ from bastion_testing import (
     post_sealed,
     run_cli,
     seal_request,
+    store_reference,
 )
 
 pytestmark = pytest.mark.e2e
@@ -41,18 +42,25 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BastionServer]:
     model = base / "digits"
     model.mkdir()
     (model / "model.onnx").write_bytes(digits_onnx())
+    # What real digits look like, stored with the model for the extraction monitor.
+    store_reference(model, digits_split()[0])
     home = base / "home"
     run_cli(home, "init", "--no-demo-models")
     add_echo_model(home)
-    run_cli(home, "models", "add", "digits", "--runtime", "onnx", "--path", str(model))
+    # The output policy on its own: these two do not watch for extraction (a thief's
+    # 2,000 probes would be blocked after a few dozen; see test_extraction_monitor.py).
+    run_cli(
+        home, "models", "add", "digits", "--runtime", "onnx", "--path", str(model),
+        "--protect", "monitor=off",
+    )  # fmt: skip
     run_cli(
         home, "models", "add", "digits-full", "--runtime", "onnx", "--path", str(model),
-        "--protect", "output=full",
+        "--protect", "output=full", "--protect", "monitor=off",
     )  # fmt: skip
     # A bundle, imported with a policy of its own.
     run_cli(
         home, "models", "import", str(model), "--name", "digits-sealed", "--runtime", "onnx",
-        "--protect", "output=label_only",
+        "--protect", "output=label_only", "--protect", "monitor=off",
     )  # fmt: skip
     srv = BastionServer(home)
     try:
@@ -118,7 +126,9 @@ def test_the_model_declares_its_policy(server: BastionServer, consumer: str) -> 
         answer = httpx.get(
             f"{server.url}/v2/models/{model}", headers={"authorization": f"Bearer {consumer}"}
         )
-        assert answer.json()["output_policy"] == {"policy": policy, "scores": ["probabilities"]}
+        declared_policy = answer.json()["output_policy"]
+        assert declared_policy["policy"] == policy
+        assert declared_policy["scores"] == ["probabilities"]
         listed = httpx.get(
             f"{server.url}/v1/models/{model}", headers={"authorization": f"Bearer {consumer}"}
         )
@@ -272,7 +282,7 @@ def test_protect_show_and_set_reach_the_running_server(
     )
     assert reset == [
         {"model": "digits", "output": "top_k=1,decimals=2 (default)",
-         "scores": "(by name: prob, score, logit)"}
+         "scores": "(by name: prob, score, logit)", "monitor": "off"}
     ]  # fmt: skip
     bad = run_cli(server.home, "protect", "set", "digits", "output=top_k=0", check=False)
     assert bad.returncode == 2 and "top_k" in bad.stderr

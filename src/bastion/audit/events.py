@@ -44,6 +44,10 @@ OHTTP_REFUSED = "ohttp.refused"
 QUOTA_CHANGED = "quota.changed"
 # A model's protection policy (what its answers reveal) was changed.
 PROTECT_POLICY_CHANGED = "protect.policy_changed"
+PROTECT_EXTRACTION_SUSPECTED = "protect.extraction_suspected"
+PROTECT_KEY_BLOCKED = "protect.key_blocked"
+PROTECT_KEY_THROTTLED = "protect.key_throttled"
+PROTECT_KEY_CLEARED = "protect.key_cleared"
 
 
 @dataclass(frozen=True, slots=True)

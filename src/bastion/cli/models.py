@@ -18,10 +18,18 @@ from bastion.cli.common import (
     run,
 )
 from bastion.identity.principal import OPERATOR
-from bastion.protection.output import check_policy_options
+from bastion.protection.policy import check_protection_options
 
 # The keys of --protect: model options protect.<key>.
-PROTECT_KEYS = ("output", "scores")
+PROTECT_KEYS = (
+    "output",
+    "scores",
+    "monitor",
+    "alert_at",
+    "throttle_at",
+    "block_at",
+    "throttle_rps",
+)
 
 app = typer.Typer(help="Manage models.", no_args_is_help=True)
 
@@ -56,7 +64,9 @@ ProtectOpt = Annotated[
         "--protect",
         help="Protection policy KEY=VALUE (repeat): output=full|label_only|top_k=K,decimals=D "
         "(what answers reveal of the scores; default top_k=1,decimals=2), "
-        "scores=OUTPUT[,OUTPUT] (which outputs are scores). See docs/model-protection.md.",
+        "scores=OUTPUT[,OUTPUT] (which outputs are scores), monitor=on|off (extraction "
+        "monitor), alert_at|throttle_at|block_at=RISK|off, throttle_rps=N. "
+        "See docs/model-protection.md.",
     ),
 ]
 
@@ -74,7 +84,7 @@ def protect_options(pairs: list[str] | None) -> dict[str, str]:
             raise typer.Exit(2)
         options[f"protect.{key}"] = value
     try:
-        check_policy_options(options)
+        check_protection_options(options)
     except ValueError as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None

@@ -1,27 +1,35 @@
-"""`bastion protect`: each model's protection policy (what its answers reveal).
+"""`bastion protect`: each model's protection policy, and the extraction monitor's findings.
 
 `show` lists every model's policy, its own or the default; `set` changes one model's
-(a running server restarts its worker with it, within its refresh interval). See
-docs/model-protection.md.
+(a running server restarts its worker with it, within its refresh interval); `status`
+shows each key's extraction risk as the running gateway last wrote it; `clear` lifts a
+key's block; `reference` stores what a model's real inputs look like in its directory, for
+the monitor. See docs/model-protection.md.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
+import numpy as np
 import typer
 
 from bastion.cli.common import HomeOpt, JsonOpt, err, open_home, out, print_json, run, table
 from bastion.cli.models import PROTECT_KEYS, protect_options
 from bastion.identity.principal import OPERATOR
 from bastion.models.registry import ModelRecord
+from bastion.models.risk import RiskBoard
+from bastion.protection.monitor import REFERENCE_FILE, build_reference, monitor_policy_of
 from bastion.protection.output import DEFAULT_POLICY, POLICY_OPTION, SCORES_OPTION
 
 app = typer.Typer(
-    help="Model protection: what each model's answers reveal (see docs/model-protection.md).",
+    help="Model protection: what answers reveal, and who seems to be copying a model "
+    "(see docs/model-protection.md).",
     no_args_is_help=True,
 )
-_COLUMNS = ["model", "output", "scores"]
+_COLUMNS = ["model", "output", "scores", "monitor"]
+_STATUS_COLUMNS = ["tenant", "key_id", "model", "risk", "level", "queries", "signals"]
 
 
 @app.command("show")
@@ -30,7 +38,7 @@ def protect_show(
     home: HomeOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
-    """Each model's output policy: its own, or the default."""
+    """Each model's protection policy: its own, or the default."""
     h = open_home(home)
     records = [run(lambda: h.registry.get(model))] if model else run(h.registry.list)
     rows = [_policy(r) for r in records]
@@ -46,7 +54,9 @@ def protect_set(
     settings: Annotated[
         list[str],
         typer.Argument(
-            help="output=full|label_only|top_k=K,decimals=D|default, scores=OUTPUT[,OUTPUT]|default"
+            help="output=full|label_only|top_k=K,decimals=D, scores=OUTPUT[,OUTPUT], "
+            "monitor=on|off, alert_at|throttle_at|block_at=RISK|off, throttle_rps=N; "
+            "KEY=default goes back to the default"
         ),
     ],
     home: HomeOpt = None,
@@ -67,14 +77,108 @@ def protect_set(
         print_json(result)
     else:
         out.print(
-            f"Model {record.name}: output {result['output']}; a running server applies it shortly."
+            f"Model {record.name}: output {result['output']}, monitor {result['monitor']}; "
+            "a running server applies it shortly."
         )
+
+
+@app.command("status")
+def protect_status(
+    tenant: Annotated[str | None, typer.Option("--tenant", help="One tenant only.")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="One model only.")] = None,
+    home: HomeOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Each API key's extraction risk per model (highest first), as last reported."""
+    h = open_home(home)
+    records = run(lambda: RiskBoard(h.db).read(tenant=tenant, model=model))
+    if json_output:
+        print_json([r.as_dict() for r in records])
+        return
+    rows: list[dict[str, Any]] = [
+        {
+            **r.as_dict(),
+            "risk": f"{r.risk:.2f}",
+            "signals": ", ".join(f"{k} {v:g}" for k, v in sorted(r.signals.items())),
+        }
+        for r in records
+    ]
+    table(rows, _STATUS_COLUMNS, "Extraction risk")
+
+
+@app.command("clear")
+def protect_clear(
+    key: Annotated[str, typer.Option("--key", help="The API key's id.")],
+    model: Annotated[str | None, typer.Option("--model", help="One model only.")] = None,
+    home: HomeOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Lift an API key's extraction block and forget its history (every model, or one)."""
+    h = open_home(home)
+    cleared = run(lambda: RiskBoard(h.db, h.events).clear(OPERATOR, key, model))
+    if json_output:
+        print_json({"key_id": key, "cleared": cleared})
+    elif cleared:
+        out.print(f"Cleared {cleared} record(s) of key {key}; a running server applies it shortly.")
+    else:
+        err.print(
+            f"[red]error:[/] key {key} has no extraction record" + (f" on {model}" if model else "")
+        )
+        raise typer.Exit(1)
+
+
+@app.command("reference")
+def protect_reference(
+    model_dir: Annotated[
+        Path, typer.Argument(help="The model's directory (before adding or importing it).")
+    ],
+    samples: Annotated[
+        Path, typer.Argument(help="Real inputs: a .npy array [n, ...] or a .csv of rows, n >= 50.")
+    ],
+    json_output: JsonOpt = False,
+) -> None:
+    """Store what the model's real inputs look like (statistics, not the samples) in its
+    directory, for the extraction monitor; add or import the model afterwards."""
+    if not model_dir.is_dir():
+        err.print(f"[red]error:[/] {model_dir} is not a directory")
+        raise typer.Exit(2)
+    try:
+        if samples.suffix == ".npy":
+            data = np.load(samples, allow_pickle=False)
+        elif samples.suffix == ".csv":
+            data = np.loadtxt(samples, delimiter=",", ndmin=2)
+        else:
+            err.print("[red]error:[/] samples must be a .npy or .csv file")
+            raise typer.Exit(2)
+        reference = build_reference(np.asarray(data, dtype=np.float64))
+    except (OSError, ValueError) as exc:
+        err.print(f"[red]error:[/] cannot use {samples.name}: {exc}")
+        raise typer.Exit(2) from None
+    target = model_dir / REFERENCE_FILE
+    target.write_bytes(reference.to_json())
+    summary = {
+        "path": str(target),
+        "features": reference.features,
+        "cells": reference.cells,
+        "grid_step": reference.step,
+    }
+    if json_output:
+        print_json(summary)
+    else:
+        out.print(f"Wrote {target} ({reference.features} features, {reference.cells} cells).")
 
 
 def _policy(record: ModelRecord) -> dict[str, str]:
     """A model's policy as shown: its own settings, or what it gets by default."""
+    try:
+        policy = monitor_policy_of(record.options)
+        levels = f"alert {policy.alert_at}, throttle {policy.throttle_at}, block {policy.block_at}"
+        watching = levels if policy.enabled else "off"
+    except ValueError:
+        watching = "invalid"
     return {
         "model": record.name,
         "output": str(record.options.get(POLICY_OPTION, f"{DEFAULT_POLICY} (default)")),
         "scores": str(record.options.get(SCORES_OPTION, "(by name: prob, score, logit)")),
+        "monitor": watching,
     }

@@ -36,6 +36,7 @@ from bastion.models.bundle.reader import (
 )
 from bastion.models.bundle_store import BUNDLE_OPTION, BundleStore
 from bastion.models.registry import ModelRecord, ModelRegistry
+from bastion.models.risk import RiskBoard
 from bastion.models.status import PublishedStatus, StatusBoard
 from bastion.quotas.store import QuotaStore
 from bastion.quotas.usage import UsageMeter
@@ -78,6 +79,7 @@ class ControlPlane:
         self.events = events
         self.bundles = bundles
         self.status_board = StatusBoard(db)
+        self.risk_board = RiskBoard(db, events)
         self._revision = -1
         self._refresher: asyncio.Task[None] | None = None
         self._flushed_at = time.monotonic()
@@ -104,6 +106,8 @@ class ControlPlane:
                 await self._refresher
         await self.supervisor.stop(self.settings.drain_timeout_s)
         await self._flush_usage()
+        with contextlib.suppress(Exception):
+            await self._flush_risks()
         self.meter.close()
         try:
             await asyncio.to_thread(self.status_board.clear)
@@ -124,6 +128,9 @@ class ControlPlane:
         self.gateway.update(quotas=quotas, records=records)
         active_keys = await asyncio.to_thread(self.ohttp_keys.active)
         self.supervisor.set_sealing_keys(self.gateway.sealing.update(active_keys))
+        if self.gateway.protection is not None:
+            blocked, present = await asyncio.to_thread(self.risk_board.pairs)
+            self.gateway.protection.update_blocked(blocked, present)
         self._revision = revision
         await self._reconcile(records)
 
@@ -191,6 +198,7 @@ class ControlPlane:
                 if retirement is not None and retirement <= time.time():
                     # Erases the retired private keys and bumps the revision: refresh reloads.
                     await asyncio.to_thread(self.ohttp_keys.retire_expired, SYSTEM_ACTOR)
+                await self._flush_risks()
                 await self.refresh()
                 self.gateway.reclaim_leaked()
                 self.authenticator.flush_failures()
@@ -199,6 +207,13 @@ class ControlPlane:
                     await self._flush_usage()
             except Exception as exc:  # keep serving from the cache if the store hiccups
                 logger.warning("refresh failed", extra={"exc_type": type(exc).__name__})
+
+    async def _flush_risks(self) -> None:
+        """Write the extraction scores reported since the last tick (and any new block,
+        which bumps the revision so that every gateway refuses the key)."""
+        desk = self.gateway.protection
+        if desk is not None:
+            await asyncio.to_thread(desk.flush, self.risk_board)
 
     async def _flush_usage(self) -> None:
         """Write metered usage to the database (kept in memory if that fails)."""

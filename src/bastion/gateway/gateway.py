@@ -13,6 +13,8 @@ import asyncio
 import logging
 from collections.abc import AsyncGenerator
 
+import msgspec
+
 from bastion.api.pipeline import require_capability
 from bastion.audit.events import (
     ACCESS_DENIED,
@@ -29,6 +31,7 @@ from bastion.errors import (
     PermissionDenied,
 )
 from bastion.gateway.auth import Authenticator, NeedsRead
+from bastion.gateway.protection import ProtectionDesk
 from bastion.gateway.sealing import SealingState
 from bastion.identity.principal import (
     ACTION_CHAT,
@@ -54,9 +57,12 @@ from bastion.quotas.usage import UsageMeter
 from bastion.supervision.channel import Reply, Settle
 from bastion.supervision.supervisor import ModelStatus, Supervisor
 from bastion.wire.protocol import (
+    Caller,
     FromWorker,
+    Infer,
     ModelMetadata,
     SealedChunk,
+    SealedRequest,
     SizeLimits,
     TextDelta,
     WorkRequest,
@@ -86,6 +92,7 @@ class Gateway:
         metrics: Metrics,
         meter: UsageMeter,
         limiter: Limiter | None = None,
+        protection: ProtectionDesk | None = None,
     ) -> None:
         self.settings = settings
         self.limits = settings.request_limits
@@ -100,6 +107,8 @@ class Gateway:
         self.limiter: Limiter = limiter or InMemoryLimiter()
         self.quotas: QuotaTable = EMPTY_TABLE
         self.meter = meter
+        # Acts on the extraction monitors' reports: blocks and throttles suspected thieves.
+        self.protection = protection
         self._queues: dict[str, FairQueue] = {}
         self._catalog: dict[str, ModelRecord] = {}
         self._size_limits: dict[str, SizeLimits] = {}
@@ -215,6 +224,8 @@ class Gateway:
         (an encrypted request). The ticket holds the reservation until the request ends."""
         if self._draining:
             raise ModelUnavailable("The server is shutting down.", retry_after_s=5)
+        if self.protection is not None:
+            self.protection.check(principal.key_id, model)
         deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_s
         subjects = self._quota_subjects(principal)
         tenant = principal.tenant_name
@@ -310,6 +321,7 @@ class Gateway:
     async def call(self, model: str, message: WorkRequest, ticket: Ticket) -> FromWorker:
         """Send one request and wait for its final answer, within the request's deadline
         (which the wait in the model's fair queue, and earlier calls, count toward)."""
+        message = _with_caller(message, ticket.principal)
         try:
             async with asyncio.timeout_at(self._deadline(ticket)):
                 hold = await self._acquire(model, ticket.principal.tenant_name)
@@ -326,6 +338,7 @@ class Gateway:
         """Stream a request's messages; past the deadline (the wait in the fair queue
         included) the job is cancelled (504)."""
         deadline = self._deadline(ticket)
+        message = _with_caller(message, ticket.principal)
         try:
             async with asyncio.timeout_at(deadline):
                 hold = await self._acquire(model, ticket.principal.tenant_name)
@@ -383,6 +396,15 @@ class Gateway:
 
 
 _NO_LIMITS = QuotaLimits()
+
+
+def _with_caller(message: WorkRequest, principal: Principal) -> WorkRequest:
+    """A classifier request, plain or encrypted, names its key for the worker's extraction
+    monitor (which keeps one history per key)."""
+    if isinstance(message, Infer | SealedRequest):
+        caller = Caller(tenant=principal.tenant_name, key=principal.key_id)
+        return msgspec.structs.replace(message, caller=caller)
+    return message
 
 
 def _unavailable_message(name: str, status: ModelStatus) -> str:

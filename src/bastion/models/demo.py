@@ -27,10 +27,12 @@ from typing import Any
 
 import numpy as np
 
+from bastion.protection.monitor import REFERENCE_FILE, build_reference
+
 MARKER_FILE = ".complete"
 DIGITS_MIN_ACCURACY = 0.95
 # Bump when the digits recipe changes, so existing builds are redone.
-DIGITS_RECIPE = "digits-v1"
+DIGITS_RECIPE = "digits-v2"
 MINILM_FILES = (
     "config.json",
     "model.safetensors",
@@ -148,6 +150,8 @@ def build_digits(models_dir: Path) -> DemoModel:
 
     def write(staging: Path) -> None:
         (staging / "model.onnx").write_bytes(digits_onnx())
+        # What real inputs look like, for the extraction monitor (statistics only).
+        (staging / REFERENCE_FILE).write_bytes(build_reference(digits_split()[0]).to_json())
 
     _build_once(target, fingerprint, write)
     return DemoModel(

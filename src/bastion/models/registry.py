@@ -30,7 +30,7 @@ from bastion.audit.events import (
 from bastion.config import check_limit_options
 from bastion.errors import ConfigurationError, Conflict, InvalidRequest, ModelNotFound
 from bastion.identity.principal import Principal
-from bastion.protection.output import PROTECT_PREFIX, check_policy_options
+from bastion.protection.policy import PROTECT_PREFIX, check_protection_options
 from bastion.runtimes.base import RUNTIMES
 from bastion.sandboxes.base import check_sandbox_option
 from bastion.store.db import Database
@@ -285,7 +285,7 @@ def _validate_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     try:
         check_sandbox_option(decoded)
         check_limit_options(decoded)
-        check_policy_options(decoded)
+        check_protection_options(decoded)
     except ConfigurationError as exc:
         raise InvalidRequest(exc.message, param="options") from None
     except ValueError as exc:

@@ -90,6 +90,26 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        # Per model only: a label per key would let the number of series grow without bound.
+        self.extraction_risk = Gauge(
+            "bastion_extraction_risk",
+            "The highest extraction risk among the keys using the model (1: block level).",
+            ["model"],
+            registry=self.registry,
+        )
+        self.extraction_risk_reports = Histogram(
+            "bastion_extraction_risk_reports",
+            "Extraction risk scores reported by the model's monitor, one per key report.",
+            ["model"],
+            buckets=(0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 5.0),
+            registry=self.registry,
+        )
+        self.protect_actions = Counter(
+            "bastion_protect_actions",
+            "Actions taken against suspected extraction (alert, throttle, block, refused).",
+            ["model", "action"],
+            registry=self.registry,
+        )
         self.in_flight = Gauge(
             "bastion_in_flight_requests",
             "Requests being served now.",

@@ -41,7 +41,7 @@ POLICY_OPTION = "protect.output"
 SCORES_OPTION = "protect.scores"
 DEFAULT_POLICY = "top_k=1,decimals=2"
 _SCORE_NAME = re.compile(r"prob|score|logit", re.IGNORECASE)
-_FLOATS: dict[str, np.dtype[Any]] = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8")}
+FLOAT_TYPES: dict[str, np.dtype[Any]] = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8")}
 _MAX_DECIMALS = 8
 
 
@@ -143,7 +143,7 @@ def score_outputs(options: Mapping[str, Any], outputs: list[TensorSpec]) -> froz
     return frozenset(
         spec.name
         for spec in outputs
-        if spec.datatype in _FLOATS
+        if spec.datatype in FLOAT_TYPES
         and len(spec.shape) == 2
         and spec.shape[1] != 1
         and _SCORE_NAME.search(spec.name)
@@ -176,7 +176,7 @@ class OutputGuard:
         return msgspec.structs.replace(result, outputs=outputs)
 
     def _tensor(self, tensor: TensorData) -> TensorData:
-        dtype = _FLOATS.get(tensor.datatype)
+        dtype = FLOAT_TYPES.get(tensor.datatype)
         if dtype is None or tensor.items or len(tensor.shape) != 2:
             return tensor
         scores = np.frombuffer(tensor.raw, dtype=dtype).reshape(tensor.shape)

@@ -200,3 +200,21 @@ usage_flushes = sa.Table(
     sa.Column("flushed_at", UTCDateTime, nullable=False),
     sa.Index("ix_usage_flushes_flushed_at", "flushed_at"),
 )
+
+# Extraction risk per API key and model, as the gateway last heard it from the model's
+# worker (written without bumping the revision), and the blocks it decided (a block or
+# its clearing bumps the revision, so every gateway picks it up). Never any input.
+extraction_risk = sa.Table(
+    "extraction_risk",
+    metadata,
+    sa.Column("key_id", sa.String(64), primary_key=True),
+    sa.Column("model", sa.String(64), primary_key=True),
+    sa.Column("tenant", sa.String(64), nullable=False),
+    sa.Column("risk", sa.Float, nullable=False),
+    sa.Column("level", sa.String(16), nullable=False),
+    sa.Column("queries", sa.BigInteger, nullable=False),
+    sa.Column("signals", sa.Text, nullable=False),
+    sa.Column("blocked_at", UTCDateTime, nullable=True),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.Index("ix_extraction_risk_tenant", "tenant"),
+)

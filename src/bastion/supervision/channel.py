@@ -37,6 +37,7 @@ from bastion.wire.protocol import (
     Cancel,
     Embed,
     EmbedResult,
+    ExtractionRisk,
     FromWorker,
     Generate,
     GenerateResult,
@@ -132,10 +133,13 @@ class WorkerChannel:
         max_buffered_bytes: int | None = None,
         retry_after_s: int = 1,
         on_fault: Callable[[str], None] | None = None,
+        on_risk: Callable[[ExtractionRisk], None] | None = None,
     ) -> None:
         #: The socket path the worker connects to (its ``--endpoint``).
         self.endpoint = str(Path(path))
         self._on_fault = on_fault
+        # Where the worker's extraction monitor reports go (the gateway's protection desk).
+        self._on_risk = on_risk
         # Replies the worker sent but the callers have not read yet, across all requests.
         self._max_buffered_bytes = max_buffered_bytes or 4 * max_message_bytes
         self._buffered_bytes = 0
@@ -320,6 +324,10 @@ class WorkerChannel:
     def _route(self, message: FromWorker, size: int) -> None:
         if isinstance(message, Heartbeat):
             self.worker_in_flight = message.in_flight
+            return
+        if isinstance(message, ExtractionRisk):
+            if self._on_risk is not None:
+                self._on_risk(message)
             return
         if isinstance(message, Ready | LoadFailed):
             if self.control.done():

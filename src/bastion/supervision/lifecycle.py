@@ -45,6 +45,7 @@ from bastion.supervision.channel import WorkerChannel
 from bastion.wire.protocol import (
     EXIT_RUNTIME_FAULT,
     EXIT_STUCK,
+    ExtractionRisk,
     LoadModel,
     ModelMetadata,
     Ready,
@@ -167,6 +168,7 @@ class WorkerLifecycle:
         sandbox: Sandbox | Sandboxes,
         events: EventSink,
         sealing_keys: Callable[[], SealingKeys | None] = lambda: None,
+        on_risk: Callable[[str, ExtractionRisk], None] = lambda model, risk: None,
     ) -> None:
         self._settings = settings
         self._sandboxes = sandbox if isinstance(sandbox, Sandboxes) else Sandboxes(sandbox)
@@ -174,6 +176,8 @@ class WorkerLifecycle:
         # The OHTTP keys in force, read when a worker starts (rotations reach running
         # workers through the supervisor).
         self._sealing_keys = sealing_keys
+        # The extraction monitors' reports, by model.
+        self._on_risk = on_risk
         self._extra_runtimes = settings.runtime_modules()
         self._check_interval_s = min(
             1.0, max(0.05, min(settings.heartbeat_interval_s, settings.heartbeat_timeout_s / 4))
@@ -221,6 +225,7 @@ class WorkerLifecycle:
             worker_dir / "ipc.sock",
             retry_after_s=self._restart_retry_after(slot),
             on_fault=lambda reason: self._channel_faulted(slot, channel, reason),
+            on_risk=lambda risk: self._on_risk(name, risk),
         )
         process: WorkerProcess | None = None
         exit_task: asyncio.Future[int] | None = None

@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 
 from bastion.audit.events import MODEL_UNLOADED, EventSink
@@ -31,7 +31,7 @@ from bastion.supervision.lifecycle import (
     ModelStatus,
     WorkerLifecycle,
 )
-from bastion.wire.protocol import SealingKeys, WorkRequest
+from bastion.wire.protocol import ClearRisk, ExtractionRisk, SealingKeys, WorkRequest
 
 __all__ = ["ModelSpec", "ModelState", "ModelStatus", "Supervisor"]
 
@@ -50,7 +50,11 @@ class Supervisor:
         self._closing = False
         self._sealing_keys: SealingKeys | None = None
         sandboxes = sandbox if isinstance(sandbox, Sandboxes) else Sandboxes(sandbox)
-        self._lifecycle = WorkerLifecycle(settings, sandboxes, events, lambda: self._sealing_keys)
+        #: Where the workers' extraction monitor reports go: (model, report).
+        self.on_risk: Callable[[str, ExtractionRisk], None] | None = None
+        self._lifecycle = WorkerLifecycle(
+            settings, sandboxes, events, lambda: self._sealing_keys, self._risk_reported
+        )
         #: How workers are isolated: the server's backend, and those models asked for.
         self.sandboxes = sandboxes
         self.sandbox = sandboxes.default
@@ -104,6 +108,16 @@ class Supervisor:
         for slot in self._slots.values():
             if slot.channel is not None:
                 slot.channel.send_nowait(keys)
+
+    def _risk_reported(self, model: str, risk: ExtractionRisk) -> None:
+        if self.on_risk is not None:
+            self.on_risk(model, risk)
+
+    def clear_risk(self, model: str, key: str) -> None:
+        """Tell the model's worker, if one runs, to forget API key `key`'s history."""
+        slot = self._slots.get(model)
+        if slot is not None and slot.channel is not None:
+            slot.channel.send_nowait(ClearRisk(key=key))
 
     def status(self, name: str) -> ModelStatus:
         slot = self._slots.get(name)

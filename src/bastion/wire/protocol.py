@@ -121,11 +121,20 @@ class Embed(Message, frozen=True, kw_only=True):
     texts: list[str]
 
 
+class Caller(msgspec.Struct, frozen=True, kw_only=True):
+    """Who sent a request: the worker's extraction monitor keeps one history per key."""
+
+    tenant: str
+    key: str
+
+
 class Infer(Message, frozen=True, kw_only=True):
     id: int
     inputs: list[TensorData]
     # Names of the outputs wanted; empty means all.
     outputs: list[str] = []
+    # Set by the gateway (or, for an encrypted request, the worker from the outer one).
+    caller: Caller | None = None
 
 
 class OhttpSuite(msgspec.Struct, frozen=True, kw_only=True):
@@ -218,6 +227,8 @@ class SealedRequest(Message, frozen=True, kw_only=True):
     # The tokens reserved for it when the caller's tokens are limited: the inner request
     # may not be estimated at more (None: no limit).
     allowance: int | None = None
+    # The outer request's API key, for the extraction monitor.
+    caller: Caller | None = None
 
 
 # What the gateway sends a worker to do.
@@ -232,6 +243,12 @@ class Cancel(Message, frozen=True, kw_only=True):
 
 class Shutdown(Message, frozen=True, kw_only=True):
     """Finish in-flight work, then exit."""
+
+
+class ClearRisk(Message, frozen=True, kw_only=True):
+    """An admin cleared API key `key`: forget its history with this model."""
+
+    key: str
 
 
 # ---------------------------------------------------------------- worker -> gateway
@@ -254,6 +271,17 @@ class LoadFailed(Message, frozen=True, kw_only=True):
 
 class Heartbeat(Message, frozen=True, kw_only=True):
     in_flight: int = 0
+
+
+class ExtractionRisk(Message, frozen=True, kw_only=True):
+    """The extraction monitor's latest score of one key's queries (never an input):
+    sent when its level changes, and every few dozen queries."""
+
+    caller: Caller
+    risk: float
+    level: str
+    queries: int
+    signals: dict[str, float] = {}
 
 
 class TextDelta(Message, frozen=True, kw_only=True):
@@ -371,11 +399,22 @@ def compute_of(reply: Message) -> float:
     return reply.compute_s if isinstance(reply, _METERED) else 0.0
 
 
-ToWorker = LoadModel | Generate | Embed | Infer | SealingKeys | SealedRequest | Cancel | Shutdown
+ToWorker = (
+    LoadModel
+    | Generate
+    | Embed
+    | Infer
+    | SealingKeys
+    | SealedRequest
+    | Cancel
+    | Shutdown
+    | ClearRisk
+)
 FromWorker = (
     Ready
     | LoadFailed
     | Heartbeat
+    | ExtractionRisk
     | TextDelta
     | GenerateResult
     | EmbedResult

@@ -19,10 +19,14 @@ from collections.abc import (
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import msgspec
+
 from bastion.api.pipeline import require_capability
 from bastion.errors import InvalidRequest, ModelNotFound, PermissionDenied, RateLimited
 from bastion.wire.protocol import (
+    Caller,
     FromWorker,
+    Infer,
     Message,
     ModelMetadata,
     RequestLimits,
@@ -71,6 +75,8 @@ class SealedCaller:
     actions: frozenset[str]
     # The access log's tenant label; the gateway logs the real one for the outer request.
     tenant_name: str = "sealed"
+    # The outer request's key, which the extraction monitor keeps a history of.
+    identity: Caller | None = None
 
     def require_action(self, action: str) -> None:
         """Raise PermissionDenied unless the caller's key holds `action`."""
@@ -236,6 +242,9 @@ class SealedCall:
     async def stream(
         self, model: str, message: Any, ticket: SealedTicket
     ) -> AsyncGenerator[FromWorker, None]:
+        if isinstance(message, Infer) and self.caller.identity is not None:
+            # Watched like a plaintext request from the same key.
+            message = msgspec.structs.replace(message, caller=self.caller.identity)
         # The usage goes back to the gateway beside the sealed answer, which accounts it.
         usage = self.usage
         run_inline = self.run_inline

@@ -41,7 +41,8 @@ from bastion.models.bundle.reader import (
     read_bundle,
 )
 from bastion.observability.logging import configure_logging
-from bastion.protection.output import OutputGuard
+from bastion.protection.monitor import REFERENCE_FILE, RiskReport, load_reference
+from bastion.protection.shield import ModelShield
 from bastion.runtimes.base import (
     Cancelled,
     CancelToken,
@@ -60,9 +61,12 @@ from bastion.wire.framing import (
 from bastion.wire.protocol import (
     EXIT_RUNTIME_FAULT,
     EXIT_STUCK,
+    Caller,
     Cancel,
+    ClearRisk,
     Embed,
     EmbedResult,
+    ExtractionRisk,
     Generate,
     GenerateResult,
     Heartbeat,
@@ -138,7 +142,7 @@ class Worker:
         # Requests received and not yet answered or cancelled; the heartbeat counts them.
         self._jobs: dict[int, _Job] = {}
         # Jobs for the runtime thread; None tells it to finish after the jobs before it.
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Job | ClearRisk | None] = queue.SimpleQueue()
         self._shutting_down = False
         # Set by the runtime thread when it is done; the main thread then exits with it.
         self._exit_code: int | None = None
@@ -151,8 +155,8 @@ class Worker:
         # Set when runtime code raised a BaseException that is not an Exception: the
         # runtime may be corrupt, so the worker leaves once that request is answered.
         self._runtime_fault: str | None = None
-        # What its answers reveal of the scores it computes (set once the model is loaded).
-        self._guard: OutputGuard | None = None
+        # Its answers' protection: output policy and extraction monitor (set once loaded).
+        self._shield: ModelShield | None = None
 
     def run(self) -> int:
         """Load the model and serve it; returns the process exit status."""
@@ -221,6 +225,9 @@ class Worker:
                 self._sealed.set_keys(message)
             elif isinstance(message, Cancel):
                 self._cancel(message.id)
+            elif isinstance(message, ClearRisk):
+                # The runtime thread may be using the monitor: it resets between jobs.
+                self._queue.put(message)
             elif isinstance(message, Shutdown):
                 if not self._shutting_down:
                     self._shutting_down = True
@@ -327,10 +334,11 @@ class Worker:
         """Load the model here, so the runtime runs in the thread that set it up."""
         try:
             try:
-                runtime = _load_model(load)
-                # What its answers reveal of its scores: enforced here, declared to clients.
-                self._guard = OutputGuard(load.options, runtime.metadata())
-                metadata = self._guard.declare(runtime.metadata())
+                runtime, files = _load_model(load)
+                # Its answers' protection: enforced here, declared to clients.
+                reference = load_reference(files.read_optional(REFERENCE_FILE))
+                self._shield = ModelShield(load.options, runtime.metadata(), reference)
+                metadata = self._shield.declare(runtime.metadata())
             except IntegrityError as exc:
                 self._send(
                     LoadFailed(model=load.model, reason=str(exc)[:_REASON_LIMIT], integrity=True)
@@ -352,6 +360,10 @@ class Worker:
                 self._pipeline.metadata = metadata
             self._send(Ready(model=load.model, metadata=metadata, pid=os.getpid()))
             while (job := self._queue.get()) is not None:
+                if isinstance(job, ClearRisk):
+                    if self._shield is not None:
+                        self._shield.reset(job.key)
+                    continue
                 if job.cancelled:
                     # Ends the request (at the gateway, or for the sealed request waiting
                     # on it) with no work done, so its usage can be settled.
@@ -422,8 +434,10 @@ class Worker:
                 outcome = runtime.embed(request, job.cancel)
             else:
                 outcome = runtime.infer(request, job.cancel)
-                if self._guard is not None:
-                    outcome = self._guard.apply(outcome)
+                if self._shield is not None and isinstance(outcome, InferResult):
+                    outcome, report = self._shield.infer(request, outcome)
+                    if report is not None:
+                        self._send(_risk_message(report))
             if not isinstance(outcome, _RESULT_TYPES[type(request)]):
                 raise TypeError("the runtime returned the wrong result type")
             if outcome.id != request.id:
@@ -511,7 +525,17 @@ def _exit_now(code: int) -> NoReturn:
     os._exit(code)
 
 
-def _load_model(load: LoadModel) -> Runtime:
+def _risk_message(report: RiskReport) -> ExtractionRisk:
+    return ExtractionRisk(
+        caller=Caller(tenant=report.tenant, key=report.caller),
+        risk=report.risk,
+        level=report.level,
+        queries=report.queries,
+        signals=report.signals,
+    )
+
+
+def _load_model(load: LoadModel) -> tuple[Runtime, ModelFiles]:
     threads = _thread_count(load.options)
     if threads is not None:
         # Set before the runtime imports its libraries, which read these once.
@@ -522,14 +546,17 @@ def _load_model(load: LoadModel) -> Runtime:
 
             torch.set_num_threads(threads)
     if load.bundle_key is None:
-        return load_runtime(load.runtime, Path(load.path), load.options, load.runtime_module)
+        path = Path(load.path)
+        runtime = load_runtime(load.runtime, path, load.options, load.runtime_module)
+        return runtime, ModelFiles(directory=path if path.is_dir() else path.parent)
     # A bundle: decrypted and checked against its signed manifest here, in memory.
     bundle = read_bundle(Path(load.path))
     expect_identity(bundle, load.model, load.options.get(BUNDLE_OPTION))
     _, files = open_bundle_with_key(
         bundle, load.bundle_key, load.trusted_keys, publisher_keys=load.publisher_keys
     )
-    return load_runtime(load.runtime, ModelFiles(memory=files), load.options, load.runtime_module)
+    model_files = ModelFiles(memory=files)
+    return load_runtime(load.runtime, model_files, load.options, load.runtime_module), model_files
 
 
 def _thread_count(options: Mapping[str, Any]) -> int | None:

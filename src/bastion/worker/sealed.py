@@ -209,7 +209,10 @@ class SealedServer:
         exchange = _Exchange(request, context, send)
         usage = Usage()
         call = self._pipeline.for_request(
-            SealedCaller(actions=frozenset(request.actions)), usage, request.allowance, run_inline
+            SealedCaller(actions=frozenset(request.actions), identity=request.caller),
+            usage,
+            request.allowance,
+            run_inline,
         )
         try:
             if inner is None:

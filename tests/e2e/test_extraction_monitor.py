@@ -1,0 +1,172 @@
+"""The extraction monitor against a real server: thieves are blocked, benign tenants never.
+
+`digits` is served with its default policy and a reference of real digits stored at
+import (`bastion protect reference`). Consumer keys send what a thief and what honest
+users send, one image a request, through the Open Inference Protocol and through OHTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+
+from bastion.models.demo import digits_onnx, digits_split
+from bastion.wire import bhttp
+from bastion_testing import (
+    BastionServer,
+    ohttp_config,
+    post_sealed,
+    run_cli,
+    seal_request,
+    store_reference,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BastionServer]:
+    base = tmp_path_factory.mktemp("monitor")
+    model = base / "digits"
+    model.mkdir()
+    (model / "model.onnx").write_bytes(digits_onnx())
+    store_reference(model, digits_split()[0])
+    home = base / "home"
+    run_cli(home, "init", "--no-demo-models")
+    run_cli(home, "models", "add", "digits", "--runtime", "onnx", "--path", str(model))
+    srv = BastionServer(home)
+    try:
+        srv.wait_ready(["digits"])
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _key(server: BastionServer, tenant: str) -> dict[str, Any]:
+    with server.client() as admin:
+        admin.post("/admin/v1/tenants", json={"name": tenant})
+        created = admin.post(
+            "/admin/v1/keys", json={"tenant": tenant, "role": "consumer", "models": ["digits"]}
+        )
+        assert created.status_code == 201, created.text
+        return dict(created.json())
+
+
+def _ask(client: httpx.Client, key: str, x: np.ndarray[Any, Any]) -> httpx.Response:
+    body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
+                        "data": x.astype(np.float32).tolist()}]}  # fmt: skip
+    return client.post(
+        "/v2/models/digits/infer", json=body, headers={"authorization": f"Bearer {key}"}
+    )
+
+
+def _send(server: BastionServer, key: str, stream: np.ndarray[Any, Any]) -> int | None:
+    """Send `stream` one image a request; the number of answers before a refusal."""
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        for i, x in enumerate(stream):
+            answer = _ask(client, key, x)
+            if answer.status_code == 403:
+                assert "copy" in answer.json()["error"]
+                return i
+            assert answer.status_code == 200, answer.text
+    return None
+
+
+def _labels(server: BastionServer, key: str, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        answers = [_ask(client, key, row).json() for row in x]
+    return np.asarray([a["outputs"][0]["data"][0] for a in answers])
+
+
+def test_benign_tenants_sending_real_digits_are_never_blocked(server: BastionServer) -> None:
+    _, x_test, _, _ = digits_split()
+    rng = np.random.default_rng(0)
+    for tenant in range(8):
+        key = _key(server, f"honest-{tenant}")["key"]
+        stream = x_test[rng.permutation(len(x_test))[: int(rng.integers(100, 300))]]
+        assert _send(server, key, stream) is None
+
+
+def test_a_random_input_thief_is_blocked_and_an_admin_clears_it(server: BastionServer) -> None:
+    thief = _key(server, "thief")
+    bystander = _key(server, "bystander")["key"]
+    probes = np.random.default_rng(1).uniform(0, 16, (500, 64))
+    answered = _send(server, thief["key"], probes)
+    assert answered is not None and 50 <= answered <= 500
+    # Only that key, only that model: everyone else is served.
+    _, x_test, _, _ = digits_split()
+    assert _send(server, bystander, x_test[:5]) is None
+    # The block is an event (no payload), a metric, and a row in `protect status`.
+    logs = server.logs()
+    assert "protect.key_blocked" in logs
+    assert f"{probes[0][0]:.6f}" not in logs
+    deadline = time.monotonic() + 10
+    while True:
+        status = json.loads(
+            run_cli(server.home, "protect", "status", "--tenant", "thief", "--json").stdout
+        )
+        if status and status[0]["blocked"]:
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(0.3)
+    assert status[0]["key_id"] == thief["id"] and status[0]["risk"] >= 1.0
+    with server.client() as admin:
+        metrics = admin.get("/metrics").text
+    assert 'bastion_protect_actions_total{action="block",model="digits"}' in metrics
+    assert 'bastion_extraction_risk{model="digits"}' in metrics
+    # Cleared by an admin, the key is served again (from a fresh history).
+    cleared = run_cli(server.home, "protect", "clear", "--key", thief["id"])
+    assert "Cleared 1 record" in cleared.stdout
+    deadline = time.monotonic() + 10
+    while _send(server, thief["key"], x_test[:1]) is not None:
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    unknown = run_cli(server.home, "protect", "clear", "--key", "nope", check=False)
+    assert unknown.returncode == 1 and "no extraction record" in unknown.stderr
+
+
+def test_a_jbda_thief_starting_from_50_real_digits_is_blocked(server: BastionServer) -> None:
+    """Papernot et al.'s Jacobian-based augmentation, with the answers it gets."""
+    key = _key(server, "jbda")["key"]
+    _, x_test, _, _ = digits_split()
+    points = x_test[np.random.default_rng(2).permutation(len(x_test))[:50]].astype(np.float64)
+    labels = _labels(server, key, points)
+    blocked = False
+    while len(points) < 500 and not blocked:
+        substitute = LogisticRegression(max_iter=500).fit(points, labels)
+        classes = list(substitute.classes_)
+        rows = [classes.index(c) for c in substitute.predict(points)]
+        new = np.clip(points + 1.6 * np.sign(substitute.coef_[rows]), 0, 16)
+        answered = _send(server, key, new)
+        blocked = answered is not None
+        if not blocked:
+            points = np.vstack([points, new])
+            labels = np.concatenate([labels, _labels(server, key, new)])
+    assert blocked and len(points) < 500
+
+
+def test_an_encrypted_thief_is_watched_and_blocked_too(server: BastionServer) -> None:
+    key = _key(server, "sealed-thief")["key"]
+    config = ohttp_config(server)
+    probes = np.random.default_rng(3).uniform(0, 16, (300, 64))
+    refused_after = None
+    for i, x in enumerate(probes):
+        body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
+                            "data": x.tolist()}]}  # fmt: skip
+        data, context = seal_request(config, body, path="/v2/models/digits/infer")
+        response = post_sealed(server, key, data, model="digits")
+        if response.status_code == 403:
+            assert response.json()["error"]["code"] == "extraction_suspected"
+            refused_after = i
+            break
+        assert response.status_code == 200, response.text
+        inner = bhttp.decode_response(context.open(response.content))
+        assert inner.status == 200
+    assert refused_after is not None and 50 <= refused_after < 300

@@ -1,0 +1,126 @@
+"""The gateway's protection desk: acting on the workers' extraction reports."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from bastion.audit.events import MemoryEventSink
+from bastion.errors import ExtractionSuspected, RateLimited
+from bastion.gateway.protection import ProtectionDesk
+from bastion.identity.principal import OPERATOR
+from bastion.models.risk import RiskBoard, RiskRecord
+from bastion.observability.metrics import Metrics
+from bastion.protection.monitor import MonitorPolicy
+from bastion.store.db import Database
+from bastion.wire.protocol import Caller, ExtractionRisk
+
+
+def _report(level: str, risk: float, key: str = "k1") -> ExtractionRisk:
+    return ExtractionRisk(
+        caller=Caller(tenant="acme", key=key),
+        risk=risk,
+        level=level,
+        queries=120,
+        signals={"ood": risk, "prada": 0.1},
+    )
+
+
+def _desk(policy: MonitorPolicy | None = None) -> tuple[ProtectionDesk, MemoryEventSink, list]:
+    events = MemoryEventSink()
+    cleared: list[tuple[str, str]] = []
+    desk = ProtectionDesk(
+        events,
+        Metrics(),
+        policy_of=lambda model: policy or MonitorPolicy(),
+        clear_worker=lambda model, key: cleared.append((model, key)),
+    )
+    return desk, events, cleared
+
+
+def test_a_block_refuses_the_key_on_that_model_only() -> None:
+    desk, events, _ = _desk()
+    desk.check("k1", "digits")
+    desk.reported("digits", _report("alert", 0.8))
+    desk.check("k1", "digits")
+    desk.reported("digits", _report("block", 1.4))
+    with pytest.raises(ExtractionSuspected) as refused:
+        desk.check("k1", "digits")
+    assert refused.value.status == 403 and refused.value.code == "extraction_suspected"
+    desk.check("k1", "other-model")
+    desk.check("k2", "digits")
+    assert events.kinds() == ["protect.extraction_suspected", "protect.key_blocked"]
+    blocked = events.events[-1]
+    assert (blocked.actor, blocked.tenant, blocked.target) == ("k1", "acme", "digits")
+    assert blocked.detail["risk"] == 1.4 and blocked.detail["signal_ood"] == 1.4
+
+
+def test_a_lower_report_after_a_block_does_not_lift_it() -> None:
+    desk, _, _ = _desk()
+    desk.reported("digits", _report("block", 1.4))
+    desk.reported("digits", _report("ok", 0.1))
+    with pytest.raises(ExtractionSuspected):
+        desk.check("k1", "digits")
+    assert desk.snapshot()[0].level == "block"
+
+
+def test_a_throttled_key_passes_at_the_policy_rate() -> None:
+    desk, events, _ = _desk(MonitorPolicy(throttle_at=0.8, throttle_rps=0.5))
+    desk.reported("digits", _report("throttle", 0.9))
+    desk.check("k1", "digits")
+    with pytest.raises(RateLimited) as slowed:
+        desk.check("k1", "digits")
+    assert slowed.value.code == "extraction_throttled"
+    assert int(slowed.value.headers["retry-after"]) >= 1
+    assert events.kinds() == ["protect.key_throttled"]
+
+
+def test_blocks_persist_and_a_clear_reaches_the_gateway_and_the_worker(db: Database) -> None:
+    desk, _, cleared = _desk()
+    board = RiskBoard(db, MemoryEventSink())
+    before = db.revision()
+    desk.reported("digits", _report("alert", 0.8, key="k2"))
+    desk.reported("digits", _report("block", 1.4))
+    desk.flush(board)
+    # A block bumps the revision: every gateway picks it up.
+    assert db.revision() > before
+    blocked, present = board.pairs()
+    assert blocked == {("k1", "digits")} and present == {("k1", "digits"), ("k2", "digits")}
+    rows = {r.key_id: r for r in board.read()}
+    assert rows["k1"].blocked and rows["k1"].signals == {"ood": 1.4, "prada": 0.1}
+    # Another gateway learns of it from the database.
+    other, _, _ = _desk()
+    other.update_blocked(blocked, present)
+    with pytest.raises(ExtractionSuspected):
+        other.check("k1", "digits")
+    # An admin clears k1: both lift it; the worker forgets k1's history.
+    assert board.clear(OPERATOR, "k1") == 1
+    desk.update_blocked(*board.pairs())
+    desk.check("k1", "digits")
+    assert cleared == [("digits", "k1")]
+    assert [r.key_id for r in board.read()] == ["k2"]
+
+
+def test_a_score_never_unblocks_in_the_database(db: Database) -> None:
+    board = RiskBoard(db)
+    at = datetime.now(UTC)
+    board.record([RiskRecord("k", "m", "t", 2.0, "block", 60, blocked_at=at)])
+    board.record([RiskRecord("k", "m", "t", 0.1, "ok", 200)])
+    (row,) = board.read()
+    assert row.blocked and row.level == "block" and row.queries == 200
+
+
+def test_clearing_needs_an_admin_and_is_an_event(db: Database) -> None:
+    from bastion.errors import PermissionDenied
+    from bastion.identity.principal import Principal
+
+    events = MemoryEventSink()
+    board = RiskBoard(db, events)
+    board.record([RiskRecord("k", "m", "t", 2.0, "block", 60, blocked_at=datetime.now(UTC))])
+    consumer = Principal(key_id="c", tenant_id=1, tenant_name="t", role="consumer")
+    with pytest.raises(PermissionDenied):
+        board.clear(consumer, "k")
+    assert board.clear(OPERATOR, "k") == 1
+    assert events.kinds() == ["protect.key_cleared"]
+    assert board.clear(OPERATOR, "k") == 0
