@@ -170,3 +170,38 @@ def test_an_encrypted_thief_is_watched_and_blocked_too(server: BastionServer) ->
         inner = bhttp.decode_response(context.open(response.content))
         assert inner.status == 200
     assert refused_after is not None and 50 <= refused_after < 300
+
+
+def test_the_admin_api_shows_and_changes_protection(server: BastionServer) -> None:
+    thief = _key(server, "api-thief")
+    probes = np.random.default_rng(4).uniform(0, 16, (200, 64))
+    assert _send(server, thief["key"], probes) is not None
+    with server.client() as admin:
+        deadline = time.monotonic() + 10
+        while True:
+            shown = admin.get("/admin/v1/protection", params={"tenant": "api-thief"}).json()
+            if shown["keys"] and shown["keys"][0]["blocked"]:
+                break
+            assert time.monotonic() < deadline, shown
+            time.sleep(0.3)
+        (model,) = shown["models"]
+        assert model["model"] == "digits" and model["output"] == "top_k=1,decimals=2"
+        assert model["monitor"]["block_at"] == 1.0
+        assert shown["keys"][0]["key_id"] == thief["id"]
+        # A consumer key may not look.
+        consumer = httpx.get(
+            f"{server.url}/admin/v1/protection",
+            headers={"authorization": f"Bearer {thief['key']}"},
+        )
+        assert consumer.status_code == 403
+        bad = admin.patch("/admin/v1/protection/models/digits", json={"block_at": "soon"})
+        assert bad.status_code == 400 and "block_at" in bad.json()["error"]["message"]
+        unknown = admin.patch("/admin/v1/protection/models/digits", json={"colour": "red"})
+        assert unknown.status_code == 400
+        changed = admin.patch("/admin/v1/protection/models/digits", json={"alert_at": "0.6"})
+        assert changed.status_code == 200 and changed.json()["monitor"]["alert_at"] == 0.6
+        reset = admin.patch("/admin/v1/protection/models/digits", json={"alert_at": None})
+        assert reset.json()["monitor"]["alert_at"] == 0.75
+        cleared = admin.delete(f"/admin/v1/protection/keys/{thief['id']}")
+        assert cleared.status_code == 200 and cleared.json()["cleared"] == 1
+        assert admin.delete(f"/admin/v1/protection/keys/{thief['id']}").status_code == 404

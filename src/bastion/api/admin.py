@@ -12,13 +12,15 @@ from starlette.routing import Route
 
 from bastion.api.body import decode_json
 from bastion.api.context import authenticate, json_response, services_of
-from bastion.api.schemas import KeyCreate, QuotaUpdate, TenantCreate
+from bastion.api.schemas import KeyCreate, ProtectionUpdate, QuotaUpdate, TenantCreate
 from bastion.api.services import Services
 from bastion.errors import InvalidRequest, NotFound
 from bastion.identity.grants import TENANT_NOT_FOUND, is_global_admin
 from bastion.identity.principal import Principal
 from bastion.identity.service import IdentityService
 from bastion.models.registry import ModelRecord
+from bastion.models.risk import RiskBoard
+from bastion.protection.policy import policy_view
 from bastion.quotas.store import KEY, TENANT
 from bastion.quotas.usage import parse_since, usage_report
 from bastion.supervision.supervisor import Supervisor
@@ -223,6 +225,52 @@ async def remove_quota(request: Request) -> Response:
     return Response(status_code=204)
 
 
+# ---------------------------------------------------------------- model protection
+
+
+def _protection_view(record: ModelRecord) -> dict[str, Any]:
+    return {"model": record.name, **policy_view(record.options)}
+
+
+async def list_protection(request: Request) -> Response:
+    """Every model's protection policy, and the extraction risk of the keys using them."""
+    services, principal = await _admin(request)
+    principal.require_admin()
+    records = await asyncio.to_thread(services.registry.list)
+    tenant = request.query_params.get("tenant")
+    risks = await asyncio.to_thread(RiskBoard(services.db).read, tenant=tenant)
+    return json_response(
+        {
+            "models": [_protection_view(r) for r in records],
+            "keys": [r.as_dict() for r in risks],
+        }
+    )
+
+
+async def update_protection(request: Request) -> Response:
+    services, principal = await _admin(request)
+    body = await decode_json(request, ProtectionUpdate, services.settings.max_body_bytes)
+    name = request.path_params["model"]
+    record = await asyncio.to_thread(
+        services.registry.set_protection, principal, name, body.changes()
+    )
+    await services.control.refresh()
+    return json_response(_protection_view(record))
+
+
+async def clear_protection_key(request: Request) -> Response:
+    """Lift an API key's extraction blocks and forget its scores (?model= one model)."""
+    services, principal = await _admin(request)
+    key_id = request.path_params["key_id"]
+    model = request.query_params.get("model")
+    board = RiskBoard(services.db, services.gateway.events)
+    cleared = await asyncio.to_thread(board.clear, principal, key_id, model)
+    if not cleared:
+        raise NotFound(f"The key '{key_id}' has no extraction record.")
+    await services.control.refresh()
+    return json_response({"key_id": key_id, "cleared": cleared})
+
+
 async def get_usage(request: Request) -> Response:
     """Metered usage; admins see every tenant, a tenant's admins their own."""
     services, principal = await _admin(request)
@@ -269,4 +317,7 @@ routes = [
     Route("/admin/v1/quotas/{kind}/{subject}", update_quota, methods=["PATCH", "PUT"]),
     Route("/admin/v1/quotas/{kind}/{subject}", remove_quota, methods=["DELETE"]),
     Route("/admin/v1/usage", get_usage, methods=["GET"]),
+    Route("/admin/v1/protection", list_protection, methods=["GET"]),
+    Route("/admin/v1/protection/models/{model}", update_protection, methods=["PATCH", "PUT"]),
+    Route("/admin/v1/protection/keys/{key_id}", clear_protection_key, methods=["DELETE"]),
 ]

@@ -19,6 +19,7 @@ _BODIES: dict[tuple[str, str], type[Any]] = {
     ("/admin/v1/tenants", "post"): schemas.TenantCreate,
     ("/admin/v1/keys", "post"): schemas.KeyCreate,
     ("/admin/v1/quotas/{kind}/{subject}", "patch"): schemas.QuotaUpdate,
+    ("/admin/v1/protection/models/{model}", "patch"): schemas.ProtectionUpdate,
 }
 
 # Query parameters of the operations that take some: name -> description.
@@ -32,6 +33,8 @@ _QUERY: dict[tuple[str, str], dict[str, str]] = {
         "until": "A duration back from now or an ISO 8601 date",
         "group": "total (default), day or hour",
     },
+    ("/admin/v1/protection", "get"): {"tenant": "Only this tenant's keys' extraction risk"},
+    ("/admin/v1/protection/keys/{key_id}", "delete"): {"model": "One model only"},
 }
 
 _OPERATIONS: list[tuple[str, str, str, bool]] = [
@@ -105,6 +108,25 @@ _OPERATIONS: list[tuple[str, str, str, bool]] = [
     ),
     ("/admin/v1/quotas/{kind}/{subject}", "delete", "Remove a quota", True),
     ("/admin/v1/usage", "get", "Metered usage, per tenant and model", True),
+    (
+        "/admin/v1/protection",
+        "get",
+        "Every model's protection policy and each key's extraction risk",
+        True,
+    ),
+    (
+        "/admin/v1/protection/models/{model}",
+        "patch",
+        "Change a model's protection policy (null: back to the default)",
+        True,
+    ),
+    ("/admin/v1/protection/models/{model}", "put", "As PATCH", True),
+    (
+        "/admin/v1/protection/keys/{key_id}",
+        "delete",
+        "Lift a key's extraction block and forget its scores",
+        True,
+    ),
 ]
 
 _PATH_PARAMETER = re.compile(r"{([a-z_]+)}")

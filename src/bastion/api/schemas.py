@@ -169,3 +169,23 @@ class QuotaUpdate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             for name in self.__struct_fields__
             if (value := getattr(self, name)) is not msgspec.UNSET
         }
+
+
+class ProtectionUpdate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Protection settings to change, by their `bastion protect set` names (a string
+    sets, null goes back to the default); those left out are kept."""
+
+    output: str | msgspec.UnsetType | None = msgspec.UNSET
+    scores: str | msgspec.UnsetType | None = msgspec.UNSET
+    monitor: str | msgspec.UnsetType | None = msgspec.UNSET
+    alert_at: str | msgspec.UnsetType | None = msgspec.UNSET
+    throttle_at: str | msgspec.UnsetType | None = msgspec.UNSET
+    block_at: str | msgspec.UnsetType | None = msgspec.UNSET
+    throttle_rps: str | msgspec.UnsetType | None = msgspec.UNSET
+
+    def changes(self) -> dict[str, str | None]:
+        return {
+            f"protect.{name}": value
+            for name in self.__struct_fields__
+            if (value := getattr(self, name)) is not msgspec.UNSET
+        }

@@ -20,8 +20,8 @@ from bastion.cli.models import PROTECT_KEYS, protect_options
 from bastion.identity.principal import OPERATOR
 from bastion.models.registry import ModelRecord
 from bastion.models.risk import RiskBoard
-from bastion.protection.monitor import REFERENCE_FILE, build_reference, monitor_policy_of
-from bastion.protection.output import DEFAULT_POLICY, POLICY_OPTION, SCORES_OPTION
+from bastion.protection.monitor import REFERENCE_FILE, build_reference
+from bastion.protection.policy import policy_view
 
 app = typer.Typer(
     help="Model protection: what answers reveal, and who seems to be copying a model "
@@ -29,6 +29,7 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 _COLUMNS = ["model", "output", "scores", "monitor"]
+_LEVELS = ("alert", "throttle", "block")
 _STATUS_COLUMNS = ["tenant", "key_id", "model", "risk", "level", "queries", "signals"]
 
 
@@ -170,15 +171,14 @@ def protect_reference(
 
 def _policy(record: ModelRecord) -> dict[str, str]:
     """A model's policy as shown: its own settings, or what it gets by default."""
-    try:
-        policy = monitor_policy_of(record.options)
-        levels = f"alert {policy.alert_at}, throttle {policy.throttle_at}, block {policy.block_at}"
-        watching = levels if policy.enabled else "off"
-    except ValueError:
-        watching = "invalid"
+    view = policy_view(record.options)
+    monitor = view["monitor"]
+    if isinstance(monitor, dict):
+        levels = ", ".join(f"{level} {monitor[f'{level}_at']}" for level in _LEVELS)
+        monitor = levels if monitor["monitor"] == "on" else "off"
     return {
         "model": record.name,
-        "output": str(record.options.get(POLICY_OPTION, f"{DEFAULT_POLICY} (default)")),
-        "scores": str(record.options.get(SCORES_OPTION, "(by name: prob, score, logit)")),
-        "monitor": watching,
+        "output": view["output"] + (" (default)" if view["output_is_default"] else ""),
+        "scores": view["scores"] or "(by name: prob, score, logit)",
+        "monitor": monitor,
     }
