@@ -185,7 +185,7 @@ def test_the_admin_api_shows_and_changes_protection(server: BastionServer) -> No
             assert time.monotonic() < deadline, shown
             time.sleep(0.3)
         (model,) = shown["models"]
-        assert model["model"] == "digits" and model["output"] == "top_k=1,decimals=2"
+        assert model["model"] == "digits" and model["output"] == "label_only"
         assert model["monitor"]["block_at"] == 1.0
         assert shown["keys"][0]["key_id"] == thief["id"]
         # A consumer key may not look.

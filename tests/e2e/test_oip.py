@@ -33,10 +33,10 @@ def test_health_and_metadata(client: triton.InferenceServerClient, auth: dict[st
     assert outputs["probabilities"]["datatype"] == "FP32"
     assert outputs["probabilities"]["shape"] == [-1, 10]
     # The answers' scores follow the default output policy, declared to clients.
-    assert metadata["output_policy"] == {
-        "policy": "top_k=1,decimals=2",
-        "scores": ["probabilities"],
-    }
+    declared = metadata["output_policy"]
+    assert declared["policy"] == "label_only" and declared["scores"] == ["probabilities"]
+    # The extraction monitor watches it, with the reference the demo stores.
+    assert declared["monitor"]["monitor"] == "on" and declared["reference"] is True
 
 
 def test_heldout_accuracy_through_the_api(

@@ -62,12 +62,50 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BastionServer]:
         home, "models", "import", str(model), "--name", "digits-sealed", "--runtime", "onnx",
         "--protect", "output=label_only", "--protect", "monitor=off",
     )  # fmt: skip
+    # A deliberately overfit random forest, for membership inference.
+    forest = base / "forest"
+    forest.mkdir()
+    (forest / "model.onnx").write_bytes(_overfit_forest_onnx())
+    for name, policy in (("forest", "output=default"), ("forest-full", "output=full")):
+        extra = ["--protect", policy] if policy != "output=default" else []
+        run_cli(
+            home, "models", "add", name, "--runtime", "onnx", "--path", str(forest), *extra
+        )  # fmt: skip
     srv = BastionServer(home)
     try:
-        srv.wait_ready(["digits", "digits-full", "digits-sealed", "echo"])
+        srv.wait_ready(["digits", "digits-full", "digits-sealed", "echo", "forest", "forest-full"])
         yield srv
     finally:
         srv.stop()
+
+
+def _forest_split() -> list[np.ndarray[Any, Any]]:
+    """Digits split in halves: the forest's training records, and records it never saw."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    split: list[np.ndarray[Any, Any]] = train_test_split(
+        x.astype(np.float32), y, test_size=0.5, random_state=0, stratify=y
+    )
+    return split
+
+
+def _overfit_forest_onnx() -> bytes:
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+    from sklearn.ensemble import RandomForestClassifier
+
+    x_in, _, y_in, _ = _forest_split()
+    forest = RandomForestClassifier(n_estimators=50, random_state=0).fit(x_in, y_in)
+    model = convert_sklearn(
+        forest,
+        initial_types=[("input", FloatTensorType([None, 64]))],
+        options={"zipmap": False},
+        target_opset={"": 17, "ai.onnx.ml": 3},
+    )
+    data: bytes = model.SerializeToString()
+    return data
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +114,11 @@ def consumer(server: BastionServer) -> str:
         admin.post("/admin/v1/tenants", json={"name": "thief"})
         created = admin.post(
             "/admin/v1/keys",
-            json={"tenant": "thief", "role": "consumer", "models": ["digits*", "echo"]},
+            json={
+                "tenant": "thief",
+                "role": "consumer",
+                "models": ["digits*", "echo", "forest*"],
+            },
         )
         assert created.status_code == 201, created.text
         return str(created.json()["key"])
@@ -118,7 +160,7 @@ def _equation_solving(x: np.ndarray[Any, Any], p: np.ndarray[Any, Any]) -> Any:
 
 def test_the_model_declares_its_policy(server: BastionServer, consumer: str) -> None:
     declared = (
-        ("digits", "top_k=1,decimals=2"),
+        ("digits", "label_only"),
         ("digits-full", "full"),
         ("digits-sealed", "label_only"),
     )
@@ -254,7 +296,7 @@ def test_protect_show_and_set_reach_the_running_server(
         row["model"]: row["output"]
         for row in json.loads(run_cli(server.home, "protect", "show", "--json").stdout)
     }
-    assert shown["digits"] == "top_k=1,decimals=2 (default)"
+    assert shown["digits"] == "label_only (default)"
     assert shown["digits-full"] == "full" and shown["digits-sealed"] == "label_only"
     _, x_test, _, _ = digits_split()
     x = x_test[:50].astype(np.float32)
@@ -281,10 +323,30 @@ def test_protect_show_and_set_reach_the_running_server(
         run_cli(server.home, "protect", "show", "--model", "digits", "--json").stdout
     )
     assert reset == [
-        {"model": "digits", "output": "top_k=1,decimals=2 (default)",
+        {"model": "digits", "output": "label_only (default)",
          "scores": "(by name: prob, score, logit)", "monitor": "off"}
     ]  # fmt: skip
     bad = run_cli(server.home, "protect", "set", "digits", "output=top_k=0", check=False)
     assert bad.returncode == 2 and "top_k" in bad.stderr
     missing = run_cli(server.home, "protect", "set", "nope", "output=full", check=False)
     assert missing.returncode == 1 and "does not exist" in missing.stderr
+
+
+def test_membership_inference_through_the_api_is_near_chance_by_default(
+    server: BastionServer, consumer: str
+) -> None:
+    """The confidence-threshold attack (the attacker knows a record and its label, and
+    reads the score of that label) on an overfit forest: with full scores it tells
+    training records from others; under the default policy it is near chance (<= 0.55)."""
+    from sklearn.metrics import roc_auc_score
+
+    x_in, x_out, y_in, y_out = _forest_split()
+    x = np.vstack([x_in, x_out])
+    labels = np.r_[y_in, y_out]
+    member = np.r_[np.ones(len(y_in)), np.zeros(len(y_out))]
+    auc = {}
+    for model in ("forest-full", "forest"):
+        _, scores = _infer(server, consumer, model, x)
+        auc[model] = roc_auc_score(member, scores[np.arange(len(labels)), labels])
+    assert auc["forest-full"] >= 0.7, auc
+    assert auc["forest"] <= 0.55, auc

@@ -63,7 +63,7 @@ ProtectOpt = Annotated[
     typer.Option(
         "--protect",
         help="Protection policy KEY=VALUE (repeat): output=full|label_only|top_k=K,decimals=D "
-        "(what answers reveal of the scores; default top_k=1,decimals=2), "
+        "(what answers reveal of the scores; default label_only), "
         "scores=OUTPUT[,OUTPUT] (which outputs are scores), monitor=on|off (extraction "
         "monitor), alert_at|throttle_at|block_at=RISK|off, throttle_rps=N. "
         "See docs/model-protection.md.",

@@ -478,6 +478,9 @@ class ExtractionMonitor:
             return
         diff = stream.growing[label][:size] - row
         nearest = math.sqrt(float(np.einsum("ij,ij->i", diff, diff).min()))
+        if nearest == 0.0:
+            # The same input again (a retry, a cache-less client) teaches nothing new.
+            return
         stream.distances.append(nearest)
         if stream.added < 2 or nearest > _mean_minus_std(stream):
             self._grow(stream, row, label, nearest)

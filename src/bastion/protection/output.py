@@ -14,8 +14,11 @@ encrypted requests alike:
 ``top_k`` and ``decimals`` combine. The most likely class never changes: it keeps the
 largest score after rounding, so a caller's argmax (and the model's own label output)
 are what they were. The default for every model without a policy of its own is
-``top_k=1,decimals=2``: the best class and its confidence to two decimals, which leaves
-an equation-solving attacker nothing to solve (measured in benchmarks/extraction.py).
+``label_only``: the best class, without its confidence. It leaves an equation-solving
+attacker nothing to solve, and unlike ``top_k=1,decimals=2`` (the best class and its
+confidence to two decimals, one option away) it also keeps membership inference near
+chance: on an overfit model, the confidence is what gives a training record away
+(measured in benchmarks/extraction.py).
 
 A model's policy is its ``protect.output`` option (``"full"``, ``"label_only"``, or
 ``"top_k=3,decimals=2"``); the outputs it applies to are its ``protect.scores`` option
@@ -39,7 +42,7 @@ from bastion.wire.protocol import InferResult, ModelMetadata, TensorData, Tensor
 PROTECT_PREFIX = "protect."
 POLICY_OPTION = "protect.output"
 SCORES_OPTION = "protect.scores"
-DEFAULT_POLICY = "top_k=1,decimals=2"
+DEFAULT_POLICY = "label_only"
 _SCORE_NAME = re.compile(r"prob|score|logit", re.IGNORECASE)
 FLOAT_TYPES: dict[str, np.dtype[Any]] = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8")}
 _MAX_DECIMALS = 8

@@ -67,7 +67,7 @@ class ModelMetadata(msgspec.Struct, frozen=True, kw_only=True):
     platform: str = ""
     versions: list[str] = msgspec.field(default_factory=lambda: ["1"])
     # What its answers reveal of the scores it computes (bastion.protection.output), e.g.
-    # {"policy": "top_k=1,decimals=2", "scores": ["probabilities"]}; None: no scores.
+    # {"policy": "label_only", "scores": ["probabilities"], ...}; None: no scores.
     output_policy: dict[str, Any] | None = None
 
 

@@ -207,3 +207,11 @@ def test_policy_options() -> None:
     ):
         with pytest.raises(ValueError):
             monitor_policy_of(bad)
+
+
+def test_the_same_input_again_and_again_is_not_an_attack(digits: Data) -> None:
+    """A client retrying, or a load test sending one image: nothing new is learnt."""
+    _, x_test, victim, reference = digits
+    stream = np.repeat(x_test[:3], 300, axis=0)
+    first = _run(ExtractionMonitor(MonitorPolicy(), reference), victim, stream)
+    assert "block" not in first and "alert" not in first

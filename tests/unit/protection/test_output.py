@@ -50,12 +50,12 @@ def test_bad_policies_are_refused(text: str) -> None:
         check_policy_options({"protect.output": text})
 
 
-def test_the_default_is_the_best_class_to_two_decimals() -> None:
-    assert policy_of({}) == OutputPolicy.parse(DEFAULT_POLICY) == OutputPolicy(top_k=1, decimals=2)
+def test_the_default_is_the_best_class_alone() -> None:
+    assert policy_of({}) == OutputPolicy.parse(DEFAULT_POLICY) == OutputPolicy(label_only=True)
     shown = policy_of({}).apply_scores(SCORES)
     assert (np.count_nonzero(shown, axis=1) == 1).all()
     assert (shown.argmax(axis=1) == SCORES.argmax(axis=1)).all()
-    np.testing.assert_allclose(shown.max(axis=1), [0.6, 0.3, 0.99], atol=1e-6)
+    np.testing.assert_allclose(shown.max(axis=1), [1.0, 1.0, 1.0])
 
 
 def test_top_k_keeps_only_the_k_best_and_full_keeps_everything() -> None:
@@ -127,7 +127,7 @@ def test_the_guard_changes_the_scores_of_an_answer_and_nothing_else() -> None:
     shown = np.frombuffer(probabilities.raw, dtype="<f4").reshape(3, 4)
     assert (np.count_nonzero(shown, axis=1) == 1).all()
     declared = guard.declare(_metadata())
-    assert declared.output_policy == {"policy": "top_k=1,decimals=2", "scores": ["probabilities"]}
+    assert declared.output_policy == {"policy": "label_only", "scores": ["probabilities"]}
     # The declaration travels to the gateway with the rest of the metadata.
     assert msgspec.msgpack.decode(msgspec.msgpack.encode(declared), type=ModelMetadata) == declared
 
