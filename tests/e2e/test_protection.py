@@ -62,6 +62,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BastionServer]:
         home, "models", "import", str(model), "--name", "digits-sealed", "--runtime", "onnx",
         "--protect", "output=label_only", "--protect", "monitor=off",
     )  # fmt: skip
+    # Feature squeezing on (an adversarial-input detector), the monitor off.
+    run_cli(
+        home, "models", "add", "digits-squeezed", "--runtime", "onnx", "--path", str(model),
+        "--protect", "squeeze=on", "--protect", "squeeze_range=0,16", "--protect", "monitor=off",
+    )  # fmt: skip
     # A deliberately overfit random forest, for membership inference.
     forest = base / "forest"
     forest.mkdir()
@@ -73,7 +78,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BastionServer]:
         )  # fmt: skip
     srv = BastionServer(home)
     try:
-        srv.wait_ready(["digits", "digits-full", "digits-sealed", "echo", "forest", "forest-full"])
+        srv.wait_ready(
+            ["digits", "digits-full", "digits-sealed", "digits-squeezed", "echo", "forest"]
+        )
         yield srv
     finally:
         srv.stop()
@@ -350,3 +357,42 @@ def test_membership_inference_through_the_api_is_near_chance_by_default(
         auc[model] = roc_auc_score(member, scores[np.arange(len(labels)), labels])
     assert auc["forest-full"] >= 0.7, auc
     assert auc["forest"] <= 0.55, auc
+
+
+def test_feature_squeezing_refuses_adversarial_digits(server: BastionServer, consumer: str) -> None:
+    """FGSM examples (white-box: the attacker has the recipe's weights) fool the model;
+    served with squeeze=on, most are refused (400 adversarial_input), real digits rarely."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x_train, x_test, y_train, y_test = digits_split()
+    recipe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
+    recipe.fit(x_train, y_train)
+    weights = recipe[1].coef_ / recipe[0].scale_
+    gradient = (recipe.predict_proba(x_test) - np.eye(10)[y_test]) @ weights
+    adversarial = np.clip(x_test + 2.0 * np.sign(gradient), 0, 16).astype(np.float32)
+    fooled = recipe.predict(adversarial) != y_test
+
+    def refused(model: str, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        codes = []
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            for row in x:
+                body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
+                                    "data": row.tolist()}]}  # fmt: skip
+                answer = client.post(
+                    f"/v2/models/{model}/infer",
+                    json=body,
+                    headers={"authorization": f"Bearer {consumer}"},
+                )
+                assert answer.status_code in (200, 400), answer.text
+                if answer.status_code == 400:
+                    assert "squeezed" in answer.json()["error"]
+                codes.append(answer.status_code == 400)
+        return np.asarray(codes)
+
+    assert fooled.mean() > 0.8
+    assert refused("digits-squeezed", adversarial[fooled][:120]).mean() >= 0.7
+    assert refused("digits-squeezed", x_test[:200]).mean() <= 0.08
+    # Without the detector, nothing is refused.
+    assert not refused("digits-full", adversarial[fooled][:20]).any()

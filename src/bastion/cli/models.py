@@ -29,6 +29,11 @@ PROTECT_KEYS = (
     "throttle_at",
     "block_at",
     "throttle_rps",
+    "squeeze",
+    "squeeze_range",
+    "squeeze_bits",
+    "squeeze_image",
+    "squeeze_threshold",
 )
 
 app = typer.Typer(help="Manage models.", no_args_is_help=True)
@@ -65,7 +70,9 @@ ProtectOpt = Annotated[
         help="Protection policy KEY=VALUE (repeat): output=full|label_only|top_k=K,decimals=D "
         "(what answers reveal of the scores; default label_only), "
         "scores=OUTPUT[,OUTPUT] (which outputs are scores), monitor=on|off (extraction "
-        "monitor), alert_at|throttle_at|block_at=RISK|off, throttle_rps=N. "
+        "monitor), alert_at|throttle_at|block_at=RISK|off, throttle_rps=N, squeeze=on|off "
+        "(adversarial-input detector; squeeze_range=LO,HI, squeeze_bits=N, "
+        "squeeze_image=H,W, squeeze_threshold=T). "
         "See docs/model-protection.md.",
     ),
 ]

@@ -13,6 +13,7 @@ from bastion.protection.output import (
     SCORES_OPTION,
     check_policy_options,
 )
+from bastion.protection.squeeze import Squeezer
 
 __all__ = ["PROTECT_PREFIX", "check_protection_options", "policy_view"]
 
@@ -21,6 +22,7 @@ def check_protection_options(options: Mapping[str, Any]) -> None:
     """Raise ValueError unless every protection option of a model is valid."""
     check_policy_options(options)
     monitor_policy_of(options)
+    Squeezer.from_options(options)
 
 
 def policy_view(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -34,4 +36,5 @@ def policy_view(options: Mapping[str, Any]) -> dict[str, Any]:
         "output_is_default": POLICY_OPTION not in options,
         "scores": options.get(SCORES_OPTION),
         "monitor": monitor,
+        "squeeze": str(options.get("protect.squeeze", "off")),
     }

@@ -12,7 +12,7 @@ It holds for plaintext and end-to-end encrypted requests alike: both are answere
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgspec
@@ -25,6 +25,7 @@ from bastion.protection.monitor import (
     monitor_policy_of,
 )
 from bastion.protection.output import FLOAT_TYPES, OutputGuard
+from bastion.protection.squeeze import AdversarialInput, Squeezer
 from bastion.wire.protocol import Infer, InferResult, ModelMetadata, TensorData
 
 
@@ -50,6 +51,8 @@ class ModelShield:
         watched = bool(self.guard.scores) and policy.enabled
         self.monitor = ExtractionMonitor(policy, reference) if watched else None
         self.reference = reference
+        squeezer = Squeezer.from_options(options)
+        self.squeezer = squeezer if self.guard.scores else None
 
     def declare(self, metadata: ModelMetadata) -> ModelMetadata:
         """`metadata` with the protection its answers get (for clients to see)."""
@@ -60,6 +63,7 @@ class ModelShield:
             **declared.output_policy,
             "monitor": self.monitor.policy.describe(),
             "reference": self.reference is not None,
+            "squeeze": self.squeezer is not None,
         }
         return msgspec.structs.replace(declared, output_policy=policy)
 
@@ -67,12 +71,48 @@ class ModelShield:
         if self.monitor is not None:
             self.monitor.reset(key)
 
-    def infer(self, request: Infer, result: InferResult) -> tuple[InferResult, RiskReport | None]:
-        """The answer the caller sees, and the monitor's report if it has one."""
+    def infer(
+        self,
+        request: Infer,
+        result: InferResult,
+        rerun: Callable[[Infer], InferResult] | None = None,
+    ) -> tuple[InferResult, RiskReport | None]:
+        """The answer the caller sees, and the monitor's report if it has one. With
+        feature squeezing on, `rerun` asks the model again (on squeezed inputs); an input
+        whose prediction moves too much raises AdversarialInput."""
+        if self.squeezer is not None and rerun is not None:
+            self._squeeze(request, result, rerun)
         report = None
         if self.monitor is not None and request.caller is not None and request.inputs:
             report = self._observe(request, result)
         return self.guard.apply(result), report
+
+    def _scores(self, result: InferResult) -> np.ndarray[Any, Any] | None:
+        return next((_array(t) for t in result.outputs if t.name in self.guard.scores), None)
+
+    def _squeeze(
+        self, request: Infer, result: InferResult, rerun: Callable[[Infer], InferResult]
+    ) -> None:
+        assert self.squeezer is not None
+        first = request.inputs[0] if request.inputs else None
+        inputs = _array(first) if first is not None else None
+        scores = self._scores(result)
+        if first is None or inputs is None or scores is None or scores.ndim != 2:
+            return
+
+        def predict(squeezed: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+            tensor = msgspec.structs.replace(first, raw=squeezed.tobytes())
+            inputs_again = [tensor, *request.inputs[1:]]
+            again = self._scores(rerun(msgspec.structs.replace(request, inputs=inputs_again)))
+            if again is None or again.shape != scores.shape:
+                raise AdversarialInput("the model's answer to a squeezed input has no scores")
+            return again
+
+        if self.squeezer.suspects(inputs, scores, predict).any():
+            raise AdversarialInput(
+                "The input looks adversarial: the model's prediction changes when it is "
+                "squeezed (feature squeezing)."
+            )
 
     def _observe(self, request: Infer, result: InferResult) -> RiskReport | None:
         assert self.monitor is not None and request.caller is not None

@@ -43,6 +43,7 @@ from bastion.models.bundle.reader import (
 from bastion.observability.logging import configure_logging
 from bastion.protection.monitor import REFERENCE_FILE, RiskReport, load_reference
 from bastion.protection.shield import ModelShield
+from bastion.protection.squeeze import AdversarialInput
 from bastion.runtimes.base import (
     Cancelled,
     CancelToken,
@@ -435,7 +436,9 @@ class Worker:
             else:
                 outcome = runtime.infer(request, job.cancel)
                 if self._shield is not None and isinstance(outcome, InferResult):
-                    outcome, report = self._shield.infer(request, outcome)
+                    outcome, report = self._shield.infer(
+                        request, outcome, lambda again: runtime.infer(again, job.cancel)
+                    )
                     if report is not None:
                         self._send(_risk_message(report))
             if not isinstance(outcome, _RESULT_TYPES[type(request)]):
@@ -445,6 +448,10 @@ class Worker:
             return outcome
         except RuntimeInputError as exc:
             failure = RequestFailed(id=request.id, status=400, code=exc.code, message=exc.message)
+        except AdversarialInput as exc:
+            failure = RequestFailed(
+                id=request.id, status=400, code="adversarial_input", message=str(exc)
+            )
         except Cancelled as exc:
             failure = cancelled(request.id, prompt_tokens=exc.prompt_tokens)
         except BaseException as exc:
