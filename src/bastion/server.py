@@ -18,6 +18,7 @@ from bastion.gateway.control import ControlPlane
 from bastion.gateway.gateway import Gateway
 from bastion.gateway.protection import ProtectionDesk
 from bastion.models.bundle_store import BundleStore
+from bastion.models.watermark_secret import WatermarkSecret
 from bastion.observability.metrics import Metrics, MetricsEventSink
 from bastion.protection.monitor import monitor_policy_of
 from bastion.quotas.usage import UsageMeter
@@ -65,6 +66,7 @@ def build_services(home: Home, metrics: Metrics) -> Services:
         meter,
         events,
         BundleStore(settings.home, home.keyring),
+        WatermarkSecret(settings.home, home.keyring),
     )
     return Services(
         settings=settings,

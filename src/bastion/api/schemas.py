@@ -182,6 +182,13 @@ class ProtectionUpdate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     throttle_at: str | msgspec.UnsetType | None = msgspec.UNSET
     block_at: str | msgspec.UnsetType | None = msgspec.UNSET
     throttle_rps: str | msgspec.UnsetType | None = msgspec.UNSET
+    squeeze: str | msgspec.UnsetType | None = msgspec.UNSET
+    squeeze_range: str | msgspec.UnsetType | None = msgspec.UNSET
+    squeeze_bits: str | msgspec.UnsetType | None = msgspec.UNSET
+    squeeze_image: str | msgspec.UnsetType | None = msgspec.UNSET
+    squeeze_threshold: str | msgspec.UnsetType | None = msgspec.UNSET
+    watermark: str | msgspec.UnsetType | None = msgspec.UNSET
+    guards: str | msgspec.UnsetType | None = msgspec.UNSET
 
     def changes(self) -> dict[str, str | None]:
         return {

@@ -34,6 +34,8 @@ PROTECT_KEYS = (
     "squeeze_bits",
     "squeeze_image",
     "squeeze_threshold",
+    "watermark",
+    "guards",
 )
 
 app = typer.Typer(help="Manage models.", no_args_is_help=True)

@@ -38,6 +38,8 @@ from bastion.models.bundle_store import BUNDLE_OPTION, BundleStore
 from bastion.models.registry import ModelRecord, ModelRegistry
 from bastion.models.risk import RiskBoard
 from bastion.models.status import PublishedStatus, StatusBoard
+from bastion.models.watermark_secret import WatermarkSecret
+from bastion.protection.policy import watermark_on
 from bastion.quotas.store import QuotaStore
 from bastion.quotas.usage import UsageMeter
 from bastion.sandboxes.uids import grant_group_read
@@ -66,6 +68,7 @@ class ControlPlane:
         meter: UsageMeter,
         events: EventSink,
         bundles: BundleStore | None = None,
+        watermarks: WatermarkSecret | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -78,6 +81,7 @@ class ControlPlane:
         self.meter = meter
         self.events = events
         self.bundles = bundles
+        self.watermarks = watermarks
         self.status_board = StatusBoard(db)
         self.risk_board = RiskBoard(db, events)
         self._revision = -1
@@ -145,6 +149,9 @@ class ControlPlane:
                 )
                 if BUNDLE_OPTION in record.options:
                     spec = await asyncio.to_thread(self._with_bundle_key, spec)
+                if self.watermarks is not None and watermark_on(record.options):
+                    key = await asyncio.to_thread(self.watermarks.model_key, record.name)
+                    spec = replace(spec, watermark_key=key)
                 await self.supervisor.ensure(spec)
             elif self.supervisor.status(record.name).state != "unloaded":
                 await self.supervisor.unload(record.name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from bastion.protection.guards import guard_names
 from bastion.protection.monitor import monitor_policy_of
 from bastion.protection.output import (
     DEFAULT_POLICY,
@@ -18,9 +19,21 @@ from bastion.protection.squeeze import Squeezer
 __all__ = ["PROTECT_PREFIX", "check_protection_options", "policy_view"]
 
 
+WATERMARK_OPTION = "protect.watermark"
+
+
+def watermark_on(options: Mapping[str, Any]) -> bool:
+    """Whether the model's answers carry its ownership watermark (on by default)."""
+    return str(options.get(WATERMARK_OPTION, "on")).strip().lower() == "on"
+
+
 def check_protection_options(options: Mapping[str, Any]) -> None:
     """Raise ValueError unless every protection option of a model is valid."""
+    if str(options.get(WATERMARK_OPTION, "on")).strip().lower() not in ("on", "off"):
+        raise ValueError(f"{WATERMARK_OPTION} is on or off.")
     check_policy_options(options)
+    # Names only: a plug-in guard's code is loaded in the model's worker, never here.
+    guard_names(options)
     monitor_policy_of(options)
     Squeezer.from_options(options)
 
@@ -37,4 +50,14 @@ def policy_view(options: Mapping[str, Any]) -> dict[str, Any]:
         "scores": options.get(SCORES_OPTION),
         "monitor": monitor,
         "squeeze": str(options.get("protect.squeeze", "off")),
+        "watermark": "on" if watermark_on(options) else "off",
+        "guards": guard_names(options) if _valid_guards(options) else "invalid",
     }
+
+
+def _valid_guards(options: Mapping[str, Any]) -> bool:
+    try:
+        guard_names(options)
+    except ValueError:
+        return False
+    return True

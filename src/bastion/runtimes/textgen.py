@@ -5,6 +5,10 @@ The model is built from its config and its weights are loaded from the bytes of
 ``tokenizer.json``, so nothing reads weights from a path a library chooses. The token loop
 is our own: it keeps a KV cache, samples with a seeded generator, stops on the end-of-text
 token, on ``max_tokens`` or on a stop string, and streams only text that is final.
+
+An optional logits bias (:meth:`TextGenerationRuntime.set_logits_bias`) rewrites the
+logits of each step before sampling, given the token before it: a text watermark plugs in
+there without this package knowing of it.
 """
 
 from __future__ import annotations
@@ -56,6 +60,8 @@ TOKENIZER_FILE = "tokenizer.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 # Below this temperature, sampling is greedy (as in vLLM: 1e-5).
 MIN_SAMPLING_TEMPERATURE = 1e-5
+# A logits bias: (the previous token, the last position's 1-D logits) -> new logits.
+LogitsBias = Callable[[int, torch.Tensor], torch.Tensor]
 # Byte-level decoders put this in place of bytes that do not yet form a whole character.
 _INCOMPLETE_CHAR = "\ufffd"
 
@@ -120,6 +126,8 @@ class TextGenerationRuntime:
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
         self._keep_last_logits = "logits_to_keep" in parameters
         self._config = config
+        self._vocab_size = int(getattr(config, "vocab_size", 0) or self._tokenizer.get_vocab_size())
+        self._logits_bias: LogitsBias | None = None
         capabilities = ["chat", "completions"] if self._template else ["completions"]
         self._metadata = ModelMetadata(
             runtime="text-generation",
@@ -130,6 +138,25 @@ class TextGenerationRuntime:
 
     def metadata(self) -> ModelMetadata:
         return self._metadata
+
+    @property
+    def vocab_size(self) -> int:
+        """The size of the model's vocabulary (its config's ``vocab_size``)."""
+        return self._vocab_size
+
+    def tokenize(self, text: str) -> list[int]:
+        """The token ids of `text`, without special tokens (to score it for a watermark)."""
+        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False).ids
+        return ids
+
+    def set_logits_bias(self, bias: LogitsBias | None) -> None:
+        """Rewrite each step's logits with `bias` before sampling; None removes it.
+
+        `bias` gets the token before the one being chosen (the last prompt token for the
+        first) and the last position's 1-D logits, and returns the logits to sample from
+        at every temperature, greedy included. A request uses the bias set when it starts.
+        """
+        self._logits_bias = bias
 
     def embed(self, request: Embed, cancel: CancelToken | None = None) -> EmbedResult:
         raise UnsupportedOperation("embeddings")
@@ -224,13 +251,19 @@ class TextGenerationRuntime:
         generated: list[int] = []
         text, emitted, finish = "", 0, "length"
         extra: dict[str, Any] = {"logits_to_keep": 1} if self._keep_last_logits else {}
+        bias = self._logits_bias
+        previous = prompt_ids[-1]
         with torch.inference_mode():
             while len(generated) < request.max_tokens and not cancel.cancelled:
                 output = self._model(
                     input_ids=inputs, use_cache=True, **{self._cache_argument: cache}, **extra
                 )
-                token = self._next_token(output.logits[0, -1], request, generator)
+                logits = output.logits[0, -1]
+                if bias is not None:
+                    logits = bias(previous, logits)
+                token = self._next_token(logits, request, generator)
                 generated.append(token)
+                previous = token
                 if token in self._eos_ids:
                     finish = "stop"
                     break

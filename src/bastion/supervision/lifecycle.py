@@ -91,6 +91,8 @@ class ModelSpec:
     trusted_keys: tuple[bytes, ...] = ()
     publisher_keys: tuple[bytes, ...] = ()
     bundle_error: str | None = None
+    # The model's watermark key (see LoadModel).
+    watermark_key: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,6 +318,7 @@ class WorkerLifecycle:
             runtime_module=self._extra_runtimes.get(spec.runtime),
             heartbeat_interval_s=settings.heartbeat_interval_s,
             bundle_key=spec.bundle_key,
+            watermark_key=spec.watermark_key,
             trusted_keys=list(spec.trusted_keys),
             publisher_keys=list(spec.publisher_keys),
         )

@@ -93,6 +93,9 @@ class LoadModel(Message, frozen=True, kw_only=True):
     # gateway, and the public keys its signature may come from. The worker decrypts and
     # verifies the files in memory; no plaintext weight touches a disk.
     bundle_key: bytes | None = None
+    # The model's watermark key (derived from the home's sealed master secret), for the
+    # text watermark; None: no watermark.
+    watermark_key: bytes | None = None
     trusted_keys: list[bytes] = []
     # The trust policy's publishers: the bundle must also be signed by one of them.
     publisher_keys: list[bytes] = []

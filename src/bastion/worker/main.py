@@ -41,9 +41,11 @@ from bastion.models.bundle.reader import (
     read_bundle,
 )
 from bastion.observability.logging import configure_logging
+from bastion.protection.guards import GuardChain, guards_of
 from bastion.protection.monitor import REFERENCE_FILE, RiskReport, load_reference
 from bastion.protection.shield import ModelShield
 from bastion.protection.squeeze import AdversarialInput
+from bastion.protection.textmark import TextWatermark
 from bastion.runtimes.base import (
     Cancelled,
     CancelToken,
@@ -76,6 +78,7 @@ from bastion.wire.protocol import (
     LoadFailed,
     LoadModel,
     Message,
+    ModelMetadata,
     Ready,
     RequestFailed,
     SealedRequest,
@@ -158,6 +161,8 @@ class Worker:
         self._runtime_fault: str | None = None
         # Its answers' protection: output policy and extraction monitor (set once loaded).
         self._shield: ModelShield | None = None
+        # Input and output guards of a text model (protect.guards; none by default).
+        self._guards = GuardChain([])
 
     def run(self) -> int:
         """Load the model and serve it; returns the process exit status."""
@@ -340,6 +345,8 @@ class Worker:
                 reference = load_reference(files.read_optional(REFERENCE_FILE))
                 self._shield = ModelShield(load.options, runtime.metadata(), reference)
                 metadata = self._shield.declare(runtime.metadata())
+                metadata = _arm_watermark(runtime, load, metadata)
+                self._guards = GuardChain(guards_of(load.options))
             except IntegrityError as exc:
                 self._send(
                     LoadFailed(model=load.model, reason=str(exc)[:_REASON_LIMIT], integrity=True)
@@ -430,7 +437,10 @@ class Worker:
                     if not job.cancelled:
                         send(TextDelta(id=request.id, index=index, text=text))
 
+                self._guard_input(request)
                 outcome: Outcome = runtime.generate(request, job.cancel, emit)
+                if not request.stream and isinstance(outcome, GenerateResult):
+                    self._guard_output(outcome)
             elif isinstance(request, Embed):
                 outcome = runtime.embed(request, job.cancel)
             else:
@@ -448,6 +458,10 @@ class Worker:
             return outcome
         except RuntimeInputError as exc:
             failure = RequestFailed(id=request.id, status=400, code=exc.code, message=exc.message)
+        except GuardRefusal as exc:
+            failure = RequestFailed(
+                id=request.id, status=400, code="guard_refused", message=str(exc)
+            )
         except AdversarialInput as exc:
             failure = RequestFailed(
                 id=request.id, status=400, code="adversarial_input", message=str(exc)
@@ -468,6 +482,28 @@ class Worker:
                 message="The model failed to process the request.",
             )
         return failure
+
+    def _guard_input(self, request: Generate) -> None:
+        if not self._guards.guards:
+            return
+        texts = [m.content for m in request.messages or []] or [request.prompt or ""]
+        verdict = self._guards.check_input(texts)
+        if verdict is not None:
+            raise GuardRefusal(
+                f"The request was refused by the model's {verdict.guard} guard ({verdict.reason})."
+            )
+
+    def _guard_output(self, result: GenerateResult) -> None:
+        """Whole answers only: a streamed answer has left before it could be judged."""
+        if not self._guards.guards:
+            return
+        for choice in result.choices:
+            verdict = self._guards.check_output(choice.text)
+            if verdict is not None:
+                raise GuardRefusal(
+                    f"The answer was withheld by the model's {verdict.guard} guard "
+                    f"({verdict.reason})."
+                )
 
     def _finish(self, code: int) -> None:
         """Hand `code` to the main thread and wake it: its next read sees the end."""
@@ -530,6 +566,25 @@ def _exit_now(code: int) -> NoReturn:
         handler.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+class GuardRefusal(Exception):
+    """A guard refused a request or withheld its answer (a 400 naming the guard)."""
+
+
+def _arm_watermark(runtime: Runtime, load: LoadModel, metadata: ModelMetadata) -> ModelMetadata:
+    """Give a text model's sampling its keyed watermark (KGW) when the gateway sent a key,
+    and declare it in the metadata."""
+    set_bias = getattr(runtime, "set_logits_bias", None)
+    if load.watermark_key is None or set_bias is None:
+        return metadata
+    mark = TextWatermark(load.watermark_key, int(getattr(runtime, "vocab_size", 0)))
+    set_bias(mark.bias)
+    declared = {
+        **(metadata.output_policy or {}),
+        "watermark": {"scheme": "kgw", "gamma": mark.gamma, "delta": mark.delta},
+    }
+    return msgspec.structs.replace(metadata, output_policy=declared)
 
 
 def _risk_message(report: RiskReport) -> ExtractionRisk:
