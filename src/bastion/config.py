@@ -75,6 +75,9 @@ class Settings:
     # request is already at the worker when one ends).
     model_concurrency: int = _in(SCHEDULING, 1)
     queue_size: int = _in(SCHEDULING, 256)
+    # How long sealed records of watermarked classifier answers are kept (for
+    # `bastion protect verify`), in days.
+    watermark_retention_days: float = _in(SERVER, 30.0)
     # How often metered usage (requests, tokens, compute seconds) is written to the database.
     usage_flush_interval_s: float = _in(SERVER, 5.0)
     # How often the gateway re-reads keys, tenants and models from the database.

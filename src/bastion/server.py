@@ -52,7 +52,7 @@ def build_services(home: Home, metrics: Metrics) -> Services:
         policy_of=lambda model: monitor_policy_of(gateway.model_record(model).options),
         clear_worker=supervisor.clear_risk,
     )
-    supervisor.on_risk = desk.reported
+    supervisor.on_notice = desk.notice
     gateway = Gateway(settings, authenticator, supervisor, events, metrics, meter, protection=desk)
     control = ControlPlane(
         settings,

@@ -10,6 +10,7 @@ default policy it does not, while the model's own top-1 answers are unchanged.
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -51,21 +52,28 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BastionServer]:
     # 2,000 probes would be blocked after a few dozen; see test_extraction_monitor.py).
     run_cli(
         home, "models", "add", "digits", "--runtime", "onnx", "--path", str(model),
-        "--protect", "monitor=off",
+        "--protect", "monitor=off", "--protect", "watermark=off",
     )  # fmt: skip
     run_cli(
         home, "models", "add", "digits-full", "--runtime", "onnx", "--path", str(model),
-        "--protect", "output=full", "--protect", "monitor=off",
+        "--protect", "output=full", "--protect", "monitor=off", "--protect", "watermark=off",
     )  # fmt: skip
     # A bundle, imported with a policy of its own.
     run_cli(
         home, "models", "import", str(model), "--name", "digits-sealed", "--runtime", "onnx",
         "--protect", "output=label_only", "--protect", "monitor=off",
+        "--protect", "watermark=off",
     )  # fmt: skip
     # Feature squeezing on (an adversarial-input detector), the monitor off.
     run_cli(
         home, "models", "add", "digits-squeezed", "--runtime", "onnx", "--path", str(model),
         "--protect", "squeeze=on", "--protect", "squeeze_range=0,16", "--protect", "monitor=off",
+        "--protect", "watermark=off",
+    )  # fmt: skip
+    # The ownership watermark on (the default), the monitor off: a natural-data thief.
+    run_cli(
+        home, "models", "add", "digits-wm", "--runtime", "onnx", "--path", str(model),
+        "--protect", "monitor=off",
     )  # fmt: skip
     # A deliberately overfit random forest, for membership inference.
     forest = base / "forest"
@@ -79,7 +87,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BastionServer]:
     srv = BastionServer(home)
     try:
         srv.wait_ready(
-            ["digits", "digits-full", "digits-sealed", "digits-squeezed", "echo", "forest"]
+            ["digits", "digits-full", "digits-sealed", "digits-squeezed", "digits-wm", "forest"]
         )
         yield srv
     finally:
@@ -396,3 +404,80 @@ def test_feature_squeezing_refuses_adversarial_digits(server: BastionServer, con
     assert refused("digits-squeezed", x_test[:200]).mean() <= 0.08
     # Without the detector, nothing is refused.
     assert not refused("digits-full", adversarial[fooled][:20]).any()
+
+
+def _forest_onnx(x: np.ndarray[Any, Any], y: np.ndarray[Any, Any], path: Any) -> None:
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+    from sklearn.ensemble import RandomForestClassifier
+
+    forest = RandomForestClassifier(n_estimators=50, random_state=0).fit(x, y)
+    model = convert_sklearn(
+        forest,
+        initial_types=[("input", FloatTensorType([None, 64]))],
+        options={"zipmap": False},
+        target_opset={"": 17, "ai.onnx.ml": 3},
+    )
+    path.write_bytes(model.SerializeToString())
+
+
+def test_a_copy_trained_on_the_answers_is_identified_by_its_watermark(
+    server: BastionServer, consumer: str, tmp_path: Any
+) -> None:
+    """A thief asks 3,000 near-real digits, trains a forest on the labels it got; the
+    owner verifies the copy (an ONNX file, then an endpoint): p < 1e-9. A model trained
+    independently is not flagged. Honest answers change at about the watermark's rate."""
+    x_train, x_test, y_train, _ = digits_split()
+    rng = np.random.default_rng(7)
+    base = x_test[rng.integers(0, len(x_test), 3000)]
+    queries = np.clip(base + rng.integers(-1, 2, base.shape), 0, 16).astype(np.float32)
+    answered, _ = _infer(server, consumer, "digits-wm", queries)
+    copy, independent = tmp_path / "copy.onnx", tmp_path / "independent.onnx"
+    _forest_onnx(queries, answered, copy)
+    _forest_onnx(x_train, y_train, independent)
+
+    def verify(*args: str) -> dict[str, Any]:
+        done = run_cli(server.home, "protect", "verify", "--model", "digits-wm", *args, "--json")
+        found: dict[str, Any] = json.loads(done.stdout)
+        return found
+
+    stolen = verify("--suspect-onnx", str(copy))
+    assert stolen["stolen"] is True and stolen["p_value"] < 1e-9, stolen
+    assert stolen["marks"] >= 5 and stolen["controls"] >= 5
+    clean = verify("--suspect-onnx", str(independent))
+    assert clean["stolen"] is False and clean["p_value"] > 0.01, clean
+    # The same copy, served as an endpoint.
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "model.onnx").write_bytes(copy.read_bytes())
+    run_cli(
+        server.home, "models", "add", "digits-copy", "--runtime", "onnx", "--path", str(served),
+        "--protect", "output=full", "--protect", "monitor=off", "--protect", "watermark=off",
+    )  # fmt: skip
+    try:
+        server.wait_ready(["digits-copy"])
+        remote = verify(
+            "--suspect-url", f"{server.url}/v2/models/digits-copy", "--suspect-key", consumer
+        )
+        assert remote["stolen"] is True and remote["marks"] == stolen["marks"], remote
+    finally:
+        run_cli(server.home, "models", "remove", "digits-copy")
+    # What honest clients pay: the marked share of answers, about the 0.5 % rate.
+    plain, _ = _infer(server, consumer, "digits-full", queries)
+    assert 0 < float(np.mean(answered != plain)) <= 0.015
+    # The gateway stores the records sealed: no input in the clear in the database.
+    with sqlite3.connect(server.home / "bastion.db") as db:
+        blobs = [row[0] for row in db.execute("SELECT blob FROM watermark_records")]
+    assert blobs and not any(queries[0].tobytes() in blob for blob in blobs)
+
+
+def test_verify_needs_one_suspect_and_records(server: BastionServer, tmp_path: Any) -> None:
+    both = run_cli(
+        server.home, "protect", "verify", "--model", "digits-wm", "--suspect-url", "x",
+        "--suspect-onnx", "y", check=False,
+    )  # fmt: skip
+    assert both.returncode == 2 and "one of" in both.stderr
+    none = run_cli(
+        server.home, "protect", "verify", "--model", "digits", "--suspect-onnx", "y", check=False
+    )
+    assert none.returncode == 1 and "no record" in none.stderr

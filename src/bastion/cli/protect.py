@@ -14,18 +14,21 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
+import httpx
 import numpy as np
 import typer
 
 from bastion.cli.common import HomeOpt, JsonOpt, err, open_home, out, print_json, run, table
 from bastion.cli.models import PROTECT_KEYS, protect_options
 from bastion.identity.principal import OPERATOR
+from bastion.models.marks import MarksStore
 from bastion.models.registry import ModelRecord
 from bastion.models.risk import RiskBoard
 from bastion.models.watermark_secret import WatermarkSecret
 from bastion.protection.monitor import REFERENCE_FILE, build_reference
 from bastion.protection.policy import policy_view
 from bastion.protection.textmark import TextWatermark
+from bastion.protection.watermark import MarksError, error_upper_bound, open_marks, verify
 
 app = typer.Typer(
     help="Model protection: what answers reveal, and who seems to be copying a model "
@@ -216,6 +219,154 @@ def protect_detect(
         f"{model}: {verdict} (z {found.z:.2f}, p {found.p_value:.2e}, "
         f"{found.tokens_scored} tokens scored)"
     )
+
+
+@app.command("verify")
+def protect_verify(
+    model: Annotated[
+        str, typer.Option("--model", help="The classifier whose watermark to look for.")
+    ],
+    suspect_url: Annotated[
+        str | None,
+        typer.Option(
+            "--suspect-url",
+            help="An Open Inference Protocol endpoint: the server's base URL, or the "
+            "model's /v2/models/NAME URL.",
+        ),
+    ] = None,
+    suspect_key: Annotated[
+        str | None, typer.Option("--suspect-key", help="Bearer token for --suspect-url.")
+    ] = None,
+    suspect_onnx: Annotated[
+        Path | None, typer.Option("--suspect-onnx", help="A suspect model as an ONNX file.")
+    ] = None,
+    key: Annotated[
+        str | None, typer.Option("--key", help="Only the answers one API key got.")
+    ] = None,
+    home: HomeOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Ask a suspect model the questions this model answered with its watermark: if it
+    gives the watermark's answers far more often than chance, it was trained on them."""
+    if (suspect_url is None) == (suspect_onnx is None):
+        err.print("[red]error:[/] give one of --suspect-url or --suspect-onnx")
+        raise typer.Exit(2)
+    h = open_home(home)
+    run(lambda: h.registry.get(model))
+    private = WatermarkSecret(h.settings.home, h.keyring).marks_private_key()
+    records = MarksStore(h.db).read(model, key)
+    try:
+        marks = _opened(private, [r for r in records if r.kind == "marks"])
+        controls = _opened(private, [r for r in records if r.kind == "controls"])
+    except MarksError as exc:
+        err.print(f"[red]error:[/] a sealed record of {model} cannot be opened: {exc}")
+        raise typer.Exit(1) from None
+    if marks is None:
+        err.print(f"[red]error:[/] {model} has no record of watermarked answers (yet)")
+        raise typer.Exit(1)
+    classes = max(r.classes for r in records)
+    try:
+        ask = (
+            _onnx_suspect(suspect_onnx)
+            if suspect_onnx is not None
+            else _http_suspect(str(suspect_url), suspect_key)
+        )
+        suspect_marks = ask(marks[0])
+        suspect_controls = ask(controls[0]) if controls is not None else None
+    except (OSError, ValueError, RuntimeError, httpx.HTTPError) as exc:
+        err.print(f"[red]error:[/] the suspect could not be asked: {str(exc)[:300]}")
+        raise typer.Exit(2) from None
+    clean = None
+    if controls is not None and suspect_controls is not None:
+        disagreed = int((suspect_controls != controls[2]).sum())
+        clean = 1.0 - error_upper_bound(disagreed, len(controls[2]))
+    verdict = verify(
+        marks[1], marks[2], suspect_marks, suspect_clean_agreement=clean, classes=classes
+    )
+    result = {
+        "model": model,
+        "marks": verdict.marks,
+        "agreed": verdict.agreed,
+        "agreement": round(verdict.agreement, 4),
+        "controls": 0 if controls is None else len(controls[2]),
+        "clean_agreement_lower_bound": None if clean is None else round(clean, 4),
+        "p_value": verdict.p_value,
+        "stolen": verdict.stolen,
+    }
+    if json_output:
+        print_json(result)
+        return
+    verdict_text = "trained on this model's answers" if verdict.stolen else "not shown to be a copy"
+    out.print(
+        f"{model}: suspect {verdict_text}: it gave {verdict.agreed} of {verdict.marks} "
+        f"watermark answers (p {verdict.p_value:.2e}, threshold 1e-9)."
+    )
+
+
+Opened = tuple[Any, Any, Any]
+
+
+def _opened(private: bytes, records: list[Any]) -> Opened | None:
+    """The inputs, watermark (or shown) labels and true labels of sealed records, joined."""
+    if not records:
+        return None
+    parts = [open_marks(private, r.blob) for r in records]
+    inputs = np.concatenate([p[0].reshape(len(p[0]), -1) for p in parts])
+    return inputs, np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+
+
+def _labels(outputs: list[Any], rows: int) -> Any:
+    """A suspect's predicted classes: its integer output [rows], or the argmax of its
+    first float output [rows, classes]."""
+    arrays = [np.asarray(o) for o in outputs]
+    for array in arrays:
+        if array.dtype.kind in "iu" and array.shape == (rows,):
+            return array.astype(np.int64)
+    for array in arrays:
+        if array.dtype.kind == "f" and array.ndim == 2 and array.shape[0] == rows:
+            return np.argmax(array, axis=1)
+    raise ValueError("the suspect gave no labels or scores")
+
+
+def _onnx_suspect(path: Path) -> Any:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    def ask(inputs: Any) -> Any:
+        return _labels(session.run(None, {name: inputs.astype(np.float32)}), len(inputs))
+
+    return ask
+
+
+def _http_suspect(url: str, token: str | None) -> Any:
+    base = url.rstrip("/")
+    if "/v2/models/" not in base:
+        raise ValueError("--suspect-url must name the model: .../v2/models/NAME")
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+
+    def ask(inputs: Any) -> Any:
+        labels = []
+        with httpx.Client(timeout=60) as client:
+            for start in range(0, len(inputs), 200):
+                part = inputs[start : start + 200].astype(np.float32)
+                tensor = {"name": "input", "shape": list(part.shape), "datatype": "FP32",
+                          "data": part.ravel().tolist()}  # fmt: skip
+                answer = client.post(f"{base}/infer", json={"inputs": [tensor]}, headers=headers)
+                if answer.status_code != 200:
+                    raise RuntimeError(f"{answer.status_code} {answer.text[:200]}")
+                outputs = []
+                for output in answer.json()["outputs"]:
+                    kind = (
+                        np.int64 if output["datatype"].startswith(("INT", "UINT")) else np.float64
+                    )
+                    data = np.asarray(output["data"], dtype=kind)
+                    outputs.append(data.reshape(output["shape"]))
+                labels.append(_labels(outputs, len(part)))
+        return np.concatenate(labels)
+
+    return ask
 
 
 def _tokenizer(h: Any, record: ModelRecord) -> tuple[Any, int]:

@@ -35,6 +35,7 @@ from bastion.models.bundle.reader import (
     unseal_data_key,
 )
 from bastion.models.bundle_store import BUNDLE_OPTION, BundleStore
+from bastion.models.marks import MarksStore
 from bastion.models.registry import ModelRecord, ModelRegistry
 from bastion.models.risk import RiskBoard
 from bastion.models.status import PublishedStatus, StatusBoard
@@ -84,6 +85,7 @@ class ControlPlane:
         self.watermarks = watermarks
         self.status_board = StatusBoard(db)
         self.risk_board = RiskBoard(db, events)
+        self.marks = MarksStore(db, settings.watermark_retention_days)
         self._revision = -1
         self._refresher: asyncio.Task[None] | None = None
         self._flushed_at = time.monotonic()
@@ -151,7 +153,8 @@ class ControlPlane:
                     spec = await asyncio.to_thread(self._with_bundle_key, spec)
                 if self.watermarks is not None and watermark_on(record.options):
                     key = await asyncio.to_thread(self.watermarks.model_key, record.name)
-                    spec = replace(spec, watermark_key=key)
+                    public = await asyncio.to_thread(self.watermarks.marks_public_key)
+                    spec = replace(spec, watermark_key=key, marks_public_key=public)
                 await self.supervisor.ensure(spec)
             elif self.supervisor.status(record.name).state != "unloaded":
                 await self.supervisor.unload(record.name)
@@ -221,6 +224,7 @@ class ControlPlane:
         desk = self.gateway.protection
         if desk is not None:
             await asyncio.to_thread(desk.flush, self.risk_board)
+            await asyncio.to_thread(desk.flush_records, self.marks)
 
     async def _flush_usage(self) -> None:
         """Write metered usage to the database (kept in memory if that fails)."""

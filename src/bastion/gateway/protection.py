@@ -30,14 +30,17 @@ from bastion.audit.events import (
     EventSink,
 )
 from bastion.errors import ExtractionSuspected, RateLimited
+from bastion.models.marks import MarksStore, SealedRecord
 from bastion.models.risk import RiskBoard, RiskRecord
 from bastion.observability.metrics import Metrics
 from bastion.protection.monitor import LEVELS, MonitorPolicy
-from bastion.wire.protocol import ExtractionRisk
+from bastion.wire.protocol import ExtractionRisk, Notice, WatermarkRecord
 
 logger = logging.getLogger("bastion.gateway")
 
 Pair = tuple[str, str]
+# Sealed watermark records waiting to be written, at most (a stalled database drops more).
+MAX_PENDING = 10_000
 
 
 class _Bucket:
@@ -79,7 +82,7 @@ class ProtectionDesk:
         self._throttled: dict[Pair, _Bucket] = {}
         self._latest: dict[Pair, RiskRecord] = {}
         self._unwritten: dict[Pair, RiskRecord] = {}
-        self._top: dict[str, float] = {}
+        self._records: list[SealedRecord] = []
 
     # ------------------------------------------------------------------ the request path
 
@@ -105,6 +108,28 @@ class ProtectionDesk:
                 )
 
     # ------------------------------------------------------------------ the workers'
+
+    def notice(self, model: str, notice: Notice) -> None:
+        """A worker's notice: a risk report, or a sealed record of watermarked answers."""
+        if isinstance(notice, WatermarkRecord):
+            if notice.kind not in ("marks", "controls") or len(self._records) >= MAX_PENDING:
+                logger.warning("dropped a watermark record", extra={"model": model})
+                return
+            caller = notice.caller
+            self._records.append(
+                SealedRecord(
+                    model=model,
+                    key_id=caller.key if caller is not None else None,
+                    tenant=caller.tenant if caller is not None else None,
+                    kind=notice.kind,
+                    classes=notice.classes,
+                    count=notice.count,
+                    blob=notice.blob,
+                    created_at=datetime.now(UTC),
+                )
+            )
+            return
+        self.reported(model, notice)
 
     def reported(self, model: str, report: ExtractionRisk) -> None:
         """Take a worker's report on one key (on the event loop; no I/O)."""
@@ -167,6 +192,15 @@ class ProtectionDesk:
 
     def has_new_blocks(self) -> bool:
         return any(r.blocked_at is not None for r in self._unwritten.values())
+
+    def flush_records(self, store: MarksStore) -> None:
+        """Store the sealed watermark records received since the last call (in a thread)."""
+        records, self._records = self._records, []
+        try:
+            store.add(records)
+        except Exception:
+            self._records[:0] = records[: MAX_PENDING - len(self._records)]
+            raise
 
     def flush(self, board: RiskBoard) -> None:
         """Write the scores reported since the last call (in a thread: blocking I/O)."""

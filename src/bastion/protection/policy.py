@@ -14,6 +14,7 @@ from bastion.protection.output import (
     SCORES_OPTION,
     check_policy_options,
 )
+from bastion.protection.shield import watermark_rate_of
 from bastion.protection.squeeze import Squeezer
 
 __all__ = ["PROTECT_PREFIX", "check_protection_options", "policy_view"]
@@ -32,6 +33,7 @@ def check_protection_options(options: Mapping[str, Any]) -> None:
     if str(options.get(WATERMARK_OPTION, "on")).strip().lower() not in ("on", "off"):
         raise ValueError(f"{WATERMARK_OPTION} is on or off.")
     check_policy_options(options)
+    watermark_rate_of(options)
     # Names only: a plug-in guard's code is loaded in the model's worker, never here.
     guard_names(options)
     monitor_policy_of(options)

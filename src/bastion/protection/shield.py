@@ -3,15 +3,21 @@
 After the runtime answers an Open Inference Protocol request, :class:`ModelShield`
 
 1. reads the scores the model computed and its predicted classes;
-2. accounts the request in the extraction monitor of its caller's key
+2. with feature squeezing on, asks the model again on squeezed inputs and refuses an
+   input whose prediction moves too much (:mod:`.squeeze`);
+3. accounts the request in the extraction monitor of its caller's key
    (:mod:`.monitor`), which may return a report for the gateway;
-3. applies the output policy (:mod:`.output`) to what the caller sees.
+4. changes the keyed few answers of the ownership watermark and seals a record of them
+   (and of a keyed sample of plain answers) to the owner's key (:mod:`.watermark`);
+5. applies the output policy (:mod:`.output`) to what the caller sees.
 
 It holds for plaintext and end-to-end encrypted requests alike: both are answered here.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -26,7 +32,55 @@ from bastion.protection.monitor import (
 )
 from bastion.protection.output import FLOAT_TYPES, OutputGuard
 from bastion.protection.squeeze import AdversarialInput, Squeezer
-from bastion.wire.protocol import Infer, InferResult, ModelMetadata, TensorData
+from bastion.protection.watermark import MAX_RATE, ClassifierWatermark, seal_marks
+from bastion.wire.protocol import (
+    Caller,
+    ExtractionRisk,
+    Infer,
+    InferResult,
+    ModelMetadata,
+    Notice,
+    TensorData,
+    WatermarkRecord,
+)
+
+_INT_TYPES: dict[str, np.dtype[Any]] = {"INT64": np.dtype("<i8"), "INT32": np.dtype("<i4")}
+WATERMARK_RATE_OPTION = "protect.watermark_rate"
+DEFAULT_WATERMARK_RATE = 0.005
+
+
+def watermark_rate_of(options: Mapping[str, Any]) -> float:
+    """The share of a classifier's answers its watermark changes; ValueError if invalid."""
+    try:
+        rate = float(options.get(WATERMARK_RATE_OPTION, DEFAULT_WATERMARK_RATE))
+    except (TypeError, ValueError):
+        raise ValueError(f"{WATERMARK_RATE_OPTION} is a share of answers (0.005).") from None
+    if not 0 < rate <= MAX_RATE:
+        raise ValueError(f"{WATERMARK_RATE_OPTION} must be above 0 and at most {MAX_RATE}.")
+    return rate
+
+
+def _subkey(key: bytes, purpose: bytes) -> bytes:
+    return hmac.new(key, b"bastion classifier watermark v1 " + purpose, hashlib.sha256).digest()
+
+
+def _is_label_output(tensor: TensorData, best: np.ndarray[Any, Any]) -> bool:
+    """An integer output [batch] holding the model's predicted classes (its "label")."""
+    dtype = _INT_TYPES.get(tensor.datatype)
+    if dtype is None or tensor.items or tensor.shape != [len(best)]:
+        return False
+    values = np.frombuffer(tensor.raw, dtype=dtype)
+    return bool(len(values) == len(best) and (values == best).all())
+
+
+def _risk_message(report: RiskReport) -> ExtractionRisk:
+    return ExtractionRisk(
+        caller=Caller(tenant=report.tenant, key=report.caller),
+        risk=report.risk,
+        level=report.level,
+        queries=report.queries,
+        signals=report.signals,
+    )
 
 
 def _array(tensor: TensorData) -> np.ndarray[Any, Any] | None:
@@ -43,7 +97,13 @@ class ModelShield:
     """One model's protection in its worker; see the module docstring."""
 
     def __init__(
-        self, options: Mapping[str, Any], metadata: ModelMetadata, reference: Reference | None
+        self,
+        options: Mapping[str, Any],
+        metadata: ModelMetadata,
+        reference: Reference | None,
+        *,
+        watermark_key: bytes | None = None,
+        marks_public_key: bytes | None = None,
     ) -> None:
         self.guard = OutputGuard(options, metadata)
         policy = monitor_policy_of(options)
@@ -53,19 +113,38 @@ class ModelShield:
         self.reference = reference
         squeezer = Squeezer.from_options(options)
         self.squeezer = squeezer if self.guard.scores else None
+        # The ownership watermark (DAWN): a keyed few answers changed, and recorded sealed
+        # to the owner's key with a keyed sample of plain answers (the controls).
+        self.watermark: ClassifierWatermark | None = None
+        self._controls: ClassifierWatermark | None = None
+        self._marks_key = marks_public_key
+        if self.guard.scores and watermark_key is not None and marks_public_key is not None:
+            rate = watermark_rate_of(options)
+            self.watermark = ClassifierWatermark(_subkey(watermark_key, b"marks"), rate)
+            self._controls = ClassifierWatermark(_subkey(watermark_key, b"controls"), rate)
 
     def declare(self, metadata: ModelMetadata) -> ModelMetadata:
         """`metadata` with the protection its answers get (for clients to see)."""
         declared = self.guard.declare(metadata)
-        if self.monitor is None or declared.output_policy is None:
+        if declared.output_policy is None:
             return declared
+        if self.monitor is None:
+            return msgspec.structs.replace(
+                declared, output_policy={**declared.output_policy, **self._marked()}
+            )
         policy = {
             **declared.output_policy,
             "monitor": self.monitor.policy.describe(),
             "reference": self.reference is not None,
             "squeeze": self.squeezer is not None,
         }
+        policy.update(self._marked())
         return msgspec.structs.replace(declared, output_policy=policy)
+
+    def _marked(self) -> dict[str, Any]:
+        if self.watermark is None:
+            return {}
+        return {"watermark": {"scheme": "dawn", "rate": self.watermark.rate}}
 
     def reset(self, key: str) -> None:
         if self.monitor is not None:
@@ -76,16 +155,64 @@ class ModelShield:
         request: Infer,
         result: InferResult,
         rerun: Callable[[Infer], InferResult] | None = None,
-    ) -> tuple[InferResult, RiskReport | None]:
-        """The answer the caller sees, and the monitor's report if it has one. With
-        feature squeezing on, `rerun` asks the model again (on squeezed inputs); an input
-        whose prediction moves too much raises AdversarialInput."""
+    ) -> tuple[InferResult, list[Notice]]:
+        """The answer the caller sees, and what to tell the gateway (the monitor's report,
+        sealed watermark records). With feature squeezing on, `rerun` asks the model again
+        (on squeezed inputs); an input whose prediction moves too much raises
+        AdversarialInput."""
         if self.squeezer is not None and rerun is not None:
             self._squeeze(request, result, rerun)
-        report = None
+        notices: list[Notice] = []
         if self.monitor is not None and request.caller is not None and request.inputs:
             report = self._observe(request, result)
-        return self.guard.apply(result), report
+            if report is not None:
+                notices.append(_risk_message(report))
+        if self.watermark is not None and request.inputs:
+            result = self._mark(request, result, notices)
+        return self.guard.apply(result), notices
+
+    def _mark(self, request: Infer, result: InferResult, notices: list[Notice]) -> InferResult:
+        """Change the keyed few answers (DAWN), and record them and the controls sealed."""
+        assert self.watermark is not None and self._controls is not None
+        assert self._marks_key is not None
+        inputs = _array(request.inputs[0])
+        scores = self._scores(result)
+        if inputs is None or scores is None or scores.ndim != 2 or len(inputs) != len(scores):
+            return result
+        best = np.argmax(scores, axis=1)
+        classes = int(scores.shape[1])
+        marked_scores, marked = self.watermark.apply(inputs, scores)
+        controls = self._controls.select(inputs) & ~marked
+        for kind, rows, shown in (
+            ("marks", marked, np.argmax(marked_scores, axis=1)),
+            ("controls", controls, best),
+        ):
+            if rows.any():
+                blob = seal_marks(self._marks_key, inputs[rows], shown[rows], best[rows])
+                notices.append(
+                    WatermarkRecord(
+                        caller=request.caller,
+                        kind=kind,
+                        classes=classes,
+                        count=int(rows.sum()),
+                        blob=blob,
+                    )
+                )
+        if not marked.any():
+            return result
+        new_best = np.argmax(marked_scores, axis=1)
+        outputs = []
+        for tensor in result.outputs:
+            if tensor.name in self.guard.scores:
+                dtype = FLOAT_TYPES[tensor.datatype]
+                raw = np.ascontiguousarray(marked_scores, dtype=dtype).tobytes()
+                tensor = msgspec.structs.replace(tensor, raw=raw)
+            elif _is_label_output(tensor, best):
+                dtype = _INT_TYPES[tensor.datatype]
+                raw = np.ascontiguousarray(new_best, dtype=dtype).tobytes()
+                tensor = msgspec.structs.replace(tensor, raw=raw)
+            outputs.append(tensor)
+        return msgspec.structs.replace(result, outputs=outputs)
 
     def _scores(self, result: InferResult) -> np.ndarray[Any, Any] | None:
         return next((_array(t) for t in result.outputs if t.name in self.guard.scores), None)

@@ -218,3 +218,23 @@ extraction_risk = sa.Table(
     sa.Column("updated_at", UTCDateTime, nullable=False),
     sa.Index("ix_extraction_risk_tenant", "tenant"),
 )
+
+# Sealed records of a classifier's watermarked answers ("marks") and a keyed sample of its
+# plain ones ("controls"), for `bastion protect verify`. The blob is sealed in the worker
+# to a key only the home's key ring opens; rows older than the retention are deleted.
+watermark_records = sa.Table(
+    "watermark_records",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("model", sa.String(64), nullable=False),
+    sa.Column("key_id", sa.String(64), nullable=True),
+    sa.Column("tenant", sa.String(64), nullable=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("classes", sa.Integer, nullable=False),
+    sa.Column("count", sa.Integer, nullable=False),
+    sa.Column("blob", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Index("ix_watermark_records_model", "model"),
+    sa.Index("ix_watermark_records_created_at", "created_at"),
+    sa.CheckConstraint("kind IN ('marks', 'controls')", name="kind_valid"),
+)

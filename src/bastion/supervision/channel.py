@@ -45,6 +45,7 @@ from bastion.wire.protocol import (
     Infer,
     InferResult,
     LoadFailed,
+    Notice,
     Ready,
     RequestFailed,
     SealedChunk,
@@ -52,6 +53,7 @@ from bastion.wire.protocol import (
     SealedResponse,
     TextDelta,
     ToWorker,
+    WatermarkRecord,
     WorkRequest,
 )
 
@@ -133,13 +135,13 @@ class WorkerChannel:
         max_buffered_bytes: int | None = None,
         retry_after_s: int = 1,
         on_fault: Callable[[str], None] | None = None,
-        on_risk: Callable[[ExtractionRisk], None] | None = None,
+        on_notice: Callable[[Notice], None] | None = None,
     ) -> None:
         #: The socket path the worker connects to (its ``--endpoint``).
         self.endpoint = str(Path(path))
         self._on_fault = on_fault
-        # Where the worker's extraction monitor reports go (the gateway's protection desk).
-        self._on_risk = on_risk
+        # Where the worker's protection notices go (the gateway's protection desk).
+        self._on_notice = on_notice
         # Replies the worker sent but the callers have not read yet, across all requests.
         self._max_buffered_bytes = max_buffered_bytes or 4 * max_message_bytes
         self._buffered_bytes = 0
@@ -325,9 +327,9 @@ class WorkerChannel:
         if isinstance(message, Heartbeat):
             self.worker_in_flight = message.in_flight
             return
-        if isinstance(message, ExtractionRisk):
-            if self._on_risk is not None:
-                self._on_risk(message)
+        if isinstance(message, ExtractionRisk | WatermarkRecord):
+            if self._on_notice is not None:
+                self._on_notice(message)
             return
         if isinstance(message, Ready | LoadFailed):
             if self.control.done():

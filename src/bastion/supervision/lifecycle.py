@@ -45,9 +45,9 @@ from bastion.supervision.channel import WorkerChannel
 from bastion.wire.protocol import (
     EXIT_RUNTIME_FAULT,
     EXIT_STUCK,
-    ExtractionRisk,
     LoadModel,
     ModelMetadata,
+    Notice,
     Ready,
     SealingKeys,
     Shutdown,
@@ -93,6 +93,7 @@ class ModelSpec:
     bundle_error: str | None = None
     # The model's watermark key (see LoadModel).
     watermark_key: bytes | None = field(default=None, repr=False)
+    marks_public_key: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +171,7 @@ class WorkerLifecycle:
         sandbox: Sandbox | Sandboxes,
         events: EventSink,
         sealing_keys: Callable[[], SealingKeys | None] = lambda: None,
-        on_risk: Callable[[str, ExtractionRisk], None] = lambda model, risk: None,
+        on_notice: Callable[[str, Notice], None] = lambda model, notice: None,
     ) -> None:
         self._settings = settings
         self._sandboxes = sandbox if isinstance(sandbox, Sandboxes) else Sandboxes(sandbox)
@@ -178,8 +179,8 @@ class WorkerLifecycle:
         # The OHTTP keys in force, read when a worker starts (rotations reach running
         # workers through the supervisor).
         self._sealing_keys = sealing_keys
-        # The extraction monitors' reports, by model.
-        self._on_risk = on_risk
+        # The workers' protection notices (extraction risk, watermark records), by model.
+        self._on_notice = on_notice
         self._extra_runtimes = settings.runtime_modules()
         self._check_interval_s = min(
             1.0, max(0.05, min(settings.heartbeat_interval_s, settings.heartbeat_timeout_s / 4))
@@ -227,7 +228,7 @@ class WorkerLifecycle:
             worker_dir / "ipc.sock",
             retry_after_s=self._restart_retry_after(slot),
             on_fault=lambda reason: self._channel_faulted(slot, channel, reason),
-            on_risk=lambda risk: self._on_risk(name, risk),
+            on_notice=lambda notice: self._on_notice(name, notice),
         )
         process: WorkerProcess | None = None
         exit_task: asyncio.Future[int] | None = None
@@ -319,6 +320,7 @@ class WorkerLifecycle:
             heartbeat_interval_s=settings.heartbeat_interval_s,
             bundle_key=spec.bundle_key,
             watermark_key=spec.watermark_key,
+            marks_public_key=spec.marks_public_key,
             trusted_keys=list(spec.trusted_keys),
             publisher_keys=list(spec.publisher_keys),
         )

@@ -31,7 +31,7 @@ from bastion.supervision.lifecycle import (
     ModelStatus,
     WorkerLifecycle,
 )
-from bastion.wire.protocol import ClearRisk, ExtractionRisk, SealingKeys, WorkRequest
+from bastion.wire.protocol import ClearRisk, Notice, SealingKeys, WorkRequest
 
 __all__ = ["ModelSpec", "ModelState", "ModelStatus", "Supervisor"]
 
@@ -50,10 +50,10 @@ class Supervisor:
         self._closing = False
         self._sealing_keys: SealingKeys | None = None
         sandboxes = sandbox if isinstance(sandbox, Sandboxes) else Sandboxes(sandbox)
-        #: Where the workers' extraction monitor reports go: (model, report).
-        self.on_risk: Callable[[str, ExtractionRisk], None] | None = None
+        #: Where the workers' protection notices go: (model, notice).
+        self.on_notice: Callable[[str, Notice], None] | None = None
         self._lifecycle = WorkerLifecycle(
-            settings, sandboxes, events, lambda: self._sealing_keys, self._risk_reported
+            settings, sandboxes, events, lambda: self._sealing_keys, self._noticed
         )
         #: How workers are isolated: the server's backend, and those models asked for.
         self.sandboxes = sandboxes
@@ -109,9 +109,9 @@ class Supervisor:
             if slot.channel is not None:
                 slot.channel.send_nowait(keys)
 
-    def _risk_reported(self, model: str, risk: ExtractionRisk) -> None:
-        if self.on_risk is not None:
-            self.on_risk(model, risk)
+    def _noticed(self, model: str, notice: Notice) -> None:
+        if self.on_notice is not None:
+            self.on_notice(model, notice)
 
     def clear_risk(self, model: str, key: str) -> None:
         """Tell the model's worker, if one runs, to forget API key `key`'s history."""

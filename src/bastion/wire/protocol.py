@@ -96,6 +96,9 @@ class LoadModel(Message, frozen=True, kw_only=True):
     # The model's watermark key (derived from the home's sealed master secret), for the
     # text watermark; None: no watermark.
     watermark_key: bytes | None = None
+    # The public key the worker seals its records of watermarked answers to (the private
+    # one stays sealed by the home's key ring; `bastion protect verify` opens them).
+    marks_public_key: bytes | None = None
     trusted_keys: list[bytes] = []
     # The trust policy's publishers: the bundle must also be signed by one of them.
     publisher_keys: list[bytes] = []
@@ -287,6 +290,18 @@ class ExtractionRisk(Message, frozen=True, kw_only=True):
     signals: dict[str, float] = {}
 
 
+class WatermarkRecord(Message, frozen=True, kw_only=True):
+    """Inputs a classifier answered with its watermark ("marks"), or a keyed sample of
+    those it answered plainly ("controls"), sealed in the worker to the owner's key: the
+    gateway stores the blob and cannot read it."""
+
+    caller: Caller | None = None
+    kind: str
+    classes: int
+    count: int
+    blob: bytes
+
+
 class TextDelta(Message, frozen=True, kw_only=True):
     """A piece of streamed text for choice `index` of request `id`."""
 
@@ -402,6 +417,9 @@ def compute_of(reply: Message) -> float:
     return reply.compute_s if isinstance(reply, _METERED) else 0.0
 
 
+# What a worker tells the gateway about its model's protection, outside any request.
+Notice = ExtractionRisk | WatermarkRecord
+
 ToWorker = (
     LoadModel
     | Generate
@@ -418,6 +436,7 @@ FromWorker = (
     | LoadFailed
     | Heartbeat
     | ExtractionRisk
+    | WatermarkRecord
     | TextDelta
     | GenerateResult
     | EmbedResult

@@ -42,7 +42,7 @@ from bastion.models.bundle.reader import (
 )
 from bastion.observability.logging import configure_logging
 from bastion.protection.guards import GuardChain, guards_of
-from bastion.protection.monitor import REFERENCE_FILE, RiskReport, load_reference
+from bastion.protection.monitor import REFERENCE_FILE, load_reference
 from bastion.protection.shield import ModelShield
 from bastion.protection.squeeze import AdversarialInput
 from bastion.protection.textmark import TextWatermark
@@ -64,12 +64,10 @@ from bastion.wire.framing import (
 from bastion.wire.protocol import (
     EXIT_RUNTIME_FAULT,
     EXIT_STUCK,
-    Caller,
     Cancel,
     ClearRisk,
     Embed,
     EmbedResult,
-    ExtractionRisk,
     Generate,
     GenerateResult,
     Heartbeat,
@@ -343,7 +341,13 @@ class Worker:
                 runtime, files = _load_model(load)
                 # Its answers' protection: enforced here, declared to clients.
                 reference = load_reference(files.read_optional(REFERENCE_FILE))
-                self._shield = ModelShield(load.options, runtime.metadata(), reference)
+                self._shield = ModelShield(
+                    load.options,
+                    runtime.metadata(),
+                    reference,
+                    watermark_key=load.watermark_key,
+                    marks_public_key=load.marks_public_key,
+                )
                 metadata = self._shield.declare(runtime.metadata())
                 metadata = _arm_watermark(runtime, load, metadata)
                 self._guards = GuardChain(guards_of(load.options))
@@ -446,11 +450,11 @@ class Worker:
             else:
                 outcome = runtime.infer(request, job.cancel)
                 if self._shield is not None and isinstance(outcome, InferResult):
-                    outcome, report = self._shield.infer(
+                    outcome, notices = self._shield.infer(
                         request, outcome, lambda again: runtime.infer(again, job.cancel)
                     )
-                    if report is not None:
-                        self._send(_risk_message(report))
+                    for notice in notices:
+                        self._send(notice)
             if not isinstance(outcome, _RESULT_TYPES[type(request)]):
                 raise TypeError("the runtime returned the wrong result type")
             if outcome.id != request.id:
@@ -585,16 +589,6 @@ def _arm_watermark(runtime: Runtime, load: LoadModel, metadata: ModelMetadata) -
         "watermark": {"scheme": "kgw", "gamma": mark.gamma, "delta": mark.delta},
     }
     return msgspec.structs.replace(metadata, output_policy=declared)
-
-
-def _risk_message(report: RiskReport) -> ExtractionRisk:
-    return ExtractionRisk(
-        caller=Caller(tenant=report.tenant, key=report.caller),
-        risk=report.risk,
-        level=report.level,
-        queries=report.queries,
-        signals=report.signals,
-    )
 
 
 def _load_model(load: LoadModel) -> tuple[Runtime, ModelFiles]:
