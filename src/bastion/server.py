@@ -49,7 +49,9 @@ def build_services(home: Home, metrics: Metrics) -> Services:
     desk = ProtectionDesk(
         events,
         metrics,
-        policy_of=lambda model: monitor_policy_of(gateway.model_record(model).options),
+        policy_of=lambda model, tenant, key: monitor_policy_of(
+            gateway.protection_options(model, tenant, key)
+        ),
         clear_worker=supervisor.clear_risk,
     )
     supervisor.on_notice = desk.notice

@@ -205,3 +205,46 @@ def test_the_admin_api_shows_and_changes_protection(server: BastionServer) -> No
         cleared = admin.delete(f"/admin/v1/protection/keys/{thief['id']}")
         assert cleared.status_code == 200 and cleared.json()["cleared"] == 1
         assert admin.delete(f"/admin/v1/protection/keys/{thief['id']}").status_code == 404
+        # A tenant's own settings, on every model.
+        url = "/admin/v1/protection/overrides/tenants/api-thief/*"
+        set_ = admin.patch(url, json={"watermark": "off", "alert_at": "0.9"})
+        assert set_.status_code == 200 and set_.json()["watermark"] == "off"
+        shown = admin.get("/admin/v1/protection").json()["overrides"]
+        assert {"kind": "tenant", "subject": "api-thief", "model": "*", "watermark": "off",
+                "alert_at": "0.9"} in shown  # fmt: skip
+        assert admin.patch(url, json={"squeeze": "on"}).status_code == 400
+        assert admin.delete(url).status_code == 204
+        assert admin.delete(url).status_code == 404
+        assert admin.patch("/admin/v1/protection/overrides/teams/x/*", json={}).status_code == 404
+
+
+def test_a_key_of_its_own_policy_is_served_and_watched_by_it(server: BastionServer) -> None:
+    """A trusted key gets full scores and is never blocked (alerts only); others keep
+    the model's policy."""
+    trusted, other = _key(server, "partner"), _key(server, "someone")
+    run_cli(
+        server.home, "protect", "set", "digits", "output=full", "block_at=off",
+        "--key", trusted["id"],
+    )  # fmt: skip
+    _, x_test, _, _ = digits_split()
+    deadline = time.monotonic() + 10
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        while True:
+            scores = _ask(client, trusted["key"], x_test[0]).json()["outputs"][1]["data"]
+            if sum(1 for v in scores if v > 0) > 1:
+                break
+            assert time.monotonic() < deadline, scores
+            time.sleep(0.3)
+        plain = _ask(client, other["key"], x_test[0]).json()["outputs"][1]["data"]
+    assert sorted(plain) == [0.0] * 9 + [1.0]
+    probes = np.random.default_rng(5).uniform(0, 16, (200, 64))
+    assert _send(server, trusted["key"], probes) is None
+    assert _send(server, other["key"], probes) is not None
+    listed = json.loads(run_cli(server.home, "protect", "overrides", "--json").stdout)
+    assert {"kind": "key", "subject": trusted["id"], "model": "digits", "output": "full",
+            "block_at": "off"} in listed  # fmt: skip
+    bad = run_cli(
+        server.home, "protect", "set", "digits", "squeeze=on", "--key", trusted["id"],
+        check=False,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "cannot be set per tenant or key" in bad.stderr

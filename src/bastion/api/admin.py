@@ -18,6 +18,7 @@ from bastion.errors import InvalidRequest, NotFound
 from bastion.identity.grants import TENANT_NOT_FOUND, is_global_admin
 from bastion.identity.principal import Principal
 from bastion.identity.service import IdentityService
+from bastion.models.overrides import ALL_MODELS, OverrideStore
 from bastion.models.registry import ModelRecord
 from bastion.models.risk import RiskBoard
 from bastion.protection.policy import policy_view
@@ -239,12 +240,47 @@ async def list_protection(request: Request) -> Response:
     records = await asyncio.to_thread(services.registry.list)
     tenant = request.query_params.get("tenant")
     risks = await asyncio.to_thread(RiskBoard(services.db).read, tenant=tenant)
+    overrides = await asyncio.to_thread(OverrideStore(services.db, services.gateway.events).list)
     return json_response(
         {
             "models": [_protection_view(r) for r in records],
             "keys": [r.as_dict() for r in risks],
+            "overrides": [o.as_dict() for o in overrides],
         }
     )
+
+
+_OVERRIDE_KINDS = {"tenants": "tenant", "keys": "key"}
+
+
+def _override_subject(request: Request) -> tuple[str, str, str]:
+    kind = _OVERRIDE_KINDS.get(request.path_params["kind"])
+    if kind is None:
+        raise NotFound("Overrides are under /admin/v1/protection/overrides/tenants|keys/….")
+    return kind, request.path_params["subject"], request.path_params["model"]
+
+
+async def update_override(request: Request) -> Response:
+    """A tenant's or key's own protection settings on a model (or * for every model)."""
+    services, principal = await _admin(request)
+    body = await decode_json(request, ProtectionUpdate, services.settings.max_body_bytes)
+    kind, subject, model = _override_subject(request)
+    if model != ALL_MODELS:
+        await asyncio.to_thread(services.registry.get, model)
+    changes = {k.removeprefix("protect."): v for k, v in body.changes().items()}
+    store = OverrideStore(services.db, services.gateway.events)
+    override = await asyncio.to_thread(store.set, principal, kind, subject, model, changes)
+    await services.control.refresh()
+    return json_response(override.as_dict())
+
+
+async def remove_override(request: Request) -> Response:
+    services, principal = await _admin(request)
+    kind, subject, model = _override_subject(request)
+    store = OverrideStore(services.db, services.gateway.events)
+    await asyncio.to_thread(store.remove, principal, kind, subject, model)
+    await services.control.refresh()
+    return Response(status_code=204)
 
 
 async def update_protection(request: Request) -> Response:
@@ -320,4 +356,14 @@ routes = [
     Route("/admin/v1/protection", list_protection, methods=["GET"]),
     Route("/admin/v1/protection/models/{model}", update_protection, methods=["PATCH", "PUT"]),
     Route("/admin/v1/protection/keys/{key_id}", clear_protection_key, methods=["DELETE"]),
+    Route(
+        "/admin/v1/protection/overrides/{kind}/{subject}/{model}",
+        update_override,
+        methods=["PATCH", "PUT"],
+    ),
+    Route(
+        "/admin/v1/protection/overrides/{kind}/{subject}/{model}",
+        remove_override,
+        methods=["DELETE"],
+    ),
 ]

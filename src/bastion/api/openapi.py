@@ -20,6 +20,9 @@ _BODIES: dict[tuple[str, str], type[Any]] = {
     ("/admin/v1/keys", "post"): schemas.KeyCreate,
     ("/admin/v1/quotas/{kind}/{subject}", "patch"): schemas.QuotaUpdate,
     ("/admin/v1/protection/models/{model}", "patch"): schemas.ProtectionUpdate,
+    ("/admin/v1/protection/overrides/{kind}/{subject}/{model}", "patch"): (
+        schemas.ProtectionUpdate
+    ),
 }
 
 # Query parameters of the operations that take some: name -> description.
@@ -125,6 +128,21 @@ _OPERATIONS: list[tuple[str, str, str, bool]] = [
         "/admin/v1/protection/keys/{key_id}",
         "delete",
         "Lift a key's extraction block and forget its scores",
+        True,
+    ),
+    (
+        "/admin/v1/protection/overrides/{kind}/{subject}/{model}",
+        "patch",
+        "A tenant's (kind: tenants) or key's (kind: keys) own protection settings on a "
+        "model (* for every model): output, monitor, alert_at, throttle_at, block_at, "
+        "throttle_rps, watermark",
+        True,
+    ),
+    ("/admin/v1/protection/overrides/{kind}/{subject}/{model}", "put", "As PATCH", True),
+    (
+        "/admin/v1/protection/overrides/{kind}/{subject}/{model}",
+        "delete",
+        "Remove a tenant's or key's protection override",
         True,
     ),
 ]

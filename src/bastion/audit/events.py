@@ -48,6 +48,7 @@ PROTECT_EXTRACTION_SUSPECTED = "protect.extraction_suspected"
 PROTECT_KEY_BLOCKED = "protect.key_blocked"
 PROTECT_KEY_THROTTLED = "protect.key_throttled"
 PROTECT_KEY_CLEARED = "protect.key_cleared"
+PROTECT_OVERRIDE_CHANGED = "protect.override_changed"
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from bastion.cli.common import HomeOpt, JsonOpt, err, open_home, out, print_json
 from bastion.cli.models import PROTECT_KEYS, protect_options
 from bastion.identity.principal import OPERATOR
 from bastion.models.marks import MarksStore
+from bastion.models.overrides import ALL_MODELS, OverrideStore
 from bastion.models.registry import ModelRecord
 from bastion.models.risk import RiskBoard
 from bastion.models.watermark_secret import WatermarkSecret
@@ -58,7 +59,7 @@ def protect_show(
 
 @app.command("set")
 def protect_set(
-    model: Annotated[str, typer.Argument(help="The model.")],
+    model: Annotated[str, typer.Argument(help="The model (* with --tenant or --key: all).")],
     settings: Annotated[
         list[str],
         typer.Argument(
@@ -67,10 +68,16 @@ def protect_set(
             "KEY=default goes back to the default"
         ),
     ],
+    tenant: Annotated[
+        str | None, typer.Option("--tenant", help="Only for this tenant's requests.")
+    ] = None,
+    key: Annotated[str | None, typer.Option("--key", help="Only for this API key's.")] = None,
     home: HomeOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
-    """Change a model's policy; `default` goes back to the default."""
+    """Change a model's policy; `default` goes back to the default. With --tenant or
+    --key, the settings hold for that caller only (output, monitor, alert_at,
+    throttle_at, block_at, throttle_rps, watermark), over the model's own."""
     given = [s for s in settings if not s.endswith("=default")]
     changes: dict[str, str | None] = dict(protect_options(given))
     for reset in (s.removesuffix("=default") for s in settings if s.endswith("=default")):
@@ -79,6 +86,26 @@ def protect_set(
             raise typer.Exit(2)
         changes[f"protect.{reset}"] = None
     h = open_home(home)
+    if tenant is not None or key is not None:
+        if tenant is not None and key is not None:
+            err.print("[red]error:[/] give --tenant or --key, not both")
+            raise typer.Exit(2)
+        kind, subject = ("tenant", tenant) if tenant is not None else ("key", key)
+        assert subject is not None
+        if model != ALL_MODELS:
+            run(lambda: h.registry.get(model))
+        short = {name.removeprefix("protect."): value for name, value in changes.items()}
+        store = OverrideStore(h.db, h.events)
+        override = run(lambda: store.set(OPERATOR, kind, subject, model, short))
+        if json_output:
+            print_json(override.as_dict())
+        else:
+            settings_text = ", ".join(f"{k}={v}" for k, v in override.options.items()) or "none"
+            out.print(
+                f"{kind.capitalize()} {subject} on {model}: {settings_text}; a running server "
+                "applies it shortly."
+            )
+        return
     record = run(lambda: h.registry.set_protection(OPERATOR, model, changes))
     result = _policy(record)
     if json_output:
@@ -88,6 +115,26 @@ def protect_set(
             f"Model {record.name}: output {result['output']}, monitor {result['monitor']}; "
             "a running server applies it shortly."
         )
+
+
+@app.command("overrides")
+def protect_overrides(home: HomeOpt = None, json_output: JsonOpt = False) -> None:
+    """The protection settings tenants and API keys have of their own."""
+    h = open_home(home)
+    overrides = run(lambda: OverrideStore(h.db, h.events).list())
+    rows = [
+        {
+            "kind": o.kind,
+            "subject": o.subject,
+            "model": o.model,
+            "settings": ", ".join(f"{k}={v}" for k, v in sorted(o.options.items())),
+        }
+        for o in overrides
+    ]
+    if json_output:
+        print_json([o.as_dict() for o in overrides])
+    else:
+        table(rows, ["kind", "subject", "model", "settings"], "Protection overrides")
 
 
 @app.command("status")

@@ -36,6 +36,7 @@ from bastion.models.bundle.reader import (
 )
 from bastion.models.bundle_store import BUNDLE_OPTION, BundleStore
 from bastion.models.marks import MarksStore
+from bastion.models.overrides import OverrideStore
 from bastion.models.registry import ModelRecord, ModelRegistry
 from bastion.models.risk import RiskBoard
 from bastion.models.status import PublishedStatus, StatusBoard
@@ -86,6 +87,7 @@ class ControlPlane:
         self.status_board = StatusBoard(db)
         self.risk_board = RiskBoard(db, events)
         self.marks = MarksStore(db, settings.watermark_retention_days)
+        self.overrides = OverrideStore(db, events)
         self._revision = -1
         self._refresher: asyncio.Task[None] | None = None
         self._flushed_at = time.monotonic()
@@ -131,7 +133,8 @@ class ControlPlane:
         await asyncio.to_thread(self.authenticator.refresh)
         quotas = await asyncio.to_thread(self.quotas.table)
         records = await asyncio.to_thread(self.registry.list)
-        self.gateway.update(quotas=quotas, records=records)
+        overrides = await asyncio.to_thread(self.overrides.table)
+        self.gateway.update(quotas=quotas, records=records, overrides=overrides)
         active_keys = await asyncio.to_thread(self.ohttp_keys.active)
         self.supervisor.set_sealing_keys(self.gateway.sealing.update(active_keys))
         if self.gateway.protection is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator
+from typing import Any
 
 import msgspec
 
@@ -40,6 +41,7 @@ from bastion.identity.principal import (
     ACTION_INFER,
     Principal,
 )
+from bastion.models.overrides import OverrideTable
 from bastion.models.registry import ModelRecord
 from bastion.observability.metrics import Metrics
 from bastion.quotas.admission import Ticket, limit_headers
@@ -111,14 +113,24 @@ class Gateway:
         self.protection = protection
         self._queues: dict[str, FairQueue] = {}
         self._catalog: dict[str, ModelRecord] = {}
+        # Protection settings of tenants and keys, over their models' own.
+        self.overrides = OverrideTable()
         self._size_limits: dict[str, SizeLimits] = {}
         self._draining = False
 
     # ------------------------------------------------------------------ the control plane's
 
-    def update(self, *, quotas: QuotaTable, records: list[ModelRecord]) -> None:
+    def update(
+        self,
+        *,
+        quotas: QuotaTable,
+        records: list[ModelRecord],
+        overrides: OverrideTable | None = None,
+    ) -> None:
         """Take the quotas and models as of the latest revision (the control plane's call)."""
         self.quotas = quotas
+        if overrides is not None:
+            self.overrides = overrides
         self._catalog = {record.name: record for record in records}
         self._size_limits = {
             r.name: self.settings.size_limits.with_options(r.options) for r in records
@@ -321,7 +333,7 @@ class Gateway:
     async def call(self, model: str, message: WorkRequest, ticket: Ticket) -> FromWorker:
         """Send one request and wait for its final answer, within the request's deadline
         (which the wait in the model's fair queue, and earlier calls, count toward)."""
-        message = _with_caller(message, ticket.principal)
+        message = self._with_caller(message, model, ticket.principal)
         try:
             async with asyncio.timeout_at(self._deadline(ticket)):
                 hold = await self._acquire(model, ticket.principal.tenant_name)
@@ -338,7 +350,7 @@ class Gateway:
         """Stream a request's messages; past the deadline (the wait in the fair queue
         included) the job is cancelled (504)."""
         deadline = self._deadline(ticket)
-        message = _with_caller(message, ticket.principal)
+        message = self._with_caller(message, model, ticket.principal)
         try:
             async with asyncio.timeout_at(deadline):
                 hold = await self._acquire(model, ticket.principal.tenant_name)
@@ -363,6 +375,23 @@ class Gateway:
                 await replies.aclose()
         finally:
             hold.release()
+
+    def _with_caller(self, message: WorkRequest, model: str, principal: Principal) -> WorkRequest:
+        """A classifier request, plain or encrypted, names its key (for the worker's
+        extraction monitor, which keeps one history per key) and the protection settings
+        its tenant or key has of its own."""
+        if isinstance(message, Infer | SealedRequest):
+            tenant, key = principal.tenant_name, principal.key_id
+            protect = self.overrides.resolve(tenant, key, model)
+            caller = Caller(tenant=tenant, key=key, protect=protect)
+            return msgspec.structs.replace(message, caller=caller)
+        return message
+
+    def protection_options(self, model: str, tenant: str, key: str) -> dict[str, Any]:
+        """A model's protect.* options as a caller gets them (its overrides on top)."""
+        options = dict(self.model_record(model).options)
+        options.update(self.overrides.resolve(tenant, key, model))
+        return options
 
     def _deadline(self, ticket: Ticket) -> float:
         if ticket.deadline is not None:
@@ -396,15 +425,6 @@ class Gateway:
 
 
 _NO_LIMITS = QuotaLimits()
-
-
-def _with_caller(message: WorkRequest, principal: Principal) -> WorkRequest:
-    """A classifier request, plain or encrypted, names its key for the worker's extraction
-    monitor (which keeps one history per key)."""
-    if isinstance(message, Infer | SealedRequest):
-        caller = Caller(tenant=principal.tenant_name, key=principal.key_id)
-        return msgspec.structs.replace(message, caller=caller)
-    return message
 
 
 def _unavailable_message(name: str, status: ModelStatus) -> str:

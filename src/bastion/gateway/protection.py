@@ -71,7 +71,7 @@ class ProtectionDesk:
         self,
         events: EventSink,
         metrics: Metrics,
-        policy_of: Callable[[str], MonitorPolicy],
+        policy_of: Callable[[str, str, str], MonitorPolicy],
         clear_worker: Callable[[str, str], None] = lambda model, key: None,
     ) -> None:
         self._events = events
@@ -158,7 +158,8 @@ class ProtectionDesk:
         self._metrics.extraction_risk_reports.labels(model).observe(report.risk)
         self._set_top(model)
         if report.level == "throttle" and pair not in self._throttled:
-            self._throttled[pair] = _Bucket(self._policy_of(model).throttle_rps)
+            policy = self._policy_of(model, caller.tenant, caller.key)
+            self._throttled[pair] = _Bucket(policy.throttle_rps)
         if rising:
             self._act(model, record)
 

@@ -138,17 +138,25 @@ class Reference:  # not slotted: caches its edges as lists
         result: np.ndarray[Any, Any] = (rows - self.mean) @ self.components.T
         return result
 
+    @functools.cached_property
+    def _inverse_variances(self) -> np.ndarray[Any, Any]:
+        inverse: np.ndarray[Any, Any] = (1.0 / self.variances).astype(np.float32)
+        return inverse
+
     def outlier_scores(self, projected: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         """Squared Mahalanobis distance of projected rows."""
-        result: np.ndarray[Any, Any] = (projected**2 / self.variances).sum(axis=1)
+        result: np.ndarray[Any, Any] = np.einsum(
+            "ij,ij,j->i", projected, projected, self._inverse_variances
+        )
         return result
 
     def off_grid(self, rows: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         """Rows with a value that is not a multiple of the reference's step."""
         if not self.step:
             return np.zeros(rows.shape[0], dtype=bool)
-        scaled = rows / self.step
-        off: np.ndarray[Any, Any] = np.abs(scaled - np.rint(scaled)).max(axis=1) > GRID_TOLERANCE
+        scaled = rows * (1.0 / self.step)
+        scaled -= np.rint(scaled)
+        off: np.ndarray[Any, Any] = np.abs(scaled, out=scaled).max(axis=1) > GRID_TOLERANCE
         return off
 
     def outliers(self, rows: np.ndarray[Any, Any]) -> tuple[np.ndarray[Any, Any], list[int]]:
@@ -431,10 +439,13 @@ class ExtractionMonitor:
         tenant: str,
         inputs: np.ndarray[Any, Any],
         predicted: np.ndarray[Any, Any],
+        policy: MonitorPolicy | None = None,
     ) -> RiskReport | None:
         """Account one request's rows (`inputs` [batch, ...], `predicted` classes [batch]);
-        a report when the key's level changed, or every REPORT_EVERY queries."""
-        if not self.policy.enabled or inputs.shape[0] == 0:
+        a report when the key's level changed, or every REPORT_EVERY queries. `policy`:
+        the caller's own (its tenant's or key's overrides), else the model's."""
+        policy = policy or self.policy
+        if not policy.enabled or inputs.shape[0] == 0:
             return None
         rows = features_of(inputs)
         stream = self._stream(caller, tenant, rows.shape[1])
@@ -449,7 +460,7 @@ class ExtractionMonitor:
         stream.queries += rows.shape[0]
         stream.unreported += rows.shape[0]
         risk = self._risk(stream)
-        level = self.policy.level(risk, stream.queries)
+        level = policy.level(risk, stream.queries)
         if level == stream.level and stream.unreported < REPORT_EVERY:
             return None
         stream.level, stream.unreported = level, 0

@@ -14,18 +14,16 @@ from bastion.protection.output import (
     SCORES_OPTION,
     check_policy_options,
 )
-from bastion.protection.shield import watermark_rate_of
+from bastion.protection.shield import WATERMARK_OPTION, watermark_on, watermark_rate_of
 from bastion.protection.squeeze import Squeezer
 
-__all__ = ["PROTECT_PREFIX", "check_protection_options", "policy_view"]
-
-
-WATERMARK_OPTION = "protect.watermark"
-
-
-def watermark_on(options: Mapping[str, Any]) -> bool:
-    """Whether the model's answers carry its ownership watermark (on by default)."""
-    return str(options.get(WATERMARK_OPTION, "on")).strip().lower() == "on"
+__all__ = [
+    "PROTECT_PREFIX",
+    "WATERMARK_OPTION",
+    "check_protection_options",
+    "policy_view",
+    "watermark_on",
+]
 
 
 def check_protection_options(options: Mapping[str, Any]) -> None:

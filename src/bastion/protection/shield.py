@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -26,6 +27,7 @@ import numpy as np
 
 from bastion.protection.monitor import (
     ExtractionMonitor,
+    MonitorPolicy,
     Reference,
     RiskReport,
     monitor_policy_of,
@@ -44,6 +46,23 @@ from bastion.wire.protocol import (
     WatermarkRecord,
 )
 
+# Distinct override sets a worker keeps a policy for (more: the cache starts over).
+MAX_VARIANTS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class _Variant:
+    guard: OutputGuard
+    monitor: MonitorPolicy
+    watermark: bool
+
+
+def watermark_on(options: Mapping[str, Any]) -> bool:
+    """Whether the model's answers carry its ownership watermark (on by default)."""
+    return str(options.get(WATERMARK_OPTION, "on")).strip().lower() == "on"
+
+
+WATERMARK_OPTION = "protect.watermark"
 _INT_TYPES: dict[str, np.dtype[Any]] = {"INT64": np.dtype("<i8"), "INT32": np.dtype("<i4")}
 WATERMARK_RATE_OPTION = "protect.watermark_rate"
 DEFAULT_WATERMARK_RATE = 0.005
@@ -105,6 +124,9 @@ class ModelShield:
         watermark_key: bytes | None = None,
         marks_public_key: bytes | None = None,
     ) -> None:
+        self._options = dict(options)
+        self._metadata = metadata
+        self._variants: dict[frozenset[tuple[str, str]], _Variant] = {}
         self.guard = OutputGuard(options, metadata)
         policy = monitor_policy_of(options)
         # Only classifiers are watched: their answers are what an extraction copies.
@@ -163,13 +185,35 @@ class ModelShield:
         if self.squeezer is not None and rerun is not None:
             self._squeeze(request, result, rerun)
         notices: list[Notice] = []
+        variant = self._variant(request.caller.protect if request.caller is not None else {})
         if self.monitor is not None and request.caller is not None and request.inputs:
-            report = self._observe(request, result)
+            report = self._observe(request, result, variant.monitor)
             if report is not None:
                 notices.append(_risk_message(report))
-        if self.watermark is not None and request.inputs:
+        if self.watermark is not None and variant.watermark and request.inputs:
             result = self._mark(request, result, notices)
-        return self.guard.apply(result), notices
+        return variant.guard.apply(result), notices
+
+    def _variant(self, overrides: Mapping[str, str]) -> _Variant:
+        """The policy a caller's requests get: the model's, with the caller's tenant or key
+        overrides on top (cached per set of overrides)."""
+        key = frozenset(overrides.items())
+        variant = self._variants.get(key)
+        if variant is None:
+            options = {**self._options, **overrides}
+            try:
+                variant = _Variant(
+                    guard=OutputGuard(options, self._metadata) if overrides else self.guard,
+                    monitor=monitor_policy_of(options),
+                    watermark=watermark_on(options),
+                )
+            except ValueError:
+                # Checked when set; should one slip through, the model's own policy holds.
+                variant = _Variant(self.guard, monitor_policy_of(self._options), True)
+            if len(self._variants) >= MAX_VARIANTS:
+                self._variants.clear()
+            self._variants[key] = variant
+        return variant
 
     def _mark(self, request: Infer, result: InferResult, notices: list[Notice]) -> InferResult:
         """Change the keyed few answers (DAWN), and record them and the controls sealed."""
@@ -241,7 +285,9 @@ class ModelShield:
                 "squeezed (feature squeezing)."
             )
 
-    def _observe(self, request: Infer, result: InferResult) -> RiskReport | None:
+    def _observe(
+        self, request: Infer, result: InferResult, policy: MonitorPolicy
+    ) -> RiskReport | None:
         assert self.monitor is not None and request.caller is not None
         inputs = _array(request.inputs[0])
         scores = next((_array(t) for t in result.outputs if t.name in self.guard.scores), None)
@@ -251,4 +297,4 @@ class ModelShield:
             return None
         predicted = np.argmax(scores, axis=1)
         caller = request.caller
-        return self.monitor.observe(caller.key, caller.tenant, inputs, predicted)
+        return self.monitor.observe(caller.key, caller.tenant, inputs, predicted, policy)

@@ -238,3 +238,17 @@ watermark_records = sa.Table(
     sa.Index("ix_watermark_records_created_at", "created_at"),
     sa.CheckConstraint("kind IN ('marks', 'controls')", name="kind_valid"),
 )
+
+# Protection settings of one tenant or API key, on one model or every model ('*'): they
+# override the model's own protect.* options for that caller (key over tenant, a model
+# over '*').
+protect_overrides = sa.Table(
+    "protect_overrides",
+    metadata,
+    sa.Column("kind", sa.String(8), primary_key=True),
+    sa.Column("subject", sa.String(64), primary_key=True),
+    sa.Column("model", sa.String(64), primary_key=True),
+    sa.Column("options", sa.Text, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.CheckConstraint("kind IN ('tenant', 'key')", name="kind_valid"),
+)

@@ -132,6 +132,8 @@ class Caller(msgspec.Struct, frozen=True, kw_only=True):
 
     tenant: str
     key: str
+    # The protect.* settings of this tenant or key that override the model's own.
+    protect: dict[str, str] = {}
 
 
 class Infer(Message, frozen=True, kw_only=True):

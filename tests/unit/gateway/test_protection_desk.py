@@ -33,7 +33,7 @@ def _desk(policy: MonitorPolicy | None = None) -> tuple[ProtectionDesk, MemoryEv
     desk = ProtectionDesk(
         events,
         Metrics(),
-        policy_of=lambda model: policy or MonitorPolicy(),
+        policy_of=lambda model, tenant, key: policy or MonitorPolicy(),
         clear_worker=lambda model, key: cleared.append((model, key)),
     )
     return desk, events, cleared
