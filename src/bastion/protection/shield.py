@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -106,8 +107,7 @@ def _array(tensor: TensorData) -> np.ndarray[Any, Any] | None:
     dtype = FLOAT_TYPES.get(tensor.datatype)
     if dtype is None or tensor.items or not tensor.shape:
         return None
-    count = int(np.prod(tensor.shape))
-    if count * dtype.itemsize != len(tensor.raw):
+    if math.prod(tensor.shape) * dtype.itemsize != len(tensor.raw):
         return None
     return np.frombuffer(tensor.raw, dtype=dtype).reshape(tensor.shape)
 
@@ -177,22 +177,49 @@ class ModelShield:
         request: Infer,
         result: InferResult,
         rerun: Callable[[Infer], InferResult] | None = None,
-    ) -> tuple[InferResult, list[Notice]]:
-        """The answer the caller sees, and what to tell the gateway (the monitor's report,
-        sealed watermark records). With feature squeezing on, `rerun` asks the model again
-        (on squeezed inputs); an input whose prediction moves too much raises
+    ) -> tuple[InferResult, Callable[[], list[Notice]] | None]:
+        """The answer the caller sees, and the work that can wait until it has been sent
+        (the monitor's accounting, the sealing of watermark records), which returns what
+        to tell the gateway. With feature squeezing on, `rerun` asks the model again (on
+        squeezed inputs); an input whose prediction moves too much raises
         AdversarialInput."""
         if self.squeezer is not None and rerun is not None:
             self._squeeze(request, result, rerun)
-        notices: list[Notice] = []
-        variant = self._variant(request.caller.protect if request.caller is not None else {})
-        if self.monitor is not None and request.caller is not None and request.inputs:
-            report = self._observe(request, result, variant.monitor)
-            if report is not None:
-                notices.append(_risk_message(report))
-        if self.watermark is not None and variant.watermark and request.inputs:
-            result = self._mark(request, result, notices)
-        return variant.guard.apply(result), notices
+        caller = request.caller
+        variant = self._variant(caller.protect if caller is not None else {})
+        watching = self.monitor is not None and caller is not None
+        marking = self.watermark is not None and variant.watermark
+        if not (watching or marking) or not request.inputs:
+            return variant.guard.apply(result), None
+        inputs = _array(request.inputs[0])
+        scores = self._scores(result)
+        if inputs is None or scores is None or scores.ndim != 2 or len(inputs) != len(scores):
+            return variant.guard.apply(result), None
+        best = np.argmax(scores, axis=1)
+        marked = None
+        if marking:
+            assert self.watermark is not None
+            marked = self.watermark.select(inputs)
+            marked_labels = best
+            if marked.any():
+                marked_scores, marked = self.watermark.apply(inputs, scores)
+                result = self._answer_marked(result, marked_scores, best)
+                marked_labels = np.argmax(marked_scores, axis=1)
+
+        def later() -> list[Notice]:
+            notices: list[Notice] = []
+            if watching:
+                assert self.monitor is not None and caller is not None
+                report = self.monitor.observe(
+                    caller.key, caller.tenant, inputs, best, variant.monitor
+                )
+                if report is not None:
+                    notices.append(_risk_message(report))
+            if marked is not None:
+                self._record(request, inputs, best, marked, marked_labels, scores, notices)
+            return notices
+
+        return variant.guard.apply(result), later
 
     def _variant(self, overrides: Mapping[str, str]) -> _Variant:
         """The policy a caller's requests get: the model's, with the caller's tenant or key
@@ -215,35 +242,10 @@ class ModelShield:
             self._variants[key] = variant
         return variant
 
-    def _mark(self, request: Infer, result: InferResult, notices: list[Notice]) -> InferResult:
-        """Change the keyed few answers (DAWN), and record them and the controls sealed."""
-        assert self.watermark is not None and self._controls is not None
-        assert self._marks_key is not None
-        inputs = _array(request.inputs[0])
-        scores = self._scores(result)
-        if inputs is None or scores is None or scores.ndim != 2 or len(inputs) != len(scores):
-            return result
-        best = np.argmax(scores, axis=1)
-        classes = int(scores.shape[1])
-        marked_scores, marked = self.watermark.apply(inputs, scores)
-        controls = self._controls.select(inputs) & ~marked
-        for kind, rows, shown in (
-            ("marks", marked, np.argmax(marked_scores, axis=1)),
-            ("controls", controls, best),
-        ):
-            if rows.any():
-                blob = seal_marks(self._marks_key, inputs[rows], shown[rows], best[rows])
-                notices.append(
-                    WatermarkRecord(
-                        caller=request.caller,
-                        kind=kind,
-                        classes=classes,
-                        count=int(rows.sum()),
-                        blob=blob,
-                    )
-                )
-        if not marked.any():
-            return result
+    def _answer_marked(
+        self, result: InferResult, marked_scores: np.ndarray[Any, Any], best: np.ndarray[Any, Any]
+    ) -> InferResult:
+        """The answer with its marked rows changed: scores, and the label output too."""
         new_best = np.argmax(marked_scores, axis=1)
         outputs = []
         for tensor in result.outputs:
@@ -257,6 +259,33 @@ class ModelShield:
                 tensor = msgspec.structs.replace(tensor, raw=raw)
             outputs.append(tensor)
         return msgspec.structs.replace(result, outputs=outputs)
+
+    def _record(
+        self,
+        request: Infer,
+        inputs: np.ndarray[Any, Any],
+        best: np.ndarray[Any, Any],
+        marked: np.ndarray[Any, Any],
+        shown: np.ndarray[Any, Any],
+        scores: np.ndarray[Any, Any],
+        notices: list[Notice],
+    ) -> None:
+        """Seal the marked rows, and the keyed sample of plain ones (the controls), to the
+        owner's key."""
+        assert self._controls is not None and self._marks_key is not None
+        controls = self._controls.select(inputs) & ~marked
+        for kind, rows, labels in (("marks", marked, shown), ("controls", controls, best)):
+            if rows.any():
+                blob = seal_marks(self._marks_key, inputs[rows], labels[rows], best[rows])
+                notices.append(
+                    WatermarkRecord(
+                        caller=request.caller,
+                        kind=kind,
+                        classes=int(scores.shape[1]),
+                        count=int(rows.sum()),
+                        blob=blob,
+                    )
+                )
 
     def _scores(self, result: InferResult) -> np.ndarray[Any, Any] | None:
         return next((_array(t) for t in result.outputs if t.name in self.guard.scores), None)
@@ -284,17 +313,3 @@ class ModelShield:
                 "The input looks adversarial: the model's prediction changes when it is "
                 "squeezed (feature squeezing)."
             )
-
-    def _observe(
-        self, request: Infer, result: InferResult, policy: MonitorPolicy
-    ) -> RiskReport | None:
-        assert self.monitor is not None and request.caller is not None
-        inputs = _array(request.inputs[0])
-        scores = next((_array(t) for t in result.outputs if t.name in self.guard.scores), None)
-        if inputs is None or scores is None or scores.ndim != 2:
-            return None
-        if inputs.shape[0] != scores.shape[0]:
-            return None
-        predicted = np.argmax(scores, axis=1)
-        caller = request.caller
-        return self.monitor.observe(caller.key, caller.tenant, inputs, predicted, policy)

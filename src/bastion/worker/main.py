@@ -77,6 +77,7 @@ from bastion.wire.protocol import (
     LoadModel,
     Message,
     ModelMetadata,
+    Notice,
     Ready,
     RequestFailed,
     SealedRequest,
@@ -159,6 +160,8 @@ class Worker:
         self._runtime_fault: str | None = None
         # Its answers' protection: output policy and extraction monitor (set once loaded).
         self._shield: ModelShield | None = None
+        # Protection work to do once the current answer has been sent (runtime thread).
+        self._later: list[Callable[[], list[Notice]]] = []
         # Input and output guards of a text model (protect.guards; none by default).
         self._guards = GuardChain([])
 
@@ -397,6 +400,7 @@ class Worker:
                     self._jobs.pop(job.request.id, None)
                     # Sent even when cancelled: the gateway settles the work done.
                     self._send(outcome)
+                self._run_later()
                 if self._runtime_fault is not None:
                     logger.error(
                         "the runtime raised %s; the worker leaves for a fresh one",
@@ -409,6 +413,13 @@ class Worker:
             # The type only: messages and tracebacks can quote a request.
             logger.error("the runtime thread failed", extra={"exc_type": type(exc).__name__})
             self._finish(EXIT_WORKER_ERROR)
+
+    def _run_later(self) -> None:
+        """The protection work that waited for the answer to leave (the monitor, sealing
+        watermark records): its notices go to the gateway."""
+        while self._later:
+            for notice in self._later.pop(0)():
+                self._send(notice)
 
     def _serve_sealed(self, runtime: Runtime, job: _Job) -> Message:
         """Open a sealed request, run its inner request here, return the sealed answer."""
@@ -450,11 +461,12 @@ class Worker:
             else:
                 outcome = runtime.infer(request, job.cancel)
                 if self._shield is not None and isinstance(outcome, InferResult):
-                    outcome, notices = self._shield.infer(
+                    outcome, later = self._shield.infer(
                         request, outcome, lambda again: runtime.infer(again, job.cancel)
                     )
-                    for notice in notices:
-                        self._send(notice)
+                    if later is not None:
+                        # Done once the answer has left (see _run_runtime).
+                        self._later.append(later)
             if not isinstance(outcome, _RESULT_TYPES[type(request)]):
                 raise TypeError("the runtime returned the wrong result type")
             if outcome.id != request.id:
