@@ -47,6 +47,8 @@ from bastion.wire.protocol import (
     WatermarkRecord,
 )
 
+# A request waiting for the monitor: key, tenant, policy, input rows, predicted classes.
+Pending = tuple[str, str, "MonitorPolicy", np.ndarray[Any, Any], np.ndarray[Any, Any]]
 # Distinct override sets a worker keeps a policy for (more: the cache starts over).
 MAX_VARIANTS = 256
 
@@ -127,6 +129,7 @@ class ModelShield:
         self._options = dict(options)
         self._metadata = metadata
         self._variants: dict[frozenset[tuple[str, str]], _Variant] = {}
+        self._pending: list[Pending] = []
         self.guard = OutputGuard(options, metadata)
         policy = monitor_policy_of(options)
         # Only classifiers are watched: their answers are what an extraction copies.
@@ -138,12 +141,10 @@ class ModelShield:
         # The ownership watermark (DAWN): a keyed few answers changed, and recorded sealed
         # to the owner's key with a keyed sample of plain answers (the controls).
         self.watermark: ClassifierWatermark | None = None
-        self._controls: ClassifierWatermark | None = None
         self._marks_key = marks_public_key
         if self.guard.scores and watermark_key is not None and marks_public_key is not None:
             rate = watermark_rate_of(options)
             self.watermark = ClassifierWatermark(_subkey(watermark_key, b"marks"), rate)
-            self._controls = ClassifierWatermark(_subkey(watermark_key, b"controls"), rate)
 
     def declare(self, metadata: ModelMetadata) -> ModelMetadata:
         """`metadata` with the protection its answers get (for clients to see)."""
@@ -196,30 +197,54 @@ class ModelShield:
         if inputs is None or scores is None or scores.ndim != 2 or len(inputs) != len(scores):
             return variant.guard.apply(result), None
         best = np.argmax(scores, axis=1)
-        marked = None
+        marked = controls = None
         if marking:
             assert self.watermark is not None
-            marked = self.watermark.select(inputs)
+            marked, controls = self.watermark.select_with_controls(inputs)
             marked_labels = best
             if marked.any():
                 marked_scores, marked = self.watermark.apply(inputs, scores)
                 result = self._answer_marked(result, marked_scores, best)
                 marked_labels = np.argmax(marked_scores, axis=1)
 
+        if watching:
+            assert caller is not None
+            # Accounted in batches (drain): one vectorised pass over many requests' rows.
+            self._pending.append((caller.key, caller.tenant, variant.monitor, inputs, best))
+        if marked is None or controls is None or not (marked.any() or controls.any()):
+            return variant.guard.apply(result), None
+        chosen = (marked, controls)
+
         def later() -> list[Notice]:
             notices: list[Notice] = []
-            if watching:
-                assert self.monitor is not None and caller is not None
-                report = self.monitor.observe(
-                    caller.key, caller.tenant, inputs, best, variant.monitor
-                )
-                if report is not None:
-                    notices.append(_risk_message(report))
-            if marked is not None:
-                self._record(request, inputs, best, marked, marked_labels, scores, notices)
+            self._record(request, inputs, best, chosen, marked_labels, scores, notices)
             return notices
 
         return variant.guard.apply(result), later
+
+    @property
+    def pending(self) -> int:
+        """Requests waiting to be accounted by the extraction monitor."""
+        return len(self._pending)
+
+    def drain(self) -> list[Notice]:
+        """Account the waiting requests in the monitor, grouped by key (and policy), and
+        return its reports."""
+        if self.monitor is None or not self._pending:
+            self._pending.clear()
+            return []
+        pending, self._pending = self._pending, []
+        groups: dict[tuple[str, MonitorPolicy], list[Pending]] = {}
+        for item in pending:
+            groups.setdefault((item[0], item[2]), []).append(item)
+        notices: list[Notice] = []
+        for (key, policy), items in groups.items():
+            rows = items[0][3] if len(items) == 1 else np.concatenate([i[3] for i in items])
+            labels = items[0][4] if len(items) == 1 else np.concatenate([i[4] for i in items])
+            report = self.monitor.observe(key, items[0][1], rows, labels, policy)
+            if report is not None:
+                notices.append(_risk_message(report))
+        return notices
 
     def _variant(self, overrides: Mapping[str, str]) -> _Variant:
         """The policy a caller's requests get: the model's, with the caller's tenant or key
@@ -265,15 +290,15 @@ class ModelShield:
         request: Infer,
         inputs: np.ndarray[Any, Any],
         best: np.ndarray[Any, Any],
-        marked: np.ndarray[Any, Any],
+        selected: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]],
         shown: np.ndarray[Any, Any],
         scores: np.ndarray[Any, Any],
         notices: list[Notice],
     ) -> None:
         """Seal the marked rows, and the keyed sample of plain ones (the controls), to the
         owner's key."""
-        assert self._controls is not None and self._marks_key is not None
-        controls = self._controls.select(inputs) & ~marked
+        assert self._marks_key is not None
+        marked, controls = selected
         for kind, rows, labels in (("marks", marked, shown), ("controls", controls, best)):
             if rows.any():
                 blob = seal_marks(self._marks_key, inputs[rows], labels[rows], best[rows])

@@ -173,7 +173,7 @@ def canonical_bytes(row: Array) -> bytes:
 class ClassifierWatermark:
     """Keyed DAWN-style marking of a classifier's answers; see the module docstring."""
 
-    __slots__ = ("_label", "_rate", "_select", "_threshold")
+    __slots__ = ("_control_threshold", "_label", "_rate", "_select", "_threshold")
 
     def __init__(self, key: bytes, rate: float = 0.005) -> None:
         if len(key) < MIN_KEY_BYTES:
@@ -186,6 +186,7 @@ class ClassifierWatermark:
         # int.from_bytes(h[:8], "big") < rate * 2**64  <=>  h[:8] < ceil(rate * 2**64) as
         # 8 big-endian bytes (rate <= 0.2 keeps it below 2**64): a bytes comparison.
         self._threshold = math.ceil(self._rate * 2.0**64).to_bytes(8, "big")
+        self._control_threshold = math.ceil(2 * self._rate * 2.0**64).to_bytes(8, "big")
 
     @property
     def rate(self) -> float:
@@ -198,6 +199,17 @@ class ClassifierWatermark:
         """Which rows of a batch are marked: a bool array of shape [batch]."""
         rows, width, count = canonical_rows(inputs)
         return self._mask(rows, width, count)
+
+    def select_with_controls(self, inputs: Array) -> tuple[Array, Array]:
+        """Which rows are marked, and which are controls: the next ``rate`` of the same
+        keyed hash (``rate * 2**64 <= u < 2 * rate * 2**64``), so the two never overlap and
+        cost one HMAC per row together."""
+        rows, width, count = canonical_rows(inputs)
+        digests = self._select.digests(rows, width, count)
+        low, high = self._threshold, self._control_threshold
+        marks = np.fromiter((d[:8] < low for d in digests), dtype=bool, count=count)
+        controls = np.fromiter((low <= d[:8] < high for d in digests), dtype=bool, count=count)
+        return marks, controls
 
     def _mask(self, rows: bytes, width: int, count: int) -> Array:
         threshold = self._threshold

@@ -108,6 +108,10 @@ EXIT_WORKER_ERROR = 4
 CANCEL_GRACE_S = 5.0
 
 _RECEIVE_CHUNK = 256 * 1024
+# The extraction monitor accounts requests in batches of this many (one vectorised pass),
+# or as soon as the worker has been idle this long.
+MONITOR_BATCH = 16
+MONITOR_IDLE_S = 0.02
 _REASON_LIMIT = 200
 _RESULT_TYPES: Mapping[type[Work], type[Outcome]] = {
     Generate: GenerateResult,
@@ -374,9 +378,10 @@ class Worker:
             if self._pipeline is not None:
                 self._pipeline.metadata = metadata
             self._send(Ready(model=load.model, metadata=metadata, pid=os.getpid()))
-            while (job := self._queue.get()) is not None:
+            while (job := self._next_job()) is not None:
                 if isinstance(job, ClearRisk):
                     if self._shield is not None:
+                        self._run_later(idle=True)
                         self._shield.reset(job.key)
                     continue
                 if job.cancelled:
@@ -408,18 +413,33 @@ class Worker:
                     )
                     self._finish(EXIT_RUNTIME_FAULT)
                     return
+            self._run_later(idle=True)
             self._finish(EXIT_OK)
         except BaseException as exc:
             # The type only: messages and tracebacks can quote a request.
             logger.error("the runtime thread failed", extra={"exc_type": type(exc).__name__})
             self._finish(EXIT_WORKER_ERROR)
 
-    def _run_later(self) -> None:
-        """The protection work that waited for the answer to leave (the monitor, sealing
-        watermark records): its notices go to the gateway."""
+    def _run_later(self, *, idle: bool = False) -> None:
+        """The protection work that waited for the answer to leave (sealing watermark
+        records; the extraction monitor, in batches of MONITOR_BATCH requests or when the
+        worker is idle): its notices go to the gateway."""
         while self._later:
             for notice in self._later.pop(0)():
                 self._send(notice)
+        shield = self._shield
+        if shield is not None and shield.pending and (idle or shield.pending >= MONITOR_BATCH):
+            for notice in shield.drain():
+                self._send(notice)
+
+    def _next_job(self) -> _Job | ClearRisk | None:
+        """The next job; while the monitor has requests waiting, an idle moment drains it."""
+        while self._shield is not None and self._shield.pending:
+            try:
+                return self._queue.get(timeout=MONITOR_IDLE_S)
+            except queue.Empty:
+                self._run_later(idle=True)
+        return self._queue.get()
 
     def _serve_sealed(self, runtime: Runtime, job: _Job) -> Message:
         """Open a sealed request, run its inner request here, return the sealed answer."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -112,3 +113,22 @@ def test_marks_store_keeps_records_for_the_retention_only(db: Database) -> None:
     assert [r.blob for r in store.read("m", "k2")] == [b"sealed-2"]
     assert store.expire() == 1
     assert [r.blob for r in store.read("m")] == [b"sealed-2"]
+
+
+def test_the_monitor_accounts_requests_in_batches_grouped_by_key() -> None:
+    shield = ModelShield({"protect.watermark": "off"}, METADATA, None)
+    rng = np.random.default_rng(3)
+    reports = []
+    for i in range(120):
+        request, result, _ = _answer(rng.normal(size=(1, 8)).astype("<f4"))
+        key = "k1" if i % 2 else "k2"
+        request = msgspec.structs.replace(request, caller=Caller(tenant="t", key=key))
+        _, later = shield.infer(request, result)
+        assert later is None  # nothing to seal: watermark off
+        if shield.pending >= 16:
+            reports += shield.drain()
+    reports += shield.drain()
+    assert shield.pending == 0
+    assert {r.caller.key for r in reports} == {"k1", "k2"}
+    assert shield.monitor is not None
+    assert {r.caller: r.queries for r in shield.monitor.snapshot()} == {"k1": 60, "k2": 60}

@@ -290,3 +290,12 @@ def test_verify_edge_cases() -> None:
         verify([1], [0], [0], classes=1)
     with pytest.raises(ValueError, match="agreement"):
         verify([1], [0], [0], classes=CLASSES, suspect_clean_agreement=1.5)
+
+
+def test_controls_are_the_next_share_of_the_same_hash_and_never_marks() -> None:
+    wm = ClassifierWatermark(b"c" * 32, rate=0.01)
+    rows = np.random.default_rng(11).normal(size=(50_000, 4)).astype(np.float32)
+    marks, controls = wm.select_with_controls(rows)
+    assert (marks == wm.select(rows)).all()
+    assert not (marks & controls).any()
+    assert 0.008 < controls.mean() < 0.012
