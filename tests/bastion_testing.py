@@ -47,19 +47,25 @@ def run_cli(
     return proc
 
 
-def store_reference(model: Path, samples: Any) -> None:
-    """`bastion protect reference MODEL SAMPLES.npy`: what real inputs of the model in
-    directory `model` look like, stored with it for the extraction monitor."""
-    path = model.parent / f"{model.name}-samples.npy"
-    np.save(path, samples)
+def digits_model(base: Path) -> Path:
+    """The `digits` demo recipe in base/digits, with what real digits look like stored
+    beside it by `bastion protect reference` (for the extraction monitor)."""
+    from bastion.models.demo import digits_onnx, digits_split
+
+    model = base / "digits"
+    model.mkdir()
+    (model / "model.onnx").write_bytes(digits_onnx())
+    samples = base / "digits-samples.npy"
+    np.save(samples, digits_split()[0])
     proc = subprocess.run(
-        [*BASTION, "protect", "reference", str(model), str(path)],
+        [*BASTION, "protect", "reference", str(model), str(samples)],
         capture_output=True,
         text=True,
         timeout=120,
         env=clean_env(),
     )
     assert proc.returncode == 0, proc.stderr
+    return model
 
 
 def empty_model_dir(home: Path) -> Path:

@@ -17,15 +17,15 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from bastion.models.demo import digits_onnx, digits_split
+from bastion.models.demo import digits_split
 from bastion.wire import bhttp
 from bastion_testing import (
     BastionServer,
+    digits_model,
     ohttp_config,
     post_sealed,
     run_cli,
     seal_request,
-    store_reference,
 )
 
 pytestmark = pytest.mark.e2e
@@ -34,10 +34,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BastionServer]:
     base = tmp_path_factory.mktemp("monitor")
-    model = base / "digits"
-    model.mkdir()
-    (model / "model.onnx").write_bytes(digits_onnx())
-    store_reference(model, digits_split()[0])
+    model = digits_model(base)
     home = base / "home"
     run_cli(home, "init", "--no-demo-models")
     run_cli(home, "models", "add", "digits", "--runtime", "onnx", "--path", str(model))

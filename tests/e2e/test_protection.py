@@ -20,16 +20,16 @@ import numpy as np
 import openai
 import pytest
 
-from bastion.models.demo import digits_onnx, digits_split
+from bastion.models.demo import digits_split
 from bastion.wire import bhttp
 from bastion_testing import (
     BastionServer,
     add_echo_model,
+    digits_model,
     ohttp_config,
     post_sealed,
     run_cli,
     seal_request,
-    store_reference,
 )
 
 pytestmark = pytest.mark.e2e
@@ -40,11 +40,7 @@ QUERIES = 2000
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BastionServer]:
     base = tmp_path_factory.mktemp("protection")
-    model = base / "digits"
-    model.mkdir()
-    (model / "model.onnx").write_bytes(digits_onnx())
-    # What real digits look like, stored with the model for the extraction monitor.
-    store_reference(model, digits_split()[0])
+    model = digits_model(base)
     home = base / "home"
     run_cli(home, "init", "--no-demo-models")
     add_echo_model(home)
