@@ -382,6 +382,8 @@ class Gateway:
         its tenant or key has of its own."""
         if isinstance(message, Infer | SealedRequest):
             tenant, key = principal.tenant_name, principal.key_id
+            if self.protection is not None:
+                self.protection.saw(key, tenant, model)
             protect = self.overrides.resolve(tenant, key, model)
             caller = Caller(tenant=tenant, key=key, protect=protect)
             return msgspec.structs.replace(message, caller=caller)

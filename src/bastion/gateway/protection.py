@@ -34,13 +34,17 @@ from bastion.models.marks import MarksStore, SealedRecord
 from bastion.models.risk import RiskBoard, RiskRecord
 from bastion.observability.metrics import Metrics
 from bastion.protection.monitor import LEVELS, MonitorPolicy
-from bastion.wire.protocol import ExtractionRisk, Notice, WatermarkRecord
+from bastion.wire.protocol import Caller, ExtractionRisk, Notice, WatermarkRecord
 
 logger = logging.getLogger("bastion.gateway")
 
 Pair = tuple[str, str]
 # Sealed watermark records waiting to be written, at most (a stalled database drops more).
 MAX_PENDING = 10_000
+# A record's size and classes, at most; the callers remembered (then forgotten at once).
+MAX_RECORD_BYTES = 4 * 1024 * 1024
+MAX_CLASSES = 1_000_000
+MAX_CALLERS = 100_000
 
 
 class _Bucket:
@@ -83,6 +87,12 @@ class ProtectionDesk:
         self._latest: dict[Pair, RiskRecord] = {}
         self._unwritten: dict[Pair, RiskRecord] = {}
         self._records: list[SealedRecord] = []
+        # The (key, model) pairs this gateway sent requests for, and each key's tenant: a
+        # worker may only report on callers of its own model, attributed by the gateway.
+        self._callers: dict[Pair, str] = {}
+        # Records each model's worker may still send: two per request it was sent (its
+        # marks and its controls), so a worker cannot flood the database.
+        self._record_budget: dict[str, int] = {}
 
     # ------------------------------------------------------------------ the request path
 
@@ -109,18 +119,39 @@ class ProtectionDesk:
 
     # ------------------------------------------------------------------ the workers'
 
+    def saw(self, key_id: str, tenant: str, model: str) -> None:
+        """A request of `key_id` (of `tenant`) is going to `model`'s worker."""
+        self._record_budget[model] = min(self._record_budget.get(model, 0) + 2, MAX_PENDING)
+        pair = (key_id, model)
+        if pair not in self._callers:
+            if len(self._callers) >= MAX_CALLERS:
+                self._callers.clear()
+            self._callers[pair] = tenant
+
     def notice(self, model: str, notice: Notice) -> None:
-        """A worker's notice: a risk report, or a sealed record of watermarked answers."""
+        """A worker's notice: a risk report, or a sealed record of watermarked answers.
+        A worker is model code's process: what it says is checked, never trusted."""
         if isinstance(notice, WatermarkRecord):
-            if notice.kind not in ("marks", "controls") or len(self._records) >= MAX_PENDING:
+            caller = notice.caller
+            key = caller.key if caller is not None else None
+            tenant = self._callers.get((key, model)) if key is not None else None
+            if (
+                notice.kind not in ("marks", "controls")
+                or not 2 <= notice.classes <= MAX_CLASSES
+                or notice.count < 1
+                or len(notice.blob) > MAX_RECORD_BYTES
+                or (key is not None and tenant is None)
+                or len(self._records) >= MAX_PENDING
+                or self._record_budget.get(model, 0) < 1
+            ):
                 logger.warning("dropped a watermark record", extra={"model": model})
                 return
-            caller = notice.caller
+            self._record_budget[model] -= 1
             self._records.append(
                 SealedRecord(
                     model=model,
-                    key_id=caller.key if caller is not None else None,
-                    tenant=caller.tenant if caller is not None else None,
+                    key_id=key,
+                    tenant=tenant,
                     kind=notice.kind,
                     classes=notice.classes,
                     count=notice.count,
@@ -133,11 +164,13 @@ class ProtectionDesk:
 
     def reported(self, model: str, report: ExtractionRisk) -> None:
         """Take a worker's report on one key (on the event loop; no I/O)."""
-        if report.level not in LEVELS:
-            logger.warning("ignored a risk report with an unknown level")
+        pair = (report.caller.key, model)
+        tenant = self._callers.get(pair)
+        if report.level not in LEVELS or tenant is None:
+            # An unknown level, or a key this gateway never sent to that model.
+            logger.warning("ignored a risk report", extra={"model": model})
             return
-        caller = report.caller
-        pair = (caller.key, model)
+        caller = Caller(tenant=tenant, key=report.caller.key)
         before = self._latest.get(pair)
         blocked_at = before.blocked_at if before is not None else None
         rising = _rank(report.level) > _rank(before.level if before is not None else "ok")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import msgspec
 import pytest
 
 from bastion.audit.events import MemoryEventSink
@@ -36,6 +37,8 @@ def _desk(policy: MonitorPolicy | None = None) -> tuple[ProtectionDesk, MemoryEv
         policy_of=lambda model, tenant, key: policy or MonitorPolicy(),
         clear_worker=lambda model, key: cleared.append((model, key)),
     )
+    for key in ("k1", "k2"):
+        desk.saw(key, "acme", "digits")
     return desk, events, cleared
 
 
@@ -124,3 +127,50 @@ def test_clearing_needs_an_admin_and_is_an_event(db: Database) -> None:
     assert board.clear(OPERATOR, "k") == 1
     assert events.kinds() == ["protect.key_cleared"]
     assert board.clear(OPERATOR, "k") == 0
+
+
+def test_a_worker_cannot_report_on_callers_it_never_served_or_name_their_tenant() -> None:
+    """A worker runs model code: a report on a key sent to another model is ignored, and
+    the tenant of a report is the gateway's, whatever the worker says."""
+    desk, events, _ = _desk()
+    desk.reported("other-model", _report("block", 5.0))
+    desk.check("k1", "other-model")
+    lying = ExtractionRisk(
+        caller=Caller(tenant="victim-tenant", key="k1"), risk=0.9, level="alert", queries=60
+    )
+    desk.reported("digits", lying)
+    assert events.events[-1].tenant == "acme"
+    assert desk.snapshot()[0].tenant == "acme"
+
+
+def test_watermark_records_are_checked_before_they_are_kept() -> None:
+    from bastion.models.marks import MarksStore
+    from bastion.wire.protocol import WatermarkRecord
+
+    desk, _, _ = _desk()
+    good = WatermarkRecord(
+        caller=Caller(tenant="x", key="k1"), kind="marks", classes=10, count=1, blob=b"s" * 100
+    )
+    for bad in (
+        msgspec.structs.replace(good, kind="secrets"),
+        msgspec.structs.replace(good, classes=1),
+        msgspec.structs.replace(good, blob=b"s" * (5 * 1024 * 1024)),
+        msgspec.structs.replace(good, caller=Caller(tenant="x", key="never-seen")),
+    ):
+        desk.notice("digits", bad)
+    desk.notice("digits", good)
+    # Two records per request sent: no more (the fixture sent none beyond its two keys).
+    for _ in range(5):
+        desk.notice("digits", good)
+
+    class Store(MarksStore):
+        def __init__(self) -> None:
+            self.added: list[object] = []
+
+        def add(self, records: object) -> None:
+            self.added.extend(records)  # type: ignore[call-overload]
+
+    store = Store()
+    desk.flush_records(store)
+    kept = [(r.key_id, r.tenant) for r in store.added]  # type: ignore[attr-defined]
+    assert kept == [("k1", "acme")] * 4
