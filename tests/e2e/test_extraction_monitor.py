@@ -245,3 +245,26 @@ def test_a_key_of_its_own_policy_is_served_and_watched_by_it(server: BastionServ
         check=False,
     )  # fmt: skip
     assert bad.returncode != 0 and "cannot be set per tenant or key" in bad.stderr
+
+
+def test_asking_for_the_labels_alone_does_not_hide_a_thief(server: BastionServer) -> None:
+    """The model gives the protection its scores even when the caller asks for `label`
+    only; the caller still gets only what it asked for."""
+    key = _key(server, "label-thief")["key"]
+    probes = np.random.default_rng(9).uniform(0, 16, (300, 64)).astype(np.float32)
+    refused_after = None
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        for i, x in enumerate(probes):
+            body = {
+                "inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
+                            "data": x.tolist()}],
+                "outputs": [{"name": "label"}],
+            }  # fmt: skip
+            answer = client.post(
+                "/v2/models/digits/infer", json=body, headers={"authorization": f"Bearer {key}"}
+            )
+            if answer.status_code == 403:
+                refused_after = i
+                break
+            assert [o["name"] for o in answer.json()["outputs"]] == ["label"]
+    assert refused_after is not None and 50 <= refused_after < 300

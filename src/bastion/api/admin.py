@@ -265,6 +265,7 @@ async def update_override(request: Request) -> Response:
     services, principal = await _admin(request)
     body = await decode_json(request, ProtectionUpdate, services.settings.max_body_bytes)
     kind, subject, model = _override_subject(request)
+    principal.require_admin()
     if model != ALL_MODELS:
         await asyncio.to_thread(services.registry.get, model)
     changes = {k.removeprefix("protect."): v for k, v in body.changes().items()}

@@ -243,10 +243,10 @@ def protect_detect(
         raise typer.Exit(2) from None
     try:
         tokenizer, vocab_size = _tokenizer(h, record)
-    except (OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # tokenizers raises its own types for a bad tokenizer.json
         err.print(f"[red]error:[/] {model} has no tokenizer Bastion can read: {exc}")
         raise typer.Exit(2) from None
-    key = WatermarkSecret(h.settings.home, h.keyring).model_key(model)
+    key = run(lambda: WatermarkSecret(h.settings.home, h.keyring).model_key(model))
     ids = tokenizer.encode(text, add_special_tokens=False).ids
     found = TextWatermark(key, vocab_size).score(ids)
     result = {
@@ -300,12 +300,12 @@ def protect_verify(
         raise typer.Exit(2)
     h = open_home(home)
     run(lambda: h.registry.get(model))
-    private = WatermarkSecret(h.settings.home, h.keyring).marks_private_key()
-    records = MarksStore(h.db).read(model, key)
+    private = run(lambda: WatermarkSecret(h.settings.home, h.keyring).marks_private_key())
+    records = run(lambda: MarksStore(h.db).read(model, key))
     try:
         marks = _opened(private, [r for r in records if r.kind == "marks"])
         controls = _opened(private, [r for r in records if r.kind == "controls"])
-    except MarksError as exc:
+    except (MarksError, ValueError) as exc:
         err.print(f"[red]error:[/] a sealed record of {model} cannot be opened: {exc}")
         raise typer.Exit(1) from None
     if marks is None:
@@ -320,16 +320,24 @@ def protect_verify(
         )
         suspect_marks = ask(marks[0])
         suspect_controls = ask(controls[0]) if controls is not None else None
-    except (OSError, ValueError, RuntimeError, httpx.HTTPError) as exc:
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, httpx.HTTPError) as exc:
         err.print(f"[red]error:[/] the suspect could not be asked: {str(exc)[:300]}")
+        raise typer.Exit(2) from None
+    except Exception as exc:
+        # onnxruntime raises its own types for a file that is not a model it can run.
+        err.print(f"[red]error:[/] the suspect could not be run: {str(exc)[:300]}")
         raise typer.Exit(2) from None
     clean = None
     if controls is not None and suspect_controls is not None:
         disagreed = int((suspect_controls != controls[2]).sum())
         clean = 1.0 - error_upper_bound(disagreed, len(controls[2]))
-    verdict = verify(
-        marks[1], marks[2], suspect_marks, suspect_clean_agreement=clean, classes=classes
-    )
+    try:
+        verdict = verify(
+            marks[1], marks[2], suspect_marks, suspect_clean_agreement=clean, classes=classes
+        )
+    except ValueError as exc:
+        err.print(f"[red]error:[/] the suspect's answers cannot be compared: {exc}")
+        raise typer.Exit(2) from None
     result = {
         "model": model,
         "marks": verdict.marks,
@@ -358,7 +366,10 @@ def _opened(private: bytes, records: list[Any]) -> Opened | None:
     if not records:
         return None
     parts = [open_marks(private, r.blob) for r in records]
-    inputs = np.concatenate([p[0].reshape(len(p[0]), -1) for p in parts])
+    shapes = {p[0].shape[1:] for p in parts}
+    if len(shapes) != 1:
+        raise ValueError("the model's records hold inputs of several shapes")
+    inputs = np.concatenate([p[0] for p in parts])
     return inputs, np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
 
 
@@ -392,13 +403,18 @@ def _http_suspect(url: str, token: str | None) -> Any:
     if "/v2/models/" not in base:
         raise ValueError("--suspect-url must name the model: .../v2/models/NAME")
     headers = {"authorization": f"Bearer {token}"} if token else {}
+    # The suspect's first input, by the name its metadata gives (Open Inference Protocol).
+    metadata = httpx.get(base, headers=headers, timeout=30)
+    if metadata.status_code != 200:
+        raise RuntimeError(f"{metadata.status_code} {metadata.text[:200]}")
+    name = str(metadata.json()["inputs"][0]["name"])
 
     def ask(inputs: Any) -> Any:
         labels = []
         with httpx.Client(timeout=60) as client:
             for start in range(0, len(inputs), 200):
                 part = inputs[start : start + 200].astype(np.float32)
-                tensor = {"name": "input", "shape": list(part.shape), "datatype": "FP32",
+                tensor = {"name": name, "shape": list(part.shape), "datatype": "FP32",
                           "data": part.ravel().tolist()}  # fmt: skip
                 answer = client.post(f"{base}/infer", json={"inputs": [tensor]}, headers=headers)
                 if answer.status_code != 200:

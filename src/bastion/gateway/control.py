@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,6 +51,8 @@ from bastion.supervision.supervisor import ModelSpec, Supervisor
 
 logger = logging.getLogger("bastion.gateway")
 
+# How often watermark records past their retention are deleted.
+MARKS_EXPIRY_INTERVAL_S = 3600.0
 # The actor of changes the server makes by itself (first OHTTP key, key retirement).
 SYSTEM_ACTOR = "system"
 
@@ -88,6 +91,7 @@ class ControlPlane:
         self.risk_board = RiskBoard(db, events)
         self.marks = MarksStore(db, settings.watermark_retention_days)
         self.overrides = OverrideStore(db, events)
+        self._expired_at = -MARKS_EXPIRY_INTERVAL_S
         self._revision = -1
         self._refresher: asyncio.Task[None] | None = None
         self._flushed_at = time.monotonic()
@@ -114,8 +118,7 @@ class ControlPlane:
                 await self._refresher
         await self.supervisor.stop(self.settings.drain_timeout_s)
         await self._flush_usage()
-        with contextlib.suppress(Exception):
-            await self._flush_risks()
+        await self._flush_risks()
         self.meter.close()
         try:
             await asyncio.to_thread(self.status_board.clear)
@@ -155,9 +158,7 @@ class ControlPlane:
                 if BUNDLE_OPTION in record.options:
                     spec = await asyncio.to_thread(self._with_bundle_key, spec)
                 if self.watermarks is not None and watermark_on(record.options):
-                    key = await asyncio.to_thread(self.watermarks.model_key, record.name)
-                    public = await asyncio.to_thread(self.watermarks.marks_public_key)
-                    spec = replace(spec, watermark_key=key, marks_public_key=public)
+                    spec = await self._with_watermark(spec)
                 await self.supervisor.ensure(spec)
             elif self.supervisor.status(record.name).state != "unloaded":
                 await self.supervisor.unload(record.name)
@@ -165,6 +166,21 @@ class ControlPlane:
         for name in list(self.supervisor.statuses()):
             if name not in known:
                 await self.supervisor.unload(name)
+
+    async def _with_watermark(self, spec: ModelSpec) -> ModelSpec:
+        """The spec with the model's watermark keys; without them (and a warning) when the
+        key ring cannot give them now: the model still loads, unmarked."""
+        assert self.watermarks is not None
+        try:
+            key = await asyncio.to_thread(self.watermarks.model_key, spec.name)
+            public = await asyncio.to_thread(self.watermarks.marks_public_key)
+        except Exception as exc:
+            logger.warning(
+                "the watermark keys are unavailable; the model loads without its watermark",
+                extra={"model": spec.name, "exc_type": type(exc).__name__},
+            )
+            return spec
+        return replace(spec, watermark_key=key, marks_public_key=public)
 
     def _with_bundle_key(self, spec: ModelSpec) -> ModelSpec:
         """The spec of a bundle, with its data key unsealed for the worker (or why not)."""
@@ -206,12 +222,12 @@ class ControlPlane:
     async def _refresh_forever(self) -> None:
         while True:
             await asyncio.sleep(self.settings.refresh_interval_s)
+            await self._flush_risks()
             try:
                 retirement = self.gateway.sealing.next_retirement
                 if retirement is not None and retirement <= time.time():
                     # Erases the retired private keys and bumps the revision: refresh reloads.
                     await asyncio.to_thread(self.ohttp_keys.retire_expired, SYSTEM_ACTOR)
-                await self._flush_risks()
                 await self.refresh()
                 self.gateway.reclaim_leaked()
                 self.authenticator.flush_failures()
@@ -223,11 +239,26 @@ class ControlPlane:
 
     async def _flush_risks(self) -> None:
         """Write the extraction scores reported since the last tick (and any new block,
-        which bumps the revision so that every gateway refuses the key)."""
+        which bumps the revision so that every gateway refuses the key), the sealed
+        watermark records, and, hourly, delete the records past their retention. Each on
+        its own: one failing never holds up the others, nor the refresh."""
         desk = self.gateway.protection
-        if desk is not None:
-            await asyncio.to_thread(desk.flush, self.risk_board)
-            await asyncio.to_thread(desk.flush_records, self.marks)
+        if desk is None:
+            return
+        steps: list[Callable[[], object]] = [
+            lambda: desk.flush(self.risk_board),
+            lambda: desk.flush_records(self.marks),
+        ]
+        if time.monotonic() - self._expired_at >= MARKS_EXPIRY_INTERVAL_S:
+            self._expired_at = time.monotonic()
+            steps.append(self.marks.expire)
+        for step in steps:
+            try:
+                await asyncio.to_thread(step)
+            except Exception as exc:
+                logger.warning(
+                    "writing protection records failed", extra={"exc_type": type(exc).__name__}
+                )
 
     async def _flush_usage(self) -> None:
         """Write metered usage to the database (kept in memory if that fails)."""

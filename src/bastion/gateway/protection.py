@@ -18,6 +18,7 @@ and keeps the latest score per (key, model) for the CLI (written by the control 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -45,6 +46,10 @@ MAX_PENDING = 10_000
 MAX_RECORD_BYTES = 4 * 1024 * 1024
 MAX_CLASSES = 1_000_000
 MAX_CALLERS = 100_000
+# What a risk report may hold (a worker runs model code: its reports are checked).
+MAX_RISK = 1e6
+MAX_COUNT = 2**53
+SIGNALS = frozenset({"prada_w", "prada", "ood", "outlier_share", "coverage"})
 
 
 class _Bucket:
@@ -138,7 +143,7 @@ class ProtectionDesk:
             if (
                 notice.kind not in ("marks", "controls")
                 or not 2 <= notice.classes <= MAX_CLASSES
-                or notice.count < 1
+                or not 1 <= notice.count <= MAX_COUNT
                 or len(notice.blob) > MAX_RECORD_BYTES
                 or (key is not None and tenant is None)
                 or len(self._records) >= MAX_PENDING
@@ -166,8 +171,15 @@ class ProtectionDesk:
         """Take a worker's report on one key (on the event loop; no I/O)."""
         pair = (report.caller.key, model)
         tenant = self._callers.get(pair)
-        if report.level not in LEVELS or tenant is None:
-            # An unknown level, or a key this gateway never sent to that model.
+        if (
+            report.level not in LEVELS
+            or tenant is None
+            or not 0 <= report.risk <= MAX_RISK  # also false for NaN
+            or not 0 <= report.queries <= MAX_COUNT
+            or not set(report.signals) <= SIGNALS
+            or not all(math.isfinite(v) for v in report.signals.values())
+        ):
+            # Malformed, or about a key this gateway never sent to that model.
             logger.warning("ignored a risk report", extra={"model": model})
             return
         caller = Caller(tenant=tenant, key=report.caller.key)
@@ -193,6 +205,9 @@ class ProtectionDesk:
         if report.level == "throttle" and pair not in self._throttled:
             policy = self._policy_of(model, caller.tenant, caller.key)
             self._throttled[pair] = _Bucket(policy.throttle_rps)
+        elif report.level in ("ok", "alert"):
+            # Back below the throttle level: the key's rate is its own again.
+            self._throttled.pop(pair, None)
         if rising:
             self._act(model, record)
 

@@ -231,7 +231,9 @@ class Reference:  # not slotted: caches its edges as lists
 def _fit(rows: np.ndarray[Any, Any]) -> tuple[np.ndarray[Any, Any], ...]:
     """Mean, principal directions (all of them) and floored variances of `rows`."""
     mean = rows.mean(axis=0)
-    _, singular, vt = np.linalg.svd(rows - mean, full_matrices=True)
+    # All d directions are needed; with n >= d rows the thin decomposition has them (and
+    # never builds an n x n matrix).
+    _, singular, vt = np.linalg.svd(rows - mean, full_matrices=rows.shape[0] < rows.shape[1])
     spread = np.zeros(rows.shape[1])
     spread[: singular.shape[0]] = singular**2 / max(rows.shape[0] - 1, 1)
     # Directions the real inputs never vary along (a pixel always blank) get a small
@@ -449,6 +451,15 @@ class ExtractionMonitor:
             return None
         rows = features_of(inputs)
         stream = self._stream(caller, tenant, rows.shape[1])
+        finite = np.isfinite(rows).all(axis=1)
+        if not finite.all():
+            # NaN or infinite values are nothing a real input holds: outliers, kept out
+            # of the distances (where one NaN would silence PRADA).
+            for _ in range(int((~finite).sum())):
+                self._count_outlier(stream, True)
+            stream.queries += int((~finite).sum())
+            stream.unreported += int((~finite).sum())
+            rows, predicted = rows[finite], np.asarray(predicted)[finite]
         reference = self.reference
         if reference is not None and reference.features == rows.shape[1]:
             outliers, cells = reference.outliers(rows)

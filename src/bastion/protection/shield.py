@@ -31,6 +31,7 @@ from bastion.protection.monitor import (
     MonitorPolicy,
     Reference,
     RiskReport,
+    features_of,
     monitor_policy_of,
 )
 from bastion.protection.output import FLOAT_TYPES, OutputGuard
@@ -198,14 +199,17 @@ class ModelShield:
             return variant.guard.apply(result), None
         best = np.argmax(scores, axis=1)
         marked = controls = None
-        if marking:
+        if marking and self._markable(result, scores, best):
             assert self.watermark is not None
             marked, controls = self.watermark.select_with_controls(inputs)
             marked_labels = best
             if marked.any():
                 marked_scores, marked = self.watermark.apply(inputs, scores)
-                result = self._answer_marked(result, marked_scores, best)
                 marked_labels = np.argmax(marked_scores, axis=1)
+                # Exactly tied scores: the swap changed nothing, so nothing is marked.
+                marked &= marked_labels != best
+                if marked.any():
+                    result = self._answer_marked(result, marked, marked_labels, best)
 
         if watching:
             assert caller is not None
@@ -239,11 +243,18 @@ class ModelShield:
             groups.setdefault((item[0], item[2]), []).append(item)
         notices: list[Notice] = []
         for (key, policy), items in groups.items():
-            rows = items[0][3] if len(items) == 1 else np.concatenate([i[3] for i in items])
-            labels = items[0][4] if len(items) == 1 else np.concatenate([i[4] for i in items])
-            report = self.monitor.observe(key, items[0][1], rows, labels, policy)
-            if report is not None:
-                notices.append(_risk_message(report))
+            # Inputs of several shapes (a model with free dimensions) are watched as the
+            # monitor's fixed-width rows, each width on its own.
+            by_width: dict[int, list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]]] = {}
+            for item in items:
+                rows = features_of(item[3])
+                by_width.setdefault(rows.shape[1], []).append((rows, item[4]))
+            for parts in by_width.values():
+                rows = np.concatenate([p[0] for p in parts])
+                labels = np.concatenate([p[1] for p in parts])
+                report = self.monitor.observe(key, items[0][1], rows, labels, policy)
+                if report is not None:
+                    notices.append(_risk_message(report))
         return notices
 
     def _variant(self, overrides: Mapping[str, str]) -> _Variant:
@@ -267,20 +278,43 @@ class ModelShield:
             self._variants[key] = variant
         return variant
 
+    def _markable(
+        self, result: InferResult, scores: np.ndarray[Any, Any], best: np.ndarray[Any, Any]
+    ) -> bool:
+        """Whether this answer can carry the watermark consistently: two or more classes,
+        and every integer output of the batch's length is the predicted class index (a
+        label output of other class ids would give the marked rows away)."""
+        if scores.shape[1] < 2:
+            return False
+        return all(
+            _is_label_output(tensor, best)
+            for tensor in result.outputs
+            if tensor.datatype in _INT_TYPES and tensor.shape == [len(best)]
+        )
+
     def _answer_marked(
-        self, result: InferResult, marked_scores: np.ndarray[Any, Any], best: np.ndarray[Any, Any]
+        self,
+        result: InferResult,
+        marked: np.ndarray[Any, Any],
+        shown: np.ndarray[Any, Any],
+        best: np.ndarray[Any, Any],
     ) -> InferResult:
-        """The answer with its marked rows changed: scores, and the label output too."""
-        new_best = np.argmax(marked_scores, axis=1)
+        """The answer with its marked rows changed: in every score output, the scores of
+        the best class and of the watermark class trade places; the label output says
+        the watermark class."""
+        rows = np.flatnonzero(marked)
         outputs = []
         for tensor in result.outputs:
             if tensor.name in self.guard.scores:
-                dtype = FLOAT_TYPES[tensor.datatype]
-                raw = np.ascontiguousarray(marked_scores, dtype=dtype).tobytes()
-                tensor = msgspec.structs.replace(tensor, raw=raw)
-            elif _is_label_output(tensor, best):
-                dtype = _INT_TYPES[tensor.datatype]
-                raw = np.ascontiguousarray(new_best, dtype=dtype).tobytes()
+                values = _array(tensor)
+                if values is not None and values.ndim == 2 and values.shape[0] == len(best):
+                    swapped = values.copy()
+                    swapped[rows, best[rows]] = values[rows, shown[rows]]
+                    swapped[rows, shown[rows]] = values[rows, best[rows]]
+                    raw = np.ascontiguousarray(swapped).tobytes()
+                    tensor = msgspec.structs.replace(tensor, raw=raw)
+            elif tensor.datatype in _INT_TYPES and tensor.shape == [len(best)]:
+                raw = np.ascontiguousarray(shown, dtype=_INT_TYPES[tensor.datatype]).tobytes()
                 tensor = msgspec.structs.replace(tensor, raw=raw)
             outputs.append(tensor)
         return msgspec.structs.replace(result, outputs=outputs)

@@ -329,7 +329,13 @@ class WorkerChannel:
             return
         if isinstance(message, ExtractionRisk | WatermarkRecord):
             if self._on_notice is not None:
-                self._on_notice(message)
+                try:
+                    self._on_notice(message)
+                except Exception as exc:
+                    # A notice is bookkeeping: it never takes the worker's requests down.
+                    logger.warning(
+                        "a protection notice failed", extra={"exc_type": type(exc).__name__}
+                    )
             return
         if isinstance(message, Ready | LoadFailed):
             if self.control.done():

@@ -424,13 +424,20 @@ class Worker:
         """The protection work that waited for the answer to leave (sealing watermark
         records; the extraction monitor, in batches of MONITOR_BATCH requests or when the
         worker is idle): its notices go to the gateway."""
-        while self._later:
-            for notice in self._later.pop(0)():
-                self._send(notice)
-        shield = self._shield
-        if shield is not None and shield.pending and (idle or shield.pending >= MONITOR_BATCH):
-            for notice in shield.drain():
-                self._send(notice)
+        try:
+            while self._later:
+                for notice in self._later.pop(0)():
+                    self._send(notice)
+            shield = self._shield
+            if shield is not None and shield.pending and (idle or shield.pending >= MONITOR_BATCH):
+                for notice in shield.drain():
+                    self._send(notice)
+        except Exception as exc:
+            # Protection bookkeeping must never take the model down: this batch is lost.
+            self._later.clear()
+            logger.error(
+                "the protection bookkeeping failed", extra={"exc_type": type(exc).__name__}
+            )
 
     def _next_job(self) -> _Job | ClearRisk | None:
         """The next job; while the monitor has requests waiting, an idle moment drains it."""
@@ -479,11 +486,20 @@ class Worker:
             elif isinstance(request, Embed):
                 outcome = runtime.embed(request, job.cancel)
             else:
+                shield = self._shield
+                wanted = request.outputs
+                if shield is not None and shield.guard.scores and wanted:
+                    # Asking for the labels alone must not hide the scores from the
+                    # protection: the model gives every output, the caller what it asked.
+                    request = msgspec.structs.replace(request, outputs=[])
                 outcome = runtime.infer(request, job.cancel)
-                if self._shield is not None and isinstance(outcome, InferResult):
-                    outcome, later = self._shield.infer(
+                if shield is not None and isinstance(outcome, InferResult):
+                    outcome, later = shield.infer(
                         request, outcome, lambda again: runtime.infer(again, job.cancel)
                     )
+                    if wanted and shield.guard.scores:
+                        kept = [t for t in outcome.outputs if t.name in wanted]
+                        outcome = msgspec.structs.replace(outcome, outputs=kept)
                     if later is not None:
                         # Done once the answer has left (see _run_runtime).
                         self._later.append(later)

@@ -174,3 +174,21 @@ def test_watermark_records_are_checked_before_they_are_kept() -> None:
     desk.flush_records(store)
     kept = [(r.key_id, r.tenant) for r in store.added]  # type: ignore[attr-defined]
     assert kept == [("k1", "acme")] * 4
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"risk": float("nan")},
+        {"risk": -1.0},
+        {"queries": 2**63},
+        {"signals": {"exfiltrated": 1.0}},
+        {"signals": {"ood": float("inf")}},
+        {"level": "nuke"},
+    ],
+)
+def test_a_malformed_report_is_ignored(bad: dict[str, object]) -> None:
+    desk, events, _ = _desk()
+    desk.reported("digits", msgspec.structs.replace(_report("block", 5.0), **bad))
+    desk.check("k1", "digits")
+    assert desk.snapshot() == [] and events.events == []

@@ -215,3 +215,12 @@ def test_the_same_input_again_and_again_is_not_an_attack(digits: Data) -> None:
     stream = np.repeat(x_test[:3], 300, axis=0)
     first = _run(ExtractionMonitor(MonitorPolicy(), reference), victim, stream)
     assert "block" not in first and "alert" not in first
+
+
+def test_nan_inputs_are_outliers_and_do_not_silence_prada(digits: Data) -> None:
+    _, _, _, reference = digits
+    monitor = ExtractionMonitor(MonitorPolicy(), reference)
+    rows = np.full((60, 64), np.nan, dtype=np.float32)
+    report = monitor.observe("k", "t", rows, np.zeros(60, dtype=np.int64))
+    assert report is not None and report.level == "block"
+    assert report.signals["outlier_share"] == 1.0

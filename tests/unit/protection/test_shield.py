@@ -132,3 +132,19 @@ def test_the_monitor_accounts_requests_in_batches_grouped_by_key() -> None:
     assert {r.caller.key for r in reports} == {"k1", "k2"}
     assert shield.monitor is not None
     assert {r.caller: r.queries for r in shield.monitor.snapshot()} == {"k1": 60, "k2": 60}
+
+
+def test_inputs_of_several_shapes_from_one_key_are_drained_safely() -> None:
+    metadata = msgspec.structs.replace(
+        METADATA, inputs=[TensorSpec(name="input", datatype="FP32", shape=[-1, -1])]
+    )
+    shield = ModelShield({"protect.watermark": "off"}, metadata, None)
+    for width in (8, 8, 6, 8):
+        x = np.ones((1, width), dtype="<f4")
+        request, result, _ = _answer(np.ones((1, 8), dtype="<f4"))
+        raw = TensorData(name="input", datatype="FP32", shape=[1, width], raw=x.tobytes())
+        request = msgspec.structs.replace(request, inputs=[raw])
+        shield.infer(request, result)
+    assert shield.pending == 4
+    shield.drain()
+    assert shield.pending == 0
