@@ -186,8 +186,13 @@ class ProtectionDesk:
         before = self._latest.get(pair)
         blocked_at = before.blocked_at if before is not None else None
         rising = _rank(report.level) > _rank(before.level if before is not None else "ok")
+        # A block decided here and not written yet: the database learns of it as new (a
+        # block carried over from an earlier report never overrides an admin's clear).
+        unwritten = self._unwritten.get(pair)
+        new_block = unwritten is not None and unwritten.new_block
         if report.level == "block" and blocked_at is None:
             blocked_at = datetime.now(UTC)
+            new_block = True
             self._blocked = self._blocked | {pair}
         record = RiskRecord(
             key_id=caller.key,
@@ -198,6 +203,7 @@ class ProtectionDesk:
             queries=report.queries,
             signals=dict(report.signals),
             blocked_at=blocked_at,
+            new_block=new_block,
         )
         self._latest[pair] = self._unwritten[pair] = record
         self._metrics.extraction_risk_reports.labels(model).observe(report.risk)
@@ -266,15 +272,21 @@ class ProtectionDesk:
         """Take the blocks in the database (the control plane's call on a new revision):
         a block lifted there (an admin cleared the key) is lifted here, and the model's
         worker forgets the key's history. `present`: every (key, model) with a row."""
-        for pair in list(self._latest):
-            if pair in present or pair in self._unwritten:
+        for pair, record in list(self._latest.items()):
+            unwritten = self._unwritten.get(pair)
+            if unwritten is not None and unwritten.new_block:
+                continue  # a block decided here, not written yet
+            gone = pair not in present and unwritten is None
+            lifted = record.blocked_at is not None and pair not in blocked
+            if not (gone or lifted):
                 continue
-            # Its row is gone: an admin cleared it.
+            # An admin cleared it (its row is gone, or its block lifted).
+            self._unwritten.pop(pair, None)
             del self._latest[pair]
             self._throttled.pop(pair, None)
             self._clear_worker(pair[1], pair[0])
             self._set_top(pair[1])
-        pending = {p for p, r in self._unwritten.items() if r.blocked_at is not None}
+        pending = {p for p, r in self._unwritten.items() if r.new_block}
         self._blocked = blocked | pending
         for pair in self._blocked & self._latest.keys():
             self._throttled.pop(pair, None)

@@ -34,6 +34,10 @@ class RiskRecord:
     signals: dict[str, float] = field(default_factory=dict)
     blocked_at: datetime | None = None
     updated_at: datetime | None = None
+    # Set on the record of the report that decided a block (not written yet): only such
+    # a record blocks in the database; one that carries an earlier block never undoes an
+    # admin's clear.
+    new_block: bool = False
 
     @property
     def blocked(self) -> bool:
@@ -62,14 +66,14 @@ class RiskBoard:
         self._events = events
 
     def record(self, records: Iterable[RiskRecord]) -> None:
-        """Write the latest scores; a record with `blocked_at` blocks its key (a revision
-        bump), and an existing block is kept whatever the new score."""
+        """Write the latest scores; a record that decided a block (`new_block`) blocks its
+        key (a revision bump); an existing block is kept whatever the new score, and a
+        block an admin has cleared since is not written back."""
         records = list(records)
         if not records:
             return
-        blocks = any(r.blocked_at is not None for r in records)
         now = datetime.now(UTC)
-        with self._db.write(bump_revision=blocks) as conn:
+        with self._db.write(bump_revision=any(r.new_block for r in records)) as conn:
             for record in records:
                 where = (extraction_risk.c.key_id == record.key_id) & (
                     extraction_risk.c.model == record.model
@@ -85,18 +89,24 @@ class RiskBoard:
                     "signals": json.dumps(record.signals, sort_keys=True),
                     "updated_at": now,
                 }
+                blocks = record.blocked_at if record.new_block else None
                 if existing is None:
+                    if record.blocked_at is not None and blocks is None:
+                        # Cleared by an admin since: the block is not written back.
+                        values["level"] = "ok"
                     conn.execute(
                         sa.insert(extraction_risk).values(
                             key_id=record.key_id,
                             model=record.model,
-                            blocked_at=record.blocked_at,
+                            blocked_at=blocks,
                             **values,
                         )
                     )
                     continue
-                if existing.blocked_at is None and record.blocked_at is not None:
-                    values["blocked_at"] = record.blocked_at
+                if existing.blocked_at is None and blocks is not None:
+                    values["blocked_at"] = blocks
+                elif existing.blocked_at is None and record.blocked_at is not None:
+                    values["level"] = "ok"
                 elif existing.blocked_at is not None:
                     values["level"] = "block"
                 conn.execute(sa.update(extraction_risk).where(where).values(**values))

@@ -108,7 +108,7 @@ def test_blocks_persist_and_a_clear_reaches_the_gateway_and_the_worker(db: Datab
 def test_a_score_never_unblocks_in_the_database(db: Database) -> None:
     board = RiskBoard(db)
     at = datetime.now(UTC)
-    board.record([RiskRecord("k", "m", "t", 2.0, "block", 60, blocked_at=at)])
+    board.record([RiskRecord("k", "m", "t", 2.0, "block", 60, blocked_at=at, new_block=True)])
     board.record([RiskRecord("k", "m", "t", 0.1, "ok", 200)])
     (row,) = board.read()
     assert row.blocked and row.level == "block" and row.queries == 200
@@ -120,7 +120,10 @@ def test_clearing_needs_an_admin_and_is_an_event(db: Database) -> None:
 
     events = MemoryEventSink()
     board = RiskBoard(db, events)
-    board.record([RiskRecord("k", "m", "t", 2.0, "block", 60, blocked_at=datetime.now(UTC))])
+    blocked = RiskRecord(
+        "k", "m", "t", 2.0, "block", 60, blocked_at=datetime.now(UTC), new_block=True
+    )
+    board.record([blocked])
     consumer = Principal(key_id="c", tenant_id=1, tenant_name="t", role="consumer")
     with pytest.raises(PermissionDenied):
         board.clear(consumer, "k")
@@ -192,3 +195,26 @@ def test_a_malformed_report_is_ignored(bad: dict[str, object]) -> None:
     desk.reported("digits", msgspec.structs.replace(_report("block", 5.0), **bad))
     desk.check("k1", "digits")
     assert desk.snapshot() == [] and events.events == []
+
+
+def test_a_report_racing_an_admin_clear_does_not_block_the_key_again(db: Database) -> None:
+    desk, _, cleared = _desk()
+    board = RiskBoard(db, MemoryEventSink())
+    desk.reported("digits", _report("block", 1.4))
+    desk.flush(board)
+    desk.update_blocked(*board.pairs())
+    # The admin clears k1; before this gateway's next refresh, k1's worker reports again.
+    board.clear(OPERATOR, "k1")
+    desk.reported("digits", _report("block", 1.5))
+    desk.flush(board)
+    blocked, present = board.pairs()
+    assert ("k1", "digits") not in blocked
+    desk.update_blocked(blocked, present)
+    desk.check("k1", "digits")
+    assert cleared == [("digits", "k1")]
+    # Still attacking after the clear (a fresh history in the worker): blocked anew.
+    desk.reported("digits", _report("block", 1.6))
+    with pytest.raises(ExtractionSuspected):
+        desk.check("k1", "digits")
+    desk.flush(board)
+    assert ("k1", "digits") in board.pairs()[0]
