@@ -371,7 +371,7 @@ def _throughput_run(
     rates: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for _ in range(reps):
         for name in VARIANTS:
-            command = [WRK, "-t1", "-c16", f"-d{dur}s", "-s", str(HERE / "rotate.lua")]
+            command = [WRK, "-t1", "-c16", f"-d{dur}s", "-s", str(HERE / "post.lua")]
             out = subprocess.run(
                 [*command, f"{base}/v2/models/digits-{name}/infer"],
                 env={**env, "BODYFILE": str(bodies), "AUTH": f"Bearer {key}"},

@@ -1,15 +1,27 @@
--- wrk script for benchmarks/gateway.py: POST one JSON body, print one machine-readable line.
--- Environment: BODYFILE (path of the body), AUTH (Authorization header value, optional),
+-- wrk script for the benchmarks: POST JSON, print one machine-readable line.
+-- Environment: BODYFILE (the body; with several lines, one body per line, sent in turn so
+-- that a model sees different inputs), AUTH (Authorization header value, optional),
 -- XKEY (X-API-Key header value, optional: LitServe's scheme).
-local f = assert(io.open(os.getenv("BODYFILE"), "r"))
+local bodies = {}
+for line in io.lines(os.getenv("BODYFILE")) do
+  if line ~= "" then bodies[#bodies + 1] = line end
+end
 wrk.method = "POST"
-wrk.body = f:read("*a")
-f:close()
+wrk.body = bodies[1]
 wrk.headers["Content-Type"] = "application/json"
 local auth = os.getenv("AUTH")
 if auth and auth ~= "" then wrk.headers["Authorization"] = auth end
 local xkey = os.getenv("XKEY")
 if xkey and xkey ~= "" then wrk.headers["X-API-Key"] = xkey end
+
+if #bodies > 1 then
+  -- Only then a request function: wrk sends a fixed body faster without one.
+  local i = 0
+  request = function()
+    i = i % #bodies + 1
+    return wrk.format(nil, nil, nil, bodies[i])
+  end
+end
 
 done = function(summary, latency, requests)
   local e = summary.errors

@@ -245,9 +245,6 @@ class ProtectionDesk:
 
     # ------------------------------------------------------------------ the control plane's
 
-    def has_new_blocks(self) -> bool:
-        return any(r.blocked_at is not None for r in self._unwritten.values())
-
     def flush_records(self, store: MarksStore) -> None:
         """Store the sealed watermark records received since the last call (in a thread)."""
         records, self._records = self._records, []
