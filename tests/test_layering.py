@@ -38,6 +38,8 @@ ALLOWED: dict[str, set[str]] = {
     "quotas": {"errors", "store", "audit", "identity"},
     "models": {
         "errors",
+        # The batching settings a model's options may hold (bastion.wire.batching).
+        "wire",
         "config",
         "crypto",
         "store",

@@ -70,10 +70,11 @@ class Settings:
     keepalive_timeout_s: float = _in(CONNECTIONS, 5.0)
     # Requests each model's worker holds at once; the rest wait in the model's fair queue
     # (weighted fair queuing across tenants), which holds at most `queue_size` requests.
-    # A worker serves its requests in arrival order, so 1 gives the fairest latencies; a
-    # model answering in well under a millisecond gains throughput from 2-4 (the next
-    # request is already at the worker when one ends).
-    model_concurrency: int = _in(SCHEDULING, 1)
+    # 0 (the default) adapts it per model (bastion.quotas.window): the fewest that keep the
+    # worker busy, at least the model's batch size, at most `model_window_max` (or twice
+    # the batch size). A positive value fixes it; 1 gives the fairest latencies.
+    model_concurrency: int = _in(SCHEDULING, 0)
+    model_window_max: int = _in(SCHEDULING, 8)
     queue_size: int = _in(SCHEDULING, 256)
     # How long sealed records of watermarked classifier answers are kept (for
     # `bastion protect verify`), in days.

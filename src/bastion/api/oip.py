@@ -80,6 +80,9 @@ async def model_metadata(request: Request) -> Response:
     if metadata.output_policy is not None:
         # Bastion's extension: what the answers reveal of the model's scores.
         answer["output_policy"] = metadata.output_policy
+    if metadata.batching is not None:
+        # As Triton's model configuration names them (max_batch_size, ...).
+        answer["batching"] = metadata.batching
     return json_response(answer)
 
 

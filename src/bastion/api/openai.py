@@ -112,6 +112,8 @@ def _model_object(gateway: Gateway, record: ModelRecord) -> dict[str, Any]:
     metadata = gateway.supervisor.status(record.name).metadata
     if metadata is not None and metadata.output_policy is not None:
         answer["output_policy"] = metadata.output_policy
+    if metadata is not None and metadata.batching is not None:
+        answer["batching"] = metadata.batching
     return answer
 
 

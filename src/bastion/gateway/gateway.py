@@ -56,8 +56,10 @@ from bastion.quotas.limiter import (
 )
 from bastion.quotas.store import EMPTY_TABLE, KEY, TENANT, QuotaTable
 from bastion.quotas.usage import UsageMeter
+from bastion.quotas.window import DispatchWindow
 from bastion.supervision.channel import Reply, Settle
 from bastion.supervision.supervisor import ModelStatus, Supervisor
+from bastion.wire.batching import model_batch_policy
 from bastion.wire.protocol import (
     Caller,
     FromWorker,
@@ -68,7 +70,9 @@ from bastion.wire.protocol import (
     SizeLimits,
     TextDelta,
     WorkRequest,
+    batch_size_of,
     compute_of,
+    queued_of,
     usage_of,
 )
 
@@ -112,6 +116,8 @@ class Gateway:
         # Acts on the extraction monitors' reports: blocks and throttles suspected thieves.
         self.protection = protection
         self._queues: dict[str, FairQueue] = {}
+        # Each model's in-flight window at its worker (the fair queue's places).
+        self._windows: dict[str, DispatchWindow] = {}
         self._catalog: dict[str, ModelRecord] = {}
         # Protection settings of tenants and keys, over their models' own.
         self.overrides = OverrideTable()
@@ -135,6 +141,13 @@ class Gateway:
         self._size_limits = {
             r.name: self.settings.size_limits.with_options(r.options) for r in records
         }
+        for name, window in list(self._windows.items()):
+            fresh = self._new_window(name)
+            if (fresh.floor, fresh.ceiling) != (window.floor, window.ceiling):
+                # Its batching changed: the window starts again from the new bounds.
+                self._windows[name] = fresh
+                self._queues[name].resize(fresh.size)
+                self.metrics.dispatch_window.labels(name).set(fresh.size)
 
     def drain(self) -> None:
         """Refuse new work from now on: the server is stopping."""
@@ -285,10 +298,38 @@ class Gateway:
     def _queue(self, model: str) -> FairQueue:
         queue = self._queues.get(model)
         if queue is None:
+            window = self._windows[model] = self._new_window(model)
+            self.metrics.dispatch_window.labels(model).set(window.size)
             queue = self._queues[model] = FairQueue(
-                self.settings.model_concurrency, self.settings.queue_size, self.quotas.weight
+                window.size, self.settings.queue_size, self.quotas.weight
             )
         return queue
+
+    def _new_window(self, model: str) -> DispatchWindow:
+        """A model's window: fixed by BASTION_MODEL_CONCURRENCY, or adaptive between its
+        batch size and BASTION_MODEL_WINDOW_MAX (or twice its batch size)."""
+        fixed = self.settings.model_concurrency
+        record = self._catalog.get(model)
+        batch = model_batch_policy(record.runtime, record.options) if record else None
+        floor = batch.max_size if batch is not None and batch.enabled else 1
+        ceiling = max(self.settings.model_window_max, 2 * floor if floor > 1 else 1)
+        return DispatchWindow(floor, ceiling, fixed if fixed > 0 else None)
+
+    def window(self, model: str) -> DispatchWindow | None:
+        """The model's in-flight window (None until its first request)."""
+        return self._windows.get(model)
+
+    def _observe(self, model: str, in_flight_s: float, reply: FromWorker) -> None:
+        """Resize the model's window after an answer (see bastion.quotas.window)."""
+        window = self._windows.get(model)
+        if window is None or window.fixed is not None:
+            return
+        compute, queued = compute_of(reply), queued_of(reply)
+        size = window.observe(in_flight_s, compute, queued)
+        queue = self._queues.get(model)
+        if queue is not None and size != queue.slots:
+            queue.resize(size)
+            self.metrics.dispatch_window.labels(model).set(size)
 
     async def _acquire(self, model: str, tenant: str) -> Hold:
         """Wait for a place at the model's worker, in fair order across tenants (503 if
@@ -334,13 +375,17 @@ class Gateway:
         """Send one request and wait for its final answer, within the request's deadline
         (which the wait in the model's fair queue, and earlier calls, count toward)."""
         message = self._with_caller(message, model, ticket.principal)
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout_at(self._deadline(ticket)):
                 hold = await self._acquire(model, ticket.principal.tenant_name)
                 try:
-                    return await self.supervisor.call(model, message, self._settler(ticket))
+                    sent = loop.time()
+                    reply = await self.supervisor.call(model, message, self._settler(ticket))
                 finally:
                     hold.release()
+                self._observe(model, loop.time() - sent, reply)
+                return reply
         except TimeoutError:
             raise GatewayTimeout("The model did not answer in time.") from None
 
@@ -414,6 +459,8 @@ class Gateway:
                 self.metrics.tokens.labels(model, tenant, "completion").inc(completion)
             if compute:
                 self.metrics.compute_seconds.labels(model, tenant).inc(compute)
+                self.metrics.batch_size.labels(model).observe(batch_size_of(reply))
+                self.metrics.queue_delay.labels(model).observe(queued_of(reply))
             self.meter.record(
                 tenant,
                 model,

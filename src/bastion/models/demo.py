@@ -158,7 +158,8 @@ def build_digits(models_dir: Path) -> DemoModel:
         name="digits",
         runtime="onnx",
         path=target,
-        options=dict(DEFAULT_OPTIONS),
+        # Its rows are independent: requests share one session call (dynamic batching).
+        options={**DEFAULT_OPTIONS, "batch.max_size": 32},
         description="Handwritten digit classifier (8x8 pixels, values 0-16) in ONNX.",
     )
 

@@ -36,6 +36,7 @@ from bastion.sandboxes.base import check_sandbox_option
 from bastion.store.db import Database
 from bastion.store.tables import DESIRED_STATES
 from bastion.store.tables import models as models_table
+from bastion.wire.batching import check_batch_options
 
 MODEL_NAME_PATTERN = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}")
 MAX_DESCRIPTION_LENGTH = 2000
@@ -286,6 +287,7 @@ def _validate_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
         check_sandbox_option(decoded)
         check_limit_options(decoded)
         check_protection_options(decoded)
+        check_batch_options(decoded)
     except ConfigurationError as exc:
         raise InvalidRequest(exc.message, param="options") from None
     except ValueError as exc:

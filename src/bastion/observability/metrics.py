@@ -46,6 +46,26 @@ class Metrics:
             ["model", "tenant"],
             registry=self.registry,
         )
+        self.batch_size = Histogram(
+            "bastion_batch_size",
+            "Requests by the size of the batch they ran in at the model's worker (1: alone).",
+            ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024),
+            registry=self.registry,
+        )
+        self.queue_delay = Histogram(
+            "bastion_worker_queue_seconds",
+            "Time requests waited in their model worker's queue before their batch ran.",
+            ["model"],
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1, 10),
+            registry=self.registry,
+        )
+        self.dispatch_window = Gauge(
+            "bastion_dispatch_window",
+            "Requests a model's worker may hold at once (its adaptive in-flight window).",
+            ["model"],
+            registry=self.registry,
+        )
         self.refused = Counter(
             "bastion_requests_refused",
             "Requests turned away by a quota or a full queue, by model, tenant and code "

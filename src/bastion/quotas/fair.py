@@ -15,11 +15,15 @@ tenant's newest waiting request is refused instead, so a flood cannot lock other
 A request that gives up while waiting (its deadline passed, its client left) leaves the
 queue at once.
 
+The number of places is the model's in-flight window (:mod:`bastion.quotas.window`),
+which :meth:`FairQueue.resize` changes as the gateway measures the worker.
+
 A request that gets a place holds a :class:`Hold` until it gives it back
 (:meth:`Hold.release`, idempotent), so the accounting holds whatever the interleaving:
-free places + held places == slots, always. A hold kept past the request deadline means
-a place leaked: :meth:`FairQueue.overdue` finds it, and :meth:`FairQueue.reclaim` takes it
-back (the gateway reports it).
+free places + held places == slots, always (free places go negative for a while when
+the window shrinks under load: releases then take places back instead of passing them
+on). A hold kept past the request deadline means a place leaked: :meth:`FairQueue.overdue`
+finds it, and :meth:`FairQueue.reclaim` takes it back (the gateway reports it).
 """
 
 from __future__ import annotations
@@ -137,7 +141,7 @@ class FairQueue:
 
     def stalled(self, limit_s: float) -> bool:
         """Every place held, and one of them for longer than `limit_s`: nothing moves."""
-        return self._free == 0 and bool(self.overdue(limit_s))
+        return self._free <= 0 and bool(self.overdue(limit_s))
 
     def reclaim(self, hold: Hold) -> None:
         """Take back a leaked place; a later release of it does nothing."""
@@ -148,20 +152,34 @@ class FairQueue:
         self._held.add(hold)
         return hold
 
+    def resize(self, slots: int) -> None:
+        """Let `slots` requests reach the worker at once from now on. Growing hands the new
+        places to waiters at once; shrinking takes places back as holds are released."""
+        slots = max(1, slots)
+        if slots == self.slots:
+            return
+        self._free += slots - self.slots
+        self.slots = slots
+        self._dispatch()
+
     def _release(self, hold: Hold) -> None:
         if hold.released:
             return
         hold.released = True
         self._held.discard(hold)
-        while (waiter := self._next()) is not None:
+        self._free += 1
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Give free places to waiters, in fair order."""
+        while self._free > 0 and (waiter := self._next()) is not None:
             # A waiter whose deadline cancelled it, not yet woken to leave the queue:
             # it cannot take the place; the next one does.
             if waiter.future.done():
                 continue
+            self._free -= 1
             self._virtual = max(self._virtual, waiter.tag - 1.0 / self._weight(waiter.tenant))
             waiter.future.set_result(self._hold(waiter.tenant))
-            return
-        self._free += 1
 
     # ------------------------------------------------------------------ internals
 

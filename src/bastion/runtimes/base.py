@@ -101,6 +101,57 @@ class Runtime(Protocol):
         ...
 
 
+# Called once with a request's outcome: its result, or the exception that ended it
+# (RuntimeInputError, Cancelled, anything else: the worker maps it as for a direct call).
+Done = Callable[[GenerateResult | BaseException], None]
+
+
+class GenerationEngine(Protocol):
+    """Continuous batching: a text runtime's engine decodes the sequences of several
+    requests together, in its own thread; requests join between decoding steps, finished
+    or cancelled ones leave.
+
+    The worker hands it each Generate request with :meth:`submit` and goes on with other
+    work; the engine calls `emit` for streamed text and `done` exactly once, from its own
+    thread. A GPU engine (vLLM's ``AsyncLLMEngine``: ``add_request`` then read its output
+    stream; ``abort`` on cancel) implements the same three methods.
+    """
+
+    def submit(self, request: Generate, cancel: CancelToken, emit: EmitDelta, done: Done) -> None:
+        """Queue `request`; it joins the running batch at the next decoding step."""
+        ...
+
+    @property
+    def active(self) -> int:
+        """Sequences being decoded or waiting to join (for the worker's heartbeat)."""
+        ...
+
+    def close(self) -> None:
+        """Finish: cancel what is left (each gets its `done`) and stop the thread."""
+        ...
+
+
+class BatchingRuntime(Protocol):
+    """A runtime that can run several requests' work in one call (dynamic batching).
+
+    ``infer_batch`` and ``embed_batch`` get requests the worker collected and return one
+    entry per request, in order: its result, or the exception that request alone raised
+    (one bad request never fails its batch-mates). ``start_engine`` starts continuous
+    batching for text generation, with at most `max_sequences` sequences decoded at once.
+    A runtime offers any subset; the worker looks each method up with ``getattr``.
+    """
+
+    def infer_batch(
+        self, requests: list[Infer], cancel: CancelToken | None = None
+    ) -> list[InferResult | Exception]: ...
+
+    def embed_batch(
+        self, requests: list[Embed], cancel: CancelToken | None = None
+    ) -> list[EmbedResult | Exception]: ...
+
+    def start_engine(self, max_sequences: int) -> GenerationEngine: ...
+
+
 # A file's bytes held in memory: anything with the buffer protocol.
 Buffer = bytes | bytearray | memoryview | mmap.mmap
 

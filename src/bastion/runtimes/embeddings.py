@@ -91,8 +91,12 @@ class SentenceEmbeddingRuntime:
     ) -> tuple[np.ndarray[Any, Any], int]:
         """Unit-length float32 embeddings of `texts` (rows) and the number of tokens read;
         Cancelled between batches once `cancel` is set."""
-        encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=True)
-        tokens = sum(len(e.ids) for e in encodings)
+        encodings = self._tokenize(texts)
+        return self._encode(encodings, cancel), sum(len(e.ids) for e in encodings)
+
+    def _tokenize(self, texts: Sequence[str]) -> list[Any]:
+        """The texts' encodings; RuntimeInputError if one is longer than the model reads."""
+        encodings: list[Any] = self._tokenizer.encode_batch(list(texts), add_special_tokens=True)
         longest = max((len(e.ids) for e in encodings), default=0)
         if longest > self._max_tokens:
             raise RuntimeInputError(
@@ -100,7 +104,13 @@ class SentenceEmbeddingRuntime:
                 f"{self._max_tokens}.",
                 code="context_length_exceeded",
             )
-        vectors = np.zeros((len(texts), self._dim), dtype="<f4")
+        return encodings
+
+    def _encode(
+        self, encodings: Sequence[Any], cancel: CancelToken | None = None
+    ) -> np.ndarray[Any, Any]:
+        tokens = sum(len(e.ids) for e in encodings)
+        vectors = np.zeros((len(encodings), self._dim), dtype="<f4")
         # Texts of similar length share a batch, so little padding is computed.
         order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
         with torch.inference_mode():
@@ -111,7 +121,80 @@ class SentenceEmbeddingRuntime:
                 rows = order[start : start + BATCH_SIZE]
                 pooled = self._encode_batch([encodings[i] for i in rows])
                 vectors[rows] = pooled.numpy()
-        return vectors, tokens
+        return vectors
+
+    def _encode_many(
+        self, texts_of: list[list[str]]
+    ) -> list[tuple[np.ndarray[Any, Any], int] | Exception]:
+        """The embeddings of several requests' texts through shared forward passes (texts
+        of similar length batched together, whoever sent them); a request whose texts are
+        too long fails alone."""
+        encoded: list[list[Any] | Exception] = []
+        for texts in texts_of:
+            try:
+                encoded.append(self._tokenize(texts))
+            except RuntimeInputError as exc:
+                encoded.append(exc)
+        every = [e for encodings in encoded if isinstance(encodings, list) for e in encodings]
+        vectors = self._encode(every) if every else np.zeros((0, self._dim), dtype="<f4")
+        results: list[tuple[np.ndarray[Any, Any], int] | Exception] = []
+        start = 0
+        for encodings in encoded:
+            if isinstance(encodings, Exception):
+                results.append(encodings)
+                continue
+            rows = vectors[start : start + len(encodings)]
+            start += len(encodings)
+            results.append((rows, sum(len(e.ids) for e in encodings)))
+        return results
+
+    def embed_batch(
+        self, requests: list[Embed], cancel: CancelToken | None = None
+    ) -> list[EmbedResult | Exception]:
+        """Several requests' texts in shared forward passes; each gets its own vectors and
+        token count (mean pooling is per text, so batch-mates never mix)."""
+        answers: list[EmbedResult | Exception] = []
+        for request, result in zip(
+            requests, self._encode_many([r.texts for r in requests]), strict=True
+        ):
+            if isinstance(result, Exception):
+                answers.append(result)
+                continue
+            vectors, tokens = result
+            answers.append(
+                EmbedResult(
+                    id=request.id,
+                    vectors=vectors.tobytes(),
+                    count=len(request.texts),
+                    dim=self._dim,
+                    prompt_tokens=tokens,
+                )
+            )
+        return answers
+
+    def infer_batch(
+        self, requests: list[Infer], cancel: CancelToken | None = None
+    ) -> list[InferResult | Exception]:
+        """Open Inference Protocol requests of texts, batched as embed_batch does."""
+        texts_of: list[list[str] | Exception] = []
+        for request in requests:
+            try:
+                texts_of.append(self._texts_of(request))
+            except RuntimeInputError as exc:
+                texts_of.append(exc)
+        valid = [texts for texts in texts_of if isinstance(texts, list)]
+        encoded = iter(self._encode_many(valid))
+        answers: list[InferResult | Exception] = []
+        for request, texts in zip(requests, texts_of, strict=True):
+            if isinstance(texts, Exception):
+                answers.append(texts)
+                continue
+            result = next(encoded)
+            if isinstance(result, Exception):
+                answers.append(result)
+                continue
+            answers.append(self._infer_result(request, texts, *result))
+        return answers
 
     def _encode_batch(self, encodings: Sequence[Any]) -> torch.Tensor:
         width = max(len(e.ids) for e in encodings)
@@ -143,6 +226,24 @@ class SentenceEmbeddingRuntime:
         )
 
     def infer(self, request: Infer, cancel: CancelToken | None = None) -> InferResult:
+        texts = self._texts_of(request)
+        vectors, tokens = self.encode(texts, cancel)
+        return self._infer_result(request, texts, vectors, tokens)
+
+    def _infer_result(
+        self, request: Infer, texts: list[str], vectors: np.ndarray[Any, Any], tokens: int
+    ) -> InferResult:
+        output = TensorData(
+            name=EMBEDDING_OUTPUT,
+            datatype="FP32",
+            shape=[len(texts), self._dim],
+            raw=vectors.tobytes(),
+        )
+        # Texts are tokens: they count against token quotas as /v1/embeddings' do.
+        return InferResult(id=request.id, outputs=[output], prompt_tokens=tokens)
+
+    def _texts_of(self, request: Infer) -> list[str]:
+        """The texts of an Open Inference Protocol request; RuntimeInputError if malformed."""
         if any(name != EMBEDDING_OUTPUT for name in request.outputs):
             raise RuntimeInputError(f"The model's only output is {EMBEDDING_OUTPUT!r}.")
         if len(request.inputs) != 1 or request.inputs[0].name != TEXT_INPUT:
@@ -156,18 +257,9 @@ class SentenceEmbeddingRuntime:
                 f"got shape {tensor.shape} with {len(tensor.items)} items."
             )
         try:
-            texts = [item.decode("utf-8") for item in tensor.items]
+            return [item.decode("utf-8") for item in tensor.items]
         except UnicodeDecodeError:
             raise RuntimeInputError(f"Input {TEXT_INPUT!r} holds invalid UTF-8.") from None
-        vectors, tokens = self.encode(texts, cancel)
-        output = TensorData(
-            name=EMBEDDING_OUTPUT,
-            datatype="FP32",
-            shape=[len(texts), self._dim],
-            raw=vectors.tobytes(),
-        )
-        # Texts are tokens: they count against token quotas as /v1/embeddings' do.
-        return InferResult(id=request.id, outputs=[output], prompt_tokens=tokens)
 
 
 def load(source: Path | ModelFiles, options: Mapping[str, Any]) -> SentenceEmbeddingRuntime:

@@ -150,6 +150,12 @@ class OnnxRuntime:
         )
         self._inputs = {spec.name: spec for spec in map(_spec, self._session.get_inputs())}
         self._outputs = {spec.name: spec for spec in map(_spec, self._session.get_outputs())}
+        # Requests can share a call only if every input and output has a free first
+        # (batch) dimension.
+        self._batchable = all(
+            spec.shape and spec.shape[0] == -1
+            for spec in (*self._inputs.values(), *self._outputs.values())
+        )
         self._metadata = ModelMetadata(
             runtime="onnx",
             capabilities=["infer"],
@@ -168,6 +174,84 @@ class OnnxRuntime:
         raise UnsupportedOperation("embeddings")
 
     def infer(self, request: Infer, cancel: CancelToken | None = None) -> InferResult:
+        feeds, wanted = self._feeds(request)
+        return InferResult(id=request.id, outputs=self._run(wanted, feeds))
+
+    def infer_batch(
+        self, requests: list[Infer], cancel: CancelToken | None = None
+    ) -> list[InferResult | Exception]:
+        """Run several requests in as few session calls as their shapes allow: requests
+        whose inputs agree in names, datatypes and every dimension past the first, and
+        that ask for the same outputs, are concatenated along the first (batch) dimension
+        and their outputs split back by rows. A request whose inputs are invalid fails
+        alone; if a combined call fails, its requests run one by one."""
+        results: list[InferResult | Exception | None] = [None] * len(requests)
+        groups: dict[tuple[Any, ...], list[tuple[int, dict[str, Any], list[str]]]] = {}
+        for index, request in enumerate(requests):
+            try:
+                feeds, wanted = self._feeds(request)
+            except RuntimeInputError as exc:
+                results[index] = exc
+                continue
+            rows = {array.shape[0] if array.ndim else -1 for array in feeds.values()}
+            if not self._batchable or len(rows) != 1 or -1 in rows:
+                key: tuple[Any, ...] = ("alone", index)
+            else:
+                key = (
+                    tuple(wanted),
+                    tuple(
+                        (name, array.dtype.str, array.shape[1:])
+                        for name, array in sorted(feeds.items())
+                    ),
+                )
+            groups.setdefault(key, []).append((index, feeds, wanted))
+        for members in groups.values():
+            for index, result in self._run_group(requests, members):
+                results[index] = result
+        return [r if r is not None else RuntimeInputError("not run") for r in results]
+
+    def _run_group(
+        self, requests: list[Infer], members: list[tuple[int, dict[str, Any], list[str]]]
+    ) -> list[tuple[int, InferResult | Exception]]:
+        if len(members) > 1:
+            wanted = members[0][2]
+            sizes = [next(iter(feeds.values())).shape[0] for _, feeds, _ in members]
+            joined = {
+                name: np.concatenate([feeds[name] for _, feeds, _ in members], axis=0)
+                for name in members[0][1]
+            }
+            try:
+                outputs = self._session.run(wanted, joined)
+            except InvalidArgument:
+                outputs = None
+            total = sum(sizes)
+            if outputs is not None and all(
+                np.asarray(out).ndim and np.asarray(out).shape[0] == total for out in outputs
+            ):
+                bounds = np.cumsum([0, *sizes])
+                split: list[tuple[int, InferResult | Exception]] = []
+                for position, (index, _, _) in enumerate(members):
+                    lo, hi = int(bounds[position]), int(bounds[position + 1])
+                    tensors = [
+                        numpy_to_tensor(name, self._outputs[name].datatype, np.asarray(out)[lo:hi])
+                        for name, out in zip(wanted, outputs, strict=True)
+                    ]
+                    split.append((index, InferResult(id=requests[index].id, outputs=tensors)))
+                return split
+        # Alone, or the combined call failed: each request by itself, its own error.
+        done: list[tuple[int, InferResult | Exception]] = []
+        for index, feeds, wanted in members:
+            try:
+                done.append(
+                    (index, InferResult(id=requests[index].id, outputs=self._run(wanted, feeds)))
+                )
+            except RuntimeInputError as exc:
+                done.append((index, exc))
+        return done
+
+    def _feeds(self, request: Infer) -> tuple[dict[str, np.ndarray[Any, Any]], list[str]]:
+        """The request's inputs as arrays, checked against the model's, and the outputs
+        it asks for; RuntimeInputError if they do not fit."""
         feeds: dict[str, np.ndarray[Any, Any]] = {}
         for tensor in request.inputs:
             spec = self._inputs.get(tensor.name)
@@ -183,16 +267,18 @@ class OnnxRuntime:
         for name in wanted:
             if name not in self._outputs:
                 raise RuntimeInputError(f"The model has no output named {name!r}.")
+        return feeds, wanted
+
+    def _run(self, wanted: list[str], feeds: dict[str, np.ndarray[Any, Any]]) -> list[TensorData]:
         try:
             results = self._session.run(wanted, feeds)
         except InvalidArgument as exc:
             # ONNX Runtime's message may describe tensor contents; keep it out of the reply.
             raise RuntimeInputError("The model rejected the input tensors.") from exc
-        outputs = [
+        return [
             numpy_to_tensor(name, self._outputs[name].datatype, np.asarray(result))
             for name, result in zip(wanted, results, strict=True)
         ]
-        return InferResult(id=request.id, outputs=outputs)
 
 
 def load(source: Path | ModelFiles, options: Mapping[str, Any]) -> OnnxRuntime:

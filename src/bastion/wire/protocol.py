@@ -23,6 +23,8 @@ EXIT_RUNTIME_FAULT = 6
 Tokens = Annotated[int, msgspec.Meta(ge=0)]
 # Seconds the worker spent running a request's model code (metered per tenant and model).
 Seconds = Annotated[float, msgspec.Meta(ge=0.0)]
+# Requests in one batch (bastion.wire.batching.MAX_BATCH_SIZE at most).
+BatchSize = Annotated[int, msgspec.Meta(ge=1, le=1024)]
 
 
 class Message(msgspec.Struct, tag=True, frozen=True, kw_only=True):
@@ -69,6 +71,9 @@ class ModelMetadata(msgspec.Struct, frozen=True, kw_only=True):
     # What its answers reveal of the scores it computes (bastion.protection.output), e.g.
     # {"policy": "label_only", "scores": ["probabilities"], ...}; None: no scores.
     output_policy: dict[str, Any] | None = None
+    # How its worker batches requests (bastion.wire.batching.BatchPolicy.describe, with
+    # "continuous": true for text generation decoding sequences together); None: it does not.
+    batching: dict[str, Any] | None = None
 
 
 class ChatMessage(msgspec.Struct, frozen=True, kw_only=True):
@@ -326,8 +331,12 @@ class GenerateResult(Message, frozen=True, kw_only=True):
     choices: list[Choice]
     prompt_tokens: Tokens
     completion_tokens: Tokens
-    # Seconds the worker spent on the model's code for this request (set by the worker).
+    # Seconds the worker spent on the model's code for this request (set by the worker;
+    # a batch's time is shared among its requests by their rows).
     compute_s: Seconds = 0.0
+    # Seconds it waited in the worker's queue, and how many requests its batch held.
+    queue_s: Seconds = 0.0
+    batch_size: BatchSize = 1
 
 
 class EmbedResult(Message, frozen=True, kw_only=True):
@@ -337,8 +346,12 @@ class EmbedResult(Message, frozen=True, kw_only=True):
     count: int
     dim: int
     prompt_tokens: Tokens
-    # Seconds the worker spent on the model's code for this request (set by the worker).
+    # Seconds the worker spent on the model's code for this request (set by the worker;
+    # a batch's time is shared among its requests by their rows).
     compute_s: Seconds = 0.0
+    # Seconds it waited in the worker's queue, and how many requests its batch held.
+    queue_s: Seconds = 0.0
+    batch_size: BatchSize = 1
 
 
 class InferResult(Message, frozen=True, kw_only=True):
@@ -346,8 +359,12 @@ class InferResult(Message, frozen=True, kw_only=True):
     outputs: list[TensorData]
     # Tokens read, for a model whose inputs are text (a sentence encoder); 0 otherwise.
     prompt_tokens: Tokens = 0
-    # Seconds the worker spent on the model's code for this request (set by the worker).
+    # Seconds the worker spent on the model's code for this request (set by the worker;
+    # a batch's time is shared among its requests by their rows).
     compute_s: Seconds = 0.0
+    # Seconds it waited in the worker's queue, and how many requests its batch held.
+    queue_s: Seconds = 0.0
+    batch_size: BatchSize = 1
 
 
 class SealedChunk(Message, frozen=True, kw_only=True):
@@ -364,8 +381,12 @@ class SealedResponse(Message, frozen=True, kw_only=True):
     data: bytes
     prompt_tokens: Tokens = 0
     completion_tokens: Tokens = 0
-    # Seconds the worker spent on the model's code for this request (set by the worker).
+    # Seconds the worker spent on the model's code for this request (set by the worker;
+    # a batch's time is shared among its requests by their rows).
     compute_s: Seconds = 0.0
+    # Seconds it waited in the worker's queue, and how many requests its batch held.
+    queue_s: Seconds = 0.0
+    batch_size: BatchSize = 1
 
 
 class RequestFailed(Message, frozen=True, kw_only=True):
@@ -382,8 +403,12 @@ class RequestFailed(Message, frozen=True, kw_only=True):
     # The work done before it failed or was cancelled, which is charged all the same.
     prompt_tokens: Tokens = 0
     completion_tokens: Tokens = 0
-    # Seconds the worker spent on the model's code for this request (set by the worker).
+    # Seconds the worker spent on the model's code for this request (set by the worker;
+    # a batch's time is shared among its requests by their rows).
     compute_s: Seconds = 0.0
+    # Seconds it waited in the worker's queue, and how many requests its batch held.
+    queue_s: Seconds = 0.0
+    batch_size: BatchSize = 1
 
 
 def cancelled(
@@ -417,6 +442,16 @@ _METERED = (GenerateResult, EmbedResult, InferResult, SealedResponse, RequestFai
 def compute_of(reply: Message) -> float:
     """Seconds of model compute a final reply reports; 0 for the others."""
     return reply.compute_s if isinstance(reply, _METERED) else 0.0
+
+
+def queued_of(reply: Message) -> float:
+    """Seconds a final reply's request waited in the worker's queue; 0 for the others."""
+    return reply.queue_s if isinstance(reply, _METERED) else 0.0
+
+
+def batch_size_of(reply: Message) -> int:
+    """How many requests ran in the batch of a final reply's request (1: alone)."""
+    return reply.batch_size if isinstance(reply, _METERED) else 1
 
 
 # What a worker tells the gateway about its model's protection, outside any request.

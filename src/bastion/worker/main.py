@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import msgspec
 
@@ -49,11 +49,13 @@ from bastion.protection.textmark import TextWatermark
 from bastion.runtimes.base import (
     Cancelled,
     CancelToken,
+    GenerationEngine,
     ModelFiles,
     Runtime,
     RuntimeInputError,
     load_runtime,
 )
+from bastion.wire.batching import BatchPolicy, model_batch_policy
 from bastion.wire.framing import (
     HEADER_BYTES,
     MAX_MESSAGE_BYTES,
@@ -123,12 +125,14 @@ _RESULT_TYPES: Mapping[type[Work], type[Outcome]] = {
 class _Job:
     """One request from arrival until its answer is sent or it is cancelled."""
 
-    __slots__ = ("cancel", "cancelled", "deliver", "request")
+    __slots__ = ("arrived", "cancel", "cancelled", "deliver", "request")
 
     def __init__(
         self, request: Work | SealedRequest, deliver: Callable[[Message], None] | None = None
     ) -> None:
         self.request = request
+        # When it reached the worker (its wait in the queue is reported with its answer).
+        self.arrived = time.perf_counter()
         self.cancel = CancelToken()
         # Set by the main thread; once set, nothing more is sent for this request.
         self.cancelled = False
@@ -155,8 +159,19 @@ class Worker:
         self._exit_code: int | None = None
         self._exiting = threading.Event()
         self._sealed: SealedServer | None = None
-        # The job the runtime thread is running, if any.
-        self._running: _Job | None = None
+        # The jobs the runtime thread is running (one, or a batch).
+        self._running: tuple[_Job, ...] = ()
+        # Jobs taken from the queue while forming a batch that did not fit it: next in line.
+        self._held: collections.deque[_Job | ClearRisk | None] = collections.deque()
+        # How the model's requests are batched (its options over its runtime's default),
+        # and, for text generation, the engine that decodes sequences together.
+        self._batch = BatchPolicy()
+        self._engine: GenerationEngine | None = None
+        # The request types the runtime can run in batches (infer_batch, embed_batch).
+        self._batch_kinds: tuple[type[Work], ...] = ()
+        # Whole sealed requests go through the sealed server's loop too (so that their
+        # inner jobs join batches), not inline on the runtime thread.
+        self._sealed_via_loop = False
         self._pipeline: SealedPipeline | None = None
         self._early_keys: SealingKeys | None = None
         # Set when runtime code raised a BaseException that is not an Exception: the
@@ -274,8 +289,9 @@ class Worker:
         if self._shutting_down:
             self._refuse_shutting_down(request.id)
             return
-        if request.chunked:
-            # Streamed answers need an event loop that runs while the model generates.
+        if request.chunked or self._sealed_via_loop:
+            # Streamed answers need an event loop that runs while the model generates; a
+            # batching model's requests are opened there and their inner jobs queued.
             assert self._sealed is not None
             self._sealed.submit(request)
             return
@@ -327,11 +343,11 @@ class Worker:
     def _watch_cancelled(self, job: _Job) -> None:
         """A running job that ignores its cancellation (a runtime spinning in code that
         never checks) holds the worker: past the grace period, the worker exits."""
-        if self._running is not job:
+        if job not in self._running:
             return
 
         def check() -> None:
-            if self._running is job:
+            if job in self._running:
                 logger.error("a cancelled job is still running; the worker exits")
                 _exit_now(EXIT_STUCK)
 
@@ -358,6 +374,7 @@ class Worker:
                 metadata = self._shield.declare(runtime.metadata())
                 metadata = _arm_watermark(runtime, load, metadata)
                 self._guards = GuardChain(guards_of(load.options))
+                metadata = self._arm_batching(runtime, load, metadata)
             except IntegrityError as exc:
                 self._send(
                     LoadFailed(model=load.model, reason=str(exc)[:_REASON_LIMIT], integrity=True)
@@ -385,26 +402,26 @@ class Worker:
                         self._shield.reset(job.key)
                     continue
                 if job.cancelled:
-                    # Ends the request (at the gateway, or for the sealed request waiting
-                    # on it) with no work done, so its usage can be settled.
-                    (job.deliver or self._send)(cancelled(job.request.id))
+                    self._answer_cancelled(job)
                     continue
-                self._running = job
+                if self._engine is not None and isinstance(job.request, Generate):
+                    # Decoded with the other sequences on the engine's thread.
+                    self._submit_generate(self._engine, job)
+                    continue
+                batch = self._collect(job)
+                self._running = tuple(batch)
                 try:
-                    outcome: Message = (
-                        self._serve_sealed(runtime, job)
-                        if isinstance(job.request, SealedRequest)
-                        else self._execute(runtime, job)
-                    )
+                    outcomes: list[Message]
+                    if len(batch) > 1:
+                        outcomes = list(self._execute_batch(runtime, batch))
+                    elif isinstance(job.request, SealedRequest):
+                        outcomes = [self._serve_sealed(runtime, job)]
+                    else:
+                        outcomes = [self._execute(runtime, job)]
                 finally:
-                    self._running = None
-                if job.deliver is not None:
-                    # Even when cancelled: the sealed side charges the work done.
-                    job.deliver(outcome)
-                else:
-                    self._jobs.pop(job.request.id, None)
-                    # Sent even when cancelled: the gateway settles the work done.
-                    self._send(outcome)
+                    self._running = ()
+                for done, outcome in zip(batch, outcomes, strict=True):
+                    self._answer(done, outcome)
                 self._run_later()
                 if self._runtime_fault is not None:
                     logger.error(
@@ -414,6 +431,8 @@ class Worker:
                     self._finish(EXIT_RUNTIME_FAULT)
                     return
             self._run_later(idle=True)
+            if self._engine is not None:
+                self._engine.close()
             self._finish(EXIT_OK)
         except BaseException as exc:
             # The type only: messages and tracebacks can quote a request.
@@ -439,8 +458,188 @@ class Worker:
                 "the protection bookkeeping failed", extra={"exc_type": type(exc).__name__}
             )
 
+    def _answer(self, job: _Job, outcome: Message) -> None:
+        if job.deliver is not None:
+            # Even when cancelled: the sealed side charges the work done.
+            job.deliver(outcome)
+        else:
+            self._jobs.pop(job.request.id, None)
+            # Sent even when cancelled: the gateway settles the work done.
+            self._send(outcome)
+
+    def _answer_cancelled(self, job: _Job) -> None:
+        """End a job cancelled before it ran (at the gateway, or for the sealed request
+        waiting on it) with no work done, so its usage can be settled."""
+        if job.deliver is None:
+            self._jobs.pop(job.request.id, None)
+        (job.deliver or self._send)(cancelled(job.request.id))
+
+    # ------------------------------------------------------------------ batching
+
+    def _arm_batching(
+        self, runtime: Runtime, load: LoadModel, metadata: ModelMetadata
+    ) -> ModelMetadata:
+        """Batch as the model's options (or its runtime's default) say, where the runtime
+        can: its requests then run together (see bastion.wire.batching)."""
+        policy = model_batch_policy(load.runtime, load.options)
+        if not policy.enabled:
+            return metadata
+        start_engine = getattr(runtime, "start_engine", None)
+        if "chat" in metadata.capabilities or "completions" in metadata.capabilities:
+            if start_engine is None:
+                return metadata
+            self._engine = start_engine(policy.max_size)
+            declared: dict[str, Any] = {"continuous": True, "max_sequences": policy.max_size}
+        else:
+            if not any(
+                getattr(runtime, name, None) is not None for name in ("infer_batch", "embed_batch")
+            ):
+                return metadata
+            self._batch = policy
+            self._batch_kinds = tuple(
+                kind
+                for kind, name in ((Infer, "infer_batch"), (Embed, "embed_batch"))
+                if getattr(runtime, name, None) is not None
+            )
+            declared = policy.describe()
+        self._sealed_via_loop = True
+        return msgspec.structs.replace(metadata, batching=declared)
+
+    def _batchable(self, job: _Job) -> bool:
+        return type(job.request) in self._batch_kinds
+
+    def _collect(self, first: _Job) -> list[_Job]:
+        """`first` and the requests waiting with it that can run in the same call, as
+        Triton's dynamic batcher forms them: up to max_size, a preferred size as soon as
+        one is reached, waiting up to max_queue_delay_us from `first`'s arrival for more."""
+        policy = self._batch
+        if not policy.enabled or not self._batchable(first):
+            return [first]
+        batch = [first]
+        kind = type(first.request)
+        deadline = first.arrived + policy.max_queue_delay_us / 1e6
+        while len(batch) < policy.max_size:
+            item = self._poll(deadline, ready=policy.ready(len(batch)))
+            if item is None:
+                break
+            if isinstance(item, ClearRisk | _EndOfWork) or type(item.request) is not kind:
+                # Not for this batch (or the end): it goes next, in its turn.
+                self._held.appendleft(None if isinstance(item, _EndOfWork) else item)
+                break
+            if item.cancelled:
+                self._answer_cancelled(item)
+                continue
+            batch.append(item)
+        take = policy.take(len(batch))
+        for extra in reversed(batch[take:]):
+            self._held.appendleft(extra)
+        return batch[:take]
+
+    def _poll(self, deadline: float, *, ready: bool) -> _Job | ClearRisk | _EndOfWork | None:
+        """The next queued item if one is waiting (or comes before `deadline`, unless the
+        batch is `ready`); None if none. _END stands for the end-of-work marker."""
+        if self._held:
+            item = self._held.popleft()
+            return _END if item is None else item
+        wait = 0.0 if ready else deadline - time.perf_counter()
+        try:
+            item = self._queue.get_nowait() if wait <= 0 else self._queue.get(timeout=wait)
+        except queue.Empty:
+            return None
+        return _END if item is None else item
+
+    def _execute_batch(self, runtime: Runtime, jobs: list[_Job]) -> list[Outcome]:
+        """Run a batch of Infer or Embed jobs in one runtime call; each gets its own answer
+        (a request the runtime refused fails alone), its share of the batch's time by rows,
+        and its wait in the queue."""
+        started = time.perf_counter()
+        requests: list[Any] = [job.request for job in jobs]
+        wanted: list[list[str]] = [[] for _ in jobs]
+        try:
+            if isinstance(requests[0], Infer):
+                for index, request in enumerate(requests):
+                    requests[index], wanted[index] = self._prepare_infer(request)
+                results: list[Any] = runtime.infer_batch(requests)  # type: ignore[attr-defined]
+            else:
+                results = runtime.embed_batch(requests)  # type: ignore[attr-defined]
+            if len(results) != len(jobs):
+                raise TypeError("the runtime returned the wrong number of results")
+        except Exception as exc:
+            # The batch as a whole failed: each request runs alone, so that a request
+            # that breaks the runtime fails by itself.
+            logger.warning(
+                "a batch failed; its requests run one by one",
+                extra={"exc_type": type(exc).__name__},
+            )
+            return [self._execute(runtime, job) for job in jobs]
+        except BaseException as exc:
+            logger.error("the runtime failed a batch", extra={"exc_type": type(exc).__name__})
+            self._runtime_fault = type(exc).__name__
+            return [_runtime_error(job.request.id) for job in jobs]
+        elapsed = time.perf_counter() - started
+        rows = [max(1, _rows_of(request)) for request in requests]
+        total = sum(rows)
+        outcomes: list[Outcome] = []
+        for job, request, outputs, result, size in zip(
+            jobs, requests, wanted, results, rows, strict=True
+        ):
+            begun = time.perf_counter()
+            outcome = self._complete(
+                lambda: self._finish_batched(runtime, job, request, outputs, result),  # noqa: B023
+                request,
+            )
+            share = elapsed * size / total + time.perf_counter() - begun
+            outcomes.append(
+                msgspec.structs.replace(
+                    outcome,
+                    compute_s=share,
+                    queue_s=max(0.0, started - job.arrived),
+                    batch_size=len(jobs),
+                )
+            )
+        return outcomes
+
+    def _finish_batched(
+        self, runtime: Runtime, job: _Job, request: Work, wanted: list[str], result: Any
+    ) -> Outcome:
+        """One request's answer out of its batch's results (an exception: its own failure)."""
+        if isinstance(result, BaseException):
+            raise result
+        if isinstance(request, Infer):
+            return self._finish_infer(runtime, job, request, wanted, result)
+        return cast(Outcome, result)
+
+    def _submit_generate(self, engine: GenerationEngine, job: _Job) -> None:
+        """Hand a Generate job to the continuous-batching engine; its answer is sent from
+        the engine's thread when its sequences are done."""
+        request = job.request
+        assert isinstance(request, Generate)
+        send = job.deliver or self._send
+        started = time.perf_counter()
+        try:
+            self._guard_input(request)
+        except GuardRefusal as exc:
+            self._answer(job, self._failure(request.id, exc))
+            return
+
+        def emit(index: int, text: str) -> None:
+            if not job.cancelled:
+                send(TextDelta(id=request.id, index=index, text=text))
+
+        def done(result: GenerateResult | BaseException) -> None:
+            if isinstance(result, BaseException):
+                outcome: Outcome = self._failure(request.id, result)
+            else:
+                outcome = self._complete(lambda: self._finish_generate(request, result), request)
+            outcome = msgspec.structs.replace(outcome, compute_s=time.perf_counter() - started)
+            self._answer(job, outcome)
+
+        engine.submit(request, job.cancel, emit, done)
+
     def _next_job(self) -> _Job | ClearRisk | None:
         """The next job; while the monitor has requests waiting, an idle moment drains it."""
+        if self._held:
+            return self._held.popleft()
         while self._shield is not None and self._shield.pending:
             try:
                 return self._queue.get(timeout=MONITOR_IDLE_S)
@@ -472,7 +671,8 @@ class Worker:
         request = job.request
         assert not isinstance(request, SealedRequest)
         send = job.deliver or self._send
-        try:
+
+        def run() -> Outcome:
             if isinstance(request, Generate):
 
                 def emit(index: int, text: str) -> None:
@@ -480,60 +680,80 @@ class Worker:
                         send(TextDelta(id=request.id, index=index, text=text))
 
                 self._guard_input(request)
-                outcome: Outcome = runtime.generate(request, job.cancel, emit)
-                if not request.stream and isinstance(outcome, GenerateResult):
-                    self._guard_output(outcome)
-            elif isinstance(request, Embed):
-                outcome = runtime.embed(request, job.cancel)
-            else:
-                shield = self._shield
-                wanted = request.outputs
-                if shield is not None and shield.guard.scores and wanted:
-                    # Asking for the labels alone must not hide the scores from the
-                    # protection: the model gives every output, the caller what it asked.
-                    request = msgspec.structs.replace(request, outputs=[])
-                outcome = runtime.infer(request, job.cancel)
-                if shield is not None and isinstance(outcome, InferResult):
-                    outcome, later = shield.infer(
-                        request, outcome, lambda again: runtime.infer(again, job.cancel)
-                    )
-                    if wanted and shield.guard.scores:
-                        kept = [t for t in outcome.outputs if t.name in wanted]
-                        outcome = msgspec.structs.replace(outcome, outputs=kept)
-                    if later is not None:
-                        # Done once the answer has left (see _run_runtime).
-                        self._later.append(later)
+                return self._finish_generate(request, runtime.generate(request, job.cancel, emit))
+            if isinstance(request, Embed):
+                return runtime.embed(request, job.cancel)
+            model_request, wanted = self._prepare_infer(request)
+            outcome = runtime.infer(model_request, job.cancel)
+            return self._finish_infer(runtime, job, model_request, wanted, outcome)
+
+        return self._complete(run, request)
+
+    def _complete(self, run: Callable[[], Outcome], request: Work) -> Outcome:
+        """`run`'s answer to `request`, checked; whatever it raises becomes its failure."""
+        try:
+            outcome = run()
             if not isinstance(outcome, _RESULT_TYPES[type(request)]):
                 raise TypeError("the runtime returned the wrong result type")
             if outcome.id != request.id:
                 outcome = msgspec.structs.replace(outcome, id=request.id)
             return outcome
-        except RuntimeInputError as exc:
-            failure = RequestFailed(id=request.id, status=400, code=exc.code, message=exc.message)
-        except GuardRefusal as exc:
-            failure = RequestFailed(
-                id=request.id, status=400, code="guard_refused", message=str(exc)
-            )
-        except AdversarialInput as exc:
-            failure = RequestFailed(
-                id=request.id, status=400, code="adversarial_input", message=str(exc)
-            )
-        except Cancelled as exc:
-            failure = cancelled(request.id, prompt_tokens=exc.prompt_tokens)
         except BaseException as exc:
-            # Whatever runtime code raises, a Rust panic (pyo3's PanicException is a
-            # BaseException) or sys.exit() included, fails this request only; the type is
-            # all that is told. Past Exception, the runtime may be corrupt: see _run_runtime.
-            logger.error("the runtime failed a request", extra={"exc_type": type(exc).__name__})
-            if not isinstance(exc, Exception):
-                self._runtime_fault = type(exc).__name__
-            failure = RequestFailed(
-                id=request.id,
-                status=500,
-                code="runtime_error",
-                message="The model failed to process the request.",
+            return self._failure(request.id, exc)
+
+    def _failure(self, request_id: int, exc: BaseException) -> RequestFailed:
+        """The failure answer for what a request's model code (or its checks) raised."""
+        if isinstance(exc, RuntimeInputError):
+            return RequestFailed(id=request_id, status=400, code=exc.code, message=exc.message)
+        if isinstance(exc, GuardRefusal):
+            return RequestFailed(id=request_id, status=400, code="guard_refused", message=str(exc))
+        if isinstance(exc, AdversarialInput):
+            return RequestFailed(
+                id=request_id, status=400, code="adversarial_input", message=str(exc)
             )
-        return failure
+        if isinstance(exc, Cancelled):
+            return cancelled(request_id, prompt_tokens=exc.prompt_tokens)
+        # Whatever runtime code raises, a Rust panic (pyo3's PanicException is a
+        # BaseException) or sys.exit() included, fails this request only; the type is
+        # all that is told. Past Exception, the runtime may be corrupt: see _run_runtime.
+        logger.error("the runtime failed a request", extra={"exc_type": type(exc).__name__})
+        if not isinstance(exc, Exception):
+            self._runtime_fault = type(exc).__name__
+        return _runtime_error(request_id)
+
+    def _finish_generate(self, request: Generate, result: GenerateResult) -> GenerateResult:
+        if not request.stream and isinstance(result, GenerateResult):
+            self._guard_output(result)
+        return result
+
+    def _prepare_infer(self, request: Infer) -> tuple[Infer, list[str]]:
+        """The request the model runs, and the outputs its caller asked for."""
+        shield = self._shield
+        wanted = request.outputs
+        if shield is not None and shield.guard.scores and wanted:
+            # Asking for the labels alone must not hide the scores from the protection:
+            # the model gives every output, the caller what it asked.
+            request = msgspec.structs.replace(request, outputs=[])
+        return request, wanted
+
+    def _finish_infer(
+        self, runtime: Runtime, job: _Job, request: Infer, wanted: list[str], outcome: Outcome
+    ) -> Outcome:
+        """The model's answer through its protection (squeezing, watermark, output policy),
+        as the caller asked for it; the monitor's work is kept for after the answer."""
+        shield = self._shield
+        if shield is None or not isinstance(outcome, InferResult):
+            return outcome
+        protected, later = shield.infer(
+            request, outcome, lambda again: runtime.infer(again, job.cancel)
+        )
+        if wanted and shield.guard.scores:
+            kept = [t for t in protected.outputs if t.name in wanted]
+            protected = msgspec.structs.replace(protected, outputs=kept)
+        if later is not None:
+            # Done once the answer has left (see _run_runtime).
+            self._later.append(later)
+        return protected
 
     def _guard_input(self, request: Generate) -> None:
         if not self._guards.guards:
@@ -610,6 +830,31 @@ class Worker:
                 return
             logger.warning("the connection to the gateway is gone; exiting")
             _exit_now(EXIT_GATEWAY_GONE)
+
+
+class _EndOfWork:
+    """Stands for the end-of-work marker (None in the queue) while a batch is formed."""
+
+
+_END = _EndOfWork()
+
+
+def _runtime_error(request_id: int) -> RequestFailed:
+    return RequestFailed(
+        id=request_id,
+        status=500,
+        code="runtime_error",
+        message="The model failed to process the request.",
+    )
+
+
+def _rows_of(request: Work) -> int:
+    """A request's size in a batch: its first input's rows, or its texts."""
+    if isinstance(request, Embed):
+        return len(request.texts)
+    if isinstance(request, Infer) and request.inputs and request.inputs[0].shape:
+        return max(0, request.inputs[0].shape[0])
+    return 1
 
 
 def _exit_now(code: int) -> NoReturn:

@@ -185,3 +185,68 @@ def test_weights_in_memory_with_bad_offsets_are_refused() -> None:
     assert torch.equal(tensors["w"], torch.tensor([1.0, 2.0, 3.0, 4.0]))
     with pytest.raises(ValueError):
         tensors_from_buffer(memoryview(bytearray(struct.pack("<Q", 10**6) + b"{}")))
+
+
+# ---------------------------------------------------------------- dynamic batching
+
+
+def test_requests_batched_together_get_their_own_vectors_and_usage(
+    runtime: SentenceEmbeddingRuntime,
+) -> None:
+    requests = [
+        Embed(id=1, texts=TEXTS[:2]),
+        Embed(id=2, texts=["x " * 600]),  # too long: fails alone
+        Embed(id=3, texts=TEXTS[2:]),
+    ]
+    alone = [runtime.embed(r) for r in (requests[0], requests[2])]
+    forwards: list[int] = []
+    encode_batch = runtime._encode_batch
+
+    def counting(encodings: list[object]) -> object:
+        forwards.append(len(encodings))
+        return encode_batch(encodings)
+
+    runtime._encode_batch = counting  # type: ignore[method-assign]
+    try:
+        results = runtime.embed_batch(requests)
+    finally:
+        del runtime._encode_batch
+    # All five valid texts went through one forward pass.
+    assert forwards == [5]
+    assert isinstance(results[1], RuntimeInputError)
+    assert results[1].code == "context_length_exceeded"
+    for got, want in zip((results[0], results[2]), alone, strict=True):
+        assert not isinstance(got, Exception)
+        assert (got.id, got.count, got.prompt_tokens) == (want.id, want.count, want.prompt_tokens)
+        np.testing.assert_allclose(
+            _vectors(got.vectors, got.count, got.dim),
+            _vectors(want.vectors, want.count, want.dim),
+            atol=1e-5,
+        )
+
+
+def test_oip_requests_batch_like_embeddings(runtime: SentenceEmbeddingRuntime) -> None:
+    def request(rid: int, texts: list[str]) -> Infer:
+        items = [t.encode() for t in texts]
+        return Infer(
+            id=rid,
+            inputs=[TensorData(name="text", datatype="BYTES", shape=[len(items)], items=items)],
+        )
+
+    bad = Infer(id=9, inputs=[TensorData(name="text", datatype="FP32", shape=[1], raw=b"\0" * 4)])
+    requests = [request(1, TEXTS[:1]), bad, request(2, TEXTS[3:5])]
+    results = runtime.infer_batch(requests)
+    assert isinstance(results[1], RuntimeInputError)
+    for got, want in zip(
+        (results[0], results[2]),
+        (runtime.infer(requests[0]), runtime.infer(requests[2])),
+        strict=True,
+    ):
+        assert not isinstance(got, Exception)
+        assert got.id == want.id and got.prompt_tokens == want.prompt_tokens
+        assert got.outputs[0].shape == want.outputs[0].shape
+        np.testing.assert_allclose(
+            np.frombuffer(got.outputs[0].raw, dtype="<f4"),
+            np.frombuffer(want.outputs[0].raw, dtype="<f4"),
+            atol=1e-5,
+        )

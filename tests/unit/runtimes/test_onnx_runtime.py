@@ -11,7 +11,7 @@ from onnx import TensorProto, helper
 
 from bastion.runtimes.base import CancelToken, RuntimeInputError, UnsupportedOperation
 from bastion.runtimes.onnx import OnnxRuntime, load
-from bastion.wire.protocol import Embed, Generate, Infer, TensorData, TensorSpec
+from bastion.wire.protocol import Embed, Generate, Infer, InferResult, TensorData, TensorSpec
 
 
 def _save(model: onnx.ModelProto, directory: Path, name: str = "model.onnx") -> Path:
@@ -167,3 +167,64 @@ def test_string_and_integer_tensors(tmp_path: Path) -> None:
 def test_model_file_must_stay_in_the_directory(affine_dir: Path) -> None:
     with pytest.raises(ValueError, match="inside"):
         load(affine_dir, {"file": "../elsewhere.onnx"})
+
+
+# ---------------------------------------------------------------- dynamic batching
+
+
+def _digits_input(rows: np.ndarray) -> TensorData:
+    return TensorData(
+        name="input", datatype="FP32", shape=list(rows.shape), raw=rows.astype("<f4").tobytes()
+    )
+
+
+def test_a_batch_runs_in_one_call_and_each_request_gets_its_own_rows() -> None:
+    from bastion.models.demo import digits_onnx, digits_split
+
+    digits = OnnxRuntime(digits_onnx(), threads=1)
+    images = digits_split()[1][:6].astype(np.float32)
+    requests = [
+        Infer(id=1, inputs=[_digits_input(images[0:1])]),
+        Infer(id=2, inputs=[_digits_input(images[1:4])]),  # three rows
+        Infer(id=3, inputs=[_digits_input(images[4:5, :63])]),  # wrong shape: fails alone
+        Infer(id=4, inputs=[_digits_input(images[5:6])], outputs=["label"]),  # other outputs
+        Infer(id=5, inputs=[_digits_input(images[4:5])]),
+    ]
+    alone = [digits.infer(r) if r.id != 3 else None for r in requests]
+    calls: list[int] = []
+    session_run = digits._session.run
+
+    def counting_run(names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        calls.append(next(iter(feeds.values())).shape[0])
+        return session_run(names, feeds)
+
+    digits._session.run = counting_run  # type: ignore[method-assign]
+    results = digits.infer_batch(requests)
+    # Requests 1, 2 and 5 (same outputs) share one call of 5 rows; request 4 runs apart.
+    assert sorted(calls) == [1, 5]
+    assert isinstance(results[2], RuntimeInputError)
+    for request, result, expected in zip(requests, results, alone, strict=True):
+        if expected is None:
+            continue
+        assert isinstance(result, InferResult)
+        assert result.id == request.id
+        assert [(t.name, t.shape) for t in result.outputs] == [
+            (t.name, t.shape) for t in expected.outputs
+        ]
+        for got, want in zip(result.outputs, expected.outputs, strict=True):
+            dtype = "<i8" if got.datatype == "INT64" else "<f4"
+            # Labels exactly; scores to float32 rounding (a batch's kernels sum in
+            # another order than one row's).
+            np.testing.assert_allclose(
+                np.frombuffer(got.raw, dtype=dtype), np.frombuffer(want.raw, dtype=dtype), rtol=1e-5
+            )
+
+
+def test_a_model_without_a_batch_dimension_runs_requests_apart(runtime: OnnxRuntime) -> None:
+    values = [np.full((rows, 3), rows, dtype=np.float32) for rows in (1, 2)]
+    results = runtime.infer_batch([Infer(id=i, inputs=[_x(v)]) for i, v in enumerate(values)])
+    for value, result in zip(values, results, strict=True):
+        assert isinstance(result, InferResult)
+        # `count` (the input's shape) is each request's own: nothing was concatenated.
+        count = next(t for t in result.outputs if t.name == "count")
+        assert np.frombuffer(count.raw, dtype="<i8").tolist() == [value.shape[0], 3]
