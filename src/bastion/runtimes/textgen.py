@@ -9,15 +9,27 @@ token, on ``max_tokens`` or on a stop string, and streams only text that is fina
 An optional logits bias (:meth:`TextGenerationRuntime.set_logits_bias`) rewrites the
 logits of each step before sampling, given the token before it: a text watermark plugs in
 there without this package knowing of it.
+
+Each choice is decoded by a :class:`SequenceState` (its tokens, text, streamed length, finish
+and generator); :meth:`TextGenerationRuntime.generate` runs one at a time, and the engine of
+:meth:`TextGenerationRuntime.start_engine` (:mod:`bastion.runtimes.textgen_engine`) decodes
+the sequences of many requests together, one forward pass per step (continuous batching).
+Both use the same per-sequence code, so a sequence's output does not depend on the path.
+
+Seeds: choice 0 of a request with a seed samples with a generator seeded with that seed;
+choice ``i > 0`` with one seeded with :func:`choice_seed` (the first 8 bytes of SHA-256 over
+the seed and the choice index), so each choice is reproducible on its own, whatever else is
+decoded with it. Without a seed each choice's generator is seeded from the OS.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
@@ -53,6 +65,9 @@ from bastion.wire.protocol import (
     InferResult,
     ModelMetadata,
 )
+
+if TYPE_CHECKING:
+    from bastion.runtimes.textgen_engine import TextGenerationEngine
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -95,6 +110,101 @@ def find_stop(text: str, stops: Sequence[str]) -> int:
     """Index where the earliest stop string in `text` begins, or -1."""
     found = [index for index in (text.find(stop) for stop in stops if stop) if index >= 0]
     return min(found, default=-1)
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The seed of choice `index` of a request seeded with `seed`: the seed itself for
+    choice 0, else the first 8 bytes of SHA-256 over ``"{seed}:{index}"`` (big-endian)."""
+    if index == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def choice_generator(seed: int | None, index: int) -> torch.Generator:
+    """The sampling generator of one choice (see :func:`choice_seed`)."""
+    generator = torch.Generator()
+    if seed is not None:
+        generator.manual_seed(choice_seed(seed, index))
+    else:
+        generator.seed()
+    return generator
+
+
+class SequenceState:
+    """One choice being decoded: its tokens, text, what was streamed and how it ended.
+
+    The caller runs the model and hands :meth:`advance` the last position's logits; the
+    state applies the logits bias, samples, checks the end token, the stop strings and
+    ``max_tokens``, and streams the text that is final. :attr:`finish` is None while the
+    sequence goes on, and :attr:`next_input` is the token to feed the model next.
+    """
+
+    def __init__(
+        self,
+        runtime: TextGenerationRuntime,
+        request: Generate,
+        stops: Sequence[str],
+        generator: torch.Generator,
+        bias: LogitsBias | None,
+        previous: int,
+        emit: Callable[[str], None],
+    ) -> None:
+        self._runtime = runtime
+        self._request = request
+        self._stops = stops
+        self._generator = generator
+        self._bias = bias
+        self._emit = emit
+        self.previous = previous
+        self.generated: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.finish: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish is not None
+
+    @property
+    def next_input(self) -> int:
+        """The token the model reads next (the one chosen last)."""
+        return self.previous
+
+    def advance(self, logits: torch.Tensor) -> None:
+        """Choose the next token from `logits` (1-D, the last position's)."""
+        runtime, request = self._runtime, self._request
+        if self._bias is not None:
+            logits = self._bias(self.previous, logits)
+        token = runtime._next_token(logits, request, self._generator)
+        self.generated.append(token)
+        self.previous = token
+        if token in runtime._eos_ids:
+            self.finish = "stop"
+            return
+        text = runtime._tokenizer.decode(self.generated, skip_special_tokens=True)
+        stop_at = find_stop(text, self._stops)
+        if stop_at >= 0:
+            self.text, self.finish = text[:stop_at], "stop"
+            return
+        self.text = text
+        final = len(text) - holdback_length(text, self._stops)
+        if request.stream and final > self.emitted:
+            self._emit(text[self.emitted : final])
+            self.emitted = final
+        if len(self.generated) >= request.max_tokens:
+            self.finish = "length"
+
+    def conclude(self, cancelled: bool) -> tuple[str, str]:
+        """(text, finish reason) once decoding ends; streams what is left unless the
+        request was cancelled (nobody reads its output any more, and an unfinished
+        sequence then ends with "stop")."""
+        if cancelled:
+            return self.text, "stop" if self.finish in (None, "length") else str(self.finish)
+        if self._request.stream and len(self.text) > self.emitted:
+            self._emit(self.text[self.emitted :])
+            self.emitted = len(self.text)
+        return self.text, self.finish or "length"
 
 
 class TextGenerationRuntime:
@@ -179,6 +289,36 @@ class TextGenerationRuntime:
 
     def generate(self, request: Generate, cancel: CancelToken, emit: EmitDelta) -> GenerateResult:
         """Generate `request.n` choices in turn; stream final text through `emit`."""
+        prompt_ids = self._checked_prompt(request)
+        stops = self._stops(request)
+        bias = self._logits_bias
+        choices: list[Choice] = []
+        completion_tokens = 0
+        for index in range(request.n):
+            sequence = self._sequence(request, prompt_ids, stops, index, bias, partial(emit, index))
+            self._decode_alone(sequence, prompt_ids, cancel)
+            text, finish = sequence.conclude(cancel.cancelled)
+            completion_tokens += len(sequence.generated)
+            choices.append(
+                Choice(index=index, text="" if request.stream else text, finish_reason=finish)
+            )
+        return GenerateResult(
+            id=request.id,
+            choices=choices,
+            prompt_tokens=len(prompt_ids),
+            completion_tokens=completion_tokens,
+        )
+
+    def start_engine(self, max_sequences: int) -> TextGenerationEngine:
+        """Start continuous batching: a thread that decodes up to `max_sequences`
+        sequences of many requests together (see :mod:`bastion.runtimes.textgen_engine`)."""
+        from bastion.runtimes.textgen_engine import TextGenerationEngine
+
+        return TextGenerationEngine(self, max_sequences)
+
+    def _checked_prompt(self, request: Generate) -> list[int]:
+        """The prompt's token ids, once the request's parameters are checked
+        (RuntimeInputError, code context_length_exceeded when it cannot fit)."""
         if request.max_tokens < 1 or request.n < 1:
             raise RuntimeInputError("max_tokens and n must be at least 1.")
         if request.temperature < 0 or not 0 < request.top_p <= 1:
@@ -193,28 +333,53 @@ class TextGenerationRuntime:
                 f"{self._context_length} tokens.",
                 code="context_length_exceeded",
             )
-        generator = torch.Generator()
-        if request.seed is not None:
-            generator.manual_seed(request.seed)
-        else:
-            generator.seed()
-        choices: list[Choice] = []
-        completion_tokens = 0
-        stops = [stop for stop in request.stop if stop]
-        for index in range(request.n):
-            text, finish, used = self._generate_one(
-                prompt_ids, request, stops, generator, cancel, partial(emit, index)
-            )
-            completion_tokens += used
-            choices.append(
-                Choice(index=index, text="" if request.stream else text, finish_reason=finish)
-            )
-        return GenerateResult(
-            id=request.id,
-            choices=choices,
-            prompt_tokens=len(prompt_ids),
-            completion_tokens=completion_tokens,
+        return prompt_ids
+
+    @staticmethod
+    def _stops(request: Generate) -> list[str]:
+        return [stop for stop in request.stop if stop]
+
+    def _sequence(
+        self,
+        request: Generate,
+        prompt_ids: list[int],
+        stops: Sequence[str],
+        index: int,
+        bias: LogitsBias | None,
+        emit: Callable[[str], None],
+    ) -> SequenceState:
+        """The state of choice `index`, with its own generator (see :func:`choice_seed`)."""
+        generator = choice_generator(request.seed, index)
+        return SequenceState(self, request, stops, generator, bias, prompt_ids[-1], emit)
+
+    def _forward(self, input_ids: torch.Tensor, cache: DynamicCache, **inputs: Any) -> torch.Tensor:
+        """Run the model on `input_ids` ([batch, length]) with `cache`; the last
+        position's logits, [batch, vocab]. Call it under ``torch.inference_mode()``."""
+        extra: dict[str, Any] = {"logits_to_keep": 1} if self._keep_last_logits else {}
+        output = self._model(
+            input_ids=input_ids, use_cache=True, **{self._cache_argument: cache}, **extra, **inputs
         )
+        logits: torch.Tensor = output.logits[:, -1]
+        return logits
+
+    def _prefill(self, prompt_ids: list[int]) -> tuple[torch.Tensor, DynamicCache]:
+        """Read the prompt into a new cache: (the last position's 1-D logits, the cache)."""
+        cache = DynamicCache(config=self._config)
+        logits = self._forward(torch.tensor([prompt_ids], dtype=torch.long), cache)
+        return logits[0], cache
+
+    def _decode_alone(
+        self, sequence: SequenceState, prompt_ids: list[int], cancel: CancelToken
+    ) -> None:
+        """Decode one sequence by itself until it finishes or `cancel` is set."""
+        if cancel.cancelled:
+            return
+        with torch.inference_mode():
+            logits, cache = self._prefill(prompt_ids)
+            sequence.advance(logits)
+            while not sequence.finished and not cancel.cancelled:
+                inputs = torch.tensor([[sequence.next_input]], dtype=torch.long)
+                sequence.advance(self._forward(inputs, cache)[0])
 
     def _next_token(
         self, logits: torch.Tensor, request: Generate, generator: torch.Generator
@@ -235,54 +400,6 @@ class TextGenerationRuntime:
             choice = torch.multinomial(sorted_probs, 1, generator=generator)
             return int(sorted_ids[choice].item())
         return int(torch.multinomial(probs, 1, generator=generator).item())
-
-    def _generate_one(
-        self,
-        prompt_ids: list[int],
-        request: Generate,
-        stops: Sequence[str],
-        generator: torch.Generator,
-        cancel: CancelToken,
-        emit: Callable[[str], None],
-    ) -> tuple[str, str, int]:
-        """One choice: (its text, finish reason, tokens generated)."""
-        cache = DynamicCache(config=self._config)
-        inputs = torch.tensor([prompt_ids], dtype=torch.long)
-        generated: list[int] = []
-        text, emitted, finish = "", 0, "length"
-        extra: dict[str, Any] = {"logits_to_keep": 1} if self._keep_last_logits else {}
-        bias = self._logits_bias
-        previous = prompt_ids[-1]
-        with torch.inference_mode():
-            while len(generated) < request.max_tokens and not cancel.cancelled:
-                output = self._model(
-                    input_ids=inputs, use_cache=True, **{self._cache_argument: cache}, **extra
-                )
-                logits = output.logits[0, -1]
-                if bias is not None:
-                    logits = bias(previous, logits)
-                token = self._next_token(logits, request, generator)
-                generated.append(token)
-                previous = token
-                if token in self._eos_ids:
-                    finish = "stop"
-                    break
-                text = self._tokenizer.decode(generated, skip_special_tokens=True)
-                stop_at = find_stop(text, stops)
-                if stop_at >= 0:
-                    text, finish = text[:stop_at], "stop"
-                    break
-                final = len(text) - holdback_length(text, stops)
-                if request.stream and final > emitted:
-                    emit(text[emitted:final])
-                    emitted = final
-                inputs = torch.tensor([[token]], dtype=torch.long)
-        if cancel.cancelled:
-            # Nobody reads this request's output any more, so nothing more is streamed.
-            return text, "stop" if finish == "length" else finish, len(generated)
-        if request.stream and len(text) > emitted:
-            emit(text[emitted:])
-        return text, finish, len(generated)
 
 
 def load(source: Path | ModelFiles, options: Mapping[str, Any]) -> TextGenerationRuntime:

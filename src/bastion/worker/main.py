@@ -55,7 +55,7 @@ from bastion.runtimes.base import (
     RuntimeInputError,
     load_runtime,
 )
-from bastion.wire.batching import BatchPolicy, model_batch_policy
+from bastion.wire.batching import MAX_BATCH_SIZE, BatchPolicy, model_batch_policy
 from bastion.wire.framing import (
     HEADER_BYTES,
     MAX_MESSAGE_BYTES,
@@ -631,9 +631,17 @@ class Worker:
                 outcome: Outcome = self._failure(request.id, result)
             else:
                 outcome = self._complete(lambda: self._finish_generate(request, result), request)
-            outcome = msgspec.structs.replace(outcome, compute_s=time.perf_counter() - started)
+            # Its batch: the sequences decoding (or waiting) with it when it joined.
+            outcome = msgspec.structs.replace(
+                outcome,
+                compute_s=time.perf_counter() - started,
+                queue_s=max(0.0, started - job.arrived),
+                batch_size=min(MAX_BATCH_SIZE, max(1, joined)),
+            )
             self._answer(job, outcome)
 
+        # Counted before it goes in (its answer may come before submit returns).
+        joined = engine.active + max(1, request.n)
         engine.submit(request, job.cancel, emit, done)
 
     def _next_job(self) -> _Job | ClearRisk | None:

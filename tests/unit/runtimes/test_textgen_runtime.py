@@ -109,7 +109,7 @@ def test_sampling_is_reproducible_with_a_seed(runtime: TextGenerationRuntime) ->
     texts = [c.text for c in first.choices]
     assert texts == [c.text for c in second.choices]
     assert texts != [c.text for c in other.choices]
-    # Successive choices draw from the same generator, so they differ.
+    # Each choice has a generator of its own, seeded from the seed and its index: they differ.
     assert texts[0] != texts[1]
 
 
