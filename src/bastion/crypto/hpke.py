@@ -1,10 +1,14 @@
-"""A thin adapter over pyhpke for HPKE (RFC 9180) base mode, plus the symmetric pieces OHTTP needs.
+"""HPKE (RFC 9180) base mode, plus the symmetric pieces OHTTP needs.
 
 Only DHKEM(X25519, HKDF-SHA256) with HKDF-SHA256 and either AES-128-GCM or ChaCha20-Poly1305
 is supported: those are the suites Oblivious HTTP deployments use, and a short list keeps the
-code that handles untrusted input small. KEM encapsulation and the key schedule go through
-pyhpke; the symmetric helpers (`kdf_extract`, `kdf_expand`, `aead_seal`, `aead_open`) call
-pyca `cryptography` directly because OHTTP's response encryption needs nothing more.
+code that handles untrusted input small. Everything runs on native primitives: X25519 and
+the AEADs of pyca `cryptography` (one AEAD object per context, the private key object
+loaded once), HKDF-SHA256 as `hmac.digest` calls (OpenSSL's HMAC), and the parts of the
+key schedule that depend only on the suite and `info` computed once. Every request costs one
+X25519 exchange (two for a sender, who makes an ephemeral key) and a handful of HMACs.
+pyhpke, the implementation this module used to wrap, serves only as the reference the
+tests hold this one to (tests/unit/crypto/test_hpke.py), beside RFC 9180's vectors.
 
 Errors never carry key bytes or plaintext.
 """
@@ -13,16 +17,13 @@ from __future__ import annotations
 
 import functools
 import hmac
+import struct
 from dataclasses import dataclass
 from typing import NoReturn, Protocol
 
-import pyhpke
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
-from pyhpke.kem import KEM
 
 KEM_X25519_SHA256 = 0x0020
 KDF_HKDF_SHA256 = 0x0001
@@ -34,7 +35,11 @@ _KEM_ENC_SIZE = {KEM_X25519_SHA256: 32}
 _KDF_HASH_SIZE = {KDF_HKDF_SHA256: 32}
 _AEAD_KEY_SIZE = {AEAD_AES_128_GCM: 16, AEAD_CHACHA20_POLY1305: 32}
 _AEAD_NONCE_SIZE = 12
+_HASH_SIZE = 32
 AEAD_TAG_SIZE = 16
+
+_HPKE_VERSION = b"HPKE-v1"
+_MODE_BASE = b"\x00"
 
 
 class HpkeError(Exception):
@@ -97,10 +102,9 @@ def enc_size(kem_id: int) -> int:
         raise UnsupportedSuite(f"unsupported HPKE KEM 0x{kem_id:04x}") from None
 
 
-def _kdf_hash(kdf_id: int) -> hashes.HashAlgorithm:
+def _require_kdf(kdf_id: int) -> None:
     if kdf_id != KDF_HKDF_SHA256:
         raise UnsupportedSuite(f"unsupported HPKE KDF 0x{kdf_id:04x}")
-    return hashes.SHA256()
 
 
 def _require_supported(suite: Suite) -> None:
@@ -108,19 +112,79 @@ def _require_supported(suite: Suite) -> None:
         raise UnsupportedSuite(f"unsupported HPKE suite ({suite})")
 
 
+@dataclass(frozen=True, slots=True)
+class _SuiteParams:
+    """What the key schedule of one supported suite needs, computed once per suite."""
+
+    kem_suite_id: bytes  # "KEM" || I2OSP(kem_id, 2)
+    suite_id: bytes  # "HPKE" || I2OSP(kem_id, 2) || I2OSP(kdf_id, 2) || I2OSP(aead_id, 2)
+    psk_id_hash: bytes  # LabeledExtract("", "psk_id_hash", "") for base mode's empty psk_id
+    aead: type[AESGCM] | type[ChaCha20Poly1305]
+    key_size: int
+    nonce_size: int
+
+
 @functools.lru_cache(maxsize=8)
-def _cipher_suite(suite: Suite) -> pyhpke.CipherSuite:
-    # A pyhpke CipherSuite holds only algorithm descriptors, so one per suite can be shared;
-    # building it costs more than the AEAD operation on a small message.
+def _suite_params(suite: Suite) -> _SuiteParams:
     _require_supported(suite)
-    return pyhpke.CipherSuite.new(
-        pyhpke.KEMId(suite.kem_id), pyhpke.KDFId(suite.kdf_id), pyhpke.AEADId(suite.aead_id)
+    suite_id = b"HPKE" + struct.pack(">HHH", suite.kem_id, suite.kdf_id, suite.aead_id)
+    return _SuiteParams(
+        kem_suite_id=b"KEM" + struct.pack(">H", suite.kem_id),
+        suite_id=suite_id,
+        psk_id_hash=_labeled_extract(suite_id, b"", b"psk_id_hash", b""),
+        aead=AESGCM if suite.aead_id == AEAD_AES_128_GCM else ChaCha20Poly1305,
+        key_size=_AEAD_KEY_SIZE[suite.aead_id],
+        nonce_size=_AEAD_NONCE_SIZE,
     )
 
 
-def _kem(kem_id: int) -> KEM:
-    enc_size(kem_id)
-    return KEM(pyhpke.KEMId(kem_id))
+@functools.lru_cache(maxsize=64)
+def _key_schedule_context(suite: Suite, info: bytes) -> bytes:
+    """mode_base || psk_id_hash || LabeledExtract("", "info_hash", info) (RFC 9180 5.1).
+
+    It depends only on the suite and `info`, which is the same for every request to one
+    OHTTP key, so it is computed once; neither is secret."""
+    params = _suite_params(suite)
+    info_hash = _labeled_extract(params.suite_id, b"", b"info_hash", info)
+    return _MODE_BASE + params.psk_id_hash + info_hash
+
+
+# --- HKDF-SHA256 (RFC 5869) and HPKE's labelled forms (RFC 9180 section 4) ----------------
+# hmac.digest runs each HMAC-SHA256 whole in OpenSSL, in one call: for these short inputs
+# that costs a fraction of what an HKDF or HMAC object does, and a request takes ten.
+
+
+def _extract(salt: bytes, ikm: bytes) -> bytes:
+    # An empty salt stands for HashLen zero bytes (RFC 5869 2.2): HMAC pads it so anyway.
+    return hmac.digest(salt, ikm, "sha256")
+
+
+def _expand(prk: bytes, info: bytes, length: int) -> bytes:
+    if length <= _HASH_SIZE:
+        return hmac.digest(prk, info + b"\x01", "sha256")[:length]
+    if length > 255 * _HASH_SIZE:
+        raise ValueError("HKDF-Expand length out of range")
+    blocks: list[bytes] = []
+    block = b""
+    for counter in range(1, -(-length // _HASH_SIZE) + 1):
+        block = hmac.digest(prk, block + info + bytes((counter,)), "sha256")
+        blocks.append(block)
+    return b"".join(blocks)[:length]
+
+
+def _labeled_extract(suite_id: bytes, salt: bytes, label: bytes, ikm: bytes) -> bytes:
+    return _extract(salt, _HPKE_VERSION + suite_id + label + ikm)
+
+
+def _labeled_expand(suite_id: bytes, prk: bytes, label: bytes, info: bytes, length: int) -> bytes:
+    labeled_info = length.to_bytes(2, "big") + _HPKE_VERSION + suite_id + label + info
+    return _expand(prk, labeled_info, length)
+
+
+def _x25519_public(raw: bytes) -> X25519PublicKey:
+    if len(raw) != 32:
+        raise ValueError("an X25519 public key has 32 bytes")
+    return X25519PublicKey.from_public_bytes(raw)
 
 
 class PrivateKey:
@@ -128,7 +192,7 @@ class PrivateKey:
 
     __slots__ = ("_kem_id", "_key", "_public")
 
-    def __init__(self, kem_id: int, key: pyhpke.KEMKeyInterface, public: bytes) -> None:
+    def __init__(self, kem_id: int, key: X25519PrivateKey, public: bytes) -> None:
         # Use generate(), from_bytes() or derive(); this constructor trusts its arguments.
         self._kem_id = kem_id
         self._key = key
@@ -138,24 +202,27 @@ class PrivateKey:
     def generate(cls, kem_id: int = KEM_X25519_SHA256) -> PrivateKey:
         """A fresh random key pair."""
         enc_size(kem_id)
-        secret = X25519PrivateKey.generate()
-        key = pyhpke.KEMKey.from_pyca_cryptography_key(secret)
-        return cls(kem_id, key, secret.public_key().public_bytes_raw())
+        return cls._of(kem_id, X25519PrivateKey.generate())
 
     @classmethod
     def from_bytes(cls, kem_id: int, raw: bytes) -> PrivateKey:
         """Load a serialized private key (SerializePrivateKey of RFC 9180)."""
         if len(raw) != enc_size(kem_id):
             raise HpkeError("the private key has the wrong length")
-        secret = X25519PrivateKey.from_private_bytes(raw)
-        key = pyhpke.KEMKey.from_pyca_cryptography_key(secret)
-        return cls(kem_id, key, secret.public_key().public_bytes_raw())
+        return cls._of(kem_id, X25519PrivateKey.from_private_bytes(bytes(raw)))
 
     @classmethod
     def derive(cls, kem_id: int, ikm: bytes) -> PrivateKey:
         """DeriveKeyPair(ikm) of RFC 9180 section 7.1.3; for known-answer tests."""
-        pair = _kem(kem_id).derive_key_pair(ikm)
-        return cls(kem_id, pair.private_key, pair.public_key.to_public_bytes())
+        enc_size(kem_id)
+        kem_suite_id = b"KEM" + struct.pack(">H", kem_id)
+        dkp_prk = _labeled_extract(kem_suite_id, b"", b"dkp_prk", ikm)
+        secret = _labeled_expand(kem_suite_id, dkp_prk, b"sk", b"", _KEM_ENC_SIZE[kem_id])
+        return cls._of(kem_id, X25519PrivateKey.from_private_bytes(secret))
+
+    @classmethod
+    def _of(cls, kem_id: int, key: X25519PrivateKey) -> PrivateKey:
+        return cls(kem_id, key, key.public_key().public_bytes_raw())
 
     @property
     def kem_id(self) -> int:
@@ -163,15 +230,11 @@ class PrivateKey:
 
     def to_bytes(self) -> bytes:
         """The raw secret. Handle with care: never log it."""
-        return self._key.to_private_bytes()
+        return self._key.private_bytes_raw()
 
     def public_bytes(self) -> bytes:
         """The raw public key (SerializePublicKey of RFC 9180)."""
         return self._public
-
-    def _key_pair(self) -> pyhpke.KEMKeyPair:
-        public = _kem(self._kem_id).deserialize_public_key(self._public)
-        return pyhpke.KEMKeyPair(self._key, public)
 
     def __repr__(self) -> str:
         return f"PrivateKey(kem_id=0x{self._kem_id:04x}, public={self._public.hex()})"
@@ -191,38 +254,69 @@ class PrivateKey:
         raise TypeError("an HPKE private key cannot be pickled")
 
 
-class SenderContext:
-    """The sender's HPKE context: seal messages in order, export secrets."""
+class _Context:
+    """The key schedule's output (RFC 9180 5.1): the AEAD with its base nonce and sequence
+    number, and the exporter secret."""
 
-    __slots__ = ("_ctx",)
+    __slots__ = ("_aead", "_base_nonce", "_exporter_secret", "_limit", "_seq", "_suite_id")
 
-    def __init__(self, ctx: pyhpke.ContextInterface) -> None:
-        self._ctx = ctx
+    def __init__(self, params: _SuiteParams, shared_secret: bytes, context: bytes) -> None:
+        # `context` is the key schedule context (_key_schedule_context).
+        suite_id = params.suite_id
+        secret = _labeled_extract(suite_id, shared_secret, b"secret", b"")
+        key = _labeled_expand(suite_id, secret, b"key", context, params.key_size)
+        base_nonce = _labeled_expand(suite_id, secret, b"base_nonce", context, params.nonce_size)
+        self._exporter_secret = _labeled_expand(suite_id, secret, b"exp", context, _HASH_SIZE)
+        self._suite_id = suite_id
+        self._aead = params.aead(key)
+        self._base_nonce = int.from_bytes(base_nonce, "big")
+        self._seq = 0
+        # RFC 9180 5.2: the sequence number must never reach 2^(8*Nn) - 1.
+        self._limit = (1 << (8 * params.nonce_size)) - 1
 
-    def seal(self, plaintext: bytes, aad: bytes = b"") -> bytes:
-        """Encrypt the next message; each call uses the next sequence number."""
-        try:
-            return self._ctx.seal(plaintext, aad)
-        except pyhpke.PyHPKEError as exc:
-            raise HpkeError("HPKE seal failed") from exc
+    def _nonce(self) -> bytes:
+        if self._seq >= self._limit:
+            raise HpkeError("HPKE message limit reached")
+        return (self._base_nonce ^ self._seq).to_bytes(_AEAD_NONCE_SIZE, "big")
 
     def export(self, exporter_context: bytes, length: int) -> bytes:
         """Export a secret of `length` bytes bound to `exporter_context` (RFC 9180 5.3)."""
-        return _export(self._ctx, exporter_context, length)
+        # RFC 9180 5.3 bounds L by 255 * Nh; the only supported KDF has Nh = 32.
+        if not 0 < length <= 255 * _HASH_SIZE:
+            raise ValueError("export length out of range")
+        return _labeled_expand(
+            self._suite_id, self._exporter_secret, b"sec", exporter_context, length
+        )
 
 
-class RecipientContext:
+class SenderContext(_Context):
+    """The sender's HPKE context: seal messages in order, export secrets."""
+
+    __slots__ = ()
+
+    def seal(self, plaintext: bytes, aad: bytes = b"") -> bytes:
+        """Encrypt the next message; each call uses the next sequence number."""
+        nonce = self._nonce()
+        try:
+            sealed = self._aead.encrypt(nonce, plaintext, aad)
+        except (ValueError, OverflowError) as exc:
+            raise HpkeError("HPKE seal failed") from exc
+        self._seq += 1
+        return sealed
+
+
+class RecipientContext(_Context):
     """The recipient's HPKE context: open messages in order, export secrets.
 
-    pyhpke advances the sequence number even when an open fails, whereas RFC 9180 advances
-    it only on success. Rather than continue out of step, a context refuses every open
-    after the first failure.
+    RFC 9180 advances the sequence number only when an open succeeds; a context that saw a
+    forgery stays in step, but nothing good can follow one, so this context refuses every
+    open after the first failure (as it always has).
     """
 
-    __slots__ = ("_ctx", "_failed")
+    __slots__ = ("_failed",)
 
-    def __init__(self, ctx: pyhpke.ContextInterface) -> None:
-        self._ctx = ctx
+    def __init__(self, params: _SuiteParams, shared_secret: bytes, context: bytes) -> None:
+        super().__init__(params, shared_secret, context)
         self._failed = False
 
     def open(self, ciphertext: bytes, aad: bytes = b"") -> bytes:
@@ -230,21 +324,19 @@ class RecipientContext:
         if self._failed:
             raise OpenError("HPKE context unusable after a failed open")
         try:
-            return self._ctx.open(ciphertext, aad)
-        except pyhpke.PyHPKEError:
+            plaintext = self._aead.decrypt(self._nonce(), ciphertext, aad)
+        except (InvalidTag, ValueError, OverflowError, HpkeError):
             self._failed = True
             raise OpenError("HPKE open failed") from None
-
-    def export(self, exporter_context: bytes, length: int) -> bytes:
-        """Export a secret of `length` bytes bound to `exporter_context` (RFC 9180 5.3)."""
-        return _export(self._ctx, exporter_context, length)
+        self._seq += 1
+        return plaintext
 
 
-def _export(ctx: pyhpke.ContextInterface, exporter_context: bytes, length: int) -> bytes:
-    # RFC 9180 5.3 bounds L by 255 * Nh; the only supported KDF has Nh = 32.
-    if not 0 < length <= 255 * 32:
-        raise ValueError("export length out of range")
-    return ctx.export(exporter_context, length)
+def _shared_secret(params: _SuiteParams, dh: bytes, enc: bytes, public_r: bytes) -> bytes:
+    """ExtractAndExpand(dh, kem_context) of DHKEM (RFC 9180 4.1)."""
+    kem_suite_id = params.kem_suite_id
+    eae_prk = _labeled_extract(kem_suite_id, b"", b"eae_prk", dh)
+    return _labeled_expand(kem_suite_id, eae_prk, b"shared_secret", enc + public_r, _HASH_SIZE)
 
 
 def setup_sender(
@@ -260,52 +352,59 @@ def setup_sender(
     `ikm_e` (derive the ephemeral key) and `ephemeral_key` (use it as is) exist only for
     known-answer tests; production callers leave both unset to get a fresh random key.
     """
-    cipher_suite = _cipher_suite(suite)
+    params = _suite_params(suite)
     if ikm_e is not None and ephemeral_key is not None:
         raise ValueError("give ikm_e or ephemeral_key, not both")
     if len(public_key) != enc_size(suite.kem_id):
         raise HpkeError("the public key has the wrong length")
-    eks: pyhpke.KEMKeyPair | None = None
     if ikm_e is not None:
-        eks = cipher_suite.kem.derive_key_pair(ikm_e)
+        ephemeral = PrivateKey.derive(suite.kem_id, ikm_e)
     elif ephemeral_key is not None:
         if ephemeral_key.kem_id != suite.kem_id:
             raise UnsupportedSuite("the ephemeral key is for another KEM")
-        eks = ephemeral_key._key_pair()
+        ephemeral = ephemeral_key
+    else:
+        ephemeral = PrivateKey.generate(suite.kem_id)
+    public_key = bytes(public_key)
     try:
-        pkr = cipher_suite.kem.deserialize_public_key(public_key)
-        enc, ctx = cipher_suite.create_sender_context(pkr, info, eks=eks)
-    except (ValueError, pyhpke.PyHPKEError) as exc:
         # X25519 refuses a low-order public key (the shared secret would be all zeros).
+        dh = ephemeral._key.exchange(_x25519_public(public_key))
+    except ValueError as exc:
         raise HpkeError("HPKE encapsulation failed") from exc
-    return enc, SenderContext(ctx)
+    enc = ephemeral.public_bytes()
+    shared_secret = _shared_secret(params, dh, enc, public_key)
+    return enc, SenderContext(params, shared_secret, _key_schedule_context(suite, bytes(info)))
 
 
 def setup_recipient(
     suite: Suite, private_key: PrivateKey, enc: bytes, info: bytes
 ) -> RecipientContext:
     """SetupBaseR(enc, skR, info). Raises OpenError if `enc` cannot be decapsulated."""
-    cipher_suite = _cipher_suite(suite)
+    params = _suite_params(suite)
     if private_key.kem_id != suite.kem_id:
         raise UnsupportedSuite("the private key is for another KEM")
     if len(enc) != enc_size(suite.kem_id):
         raise OpenError("the encapsulated key has the wrong length")
+    enc = bytes(enc)
     try:
-        ctx = cipher_suite.create_recipient_context(enc, private_key._key, info)
-    except (ValueError, pyhpke.PyHPKEError):
         # A low-order point gives an all-zero shared secret, which X25519 refuses.
+        dh = private_key._key.exchange(_x25519_public(enc))
+    except ValueError:
         raise OpenError("HPKE decapsulation failed") from None
-    return RecipientContext(ctx)
+    shared_secret = _shared_secret(params, dh, enc, private_key.public_bytes())
+    return RecipientContext(params, shared_secret, _key_schedule_context(suite, bytes(info)))
 
 
 def kdf_extract(kdf_id: int, salt: bytes, ikm: bytes) -> bytes:
     """HKDF-Extract(salt, ikm) (RFC 5869), without HPKE's labels."""
-    return HKDF.extract(_kdf_hash(kdf_id), salt, ikm)
+    _require_kdf(kdf_id)
+    return _extract(salt, ikm)
 
 
 def kdf_expand(kdf_id: int, prk: bytes, info: bytes, length: int) -> bytes:
     """HKDF-Expand(prk, info, length) (RFC 5869), without HPKE's labels."""
-    return HKDFExpand(_kdf_hash(kdf_id), length, info).derive(prk)
+    _require_kdf(kdf_id)
+    return _expand(prk, info, length)
 
 
 class AeadCipher(Protocol):

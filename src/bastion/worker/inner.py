@@ -233,18 +233,29 @@ class SealedCall:
         return SealedTicket(model)
 
     async def call(self, model: str, message: Any, ticket: SealedTicket) -> FromWorker:
-        final: FromWorker | None = None
+        run_inline = self.run_inline
+        if run_inline is not None:
+            # On the runtime thread: run the model right here. Only the final reply
+            # matters to a call, as in stream() below, whose partial replies it skips.
+            final = cast(FromWorker, run_inline(self._watched(message), _skip))
+            self.usage.add(final)
+            return final
+        last: FromWorker | None = None
         async for reply in self.stream(model, message, ticket):
-            final = reply
-        assert final is not None
-        return final
+            last = reply
+        assert last is not None
+        return last
+
+    def _watched(self, message: Any) -> Any:
+        if isinstance(message, Infer) and self.caller.identity is not None:
+            # Watched like a plaintext request from the same key.
+            return msgspec.structs.replace(message, caller=self.caller.identity)
+        return message
 
     async def stream(
         self, model: str, message: Any, ticket: SealedTicket
     ) -> AsyncGenerator[FromWorker, None]:
-        if isinstance(message, Infer) and self.caller.identity is not None:
-            # Watched like a plaintext request from the same key.
-            message = msgspec.structs.replace(message, caller=self.caller.identity)
+        message = self._watched(message)
         # The usage goes back to the gateway beside the sealed answer, which accounts it.
         usage = self.usage
         run_inline = self.run_inline
@@ -295,3 +306,7 @@ class SealedCall:
                 else:
                     usage.outstanding = loop.create_future()
                     job.cancel()
+
+
+def _skip(reply: Message) -> None:
+    """Where a call run inline drops its partial replies (a call returns the final one)."""

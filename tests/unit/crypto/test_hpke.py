@@ -7,10 +7,14 @@ https://github.com/cfrg/draft-irtf-cfrg-hpke test-vectors.json). HKDF: RFC 5869 
 
 from __future__ import annotations
 
+import os
 import pickle
 from dataclasses import dataclass
 
+import pyhpke
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
 from bastion.crypto import hpke
 
@@ -307,3 +311,82 @@ def test_aead_helpers_round_trip_and_refuse_forgeries(aead_id: int) -> None:
         hpke.aead_open(aead_id, key, nonce, ct[:-1] + bytes([ct[-1] ^ 1]), b"aad")
     with pytest.raises(ValueError):
         hpke.aead_seal(aead_id, key[:-1], nonce, b"")
+
+
+# --- the native implementation against pyhpke, the reference it replaced -------------------
+
+
+def _reference_suite(suite: hpke.Suite) -> pyhpke.CipherSuite:
+    return pyhpke.CipherSuite.new(
+        pyhpke.KEMId(suite.kem_id), pyhpke.KDFId(suite.kdf_id), pyhpke.AEADId(suite.aead_id)
+    )
+
+
+@pytest.mark.parametrize("suite", hpke.SUPPORTED_SUITES, ids=["AES-128-GCM", "ChaCha20-Poly1305"])
+@pytest.mark.parametrize("trial", range(8))
+def test_native_contexts_match_pyhpke_on_random_keys(suite: hpke.Suite, trial: int) -> None:
+    reference = _reference_suite(suite)
+    info = os.urandom(trial * 7)
+    key = hpke.PrivateKey.generate()
+    reference_key = reference.kem.deserialize_private_key(key.to_bytes())
+    public = reference.kem.deserialize_public_key(key.public_bytes())
+    # The OHTTP response key comes from this exporter secret (RFC 9458 4.4).
+    contexts = [b"message/bhttp response", b"message/bhttp chunked response", b"", b"x" * 80]
+    lengths = [16, 32, 33, 255]
+
+    # The native sender, pyhpke the recipient.
+    enc, sender = hpke.setup_sender(suite, key.public_bytes(), info)
+    ref_recipient = reference.create_recipient_context(enc, reference_key, info)
+    for seq in range(3):
+        message, aad_ = os.urandom(seq * 50), os.urandom(seq)
+        assert ref_recipient.open(sender.seal(message, aad_), aad_) == message
+    for context, length in zip(contexts, lengths, strict=True):
+        assert sender.export(context, length) == ref_recipient.export(context, length)
+
+    # pyhpke the sender, the native recipient.
+    ref_enc, ref_sender = reference.create_sender_context(public, info)
+    recipient = hpke.setup_recipient(suite, key, ref_enc, info)
+    for seq in range(3):
+        message, aad_ = os.urandom(seq * 50 + 1), os.urandom(seq)
+        assert recipient.open(ref_sender.seal(message, aad_), aad_) == message
+    for context, length in zip(contexts, lengths, strict=True):
+        assert recipient.export(context, length) == ref_sender.export(context, length)
+
+
+@pytest.mark.parametrize("suite", hpke.SUPPORTED_SUITES, ids=["AES-128-GCM", "ChaCha20-Poly1305"])
+def test_native_derive_and_explicit_ephemeral_key_match_pyhpke(suite: hpke.Suite) -> None:
+    reference = _reference_suite(suite)
+    ikm = os.urandom(32)
+    derived = hpke.PrivateKey.derive(suite.kem_id, ikm)
+    pair = reference.kem.derive_key_pair(ikm)
+    assert derived.to_bytes() == pair.private_key.to_private_bytes()
+    assert derived.public_bytes() == pair.public_key.to_public_bytes()
+
+    recipient = hpke.PrivateKey.generate()
+    public = reference.kem.deserialize_public_key(recipient.public_bytes())
+    enc, sender = hpke.setup_sender(suite, recipient.public_bytes(), b"i", ephemeral_key=derived)
+    ref_enc, ref_sender = reference.create_sender_context(public, b"i", eks=pair)
+    assert enc == ref_enc == derived.public_bytes()
+    assert sender.seal(b"same", b"a") == ref_sender.seal(b"same", b"a")
+    assert sender.export(b"e", 16) == ref_sender.export(b"e", 16)
+
+
+def test_export_refuses_lengths_out_of_range() -> None:
+    key = hpke.PrivateKey.generate()
+    _, sender = hpke.setup_sender(hpke.SUPPORTED_SUITES[0], key.public_bytes(), b"")
+    assert len(sender.export(b"", 255 * 32)) == 255 * 32
+    for length in (0, 255 * 32 + 1):
+        with pytest.raises(ValueError):
+            sender.export(b"", length)
+
+
+def test_hkdf_matches_pyca_for_every_key_and_output_size() -> None:
+    # Salts longer than SHA-256's block (64 bytes) are hashed first; outputs of more than
+    # one hash length take several HMAC blocks.
+    for salt_size in (0, 1, 32, 48, 63, 64, 65, 80, 200):
+        salt, ikm, info = os.urandom(salt_size), os.urandom(salt_size + 3), os.urandom(20)
+        prk = hpke.kdf_extract(hpke.KDF_HKDF_SHA256, salt, ikm)
+        assert prk == HKDF.extract(hashes.SHA256(), salt or None, ikm)
+        for length in (1, 16, 32, 33, 64, 82, 255 * 32):
+            expected = HKDFExpand(hashes.SHA256(), length, info).derive(prk)
+            assert hpke.kdf_expand(hpke.KDF_HKDF_SHA256, prk, info, length) == expected

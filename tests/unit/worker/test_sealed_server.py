@@ -194,3 +194,100 @@ def test_a_cancel_before_the_request_starts_is_not_lost() -> None:
     time.sleep(0.1)
     # Never served: only the word that it ended, with no usage, so the gateway can settle.
     assert sent == [cancelled(11)]
+
+
+def _inner_request(
+    path: str, body: Any, method: str = "POST", content_type: str = "application/json"
+) -> bytes:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return bhttp.encode_request(
+        bhttp.Request(
+            method=method,
+            scheme="https",
+            authority="b",
+            path=path,
+            headers=(
+                ("content-type", content_type),
+                ("date", email.utils.formatdate(usegmt=True)),
+            ),
+            content=content,
+        )
+    )
+
+
+_CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+_INNER_REQUESTS = {
+    "answered": ("/v1/chat/completions", _CHAT, "POST", "application/json", ["chat"]),
+    "unknown path": ("/v1/models", _CHAT, "POST", "application/json", ["chat"]),
+    "wrong method": ("/v1/chat/completions", b"", "GET", "application/json", ["chat"]),
+    "action not held": ("/v1/chat/completions", _CHAT, "POST", "application/json", ["embed"]),
+    "another model": (
+        "/v1/chat/completions",
+        {**_CHAT, "model": "other"},
+        "POST",
+        "application/json",
+        ["chat"],
+    ),
+    "not JSON": ("/v1/chat/completions", b"{", "POST", "application/json", ["chat"]),
+    "not a JSON type": ("/v1/chat/completions", _CHAT, "POST", "text/plain", ["chat"]),
+    "invalid body": ("/v1/chat/completions", {"model": "m"}, "POST", "application/json", ["chat"]),
+    "path parameters": (
+        "/v2/models/m/infer",
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]},
+        "POST",
+        "application/json",
+        ["infer"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(_INNER_REQUESTS))
+def test_the_direct_route_answers_as_the_starlette_app_does(case: str) -> None:
+    """The sealed app takes an inner request straight to its route's endpoint; whatever the
+    request, the answer is the one Starlette's middleware and router would have given."""
+    path, body, method, content_type, actions = _INNER_REQUESTS[case]
+    answers = []
+    for app in (create_sealed_app(), create_sealed_app().app):
+        server, _ = _server(app)
+        data, client = ohttp.encapsulate_request(
+            KEY.config(), _inner_request(path, body, method, content_type)
+        )
+        request = SealedRequest(id=5, data=data, actions=actions)
+        answer = server.serve_inline(request, _echo)
+        assert isinstance(answer, SealedResponse)
+        response = bhttp.decode_response(client.open(answer.data))
+        document = json.loads(response.content)
+        if response.status == 200:
+            document.pop("id")
+            document.pop("created")
+        headers = {name: value for name, value in response.headers if name != "date"}
+        answers.append((response.status, headers, document))
+    assert answers[0] == answers[1]
+    if case == "answered":
+        assert answers[0][0] == 200
+    else:
+        assert 400 <= answers[0][0] < 500
+
+
+def _echo(request: Any, deliver: Callable[[Message], None]) -> Message:
+    return GenerateResult(
+        id=0,
+        choices=[Choice(index=0, text="hello", finish_reason="stop")],
+        prompt_tokens=1,
+        completion_tokens=1,
+    )
+
+
+def test_an_unexpected_failure_in_a_direct_route_is_an_encrypted_500() -> None:
+    server, _ = _server()
+
+    def broken(request: Any, deliver: Callable[[Message], None]) -> Message:
+        raise RuntimeError("the model broke")
+
+    data, client = ohttp.encapsulate_request(KEY.config(), _inner())
+    answer = server.serve_inline(SealedRequest(id=6, data=data, actions=["chat"]), broken)
+    assert isinstance(answer, SealedResponse)
+    response = bhttp.decode_response(client.open(answer.data))
+    assert response.status == 500
+    assert json.loads(response.content) == {"type": "about:blank", "title": "The request failed."}
+    assert b"model broke" not in response.content
