@@ -11,7 +11,7 @@ NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test unit check lint typecheck audit sbom lock bench bench-ohttp clean-venv sandbox-deps docker-deps
+.PHONY: serve test unit check lint typecheck audit sbom lock bench bench-ohttp bench-serving clean-venv sandbox-deps docker-deps
 
 # Only what the lock names, each file checked against its hash; then Bastion itself, in
 # place, built with the locked setuptools (no unpinned build environment).
@@ -91,6 +91,10 @@ bench: $(STAMP)
 
 bench-ohttp: $(STAMP)
 	$(BIN)/python benchmarks/ohttp.py $(BENCH_ARGS)
+
+# Every model kind under load against the ceiling and LitServe, with the targets (~10 min).
+bench-serving: $(STAMP)
+	$(BIN)/python benchmarks/serving.py $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

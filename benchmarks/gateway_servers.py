@@ -8,6 +8,7 @@ litserve  LitServe 0.2.19 with its API key on, in its own venv (benchmarks/.venv
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -19,7 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -122,35 +123,56 @@ def start_ceiling(fleet: Fleet, work: Path) -> Target:
     return Target("ceiling", url, oip_body(work), server)
 
 
-def litserve_python() -> Path:
-    """The LitServe venv's interpreter, creating the venv on first use."""
+def litserve_python(extras: Mapping[str, str] | None = None) -> Path:
+    """The LitServe venv's interpreter, creating the venv on first use; `extras` (module
+    name: pip requirement) are installed into it too where they do not import."""
     python = LITSERVE_VENV / "bin" / "python"
     probe = [str(python), "-c", "import litserve; print(litserve.__version__)"]
-    if python.exists():
-        found = subprocess.run(probe, capture_output=True, text=True)
-        if found.returncode == 0 and found.stdout.strip() == LITSERVE_VERSION:
-            return python
-    base = shutil.which("python3.11") or sys.executable
-    print(f"creating {LITSERVE_VENV} with litserve=={LITSERVE_VERSION} (first use) ...", flush=True)
-    run_command([base, "-m", "venv", "--clear", str(LITSERVE_VENV)], dict(os.environ))
-    pip = [str(python), "-m", "pip", "install", "--quiet", f"litserve=={LITSERVE_VERSION}"]
-    run_command(pip, dict(os.environ), timeout_s=900)
-    run_command(probe, dict(os.environ))
+    found = subprocess.run(probe, capture_output=True, text=True) if python.exists() else None
+    if found is None or found.returncode != 0 or found.stdout.strip() != LITSERVE_VERSION:
+        base = shutil.which("python3.11") or sys.executable
+        print(f"creating {LITSERVE_VENV} with litserve=={LITSERVE_VERSION} (first use) ...",
+              flush=True)  # fmt: skip
+        run_command([base, "-m", "venv", "--clear", str(LITSERVE_VENV)], dict(os.environ))
+        pip = [str(python), "-m", "pip", "install", "--quiet", f"litserve=={LITSERVE_VERSION}"]
+        run_command(pip, dict(os.environ), timeout_s=900)
+        run_command(probe, dict(os.environ))
+    missing = [
+        requirement
+        for module, requirement in (extras or {}).items()
+        if subprocess.run([str(python), "-c", f"import {module}"], capture_output=True).returncode
+    ]
+    if missing:
+        print(f"installing {', '.join(missing)} into {LITSERVE_VENV} (first use) ...", flush=True)
+        pip = [str(python), "-m", "pip", "install", "--quiet", *missing]
+        run_command(pip, dict(os.environ), timeout_s=900)
     return python
 
 
-def start_litserve(fleet: Fleet, work: Path) -> Target:
-    python = litserve_python()
+def start_litserve(
+    fleet: Fleet,
+    work: Path,
+    *,
+    script: str = "litserve_server.py",
+    script_args: tuple[str, ...] = (),
+    body: Path | None = None,
+    extras: Mapping[str, str] | None = None,
+    name: str = "litserve",
+) -> Target:
+    """LitServe running `script` (its argv: the port, then `script_args`) with its API key
+    on; `body` is the request to send it (one per line; by default the echo request)."""
+    python = litserve_python(extras)
     port, key = free_port(), "ls-" + os.urandom(16).hex()
     env = dict(os.environ, LIT_SERVER_API_KEY=key)
-    command = [str(python), str(HERE / "litserve_server.py"), str(port)]
-    server = fleet.start("litserve", command, env)
+    command = [str(python), str(HERE / script), str(port), *script_args]
+    server = fleet.start(name, command, env)
     url = f"http://127.0.0.1:{port}/predict"
-    body = write_body(work / "litserve.json", {"input": VECTOR})
+    body = body or write_body(work / "litserve.json", {"input": VECTOR})
+    first = body.read_text().splitlines()[0].encode()
     headers = {"Content-Type": "application/json", "X-API-Key": key}
     # Up once it answers at all; check_answers then says whether the answer is right.
-    wait_until(server, lambda: http("POST", url, body.read_bytes(), headers)[0] < 500, 120)
-    return Target("litserve", url, body, server, xkey=key)
+    wait_until(server, lambda: http("POST", url, first, headers)[0] < 500, 120)
+    return Target(name, url, body, server, xkey=key)
 
 
 WRK = "/usr/bin/wrk"
@@ -190,15 +212,79 @@ def bastion(*args: str) -> list[str]:
     return [sys.executable, "-m", "bastion", *args]
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to register with `bastion models add` before the server starts."""
+
+    name: str
+    runtime: str
+    path: Path
+    options: tuple[str, ...] = ()  # KEY=VALUE, as `--option` takes them
+
+
 @dataclass
-class EchoBastion:
-    """A running `bastion serve` with the echo model and a tenant key scoped to it."""
+class RunningBastion:
+    """A running `bastion serve` and a tenant's consumer key for its models."""
 
     server: Server
     base: str
     key: str
     home: Path
     env: dict[str, str]
+    admin_key: str = ""
+
+
+EchoBastion = RunningBastion  # the name the echo-only benchmarks know it by
+
+
+def start_bastion_home(
+    fleet: Fleet,
+    work: Path,
+    *,
+    models: tuple[ModelSpec, ...] = (),
+    actions: tuple[str, ...],
+    demo_models: bool = False,
+    env_extra: dict[str, str] | None = None,
+    name: str = "bastion",
+    ready_timeout_s: float = 120,
+) -> RunningBastion:
+    """`bastion serve` on a fresh home (in `work`/home) with `models` registered (and the
+    demo models if `demo_models`), and a tenant key allowed `actions` on all of them; it
+    returns once every model is ready."""
+    env, home = bastion_env(), work / "home"
+    env.update(env_extra or {})
+    demo = () if demo_models else ("--no-demo-models",)
+    init = json.loads(run_command(bastion("init", "--home", str(home), *demo, "--json"), env))
+    admin = {"Authorization": f"Bearer {init['admin_key']}"}
+    for model in models:
+        add = ["models", "add", model.name, "--runtime", model.runtime, "--path", str(model.path)]
+        for option in model.options:
+            add += ["--option", option]
+        run_command(bastion(*add, "--home", str(home)), env)
+    run_command(bastion("tenants", "create", "bench", "--home", str(home), "--json"), env)
+    names = [*init.get("demo_models", []), *(m.name for m in models)]
+    create_key = ["keys", "create", "--tenant", "bench"]
+    for model_name in names:
+        create_key += ["--model", model_name]
+    for action in actions:
+        create_key += ["--action", action]
+    key = json.loads(run_command(bastion(*create_key, "--home", str(home), "--json"), env))["key"]
+
+    port = free_port()
+    serve = ["serve", "--home", str(home), "--port", str(port), *demo]
+    server = fleet.start(name, bastion(*serve), env)
+    base = f"http://127.0.0.1:{port}"
+
+    def model_ready(model_name: str) -> bool:
+        status, raw = http("GET", f"{base}/admin/v1/models/{model_name}", headers=admin)
+        state = json.loads(raw).get("state") if status == 200 else None
+        if state == "failed":
+            fail(server, f"reports the {model_name} model failed")
+        return state == "ready"
+
+    for model_name in names:
+        wait_until(server, functools.partial(model_ready, model_name), ready_timeout_s)
+    return RunningBastion(server, base, key, home, env, init["admin_key"])
 
 
 def start_echo_bastion(
@@ -208,38 +294,15 @@ def start_echo_bastion(
     action: str,
     echo_options: tuple[str, ...] = (),
     env_extra: dict[str, str] | None = None,
-) -> EchoBastion:
+    name: str = "bastion",
+) -> RunningBastion:
     """`bastion serve` with the echo model, and a tenant key allowed `action` on it."""
-    env, home = bastion_env(), work / "home"
-    env.update(env_extra or {})
-    init = json.loads(
-        run_command(bastion("init", "--home", str(home), "--no-demo-models", "--json"), env)
-    )
-    admin = {"Authorization": f"Bearer {init['admin_key']}"}
     model_dir = work / "echo-model"
     model_dir.mkdir()
-    add = ["models", "add", "echo", "--runtime", "echo", "--path", str(model_dir)]
-    for option in echo_options:
-        add += ["--option", option]
-    run_command(bastion(*add, "--home", str(home)), env)
-    run_command(bastion("tenants", "create", "bench", "--home", str(home), "--json"), env)
-    create_key = ["keys", "create", "--tenant", "bench", "--model", "echo", "--action", action]
-    key = json.loads(run_command(bastion(*create_key, "--home", str(home), "--json"), env))["key"]
-
-    port = free_port()
-    serve = ["serve", "--home", str(home), "--port", str(port), "--no-demo-models"]
-    server = fleet.start("bastion", bastion(*serve), env)
-    base = f"http://127.0.0.1:{port}"
-
-    def echo_ready() -> bool:
-        status, raw = http("GET", f"{base}/admin/v1/models/echo", headers=admin)
-        state = json.loads(raw).get("state") if status == 200 else None
-        if state == "failed":
-            fail(server, "reports the echo model failed")
-        return state == "ready"
-
-    wait_until(server, echo_ready, 120)
-    return EchoBastion(server, base, key, home, env)
+    echo = ModelSpec("echo", "echo", model_dir, tuple(echo_options))
+    return start_bastion_home(
+        fleet, work, models=(echo,), actions=(action,), env_extra=env_extra, name=name
+    )
 
 
 def start_bastion(
@@ -251,7 +314,7 @@ def start_bastion(
     env = {"PYTHONPATH": str(source / "src")} if source is not None else None
     work.mkdir(parents=True, exist_ok=True)
     echo = start_echo_bastion(
-        fleet, work, action="infer", echo_options=(f"input={spec}",), env_extra=env
+        fleet, work, action="infer", echo_options=(f"input={spec}",), env_extra=env, name=name
     )
     url, auth = f"{echo.base}/v2/models/echo/infer", f"Bearer {echo.key}"
     return Target(name, url, oip_body(work), echo.server, auth=auth)

@@ -108,18 +108,23 @@ def main() -> int:
         "--model-concurrency",
         type=int,
         default=Settings().model_concurrency,
-        help="requests at the worker at once (BASTION_MODEL_CONCURRENCY)",
+        help="requests at the worker at once (BASTION_MODEL_CONCURRENCY; 0: adaptive window)",
     )
     parser.add_argument(
         "--warmup", type=float, default=10.0, help="seconds of flood before B is measured"
     )
     args = parser.parse_args()
     capacity = 1000 / args.work_ms
+    window = (
+        "an adaptive window at the worker"
+        if args.model_concurrency <= 0
+        else f"{args.model_concurrency} request(s) at the worker at once"
+    )
     print(
         f"model: {args.work_ms:g} ms per request (capacity ~{capacity:.0f} req/s); quota "
         f"{args.quota}/min per tenant ({args.quota / 60:.0f} req/s); B sends "
         f"{args.b_rps:g} req/s; A floods at {10 * args.quota / 60:.0f} req/s; "
-        f"{args.dur:g} s per phase; {args.model_concurrency} request(s) at the worker at once",
+        f"{args.dur:g} s per phase; {window}",
         flush=True,
     )
     work = Path(tempfile.mkdtemp(prefix="bastion-bench-noisy-"))
