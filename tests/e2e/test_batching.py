@@ -15,7 +15,14 @@ import onnxruntime
 import pytest
 
 from bastion.models.demo import digits_onnx, digits_split
-from bastion_testing import BastionServer, add_echo_model, cli_json, run_cli
+from bastion.client import OHTTPTransport
+from bastion_testing import (
+    BastionServer,
+    add_echo_model,
+    cli_json,
+    ohttp_fingerprints,
+    run_cli,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -241,3 +248,44 @@ def test_a_fast_models_window_grows_to_hide_the_round_trip(
         text = admin.get("/metrics").text
     window = re.search(r'^bastion_dispatch_window\{model="echo"\} (\S+)$', text, re.M)
     assert window is not None and float(window.group(1)) > 1
+
+
+def test_encrypted_requests_join_batches_after_decryption(
+    server: BastionServer, keys: dict[str, str]
+) -> None:
+    """OHTTP requests are opened in the worker; their inner requests join the same batches
+    as plaintext ones, and each still gets its own (encrypted) answer."""
+    images = digits_split()[1][:8]
+    fingerprints = ohttp_fingerprints(server.home)
+
+    async def scenario() -> list[httpx.Response]:
+        headers = {"authorization": f"Bearer {keys['alpha']}"}
+        async with (
+            httpx.AsyncClient(
+                base_url=server.url,
+                headers=headers,
+                transport=OHTTPTransport(fingerprints=fingerprints),
+                timeout=30,
+            ) as sealed,
+            httpx.AsyncClient(base_url=server.url, headers=headers, timeout=30) as plain,
+        ):
+            return await asyncio.gather(
+                *(
+                    (sealed if i % 2 else plain).post(
+                        "/v2/models/digits/infer", json=_body(images[i : i + 1])
+                    )
+                    for i in range(len(images))
+                )
+            )
+
+    before = _batch_metrics(server)
+    answers = asyncio.run(scenario())
+    after = _batch_metrics(server)
+    expected = _expected(images)
+    for i, answer in enumerate(answers):
+        assert answer.status_code == 200, answer.text
+        got = next(o for o in answer.json()["outputs"] if o["name"] == "probabilities")
+        np.testing.assert_allclose(got["data"], expected[i], rtol=1e-5, atol=1e-7)
+    # All eight ran with others, the encrypted ones included (each reports its batch).
+    assert after[1] - before[1] == len(images)
+    assert after[0] - before[0] == len(images)

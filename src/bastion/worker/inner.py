@@ -33,7 +33,9 @@ from bastion.wire.protocol import (
     SealingKeys,
     SizeLimits,
     TextDelta,
+    batch_size_of,
     compute_of,
+    queued_of,
     usage_of,
 )
 
@@ -56,6 +58,9 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     compute_s: float = 0.0
+    # Its inner jobs' waits in the worker's queue, and the largest batch one ran in.
+    queue_s: float = 0.0
+    batch_size: int = 1
     # Resolved when an inner job given up on (the sealed request was cancelled) has
     # reported what it did, so that the cancellation can carry its usage.
     outstanding: asyncio.Future[None] | None = None
@@ -65,6 +70,8 @@ class Usage:
         self.prompt_tokens += prompt
         self.completion_tokens += completion
         self.compute_s += compute_of(reply)
+        self.queue_s += queued_of(reply)
+        self.batch_size = max(self.batch_size, batch_size_of(reply))
 
 
 @dataclass(frozen=True, slots=True)

@@ -376,6 +376,8 @@ class _Exchange:
                 prompt_tokens=usage.prompt_tokens,
                 completion_tokens=usage.completion_tokens,
                 compute_s=usage.compute_s,
+                queue_s=usage.queue_s,
+                batch_size=usage.batch_size,
             )
         )
 
