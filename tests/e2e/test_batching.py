@@ -14,12 +14,11 @@ import numpy as np
 import onnxruntime
 import pytest
 
-from bastion.models.demo import digits_onnx, digits_split
 from bastion.client import OHTTPTransport
+from bastion.models.demo import digits_onnx, digits_split
 from bastion_testing import (
     BastionServer,
     add_echo_model,
-    cli_json,
     ohttp_fingerprints,
     run_cli,
 )
@@ -58,10 +57,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BastionServer]:
 
 @pytest.fixture(scope="module")
 def keys(server: BastionServer) -> dict[str, str]:
+    # Through the admin API, which applies at once (the CLI's changes within a refresh).
     found = {}
-    for tenant in ("alpha", "beta"):
-        cli_json(server.home, "tenants", "create", tenant)
-        found[tenant] = cli_json(server.home, "keys", "create", "--tenant", tenant)["key"]
+    with server.client() as admin:
+        for tenant in ("alpha", "beta"):
+            assert admin.post("/admin/v1/tenants", json={"name": tenant}).status_code == 201
+            created = admin.post("/admin/v1/keys", json={"tenant": tenant, "role": "consumer"})
+            assert created.status_code == 201, created.text
+            found[tenant] = created.json()["key"]
     return found
 
 

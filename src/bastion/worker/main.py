@@ -420,8 +420,10 @@ class Worker:
                         outcomes = [self._execute(runtime, job)]
                 finally:
                     self._running = ()
-                for done, outcome in zip(batch, outcomes, strict=True):
-                    self._answer(done, outcome)
+                if len(batch) == 1:
+                    self._answer(job, outcomes[0])
+                else:
+                    self._answer_batch(batch, outcomes)
                 self._run_later()
                 if self._runtime_fault is not None:
                     logger.error(
@@ -466,6 +468,18 @@ class Worker:
             self._jobs.pop(job.request.id, None)
             # Sent even when cancelled: the gateway settles the work done.
             self._send(outcome)
+
+    def _answer_batch(self, jobs: list[_Job], outcomes: list[Message]) -> None:
+        """A batch's answers: those for the gateway leave in one write."""
+        frames = bytearray()
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            if job.deliver is not None:
+                job.deliver(outcome)
+            else:
+                self._jobs.pop(job.request.id, None)
+                frames += self._frame(outcome)
+        if frames:
+            self._send_frame(frames)
 
     def _answer_cancelled(self, job: _Job) -> None:
         """End a job cancelled before it ran (at the gateway, or for the sealed request
@@ -810,6 +824,10 @@ class Worker:
     # ------------------------------------------------------------------ sending
 
     def _send(self, message: Message) -> None:
+        self._send_frame(self._frame(message))
+
+    def _frame(self, message: Message) -> bytearray:
+        """`message` as one frame; an answer too large for the channel becomes a failure."""
         frame = encode_frame(message)
         if len(frame) - HEADER_BYTES > MAX_MESSAGE_BYTES:
             # The gateway would treat a bigger frame as a fault and kill this worker:
@@ -826,10 +844,10 @@ class Worker:
                     message="The answer is too large to send.",
                 )
             )
-        self._send_frame(frame)
+        return frame
 
     def _send_frame(self, frame: bytearray) -> None:
-        """Write one whole frame; any thread may call it."""
+        """Write whole frames (one, or a batch's answers); any thread may call it."""
         try:
             with self._send_lock:
                 self._socket.sendall(frame)
