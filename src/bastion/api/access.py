@@ -12,7 +12,6 @@ done is still settled. Nothing is watched or armed per request.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -33,9 +32,15 @@ CLIENT_CLOSED = 499
 class AccessLog:
     """Pure ASGI middleware: logs the route template, never the raw path or query string."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: Metrics, before_answer: Callable[[], None] | None = None
+    ) -> None:
         self.app = app
         self.metrics = metrics
+        # Called as an error answer starts: the usage journal writes what it holds (a refused
+        # request's record: quotas/journal.py). A success follows a worker's reply, in a
+        # later turn of the event loop than any record of its own.
+        self.before_answer = before_answer or _nothing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -47,18 +52,21 @@ class AccessLog:
 
         started = False
         departure = _Departure(state.get(ON_CLIENT_LEFT))
+        before_answer = self.before_answer
 
         async def send_with_status(message: Message) -> None:
             nonlocal status, started
             if message["type"] == "http.response.start":
                 status = message["status"]
                 started = True
+                if status >= 400:
+                    before_answer()
             elif not message.get("more_body", False):
                 # The answer is complete: the end of the request is no departure.
                 departure.stop()
             await send(message)
 
-        self.metrics.in_flight.inc()
+        self.metrics.serving += 1
         try:
             await self.app(scope, receive, send_with_status)
         except asyncio.CancelledError:
@@ -67,42 +75,69 @@ class AccessLog:
             # The client left: nobody to answer. The route's own clean-up has run.
             status = CLIENT_CLOSED
         except Exception as exc:
-            # Caught here rather than re-raised to the server, whose traceback could quote
-            # a payload; only the exception type is logged.
-            logger.error("unhandled error", extra={"exc_type": type(exc).__name__})
             if not started:
+                before_answer()
+            if await answer_unhandled(scope, send, exc, started):
                 status = 500
-                body = internal_error_body(scope.get("path", ""))
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 500,
-                        "headers": [(b"content-type", b"application/json")],
-                    }
-                )
-                await send({"type": "http.response.body", "body": body})
         finally:
             departure.stop()
-            self.metrics.in_flight.dec()
-            elapsed = time.perf_counter() - start
+            self.metrics.serving -= 1
             route = scope.get("route")
-            template = getattr(route, "path", "unmatched")
-            model = state.get("model", "")
-            tenant = state.get("tenant", "")
-            self.metrics.requests.labels(template, model, tenant, str(status)).inc()
-            self.metrics.latency.labels(template).observe(elapsed)
-            if logger.isEnabledFor(logging.INFO):
-                logger.info(
-                    "request",
-                    extra={
-                        "method": scope["method"],
-                        "route": template,
-                        "status": status,
-                        "ms": round(elapsed * 1000, 2),
-                        "tenant": tenant,
-                        "model": model,
-                    },
-                )
+            finish(
+                self.metrics,
+                scope["method"],
+                getattr(route, "path", "unmatched"),
+                state,
+                status,
+                time.perf_counter() - start,
+            )
+
+
+async def answer_unhandled(scope: Scope, send: Send, exc: Exception, started: bool) -> bool:
+    """An error no handler took: logged by type, and answered 500 if the answer has not
+    started (True then)."""
+    # Caught here rather than re-raised to the server, whose traceback could quote a
+    # payload; only the exception type is logged.
+    logger.error("unhandled error", extra={"exc_type": type(exc).__name__})
+    if started:
+        return False
+    body = internal_error_body(scope.get("path", ""))
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 500,
+            "headers": [(b"content-type", b"application/json")],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+    return True
+
+
+def finish(
+    metrics: Metrics, method: str, template: str, state: dict[str, Any], status: int, elapsed: float
+) -> None:
+    """A request's metrics sample and access log line: its route template, model and
+    tenant (once known to exist), status and time."""
+    model = state.get("model", "")
+    tenant = state.get("tenant", "")
+    metrics.requests_of(template, model, tenant, str(status)).inc()
+    metrics.latency_of(template).observe(elapsed)
+    if logger.isEnabledFor(logging.INFO):
+        logger.info(
+            "request",
+            extra={
+                "method": method,
+                "route": template,
+                "status": status,
+                "ms": round(elapsed * 1000, 2),
+                "tenant": tenant,
+                "model": model,
+            },
+        )
+
+
+def _nothing() -> None:
+    pass
 
 
 class _Departure:
@@ -127,10 +162,12 @@ class _Departure:
 
     def stop(self) -> None:
         """The answer is complete (or abandoned): the connection's end is no departure."""
-        if self._on_lost is not None:
-            with contextlib.suppress(ValueError):
-                self._on_lost.remove(self._client_left)
+        on_lost = self._on_lost
+        if on_lost is not None:
             self._on_lost = None
+            client_left = self._client_left
+            if client_left in on_lost:
+                on_lost.remove(client_left)
 
     def _client_left(self) -> None:
         self._on_lost = None

@@ -66,6 +66,7 @@ class Admission:
         "_checked_action",
         "_checked_model",
         "_metadata",
+        "_state",
         "admitted",
         "pipeline",
         "request",
@@ -73,6 +74,8 @@ class Admission:
 
     def __init__(self, request: Request) -> None:
         self.request = request
+        # request.state's own dict: the access log's labels, the body's size.
+        self._state: dict[str, Any] = request.scope.setdefault("state", {})
         self.pipeline = pipeline_of(request)
         self._caller: Any = None
         self._checked_action: str | None = None
@@ -101,7 +104,7 @@ class Admission:
         caller = await self.caller()
         actions = authorize(caller, model)
         self.pipeline.require_model(model)
-        self.request.state.model = model
+        self._state["model"] = model
         self._checked_action, self._checked_model = SEALED, model
         return actions
 
@@ -131,7 +134,7 @@ class Admission:
             caller,
             model,
             tokens=tokens,
-            request_bytes=getattr(self.request.state, "body_bytes", 0),
+            request_bytes=self._state.get("body_bytes", 0),
             tokens_up_to=tokens_up_to,
         )
         self.admitted = Admitted(self.pipeline, model, metadata, ticket)
@@ -154,7 +157,7 @@ class Admission:
             self.pipeline.require_model(model)
             # Labelled only once known to exist: a client-chosen name must not reach logs
             # or metrics.
-            self.request.state.model = model
+            self._state["model"] = model
         self._checked_action, self._checked_model = action, model
 
     def _ready(self, model: str, capability: str | None) -> ModelMetadata:
@@ -188,24 +191,25 @@ def inference(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
             raise
         if admission.admitted is None:
             return response
-        return _Settled(response, admission)
+        return Settled(response, admission)
 
     setattr(endpoint, INFERENCE_MARK, True)
     return endpoint
 
 
-class _Settled(Response):
-    """An admitted call's answer: sent with its `x-ratelimit-*` headers, then settled."""
+class Settled(Response):
+    """An admitted call's answer: sent with its `x-ratelimit-*` headers, then settled.
+    (api/fast.py sends `answer` itself, with the same headers, and settles as this does.)"""
 
     def __init__(self, answer: Response, admission: Admission) -> None:
         # Not Response.__init__: this only wraps `answer`, which has its own body.
-        self._answer = answer
-        self._admission = admission
+        self.answer = answer
+        self.admission = admission
         self.status_code = answer.status_code
         self.background = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = self._admission.headers()
+        headers = self.admission.headers()
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -214,7 +218,7 @@ class _Settled(Response):
 
         try:
             # Without quota headers (no limits apply) the answer goes out as it is.
-            await self._answer(scope, receive, send_with_headers if headers else send)
+            await self.answer(scope, receive, send_with_headers if headers else send)
         finally:
             # The answer is sent, or abandoned (the client left): settle the reservation.
-            self._admission.close()
+            self.admission.close()

@@ -6,23 +6,62 @@ import asyncio
 from typing import TypeVar
 
 import msgspec
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from bastion.api.errors import validation_error
 from bastion.errors import InvalidRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 
 T = TypeVar("T")
 
+# The key, in a request's scope["state"], the server sets once the whole body is in hand
+# (api/transport.py): reading it then cannot wait, so no deadline is armed for it.
+BODY_RECEIVED = "bastion.body_received"
+
 
 async def read_body(request: Request, limit: int) -> bytes:
     """Read the body, refusing more than `limit` bytes before reading them all (413), and
     a client that takes longer than the body timeout to send it (408)."""
     timeout = getattr(request.app.state, "body_timeout_s", None)
+    if timeout is None or request.scope.get("state", {}).get(BODY_RECEIVED):
+        return await _read(request, limit)
+    # asyncio.timeout(), without its state machine: one timer that cancels this task,
+    # and the same bookkeeping of cancellations (a cancel of the task's own, the client
+    # leaving say, is no timeout).
+    task = asyncio.current_task()
+    assert task is not None
+    expiry = _Expiry(task)
+    cancelling = task.cancelling()
+    timer = asyncio.get_running_loop().call_later(timeout, expiry)
     try:
-        async with asyncio.timeout(timeout):
-            return await _read(request, limit)
-    except TimeoutError:
-        raise RequestTimeout("The request body did not arrive in time.") from None
+        body = await _read(request, limit)
+    except asyncio.CancelledError:
+        timer.cancel()
+        if expiry.fired and task.uncancel() <= cancelling:
+            raise RequestTimeout("The request body did not arrive in time.") from None
+        raise
+    except BaseException:
+        timer.cancel()
+        if expiry.fired:
+            task.uncancel()
+        raise
+    timer.cancel()
+    if expiry.fired:
+        task.uncancel()
+    return body
+
+
+class _Expiry:
+    """The body timeout's timer: cancels the reading task, and remembers that it did."""
+
+    __slots__ = ("fired", "task")
+
+    def __init__(self, task: asyncio.Task[object]) -> None:
+        self.task = task
+        self.fired = False
+
+    def __call__(self) -> None:
+        self.fired = True
+        self.task.cancel()
 
 
 async def _read(request: Request, limit: int) -> bytes:
@@ -34,16 +73,29 @@ async def _read(request: Request, limit: int) -> bytes:
             raise InvalidRequest("Invalid Content-Length header.") from None
         if size > limit:
             raise PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")
+    # The ASGI messages themselves (what Request.stream() reads, without its generator).
+    receive = request.receive
     chunks: list[bytes] = []
     received = 0
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > limit:
-            raise PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")
-        chunks.append(chunk)
+    while True:
+        message = await receive()
+        kind = message["type"]
+        if kind == "http.request":
+            chunk = message.get("body", b"")
+            if chunk:
+                received += len(chunk)
+                if received > limit:
+                    raise PayloadTooLarge(
+                        f"Request body is larger than the limit of {limit} bytes."
+                    )
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        elif kind == "http.disconnect":
+            raise ClientDisconnect()
     # The size counts against the caller's quota (max_request_bytes) at admission.
-    request.state.body_bytes = received
-    return b"".join(chunks)
+    request.scope.setdefault("state", {})["body_bytes"] = received
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def require_json(request: Request) -> None:

@@ -16,10 +16,27 @@ if TYPE_CHECKING:
     from bastion.gateway.gateway import Gateway
 
 JSON = msgspec.json.Encoder()
+_JSON_TYPE = (b"content-type", b"application/json")
+
+
+class JSONAnswer(Response):
+    """A JSON answer, as ``Response(body, status, media_type="application/json")`` makes
+    it (the same headers, in the same order), without the generic header handling."""
+
+    media_type = "application/json"
+
+    def __init__(self, body: bytes, status: int = 200) -> None:
+        self.status_code = status
+        self.background = None
+        self.body = body
+        if status < 200 or status in (204, 304):
+            self.raw_headers = [_JSON_TYPE]
+        else:
+            self.raw_headers = [(b"content-length", str(len(body)).encode("latin-1")), _JSON_TYPE]
 
 
 def json_response(content: Any, status: int = 200) -> Response:
-    return Response(JSON.encode(content), status, media_type="application/json")
+    return JSONAnswer(JSON.encode(content), status)
 
 
 def gateway_of(request: Request) -> Gateway:
@@ -52,5 +69,6 @@ async def authenticate(request: Request, pipeline: AnyPipeline | None = None) ->
     (Inference routes authenticate through their Admission, api/admission.py.)"""
     pipeline = pipeline if pipeline is not None else pipeline_of(request)
     principal = await pipeline.authenticate(request.headers.get("authorization"))
-    request.state.tenant = principal.tenant_name
+    # request.state's own dict.
+    request.scope.setdefault("state", {})["tenant"] = principal.tenant_name
     return principal

@@ -123,24 +123,29 @@ def _input_tensors(
 ) -> list[TensorData]:
     specs = {spec.name: spec for spec in metadata.inputs}
     tensors: list[TensorData] = []
+    given: set[str] = set()
     for tensor in body.inputs:
-        spec = specs.get(tensor.name)
+        name = tensor.name
+        spec = specs.get(name)
         if spec is None:
-            raise InvalidRequest(f"The model has no input named '{tensor.name}'.")
-        if any(t.name == tensor.name for t in tensors):
-            raise InvalidRequest(f"Input '{tensor.name}' is given twice.")
-        if tensor.name in binary:
-            tensors.append(oip_binary.binary_tensor_data(tensor, spec, binary[tensor.name]))
+            raise InvalidRequest(f"The model has no input named '{name}'.")
+        if name in given:
+            raise InvalidRequest(f"Input '{name}' is given twice.")
+        given.add(name)
+        if binary and name in binary:
+            tensors.append(oip_binary.binary_tensor_data(tensor, spec, binary[name]))
         else:
             tensors.append(to_tensor_data(tensor, spec))
-    missing = sorted(set(specs) - {t.name for t in tensors})
-    if missing:
+    if len(given) != len(specs):
+        missing = sorted(set(specs) - given)
         raise InvalidRequest(f"Missing inputs: {', '.join(missing)}.")
     return tensors
 
 
 def _binary_outputs(body: OipInferRequest, metadata: ModelMetadata) -> tuple[list[str], set[str]]:
     """The outputs asked for (empty: all) and those to send in binary form."""
+    if not body.outputs and not body.parameters:
+        return [], set()
     names = {spec.name for spec in metadata.outputs}
     wanted: list[str] = []
     binary: set[str] = set()

@@ -15,7 +15,12 @@ place, for ever. :func:`protocol_class` gives uvicorn a protocol that:
 - gives a client ``send_timeout_s`` to take what was written to it while the socket's
   buffer is full, then aborts the connection, which ends the answer and frees it;
 - calls the functions a request put in ``scope["state"][ON_CLIENT_LEFT]`` (a list) when
-  its connection is lost: ``api/access.py`` cancels the request then.
+  its connection is lost: ``api/access.py`` cancels the request then;
+- lets the app write a whole answer's status line, headers and body in one system call
+  (one segment for the client to read) where uvicorn makes two: ``scope["state"][WRITES]``
+  holds the head until the body comes (api/fast.py uses it);
+- tells the app when a request's whole body is in (``scope["state"][BODY_RECEIVED]``), so
+  that reading it arms no deadline.
 
 The body's own deadline is the route's (``body_timeout_s``, see ``api/body.py``).
 """
@@ -29,11 +34,17 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from bastion.api.body import BODY_RECEIVED
+
 logger = logging.getLogger("bastion.transport")
 
 # The key, in a request's scope["state"], of its connection's list of functions to call
 # when the connection is lost.
 ON_CLIENT_LEFT = "bastion.on_client_left"
+# The key, in a request's scope["state"], of its connection's HeldWrites.
+WRITES = "bastion.writes"
+# The largest body written in one piece with the head before it (a copy of both).
+_JOINED_BYTES = 64 * 1024
 # How often the connections are looked at for headers that take too long.
 SWEEP_S = 1.0
 
@@ -60,6 +71,7 @@ def protocol_class(
             self._headers_since: float | None = None
             self._send_timer: asyncio.TimerHandle | None = None
             self._on_lost: list[Callable[[], None]] = []
+            self._writes: HeldWrites | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             if len(self.connections) >= max_connections:
@@ -67,6 +79,7 @@ def protocol_class(
                 transport.abort()
                 return
             super().connection_made(transport)
+            self._writes = HeldWrites(transport)
             self._headers_since = self.loop.time()
             if not sweeping:
                 sweeping.append(self.connections)
@@ -86,8 +99,19 @@ def protocol_class(
 
         def on_headers_complete(self) -> None:
             self._headers_since = None
-            self.scope["state"][ON_CLIENT_LEFT] = self._on_lost
+            state = self.scope["state"]
+            state[ON_CLIENT_LEFT] = self._on_lost
             super().on_headers_complete()
+            writes = self._writes
+            if writes is not None and self.cycle is not None and self.cycle.scope is self.scope:
+                # The cycle writes through it; it holds nothing unless the app asks.
+                self.cycle.transport = writes  # type: ignore[assignment]
+                state[WRITES] = writes
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            # The whole body is here: reading it cannot wait (api/body.py arms no deadline).
+            self.scope["state"][BODY_RECEIVED] = True
 
         def pause_writing(self) -> None:
             super().pause_writing()
@@ -122,3 +146,62 @@ def protocol_class(
                 self.transport.abort()
 
     return BoundedHttpProtocol
+
+
+class HeldWrites:
+    """A connection's transport as its requests' cycles write to it. Once the app calls
+    :meth:`hold`, the next write (an answer's head) is held until the write after it (the
+    body), which takes it along: one system call. The app that holds must write the body
+    at once and then :meth:`release` (which writes nothing when the body took the head
+    along). Closing writes what is held first; aborting drops it."""
+
+    __slots__ = ("_held", "_hold_next", "transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self._held: bytes | None = None
+        self._hold_next = False
+
+    def hold(self) -> None:
+        """Hold the next write until the one after it (or release())."""
+        self._hold_next = True
+
+    def release(self) -> None:
+        """Write what is held, if anything; hold nothing more."""
+        self._hold_next = False
+        held = self._held
+        if held is not None:
+            self._held = None
+            if not self.transport.is_closing():
+                self.transport.write(held)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            if len(data) <= _JOINED_BYTES:
+                self.transport.write(held + data)
+                return
+            # A big body is not copied to join it: two writes, as uvicorn makes them.
+            self.transport.write(held)
+            self.transport.write(data)
+        elif self._hold_next:
+            self._hold_next = False
+            self._held = bytes(data)
+        else:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        self.release()
+        self.transport.close()
+
+    def abort(self) -> None:
+        self._held = None
+        self._hold_next = False
+        self.transport.abort()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.transport.get_extra_info(name, default)

@@ -123,6 +123,9 @@ class Gateway:
         self.overrides = OverrideTable()
         self._size_limits: dict[str, SizeLimits] = {}
         self._draining = False
+        # The quota subjects of each (tenant, key) under the table they were found in.
+        self._subjects_table: QuotaTable | None = None
+        self._subjects: dict[tuple[str, str], list[tuple[Subject, QuotaLimits]]] = {}
 
     # ------------------------------------------------------------------ the control plane's
 
@@ -220,8 +223,9 @@ class Gateway:
         """The metadata of a model that exists, is ready, and offers `capability`
         (None: any)."""
         self.model_record(name)
-        status = self.supervisor.status(name)
-        if status.state != "ready" or status.metadata is None:
+        metadata = self.supervisor.ready_metadata(name)
+        if metadata is None:
+            status = self.supervisor.status(name)
             raise ModelUnavailable(_unavailable_message(name, status), retry_after_s=2)
         queue = self._queues.get(name)
         if queue is not None and queue.stalled(self.settings.request_timeout_s):
@@ -231,8 +235,8 @@ class Gateway:
                 retry_after_s=5,
             )
         if capability is not None:
-            require_capability(name, status.metadata, capability)
-        return status.metadata
+            require_capability(name, metadata, capability)
+        return metadata
 
     def admit(
         self,
@@ -277,6 +281,17 @@ class Gateway:
         )
 
     def _quota_subjects(self, principal: Principal) -> list[tuple[Subject, QuotaLimits]]:
+        """The tenant and key limits that apply to `principal`'s requests (none: no quota),
+        as of the current quota table (each table is kept as a whole until the next)."""
+        if self._subjects_table is not self.quotas:
+            self._subjects_table, self._subjects = self.quotas, {}
+        known = (principal.tenant_name, principal.key_id)
+        subjects = self._subjects.get(known)
+        if subjects is None:
+            subjects = self._subjects[known] = self._find_quota_subjects(principal)
+        return subjects
+
+    def _find_quota_subjects(self, principal: Principal) -> list[tuple[Subject, QuotaLimits]]:
         subjects = []
         tenant_limits = self.quotas.tenant_limits(principal.tenant_name)
         if tenant_limits != _NO_LIMITS:
@@ -377,8 +392,14 @@ class Gateway:
         message = self._with_caller(message, model, ticket.principal)
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout_at(self._deadline(ticket)):
-                hold = await self._acquire(model, ticket.principal.tenant_name)
+            with _Deadline(loop, self._deadline(ticket)):
+                tenant = ticket.principal.tenant_name
+                try:
+                    # _acquire(), in this frame.
+                    hold = await self._queue(model).acquire(tenant)
+                except QueueFull as exc:
+                    self._refused(tenant, model, exc.code)
+                    raise
                 try:
                     sent = loop.time()
                     reply = await self.supervisor.call(model, message, self._settler(ticket))
@@ -449,19 +470,20 @@ class Gateway:
         """Accounts a request's usage from its final reply, as soon as the worker sends it:
         a client that leaves early (or stops reading at `[DONE]`) is still charged."""
         tenant, model = ticket.principal.tenant_name, ticket.model
+        metrics, record = self.metrics, self.meter.record
 
         def settle(reply: Reply) -> None:
             prompt, completion = usage_of(reply)
             compute = compute_of(reply)
             if prompt:
-                self.metrics.tokens.labels(model, tenant, "prompt").inc(prompt)
+                metrics.tokens_of(model, tenant, "prompt").inc(prompt)
             if completion:
-                self.metrics.tokens.labels(model, tenant, "completion").inc(completion)
+                metrics.tokens_of(model, tenant, "completion").inc(completion)
             if compute:
-                self.metrics.compute_seconds.labels(model, tenant).inc(compute)
-                self.metrics.batch_size.labels(model).observe(batch_size_of(reply))
-                self.metrics.queue_delay.labels(model).observe(queued_of(reply))
-            self.meter.record(
+                metrics.compute_seconds_of(model, tenant).inc(compute)
+                metrics.batch_size_of(model).observe(batch_size_of(reply))
+                metrics.queue_delay_of(model).observe(queued_of(reply))
+            record(
                 tenant,
                 model,
                 prompt_tokens=prompt,
@@ -474,6 +496,38 @@ class Gateway:
 
 
 _NO_LIMITS = QuotaLimits()
+
+
+class _Deadline:
+    """``asyncio.timeout_at(when)`` as a plain context manager (nothing in it awaits), for
+    the request path: one timer that cancels the task at `when`, and asyncio's own
+    bookkeeping of cancellations (TimeoutError only for the timer's, not for a cancel of
+    the task's own, a client leaving say)."""
+
+    __slots__ = ("_cancelling", "_task", "_timer", "expired")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        task = asyncio.current_task(loop)
+        assert task is not None
+        self._task = task
+        self._cancelling = task.cancelling()
+        self.expired = False
+        self._timer = loop.call_at(when, self._expire)
+
+    def _expire(self) -> None:
+        self.expired = True
+        self._task.cancel()
+
+    def __enter__(self) -> _Deadline:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, _: Any) -> None:
+        self._timer.cancel()
+        # As asyncio's: the task is uncancelled whenever the timer fired (first), and it is a
+        # timeout if no other cancel came meanwhile.
+        expired = self.expired and self._task.uncancel() <= self._cancelling
+        if expired and kind is asyncio.CancelledError:
+            raise TimeoutError from exc
 
 
 def _unavailable_message(name: str, status: ModelStatus) -> str:

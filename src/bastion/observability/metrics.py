@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Generic, TypeVar
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -10,10 +12,34 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics import MetricWrapperBase
 
 from bastion.audit.events import OHTTP_REFUSED, WORKER_RESTARTED, Event
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+M = TypeVar("M", bound=MetricWrapperBase)
+
+
+class Children(Generic[M]):
+    """The children of one labelled metric, by their label values, as the hot path gets
+    them: ``labels()`` checks its arguments and takes the metric's lock on every call, a
+    dict lookup does not. Label values must be strings (what ``labels()`` makes of them);
+    the children are those the metric holds anyway (no label set is ever removed)."""
+
+    __slots__ = ("_children", "metric")
+
+    metric: M
+
+    def __init__(self, metric: M) -> None:
+        self.metric = metric
+        self._children: dict[tuple[str, ...], M] = {}
+
+    def __call__(self, *values: str) -> M:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self.metric.labels(*values)
+        return child
 
 
 class Metrics:
@@ -135,6 +161,18 @@ class Metrics:
             "Requests being served now.",
             registry=self.registry,
         )
+        # Counted by the request path (the event loop's thread) as a plain number, read
+        # when the metrics are collected: no lock taken twice a request.
+        self.serving = 0
+        self.in_flight.set_function(lambda: self.serving)
+
+        # The children the request path uses, by label values (see Children).
+        self.requests_of = Children(self.requests)
+        self.latency_of = Children(self.latency)
+        self.tokens_of = Children(self.tokens)
+        self.compute_seconds_of = Children(self.compute_seconds)
+        self.batch_size_of = Children(self.batch_size)
+        self.queue_delay_of = Children(self.queue_delay)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -4,13 +4,20 @@ the requests it had answered.
 
 Each gateway appends to ``<home>/usage/<id>.current`` (no fsync: the kernel keeps what was
 written when the process dies; a machine crash may lose the last moments), and holds an
-exclusive lock on it while it lives. Each record is written at once (one small write
-system call; the record of a request's answer is written before the answer is sent). At
-each flush the current file becomes
-``<id>.<n>.pending``; the flush writes the counts to the ``usage`` table *and* the pending
-files' names to ``usage_flushes`` in one transaction, then deletes the files. A gateway
-starting up adds what dead gateways left behind, skipping files already recorded as
-flushed (a gateway killed between the commit and the deletion): nothing is counted twice.
+exclusive lock on it while it lives. The records of one turn of the gateway's event loop
+are written together, in one small write system call, as that turn ends, before any task
+it woke runs: the record of a request's answer, made as the worker's reply arrives, is
+written before the answer is sent. An answer sent in the turn a record was made in (a
+request refused or failing as it is admitted) is preceded by :meth:`UsageJournal.sync`
+(the gateway's app calls it before every error answer: a success follows a worker's reply,
+so a later turn than its records); a record made outside an event loop is written at
+once. (A record no answer waits on, of a request still running or of one whose client left,
+is lost if the gateway dies within the turn it was made in, as one made a moment before its
+write always could be.) At each flush the current file becomes ``<id>.<n>.pending``; the
+flush writes the counts to the ``usage`` table *and* the pending files' names to
+``usage_flushes`` in one transaction, then deletes the files. A gateway starting up adds
+what dead gateways left behind, skipping files already recorded as flushed (a gateway
+killed between the commit and the deletion): nothing is counted twice.
 
 Lines hold tenant names, model names, hours and numbers, separated by tabs (names cannot
 hold a tab or a newline: both are validated): never a key or a payload.
@@ -18,11 +25,13 @@ hold a tab or a newline: both are validated): never a key or a payload.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import logging
 import os
 import secrets
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +63,10 @@ class UsageJournal:
         self._rotations = 0
         self._fd = -1
         self._broken = False
+        # Records of this turn of the event loop, written as it ends (see the docstring).
+        self._lock = threading.Lock()
+        self._buffer: list[str] = []
+        self._scheduled = False
         self._open_current()
 
     @property
@@ -61,11 +74,45 @@ class UsageJournal:
         return self.directory / f"{self._id}{CURRENT}"
 
     def append(self, record: Record) -> None:
-        """Write one record; a failing disk (full, say) is logged once and then ignored:
-        the count is still in memory and will reach the database at the next flush."""
-        line = "\t".join(map(str, record)) + "\n"
+        """Write one record: by the end of the event loop's turn (at once outside an event
+        loop). A failing disk (full, say) is logged once and then ignored: the count is
+        still in memory and will reach the database at the next flush."""
+        tenant, model, hour, requests, refused, prompt, completion, compute = record
+        line = (
+            f"{tenant}\t{model}\t{hour}\t{requests}\t{refused}\t{prompt}\t{completion}\t{compute}\n"
+        )
+        with self._lock:
+            self._buffer.append(line)
+            if self._scheduled:
+                return
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self._write_buffered()
+                return
+            self._scheduled = True
+        loop.call_soon(self._turn_ended)
+
+    def sync(self) -> None:
+        """Write the records not written yet (none, mostly: a cheap call)."""
+        if not self._buffer:
+            return
+        with self._lock:
+            self._write_buffered()
+
+    def _turn_ended(self) -> None:
+        with self._lock:
+            self._scheduled = False
+            self._write_buffered()
+
+    def _write_buffered(self) -> None:
+        buffer = self._buffer
+        if not buffer or self._fd < 0:
+            return
+        self._buffer = []
+        data = (buffer[0] if len(buffer) == 1 else "".join(buffer)).encode()
         try:
-            os.write(self._fd, line.encode())
+            os.write(self._fd, data)
         except OSError as exc:
             if not self._broken:
                 self._broken = True
@@ -79,6 +126,8 @@ class UsageJournal:
 
     def rotate(self) -> Path:
         """Close the current file as a pending one (returned) and start a new one."""
+        # The records not written yet go with the counts they were made with.
+        self.sync()
         self._rotations += 1
         pending = self.directory / f"{self._id}.{self._rotations}{PENDING}"
         os.rename(self.current, pending)
@@ -90,6 +139,7 @@ class UsageJournal:
         """Stop (after a final flush): the empty current file goes, and with it the lock."""
         if self._fd < 0:
             return
+        self.sync()
         with contextlib.suppress(OSError):
             if os.fstat(self._fd).st_size == 0:
                 self.current.unlink()

@@ -93,6 +93,12 @@ class UsageMeter:
                      compute_seconds)
                 )  # fmt: skip
 
+    def sync(self) -> None:
+        """Write the journal's records not written yet: they are by the end of the event
+        loop's turn, and this comes first for an answer sent in the turn (a refusal)."""
+        if self._journal is not None:
+            self._journal.sync()
+
     def flush(self) -> None:
         """Add what was recorded to the database. On failure it is kept for the next try."""
         with self._lock:

@@ -240,17 +240,7 @@ class WorkerChannel:
         the worker still reports the work it did, and `settle` gets that final reply when
         it arrives (as it gets every final reply, read or not).
         """
-        if self._fault_reason is not None:
-            raise self._crashed()
-        if self._draining:
-            raise ModelUnavailable(
-                "The model is being stopped; retry shortly.", retry_after_s=self._retry_after_s
-            )
-        request_id = next(self._ids)
-        frame = self._frame(msgspec.structs.replace(message, id=request_id))
-        pending = _Pending(message, self._loop, settle)
-        self._pending[request_id] = pending
-        self._idle.clear()
+        request_id, pending, frame = self._register(message, settle)
         finished = sent = False
         try:
             await self._send_frame(frame)
@@ -272,15 +262,79 @@ class WorkerChannel:
                 return
         finally:
             if not finished:
+                self._abandon(request_id, pending, sent)
+
+    async def call(self, message: WorkRequest, settle: Settle | None = None) -> Reply:
+        """Send `message` and return its result or RequestFailed (its TextDeltas, if any,
+        are skipped): :meth:`request` read to its end, without an async generator.
+        Cancelled before the final reply, it tells the worker to cancel the request, and
+        `settle` still gets the final reply when it arrives."""
+        request_id, pending, frame = self._register(message, settle)
+        finished = sent = False
+        try:
+            connection = self._connection
+            if (
+                connection.writable.is_set()
+                and self._fault_reason is None
+                and not connection.closed
+            ):
+                connection.write(frame)  # _send_frame()'s way when it need not wait
+            else:
+                await self._send_frame(frame)
+            sent = True
+            replies = pending.replies
+            while True:
+                if not replies:
+                    # _Pending.get(), in this frame.
+                    waiter = pending.waiter = self._loop.create_future()
+                    try:
+                        await waiter
+                    finally:
+                        pending.waiter = None
+                    continue
+                item = replies.popleft()
+                if item is None:
+                    raise self._crashed()
+                reply, size = item
+                self._buffered_bytes -= size
+                if isinstance(reply, TextDelta | SealedChunk):
+                    continue
+                finished = True
                 self._forget(request_id)
-                # A request whose final reply already arrived has nothing left to cancel;
-                # one never sent (cancelled while waiting to send) has nothing to settle.
-                if self._fault_reason is None and not pending.finished and sent:
-                    if settle is not None:
-                        self._unsettled[request_id] = settle
-                        if len(self._unsettled) > _MAX_UNSETTLED:
-                            del self._unsettled[next(iter(self._unsettled))]
-                    self.send_nowait(Cancel(id=request_id))
+                return reply
+        finally:
+            if not finished:
+                self._abandon(request_id, pending, sent)
+
+    def _register(
+        self, message: WorkRequest, settle: Settle | None
+    ) -> tuple[int, _Pending, bytearray]:
+        """Number a new request, frame it and wait for its replies (or refuse it now)."""
+        if self._fault_reason is not None:
+            raise self._crashed()
+        if self._draining:
+            raise ModelUnavailable(
+                "The model is being stopped; retry shortly.", retry_after_s=self._retry_after_s
+            )
+        request_id = next(self._ids)
+        frame = self._frame(msgspec.structs.replace(message, id=request_id))
+        pending = _Pending(message, self._loop, settle)
+        self._pending[request_id] = pending
+        self._idle.clear()
+        return request_id, pending, frame
+
+    def _abandon(self, request_id: int, pending: _Pending, sent: bool) -> None:
+        """A request ended before its final reply was read (cancelled, failed)."""
+        self._forget(request_id)
+        # A request whose final reply already arrived has nothing left to cancel; one
+        # never sent (cancelled while waiting to send) has nothing to settle.
+        if self._fault_reason is None and not pending.finished and sent:
+            settle = pending.settle
+            if settle is not None:
+                self._unsettled[request_id] = settle
+                if len(self._unsettled) > _MAX_UNSETTLED:
+                    del self._unsettled[next(iter(self._unsettled))]
+            self.send_nowait(Cancel(id=request_id))
 
     def _forget(self, request_id: int) -> None:
         pending = self._pending.pop(request_id, None)

@@ -23,7 +23,7 @@ from bastion.config import Settings
 from bastion.errors import ConfigurationError, ModelUnavailable
 from bastion.sandboxes.base import Sandbox
 from bastion.sandboxes.factory import Sandboxes
-from bastion.supervision.channel import Reply, Settle
+from bastion.supervision.channel import Reply, Settle, WorkerChannel
 from bastion.supervision.lifecycle import (
     ModelSlot,
     ModelSpec,
@@ -31,7 +31,7 @@ from bastion.supervision.lifecycle import (
     ModelStatus,
     WorkerLifecycle,
 )
-from bastion.wire.protocol import ClearRisk, Notice, SealingKeys, WorkRequest
+from bastion.wire.protocol import ClearRisk, ModelMetadata, Notice, SealingKeys, WorkRequest
 
 __all__ = ["ModelSpec", "ModelState", "ModelStatus", "Supervisor"]
 
@@ -125,6 +125,14 @@ class Supervisor:
             return ModelStatus(name=name, state=ModelState.UNLOADED, since=time.time())
         return slot.status()
 
+    def ready_metadata(self, name: str) -> ModelMetadata | None:
+        """The metadata of the model if it is ready (its status says so), else None: what a
+        request asks, without building the whole status."""
+        slot = self._slots.get(name)
+        if slot is None or slot.state is not ModelState.READY:
+            return None
+        return slot.metadata
+
     def statuses(self) -> dict[str, ModelStatus]:
         return {name: slot.status() for name, slot in self._slots.items()}
 
@@ -152,21 +160,20 @@ class Supervisor:
         Raises ModelUnavailable (503 with Retry-After) at once if the model is not ready,
         and WorkerCrashed from the iterator if the worker dies while answering.
         """
+        return self._channel(name).request(message, settle)
+
+    async def call(self, name: str, message: WorkRequest, settle: Settle | None = None) -> Reply:
+        """Send `message` and return the final reply (a result or RequestFailed)."""
+        return await self._channel(name).call(message, settle)
+
+    def _channel(self, name: str) -> WorkerChannel:
+        """The channel of a ready model's worker; ModelUnavailable otherwise."""
         slot = self._slots.get(name)
         if self._closing:
             raise ModelUnavailable("The server is shutting down.")
         if slot is None or slot.state is not ModelState.READY or slot.channel is None:
             raise self._unavailable(slot)
-        return slot.channel.request(message, settle)
-
-    async def call(self, name: str, message: WorkRequest, settle: Settle | None = None) -> Reply:
-        """Send `message` and return the final reply (a result or RequestFailed)."""
-        final: Reply | None = None
-        async with contextlib.aclosing(self.stream(name, message, settle)) as replies:
-            async for reply in replies:
-                final = reply
-        assert final is not None
-        return final
+        return slot.channel
 
     def in_flight(self, name: str) -> int:
         """Requests sent to the model's worker and not yet answered."""
