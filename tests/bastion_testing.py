@@ -47,6 +47,21 @@ def run_cli(
     return proc
 
 
+def batched_requests(server: BastionServer, model: str) -> tuple[float, float]:
+    """(requests that ran with others, all requests) of `model`, from its worker's reports
+    in `bastion_batch_size` (/metrics)."""
+    with server.client() as admin:
+        text = admin.get("/metrics").text
+    name = re.escape(model)
+
+    def total(pattern: str) -> float:
+        return sum(map(float, re.findall(pattern, text, re.MULTILINE)))
+
+    count = total(rf'^bastion_batch_size_count\{{model="{name}"\}} (\S+)$')
+    alone = total(rf'^bastion_batch_size_bucket\{{le="1\.0",model="{name}"\}} (\S+)$')
+    return count - alone, count
+
+
 def digits_model(base: Path) -> Path:
     """The `digits` demo recipe in base/digits, with what real digits look like stored
     beside it by `bastion protect reference` (for the extraction monitor)."""

@@ -19,6 +19,7 @@ from bastion.models.demo import digits_onnx, digits_split
 from bastion_testing import (
     BastionServer,
     add_echo_model,
+    batched_requests,
     ohttp_fingerprints,
     run_cli,
 )
@@ -88,21 +89,7 @@ def _expected(rows: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
 
 
 def _batch_metrics(server: BastionServer) -> tuple[float, float]:
-    """(requests that ran in a batch of more than one, all requests) for digits."""
-    with server.client() as admin:
-        text = admin.get("/metrics").text
-    count = sum(
-        map(float, re.findall(r'^bastion_batch_size_count\{model="digits"\} (\S+)$', text, re.M))
-    )
-    alone = sum(
-        map(
-            float,
-            re.findall(
-                r'^bastion_batch_size_bucket\{le="1\.0",model="digits"\} (\S+)$', text, re.M
-            ),
-        )
-    )
-    return count - alone, count
+    return batched_requests(server, "digits")
 
 
 async def _send_all(

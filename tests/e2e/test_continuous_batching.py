@@ -4,13 +4,12 @@ concurrent requests decode together, and each one's text is what it gets alone."
 from __future__ import annotations
 
 import asyncio
-import re
 from typing import Any
 
 import openai
 import pytest
 
-from bastion_testing import BastionServer
+from bastion_testing import BastionServer, batched_requests
 
 pytestmark = pytest.mark.e2e
 
@@ -47,21 +46,7 @@ async def _chat(client: openai.AsyncOpenAI, prompt: str, **extra: Any) -> tuple[
 
 
 def _batched_requests(server: BastionServer) -> tuple[float, float]:
-    """(requests that ran with others, all requests) of tiny-chat, from the metrics."""
-    with server.client() as admin:
-        text = admin.get("/metrics").text
-    count = sum(
-        map(float, re.findall(r'^bastion_batch_size_count\{model="tiny-chat"\} (\S+)$', text, re.M))
-    )
-    alone = sum(
-        map(
-            float,
-            re.findall(
-                r'^bastion_batch_size_bucket\{le="1\.0",model="tiny-chat"\} (\S+)$', text, re.M
-            ),
-        )
-    )
-    return count - alone, count
+    return batched_requests(server, "tiny-chat")
 
 
 def test_metadata_declares_continuous_batching(server: BastionServer, consumer_key: str) -> None:

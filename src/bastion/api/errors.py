@@ -8,6 +8,7 @@ chooses the body: OpenAI's ``{"error": {"message", "type", "code", "param"}}`` f
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable, Mapping
 
 import msgspec
 from starlette.exceptions import HTTPException
@@ -85,3 +86,16 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
 def internal_error_body(path: str) -> bytes:
     exc = BastionError("Internal error.")
     return oip_body(exc) if path.startswith("/v2/") else openai_body(exc)
+
+
+# An exception handler: the app's own (handle_bastion_error, handle_http_exception, ...).
+Handler = Callable[[Request, Exception], Awaitable[Response]]
+
+
+def handler_for(handlers: Mapping[type, Handler], exc: Exception) -> Handler | None:
+    """The handler of `exc`'s nearest class that has one (Starlette's rule), or None."""
+    for cls in type(exc).__mro__:
+        handler = handlers.get(cls)
+        if handler is not None:
+            return handler
+    return None

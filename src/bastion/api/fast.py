@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, cast
 
 from starlette.applications import Starlette
@@ -48,10 +48,9 @@ from bastion.api.access import (
     finish,
 )
 from bastion.api.admission import INFERENCE_MARK, Settled
+from bastion.api.errors import Handler, handler_for
 from bastion.api.transport import ON_CLIENT_LEFT, WRITES, HeldWrites
 from bastion.observability.metrics import Metrics
-
-Handler = Callable[[Request, Exception], Awaitable[Response]]
 
 _WHOLE_CALL = Response.__call__
 
@@ -267,7 +266,7 @@ class FastPath:
         if isinstance(exc, HTTPException):
             handler = self._status_handlers.get(exc.status_code)
         if handler is None:
-            handler = self._handler(exc)
+            handler = handler_for(self._handlers, exc)
         if handler is None:
             raise exc
         if exchange.started:
@@ -278,13 +277,6 @@ class FastPath:
         await self._send(response, scope, receive, exchange)
         # Reused exception instances accumulate tracebacks across requests.
         exc.__traceback__ = None
-
-    def _handler(self, exc: Exception) -> Handler | None:
-        for cls in type(exc).__mro__:
-            handler = self._handlers.get(cls)
-            if handler is not None:
-                return handler
-        return None
 
 
 class _IndexedHeaders(Headers):

@@ -28,7 +28,12 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import Message, Receive, Scope, Send
 
 from bastion.api import oip, openai
-from bastion.api.errors import handle_bastion_error, handle_http_exception
+from bastion.api.errors import (
+    Handler,
+    handle_bastion_error,
+    handle_http_exception,
+    handler_for,
+)
 from bastion.errors import BastionError
 
 # The routes an end-to-end encrypted request may reach: inference, nothing else.
@@ -41,8 +46,6 @@ SEALED_PATHS = frozenset(
         "/v2/models/{name}/versions/{version}/infer",
     }
 )
-
-Handler = Callable[[Request, Exception], Awaitable[Response]]
 
 
 class SealedApp:
@@ -88,7 +91,7 @@ class SealedApp:
             response = await endpoint(request)
             await response(scope, receive, sender)
         except Exception as exc:
-            handler = self._handler(exc)
+            handler = handler_for(self._handlers, exc)
             if handler is None:
                 # As Starlette's ServerErrorMiddleware does, once its 500 is sent: the
                 # caller (worker/sealed.py) answers an encrypted 500 instead.
@@ -98,13 +101,6 @@ class SealedApp:
             await (await handler(request, exc))(scope, receive, sender)
             # A reused exception instance would otherwise pile up tracebacks.
             exc.__traceback__ = None
-
-    def _handler(self, exc: Exception) -> Handler | None:
-        for cls in type(exc).__mro__:
-            handler = self._handlers.get(cls)
-            if handler is not None:
-                return handler
-        return None
 
 
 def create_sealed_app() -> SealedApp:
