@@ -124,7 +124,7 @@ class SentenceEmbeddingRuntime:
         return vectors
 
     def _encode_many(
-        self, texts_of: list[list[str]]
+        self, texts_of: list[list[str]], cancel: CancelToken | None = None
     ) -> list[tuple[np.ndarray[Any, Any], int] | Exception]:
         """The embeddings of several requests' texts through shared forward passes (texts
         of similar length batched together, whoever sent them); a request whose texts are
@@ -136,7 +136,7 @@ class SentenceEmbeddingRuntime:
             except RuntimeInputError as exc:
                 encoded.append(exc)
         every = [e for encodings in encoded if isinstance(encodings, list) for e in encodings]
-        vectors = self._encode(every) if every else np.zeros((0, self._dim), dtype="<f4")
+        vectors = self._encode(every, cancel) if every else np.zeros((0, self._dim), dtype="<f4")
         results: list[tuple[np.ndarray[Any, Any], int] | Exception] = []
         start = 0
         for encodings in encoded:
@@ -155,7 +155,7 @@ class SentenceEmbeddingRuntime:
         token count (mean pooling is per text, so batch-mates never mix)."""
         answers: list[EmbedResult | Exception] = []
         for request, result in zip(
-            requests, self._encode_many([r.texts for r in requests]), strict=True
+            requests, self._encode_many([r.texts for r in requests], cancel), strict=True
         ):
             if isinstance(result, Exception):
                 answers.append(result)
@@ -183,7 +183,7 @@ class SentenceEmbeddingRuntime:
             except RuntimeInputError as exc:
                 texts_of.append(exc)
         valid = [texts for texts in texts_of if isinstance(texts, list)]
-        encoded = iter(self._encode_many(valid))
+        encoded = iter(self._encode_many(valid, cancel))
         answers: list[InferResult | Exception] = []
         for request, texts in zip(requests, texts_of, strict=True):
             if isinstance(texts, Exception):

@@ -151,11 +151,12 @@ class OnnxRuntime:
         self._inputs = {spec.name: spec for spec in map(_spec, self._session.get_inputs())}
         self._outputs = {spec.name: spec for spec in map(_spec, self._session.get_outputs())}
         # Requests can share a call only if every input and output has a free first
-        # (batch) dimension.
-        self._batchable = all(
-            spec.shape and spec.shape[0] == -1
-            for spec in (*self._inputs.values(), *self._outputs.values())
-        )
+        # dimension, and the same one where the model names it: a batch dimension, not
+        # a sequence length or a count of detections that happens to be free too.
+        nodes = [*self._session.get_inputs(), *self._session.get_outputs()]
+        firsts = [node.shape[0] if node.shape else 0 for node in nodes]
+        named = {first for first in firsts if isinstance(first, str)}
+        self._batchable = all(not isinstance(f, int) for f in firsts) and len(named) <= 1
         self._metadata = ModelMetadata(
             runtime="onnx",
             capabilities=["infer"],
@@ -222,7 +223,9 @@ class OnnxRuntime:
             }
             try:
                 outputs = self._session.run(wanted, joined)
-            except InvalidArgument:
+            except Exception:
+                # Whatever the combined call raised, its requests run one by one below,
+                # each with its own answer or error.
                 outputs = None
             total = sum(sizes)
             if outputs is not None and all(

@@ -108,6 +108,9 @@ EXIT_WORKER_ERROR = 4
 # How long a cancelled job may take to notice before the worker gives up on it and exits:
 # the supervisor then starts a fresh worker.
 CANCEL_GRACE_S = 5.0
+# On Shutdown, how long sequences still decoding may take to finish (the gateway has
+# drained what it could before sending Shutdown, and waits a few seconds more).
+ENGINE_DRAIN_S = 4.0
 
 _RECEIVE_CHUNK = 256 * 1024
 # The extraction monitor accounts requests in batches of this many (one vectorised pass),
@@ -159,8 +162,10 @@ class Worker:
         self._exit_code: int | None = None
         self._exiting = threading.Event()
         self._sealed: SealedServer | None = None
-        # The jobs the runtime thread is running (one, or a batch).
+        # The jobs the runtime thread is running (one, or a batch), and the batch's own
+        # cancellation (set once all its requests are cancelled).
         self._running: tuple[_Job, ...] = ()
+        self._batch_cancel = CancelToken()
         # Jobs taken from the queue while forming a batch that did not fit it: next in line.
         self._held: collections.deque[_Job | ClearRisk | None] = collections.deque()
         # How the model's requests are batched (its options over its runtime's default),
@@ -342,9 +347,13 @@ class Worker:
 
     def _watch_cancelled(self, job: _Job) -> None:
         """A running job that ignores its cancellation (a runtime spinning in code that
-        never checks) holds the worker: past the grace period, the worker exits."""
-        if job not in self._running:
+        never checks) holds the worker: past the grace period, the worker exits. A batch
+        is stopped (and watched) only once every request in it is cancelled: one client
+        leaving never cuts its batch-mates' work short."""
+        running = self._running
+        if job not in running or not all(member.cancelled for member in running):
             return
+        self._batch_cancel.cancel()
 
         def check() -> None:
             if job in self._running:
@@ -409,6 +418,14 @@ class Worker:
                     self._submit_generate(self._engine, job)
                     continue
                 batch = self._collect(job)
+                for member in [m for m in batch if m.cancelled]:
+                    # Cancelled while the batch formed: it never runs.
+                    batch.remove(member)
+                    self._answer_cancelled(member)
+                if not batch:
+                    continue
+                job = batch[0]
+                self._batch_cancel = CancelToken()
                 self._running = tuple(batch)
                 try:
                     outcomes: list[Message]
@@ -434,7 +451,19 @@ class Worker:
                     return
             self._run_later(idle=True)
             if self._engine is not None:
+                if self._runtime_fault is None:
+                    # Shutdown lets in-flight work finish: the sequences decoding do.
+                    deadline = time.monotonic() + ENGINE_DRAIN_S
+                    while self._engine.active and time.monotonic() < deadline:
+                        time.sleep(0.01)
                 self._engine.close()
+            if self._runtime_fault is not None:
+                logger.error(
+                    "the runtime raised %s; the worker leaves for a fresh one",
+                    self._runtime_fault,
+                )
+                self._finish(EXIT_RUNTIME_FAULT)
+                return
             self._finish(EXIT_OK)
         except BaseException as exc:
             # The type only: messages and tracebacks can quote a request.
@@ -573,11 +602,16 @@ class Worker:
             if isinstance(requests[0], Infer):
                 for index, request in enumerate(requests):
                     requests[index], wanted[index] = self._prepare_infer(request)
-                results: list[Any] = runtime.infer_batch(requests)  # type: ignore[attr-defined]
+                results: list[Any] = runtime.infer_batch(  # type: ignore[attr-defined]
+                    requests, self._batch_cancel
+                )
             else:
-                results = runtime.embed_batch(requests)  # type: ignore[attr-defined]
+                results = runtime.embed_batch(requests, self._batch_cancel)  # type: ignore[attr-defined]
             if len(results) != len(jobs):
                 raise TypeError("the runtime returned the wrong number of results")
+        except Cancelled:
+            # Every request of the batch was cancelled (see _watch_cancelled).
+            return [cancelled(job.request.id) for job in jobs]
         except Exception as exc:
             # The batch as a whole failed: each request runs alone, so that a request
             # that breaks the runtime fails by itself.
@@ -585,7 +619,12 @@ class Worker:
                 "a batch failed; its requests run one by one",
                 extra={"exc_type": type(exc).__name__},
             )
-            return [self._execute(runtime, job) for job in jobs]
+            alone: list[Outcome] = []
+            for job in jobs:
+                # A request that broke the runtime ends the batch: the worker leaves.
+                ran = self._runtime_fault is None
+                alone.append(self._execute(runtime, job) if ran else _runtime_error(job.request.id))
+            return alone
         except BaseException as exc:
             logger.error("the runtime failed a batch", extra={"exc_type": type(exc).__name__})
             self._runtime_fault = type(exc).__name__
@@ -653,6 +692,9 @@ class Worker:
                 batch_size=min(MAX_BATCH_SIZE, max(1, joined)),
             )
             self._answer(job, outcome)
+            if self._runtime_fault is not None:
+                # The runtime may be corrupt: the runtime thread ends the worker.
+                self._queue.put(None)
 
         # Counted before it goes in (its answer may come before submit returns).
         joined = engine.active + max(1, request.n)
@@ -676,8 +718,10 @@ class Worker:
 
         def run_inner(work: Work, deliver: Callable[[Message], None]) -> Outcome:
             inner = _Job(msgspec.structs.replace(work, id=0), deliver)
-            # A Cancel for the sealed request stops the model's work on its inner request.
+            # A Cancel for the sealed request stops the model's work on its inner request;
+            # its wait in the queue is the sealed request's.
             inner.cancel = job.cancel
+            inner.arrived = job.arrived
             return self._execute(runtime, inner)
 
         return self._sealed.serve_inline(request, run_inner)
@@ -687,7 +731,11 @@ class Worker:
         seconds its model code took, which the gateway meters."""
         started = time.perf_counter()
         outcome = self._run_model(runtime, job)
-        return msgspec.structs.replace(outcome, compute_s=time.perf_counter() - started)
+        return msgspec.structs.replace(
+            outcome,
+            compute_s=time.perf_counter() - started,
+            queue_s=max(0.0, started - job.arrived),
+        )
 
     def _run_model(self, runtime: Runtime, job: _Job) -> Outcome:
         request = job.request

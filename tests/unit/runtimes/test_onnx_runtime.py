@@ -228,3 +228,27 @@ def test_a_model_without_a_batch_dimension_runs_requests_apart(runtime: OnnxRunt
         # `count` (the input's shape) is each request's own: nothing was concatenated.
         count = next(t for t in result.outputs if t.name == "count")
         assert np.frombuffer(count.raw, dtype="<i8").tolist() == [value.shape[0], 3]
+
+
+def test_a_first_dimension_named_differently_is_not_a_batch_dimension(tmp_path: Path) -> None:
+    # The output's first dimension is free but is not the input's: concatenating requests
+    # could hand one request rows computed from another's input.
+    model = _model(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["detections", 3])],
+    )
+    runtime = load(_save(model, tmp_path / "named"), {"threads": 1})
+    assert not runtime._batchable
+    calls: list[int] = []
+    session_run = runtime._session.run
+
+    def counting_run(names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        calls.append(next(iter(feeds.values())).shape[0])
+        return session_run(names, feeds)
+
+    runtime._session.run = counting_run  # type: ignore[method-assign]
+    values = [np.ones((1, 3), dtype=np.float32), np.zeros((2, 3), dtype=np.float32)]
+    results = runtime.infer_batch([Infer(id=i, inputs=[_x(v)]) for i, v in enumerate(values)])
+    assert sorted(calls) == [1, 2]
+    assert all(isinstance(r, InferResult) for r in results)
