@@ -443,12 +443,8 @@ class Worker:
                     self._answer_batch(batch, outcomes)
                 self._run_later()
                 if self._runtime_fault is not None:
-                    logger.error(
-                        "the runtime raised %s; the worker leaves for a fresh one",
-                        self._runtime_fault,
-                    )
-                    self._finish(EXIT_RUNTIME_FAULT)
-                    return
+                    # The runtime may be corrupt: no more work (see below).
+                    break
             self._run_later(idle=True)
             if self._engine is not None:
                 if self._runtime_fault is None:
