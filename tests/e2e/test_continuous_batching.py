@@ -4,6 +4,8 @@ concurrent requests decode together, and each one's text is what it gets alone."
 from __future__ import annotations
 
 import asyncio
+import re
+import time
 from typing import Any
 
 import openai
@@ -49,6 +51,14 @@ def _batched_requests(server: BastionServer) -> tuple[float, float]:
     return batched_requests(server, "tiny-chat")
 
 
+def _compute_seconds(server: BastionServer) -> float:
+    """The compute seconds metered for tiny-chat so far, all tenants."""
+    with server.client() as admin:
+        text = admin.get("/metrics").text
+    pattern = r'^bastion_worker_compute_seconds_total\{model="tiny-chat",[^}]*\} (\S+)$'
+    return sum(map(float, re.findall(pattern, text, re.MULTILINE)))
+
+
 def test_metadata_declares_continuous_batching(server: BastionServer, consumer_key: str) -> None:
     with server.client(consumer_key) as client:
         model = client.get("/v1/models/tiny-chat").json()
@@ -64,14 +74,19 @@ def test_concurrent_greedy_streams_equal_their_answers_alone(
             await _chat(client, p, max_tokens=12 + 4 * i, temperature=0)
             for i, p in enumerate(PROMPTS)
         ]
-        before = _batched_requests(server)
+        before, charged = _batched_requests(server), _compute_seconds(server)
+        begun = time.perf_counter()
         together = await asyncio.gather(
             *(_chat(client, p, max_tokens=12 + 4 * i, temperature=0) for i, p in enumerate(PROMPTS))
         )
+        elapsed = time.perf_counter() - begun
         after = _batched_requests(server)
         assert together == alone
         # They were decoded together (each reports the sequences it joined).
         assert after[0] - before[0] >= 3
+        # Each was charged its share of the steps it was in, not the time it spent
+        # decoding beside the others: together, no more than the time they all took.
+        assert 0 < _compute_seconds(server) - charged <= elapsed
 
     asyncio.run(scenario())
 

@@ -115,6 +115,10 @@ class GenerationEngine(Protocol):
     work; the engine calls `emit` for streamed text and `done` exactly once, from its own
     thread. A GPU engine (vLLM's ``AsyncLLMEngine``: ``add_request`` then read its output
     stream; ``abort`` on cancel) implements the same three methods.
+
+    The ``GenerateResult`` given to `done` carries the request's metering: ``compute_s``,
+    its share of the engine's work (its prefill, and each step's time divided among the
+    sequences in it), and ``queue_s``, its wait for a place in the batch.
     """
 
     def submit(self, request: Generate, cancel: CancelToken, emit: EmitDelta, done: Done) -> None:

@@ -43,6 +43,7 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -78,6 +79,12 @@ class _Job:
         # Its sequences still counted in `active`.
         self.counted = max(request.n, 0)
         self.over = False
+        # Its share of the engine's compute (its prompt check and prefill, each decoding
+        # step's forward divided among that step's rows, its rows' sampling), and when it
+        # was submitted and started (its wait for a place in the batch).
+        self.compute_s = 0.0
+        self.submitted = time.perf_counter()
+        self.started: float | None = None
 
 
 @dataclass(slots=True)
@@ -290,11 +297,14 @@ class TextGenerationEngine:
     def _step(self, arrivals: list[_Job]) -> None:
         for job in arrivals:
             self._live[id(job)] = job
+            begun = time.perf_counter()
             try:
                 job.prompt_ids = self._runtime._checked_prompt(job.request)
             except BaseException as exc:
                 self._finish(job, exc)
                 continue
+            finally:
+                job.compute_s += time.perf_counter() - begun
             self._waiting.append(job)
         self._admit()
         self._end_cancelled()
@@ -314,6 +324,7 @@ class TextGenerationEngine:
             if job.cancel.cancelled:
                 self._complete(job, cancelled=True)
                 continue
+            job.started = time.perf_counter()
             started = self._start(job)
             if started is None:
                 continue
@@ -338,11 +349,15 @@ class TextGenerationEngine:
         runtime, request = self._runtime, job.request
         bias = runtime._logits_bias
         stops = runtime._stops(request)
+        begun = time.perf_counter()
         try:
             logits, cache = runtime._prefill(job.prompt_ids)
         except BaseException as exc:
             self._fail(job, exc, "the model failed to read a prompt")
             return None
+        finally:
+            # Charged before its first tokens (which may end it) are chosen.
+            job.compute_s += time.perf_counter() - begun
         rows: list[_Row] = []
         try:
             for index in range(request.n):
@@ -361,6 +376,7 @@ class TextGenerationEngine:
 
     def _decode(self, batch: _Batch) -> None:
         """One step of `batch`: one forward, then each row's next token."""
+        begun = time.perf_counter()
         try:
             logits = batch.forward()
         except BaseException as exc:
@@ -370,12 +386,19 @@ class TextGenerationEngine:
                 self._finish(job, exc)
             batch.clear()
             return
+        # The forward's time, shared equally by the rows it decoded.
+        share = (time.perf_counter() - begun) / len(batch.rows)
         for row, row_logits in zip(batch.rows, logits, strict=True):
             job = row.job
+            job.compute_s += share
             if job.over:
                 continue
+            begun = time.perf_counter()
             try:
-                row.sequence.advance(row_logits)
+                try:
+                    row.sequence.advance(row_logits)
+                finally:
+                    job.compute_s += time.perf_counter() - begun
                 if row.sequence.finished:
                     self._sequence_ended(job, row.index)
             except BaseException as exc:
@@ -427,6 +450,8 @@ class TextGenerationEngine:
             choices=choices,
             prompt_tokens=len(job.prompt_ids),
             completion_tokens=sum(len(sequence.generated) for sequence in job.sequences),
+            compute_s=job.compute_s,
+            queue_s=(job.started or time.perf_counter()) - job.submitted,
         )
         self._finish(job, result)
 

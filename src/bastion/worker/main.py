@@ -676,15 +676,21 @@ class Worker:
                 send(TextDelta(id=request.id, index=index, text=text))
 
         def done(result: GenerateResult | BaseException) -> None:
+            # Metered by the engine: its share of the batch's compute (not the time it
+            # spent decoding beside others), and its wait for a place in the batch.
+            compute = queued = 0.0
             if isinstance(result, BaseException):
                 outcome: Outcome = self._failure(request.id, result)
             else:
+                compute, queued = result.compute_s, result.queue_s
+                checked = time.perf_counter()
                 outcome = self._complete(lambda: self._finish_generate(request, result), request)
+                compute += time.perf_counter() - checked
             # Its batch: the sequences decoding (or waiting) with it when it joined.
             outcome = msgspec.structs.replace(
                 outcome,
-                compute_s=time.perf_counter() - started,
-                queue_s=max(0.0, started - job.arrived),
+                compute_s=compute,
+                queue_s=max(0.0, started - job.arrived) + queued,
                 batch_size=min(MAX_BATCH_SIZE, max(1, joined)),
             )
             self._answer(job, outcome)

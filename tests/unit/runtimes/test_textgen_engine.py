@@ -4,6 +4,7 @@ the small random Llama: the engine's answers equal generate()'s, sequence by seq
 from __future__ import annotations
 
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -143,6 +144,11 @@ def _wait_until(condition: Callable[[], bool]) -> None:
             return
         event.wait(0.005)
     raise AssertionError("timed out")
+
+
+def _unmetered(result: GenerateResult) -> GenerateResult:
+    """The result without the engine's metering (generate() leaves that to the worker)."""
+    return msgspec.structs.replace(result, compute_s=0.0, queue_s=0.0)
 
 
 def _same(engine_result: GenerateResult, alone: GenerateResult) -> None:
@@ -302,7 +308,7 @@ def test_cancelling_one_request_leaves_the_others_exact(
     cancelled = _submit(engine, victim, cancel, cancel_after(cancel, 3))
     result = cancelled.result()
     assert cancelled.calls == 1
-    assert result == reference
+    assert _unmetered(result) == reference
     assert result.choices[0].finish_reason == "stop"
     assert cancelled.deltas == 3  # nothing streamed after the cancellation
     for request, outcome in zip(others, outcomes, strict=True):
@@ -313,7 +319,7 @@ def test_cancelling_one_request_leaves_the_others_exact(
     early.cancel()
     quiet = _submit(engine, Generate(id=7, prompt="hi", max_tokens=5, n=2), early).result()
     again = runtime.generate(Generate(id=7, prompt="hi", max_tokens=5, n=2), early, _ignore)
-    assert quiet == again
+    assert _unmetered(quiet) == again
     assert quiet.completion_tokens == 0
     assert engine.active == 0
 
@@ -477,6 +483,28 @@ def test_requests_wait_for_room(runtime: TextGenerationRuntime) -> None:
         _same(result, alone)
     assert max(sizes[: sizes.index(3)]) == 2  # never more than two, until the n=3 one
     assert sizes.count(3) == 5  # 6 tokens each: the first comes from the prompt's forward
+    # Those that waited for room say so; the first started at once.
+    assert results[0].queue_s < results[2].queue_s
+    assert results[3].queue_s > 0
+
+
+def test_each_request_is_charged_its_share_of_the_batch(
+    runtime: TextGenerationRuntime, engine: TextGenerationEngine
+) -> None:
+    short = Generate(id=1, prompt="Once upon a time", max_tokens=4, temperature=0)
+    long = Generate(id=2, prompt="Once upon a time", max_tokens=48, temperature=0)
+    others = [Generate(id=i, prompt="The weather today is", max_tokens=24) for i in range(3, 8)]
+    begun = time.perf_counter()
+    outcomes = [_submit(engine, request) for request in (short, long, *others)]
+    results = [outcome.result() for outcome in outcomes]
+    elapsed = time.perf_counter() - begun
+    assert all(result.compute_s > 0 for result in results)
+    # One engine thread decoded them all: the shares add up to no more than its time (the
+    # time each spent beside the others is not charged to each of them).
+    assert sum(result.compute_s for result in results) <= elapsed
+    # The long one was in many more steps than the short one, and paid for them.
+    assert results[1].completion_tokens >= results[0].completion_tokens + 20
+    assert results[1].compute_s > results[0].compute_s
 
 
 @pytest.fixture(scope="module")
