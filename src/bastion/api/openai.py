@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -20,6 +19,7 @@ from bastion.api.pipeline import AnyPipeline, estimate_tokens
 from bastion.api.replies import expect, raise_for_failure
 from bastion.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from bastion.api.tensors import check_answer_size
+from bastion.crypto.entropy import random_hex
 from bastion.errors import BastionError, InvalidRequest
 from bastion.wire.protocol import (
     ChatMessage,
@@ -167,7 +167,7 @@ async def chat_completions(request: Request, admission: Admission) -> Response:
         tokens=estimate_tokens(*(m.content for m in messages)) + max_tokens * n,
     )
     message = _generate(body, max_tokens, n, messages=messages)
-    completion_id = "chatcmpl-" + secrets.token_hex(12)
+    completion_id = "chatcmpl-" + random_hex(12)
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -213,7 +213,7 @@ async def completions(request: Request, admission: Admission) -> Response:
     def generate(prompt: str) -> Generate:
         return _generate(body, max_tokens, n, prompt=prompt)
 
-    completion_id = "cmpl-" + secrets.token_hex(12)
+    completion_id = "cmpl-" + random_hex(12)
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

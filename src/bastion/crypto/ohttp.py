@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import secrets
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Protocol
 from cryptography.exceptions import InvalidTag
 
 from bastion.crypto import hpke
+from bastion.crypto.entropy import random_bytes
 from bastion.wire import varint
 
 KEYS_MEDIA_TYPE = "application/ohttp-keys"
@@ -353,7 +353,7 @@ def _response_key(
 def _new_response_nonce(suite: hpke.Suite, response_nonce: bytes | None) -> bytes:
     size = _response_nonce_size(suite)
     if response_nonce is None:
-        return secrets.token_bytes(size)
+        return random_bytes(size)
     if len(response_nonce) != size:
         raise ValueError("the response nonce has the wrong length")
     return bytes(response_nonce)

@@ -94,7 +94,8 @@ class KeyHasher:
             public_id.encode("ascii"),
             secret.encode("ascii"),
         )
-        return hmac.digest(self._key, message, hashlib.sha256)
+        # hmac.new, not hmac.digest: the latter releases the GIL (see crypto/entropy.py).
+        return hmac.new(self._key, message, hashlib.sha256).digest()
 
     def verify(self, public_id: str, secret: str, digest: bytes) -> None:
         """Raise AuthenticationError unless `secret` matches `digest` (constant time)."""
