@@ -117,6 +117,9 @@ def serve(home: Home) -> None:
             send_timeout_s=settings.send_timeout_s,
         ),
         timeout_keep_alive=max(1, round(settings.keepalive_timeout_s)),
+        # Bastion does not use the client's address; X-Forwarded-* from a local process
+        # is not trusted (and its middleware costs every request a layer).
+        proxy_headers=False,
         lifespan="on",
         access_log=False,
         log_config=None,

@@ -189,7 +189,7 @@ def build_minilm(models_dir: Path) -> DemoModel:
         name="minilm-l6",
         runtime="sentence-embedding",
         path=target,
-        options=dict(DEFAULT_OPTIONS),
+        options={**DEFAULT_OPTIONS, "batch.max_queue_delay_us": 2000},
         description="all-MiniLM-L6-v2 sentence embeddings (384 dimensions).",
     )
 
