@@ -103,7 +103,9 @@ EMBED_SENTENCES = (
     "A sudden frost damaged the orchard just as the trees began to bloom.",
     "The striker scored twice in the second half to win the cup final.",
 )
-# Asked of tiny-chat at temperature 0; the check keeps those that run to 64 tokens.
+# Asked of tiny-chat at temperature 0; the check keeps those that run to 64 tokens. Which
+# do depends on the text watermark's key (a new one with every home): with 8 prompts, a run
+# could find none; with these 20, 4 to 20 of them did over the keys tried.
 CHAT_PROMPTS = (
     "Write a long poem about the sea.",
     "Describe your day in detail.",
@@ -113,6 +115,18 @@ CHAT_PROMPTS = (
     "Describe your city in detail.",
     "Write a story.",
     "Tell me a long story about a dragon.",
+    "Tell me a long story about a princess and a frog.",
+    "Write a long letter to your best friend.",
+    "Tell me everything you know about cats.",
+    "Tell me a long story about a little boy and his dog.",
+    "Write a long story about a trip to the beach.",
+    "Describe a big party in detail.",
+    "Tell me a long story about a brave knight.",
+    "Write a long story about a magic tree.",
+    "Tell me a long story about a lost kitten.",
+    "Describe your favourite park in detail.",
+    "Write a long story about two friends who find a treasure.",
+    "Tell me a long story about a girl who could fly.",
 )
 
 
