@@ -117,13 +117,6 @@ _RECEIVE_CHUNK = 256 * 1024
 # or as soon as the worker has been idle this long.
 MONITOR_BATCH = 16
 MONITOR_IDLE_S = 0.02
-# A quick model's answer waits while its next request runs, to leave in one write with
-# its answer: one system call and one wake-up of the gateway for two answers. Only while
-# more requests are queued, and only for a model whose requests take less than
-# HOLD_SERVICE_S (a moving average, weight _SERVICE_ALPHA per request).
-HELD_ANSWERS = 2
-HOLD_SERVICE_S = 0.0005
-_SERVICE_ALPHA = 0.1
 _REASON_LIMIT = 200
 _RESULT_TYPES: Mapping[type[Work], type[Outcome]] = {
     Generate: GenerateResult,
@@ -175,11 +168,6 @@ class Worker:
         self._batch_cancel = CancelToken()
         # Jobs taken from the queue while forming a batch that did not fit it: next in line.
         self._held: collections.deque[_Job | ClearRisk | None] = collections.deque()
-        # Answers kept to leave with the next ones in one write (see _run_runtime).
-        self._held_answers = bytearray()
-        self._held_count = 0
-        # The model's time per request, a moving average (it starts as a slow model's).
-        self._service_s = HOLD_SERVICE_S
         # How the model's requests are batched (its options over its runtime's default),
         # and, for text generation, the engine that decodes sequences together.
         self._batch = BatchPolicy()
@@ -439,7 +427,6 @@ class Worker:
                 job = batch[0]
                 self._batch_cancel = CancelToken()
                 self._running = tuple(batch)
-                begun = time.perf_counter()
                 try:
                     outcomes: list[Message]
                     if len(batch) > 1:
@@ -450,26 +437,14 @@ class Worker:
                         outcomes = [self._execute(runtime, job)]
                 finally:
                     self._running = ()
-                self._service_s += _SERVICE_ALPHA * (time.perf_counter() - begun - self._service_s)
-                if len(batch) == 1 and job.deliver is None and self._may_hold():
-                    # More quick work is queued: this answer leaves with the next one, in
-                    # one write (at most HELD_ANSWERS held, none once the queue is empty).
-                    self._jobs.pop(job.request.id, None)
-                    self._held_answers += self._frame(outcomes[0])
-                    self._held_count += 1
-                    if self._held_count >= HELD_ANSWERS:
-                        self._flush_answers()
-                elif len(batch) == 1:
-                    self._flush_answers()
+                if len(batch) == 1:
                     self._answer(job, outcomes[0])
                 else:
-                    self._flush_answers()
                     self._answer_batch(batch, outcomes)
                 self._run_later()
                 if self._runtime_fault is not None:
                     # The runtime may be corrupt: no more work (see below).
                     break
-            self._flush_answers()
             self._run_later(idle=True)
             if self._engine is not None:
                 if self._runtime_fault is None:
@@ -496,8 +471,6 @@ class Worker:
         records; the extraction monitor, in batches of MONITOR_BATCH requests or when the
         worker is idle): its notices go to the gateway."""
         try:
-            if self._later or idle:
-                self._flush_answers()
             while self._later:
                 for notice in self._later.pop(0)():
                     self._send(notice)
@@ -531,17 +504,6 @@ class Worker:
                 self._jobs.pop(job.request.id, None)
                 frames += self._frame(outcome)
         if frames:
-            self._send_frame(frames)
-
-    def _may_hold(self) -> bool:
-        """Whether an answer may wait for the next one: more work is queued, and the
-        model's requests take less than HOLD_SERVICE_S (a slow model's next request would
-        hold it too long, and one write more costs it nothing)."""
-        return self._service_s < HOLD_SERVICE_S and (bool(self._held) or not self._queue.empty())
-
-    def _flush_answers(self) -> None:
-        if self._held_answers:
-            frames, self._held_answers, self._held_count = self._held_answers, bytearray(), 0
             self._send_frame(frames)
 
     def _answer_cancelled(self, job: _Job) -> None:
@@ -744,8 +706,6 @@ class Worker:
         """The next job; while the monitor has requests waiting, an idle moment drains it."""
         if self._held:
             return self._held.popleft()
-        if self._queue.empty():
-            self._flush_answers()
         while self._shield is not None and self._shield.pending:
             try:
                 return self._queue.get(timeout=MONITOR_IDLE_S)

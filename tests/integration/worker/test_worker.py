@@ -199,32 +199,3 @@ def test_an_oversized_frame_from_the_gateway_makes_the_worker_exit_4() -> None:
         gateway.load()
         gateway.connection.sendall(struct.pack("<I", 2**31))
         assert gateway.exit_status() == EXIT_WORKER_ERROR
-
-
-def test_queued_quick_answers_all_arrive_and_none_is_left_behind() -> None:
-    with worker() as gateway:
-        gateway.load()
-        # Queued together: answers may leave two by two (one write), in order.
-        gateway.connection.sendall(b"".join(encode_frame(generate(i, f"q{i}")) for i in range(200)))
-        assert [text_of(gateway.receive()) for _ in range(200)] == [
-            (i, f"q{i}") for i in range(200)
-        ]
-        # Alone: nothing follows it, so it is not held (the test would time out).
-        gateway.send(generate(500, "alone"))
-        assert text_of(gateway.receive()) == (500, "alone")
-
-
-def test_a_slow_models_answer_is_not_held_behind_the_next_request() -> None:
-    with worker() as gateway:
-        gateway.load()
-        gateway.send(generate(1, "__sleep__:0.05 slow"))
-        assert text_of(gateway.receive()) == (1, "__sleep__:0.05 slow")
-        gateway.send(generate(2, "__sleep__:0.01 quick"))
-        gateway.send(generate(3, "__sleep__:30 long"))
-        # The answer to 2 comes while 3 still runs: 3 can still be cancelled.
-        assert text_of(gateway.receive()) == (2, "__sleep__:0.01 quick")
-        gateway.send(Cancel(id=3))
-        report = gateway.receive()
-        # Stopped by the cancel, long before its 30 s (the echo runtime answers what it has).
-        assert isinstance(report, GenerateResult) and report.id == 3
-        assert report.compute_s < 20
