@@ -103,9 +103,10 @@ EMBED_SENTENCES = (
     "A sudden frost damaged the orchard just as the trees began to bloom.",
     "The striker scored twice in the second half to win the cup final.",
 )
-# Asked of tiny-chat at temperature 0; the check keeps those that run to 64 tokens. Which
-# do depends on the text watermark's key (a new one with every home): with 8 prompts, a run
-# could find none; with these 20, 4 to 20 of them did over the keys tried.
+# Asked of tiny-chat at temperature 0 with `min_tokens` 64 (vLLM's extension): every stream
+# runs to 64 tokens. Left to itself, tiny-chat ends most answers within 12 to 40 tokens,
+# and how soon depends on the text watermark's key (a new one with every home: under some
+# keys the end token is favoured after a full stop).
 CHAT_PROMPTS = (
     "Write a long poem about the sea.",
     "Describe your day in detail.",
@@ -115,18 +116,6 @@ CHAT_PROMPTS = (
     "Describe your city in detail.",
     "Write a story.",
     "Tell me a long story about a dragon.",
-    "Tell me a long story about a princess and a frog.",
-    "Write a long letter to your best friend.",
-    "Tell me everything you know about cats.",
-    "Tell me a long story about a little boy and his dog.",
-    "Write a long story about a trip to the beach.",
-    "Describe a big party in detail.",
-    "Tell me a long story about a brave knight.",
-    "Write a long story about a magic tree.",
-    "Tell me a long story about a lost kitten.",
-    "Describe your favourite park in detail.",
-    "Write a long story about two friends who find a treasure.",
-    "Tell me a long story about a girl who could fly.",
 )
 
 
@@ -155,7 +144,6 @@ class Servers:
     litserve: Target | None = None
     digits_body: Path = Path()
     digits_labels: list[int] = field(default_factory=list)
-    chat_prompts: dict[str, list[str]] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- request bodies
@@ -325,7 +313,7 @@ def check_answers(s: Servers, loads: list[Load], sections: set[str]) -> None:
             if status != 200 or len(dig(answer, "data", 0, "embedding") or ()) != 384:
                 fail(t.server, f"gave no 384-dimension embedding (HTTP {status})")
     if "d" in sections and s.demo is not None:
-        s.chat_prompts = check_chat(s.demo)
+        check_chat(s.demo)
 
 
 def chat_request(model: str, prompt: str, stream: bool) -> dict[str, Any]:
@@ -333,6 +321,7 @@ def chat_request(model: str, prompt: str, stream: bool) -> dict[str, Any]:
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": CHAT_TOKENS,
+        "min_tokens": CHAT_TOKENS,
         "temperature": 0,
         "stream": stream,
     }
@@ -341,16 +330,12 @@ def chat_request(model: str, prompt: str, stream: bool) -> dict[str, Any]:
     return body
 
 
-def check_chat(demo: RunningBastion) -> dict[str, list[str]]:
-    """Both chat registrations answer the prompts (200, text); per model, the prompts that
-    run to CHAT_TOKENS at temperature 0 (the watermark's key, and so the text, differs
-    from one registration to the other)."""
+def check_chat(demo: RunningBastion) -> None:
+    """Both chat registrations answer every prompt with CHAT_TOKENS tokens of text."""
     url, auth = f"{demo.base}/v1/chat/completions", f"Bearer {demo.key}"
     hello = json.dumps(chat_request("tiny-chat", "Hello", False)).encode()
     refuses_without_key(demo.server, url, hello)
-    prompts = {}
     for model in ("tiny-chat", "tiny-chat-serial"):
-        answers = []
         for prompt in CHAT_PROMPTS:
             status, answer = post_json(
                 url, json.dumps(chat_request(model, prompt, False)).encode(), auth
@@ -358,14 +343,11 @@ def check_chat(demo: RunningBastion) -> dict[str, list[str]]:
             if status != 200:
                 fail(demo.server, f"{model} answered a chat with HTTP {status}")
             text = dig(answer, "choices", 0, "message", "content") or ""
-            answers.append((prompt, text, dig(answer, "usage", "completion_tokens") or 0))
-        if not any(text.strip() for _, text, _ in answers):
-            fail(demo.server, f"{model} answered every chat with no text")
-        prompts[model] = [prompt for prompt, _, tokens in answers if tokens >= CHAT_TOKENS]
-        if not prompts[model]:
-            print(f"note: no prompt runs to {CHAT_TOKENS} tokens on {model}; using all")
-            prompts[model] = list(CHAT_PROMPTS)
-    return prompts
+            tokens = dig(answer, "usage", "completion_tokens") or 0
+            if not text.strip() or tokens != CHAT_TOKENS:
+                fail(
+                    demo.server, f"{model} answered a chat with {tokens} tokens, not {CHAT_TOKENS}"
+                )
 
 
 # ---------------------------------------------------------------- the wrk matrix (a, b, c, f)
@@ -490,12 +472,12 @@ async def chat_stream(
     return {"ttft_s": ttft, "tokens": tokens, "chunks": chunks, "s": ended - started}
 
 
-def prompt_of(prompts: list[str], i: int) -> str:
-    return prompts[i % len(prompts)]
+def prompt_of(i: int) -> str:
+    return CHAT_PROMPTS[i % len(CHAT_PROMPTS)]
 
 
 async def chat_rounds(
-    demo: RunningBastion, prompts: dict[str, list[str]], plans: list[ChatPlan], rounds: int
+    demo: RunningBastion, plans: list[ChatPlan], rounds: int
 ) -> list[dict[str, Any]]:
     """A warm-up round of each plan, then `rounds` of each, the plans taking turns."""
     auth = f"Bearer {demo.key}"
@@ -508,7 +490,7 @@ async def chat_rounds(
                 started = time.perf_counter()
                 streams = await asyncio.gather(
                     *(
-                        chat_stream(client, auth, plan.model, prompt_of(prompts[plan.model], i))
+                        chat_stream(client, auth, plan.model, prompt_of(i))
                         for i in range(plan.streams)
                     )
                 )
@@ -538,10 +520,10 @@ def run_chat(s: Servers, args: argparse.Namespace) -> list[dict[str, Any]]:
     ]
     print(
         f"chat: {args.chat_rounds} rounds of {[p.name for p in plans]}, "
-        f"{CHAT_TOKENS} tokens per stream, temperature 0",
+        f"{CHAT_TOKENS} tokens per stream (min_tokens), temperature 0",
         flush=True,
     )
-    rounds = asyncio.run(chat_rounds(s.demo, s.chat_prompts, plans, args.chat_rounds))
+    rounds = asyncio.run(chat_rounds(s.demo, plans, args.chat_rounds))
     for name, m in chat_summary(rounds).items():
         print(f"  {name:24s} {m['tok_s']:7,.0f} tokens/s, TTFT p50 {m['ttft_p50_ms']:6.1f} ms "
               f"p99 {m['ttft_p99_ms']:6.1f} ms", flush=True)  # fmt: skip

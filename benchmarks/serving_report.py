@@ -324,7 +324,7 @@ def report(r: Results, args: argparse.Namespace) -> list[str]:
     )
     section(
         "d",
-        "tiny-chat, streamed, temperature 0",
+        "tiny-chat, streamed, temperature 0, 64 tokens (min_tokens)",
         [
             *chat_table(chat),
             "",

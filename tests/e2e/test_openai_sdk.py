@@ -104,6 +104,22 @@ def test_stop_sequence_ends_the_text(client: openai.OpenAI) -> None:
     assert text.startswith(stopped.choices[0].text)
 
 
+def test_min_tokens_keeps_the_answer_going(client: openai.OpenAI) -> None:
+    ask = {"model": "tiny-chat", "messages": [{"role": "user", "content": "Hi"}], "temperature": 0}
+    natural = client.chat.completions.create(**ask, max_tokens=100)  # type: ignore[call-overload]
+    assert natural.usage is not None and natural.choices[0].finish_reason == "stop"
+    wanted = natural.usage.completion_tokens + 10
+    longer = client.chat.completions.create(  # type: ignore[call-overload]
+        **ask, max_tokens=100, extra_body={"min_tokens": wanted}
+    )
+    assert longer.usage is not None and longer.usage.completion_tokens >= wanted
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(  # type: ignore[call-overload]
+            **ask, max_tokens=5, extra_body={"min_tokens": 6}
+        )
+    assert refused.value.body["param"] == "min_tokens"  # type: ignore[index]
+
+
 def test_completion_stream(client: openai.OpenAI) -> None:
     chunks = list(
         client.completions.create(

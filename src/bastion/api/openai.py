@@ -138,6 +138,12 @@ def _generate(
     prompt: str | None = None,
 ) -> Generate:
     """The worker request for a chat (messages) or completion (prompt) body."""
+    min_tokens = body.min_tokens or 0
+    if min_tokens > max_tokens:
+        raise InvalidRequest(
+            f"min_tokens ({min_tokens}) must not exceed max_tokens ({max_tokens}).",
+            param="min_tokens",
+        )
     return Generate(
         id=0,
         messages=messages,
@@ -149,6 +155,7 @@ def _generate(
         seed=body.seed,
         n=n,
         stream=body.stream,
+        min_tokens=min_tokens,
     )
 
 

@@ -15,6 +15,7 @@ NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
 Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
 Seed = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 # Most prompts in one completion request.
@@ -59,6 +60,8 @@ class ChatCompletionRequest(msgspec.Struct, frozen=True):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     user: str | None = None
+    # vLLM's extension: no end of text before this many tokens (at most max_tokens).
+    min_tokens: NonNegativeInt | None = None
     # Refused by the output policy (api/openai.py): they let a caller copy the model.
     logprobs: bool | None = None
     top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
@@ -80,6 +83,7 @@ class CompletionRequest(msgspec.Struct, frozen=True):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     user: str | None = None
+    min_tokens: NonNegativeInt | None = None
     # Refused by the output policy (api/openai.py), as for chat.
     logprobs: Annotated[int, msgspec.Meta(ge=0, le=5)] | None = None
     logit_bias: dict[str, float] | None = None

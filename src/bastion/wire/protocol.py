@@ -125,6 +125,8 @@ class Generate(Message, frozen=True, kw_only=True):
     seed: int | None = None
     n: int = 1
     stream: bool = False
+    # No end token before this many tokens (vLLM's `min_tokens`); stop strings still apply.
+    min_tokens: int = 0
 
 
 class Embed(Message, frozen=True, kw_only=True):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 from collections import defaultdict
 from pathlib import Path
 
@@ -182,6 +183,32 @@ def test_end_token_stops_with_finish_reason_stop(eos_llama_dir: Path) -> None:
     assert result.choices[0].text == ""
     assert result.choices[0].finish_reason == "stop"
     assert result.completion_tokens == 1
+
+
+def test_min_tokens_holds_the_end_token_back(eos_llama_dir: Path) -> None:
+    runtime = load(eos_llama_dir, {"threads": 1})
+    result, _ = _run(runtime, prompt="hello", max_tokens=10, temperature=0, min_tokens=6)
+    # Without it the model ends at once (see above); with it, not before its seventh token.
+    assert result.completion_tokens >= 7
+    # The engine (continuous batching) decodes the same tokens.
+    engine = runtime.start_engine(2)
+    try:
+        done: list[object] = []
+        finished = threading.Event()
+        request = Generate(id=1, prompt="hello", max_tokens=10, temperature=0, min_tokens=6)
+
+        def record(result: object) -> None:
+            done.append(result)
+            finished.set()
+
+        engine.submit(request, CancelToken(), lambda i, t: None, record)
+        assert finished.wait(60)
+    finally:
+        engine.close()
+    batched = done[0]
+    assert isinstance(batched, GenerateResult)
+    assert batched.choices[0].text == result.choices[0].text
+    assert batched.completion_tokens == result.completion_tokens
 
 
 def test_context_length_exceeded(runtime: TextGenerationRuntime) -> None:
