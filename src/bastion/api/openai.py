@@ -138,12 +138,6 @@ def _generate(
     prompt: str | None = None,
 ) -> Generate:
     """The worker request for a chat (messages) or completion (prompt) body."""
-    min_tokens = body.min_tokens or 0
-    if min_tokens > max_tokens:
-        raise InvalidRequest(
-            f"min_tokens ({min_tokens}) must not exceed max_tokens ({max_tokens}).",
-            param="min_tokens",
-        )
     return Generate(
         id=0,
         messages=messages,
@@ -155,8 +149,17 @@ def _generate(
         seed=body.seed,
         n=n,
         stream=body.stream,
-        min_tokens=min_tokens,
+        min_tokens=body.min_tokens or 0,
     )
+
+
+def _check_min_tokens(min_tokens: int | None, max_tokens: int) -> None:
+    """400 for a min_tokens above max_tokens (before admission, as every body check)."""
+    if min_tokens is not None and min_tokens > max_tokens:
+        raise InvalidRequest(
+            f"min_tokens ({min_tokens}) must not exceed max_tokens ({max_tokens}).",
+            param="min_tokens",
+        )
 
 
 @inference
@@ -166,6 +169,7 @@ async def chat_completions(request: Request, admission: Admission) -> Response:
     max_tokens, n = _limits(
         admission.pipeline, body.max_completion_tokens or body.max_tokens, body.n
     )
+    _check_min_tokens(body.min_tokens, max_tokens)
     messages = [ChatMessage(role=m.role, content=m.text()) for m in body.messages]
     admitted = await admission.admit(
         "chat",
@@ -207,6 +211,7 @@ async def completions(request: Request, admission: Admission) -> Response:
     body, _ = await _prepare(request, admission, "completions", CompletionRequest)
     _output_policy(body.logprobs, None, body.logit_bias)
     max_tokens, n = _limits(admission.pipeline, body.max_tokens, body.n)
+    _check_min_tokens(body.min_tokens, max_tokens)
     prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
     if body.stream and len(prompts) > 1:
         raise InvalidRequest("Streaming supports a single prompt.", param="prompt")

@@ -176,10 +176,13 @@ class SequenceState:
         runtime, request = self._runtime, self._request
         if self._bias is not None:
             logits = self._bias(self.previous, logits)
-        if len(self.generated) < request.min_tokens and len(runtime._eos_tensor):
-            # Not the end yet: the end tokens cannot be chosen (a copy; the batch's logits
-            # stay as they are).
-            logits = logits.index_fill(0, runtime._eos_tensor, float("-inf"))
+        if len(self.generated) < request.min_tokens:
+            # Not the end yet: the end tokens (those the row holds) cannot be chosen; on a
+            # copy, the batch's logits stay as they are.
+            ends = runtime._eos_tensor
+            ends = ends[ends < logits.shape[-1]]
+            if len(ends):
+                logits = logits.index_fill(0, ends, float("-inf"))
         token = runtime._next_token(logits, request, self._generator)
         self.generated.append(token)
         self.previous = token
@@ -234,11 +237,9 @@ class TextGenerationRuntime:
         if not self._eos_ids and eos is not None:
             eos_id = self._tokenizer.token_to_id(eos)
             self._eos_ids = {eos_id} if eos_id is not None else set()
-        vocab = int(getattr(config, "vocab_size", 0) or 0)
-        # The end tokens a logits row holds, masked while a request's min_tokens is unmet.
-        self._eos_tensor = torch.tensor(
-            sorted(i for i in self._eos_ids if 0 <= i < vocab or not vocab), dtype=torch.long
-        )
+        # The end tokens, masked while a request's min_tokens is unmet.
+        ends = sorted(i for i in self._eos_ids if i >= 0)
+        self._eos_tensor = torch.tensor(ends, dtype=torch.long)
         self._context_length = int(getattr(config, "max_position_embeddings", 0) or 2048)
         parameters = inspect.signature(self._model.forward).parameters
         # transformers 5 renamed `past_key_values` to `cache`; accept either spelling.

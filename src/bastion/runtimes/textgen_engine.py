@@ -304,7 +304,10 @@ class TextGenerationEngine:
                 self._finish(job, exc)
                 continue
             finally:
-                job.compute_s += time.perf_counter() - begun
+                checked = time.perf_counter() - begun
+                job.compute_s += checked
+                # Its wait for a place starts once its prompt is checked.
+                job.submitted += checked
             self._waiting.append(job)
         self._admit()
         self._end_cancelled()
@@ -362,9 +365,14 @@ class TextGenerationEngine:
         try:
             for index in range(request.n):
                 emit = partial(job.emit, index)
-                sequence = runtime._sequence(request, job.prompt_ids, stops, index, bias, emit)
-                job.sequences.append(sequence)
-                sequence.advance(logits)
+                begun = time.perf_counter()
+                try:
+                    sequence = runtime._sequence(request, job.prompt_ids, stops, index, bias, emit)
+                    job.sequences.append(sequence)
+                    sequence.advance(logits)
+                finally:
+                    # Charged before its end (which answers it) is handled.
+                    job.compute_s += time.perf_counter() - begun
                 if sequence.finished:
                     self._sequence_ended(job, index)
                 else:

@@ -670,6 +670,7 @@ class Worker:
         except GuardRefusal as exc:
             self._answer(job, self._failure(request.id, exc))
             return
+        guarded = time.perf_counter()
 
         def emit(index: int, text: str) -> None:
             if not job.cancelled:
@@ -677,12 +678,18 @@ class Worker:
 
         def done(result: GenerateResult | BaseException) -> None:
             # Metered by the engine: its share of the batch's compute (not the time it
-            # spent decoding beside others), and its wait for a place in the batch.
-            compute = queued = 0.0
+            # spent decoding beside others), and its wait for a place in the batch. A
+            # failure (or an engine that does not meter) is charged its time in the
+            # engine, as a request outside continuous batching is.
+            compute, queued = guarded - started, 0.0
+            if isinstance(result, GenerateResult) and result.compute_s > 0:
+                compute += result.compute_s
+                queued = result.queue_s
+            else:
+                compute += time.perf_counter() - guarded
             if isinstance(result, BaseException):
                 outcome: Outcome = self._failure(request.id, result)
             else:
-                compute, queued = result.compute_s, result.queue_s
                 checked = time.perf_counter()
                 outcome = self._complete(lambda: self._finish_generate(request, result), request)
                 compute += time.perf_counter() - checked

@@ -485,7 +485,7 @@ def test_requests_wait_for_room(runtime: TextGenerationRuntime) -> None:
     assert sizes.count(3) == 5  # 6 tokens each: the first comes from the prompt's forward
     # Those that waited for room say so; the first started at once.
     assert results[0].queue_s < results[2].queue_s
-    assert results[3].queue_s > 0
+    assert results[0].queue_s < results[3].queue_s
 
 
 def test_each_request_is_charged_its_share_of_the_batch(

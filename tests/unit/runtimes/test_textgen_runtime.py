@@ -188,8 +188,9 @@ def test_end_token_stops_with_finish_reason_stop(eos_llama_dir: Path) -> None:
 def test_min_tokens_holds_the_end_token_back(eos_llama_dir: Path) -> None:
     runtime = load(eos_llama_dir, {"threads": 1})
     result, _ = _run(runtime, prompt="hello", max_tokens=10, temperature=0, min_tokens=6)
-    # Without it the model ends at once (see above); with it, not before its seventh token.
-    assert result.completion_tokens >= 7
+    # Without it the model ends at once (see above); with it, at its seventh token.
+    assert result.completion_tokens == 7
+    assert result.choices[0].finish_reason == "stop"
     # The engine (continuous batching) decodes the same tokens.
     engine = runtime.start_engine(2)
     try:
