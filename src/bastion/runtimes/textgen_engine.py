@@ -45,7 +45,8 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -85,6 +86,15 @@ class _Job:
         self.compute_s = 0.0
         self.submitted = time.perf_counter()
         self.started: float | None = None
+
+    @contextmanager
+    def charged(self) -> Iterator[None]:
+        """Charge the time the block takes to this request (also when it raises)."""
+        begun = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.compute_s += time.perf_counter() - begun
 
 
 @dataclass(slots=True)
@@ -297,17 +307,15 @@ class TextGenerationEngine:
     def _step(self, arrivals: list[_Job]) -> None:
         for job in arrivals:
             self._live[id(job)] = job
-            begun = time.perf_counter()
+            before = job.compute_s
             try:
-                job.prompt_ids = self._runtime._checked_prompt(job.request)
+                with job.charged():
+                    job.prompt_ids = self._runtime._checked_prompt(job.request)
             except BaseException as exc:
                 self._finish(job, exc)
                 continue
-            finally:
-                checked = time.perf_counter() - begun
-                job.compute_s += checked
-                # Its wait for a place starts once its prompt is checked.
-                job.submitted += checked
+            # Its wait for a place starts once its prompt is checked.
+            job.submitted += job.compute_s - before
             self._waiting.append(job)
         self._admit()
         self._end_cancelled()
@@ -352,27 +360,21 @@ class TextGenerationEngine:
         runtime, request = self._runtime, job.request
         bias = runtime._logits_bias
         stops = runtime._stops(request)
-        begun = time.perf_counter()
         try:
-            logits, cache = runtime._prefill(job.prompt_ids)
+            with job.charged():
+                logits, cache = runtime._prefill(job.prompt_ids)
         except BaseException as exc:
             self._fail(job, exc, "the model failed to read a prompt")
             return None
-        finally:
-            # Charged before its first tokens (which may end it) are chosen.
-            job.compute_s += time.perf_counter() - begun
         rows: list[_Row] = []
         try:
             for index in range(request.n):
                 emit = partial(job.emit, index)
-                begun = time.perf_counter()
-                try:
+                # Charged before its end (which answers it) is handled.
+                with job.charged():
                     sequence = runtime._sequence(request, job.prompt_ids, stops, index, bias, emit)
                     job.sequences.append(sequence)
                     sequence.advance(logits)
-                finally:
-                    # Charged before its end (which answers it) is handled.
-                    job.compute_s += time.perf_counter() - begun
                 if sequence.finished:
                     self._sequence_ended(job, index)
                 else:
@@ -401,12 +403,9 @@ class TextGenerationEngine:
             job.compute_s += share
             if job.over:
                 continue
-            begun = time.perf_counter()
             try:
-                try:
+                with job.charged():
                     row.sequence.advance(row_logits)
-                finally:
-                    job.compute_s += time.perf_counter() - begun
                 if row.sequence.finished:
                     self._sequence_ended(job, row.index)
             except BaseException as exc:

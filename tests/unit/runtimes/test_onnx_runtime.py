@@ -191,14 +191,7 @@ def test_a_batch_runs_in_one_call_and_each_request_gets_its_own_rows() -> None:
         Infer(id=5, inputs=[_digits_input(images[4:5])]),
     ]
     alone = [digits.infer(r) if r.id != 3 else None for r in requests]
-    calls: list[int] = []
-    session_run = digits._session.run
-
-    def counting_run(names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        calls.append(next(iter(feeds.values())).shape[0])
-        return session_run(names, feeds)
-
-    digits._session.run = counting_run  # type: ignore[method-assign]
+    calls = _session_calls(digits)
     results = digits.infer_batch(requests)
     # Requests 1, 2 and 5 (same outputs) share one call of 5 rows; request 4 runs apart.
     assert sorted(calls) == [1, 5]
@@ -240,6 +233,15 @@ def test_a_first_dimension_named_differently_is_not_a_batch_dimension(tmp_path: 
     )
     runtime = load(_save(model, tmp_path / "named"), {"threads": 1})
     assert not runtime._batchable
+    calls = _session_calls(runtime)
+    values = [np.ones((1, 3), dtype=np.float32), np.zeros((2, 3), dtype=np.float32)]
+    results = runtime.infer_batch([Infer(id=i, inputs=[_x(v)]) for i, v in enumerate(values)])
+    assert sorted(calls) == [1, 2]
+    assert all(isinstance(r, InferResult) for r in results)
+
+
+def _session_calls(runtime: OnnxRuntime) -> list[int]:
+    """The rows of each call the runtime makes to its ONNX session from now on."""
     calls: list[int] = []
     session_run = runtime._session.run
 
@@ -248,7 +250,4 @@ def test_a_first_dimension_named_differently_is_not_a_batch_dimension(tmp_path: 
         return session_run(names, feeds)
 
     runtime._session.run = counting_run  # type: ignore[method-assign]
-    values = [np.ones((1, 3), dtype=np.float32), np.zeros((2, 3), dtype=np.float32)]
-    results = runtime.infer_batch([Infer(id=i, inputs=[_x(v)]) for i, v in enumerate(values)])
-    assert sorted(calls) == [1, 2]
-    assert all(isinstance(r, InferResult) for r in results)
+    return calls
