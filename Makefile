@@ -11,7 +11,7 @@ NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test unit check lint typecheck audit sbom lock bench bench-ohttp bench-serving clean-venv sandbox-deps docker-deps
+.PHONY: serve test unit check lint typecheck audit sbom lock bench bench-ohttp bench-serving bench-audit clean-venv sandbox-deps docker-deps prometheus-deps
 
 # Only what the lock names, each file checked against its hash; then Bastion itself, in
 # place, built with the locked setuptools (no unpinned build environment).
@@ -67,14 +67,21 @@ docker-deps:
 	  for i in $$(seq 1 60); do docker info >/dev/null 2>&1 && exit 0; sleep 1; done; \
 	  echo "dockerd did not answer within 60 s; see $(DOCKERD_LOG)" >&2; exit 1; }
 
+# promtool (from Debian's prometheus package) checks deploy/prometheus's rules and the
+# dashboard's queries (tests/unit/deploy): only the promtool binary is taken from the
+# package, so no Prometheus service is installed or started. As root, fetched here;
+# otherwise a clear message.
+prometheus-deps:
+	@command -v promtool >/dev/null || test -x $(BIN)/promtool || { 	  if [ "$$(id -u)" != 0 ]; then 	    echo "the deploy tests need promtool: install Debian's prometheus package (or run this as root)" >&2; exit 1; fi; 	  tmp=$$(mktemp -d) && cd $$tmp && apt-get update -qq && apt-get download -qq prometheus >/dev/null && 	  dpkg-deb -x prometheus_*.deb root && install -m 0755 root/usr/bin/promtool $(CURDIR)/$(BIN)/promtool && 	  cd / && rm -rf $$tmp; }
+
 serve: $(STAMP) sandbox-deps
 	$(BIN)/bastion serve --host $(HOST) --port $(PORT)
 
-test: $(STAMP) $(NODE_STAMP) sandbox-deps docker-deps
+test: $(STAMP) $(NODE_STAMP) sandbox-deps docker-deps prometheus-deps
 	$(BIN)/python -m pytest -q tests
 
 # The fast inner loop: unit tests and the layering rules, no server, no sandbox (~40 s).
-unit: $(STAMP)
+unit: $(STAMP) prometheus-deps
 	$(BIN)/python -m pytest -q tests/unit tests/test_layering.py
 
 lint: $(STAMP)
@@ -95,6 +102,11 @@ bench-ohttp: $(STAMP)
 # Every model kind under load against the ceiling and LitServe, with the targets (~10 min).
 bench-serving: $(STAMP)
 	$(BIN)/python benchmarks/serving.py $(BENCH_ARGS)
+
+# The audit log: append and checkpoint costs, verify 1M records, gateway with auditing
+# on vs off (~3 min).
+bench-audit: $(STAMP)
+	$(BIN)/python benchmarks/audit.py $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

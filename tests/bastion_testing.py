@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -126,6 +127,9 @@ def clean_env(**extra: str) -> dict[str, str]:
         TRANSFORMERS_OFFLINE="1",
         BASTION_REFRESH_INTERVAL_S="0.5",
         BASTION_HEARTBEAT_INTERVAL_S="0.5",
+        # Every test client shares 127.0.0.1: the suite's deliberate failures would lock it
+        # out. tests/e2e/test_auth_throttling.py turns the throttle on for its servers.
+        BASTION_AUTH_THROTTLE_FAILURES="0",
     )
     env.update(extra)
     return env
@@ -140,11 +144,27 @@ class BastionServer:
         *args: str,
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
+        tls_ca: Path | None = None,
+        admin_listen: bool = False,
+        client_cert: tuple[Path, Path] | None = None,
     ) -> None:
-        """Serve `home`; with `cwd`, start there and name the home relative to it."""
+        """Serve `home`; with `cwd`, start there and name the home relative to it.
+
+        With `tls_ca` the server is reached over https, trusted as issued by that CA file
+        (the TLS flags themselves are among `args`). With `admin_listen` the admin API has
+        a loopback port of its own (`admin_url`), reached with `client_cert` (certificate,
+        key) if given; `admin_client` and `wait_model` use it."""
         self.home = home
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.tls_ca = tls_ca
+        self.client_cert = client_cert
+        scheme = "https" if tls_ca is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        self.admin_url = self.url
+        if admin_listen:
+            admin_port = free_port()
+            self.admin_url = f"{scheme}://127.0.0.1:{admin_port}"
+            args = (*args, "--admin-listen", f"127.0.0.1:{admin_port}")
         home.mkdir(parents=True, exist_ok=True)
         self.stdout_path = home.parent / f"{home.name}-stdout.log"
         self.stderr_path = home.parent / f"{home.name}-stderr.log"
@@ -163,9 +183,26 @@ class BastionServer:
     def admin_key(self) -> str:
         return (self.home / "admin.key").read_text().strip()
 
+    def verify(self, *, admin: bool = False) -> ssl.SSLContext | bool:
+        """What an httpx client needs to trust the server (and, for the admin listener,
+        to show the client certificate)."""
+        if self.tls_ca is None:
+            return True
+        context = ssl.create_default_context(cafile=str(self.tls_ca))
+        if admin and self.client_cert is not None:
+            context.load_cert_chain(*self.client_cert)
+        return context
+
     def client(self, key: str | None = None) -> httpx.Client:
         headers = {"authorization": f"Bearer {key or self.admin_key}"}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=60)
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60, verify=self.verify())
+
+    def admin_client(self, key: str | None = None) -> httpx.Client:
+        """A client of the admin API (the public listener unless it has its own)."""
+        headers = {"authorization": f"Bearer {key or self.admin_key}"}
+        return httpx.Client(
+            base_url=self.admin_url, headers=headers, timeout=60, verify=self.verify(admin=True)
+        )
 
     def wait_ready(self, models: list[str] | None = None, timeout: float = 240) -> None:
         """Wait for /readyz, then for the named models to be ready."""
@@ -174,7 +211,8 @@ class BastionServer:
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited: {self.stderr_path.read_text()[-3000:]}")
             try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                ready = httpx.get(self.url + "/readyz", timeout=2, verify=self.verify())
+                if ready.status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
@@ -187,7 +225,7 @@ class BastionServer:
     def wait_model(self, name: str, state: str, timeout: float = 120) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         view: dict[str, Any] = {}
-        with self.client() as client:
+        with self.admin_client() as client:
             while time.monotonic() < deadline:
                 response = client.get(f"/admin/v1/models/{name}")
                 if response.status_code == 200:

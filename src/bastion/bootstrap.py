@@ -12,7 +12,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bastion.audit.events import HOME_INITIALISED, Event, EventSink, LogEventSink
+from bastion.audit.events import HOME_INITIALISED, Event, EventSink, FanOutSink, LogEventSink
+from bastion.audit.log import AuditLog
+from bastion.audit.writer import AuditWriter
 from bastion.config import Settings
 from bastion.crypto.keyring import KeyRing, KeyRingError, LocalKek
 from bastion.crypto.master_key import derive_key, load_or_create_master_key
@@ -41,6 +43,9 @@ class Home:
     keyring: KeyRing
     ohttp_keys: OhttpKeyStore
     quotas: QuotaStore
+    # Every event also goes into the tamper-evident audit log through this sink (None only
+    # when the audit log is switched off).
+    audit: AuditWriter | None
 
 
 @dataclass
@@ -64,12 +69,14 @@ def open_home(settings: Settings, events: EventSink | None = None) -> Home:
         _make_private_dir(settings.home)
     except OSError as exc:
         raise ConfigurationError(f"Cannot create the home directory {settings.home}.") from exc
-    sink = events or LogEventSink()
     master_key, _ = load_or_create_master_key(settings.master_key_path)
     hasher = KeyHasher(derive_key(master_key, "api-key-hmac-v1"))
     db = Database(settings.db_url)
     db.migrate()
     keyring = _keyring(settings, master_key)
+    audit = _audit_writer(settings, db, keyring) if settings.audit_enabled else None
+    base = events or LogEventSink()
+    sink: EventSink = base if audit is None else FanOutSink(base, audit)
     return Home(
         settings=settings,
         db=db,
@@ -80,6 +87,23 @@ def open_home(settings: Settings, events: EventSink | None = None) -> Home:
         keyring=keyring,
         ohttp_keys=OhttpKeyStore(db, keyring, sink),
         quotas=QuotaStore(db, sink),
+        audit=audit,
+    )
+
+
+def _audit_writer(settings: Settings, db: Database, keyring: KeyRing) -> AuditWriter:
+    log = AuditLog(
+        db,
+        keyring,
+        origin=settings.audit_origin or None,
+        checkpoint_every=settings.audit_checkpoint_every,
+        checkpoint_interval_s=settings.audit_checkpoint_interval_s,
+    )
+    return AuditWriter(
+        log,
+        retention_days=settings.audit_retention_days,
+        verify_interval_s=settings.audit_verify_interval_s,
+        checkpoint_interval_s=settings.audit_checkpoint_interval_s,
     )
 
 

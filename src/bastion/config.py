@@ -6,6 +6,7 @@ once per command.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, cast, get_args, get_type_hints
 
+from bastion.errors import ConfigurationError
 from bastion.wire.protocol import LIMIT_OPTIONS, RequestLimits, SizeLimits
 
 DEFAULT_HOME = Path(".bastion")
@@ -28,7 +30,25 @@ E2E = "end-to-end encryption"
 KEYS = "key ring"
 MODELS = "models"
 SANDBOX = "sandbox"
-SECTIONS = (SERVER, REQUESTS, CONNECTIONS, SCHEDULING, WORKERS, E2E, KEYS, MODELS, SANDBOX)
+TRANSPORT = "transport"
+AUDIT = "audit log"
+ALERTS = "alerts"
+AUTHENTICATION = "authentication"
+SECTIONS = (
+    SERVER,
+    TRANSPORT,
+    AUDIT,
+    ALERTS,
+    REQUESTS,
+    CONNECTIONS,
+    AUTHENTICATION,
+    SCHEDULING,
+    WORKERS,
+    E2E,
+    KEYS,
+    MODELS,
+    SANDBOX,
+)
 
 
 def _in(section: str, default: Any, *, secret: bool = False) -> Any:
@@ -68,6 +88,39 @@ class Settings:
     body_timeout_s: float = _in(CONNECTIONS, 30.0)
     send_timeout_s: float = _in(CONNECTIONS, 30.0)
     keepalive_timeout_s: float = _in(CONNECTIONS, 5.0)
+    # Throttle of failed authentication (docs/threat-model.md): this many failures within
+    # the window, from one client address (IPv6: its /64) or with wrong secrets for one key
+    # id, lock it out for the initial back-off, doubled by each further failure up to the
+    # maximum: its failures get 429 with Retry-After instead of 401. A request with a valid
+    # key is never refused. 0 failures: no throttle.
+    auth_throttle_failures: int = _in(AUTHENTICATION, 10)
+    auth_throttle_window_s: float = _in(AUTHENTICATION, 60.0)
+    auth_throttle_backoff_initial_s: float = _in(AUTHENTICATION, 1.0)
+    auth_throttle_backoff_max_s: float = _in(AUTHENTICATION, 900.0)
+    # Single sign-on (docs/sso.md), on when the issuer and audience are set: JWT bearer
+    # tokens of this OpenID Connect issuer (https; its discovery document names its keys,
+    # re-read every jwks_ttl_s) are accepted beside API keys, signed with one of the
+    # algorithms (comma-separated, asymmetric only), with the leeway for clock skew. The
+    # tenant is the tenant claim's value (a dotted name reaches into nested claims), or
+    # with a pattern (a regular expression with one group) what the group matches in that
+    # claim's values; the role is the role claim's value, or looked up in the role map
+    # ("value=role,value=role"; roles admin, tenant-admin, consumer).
+    jwt_issuer: str | None = _in(AUTHENTICATION, None)
+    jwt_audience: str | None = _in(AUTHENTICATION, None)
+    jwt_algorithms: str = _in(AUTHENTICATION, "RS256,ES256,EdDSA")
+    jwt_leeway_s: float = _in(AUTHENTICATION, 30.0)
+    jwt_jwks_ttl_s: float = _in(AUTHENTICATION, 300.0)
+    jwt_tenant_claim: str = _in(AUTHENTICATION, "bastion_tenant")
+    jwt_tenant_pattern: str = _in(AUTHENTICATION, "")
+    jwt_role_claim: str = _in(AUTHENTICATION, "bastion_role")
+    jwt_role_map: str = _in(AUTHENTICATION, "")
+    # The console's sign-in at the same issuer (authorization code + PKCE): its client id,
+    # its secret given itself or as a file holding it (neither: a public client), and the
+    # console's callback URL as registered at the provider.
+    oidc_client_id: str | None = _in(AUTHENTICATION, None)
+    oidc_client_secret: str | None = _in(AUTHENTICATION, None, secret=True)
+    oidc_client_secret_file: str | None = _in(AUTHENTICATION, None)
+    oidc_redirect_url: str | None = _in(AUTHENTICATION, None)
     # Requests each model's worker holds at once; the rest wait in the model's fair queue
     # (weighted fair queuing across tenants), which holds at most `queue_size` requests.
     # 0 (the default) adapts it per model (bastion.quotas.window): the fewest that keep the
@@ -79,6 +132,27 @@ class Settings:
     # How long sealed records of watermarked classifier answers are kept (for
     # `bastion protect verify`), in days.
     watermark_retention_days: float = _in(SERVER, 30.0)
+    # The tamper-evident audit log (docs/audit.md): records older than the retention are
+    # pruned with a signed note (180 days: the EU AI Act's six months); a checkpoint is
+    # signed every N records or T seconds; the whole log is verified on a schedule.
+    # Off only for measurements (benchmarks/audit.py): then nothing is recorded and the
+    # server warns at start.
+    audit_enabled: bool = _in(AUDIT, True)
+    audit_retention_days: float = _in(AUDIT, 180.0)
+    audit_checkpoint_every: int = _in(AUDIT, 256)
+    audit_checkpoint_interval_s: float = _in(AUDIT, 10.0)
+    audit_verify_interval_s: float = _in(AUDIT, 6 * 3600.0)
+    # The log's name in its checkpoints (c2sp.org/tlog-checkpoint origin), fixed when the
+    # log's key is made; by default "bastion/audit/<random id>".
+    audit_origin: str = _in(AUDIT, "")
+    # Security alerts (docs/alerts.md): a rules file (TOML, or JSON by its .json suffix)
+    # that changes the default rules; the webhook alerts are POSTed to (http or https),
+    # signed with HMAC-SHA-256 by a secret given itself or as a file holding it (one).
+    # `bastion serve` refuses to start if any of them is not valid.
+    alert_rules: str | None = _in(ALERTS, None)
+    alert_webhook_url: str | None = _in(ALERTS, None)
+    alert_webhook_secret: str | None = _in(ALERTS, None, secret=True)
+    alert_webhook_secret_file: str | None = _in(ALERTS, None)
     # How often metered usage (requests, tokens, compute seconds) is written to the database.
     usage_flush_interval_s: float = _in(SERVER, 5.0)
     # How often the gateway re-reads keys, tenants and models from the database.
@@ -147,6 +221,122 @@ class Settings:
     # PYTHONPATH, which the sandboxes mount read-only). For an operator's own runtimes,
     # and for the tests' hostile runtime; never settable through the API.
     extra_runtimes: str = _in(WORKERS, "")
+    # TLS on the gateway's listeners: a PEM certificate (chain) and its private key, both
+    # or neither (`serve --tls-cert/--tls-key`; `bastion init --self-signed` writes a
+    # development pair). TLS 1.2 and 1.3 only, forward-secret AEAD ciphers. The key file
+    # must not be readable by every user (docs/tls.md).
+    tls_cert: str | None = _in(TRANSPORT, None)
+    tls_key: str | None = _in(TRANSPORT, None)
+    # A listener of its own for the admin API, HOST:PORT or PORT (then on 127.0.0.1)
+    # (`serve --admin-listen`): the public listener then answers admin routes 404.
+    admin_listen: str | None = _in(TRANSPORT, None)
+    # A PEM file of the CA(s) whose client certificates the admin listener requires
+    # (mutual TLS; `serve --admin-client-ca`). Needs TLS and admin_listen.
+    admin_tls_client_ca: str | None = _in(TRANSPORT, None)
+    # Origins (scheme://host[:port], comma-separated) whose web pages may call the
+    # inference API (/v1, /v2) from a browser. None by default: no CORS headers at all.
+    cors_origins: str = _in(TRANSPORT, "")
+
+    def listeners(self) -> ListenerSettings:
+        """The TLS files, admin listener and CORS origins, checked; ConfigurationError if
+        they do not fit together (the files themselves are read by bastion.tls)."""
+        cert, key = self.tls_cert or None, self.tls_key or None
+        if (cert is None) != (key is None):
+            raise ConfigurationError(
+                "TLS needs both a certificate and its key (--tls-cert and --tls-key, or "
+                "BASTION_TLS_CERT and BASTION_TLS_KEY); only one was given."
+            )
+        tls = (Path(cert), Path(key)) if cert is not None and key is not None else None
+        admin = _host_port(self.admin_listen) if self.admin_listen else None
+        client_ca = Path(self.admin_tls_client_ca) if self.admin_tls_client_ca else None
+        if client_ca is not None and admin is None:
+            raise ConfigurationError(
+                "A client CA (BASTION_ADMIN_TLS_CLIENT_CA) is for the admin listener: "
+                "set BASTION_ADMIN_LISTEN (--admin-listen) too."
+            )
+        if client_ca is not None and tls is None:
+            raise ConfigurationError(
+                "Client certificates (BASTION_ADMIN_TLS_CLIENT_CA) need TLS: set "
+                "BASTION_TLS_CERT and BASTION_TLS_KEY (--tls-cert, --tls-key) too."
+            )
+        if admin is not None and admin == (self.host, self.port):
+            raise ConfigurationError("The admin listener needs an address of its own.")
+        origins = tuple(_origin(o) for o in self.cors_origins.split(",") if o.strip())
+        return ListenerSettings(
+            tls=tls, admin=admin, admin_client_ca=client_ca, cors_origins=origins
+        )
+
+    def single_sign_on(self) -> SsoSettings | None:
+        """The single sign-on settings, parsed, or None when it is off; ConfigurationError
+        if they do not fit together. (bastion.identity checks algorithms, roles and URLs
+        again when it is built from them, and raises ValueError.)"""
+        issuer, audience = self.jwt_issuer or None, self.jwt_audience or None
+        client_id = self.oidc_client_id or None
+        if issuer is None:
+            if audience is not None or client_id is not None:
+                raise ConfigurationError(
+                    "Single sign-on needs the issuer: set BASTION_JWT_ISSUER too."
+                )
+            return None
+        if audience is None and client_id is None:
+            raise ConfigurationError(
+                "Single sign-on needs BASTION_JWT_AUDIENCE (for API bearer tokens), "
+                "BASTION_OIDC_CLIENT_ID (for the console's sign-in) or both."
+            )
+        if audience is not None and audience == client_id:
+            raise ConfigurationError(
+                "BASTION_JWT_AUDIENCE must differ from BASTION_OIDC_CLIENT_ID: otherwise the "
+                "console's ID tokens would open the API."
+            )
+        algorithms = tuple(a.strip() for a in self.jwt_algorithms.split(",") if a.strip())
+        if not algorithms or any(
+            a.lower() == "none" or a.upper().startswith("HS") for a in algorithms
+        ):
+            raise ConfigurationError(
+                "BASTION_JWT_ALGORITHMS: asymmetric algorithms only (such as RS256, ES256, "
+                "EdDSA), comma-separated; never none or HMAC."
+            )
+        role_map: dict[str, str] = {}
+        for entry in self.jwt_role_map.split(","):
+            if entry.strip():
+                value, sep, role = (part.strip() for part in entry.rpartition("="))
+                if not sep or not value or not role:
+                    raise ConfigurationError(
+                        "BASTION_JWT_ROLE_MAP: each entry is value=role, comma-separated."
+                    )
+                role_map[value] = role
+        secret = self.oidc_client_secret or None
+        if client_id is not None:
+            if secret is not None and self.oidc_client_secret_file:
+                raise ConfigurationError(
+                    "Give the OIDC client secret itself or as a file, not both "
+                    "(BASTION_OIDC_CLIENT_SECRET, BASTION_OIDC_CLIENT_SECRET_FILE)."
+                )
+            if self.oidc_client_secret_file:
+                try:
+                    secret = Path(self.oidc_client_secret_file).read_text().strip() or None
+                except OSError as exc:
+                    raise ConfigurationError(
+                        "BASTION_OIDC_CLIENT_SECRET_FILE cannot be read."
+                    ) from exc
+            if not self.oidc_redirect_url:
+                raise ConfigurationError(
+                    "The console's sign-in needs its callback URL: set BASTION_OIDC_REDIRECT_URL."
+                )
+        return SsoSettings(
+            issuer=issuer,
+            audience=audience,
+            algorithms=algorithms,
+            leeway_s=self.jwt_leeway_s,
+            jwks_ttl_s=self.jwt_jwks_ttl_s,
+            tenant_claim=self.jwt_tenant_claim,
+            tenant_pattern=self.jwt_tenant_pattern or None,
+            role_claim=self.jwt_role_claim,
+            role_map=role_map,
+            client_id=client_id,
+            client_secret=secret if client_id is not None else None,
+            redirect_url=self.oidc_redirect_url if client_id is not None else None,
+        )
 
     def runtime_modules(self) -> dict[str, str]:
         """The extra runtimes: name -> module (ValueError if malformed)."""
@@ -230,6 +420,79 @@ class Settings:
         return cls(**values)
 
 
+@dataclass(frozen=True, slots=True)
+class ListenerSettings:
+    """How the gateway listens, checked (Settings.listeners)."""
+
+    # (certificate, key) PEM files, or None: plain HTTP.
+    tls: tuple[Path, Path] | None
+    # The admin listener's (host, port), or None: one listener serves every route.
+    admin: tuple[str, int] | None
+    admin_client_ca: Path | None
+    cors_origins: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SsoSettings:
+    """Single sign-on, parsed (Settings.single_sign_on): what bastion.identity's
+    TokenPolicy, ClaimsMapping, JwksCache and OidcClientConfig are built from."""
+
+    issuer: str
+    # The audience API bearer tokens must name (None: none are accepted).
+    audience: str | None
+    algorithms: tuple[str, ...]
+    leeway_s: float
+    jwks_ttl_s: float
+    tenant_claim: str
+    tenant_pattern: str | None
+    role_claim: str
+    role_map: Mapping[str, str]
+    # The console's client (None: no console sign-in).
+    client_id: str | None
+    client_secret: str | None = field(repr=False)
+    redirect_url: str | None
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    """HOST:PORT, [IPv6]:PORT or PORT (then on 127.0.0.1); ConfigurationError if malformed."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep:
+        host = "127.0.0.1"
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    try:
+        valid = port.isdigit() and 0 < int(port) < 65536
+        if ":" in host:
+            valid = valid and bracketed and ipaddress.IPv6Address(host) is not None
+        else:
+            valid = valid and not bracketed and _HOST.fullmatch(host) is not None
+    except ValueError:
+        valid = False
+    if not valid:
+        raise ConfigurationError(
+            f"BASTION_ADMIN_LISTEN (--admin-listen) must be HOST:PORT, [IPv6]:PORT or PORT, "
+            f"not {text!r}."
+        )
+    return host, int(port)
+
+
+def _origin(text: str) -> str:
+    """An origin as browsers send it (lowercase, no default port); ConfigurationError if
+    it is not scheme://host[:port]."""
+    origin = text.strip().lower()
+    match = _ORIGIN.fullmatch(origin)
+    if match is None:
+        raise ConfigurationError(
+            f"BASTION_CORS_ORIGINS: {text.strip()!r} is not an origin: scheme://host[:port] "
+            "(http or https; no path, no wildcard), comma-separated."
+        )
+    scheme, port = match["scheme"], match["port"]
+    if port is not None and int(port) == {"http": 80, "https": 443}[scheme]:
+        origin = origin.rsplit(":", 1)[0]
+    return origin
+
+
 def check_limit_options(options: Mapping[str, Any]) -> None:
     """Raise ValueError unless each size-limit option present is a positive integer."""
     for name in LIMIT_OPTIONS:
@@ -286,4 +549,9 @@ def _environment() -> dict[str, EnvironmentVariable]:
 # Every setting, its environment variable and section: derived from Settings itself, so a
 # new setting cannot be forgotten here.
 ENVIRONMENT = _environment()
+_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
+# An origin: scheme, host (a name, or an IPv6 address in brackets), port; nothing else.
+_ORIGIN = re.compile(
+    r"(?P<scheme>https?)://([a-z0-9]([a-z0-9.-]*[a-z0-9])?|\[[0-9a-f:.]+\])(:(?P<port>[0-9]{1,5}))?"
+)
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")

@@ -14,6 +14,7 @@
     ├── PayloadTooLarge               413  body over the configured limit
     ├── UnsupportedMediaType          415  the body is not JSON
     ├── RateLimited                   429  quotas: rate, concurrency, daily budgets
+    │   └── AuthThrottled             429  too many failed sign-ins from an address or for a key
     ├── ModelUnavailable              503  model not loaded, loading, failed, or worker gone
     │   └── WorkerCrashed             503  the worker died while serving the request
     ├── StorageUnavailable            503  the database cannot be written now (disk full, locked)
@@ -67,6 +68,12 @@ class AuthenticationError(BastionError):
     status = 401
     error_type = "authentication_error"
     code = "invalid_api_key"
+
+    # Why it failed (a reason code of gateway/auth.py) and the key id it named, never the
+    # secret: what the throttle of failed attempts counts (gateway/auth_throttle.py).
+    # Neither reaches the client.
+    reason: str | None = None
+    key_id: str | None = None
 
     def __init__(self, message: str = "Invalid or missing API key.", **kwargs: object) -> None:
         super().__init__(message, **kwargs)  # type: ignore[arg-type]
@@ -140,6 +147,24 @@ class RateLimited(BastionError):
     status = 429
     error_type = "rate_limit_error"
     code = "rate_limit_exceeded"
+
+
+class AuthThrottled(RateLimited):
+    """Too many failed attempts to authenticate from this client address, or with this key
+    id: refused for a while, without the key being checked where it cannot be valid. A
+    request with a valid key is never refused so (gateway/auth_throttle.py)."""
+
+    code = "auth_throttled"
+
+    def __init__(
+        self,
+        message: str = "Too many failed authentication attempts: retry after Retry-After seconds.",
+        *,
+        retry_after_s: int = 1,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.headers.setdefault("retry-after", str(max(1, retry_after_s)))
 
 
 class ModelUnavailable(BastionError):

@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
+import functools
 import gc
-import ipaddress
 import logging
-
-import uvicorn
+from collections.abc import Callable
 
 from bastion.api.app import create_app
 from bastion.api.services import Services
-from bastion.api.transport import protocol_class
-from bastion.audit.events import SERVER_STARTED, Event, FanOutSink
+from bastion.audit.alerts import AlertRules, load_rules
+from bastion.audit.events import SERVER_STARTED, Event, EventSink, FanOutSink
+from bastion.audit.webhooks import WebhookNotifier, webhook_secret
 from bastion.bootstrap import Home
+from bastion.config import Settings
 from bastion.gateway.auth import Authenticator
 from bastion.gateway.control import ControlPlane
 from bastion.gateway.gateway import Gateway
 from bastion.gateway.protection import ProtectionDesk
+from bastion.listeners import plan, serve_all, uvicorn_server, warn_exposure
 from bastion.models.bundle_store import BundleStore
 from bastion.models.watermark_secret import WatermarkSecret
-from bastion.observability.metrics import Metrics, MetricsEventSink
+from bastion.observability.metrics import AlertMetrics, Metrics, MetricsEventSink
 from bastion.protection.monitor import monitor_policy_of
 from bastion.quotas.usage import UsageMeter
 from bastion.sandboxes.factory import Sandboxes, make_sandbox
@@ -28,19 +30,27 @@ from bastion.supervision.supervisor import Supervisor
 logger = logging.getLogger("bastion.server")
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+def build_alerts(
+    settings: Settings, metrics: Metrics
+) -> tuple[EventSink, list[Callable[[], None]]]:
+    """The security alert rules, and the webhook they hand alerts to (docs/alerts.md), with
+    what to close when the server stops (the webhook delivers what is queued, for 5 s)."""
+    rules = load_rules(settings.alert_rules)
+    counts = AlertMetrics(metrics, rules)
+    if settings.alert_webhook_url is None:
+        return AlertRules(rules, [counts.fired]), []
+    secret = webhook_secret(settings.alert_webhook_secret, settings.alert_webhook_secret_file)
+    notifier = WebhookNotifier(settings.alert_webhook_url, secret, on_outcome=counts.delivery)
+    counts.dead_letters_from(lambda: len(notifier.dead_letters))
+    alerts = AlertRules(rules, [counts.fired, notifier.submit])
+    return alerts, [functools.partial(notifier.close, 5.0)]
 
 
 def build_services(home: Home, metrics: Metrics) -> Services:
     """Every service the server runs, each built once, wired to the ones it needs."""
     settings = home.settings
-    events = FanOutSink(home.events, MetricsEventSink(metrics))
+    alerts, closers = build_alerts(settings, metrics)
+    events = FanOutSink(home.events, MetricsEventSink(metrics), alerts)
     sandboxes = Sandboxes(make_sandbox(settings), settings)
     supervisor = Supervisor(settings, sandboxes, events)
     authenticator = Authenticator(home.db, home.hasher, events)
@@ -69,7 +79,12 @@ def build_services(home: Home, metrics: Metrics) -> Services:
         events,
         BundleStore(settings.home, home.keyring),
         WatermarkSecret(settings.home, home.keyring),
+        audit=home.audit,
+        closers=closers,
     )
+    if home.audit is not None:
+        # The audit log's own events (a failed verification, a prune) reach every sink.
+        home.audit.on_event = events.emit
     return Services(
         settings=settings,
         db=home.db,
@@ -87,11 +102,9 @@ def build_services(home: Home, metrics: Metrics) -> Services:
 def serve(home: Home) -> None:
     """Serve until SIGINT/SIGTERM, then drain in-flight requests and stop the workers."""
     settings = home.settings
-    if not is_loopback(settings.host):
-        logger.warning(
-            "listening on a non-loopback address: every client that can reach it can try keys",
-            extra={"host": settings.host},
-        )
+    # The listeners (TLS files, admin address) are checked before anything starts.
+    listeners = plan(settings)
+    warn_exposure(listeners)
     metrics = Metrics()
     services = build_services(home, metrics)
     sandbox = services.supervisor.sandbox
@@ -104,37 +117,36 @@ def serve(home: Home) -> None:
         # Starts one empty sandbox (bubblewrap) or builds the worker image and removes
         # the containers of a previous server (Docker): trouble shows now, not per model.
         sandbox.check()
-    app = create_app(services)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        # httptools, with a cap on connections and timeouts for slow or stalled clients.
-        http=protocol_class(
-            max_connections=settings.max_connections,
-            header_timeout_s=settings.header_timeout_s,
-            send_timeout_s=settings.send_timeout_s,
-        ),
-        timeout_keep_alive=max(1, round(settings.keepalive_timeout_s)),
-        # Bastion does not use the client's address; X-Forwarded-* from a local process
-        # is not trusted (and its middleware costs every request a layer).
-        proxy_headers=False,
-        lifespan="on",
-        access_log=False,
-        log_config=None,
-        server_header=False,
-        timeout_graceful_shutdown=int(settings.drain_timeout_s),
-    )
-    server = uvicorn.Server(config)
+    if home.audit is None:
+        logger.warning(
+            "UNSAFE: the audit log is off (BASTION_AUDIT_ENABLED=false): security events "
+            "and admin changes leave no tamper-evident record"
+        )
+    origins = settings.listeners().cors_origins
+    servers = [
+        uvicorn_server(
+            listener,
+            create_app(services, serving=listener.serving, cors_origins=origins),
+            settings,
+        )
+        for listener in listeners
+    ]
     home.events.emit(
-        Event(kind=SERVER_STARTED, detail={"host": settings.host, "port": settings.port})
+        Event(
+            kind=SERVER_STARTED,
+            detail={
+                "host": settings.host,
+                "port": settings.port,
+                "listeners": " ".join(listener.url for listener in listeners),
+            },
+        )
     )
-    # On SIGTERM/SIGINT uvicorn stops accepting, waits for in-flight requests, runs the
-    # lifespan shutdown (which drains and stops the workers), then re-raises the signal.
+    # On SIGTERM/SIGINT every listener stops accepting and waits for its in-flight
+    # requests, then the lifespan shutdown (which drains and stops the workers) runs once,
+    # then the signal is raised again (bastion.listeners.serve_all).
     # Everything alive by now (modules, routes, settings) lives as long as the process;
     # freezing it keeps the cyclic garbage collector from rescanning it under load, which
     # otherwise shows as latency spikes.
     gc.collect()
     gc.freeze()
-    server.run()
+    serve_all(servers)

@@ -208,6 +208,8 @@ def test_key_configuration_is_public_and_matches_the_cli(
     response = httpx.get(f"{server.url}/.well-known/ohttp-gateway")
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/ohttp-keys"
+    # Cacheable, and only so: a second Cache-Control (e.g. a default no-store) would win.
+    assert response.headers.get_list("cache-control") == ["public, max-age=300"]
     configs = ohttp.decode_key_configs(response.content)
     assert [c.fingerprint() for c in configs] == fingerprints[:1]
     assert set(configs[0].suites) == {(1, 1), (1, 3)}

@@ -8,12 +8,14 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
+from bastion.api import audit_log
 from bastion.api.body import decode_json
 from bastion.api.context import authenticate, json_response, services_of
+from bastion.api.denials import admin_route, remember_caller
 from bastion.api.schemas import KeyCreate, ProtectionUpdate, QuotaUpdate, TenantCreate
 from bastion.api.services import Services
+from bastion.audit.events import ADMIN_READ, Event
 from bastion.errors import InvalidRequest, NotFound
 from bastion.identity.grants import TENANT_NOT_FOUND, is_global_admin
 from bastion.identity.principal import Principal
@@ -35,6 +37,7 @@ async def _admin(request: Request) -> tuple[Services, Principal]:
     services = services_of(request)
     principal = await authenticate(request)
     services.gateway.authorize(principal, "admin")
+    remember_caller(request, principal)
     return services, principal
 
 
@@ -96,7 +99,23 @@ async def list_keys(request: Request) -> Response:
     _, principal = await _admin(request)
     tenant = request.query_params.get("tenant")
     keys = await asyncio.to_thread(_identity(request).list_keys, principal, tenant)
+    _record_read(request, principal, "keys", tenant, len(keys))
     return json_response({"data": [k.to_dict() for k in keys]})
+
+
+def _record_read(
+    request: Request, principal: Principal, target: str, tenant: str | None, count: int
+) -> None:
+    """An admin read of data the audit trail must show was read (who read which keys)."""
+    services_of(request).gateway.events.emit(
+        Event(
+            kind=ADMIN_READ,
+            actor=principal.key_id,
+            tenant=tenant,
+            target=target,
+            detail={"records": count},
+        )
+    )
 
 
 async def create_key(request: Request) -> Response:
@@ -333,38 +352,40 @@ async def get_usage(request: Request) -> Response:
             group=query.get("group", "total"),
         )
     )
+    _record_read(request, principal, "usage", tenant, len(rows))
     return json_response({"since": since.isoformat(), "data": rows})
 
 
 routes = [
-    Route("/admin/v1/tenants", list_tenants, methods=["GET"]),
-    Route("/admin/v1/tenants", create_tenant, methods=["POST"]),
-    Route("/admin/v1/tenants/{name}/disable", disable_tenant, methods=["POST"]),
-    Route("/admin/v1/keys", list_keys, methods=["GET"]),
-    Route("/admin/v1/keys", create_key, methods=["POST"]),
-    Route("/admin/v1/keys/{key_id}/revoke", revoke_key, methods=["POST"]),
-    Route("/admin/v1/keys/{key_id}", revoke_key, methods=["DELETE"]),
-    Route("/admin/v1/keys/{key_id}/rotate", rotate_key, methods=["POST"]),
-    Route("/admin/v1/models", list_models, methods=["GET"]),
-    Route("/admin/v1/models/{name}", get_model, methods=["GET"]),
-    Route("/admin/v1/models/{name}/load", load_model, methods=["POST"]),
-    Route("/admin/v1/models/{name}/unload", unload_model, methods=["POST"]),
-    Route("/admin/v1/quotas", list_quotas, methods=["GET"]),
-    Route("/admin/v1/quotas/{kind}/{subject}", get_quota, methods=["GET"]),
-    Route("/admin/v1/quotas/{kind}/{subject}", update_quota, methods=["PATCH", "PUT"]),
-    Route("/admin/v1/quotas/{kind}/{subject}", remove_quota, methods=["DELETE"]),
-    Route("/admin/v1/usage", get_usage, methods=["GET"]),
-    Route("/admin/v1/protection", list_protection, methods=["GET"]),
-    Route("/admin/v1/protection/models/{model}", update_protection, methods=["PATCH", "PUT"]),
-    Route("/admin/v1/protection/keys/{key_id}", clear_protection_key, methods=["DELETE"]),
-    Route(
+    admin_route("/admin/v1/tenants", list_tenants, methods=["GET"]),
+    admin_route("/admin/v1/tenants", create_tenant, methods=["POST"]),
+    admin_route("/admin/v1/tenants/{name}/disable", disable_tenant, methods=["POST"]),
+    admin_route("/admin/v1/keys", list_keys, methods=["GET"]),
+    admin_route("/admin/v1/keys", create_key, methods=["POST"]),
+    admin_route("/admin/v1/keys/{key_id}/revoke", revoke_key, methods=["POST"]),
+    admin_route("/admin/v1/keys/{key_id}", revoke_key, methods=["DELETE"]),
+    admin_route("/admin/v1/keys/{key_id}/rotate", rotate_key, methods=["POST"]),
+    admin_route("/admin/v1/models", list_models, methods=["GET"]),
+    admin_route("/admin/v1/models/{name}", get_model, methods=["GET"]),
+    admin_route("/admin/v1/models/{name}/load", load_model, methods=["POST"]),
+    admin_route("/admin/v1/models/{name}/unload", unload_model, methods=["POST"]),
+    admin_route("/admin/v1/quotas", list_quotas, methods=["GET"]),
+    admin_route("/admin/v1/quotas/{kind}/{subject}", get_quota, methods=["GET"]),
+    admin_route("/admin/v1/quotas/{kind}/{subject}", update_quota, methods=["PATCH", "PUT"]),
+    admin_route("/admin/v1/quotas/{kind}/{subject}", remove_quota, methods=["DELETE"]),
+    admin_route("/admin/v1/usage", get_usage, methods=["GET"]),
+    admin_route("/admin/v1/protection", list_protection, methods=["GET"]),
+    admin_route("/admin/v1/protection/models/{model}", update_protection, methods=["PATCH", "PUT"]),
+    admin_route("/admin/v1/protection/keys/{key_id}", clear_protection_key, methods=["DELETE"]),
+    admin_route(
         "/admin/v1/protection/overrides/{kind}/{subject}/{model}",
         update_override,
         methods=["PATCH", "PUT"],
     ),
-    Route(
+    admin_route(
         "/admin/v1/protection/overrides/{kind}/{subject}/{model}",
         remove_override,
         methods=["DELETE"],
     ),
+    *audit_log.routes,
 ]

@@ -3,25 +3,57 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.routing import BaseRoute
+from starlette.types import ASGIApp
 
 from bastion.api import admin, health, oip, openai, sealed
 from bastion.api.access import AccessLog
 from bastion.api.errors import handle_bastion_error, handle_http_exception
 from bastion.api.fast import FastPath
+from bastion.api.headers import CrossOrigin
 from bastion.api.services import Services
 from bastion.errors import BastionError
 
 
-def create_app(services: Services) -> FastPath:
-    """Build the ASGI app; the control plane starts and stops with the app's lifespan.
+class Serving(enum.Enum):
+    """Which routes an app serves: every one (one listener), or its listener's share when
+    the admin API has a listener of its own (BASTION_ADMIN_LISTEN)."""
+
+    # One listener: every route.
+    ALL = "all"
+    # The public listener of a split: inference, health, metrics, OpenAPI; admin routes 404.
+    PUBLIC = "public"
+    # The admin listener: the admin API and the health probes; nothing else.
+    ADMIN = "admin"
+
+
+def routes_of(serving: Serving) -> list[BaseRoute]:
+    # Inference routes first (encrypted, then plaintext): Starlette tries routes in order,
+    # and they are the hot path.
+    inference = [*sealed.routes, *oip.routes, *openai.routes]
+    if serving is Serving.PUBLIC:
+        return [*inference, *health.routes]
+    if serving is Serving.ADMIN:
+        return [*health.probes, *admin.routes]
+    return [*inference, *health.routes, *admin.routes]
+
+
+def create_app(
+    services: Services, *, serving: Serving = Serving.ALL, cors_origins: tuple[str, ...] = ()
+) -> ASGIApp:
+    """Build the ASGI app of a listener; the control plane starts and stops with the
+    lifespan of the app that serves inference (the admin app, which runs beside it on
+    the same event loop, has none).
 
     The inference routes are served by api/fast.py's FastPath, in front of the Starlette
-    app (its `app`), which serves the rest; both answer alike."""
+    app (its `app`), which serves the rest; both answer alike. With `cors_origins`, the
+    inference routes answer those origins' cross-origin requests (api/headers.py)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -32,9 +64,7 @@ def create_app(services: Services) -> FastPath:
             await services.control.stop()
 
     app = Starlette(
-        # Inference routes first (encrypted, then plaintext): Starlette tries routes in order,
-        # and they are the hot path.
-        routes=[*sealed.routes, *oip.routes, *openai.routes, *health.routes, *admin.routes],
+        routes=routes_of(serving),
         middleware=[
             Middleware(AccessLog, metrics=services.metrics, before_answer=services.meter.sync)
         ],
@@ -42,10 +72,13 @@ def create_app(services: Services) -> FastPath:
             BastionError: handle_bastion_error,
             HTTPException: handle_http_exception,
         },
-        lifespan=lifespan,
+        lifespan=None if serving is Serving.ADMIN else lifespan,
     )
     app.state.services = services
     # The pipeline of the inference routes (api/context.py's pipeline_of).
     app.state.gateway = services.gateway
     app.state.body_timeout_s = services.settings.body_timeout_s
-    return FastPath(app, services.metrics, before_answer=services.meter.sync)
+    front = FastPath(app, services.metrics, before_answer=services.meter.sync)
+    if cors_origins and serving is not Serving.ADMIN:
+        return CrossOrigin(front, cors_origins)
+    return front

@@ -13,6 +13,7 @@ from bastion.api.pipeline import AnyPipeline
 if TYPE_CHECKING:
     # Only for the annotations: the worker imports this module and not the gateway.
     from bastion.api.services import Services
+    from bastion.gateway.auth_throttle import AuthThrottle
     from bastion.gateway.gateway import Gateway
 
 JSON = msgspec.json.Encoder()
@@ -64,11 +65,26 @@ def pipeline_of(request: Request) -> AnyPipeline:
     return pipeline
 
 
+# The app state attribute of the gateway's throttle of failed authentication (put there by
+# api/fast.py's FastPath); a worker's sealed app has none: its caller was authenticated,
+# and throttled, by the gateway.
+AUTH_THROTTLE_STATE = "auth_throttle"
+
+
 async def authenticate(request: Request, pipeline: AnyPipeline | None = None) -> Any:
-    """The caller's principal (401 otherwise); its tenant labels the access log line.
-    (Inference routes authenticate through their Admission, api/admission.py.)"""
+    """The caller's principal (401 otherwise, or 429 during a lock-out of its address or
+    key id); its tenant labels the access log line. (Inference routes authenticate
+    through their Admission, api/admission.py.)"""
     pipeline = pipeline if pipeline is not None else pipeline_of(request)
-    principal = await pipeline.authenticate(request.headers.get("authorization"))
+    authorization = request.headers.get("authorization")
+    throttle: AuthThrottle | None = getattr(request.app.state, AUTH_THROTTLE_STATE, None)
+    if throttle is None:
+        principal = await pipeline.authenticate(authorization)
+    else:
+        # By the connection's peer address: the outer one, for an encrypted request.
+        principal = await throttle.authenticate(
+            pipeline.authenticate, authorization, request.scope.get("client")
+        )
     # request.state's own dict.
     request.scope.setdefault("state", {})["tenant"] = principal.tenant_name
     return principal

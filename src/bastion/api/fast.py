@@ -21,6 +21,10 @@ with parameters, as the Open Inference Protocol's), and does what those layers d
 
 Everything else (other methods and paths, a path that only looks like an inference
 route, an app mounted under a root path, lifespan) goes to the Starlette app unchanged.
+
+Being the gateway's app, it also puts the server's throttle of failed authentication
+(gateway/auth_throttle.py) where api/context.py's ``authenticate`` finds it, for every
+route of both paths.
 """
 
 from __future__ import annotations
@@ -48,8 +52,11 @@ from bastion.api.access import (
     finish,
 )
 from bastion.api.admission import INFERENCE_MARK, Settled
+from bastion.api.context import AUTH_THROTTLE_STATE
 from bastion.api.errors import Handler, handler_for
+from bastion.api.services import Services
 from bastion.api.transport import ON_CLIENT_LEFT, WRITES, HeldWrites
+from bastion.gateway.auth_throttle import AuthThrottle, ThrottlePolicy
 from bastion.observability.metrics import Metrics
 
 _WHOLE_CALL = Response.__call__
@@ -99,6 +106,9 @@ class FastPath:
         self._exact: dict[tuple[str, str], Route] = {}
         # (method, number of parts) -> templates with parameters, in the router's order.
         self._templates: dict[tuple[str, int], list[_Template]] = {}
+        services = getattr(app.state, "services", None)
+        if isinstance(services, Services):
+            setattr(app.state, AUTH_THROTTLE_STATE, auth_throttle_of(services))
         if _plain_stack(app) and self._take_handlers(app):
             self._take_routes(app)
 
@@ -277,6 +287,16 @@ class FastPath:
         await self._send(response, scope, receive, exchange)
         # Reused exception instances accumulate tracebacks across requests.
         exc.__traceback__ = None
+
+
+def auth_throttle_of(services: Services) -> AuthThrottle:
+    """The server's throttle of failed authentication, made on first use: one for all the
+    apps of its listeners (each app has its own FastPath), so that an address or a key id
+    locked out on one listener is locked out on all."""
+    authenticator = services.gateway.authenticator
+    if authenticator.throttle is None:
+        authenticator.throttle = AuthThrottle(ThrottlePolicy.of(services.settings), authenticator)
+    return authenticator.throttle
 
 
 class _IndexedHeaders(Headers):

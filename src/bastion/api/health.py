@@ -55,9 +55,13 @@ async def openapi(request: Request) -> Response:
     return json_response(openapi_document())
 
 
-routes = [
+# Liveness and readiness: on every listener (the admin listener's too).
+probes = [
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
+]
+routes = [
+    *probes,
     Route("/metrics", metrics, methods=["GET"]),
     Route("/openapi.json", openapi, methods=["GET"]),
 ]

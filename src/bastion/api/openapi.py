@@ -38,6 +38,18 @@ _QUERY: dict[tuple[str, str], dict[str, str]] = {
     },
     ("/admin/v1/protection", "get"): {"tenant": "Only this tenant's keys' extraction risk"},
     ("/admin/v1/protection/keys/{key_id}", "delete"): {"model": "One model only"},
+    ("/admin/v1/audit/records", "get"): {
+        "after": "Only records after this sequence number (the last page's next_after)",
+        "since_ms": "Only records at or after this time (Unix milliseconds)",
+        "until_ms": "Only records before this time (Unix milliseconds)",
+        "tenant": "One tenant (a tenant-admin: its own)",
+        "limit": "At most this many records (default 100, at most 1000)",
+    },
+    ("/admin/v1/audit/checkpoints", "get"): {"after": "Only checkpoints larger than this"},
+    ("/admin/v1/audit/proof", "get"): {
+        "index": "The record's sequence number",
+        "size": "The tree size (default: the latest checkpoint's)",
+    },
 }
 
 _OPERATIONS: list[tuple[str, str, str, bool]] = [
@@ -145,6 +157,22 @@ _OPERATIONS: list[tuple[str, str, str, bool]] = [
         "Remove a tenant's or key's protection override",
         True,
     ),
+    (
+        "/admin/v1/audit/records",
+        "get",
+        "Audit log records, oldest first (a tenant-admin: its tenant's); see docs/audit.md",
+        True,
+    ),
+    ("/admin/v1/audit/checkpoints", "get", "Every signed checkpoint and the verifier key", True),
+    (
+        "/admin/v1/audit/checkpoint",
+        "get",
+        "The latest signed checkpoint, as a C2SP signed note (text/plain), for witnesses",
+        True,
+    ),
+    ("/admin/v1/audit/proof", "get", "An RFC 9162 inclusion proof of one record", True),
+    ("/admin/v1/audit/verify", "get", "The last verification of the audit log", True),
+    ("/admin/v1/audit/verify", "post", "Verify the whole audit log now", True),
 ]
 
 _PATH_PARAMETER = re.compile(r"{([a-z_]+)}")

@@ -1,9 +1,9 @@
 """The one interface every security-relevant event goes through.
 
-Callers build an :class:`Event` and hand it to an :class:`EventSink`. Today the sink writes
-one JSON log line per event; the tamper-evident audit log (a later issue) is another sink
-behind the same interface. Event fields are metadata only: ids, names, statuses and
-reasons, never payloads, prompts, completions or secrets.
+Callers build an :class:`Event` and hand it to an :class:`EventSink`. One sink writes one
+JSON log line per event; the tamper-evident audit log (:mod:`bastion.audit.log`) appends it
+to the database, behind the same interface. Event fields are metadata only: ids, names,
+statuses and reasons, never payloads, prompts, completions or secrets.
 """
 
 from __future__ import annotations
@@ -49,6 +49,14 @@ PROTECT_KEY_BLOCKED = "protect.key_blocked"
 PROTECT_KEY_THROTTLED = "protect.key_throttled"
 PROTECT_KEY_CLEARED = "protect.key_cleared"
 PROTECT_OVERRIDE_CHANGED = "protect.override_changed"
+# A client (address or key id) was refused for a while after repeated failed sign-ins.
+AUTH_THROTTLED = "auth.throttled"
+# An administrator read data that the audit trail must show was read (keys, usage, audit).
+ADMIN_READ = "admin.read"
+# The audit log's own events: records pruned past the retention (with a signed note),
+# and a verification that found the log tampered with.
+AUDIT_PRUNED = "audit.pruned"
+AUDIT_VERIFY_FAILED = "audit.verify_failed"
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,12 @@ proof, root or leaf hash that does not check out: their input comes from whoever
 log. Only a negative size or index, a caller's own mistake, raises ValueError. The proof
 builders work on the whole list of leaf hashes; :class:`TreeBuilder` computes the root of
 a long log in one pass with O(log n) memory.
+
+A log that drops its oldest leaves (retention) keeps the *frontier* of the dropped prefix:
+the roots of the complete subtrees that cover it, one per set bit of its size. That is all
+the later tree needs: :meth:`TreeBuilder.from_frontier` goes on from it, and
+:class:`PrunedLeaves` lets the proof builders prove any leaf after the prefix, and
+consistency from any tree at least as large as the prefix.
 """
 
 from __future__ import annotations
@@ -62,9 +68,26 @@ class TreeBuilder:
         self._size = 0
         self._stack: list[bytes] = []
 
+    @classmethod
+    def from_frontier(cls, size: int, frontier: Sequence[bytes]) -> TreeBuilder:
+        """A builder that goes on from a tree of `size` leaves known only by its frontier."""
+        _require_non_negative(size=size)
+        if len(frontier) != size.bit_count():
+            raise ValueError(f"a tree of {size} leaves has {size.bit_count()} frontier hashes")
+        _require_hashes(frontier)
+        builder = cls()
+        builder._size = size
+        builder._stack = list(frontier)
+        return builder
+
     @property
     def size(self) -> int:
         return self._size
+
+    @property
+    def frontier(self) -> list[bytes]:
+        """The roots of the complete subtrees the leaves so far fill, largest first."""
+        return list(self._stack)
 
     def append(self, leaf_hash: bytes) -> None:
         _require_hash(leaf_hash, "leaf hash")
@@ -83,6 +106,39 @@ class TreeBuilder:
         for left in reversed(self._stack[:-1]):
             node = _hash_children(left, node)
         return node
+
+
+class PrunedLeaves(Sequence[bytes]):
+    """The leaf hashes of a tree whose first `pruned_size` leaves are known only by their
+    frontier; indexing a pruned leaf raises ValueError."""
+
+    __slots__ = ("_nodes", "pruned_size", "tail")
+
+    def __init__(self, pruned_size: int, frontier: Sequence[bytes], tail: Sequence[bytes]) -> None:
+        TreeBuilder.from_frontier(pruned_size, frontier)  # checks the frontier's shape
+        _require_hashes(tail)
+        self.pruned_size = pruned_size
+        self.tail = tail
+        # The frontier's subtrees by their leaf range: largest (leftmost) first.
+        self._nodes: dict[tuple[int, int], bytes] = {}
+        lo = 0
+        for bit, node in zip(_set_bits_high_first(pruned_size), frontier, strict=True):
+            self._nodes[(lo, lo + bit)] = node
+            lo += bit
+
+    def __len__(self) -> int:
+        return self.pruned_size + len(self.tail)
+
+    def __getitem__(self, index: int) -> bytes:  # type: ignore[override]
+        if index < 0:
+            index += len(self)
+        if index < self.pruned_size:
+            raise ValueError(f"leaf {index} was pruned")
+        return self.tail[index - self.pruned_size]
+
+    def known_node(self, lo: int, hi: int) -> bytes | None:
+        """The hash of leaves [lo, hi) if it is one of the frontier's subtrees."""
+        return self._nodes.get((lo, hi))
 
 
 def inclusion_proof(index: int, leaf_hashes: Sequence[bytes]) -> list[bytes]:
@@ -177,10 +233,21 @@ def _split(n: int) -> int:
     return 1 << ((n - 1).bit_length() - 1)
 
 
+def _set_bits_high_first(n: int) -> list[int]:
+    return [1 << i for i in reversed(range(n.bit_length())) if n >> i & 1]
+
+
 def _mth(hashes: Sequence[bytes], lo: int, hi: int) -> bytes:
     n = hi - lo
     if n == 0:
         return EMPTY_ROOT
+    if isinstance(hashes, PrunedLeaves) and lo < hashes.pruned_size:
+        known = hashes.known_node(lo, hi)
+        if known is not None:
+            return known
+        if hi <= hashes.pruned_size and n > 1:
+            # Inside one of the frontier's subtrees: its parts are gone.
+            raise ValueError(f"leaves {lo}..{hi - 1} were pruned")
     if n == 1:
         return hashes[lo]
     k = _split(n)
@@ -217,6 +284,8 @@ def _require_hash(value: bytes, what: str) -> None:
 
 
 def _require_hashes(hashes: Sequence[bytes]) -> None:
+    if isinstance(hashes, PrunedLeaves):
+        return  # checked when it was made
     for i, value in enumerate(hashes):
         _require_hash(value, f"leaf hash {i}")
 

@@ -11,7 +11,8 @@ within the refresh interval.
 
 Failures are events (``auth.failed``), but a flood of them is not a flood of log lines: at
 most :data:`FAILURES_LOGGED_PER_WINDOW` a window are emitted one by one, and the rest as one
-event per reason with their count when the window ends.
+event per reason with their count when the window ends. The lock-outs of the throttle of
+failed attempts (``auth.throttled``, gateway/auth_throttle.py) are reported the same way.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NoReturn, TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import sqlalchemy as sa
 
@@ -30,6 +31,9 @@ from bastion.identity.keys import KeyHasher, parse_api_key
 from bastion.identity.principal import Principal
 from bastion.store.db import Database
 from bastion.store.tables import api_keys, tenants
+
+if TYPE_CHECKING:
+    from bastion.gateway.auth_throttle import AuthThrottle
 
 _V = TypeVar("_V")
 
@@ -43,6 +47,8 @@ REASON_BAD_SECRET = "bad_secret"  # noqa: S105 (a reason code, not a secret)
 REASON_REVOKED = "revoked"
 REASON_EXPIRED = "expired"
 REASON_TENANT_DISABLED = "tenant_disabled"
+# Failures only the right secret can meet: not guesses, so never throttled.
+PROVEN_SECRET_REASONS = frozenset({REASON_REVOKED, REASON_EXPIRED, REASON_TENANT_DISABLED})
 
 # Failures emitted one by one per window; the rest are counted and emitted as one event.
 FAILURES_LOGGED_PER_WINDOW = 20
@@ -106,6 +112,11 @@ class Authenticator:
         self._ids: frozenset[str] | None = None
         self._lookups = _Allowance(UNLISTED_LOOKUPS_PER_S)
         self._failures = FailureReports(events, clock)
+        # Lock-outs get a budget of their own: a flood of failures must not hide them.
+        self._lockouts = FailureReports(events, clock, group="scope")
+        # The throttle of failed attempts on the request path: one per server, shared by
+        # its listeners (set where the server is wired, api/fast.py).
+        self.throttle: AuthThrottle | None = None
 
     def authenticate(self, authorization: str | None, *, may_read: bool = True) -> Principal:
         """The principal of a ``Bearer <token>`` header; AuthenticationError otherwise.
@@ -114,15 +125,10 @@ class Authenticator:
         from memory and hands only a cache miss to a thread."""
         if authorization is None:
             self._fail(REASON_MISSING)
-        if len(authorization) > MAX_AUTHORIZATION_LENGTH:
+        token = _token_of(authorization)
+        if token is None:
             self._fail(REASON_MALFORMED)
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer":
-            self._fail(REASON_MALFORMED)
-        try:
-            public_id, secret = parse_api_key(token.strip())
-        except AuthenticationError:
-            self._fail(REASON_MALFORMED)
+        public_id, secret = token
 
         record = self._keys.get(public_id)
         if record is None:
@@ -149,6 +155,24 @@ class Authenticator:
             self._fail(REASON_TENANT_DISABLED, public_id, principal.tenant_name)
         return principal
 
+    def may_authenticate(self, authorization: str | None) -> bool:
+        """Whether checking this header could authenticate anyone, as far as memory tells
+        without a check: False only for what cannot (no header, a malformed token, a key id
+        that does not exist; before the first refresh, any id may). The throttle of failed
+        attempts refuses those unchecked during a lock-out and checks the rest, so every
+        kind of credential this class accepts must answer True here when it may be valid."""
+        token = _token_of(authorization) if authorization is not None else None
+        if token is None:
+            return False
+        public_id = token[0]
+        ids = self._ids
+        return ids is None or public_id in ids or public_id in self._keys
+
+    def report_throttle(self, event: Event) -> None:
+        """Report a lock-out of the throttle of failed attempts: one by one up to a number
+        per window, then counted, as failures are."""
+        self._lockouts.report(event)
+
     def refresh(self) -> bool:
         """Drop the caches and reload the key ids if the database changed since the last
         call; True if it did. (Blocking: call it from a thread.)"""
@@ -163,8 +187,9 @@ class Authenticator:
         return True
 
     def flush_failures(self) -> None:
-        """Emit the counts of failures held back in a window that has ended."""
+        """Emit the counts of failures (and lock-outs) held back in a window that has ended."""
         self._failures.flush()
+        self._lockouts.flush()
 
     def invalidate(self) -> None:
         """Forget every cached record (the next request per key reads the database)."""
@@ -255,12 +280,15 @@ class Authenticator:
         )
         message = _MESSAGES.get(reason)
         error = AuthenticationError(message) if message else AuthenticationError()
+        # For the throttle of failed attempts; never shown to the client.
+        error.reason, error.key_id = reason, public_id
         # `from None`: the chained cause could hold the token in a traceback's locals.
         raise error from None
 
 
 class FailureReports:
-    """Emits failure events one by one up to a number per window, then counts them."""
+    """Emits failure events one by one up to a number per window, then counts them: one
+    event per kind and value of their `group` detail when the window ends."""
 
     def __init__(
         self,
@@ -269,14 +297,16 @@ class FailureReports:
         *,
         per_window: int = FAILURES_LOGGED_PER_WINDOW,
         window_s: float = FAILURE_WINDOW_S,
+        group: str = "reason",
     ) -> None:
         self._events = events
         self._clock = clock
         self._per_window = per_window
         self._window_s = window_s
+        self._group = group
         self._window_start = clock()
         self._emitted = 0
-        self._held: dict[str, int] = {}
+        self._held: dict[tuple[str, str], int] = {}
         # Failures come from the event loop and, for keys read from the database, from
         # the threads that read them.
         self._lock = threading.Lock()
@@ -288,8 +318,8 @@ class FailureReports:
             if emit:
                 self._emitted += 1
             else:
-                reason = str(event.detail.get("reason"))
-                self._held[reason] = self._held.get(reason, 0) + 1
+                held = (event.kind, str(event.detail.get(self._group)))
+                self._held[held] = self._held.get(held, 0) + 1
         if emit:
             self._events.emit(event)
 
@@ -301,12 +331,12 @@ class FailureReports:
                 return
             held, self._held = self._held, {}
             self._window_start, self._emitted = now, 0
-        for reason, count in sorted(held.items()):
+        for (kind, value), count in sorted(held.items()):
             self._events.emit(
                 Event(
-                    kind=AUTH_FAILED,
+                    kind=kind,
                     outcome="failure",
-                    detail={"reason": reason, "count": count, "window_s": self._window_s},
+                    detail={self._group: value, "count": count, "window_s": self._window_s},
                     at=now,
                 )
             )
@@ -328,6 +358,21 @@ class _Allowance:
             self._level -= 1
             return True
         return False
+
+
+def _token_of(authorization: str) -> tuple[str, str] | None:
+    """(public id, secret) of a ``Bearer <token>`` header; None if it is malformed.
+
+    The length is checked before anything else, so oversized input costs nothing."""
+    if len(authorization) > MAX_AUTHORIZATION_LENGTH:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    try:
+        return parse_api_key(token.strip())
+    except AuthenticationError:
+        return None
 
 
 def _bounded_put(table: dict[str, _V], key: str, value: _V, limit: int) -> None:

@@ -18,12 +18,13 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 from bastion.audit.events import SERVER_STOPPED, Event, EventSink
+from bastion.audit.writer import AuditWriter
 from bastion.config import Settings
 from bastion.errors import ConfigurationError
 from bastion.gateway.auth import Authenticator
@@ -74,6 +75,8 @@ class ControlPlane:
         events: EventSink,
         bundles: BundleStore | None = None,
         watermarks: WatermarkSecret | None = None,
+        audit: AuditWriter | None = None,
+        closers: Sequence[Callable[[], None]] = (),
     ) -> None:
         self.settings = settings
         self.db = db
@@ -87,6 +90,9 @@ class ControlPlane:
         self.events = events
         self.bundles = bundles
         self.watermarks = watermarks
+        self.audit = audit
+        # Run (in a thread) once the server has stopped: e.g. the alert webhook's delivery.
+        self._closers = tuple(closers)
         self.status_board = StatusBoard(db)
         self.risk_board = RiskBoard(db, events)
         self.marks = MarksStore(db, settings.watermark_retention_days)
@@ -98,6 +104,9 @@ class ControlPlane:
         self.started = False
 
     async def start(self) -> None:
+        if self.audit is not None:
+            # From now on events are queued and written from a thread (group commit).
+            self.audit.start_background()
         recovered = await asyncio.to_thread(self.meter.recover)
         if recovered:
             logger.info(
@@ -127,6 +136,13 @@ class ControlPlane:
                 "could not clear the model states", extra={"exc_type": type(exc).__name__}
             )
         self.events.emit(Event(kind=SERVER_STOPPED))
+        if self.audit is not None:
+            await asyncio.to_thread(self.audit.close)
+        for close in self._closers:
+            try:
+                await asyncio.to_thread(close)
+            except Exception as exc:
+                logger.warning("could not close cleanly", extra={"exc_type": type(exc).__name__})
 
     async def refresh(self) -> None:
         """Re-read keys and models when the database changed, and reconcile the workers."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
 from prometheus_client import (
@@ -14,9 +15,15 @@ from prometheus_client import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics import MetricWrapperBase
 
-from bastion.audit.events import OHTTP_REFUSED, WORKER_RESTARTED, Event
+from bastion.audit.alerts import Alert, Rule
+from bastion.audit.events import AUTH_THROTTLED, OHTTP_REFUSED, WORKER_RESTARTED, Event
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+# The scopes of authentication lock-outs (bastion.gateway.auth_throttle's, without importing
+# the gateway).
+AUTH_THROTTLE_SCOPES = ("address", "key")
+# The outcomes of alert deliveries (bastion.audit.webhooks.OUTCOMES, without importing httpx).
+ALERT_OUTCOMES = ("delivered", "retried", "dead_letter")
 
 M = TypeVar("M", bound=MetricWrapperBase)
 
@@ -105,6 +112,15 @@ class Metrics:
             "Requests refused for missing or invalid credentials.",
             registry=self.registry,
         )
+        self.auth_throttled = Counter(
+            "bastion_auth_throttled",
+            "Lock-outs started by the throttle of failed authentication, by scope (address: "
+            "a client address or IPv6 /64; key: wrong secrets for one key id).",
+            ["scope"],
+            registry=self.registry,
+        )
+        for scope in AUTH_THROTTLE_SCOPES:
+            self.auth_throttled.labels(scope)
         self.worker_restarts = Counter(
             "bastion_worker_restarts",
             "Worker processes restarted after a crash or a missed heartbeat.",
@@ -156,6 +172,28 @@ class Metrics:
             ["model", "action"],
             registry=self.registry,
         )
+        # Security alerts (audit/alerts.py) and their webhook deliveries (audit/webhooks.py).
+        self.alerts_fired = Counter(
+            "bastion_alerts_fired",
+            "Security alerts fired, by rule and severity (info, warning, critical).",
+            ["rule", "severity"],
+            registry=self.registry,
+        )
+        self.alert_deliveries = Counter(
+            "bastion_alert_deliveries",
+            "Webhook deliveries of security alerts, by outcome: delivered, retried (one per "
+            "retry), dead_letter (given up).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        for outcome in ALERT_OUTCOMES:
+            self.alert_deliveries.labels(outcome)
+        self.alert_dead_letters = Gauge(
+            "bastion_alert_dead_letters",
+            "Security alerts whose webhook delivery was given up, the latest of them kept in "
+            "memory (all of them: bastion_alert_deliveries_total{outcome='dead_letter'}).",
+            registry=self.registry,
+        )
         self.in_flight = Gauge(
             "bastion_in_flight_requests",
             "Requests being served now.",
@@ -178,8 +216,30 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+class AlertMetrics:
+    """Counts what the security alerts do: the callbacks the alert rules and the webhook
+    notifier are given."""
+
+    def __init__(self, metrics: Metrics, rules: Iterable[Rule] = ()) -> None:
+        self._metrics = metrics
+        # Every rule's series exists from the start, at 0, so that rate() sees the first.
+        for rule in rules:
+            metrics.alerts_fired.labels(rule.name, rule.severity)
+
+    def fired(self, alert: Alert) -> None:
+        self._metrics.alerts_fired.labels(alert.rule, alert.severity).inc()
+
+    def delivery(self, outcome: str) -> None:
+        self._metrics.alert_deliveries.labels(outcome).inc()
+
+    def dead_letters_from(self, count: Callable[[], int]) -> None:
+        """Read the dead letters held (the notifier's) when the metrics are collected."""
+        self._metrics.alert_dead_letters.set_function(count)
+
+
 class MetricsEventSink:
-    """Counts the events that have a metric of their own (restarts, refused OHTTP)."""
+    """Counts the events that have a metric of their own (restarts, refused OHTTP,
+    authentication lock-outs)."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
@@ -189,3 +249,11 @@ class MetricsEventSink:
             self._metrics.worker_restarts.labels(event.target).inc()
         elif event.kind == OHTTP_REFUSED:
             self._metrics.ohttp_refused.labels(str(event.detail.get("reason"))).inc()
+        elif event.kind == AUTH_THROTTLED:
+            scope = event.detail.get("scope")
+            if scope in AUTH_THROTTLE_SCOPES:
+                # Lock-outs past the report's budget arrive as one event with their count.
+                count = event.detail.get("count", 1)
+                self._metrics.auth_throttled.labels(str(scope)).inc(
+                    count if isinstance(count, int) else 1
+                )

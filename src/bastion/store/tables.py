@@ -252,3 +252,58 @@ protect_overrides = sa.Table(
     sa.Column("updated_at", UTCDateTime, nullable=False),
     sa.CheckConstraint("kind IN ('tenant', 'key')", name="kind_valid"),
 )
+
+# The tamper-evident audit log (bastion.audit.log). Its sequence numbers are the leaves'
+# indexes in the Merkle tree: a rowid alias on SQLite, so that appends and ordered scans
+# need no second index.
+_SEQUENCE = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+# The log's checkpoint signing key: the Ed25519 seed sealed by the key ring.
+audit_keys = sa.Table(
+    "audit_keys",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("origin", sa.String(128), nullable=False),
+    sa.Column("public_key", sa.LargeBinary(32), nullable=False),
+    sa.Column("sealed_seed", sa.LargeBinary(1024), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)
+
+# One row per record; `entry` holds the exact bytes hashed as the leaf (canonical JSON),
+# the other columns repeat its fields for queries and are checked against it.
+audit_records = sa.Table(
+    "audit_records",
+    metadata,
+    sa.Column("seq", _SEQUENCE, primary_key=True, autoincrement=False),
+    sa.Column("at_ms", sa.BigInteger, nullable=False),
+    sa.Column("actor", sa.String(128), nullable=True),
+    sa.Column("tenant", sa.String(63), nullable=True),
+    sa.Column("action", sa.String(64), nullable=False),
+    sa.Column("target", sa.String(255), nullable=True),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("entry", sa.Text, nullable=False),
+    sa.Index("ix_audit_records_at_ms", "at_ms"),
+    sa.Index("ix_audit_records_tenant", "tenant"),
+)
+
+# Signed checkpoints (c2sp.org/tlog-checkpoint in a signed note) by tree size; `frontier`
+# caches the tree's frontier at that size so a writer resumes without rereading the log
+# (checked against the signed root before use).
+audit_checkpoints = sa.Table(
+    "audit_checkpoints",
+    metadata,
+    sa.Column("size", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("at_ms", sa.BigInteger, nullable=False),
+    sa.Column("note", sa.Text, nullable=False),
+    sa.Column("frontier", sa.LargeBinary, nullable=False),
+)
+
+# Signed notes of what retention pruned: every record below `size`, with the frontier
+# that lets verification go on from there.
+audit_prunes = sa.Table(
+    "audit_prunes",
+    metadata,
+    sa.Column("size", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("at_ms", sa.BigInteger, nullable=False),
+    sa.Column("note", sa.Text, nullable=False),
+)

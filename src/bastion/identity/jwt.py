@@ -1,0 +1,629 @@
+"""JWT bearer tokens from an OpenID Connect provider: checked, then mapped to a Principal.
+
+A token is accepted only if all of this holds (each failure has its own reason code):
+
+- its header names an algorithm of the configured allow-list (asymmetric ones only: never
+  ``none``, never an HMAC, so a public key can never serve as a shared secret) and a
+  ``kid`` that the issuer's JWKS publishes for a key of that algorithm's type;
+- its signature verifies with that key (RSA keys of 2048 bits or more);
+- ``iss`` is the configured issuer, ``aud`` holds the configured audience, ``sub`` is set,
+  ``exp`` and ``iat`` are present, ``exp`` is not past, ``iat`` and ``nbf`` (when present)
+  not in the future, each within the configured leeway;
+- the claims mapping finds exactly one tenant, which exists and is enabled, and a role.
+
+The issuer's keys come from its discovery document (``/.well-known/openid-configuration``
+→ ``jwks_uri``), cached for a while; a token with an unknown ``kid`` triggers at most one
+refresh per interval, so made-up key ids cannot make Bastion hammer the provider. A
+verified token's principal is kept in memory under the token's SHA-256 (never the token)
+for a short while, so the usual request costs a hash and a dict lookup, not a signature.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
+
+import httpx
+import jwt
+import sqlalchemy as sa
+
+from bastion.errors import AuthenticationError
+from bastion.identity.grants import TENANT_NAME_PATTERN
+from bastion.identity.principal import ALL_MODELS, DEFAULT_ACTIONS, ROLES, Principal
+from bastion.identity.records import TenantInfo, tenant_info
+from bastion.store.db import Database
+from bastion.store.tables import tenants
+
+logger = logging.getLogger("bastion.identity.jwt")
+
+REASON_MALFORMED = "malformed"
+REASON_ALGORITHM = "disallowed_algorithm"
+REASON_HEADER = "unsupported_header"
+REASON_MISSING_KID = "missing_kid"
+REASON_UNKNOWN_KID = "unknown_kid"
+REASON_KEY_MISMATCH = "key_mismatch"
+REASON_WEAK_KEY = "weak_key"
+REASON_BAD_SIGNATURE = "bad_signature"
+REASON_JWKS_UNAVAILABLE = "jwks_unavailable"
+REASON_MISSING_CLAIM = "missing_claim"
+REASON_EXPIRED = "expired"
+REASON_NOT_YET_VALID = "not_yet_valid"
+REASON_ISSUED_IN_FUTURE = "issued_in_future"
+REASON_WRONG_ISSUER = "wrong_issuer"
+REASON_WRONG_AUDIENCE = "wrong_audience"
+REASON_NO_TENANT = "no_tenant"
+REASON_NO_ROLE = "no_role"
+REASON_UNKNOWN_TENANT = "unknown_tenant"
+REASON_TENANT_DISABLED = "tenant_disabled"
+
+RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
+_EC_CURVES = {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}
+# Every algorithm that may be allowed: asymmetric signatures only.
+ASYMMETRIC_ALGORITHMS = RSA_ALGORITHMS | frozenset(_EC_CURVES) | {"EdDSA"}
+DEFAULT_ALGORITHMS = ("RS256", "ES256", "EdDSA")
+
+# Longer tokens are refused before any parsing (group claims can make tokens a few KiB).
+MAX_TOKEN_BYTES = 16 * 1024
+MAX_DOCUMENT_BYTES = 256 * 1024
+_MAX_KID = 256
+_MAX_SUBJECT = 255
+_MAX_KEYS = 100
+_LAST_SECOND = 253_402_300_799  # 9999-12-31T23:59:59Z, the last time a datetime holds
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
+# Signatures only; claims are checked here, against the injected clock. Never changed
+# after import (one instance saves building PyJWT's algorithm table per token).
+_JWS = jwt.PyJWS(options={"enforce_minimum_key_length": True})
+
+# Messages for failures only a correctly signed token can reach; the rest get the generic
+# one, so a forger learns nothing from the answer.
+_MESSAGES = {
+    REASON_EXPIRED: "The bearer token has expired.",
+    REASON_NOT_YET_VALID: "The bearer token is not valid yet.",
+    REASON_ISSUED_IN_FUTURE: "The bearer token is not valid yet.",
+    REASON_WRONG_ISSUER: "The bearer token is from another issuer.",
+    REASON_WRONG_AUDIENCE: "The bearer token is not meant for this server.",
+    REASON_MISSING_CLAIM: "The bearer token lacks a required claim.",
+    REASON_NO_TENANT: "The bearer token names no single tenant.",
+    REASON_NO_ROLE: "The bearer token grants no role.",
+    REASON_UNKNOWN_TENANT: "The bearer token names no tenant of this server.",
+    REASON_TENANT_DISABLED: "The bearer token's tenant is disabled.",
+}
+
+
+class TokenRejected(AuthenticationError):
+    """A bearer or ID token that was refused. `reason` (a REASON_* code) is for audit
+    events; the message is safe to show and never contains the token. `signed` is true
+    when the token's signature had verified (expired, wrong audience, no tenant, ...):
+    such a failure is no guess, so a throttle of failed attempts need not count it."""
+
+    code = "invalid_token"
+    signed = False
+
+    def __init__(self, reason: str, message: str | None = None) -> None:
+        super().__init__(message or _MESSAGES.get(reason, "Invalid or missing bearer token."))
+        self.reason = reason
+        self.headers["www-authenticate"] = 'Bearer realm="bastion", error="invalid_token"'
+
+
+@contextmanager
+def signed_token() -> Iterator[None]:
+    """Marks a TokenRejected raised inside as one about a correctly signed token."""
+    try:
+        yield
+    except TokenRejected as exc:
+        exc.signed = True
+        raise
+
+
+def reject(reason: str, message: str | None = None) -> NoReturn:
+    # `from None`: a chained library error could carry the token in a traceback's locals.
+    raise TokenRejected(reason, message) from None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenPolicy:
+    """What a token must satisfy besides its signature: issuer, audience, algorithms."""
+
+    issuer: str
+    audience: str
+    algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
+    # Clock skew tolerated on exp, nbf and iat, in seconds.
+    leeway_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not self.issuer or not self.audience:
+            raise ValueError("a token policy needs an issuer and an audience")
+        check_url(self.issuer)
+        bad = [a for a in self.algorithms if a not in ASYMMETRIC_ALGORITHMS]
+        if bad or not self.algorithms:
+            raise ValueError(
+                f"JWT algorithms must be some of {', '.join(sorted(ASYMMETRIC_ALGORITHMS))}"
+                f" (never none or HMAC); got {', '.join(bad) or 'none'}"
+            )
+        if not 0 <= self.leeway_s <= 300:
+            raise ValueError("the JWT leeway must be between 0 and 300 seconds")
+
+    @property
+    def issuer_host(self) -> str:
+        """The issuer's host (and port), which names a token's subject in actor ids."""
+        return urlsplit(self.issuer).netloc.rpartition("@")[2]
+
+
+def check_url(url: str) -> None:
+    """ValueError unless `url` is https, or plain http to this machine (tests, sidecars)."""
+    parts = urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return
+    if parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost", "::1"):
+        return
+    raise ValueError(f"not an https URL: {url!r}")
+
+
+def fetch_json(http: httpx.Client, url: str, max_bytes: int = MAX_DOCUMENT_BYTES) -> Any:
+    """GET a JSON document of at most `max_bytes` (decoded); ValueError on any failure."""
+    check_url(url)
+    try:
+        with http.stream("GET", url, headers={"accept": "application/json"}) as response:
+            if response.status_code != 200:
+                raise ValueError(f"{url} answered {response.status_code}")
+            body = bytearray()
+            for chunk in response.iter_bytes():
+                body += chunk
+                if len(body) > max_bytes:
+                    raise ValueError(f"{url} sent more than {max_bytes} bytes")
+    except httpx.HTTPError as exc:
+        raise ValueError(f"{url}: {type(exc).__name__}") from exc
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{url} sent no JSON") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderMetadata:
+    """The parts of an OpenID provider's discovery document that Bastion uses."""
+
+    issuer: str
+    jwks_uri: str
+    authorization_endpoint: str | None = None
+    token_endpoint: str | None = None
+
+
+def discover(http: httpx.Client, issuer: str) -> ProviderMetadata:
+    """Read and check the issuer's discovery document; ValueError if it is unusable."""
+    document = fetch_json(http, issuer.rstrip("/") + "/.well-known/openid-configuration")
+    if not isinstance(document, dict):
+        raise ValueError("the discovery document is not a JSON object")
+    # OpenID Connect Discovery 1.0 §4.3: the issuer must be exactly the one asked for.
+    if document.get("issuer") != issuer:
+        raise ValueError("the discovery document names another issuer")
+    urls: dict[str, str | None] = {}
+    for name in ("jwks_uri", "authorization_endpoint", "token_endpoint"):
+        value = document.get(name)
+        if value is not None:
+            if not isinstance(value, str):
+                raise ValueError(f"the discovery document's {name} is not a string")
+            check_url(value)
+        urls[name] = value
+    jwks_uri = urls.pop("jwks_uri")
+    if jwks_uri is None:
+        raise ValueError("the discovery document has no jwks_uri")
+    return ProviderMetadata(issuer=issuer, jwks_uri=jwks_uri, **urls)
+
+
+def _fits(jwk: Mapping[str, Any], algorithm: str) -> bool:
+    """Whether the key may verify `algorithm`: its own alg if it names one, and its type."""
+    if jwk.get("alg", algorithm) != algorithm:
+        return False
+    kty = jwk.get("kty")
+    if algorithm in RSA_ALGORITHMS:
+        return kty == "RSA"
+    if algorithm in _EC_CURVES:
+        return kty == "EC" and jwk.get("crv") == _EC_CURVES[algorithm]
+    return algorithm == "EdDSA" and kty == "OKP" and jwk.get("crv") in ("Ed25519", "Ed448")
+
+
+def _usable(entry: Any) -> bool:
+    """A public signing key of a supported type, with a kid, that PyJWT can load."""
+    if not isinstance(entry, dict) or entry.get("use", "sig") != "sig" or "d" in entry:
+        return False  # (a JWKS that publishes a private key is broken: skip that key)
+    kid = entry.get("kid")
+    if not isinstance(kid, str) or not 0 < len(kid) <= _MAX_KID:
+        return False
+    if not any(_fits(entry, alg) for alg in ASYMMETRIC_ALGORITHMS):
+        return False
+    try:
+        jwt.PyJWK(entry, algorithm=next(a for a in ASYMMETRIC_ALGORITHMS if _fits(entry, a)))
+    except (jwt.PyJWTError, ValueError, TypeError):
+        return False
+    return True
+
+
+@dataclass(slots=True)
+class _KeySet:
+    by_kid: dict[str, list[dict[str, Any]]]
+    fetched_at: float
+    loaded: dict[tuple[str, str], jwt.PyJWK] = field(default_factory=dict)
+
+
+class JwksCache:
+    """The issuer's signing keys, fetched through its discovery document and cached.
+
+    Refreshed when older than `ttl_s`, and on an unknown ``kid``; fetches (and failed
+    ones) are at least `min_refresh_interval_s` apart. When a refresh fails, the keys
+    already held serve until they are `max_stale_s` old. Safe to use from many threads:
+    one of them fetches, the others wait for it.
+    """
+
+    def __init__(
+        self,
+        issuer: str,
+        http: httpx.Client | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        ttl_s: float = 300.0,
+        min_refresh_interval_s: float = 30.0,
+        max_stale_s: float = 3600.0,
+        timeout_s: float = 5.0,
+    ) -> None:
+        check_url(issuer)
+        self.issuer = issuer
+        self._owns_http = http is None
+        self._http = http or httpx.Client(timeout=timeout_s, follow_redirects=False)
+        self._clock = clock
+        self._ttl_s = ttl_s
+        self._min_interval_s = min_refresh_interval_s
+        self._max_stale_s = max_stale_s
+        self._metadata: ProviderMetadata | None = None
+        self._keys: _KeySet | None = None
+        self._last_attempt: float | None = None
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        if self._owns_http:
+            self._http.close()
+
+    def metadata(self) -> ProviderMetadata:
+        """The issuer's discovery document (fetched once; ValueError if unusable)."""
+        metadata = self._metadata
+        if metadata is None:
+            metadata = self._metadata = discover(self._http, self.issuer)
+        return metadata
+
+    def holds(self, kid: str) -> bool:
+        """Whether the keys held now (nothing is fetched) include `kid`."""
+        keys = self._keys
+        return keys is not None and kid in keys.by_kid
+
+    def signing_key(self, kid: str, algorithm: str) -> jwt.PyJWK:
+        """The key `kid` bound to `algorithm`; TokenRejected if there is none."""
+        now = self._clock()
+        keys = self._keys
+        if keys is None or now - keys.fetched_at >= self._ttl_s or kid not in keys.by_kid:
+            keys = self._refresh(now, kid)
+        candidates = keys.by_kid.get(kid)
+        if not candidates:
+            reject(REASON_UNKNOWN_KID)
+        loaded = keys.loaded.get((kid, algorithm))
+        if loaded is None:
+            jwk = next((c for c in candidates if _fits(c, algorithm)), None)
+            if jwk is None:
+                reject(REASON_KEY_MISMATCH)
+            try:
+                loaded = jwt.PyJWK(jwk, algorithm=algorithm)
+            except (jwt.PyJWTError, ValueError, TypeError):
+                reject(REASON_KEY_MISMATCH)
+            keys.loaded[(kid, algorithm)] = loaded
+        return loaded
+
+    def _refresh(self, now: float, kid: str) -> _KeySet:
+        with self._lock:
+            keys = self._keys
+            fresh = keys is not None and now - keys.fetched_at < self._ttl_s
+            if keys is not None and fresh and kid in keys.by_kid:
+                return keys  # another thread fetched meanwhile
+            last = self._last_attempt
+            if last is None or now - last >= self._min_interval_s:
+                self._last_attempt = now
+                try:
+                    keys = self._keys = self._fetch(now)
+                    return keys
+                except ValueError as exc:
+                    self._metadata = None  # the jwks_uri may have moved: rediscover next
+                    logger.warning("cannot refresh the JWKS of %s: %s", self.issuer, exc)
+            if keys is None or now - keys.fetched_at >= self._max_stale_s:
+                reject(REASON_JWKS_UNAVAILABLE)
+            return keys  # stale or without `kid`: the caller refuses what it lacks
+
+    def _fetch(self, now: float) -> _KeySet:
+        document = fetch_json(self._http, self.metadata().jwks_uri)
+        entries = document.get("keys") if isinstance(document, dict) else None
+        if not isinstance(entries, list):
+            raise ValueError("the JWKS has no list of keys")
+        by_kid: dict[str, list[dict[str, Any]]] = {}
+        for entry in entries[:_MAX_KEYS]:
+            if _usable(entry):
+                by_kid.setdefault(entry["kid"], []).append(entry)
+        return _KeySet(by_kid=by_kid, fetched_at=now)
+
+
+def decode_token(
+    token: str, policy: TokenPolicy, keys: JwksCache, now: float
+) -> tuple[dict[str, Any], str]:
+    """The claims of a token that passes every check of `policy`, and its key id.
+
+    TokenRejected otherwise. Claims beyond iss, aud, sub, exp, iat and nbf are the caller's.
+    """
+    if not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN_BYTES:
+        reject(REASON_MALFORMED)
+    header = _header(token)
+    algorithm = header.get("alg")
+    if not isinstance(algorithm, str) or algorithm not in policy.algorithms:
+        reject(REASON_ALGORITHM)
+    if "crit" in header or "b64" in header:
+        reject(REASON_HEADER)  # no JWS extension is understood here
+    kid = header.get("kid")
+    if not isinstance(kid, str) or not 0 < len(kid) <= _MAX_KID:
+        reject(REASON_MISSING_KID)
+    key = keys.signing_key(kid, algorithm)
+    try:
+        payload = _JWS.decode(token, key, algorithms=[algorithm])
+    except jwt.InvalidSignatureError:
+        reject(REASON_BAD_SIGNATURE)
+    except jwt.InvalidKeyError:
+        reject(REASON_WEAK_KEY)
+    except (jwt.PyJWTError, ValueError, TypeError):
+        reject(REASON_MALFORMED)
+    with signed_token():
+        try:
+            claims = json.loads(payload)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            reject(REASON_MALFORMED)
+        if not isinstance(claims, dict):
+            reject(REASON_MALFORMED)
+        check_claims(claims, policy, now)
+    return claims, kid
+
+
+def _header(token: str) -> dict[str, Any]:
+    """The token's JOSE header, read only to choose the key: PyJWT parses the whole token
+    again, strictly, before the signature is checked (reading it here rather than with
+    PyJWT's get_unverified_header halves the cost of an uncached token)."""
+    encoded, dot, _ = token.partition(".")
+    if not dot or not _BASE64URL.fullmatch(encoded):
+        reject(REASON_MALFORMED)
+    try:
+        header = json.loads(base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)))
+    except (ValueError, UnicodeDecodeError):
+        reject(REASON_MALFORMED)
+    if not isinstance(header, dict):
+        reject(REASON_MALFORMED)
+    return header
+
+
+def check_claims(claims: Mapping[str, Any], policy: TokenPolicy, now: float) -> None:
+    """TokenRejected unless iss, aud, sub, exp, iat and nbf are as `policy` requires."""
+    exp, iat, nbf = (_time_claim(claims, name) for name in ("exp", "iat", "nbf"))
+    if exp is None or iat is None:
+        reject(REASON_MISSING_CLAIM)
+    if claims.get("iss") != policy.issuer:
+        reject(REASON_WRONG_ISSUER)
+    audience = claims.get("aud")
+    audiences = [audience] if isinstance(audience, str) else audience
+    if not isinstance(audiences, list) or policy.audience not in audiences:
+        reject(REASON_WRONG_AUDIENCE)
+    subject = claims.get("sub")
+    if not isinstance(subject, str) or not 0 < len(subject) <= _MAX_SUBJECT:
+        reject(REASON_MISSING_CLAIM)
+    if not subject.isprintable():
+        reject(REASON_MALFORMED)
+    leeway = policy.leeway_s
+    if now >= exp + leeway:
+        reject(REASON_EXPIRED)
+    if iat > now + leeway:
+        reject(REASON_ISSUED_IN_FUTURE)
+    if nbf is not None and nbf > now + leeway:
+        reject(REASON_NOT_YET_VALID)
+
+
+def _time_claim(claims: Mapping[str, Any], name: str) -> float | None:
+    value = claims.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        reject(REASON_MALFORMED)
+    if not 0 <= value <= _LAST_SECOND:  # (also refuses NaN)
+        reject(REASON_MALFORMED)
+    return float(value)
+
+
+# Resolves a tenant name to its record (None: no such tenant).
+TenantLookup = Callable[[str], TenantInfo | None]
+
+
+def database_tenants(db: Database) -> TenantLookup:
+    """A tenant lookup that reads the database (blocking: call it from a thread)."""
+
+    def lookup(name: str) -> TenantInfo | None:
+        with db.read() as conn:
+            row = conn.execute(sa.select(tenants).where(tenants.c.name == name)).mappings()
+            found = row.one_or_none()
+        return tenant_info(found) if found is not None else None
+
+    return lookup
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimsMapping:
+    """Which claims name a token's tenant and role.
+
+    A claim name may be a dotted path into nested objects (``realm_access.roles``); a
+    claim with that exact name wins. The tenant claim holds the tenant's name, or, with
+    `tenant_pattern` (a regular expression with one group, matched against the whole of
+    each value), a list such as groups from which the group extracts the name: exactly one
+    tenant must result. The role claim's values (a string or a list) are looked up in
+    `role_map` (value -> role), or are role names themselves when it is empty; of several
+    roles, the most privileged one holds.
+    """
+
+    tenant_claim: str = "bastion_tenant"
+    tenant_pattern: str | None = None
+    role_claim: str = "bastion_role"
+    role_map: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.tenant_pattern is not None and re.compile(self.tenant_pattern).groups != 1:
+            raise ValueError("the tenant pattern needs exactly one group (the tenant name)")
+        unknown = set(self.role_map.values()).difference(ROLES)
+        if unknown:
+            raise ValueError(f"unknown role(s) in the role map: {', '.join(sorted(unknown))}")
+
+    def tenant(self, claims: Mapping[str, Any]) -> str:
+        values = _strings(_claim(claims, self.tenant_claim))
+        if self.tenant_pattern is None:
+            names = set(values)
+        else:
+            matches = (re.fullmatch(self.tenant_pattern, v) for v in values)
+            names = {m.group(1) for m in matches if m is not None}
+        if len(names) != 1:
+            reject(REASON_NO_TENANT)
+        (name,) = names
+        if not TENANT_NAME_PATTERN.fullmatch(name):
+            reject(REASON_UNKNOWN_TENANT)
+        return name
+
+    def role(self, claims: Mapping[str, Any]) -> str:
+        values = _strings(_claim(claims, self.role_claim))
+        if self.role_map:
+            roles = {self.role_map[v] for v in values if v in self.role_map}
+        else:
+            roles = set(values).intersection(ROLES)
+        for role in ROLES:  # most privileged first
+            if role in roles:
+                return role
+        reject(REASON_NO_ROLE)
+
+    def principal(
+        self, claims: Mapping[str, Any], policy: TokenPolicy, tenants: TenantLookup
+    ) -> Principal:
+        """The principal of claims that :func:`check_claims` accepted."""
+        name = self.tenant(claims)
+        role = self.role(claims)
+        tenant = tenants(name)
+        if tenant is None:
+            reject(REASON_UNKNOWN_TENANT)
+        if tenant.disabled:
+            reject(REASON_TENANT_DISABLED)
+        return Principal(
+            key_id=f"jwt:{policy.issuer_host}:{claims['sub']}",
+            tenant_id=tenant.id,
+            tenant_name=tenant.name,
+            role=role,
+            models=ALL_MODELS,
+            actions=frozenset(DEFAULT_ACTIONS[role]),
+            expires_at=datetime.fromtimestamp(claims["exp"], UTC),
+        )
+
+
+def _claim(claims: Mapping[str, Any], name: str) -> Any:
+    if name in claims:
+        return claims[name]
+    value: Any = claims
+    for part in name.split("."):
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(part)
+    return value
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list):
+        return tuple(v for v in value if isinstance(v, str))
+    return ()
+
+
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    principal: Principal
+    kid: str
+    until: float
+
+
+class JwtVerifier:
+    """Turns JWT bearer tokens into Principals, with a short cache of verified tokens.
+
+    :meth:`cached` answers from memory only (for the event loop); :meth:`verify` may fetch
+    the JWKS and read the tenant, so it blocks: call it from a thread.
+    """
+
+    def __init__(
+        self,
+        policy: TokenPolicy,
+        mapping: ClaimsMapping,
+        keys: JwksCache,
+        tenants: TenantLookup,
+        *,
+        clock: Callable[[], float] = time.time,
+        cache_ttl_s: float = 60.0,
+        max_cached_tokens: int = 10_000,
+    ) -> None:
+        if keys.issuer != policy.issuer:
+            raise ValueError("the JWKS cache is for another issuer")
+        self.policy = policy
+        self._mapping = mapping
+        self._keys = keys
+        self._tenants = tenants
+        self._clock = clock
+        self._cache_ttl_s = cache_ttl_s
+        self._max_cached = max_cached_tokens
+        self._verified: dict[bytes, _Verified] = {}
+
+    def cached(self, token: str) -> Principal | None:
+        """The principal of a token verified recently and still valid, else None."""
+        if len(token) > MAX_TOKEN_BYTES:
+            return None
+        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        entry = self._verified.get(digest)
+        if entry is None:
+            return None
+        if self._clock() >= entry.until or not self._keys.holds(entry.kid):
+            self._verified.pop(digest, None)
+            return None
+        return entry.principal
+
+    def verify(self, token: str) -> Principal:
+        """The principal of a valid token; TokenRejected (reason attached) otherwise."""
+        principal = self.cached(token)
+        if principal is not None:
+            return principal
+        now = self._clock()
+        claims, kid = decode_token(token, self.policy, self._keys, now)
+        with signed_token():
+            principal = self._mapping.principal(claims, self.policy, self._tenants)
+        until = min(float(claims["exp"]), now + self._cache_ttl_s)
+        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        verified = self._verified
+        while len(verified) >= self._max_cached:
+            try:
+                del verified[next(iter(verified))]
+            except (StopIteration, KeyError, RuntimeError):
+                break
+        verified[digest] = _Verified(principal, kid, until)
+        return principal
+
+    def invalidate(self) -> None:
+        """Forget every verified token (call it when tenants change)."""
+        self._verified = {}
