@@ -82,6 +82,17 @@ def _scripted_session(server: BastionServer) -> None:
         assert witness.status_code == 200 and witness.text.startswith("bastion/audit/")
         verified = admin.post("/admin/v1/audit/verify").json()
         assert verified["ok"] is True, verified
+        # Bad input is a 400 in the API's error format, never a 500.
+        for path, params in (
+            ("/admin/v1/audit/proof", {"index": "0", "size": str(10**9)}),
+            ("/admin/v1/audit/proof", {"index": "x"}),
+            ("/admin/v1/audit/records", {"after": str(2**70)}),
+            ("/admin/v1/audit/records", {"tenant": "\x00bad"}),
+            ("/admin/v1/audit/checkpoints", {"limit": "-1"}),
+        ):
+            bad = admin.get(path, params=params)
+            assert bad.status_code == 400, (path, params, bad.text)
+            assert bad.json()["error"]["type"] == "invalid_request_error"
     run_cli(server.home, "ohttp", "rotate")
 
 

@@ -260,6 +260,7 @@ async def list_protection(request: Request) -> Response:
     tenant = request.query_params.get("tenant")
     risks = await asyncio.to_thread(RiskBoard(services.db).read, tenant=tenant)
     overrides = await asyncio.to_thread(OverrideStore(services.db, services.gateway.events).list)
+    _record_read(request, principal, "extraction-risk", tenant, len(risks))
     return json_response(
         {
             "models": [_protection_view(r) for r in records],

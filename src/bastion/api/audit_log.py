@@ -19,15 +19,16 @@ from bastion.api.denials import admin_route, remember_caller
 from bastion.api.services import Services
 from bastion.audit import merkle
 from bastion.audit.events import ADMIN_READ, Event
-from bastion.audit.log import iso_time
-from bastion.audit.verify import verify_log
-from bastion.audit.writer import AuditWriter
-from bastion.errors import InvalidRequest, NotFound, PermissionDenied
-from bastion.identity.grants import TENANT_NOT_FOUND, is_global_admin
+from bastion.audit.log import AuditLogError, iso_time
+from bastion.audit.writer import AuditWriter, VerificationRunning
+from bastion.errors import Conflict, InvalidRequest, NotFound, PermissionDenied
+from bastion.identity.grants import TENANT_NAME_PATTERN, TENANT_NOT_FOUND, is_global_admin
 from bastion.identity.principal import Principal
 
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
+# What the database's BIGINT columns hold.
+MAX_INT = 2**63 - 1
 
 
 async def _caller(
@@ -53,14 +54,21 @@ def _int(request: Request, name: str, default: int | None = None) -> int | None:
         number = int(value)
     except ValueError:
         raise InvalidRequest(f"{name} must be an integer.", param=name) from None
-    if number < 0:
-        raise InvalidRequest(f"{name} cannot be negative.", param=name)
+    if not 0 <= number <= MAX_INT:
+        raise InvalidRequest(f"{name} must lie between 0 and 2^63-1.", param=name)
     return number
+
+
+def _tenant(request: Request) -> str | None:
+    value = request.query_params.get("tenant")
+    if value is not None and not TENANT_NAME_PATTERN.fullmatch(value):
+        raise InvalidRequest("tenant is not a tenant name.", param="tenant")
+    return value
 
 
 async def list_records(request: Request) -> Response:
     services, principal, audit = await _caller(request, global_only=False)
-    tenant = request.query_params.get("tenant")
+    tenant = _tenant(request)
     if not is_global_admin(principal):
         if tenant not in (None, principal.tenant_name):
             raise NotFound(TENANT_NOT_FOUND)
@@ -95,7 +103,8 @@ async def list_records(request: Request) -> Response:
 async def list_checkpoints(request: Request) -> Response:
     _, _, audit = await _caller(request, global_only=True)
     after = _int(request, "after")
-    rows = await asyncio.to_thread(lambda: audit.log.checkpoints(after_size=after))
+    limit = min(_int(request, "limit", DEFAULT_PAGE) or DEFAULT_PAGE, MAX_PAGE)
+    rows = await asyncio.to_thread(lambda: audit.log.checkpoints(after_size=after, limit=limit))
     verifier = await asyncio.to_thread(audit.log.own_verifier)
     return json_response(
         {
@@ -103,6 +112,7 @@ async def list_checkpoints(request: Request) -> Response:
             "data": [
                 {"size": c.size, "signed_at": iso_time(c.at_ms), "note": c.note} for c in rows
             ],
+            "next_after": rows[-1].size if len(rows) == limit else None,
         }
     )
 
@@ -110,10 +120,10 @@ async def list_checkpoints(request: Request) -> Response:
 async def latest_checkpoint(request: Request) -> Response:
     """The latest signed checkpoint as a note (text/plain), the form witnesses fetch."""
     _, _, audit = await _caller(request, global_only=True)
-    rows = await asyncio.to_thread(audit.log.checkpoints)
-    if not rows:
+    latest = await asyncio.to_thread(audit.log.latest_checkpoint)
+    if latest is None:
         raise NotFound("No checkpoint is signed yet.")
-    return PlainTextResponse(rows[-1].note)
+    return PlainTextResponse(latest.note)
 
 
 async def inclusion_proof(request: Request) -> Response:
@@ -121,24 +131,32 @@ async def inclusion_proof(request: Request) -> Response:
     index = _int(request, "index")
     if index is None:
         raise InvalidRequest("index is required.", param="index")
-    rows = await asyncio.to_thread(audit.log.checkpoints)
-    size = _int(request, "size", rows[-1].size if rows else None)
+    latest = await asyncio.to_thread(audit.log.latest_checkpoint)
+    size = _int(request, "size", latest.size if latest else None)
     if size is None or index >= size:
         raise InvalidRequest("index must lie inside a signed tree size.", param="index")
 
     def prove() -> dict[str, Any]:
-        leaves = audit.log.leaves(size)
         record = audit.log.records(after_seq=index - 1, limit=1)
         if not record or record[0].seq != index:
             raise NotFound(f"Record {index} is not in the log (pruned or never written).")
+        try:
+            leaves = audit.log.leaves(size)
+            proof = merkle.inclusion_proof(index, leaves)
+        except (AuditLogError, ValueError):
+            raise InvalidRequest(
+                f"The log holds no tree of {size} records with record {index} in it.",
+                param="size",
+            ) from None
+        signed = audit.log.checkpoint_at(size)
         return {
             "index": index,
             "size": size,
             "entry": record[0].entry,
             "leaf_hash": _b64(record[0].leaf_hash),
             "root": _b64(merkle.root_hash(leaves)),
-            "proof": [_b64(node) for node in merkle.inclusion_proof(index, leaves)],
-            "checkpoint": next((c.note for c in rows if c.size == size), None),
+            "proof": [_b64(node) for node in proof],
+            "checkpoint": signed.note if signed is not None else None,
         }
 
     return json_response(await asyncio.to_thread(prove))
@@ -148,17 +166,13 @@ async def verification(request: Request) -> Response:
     """GET: the last scheduled verification; POST: verify the whole log now."""
     _, _, audit = await _caller(request, global_only=True)
     if request.method == "POST":
-
-        def run() -> dict[str, Any]:
-            audit.flush()
-            verifier = audit.log.own_verifier()
-            if verifier is None:
-                return {"ok": True, "size": 0, "problems": []}
-            report = verify_log(audit.log.database, verifier)
-            audit.last_verify = report
-            return report.as_dict()
-
-        return json_response(await asyncio.to_thread(run))
+        try:
+            report = await asyncio.to_thread(lambda: audit.verify(wait=False))
+        except VerificationRunning:
+            raise Conflict("A verification of the audit log is running; retry later.") from None
+        if report is None:
+            return json_response({"ok": True, "size": 0, "problems": []})
+        return json_response(report.as_dict())
     last = audit.last_verify
     return json_response({"last": last.as_dict() if last is not None else None})
 

@@ -14,22 +14,31 @@ Retention prunes the oldest records only together with a signed *prune note* hol
 frontier of the pruned prefix (the roots of the complete subtrees that cover it), so the
 tree, its checkpoints and proofs for later records still verify.
 
+Each record also carries an HMAC of its entry under a key derived from the signing seed:
+the log's writer folds into the tree, and signs, only records it can authenticate, so a
+database writer without the key ring cannot slip a record into the unsigned tail (records
+after the latest checkpoint) and have Bastion sign it; verification reports such records.
+
 Entries hold metadata only (ids, names, statuses, reasons), never payloads or secrets: the
-events already carry nothing else, and text fields are cut to the columns' sizes.
+events already carry nothing else, and text fields are cut to the columns' sizes, control
+characters removed.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import math
+import re
 import secrets
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -57,12 +66,28 @@ _MAX_DETAIL_TEXT = 256
 # Text columns' sizes (store/tables.py): a longer value is cut, in the entry too.
 _LIMITS = {"actor": 128, "tenant": 63, "action": 64, "target": 255, "outcome": 16}
 _READ_BATCH = 10_000
+_T = TypeVar("_T")
+_MAC_LABEL = b"bastion audit record mac v1"
+# Characters no audit field needs: C0/C1 controls (NUL included, which PostgreSQL refuses
+# in text) and lone surrogates (which no encoding takes).
+_UNWANTED = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# Checkpoints older than this are thinned to one an hour when the log is pruned: the
+# verification of a long log reads every checkpoint's signature.
+_THIN_AFTER_MS = 86_400_000
+_THIN_TO_MS = 3_600_000
 
 
 class AuditLogError(ConfigurationError):
     """The audit log cannot be used (its key does not open, or its state is inconsistent)."""
 
     code = "audit_log_error"
+
+
+class AuditLogTampered(AuditLogError):
+    """The log holds records or checkpoints its writer did not write, or lost some it did:
+    the writer signs nothing more until the cause is removed (and says why)."""
+
+    code = "audit_log_tampered"
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +100,7 @@ class AuditRecord:
     target: str | None
     outcome: str
     entry: str
+    mac: bytes = b""
 
     @property
     def leaf_hash(self) -> bytes:
@@ -144,16 +170,31 @@ def canonical_entry(seq: int, event: Event) -> tuple[str, dict[str, Any]]:
     return text, {"seq": seq, "at_ms": at_ms, **columns, "entry": text}
 
 
+def record_mac(key: bytes, entry: str) -> bytes:
+    return hmac.new(key, entry.encode(), hashlib.sha256).digest()
+
+
+def mac_key_of(seed: bytes) -> bytes:
+    """The records' MAC key, derived from the checkpoint key's seed (a key ring secret)."""
+    return hmac.new(seed, _MAC_LABEL, hashlib.sha256).digest()
+
+
 def iso_time(at_ms: int) -> str:
-    moment = datetime.fromtimestamp(at_ms // 1000, UTC)
+    """UTC with milliseconds; ValueError for a time outside years 1..9999."""
+    try:
+        moment = datetime.fromtimestamp(at_ms // 1000, UTC)
+    except (OverflowError, OSError) as exc:
+        raise ValueError("time out of range") from exc
     return moment.strftime("%Y-%m-%dT%H:%M:%S") + f".{at_ms % 1000:03d}Z"
 
 
 class AuditLog:
     """Appends events as records, signs checkpoints, prunes past the retention.
 
-    Safe to share between threads; several processes (a server and the CLI) may append to
-    one database: each append runs in a write transaction that re-reads the log's size."""
+    Safe to share between threads; several processes (a server and the CLI, or gateways
+    sharing PostgreSQL) may append to one database: each append runs in a write
+    transaction that first locks the log (SQLite's write lock; a row lock on PostgreSQL)
+    and re-reads its size."""
 
     def __init__(
         self,
@@ -173,8 +214,10 @@ class AuditLog:
         self._clock = clock
         self._lock = threading.Lock()
         self._builder: merkle.TreeBuilder | None = None
-        self._next_seq = 0
         self._signer: Signer | None = None
+        self._mac_key = b""
+        # The latest checkpoint this process knows to be genuine (its note text).
+        self._known_note: str | None = None
 
     @property
     def database(self) -> Database:
@@ -187,77 +230,77 @@ class AuditLog:
         `checkpoint`, the same transaction signs a checkpoint covering them."""
         if not events:
             return self.size()
-        with self._lock:
-            try:
-                with self._db.write(bump_revision=False) as conn:
-                    signer = self._signer_in(conn)
-                    builder = self._synced(conn)
-                    rows = []
-                    for event in events:
-                        entry, row = canonical_entry(self._next_seq, event)
-                        rows.append(row)
-                        builder.append(merkle.leaf_hash(entry.encode()))
-                        self._next_seq += 1
-                    conn.execute(sa.insert(audit_records), rows)
-                    self._checkpoint_in(conn, signer, builder, force=checkpoint)
-                    return builder.size
-            except BaseException:
-                self._builder = None  # the transaction rolled back: re-read next time
-                raise
+
+        def write(conn: Connection, signer: Signer, builder: merkle.TreeBuilder) -> int:
+            rows = []
+            for event in events:
+                entry, row = canonical_entry(builder.size, event)
+                row["mac"] = record_mac(self._mac_key, entry)
+                rows.append(row)
+                builder.append(merkle.leaf_hash(entry.encode()))
+            conn.execute(sa.insert(audit_records), rows)
+            self._checkpoint_in(conn, signer, builder, force=checkpoint)
+            return builder.size
+
+        return self._in_write(write)
 
     def checkpoint(self, *, force: bool = False) -> bool:
         """Sign a checkpoint if one is due (N records or T seconds since the last), or with
         `force` whenever records were appended since; whether one was signed."""
-        with self._lock:
-            try:
-                with self._db.write(bump_revision=False) as conn:
-                    signer = self._signer_in(conn)
-                    builder = self._synced(conn)
-                    return self._checkpoint_in(conn, signer, builder, force=force)
-            except BaseException:
-                self._builder = None
-                raise
+        return self._in_write(
+            lambda conn, signer, builder: self._checkpoint_in(conn, signer, builder, force=force)
+        )
 
     def prune(self, retention_s: float) -> int:
-        """Remove the records older than `retention_s`, with a signed prune note; how many."""
+        """Remove the records older than `retention_s`, with a signed prune note; how many.
+
+        The pruned records are read and checked against their checkpoints first, outside
+        the write lock; the write transaction then only stores the note and deletes."""
+        if not math.isfinite(retention_s) or retention_s < 0:
+            raise ValueError("the retention must be a finite, non-negative number of seconds")
         cutoff_ms = int((self._clock() - retention_s) * 1000)
-        with self._lock:
-            try:
-                with self._db.write(bump_revision=False) as conn:
-                    signer = self._signer_in(conn)
-                    self._synced(conn)
-                    prune = _latest_prune(conn, signer.verifier(), upto=None)
-                    start = 0 if prune is None else prune.size
-                    builder = (
-                        merkle.TreeBuilder()
-                        if prune is None
-                        else merkle.TreeBuilder.from_frontier(prune.size, prune.frontier)
-                    )
-                    first_kept = conn.execute(
-                        sa.select(sa.func.min(audit_records.c.seq)).where(
-                            audit_records.c.at_ms >= cutoff_ms
-                        )
-                    ).scalar_one_or_none()
-                    end = self._next_seq if first_kept is None else int(first_kept)
-                    if end <= start:
-                        return 0
-                    _fold_checked(conn, signer.verifier(), builder, start, end)
-                    frontier = tuple(builder.frontier)
-                    note = PruneNote(signer.name, end, builder.root(), cutoff_ms, frontier)
-                    conn.execute(
-                        sa.insert(audit_prunes).values(
-                            size=end,
-                            at_ms=int(self._clock() * 1000),
-                            note=sign(note.encode(), signer).decode(),
-                        )
-                    )
-                    removed = conn.execute(
-                        sa.delete(audit_records).where(audit_records.c.seq < end)
-                    ).rowcount
-                    return int(removed or 0)
-            except BaseException:
-                self._builder = None
-                raise
+        verifier = self.own_verifier()
+        if verifier is None:
+            return 0
+        with self._db.read(snapshot=True) as conn:
+            prune = _latest_prune(conn, verifier)
+            start = 0 if prune is None else prune.size
+            builder = _builder_at(prune)
+            first_kept = conn.execute(
+                sa.select(sa.func.min(audit_records.c.seq)).where(
+                    audit_records.c.at_ms >= cutoff_ms, audit_records.c.seq >= start
+                )
+            ).scalar_one_or_none()
+            end = _next_seq(conn) if first_kept is None else int(first_kept)
+            if end > start:
+                _fold_checked(conn, verifier, builder, start, end)
+        if end <= start:
+
+            def thin(conn: Connection, _: Signer, __: merkle.TreeBuilder) -> int:
+                _thin_checkpoints(conn, start, int(self._clock() * 1000))
+                return 0
+
+            return self._in_write(thin)
+
+        def write(conn: Connection, signer: Signer, _: merkle.TreeBuilder) -> int:
+            latest = _latest_prune(conn, verifier)
+            if (0 if latest is None else latest.size) != start:
+                return 0  # another process pruned meanwhile
+            frontier = tuple(builder.frontier)
+            note = PruneNote(signer.name, end, builder.root(), cutoff_ms, frontier)
+            now_ms = int(self._clock() * 1000)
+            conn.execute(
+                sa.insert(audit_prunes).values(
+                    size=end, at_ms=now_ms, note=sign(note.encode(), signer).decode()
+                )
+            )
+            removed = conn.execute(
+                sa.delete(audit_records).where(audit_records.c.seq < end)
+            ).rowcount
+            _thin_checkpoints(conn, end, now_ms)
+            return int(removed or 0)
+
+        return self._in_write(write)
 
     # ------------------------------------------------------------------ reading
 
@@ -284,13 +327,19 @@ class AuditLog:
     def own_verifier(self) -> Verifier | None:
         """The public key of the seed the key ring seals (None before the first record):
         what a verifier on this machine trusts, since a database writer cannot forge it."""
+        keys = self.own_keys()
+        return None if keys is None else keys[0]
+
+    def own_keys(self) -> tuple[Verifier, bytes] | None:
+        """The verifier and the records' MAC key, from the sealed seed."""
         with self._db.read() as conn:
             row = conn.execute(
                 sa.select(audit_keys).where(audit_keys.c.id == _KEY_ROW)
             ).one_or_none()
         if row is None:
             return None
-        return self._open_signer(row).verifier()
+        signer, mac_key = self._open_signer(row)
+        return signer.verifier(), mac_key
 
     def records(
         self,
@@ -300,10 +349,17 @@ class AuditLog:
         until_ms: int | None = None,
         tenant: str | None = None,
         limit: int | None = None,
+        before_seq: int | None = None,
+        newest_first: bool = False,
     ) -> list[AuditRecord]:
-        query = sa.select(*_RECORD_COLUMNS).order_by(audit_records.c.seq)
+        """Records in order of `seq` (the newest first with `newest_first`: a page of the
+        latest ones, then `before_seq` for the page before)."""
+        order = audit_records.c.seq.desc() if newest_first else audit_records.c.seq
+        query = sa.select(*_RECORD_COLUMNS).order_by(order)
         if after_seq is not None:
             query = query.where(audit_records.c.seq > after_seq)
+        if before_seq is not None:
+            query = query.where(audit_records.c.seq < before_seq)
         if since_ms is not None:
             query = query.where(audit_records.c.at_ms >= since_ms)
         if until_ms is not None:
@@ -313,16 +369,60 @@ class AuditLog:
         if limit is not None:
             query = query.limit(limit)
         with self._db.read() as conn:
-            return [AuditRecord(*row) for row in conn.execute(query)]
+            return [as_record(row) for row in conn.execute(query)]
 
-    def checkpoints(self, *, after_size: int | None = None) -> list[StoredCheckpoint]:
+    def iter_records(
+        self,
+        *,
+        since_ms: int | None = None,
+        until_ms: int | None = None,
+        tenant: str | None = None,
+    ) -> Iterator[AuditRecord]:
+        """Every matching record in order, a page at a time (bounded memory: exports)."""
+        after = -1
+        while True:
+            page = self.records(
+                after_seq=after,
+                since_ms=since_ms,
+                until_ms=until_ms,
+                tenant=tenant,
+                limit=_READ_BATCH,
+            )
+            yield from page
+            if len(page) < _READ_BATCH:
+                return
+            after = page[-1].seq
+
+    def checkpoints(
+        self, *, after_size: int | None = None, limit: int | None = None
+    ) -> list[StoredCheckpoint]:
         query = sa.select(
             audit_checkpoints.c.size, audit_checkpoints.c.at_ms, audit_checkpoints.c.note
         ).order_by(audit_checkpoints.c.size)
         if after_size is not None:
             query = query.where(audit_checkpoints.c.size > after_size)
+        if limit is not None:
+            query = query.limit(limit)
         with self._db.read() as conn:
             return [StoredCheckpoint(*row) for row in conn.execute(query)]
+
+    def latest_checkpoint(self) -> StoredCheckpoint | None:
+        query = (
+            sa.select(audit_checkpoints.c.size, audit_checkpoints.c.at_ms, audit_checkpoints.c.note)
+            .order_by(audit_checkpoints.c.size.desc())
+            .limit(1)
+        )
+        with self._db.read() as conn:
+            row = conn.execute(query).one_or_none()
+        return None if row is None else StoredCheckpoint(*row)
+
+    def checkpoint_at(self, size: int) -> StoredCheckpoint | None:
+        query = sa.select(
+            audit_checkpoints.c.size, audit_checkpoints.c.at_ms, audit_checkpoints.c.note
+        ).where(audit_checkpoints.c.size == size)
+        with self._db.read() as conn:
+            row = conn.execute(query).one_or_none()
+        return None if row is None else StoredCheckpoint(*row)
 
     def prune_notes(self) -> list[StoredCheckpoint]:
         query = sa.select(audit_prunes.c.size, audit_prunes.c.at_ms, audit_prunes.c.note)
@@ -330,74 +430,120 @@ class AuditLog:
             return [StoredCheckpoint(*row) for row in conn.execute(query.order_by("size"))]
 
     def leaves(self, size: int) -> Sequence[bytes]:
-        """The leaf hashes of the tree of `size` records (a pruned prefix by its frontier)."""
-        with self._db.read() as conn:
+        """The leaf hashes of the tree of `size` records (a pruned prefix by its frontier);
+        AuditLogError if the log does not hold them."""
+        with self._db.read(snapshot=True) as conn:
             prune = _latest_prune(conn, None, upto=size)
             start = 0 if prune is None else prune.size
             tail = [record.leaf_hash for record in scan_records(conn, start, size)]
         if len(tail) != size - start:
-            raise AuditLogError("the log does not hold every record of that tree size")
+            raise AuditLogError(f"The log does not hold every record of a tree of {size}.")
         if prune is None:
             return tail
         return merkle.PrunedLeaves(prune.size, prune.frontier, tail)
 
+    def tree_root(self, size: int, leaves: Sequence[bytes] | None = None) -> bytes:
+        """The root of the first `size` records (from `leaves`, the tree of a larger size,
+        when given); ValueError when they lie in the pruned range."""
+        leaves = self.leaves(size) if leaves is None else leaves
+        if isinstance(leaves, merkle.PrunedLeaves):
+            if size < leaves.pruned_size:
+                raise ValueError(f"records below {leaves.pruned_size} were pruned")
+            builder = merkle.TreeBuilder.from_frontier(leaves.pruned_size, leaves.frontier)
+            for leaf in list(leaves.tail)[: size - leaves.pruned_size]:
+                builder.append(leaf)
+            return builder.root()
+        return merkle.root_hash(list(leaves)[:size])
+
     # ------------------------------------------------------------------ internals
 
-    def _signer_in(self, conn: Connection) -> Signer:
-        if self._signer is not None:
-            return self._signer
-        row = conn.execute(sa.select(audit_keys).where(audit_keys.c.id == _KEY_ROW)).one_or_none()
-        if row is None:
-            origin = self._origin or f"bastion/audit/{secrets.token_hex(6)}"
-            seed = Ed25519PrivateKey.generate().private_bytes_raw()
-            signer = Signer(origin, seed)
-            conn.execute(
-                sa.insert(audit_keys).values(
-                    id=_KEY_ROW,
-                    origin=origin,
-                    public_key=signer.verifier().public_key,
-                    sealed_seed=self._keyring.seal(seed, SEED_CONTEXT),
-                    created_at=datetime.fromtimestamp(self._clock(), UTC),
-                )
-            )
-        else:
-            signer = self._open_signer(row)
-        self._signer = signer
-        return signer
+    def _in_write(self, action: Callable[[Connection, Signer, merkle.TreeBuilder], _T]) -> _T:
+        """Run `action(conn, signer, builder)` in a write transaction on the synced tree;
+        on any failure forget what this process believed (it is re-read next time)."""
+        with self._lock:
+            try:
+                with self._db.write(bump_revision=False) as conn:
+                    _lock_log(conn)
+                    signer, mac_key = self._signer_in(conn)
+                    self._mac_key = mac_key
+                    builder = self._synced(conn, signer)
+                    result = action(conn, signer, builder)
+                self._signer = signer
+                return result
+            except BaseException:
+                self._builder = None
+                self._signer = None
+                self._known_note = None
+                raise
 
-    def _open_signer(self, row: Any) -> Signer:
+    def _signer_in(self, conn: Connection) -> tuple[Signer, bytes]:
+        """The signing key and MAC key, made (in this transaction) with the first record;
+        kept by the process only once that transaction commits."""
+        if self._signer is not None:
+            return self._signer, self._mac_key
+        row = conn.execute(sa.select(audit_keys).where(audit_keys.c.id == _KEY_ROW)).one_or_none()
+        if row is not None:
+            return self._open_signer(row)
+        origin = self._origin or f"bastion/audit/{secrets.token_hex(6)}"
+        seed = Ed25519PrivateKey.generate().private_bytes_raw()
+        signer = Signer(origin, seed)
+        conn.execute(
+            sa.insert(audit_keys).values(
+                id=_KEY_ROW,
+                origin=origin,
+                public_key=signer.verifier().public_key,
+                sealed_seed=self._keyring.seal(seed, SEED_CONTEXT),
+                created_at=datetime.fromtimestamp(self._clock(), UTC),
+            )
+        )
+        return signer, mac_key_of(seed)
+
+    def _open_signer(self, row: Any) -> tuple[Signer, bytes]:
         try:
-            signer = Signer(row.origin, self._keyring.open(bytes(row.sealed_seed), SEED_CONTEXT))
+            seed = self._keyring.open(bytes(row.sealed_seed), SEED_CONTEXT)
+            signer = Signer(row.origin, seed)
         except Exception as exc:
             raise AuditLogError("The audit log's signing key does not open.") from exc
         if signer.verifier().public_key != bytes(row.public_key):
             raise AuditLogError("The audit log's stored public key is not its signing key's.")
-        return signer
+        return signer, mac_key_of(seed)
 
-    def _synced(self, conn: Connection) -> merkle.TreeBuilder:
-        """The tree builder at the log's current size (another process may have appended)."""
-        next_seq = _next_seq(conn)
+    def _synced(self, conn: Connection, signer: Signer) -> merkle.TreeBuilder:
+        """The tree builder at the log's current size, having folded in (and authenticated)
+        what other processes appended; AuditLogTampered when the log lost records this
+        process saw, or holds one its writers did not write."""
+        verifier = signer.verifier()
+        prune = _latest_prune(conn, verifier)
+        pruned = 0 if prune is None else prune.size
         builder = self._builder
-        if builder is None or builder.size > next_seq or self._next_seq > next_seq:
-            assert self._signer is not None
-            start, builder = _resume_point(conn, self._signer.verifier(), upto=None)
-            self._next_seq = start
-        for record in scan_records(conn, self._next_seq, None):
+        if builder is not None:
+            top = _next_seq(conn)
+            if top < builder.size and pruned < builder.size:
+                raise AuditLogTampered(
+                    f"The audit log lost records: this process wrote up to {builder.size - 1}, "
+                    f"the database ends before {top}."
+                )
+            if pruned > builder.size:
+                builder = None  # another process pruned past what this one had read
+        if builder is None:
+            builder = _resume_point(conn, verifier, prune)
+        expected = builder.size
+        for record in scan_records(conn, builder.size, None):
+            if record.seq != expected:
+                raise AuditLogTampered(f"Audit record {expected} is missing.")
+            if not hmac.compare_digest(record.mac, record_mac(self._mac_key, record.entry)):
+                raise AuditLogTampered(
+                    f"Audit record {record.seq} was not written by Bastion (its MAC is wrong)."
+                )
             builder.append(record.leaf_hash)
-            self._next_seq = record.seq + 1
-        self._next_seq = max(self._next_seq, next_seq)
+            expected += 1
         self._builder = builder
         return builder
 
     def _checkpoint_in(
         self, conn: Connection, signer: Signer, builder: merkle.TreeBuilder, *, force: bool
     ) -> bool:
-        last = conn.execute(
-            sa.select(audit_checkpoints.c.size, audit_checkpoints.c.at_ms)
-            .order_by(audit_checkpoints.c.size.desc())
-            .limit(1)
-        ).one_or_none()
-        last_size, last_ms = (0, 0) if last is None else (int(last.size), int(last.at_ms))
+        last_size, last_ms = self._latest_genuine(conn, signer.verifier(), builder)
         now = self._clock()
         pending = builder.size - last_size
         if pending <= 0:
@@ -405,16 +551,49 @@ class AuditLog:
         due = force or pending >= self._every or now - last_ms / 1000 >= self._interval_s
         if not due:
             return False
+        occupied = conn.execute(
+            sa.select(audit_checkpoints.c.note).where(audit_checkpoints.c.size == builder.size)
+        ).scalar_one_or_none()
+        if occupied is not None:
+            raise AuditLogTampered(
+                f"A checkpoint this log did not sign sits at size {builder.size}."
+            )
         text = Checkpoint(signer.name, builder.size, builder.root()).encode()
+        note = sign(text, signer).decode()
         conn.execute(
             sa.insert(audit_checkpoints).values(
                 size=builder.size,
                 at_ms=int(now * 1000),
-                note=sign(text, signer).decode(),
+                note=note,
                 frontier=b"".join(builder.frontier),
             )
         )
+        self._known_note = note
         return True
+
+    def _latest_genuine(
+        self, conn: Connection, verifier: Verifier, builder: merkle.TreeBuilder
+    ) -> tuple[int, int]:
+        """The size and time of the latest checkpoint that is signed by this log and no
+        larger than the tree; a forged one above it is refused."""
+        rows = conn.execute(
+            sa.select(audit_checkpoints.c.size, audit_checkpoints.c.at_ms, audit_checkpoints.c.note)
+            .order_by(audit_checkpoints.c.size.desc())
+            .limit(1)
+        ).all()
+        for size, at_ms, note in rows:
+            if note == self._known_note:
+                return int(size), int(at_ms)
+            checkpoint = _genuine_checkpoint(note, verifier)
+            if checkpoint is None or checkpoint.size != size or checkpoint.size > builder.size:
+                raise AuditLogTampered(f"The audit checkpoint at size {size} is not genuine.")
+            if checkpoint.size == builder.size and checkpoint.root != builder.root():
+                raise AuditLogTampered(
+                    f"The audit checkpoint at size {size} signs another tree than the log's."
+                )
+            self._known_note = note
+            return int(size), int(at_ms)
+        return 0, 0
 
 
 _RECORD_COLUMNS = (
@@ -426,6 +605,7 @@ _RECORD_COLUMNS = (
     audit_records.c.target,
     audit_records.c.outcome,
     audit_records.c.entry,
+    audit_records.c.mac,
 )
 
 
@@ -438,7 +618,7 @@ def scan_records(conn: Connection, start: int, end: int | None) -> Iterator[Audi
             query = query.where(audit_records.c.seq < end)
         rows = conn.execute(query.order_by(audit_records.c.seq).limit(_READ_BATCH)).all()
         for row in rows:
-            yield AuditRecord(*row)
+            yield as_record(row)
         if len(rows) < _READ_BATCH:
             return
         seq = rows[-1].seq + 1
@@ -477,6 +657,71 @@ def _fold_checked(
         )
 
 
+def as_record(row: Any) -> AuditRecord:
+    """A record from its row, whatever types a tampered row holds (a BLOB entry on SQLite
+    reads as bytes): verification must report such a row, not fail on it."""
+    seq, at_ms, actor, tenant, action, target, outcome, entry, mac = row
+    if not isinstance(entry, str):
+        entry = bytes(entry).decode("utf-8", "replace")
+    return AuditRecord(
+        int(seq),
+        int(at_ms),
+        actor,
+        tenant,
+        action,
+        target,
+        outcome,
+        entry,
+        bytes(mac) if mac is not None else b"",
+    )
+
+
+def _lock_log(conn: Connection) -> None:
+    """Serialise the log's writers: SQLite's BEGIN IMMEDIATE already holds the database's
+    write lock; on PostgreSQL the key row is locked (FOR UPDATE renders nothing on SQLite)."""
+    conn.execute(
+        sa.select(audit_keys.c.id).where(audit_keys.c.id == _KEY_ROW).with_for_update()
+    ).all()
+
+
+def _genuine_checkpoint(note: Any, verifier: Verifier) -> Checkpoint | None:
+    try:
+        text = note if isinstance(note, str) else bytes(note).decode()
+        checkpoint = Checkpoint.parse(open_note(text.encode(), [verifier])[0])
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return checkpoint if checkpoint.origin == verifier.name else None
+
+
+def _thin_checkpoints(conn: Connection, pruned: int, now_ms: int) -> None:
+    """Drop checkpoints below the pruned size (their records are gone) and, of those older
+    than a day, keep the latest of each hour: verification reads every signature."""
+    conn.execute(sa.delete(audit_checkpoints).where(audit_checkpoints.c.size < pruned))
+    old = conn.execute(
+        sa.select(audit_checkpoints.c.size, audit_checkpoints.c.at_ms)
+        .where(audit_checkpoints.c.at_ms < now_ms - _THIN_AFTER_MS)
+        .order_by(audit_checkpoints.c.size.desc())
+    ).all()
+    kept_hours: set[int] = set()
+    drop = []
+    for size, at_ms in old:
+        hour = int(at_ms) // _THIN_TO_MS
+        if hour in kept_hours:
+            drop.append(size)
+        else:
+            kept_hours.add(hour)
+    for i in range(0, len(drop), 500):
+        conn.execute(
+            sa.delete(audit_checkpoints).where(audit_checkpoints.c.size.in_(drop[i : i + 500]))
+        )
+
+
+def _builder_at(prune: PruneNote | None) -> merkle.TreeBuilder:
+    if prune is None:
+        return merkle.TreeBuilder()
+    return merkle.TreeBuilder.from_frontier(prune.size, prune.frontier)
+
+
 def _next_seq(conn: Connection) -> int:
     top = conn.execute(sa.select(sa.func.max(audit_records.c.seq))).scalar_one_or_none()
     return 0 if top is None else int(top) + 1
@@ -492,48 +737,49 @@ def _stored_size(conn: Connection) -> int:
 
 
 def _latest_prune(
-    conn: Connection, verifier: Verifier | None, *, upto: int | None
+    conn: Connection, verifier: Verifier | None, *, upto: int | None = None
 ) -> PruneNote | None:
-    query = sa.select(audit_prunes.c.note).order_by(audit_prunes.c.size.desc()).limit(1)
+    """The latest prune note (at most `upto`) that parses and, with `verifier`, is signed by
+    the log; damaged or forged ones are passed over (verification reports them)."""
+    query = sa.select(audit_prunes.c.note).order_by(audit_prunes.c.size.desc())
     if upto is not None:
         query = query.where(audit_prunes.c.size <= upto)
-    note = conn.execute(query).scalar_one_or_none()
-    if note is None:
-        return None
-    text = open_note(note.encode(), [verifier])[0] if verifier is not None else _note_text(note)
-    return PruneNote.parse(text)
+    for (note,) in conn.execute(query.limit(20)):
+        try:
+            text = note if isinstance(note, str) else bytes(note).decode()
+            body = open_note(text.encode(), [verifier])[0] if verifier else _note_text(text)
+            parsed = PruneNote.parse(body)
+        except (ValueError, UnicodeDecodeError):
+            continue
+        if verifier is None or parsed.origin == verifier.name:
+            return parsed
+    return None
 
 
 def _resume_point(
-    conn: Connection, verifier: Verifier, *, upto: int | None
-) -> tuple[int, merkle.TreeBuilder]:
-    """Where a writer may go on from without rereading the log: the latest checkpoint's
-    cached frontier (checked against its signed root) or prune note, else the start."""
-    best: tuple[int, merkle.TreeBuilder] = (0, merkle.TreeBuilder())
-    prune = _latest_prune(conn, verifier, upto=upto)
-    if prune is not None:
-        best = (prune.size, merkle.TreeBuilder.from_frontier(prune.size, prune.frontier))
+    conn: Connection, verifier: Verifier, prune: PruneNote | None
+) -> merkle.TreeBuilder:
+    """Where a writer goes on from without rereading the whole log: the latest genuine
+    checkpoint's cached frontier (checked against its signed root) or prune note, else the
+    start."""
+    best = _builder_at(prune)
     row = conn.execute(
         sa.select(audit_checkpoints.c.note, audit_checkpoints.c.frontier)
         .order_by(audit_checkpoints.c.size.desc())
         .limit(1)
     ).one_or_none()
-    if row is not None:
-        try:
-            checkpoint = Checkpoint.parse(open_note(row.note.encode(), [verifier])[0])
-            frontier = bytes(row.frontier)
-            nodes = [frontier[i : i + 32] for i in range(0, len(frontier), 32)]
-            builder = merkle.TreeBuilder.from_frontier(checkpoint.size, nodes)
-        except ValueError:
-            return best  # a damaged cache: verification reports the damage, not the writer
-        # The records up to it must still be there for a writer to resume from it.
-        if (
-            builder.root() == checkpoint.root
-            and checkpoint.size > best[0]
-            and _next_seq(conn) >= checkpoint.size
-        ):
-            best = (checkpoint.size, builder)
-    return best
+    if row is None:
+        return best
+    checkpoint = _genuine_checkpoint(row.note, verifier)
+    if checkpoint is None or checkpoint.size <= best.size:
+        return best
+    frontier = bytes(row.frontier or b"")
+    nodes = [frontier[i : i + 32] for i in range(0, len(frontier), 32)]
+    try:
+        builder = merkle.TreeBuilder.from_frontier(checkpoint.size, nodes)
+    except ValueError:
+        return best  # a damaged cache: the writer rereads from the prune point
+    return builder if builder.root() == checkpoint.root else best
 
 
 def _note_text(note: str) -> str:
@@ -543,20 +789,24 @@ def _note_text(note: str) -> str:
 def _cut(value: str | None, column: str) -> str | None:
     if value is None:
         return None
-    return value[: _LIMITS[column]]
+    return _text_of(value, _LIMITS[column])
+
+
+def _text_of(value: object, limit: int) -> str:
+    """Printable text only (no controls, no lone surrogates), at most `limit` characters."""
+    return _UNWANTED.sub("", str(value))[:limit]
 
 
 def _clean_detail(detail: Mapping[str, Any]) -> dict[str, Any]:
     clean: dict[str, Any] = {}
     for key, value in list(detail.items())[:_MAX_DETAIL_KEYS]:
-        key = str(key)[:64]
         if isinstance(value, float) and not math.isfinite(value):
             value = None
-        elif isinstance(value, str):
-            value = value[:_MAX_DETAIL_TEXT]
-        elif value is not None and not isinstance(value, bool | int | float):
-            value = str(value)[:_MAX_DETAIL_TEXT]
-        clean[key] = value
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            value = value if abs(value) < 2**63 else str(value)[:_MAX_DETAIL_TEXT]
+        elif value is not None and not isinstance(value, bool):
+            value = _text_of(value, _MAX_DETAIL_TEXT)
+        clean[_text_of(key, 64)] = value
     return clean
 
 

@@ -112,12 +112,13 @@ class PrunedLeaves(Sequence[bytes]):
     """The leaf hashes of a tree whose first `pruned_size` leaves are known only by their
     frontier; indexing a pruned leaf raises ValueError."""
 
-    __slots__ = ("_nodes", "pruned_size", "tail")
+    __slots__ = ("_nodes", "frontier", "pruned_size", "tail")
 
     def __init__(self, pruned_size: int, frontier: Sequence[bytes], tail: Sequence[bytes]) -> None:
         TreeBuilder.from_frontier(pruned_size, frontier)  # checks the frontier's shape
         _require_hashes(tail)
         self.pruned_size = pruned_size
+        self.frontier = tuple(frontier)
         self.tail = tail
         # The frontier's subtrees by their leaf range: largest (leftmost) first.
         self._nodes: dict[tuple[int, int], bytes] = {}

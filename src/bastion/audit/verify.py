@@ -3,6 +3,8 @@
 One pass over the records in order (bounded memory) finds:
 
 * a record that is missing (deleted) or holds another record's entry (moved, reordered);
+* with the records' MAC key (which only the key ring opens), a record Bastion did not
+  write, even after the latest checkpoint;
 * a record whose columns differ from its hashed entry (edited where queries look);
 * a tree that no longer matches a signed checkpoint (any entry edited, inserted, deleted
   or reordered before it), and which checkpoints bracket the change;
@@ -18,6 +20,7 @@ the latest checkpoint are not yet committed to by any signature; the report says
 
 from __future__ import annotations
 
+import hmac
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +29,7 @@ import sqlalchemy as sa
 
 from bastion.audit import merkle
 from bastion.audit.checkpoint import Checkpoint
-from bastion.audit.log import PruneNote, iso_time, scan_records
+from bastion.audit.log import AuditRecord, PruneNote, iso_time, record_mac, scan_records
 from bastion.audit.note import NoteError, Verifier, open_note
 from bastion.store.db import Database
 from bastion.store.tables import audit_checkpoints, audit_prunes
@@ -78,12 +81,15 @@ def verify_log(
     db: Database,
     verifier: Verifier,
     *,
+    mac_key: bytes | None = None,
     witness_notes: Sequence[bytes] = (),
 ) -> VerifyReport:
     """Check the whole log against `verifier` (the log's public key, from a source the
-    database's writer cannot change) and against checkpoints a witness kept."""
+    database's writer cannot change), each record's MAC when `mac_key` is given, and
+    checkpoints a witness kept. Never raises for what the database holds: damage is a
+    problem in the report."""
     report = VerifyReport()
-    with db.read() as conn:
+    with db.read(snapshot=True) as conn:
         prune = _check_prunes(conn, verifier, report)
         signed = _check_checkpoints(conn, verifier, report)
         witnessed = _read_witnesses(witness_notes, verifier, report)
@@ -95,7 +101,7 @@ def verify_log(
         )
         report.pruned_below = start
         targets = _targets(signed, witnessed, start, report)
-        _fold(conn, builder, start, targets, report)
+        _fold(conn, builder, start, targets, report, mac_key)
     report.size = builder.size
     report.root = builder.root()
     for size, checks in sorted(targets.items()):
@@ -123,7 +129,7 @@ def _check_prunes(
     )
     for size, note in rows:
         try:
-            parsed = PruneNote.parse(open_note(note.encode(), [verifier])[0])
+            parsed = PruneNote.parse(open_note(_text(note).encode(), [verifier])[0])
         except (NoteError, ValueError) as exc:
             report.problems.append(f"The prune note at size {size} does not verify ({exc}).")
             continue
@@ -144,9 +150,12 @@ def _check_checkpoints(
         ).order_by(audit_checkpoints.c.size)
     )
     for size, at_ms, note in rows:
-        label = f"the checkpoint of size {size} (signed {iso_time(at_ms)})"
         try:
-            checkpoint = Checkpoint.parse(open_note(note.encode(), [verifier])[0])
+            label = f"the checkpoint of size {size} (signed {iso_time(at_ms)})"
+        except (TypeError, ValueError):
+            label = f"the checkpoint of size {size} (its time is damaged)"
+        try:
+            checkpoint = Checkpoint.parse(open_note(_text(note).encode(), [verifier])[0])
         except (NoteError, ValueError) as exc:
             report.problems.append(f"{_upper(label)} is forged or damaged ({exc}).")
             continue
@@ -204,12 +213,13 @@ def _fold(
     start: int,
     targets: dict[int, list[_Signed]],
     report: VerifyReport,
+    mac_key: bytes | None,
 ) -> None:
     last_good = start
     diverged = False
     expected = start
     _compare(builder, targets, last_good, report)
-    for record in scan_records(conn, 0, None):
+    for record in _records(conn, report):
         if record.seq < start:
             report.problems.append(f"Record {record.seq} lies in the pruned range (below {start}).")
             continue
@@ -221,6 +231,12 @@ def _fold(
                 report.problems.append(f"Record {missing} is missing (deleted).")
             expected = record.seq
         expected += 1
+        if mac_key is not None and not hmac.compare_digest(
+            record.mac, record_mac(mac_key, record.entry)
+        ):
+            report.problems.append(
+                f"Record {record.seq} was not written by Bastion (its MAC does not match)."
+            )
         try:
             entry = json.loads(record.entry)
         except ValueError:
@@ -233,7 +249,7 @@ def _fold(
                     "(moved, inserted or reordered)."
                 )
             edited = [name for name in _COLUMNS if entry.get(name) != getattr(record, name)]
-            if entry.get("time") != iso_time(record.at_ms):
+            if entry.get("time") != _time_or_none(record.at_ms):
                 edited.append("time")
             if edited:
                 report.problems.append(
@@ -271,6 +287,29 @@ def _compare(
                 )
             return False
     return True
+
+
+def _records(conn: sa.Connection, report: VerifyReport) -> Iterable[AuditRecord]:
+    """The records in order; a row that cannot even be read ends the scan as a problem."""
+    try:
+        yield from scan_records(conn, 0, None)
+    except (TypeError, ValueError) as exc:
+        report.problems.append(f"A record cannot be read ({type(exc).__name__}): damaged.")
+
+
+def _time_or_none(at_ms: int) -> str | None:
+    try:
+        return iso_time(at_ms)
+    except ValueError:
+        return None
+
+
+def _text(note: object) -> str:
+    if isinstance(note, str):
+        return note
+    if isinstance(note, bytes | bytearray | memoryview):
+        return bytes(note).decode("utf-8", "replace")
+    raise ValueError("not a note")
 
 
 def _upper(text: str) -> str:

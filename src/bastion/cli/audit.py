@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,7 +18,7 @@ import typer
 from bastion import __version__
 from bastion.audit import merkle
 from bastion.audit.events import ADMIN_READ, AUDIT_VERIFY_FAILED, Event
-from bastion.audit.log import AuditRecord, iso_time
+from bastion.audit.log import AuditLogError, AuditRecord, iso_time
 from bastion.audit.note import MalformedKeyError, Verifier
 from bastion.audit.verify import verify_log
 from bastion.audit.writer import AuditWriter
@@ -29,6 +30,7 @@ app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=True)
 
 _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_MAX_MS = 2**62
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -50,7 +52,8 @@ def _time_ms(value: str | None, what: str) -> int | None:
     relative = _RELATIVE.fullmatch(value.strip().lower())
     if relative:
         seconds = float(relative.group(1)) * _UNITS[relative.group(2)]
-        return int((time.time() - seconds) * 1000)
+        # Clamped to what the database's integers hold: an absurd age means "all".
+        return max(-_MAX_MS, int((time.time() - min(seconds, 1e15)) * 1000))
     try:
         moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
     except ValueError:
@@ -65,15 +68,39 @@ def _time_ms(value: str | None, what: str) -> int | None:
 def _verifier(audit: AuditWriter, key: str | None) -> Verifier:
     """The log's key: given by the caller (a witness's copy), else the key ring's own."""
     if key is not None:
-        text = Path(key).read_text().strip() if Path(key).is_file() else key.strip()
-        try:
-            return Verifier.parse(text)
-        except (MalformedKeyError, ValueError):
-            raise _fail("--key is a verifier key (name+id+key) or a file holding one") from None
+        return _given_key(key)
     verifier = run(audit.log.own_verifier)
     if verifier is None:
         raise _fail("the audit log has no records yet", 1)
     return verifier
+
+
+def _given_key(key: str) -> Verifier:
+    try:
+        path = Path(key)
+        text = path.read_text().strip() if path.is_file() else key.strip()
+        return Verifier.parse(text)
+    except (OSError, UnicodeDecodeError, MalformedKeyError, ValueError):
+        raise _fail(
+            "--key is a verifier key (name+id+key) or a readable file holding one"
+        ) from None
+
+
+def _keys(audit: AuditWriter, key: str | None) -> tuple[Verifier, bytes | None, list[str]]:
+    """The key to check signatures with, the records' MAC key when the key ring opens the
+    log's seed (and it is the given key's), and problems found on the way."""
+    problems: list[str] = []
+    try:
+        own = audit.log.own_keys()
+    except AuditLogError as exc:
+        own = None
+        problems.append(exc.message)
+    if key is not None:
+        verifier = _given_key(key)
+        return verifier, own[1] if own and own[0] == verifier else None, problems
+    if own is None:
+        raise _fail(problems[0] if problems else "the audit log has no records yet", 1)
+    return own[0], own[1], problems
 
 
 @app.command("verify")
@@ -101,10 +128,11 @@ def verify(
             notes.append(path.read_bytes())
         except OSError:
             raise _fail(f"cannot read {path}") from None
-    verifier = _verifier(audit, key)
+    verifier, mac_key, problems = _keys(audit, key)
     stored = run(audit.log.stored_verifier)
-    report = run(lambda: verify_log(h.db, verifier, witness_notes=notes))
-    if stored is not None and stored != verifier:
+    report = run(lambda: verify_log(h.db, verifier, mac_key=mac_key, witness_notes=notes))
+    report.problems[:0] = problems
+    if stored is not None and stored != verifier and not problems:
         report.problems.insert(0, "The log's stored public key is not the key it was checked with.")
     if not report.ok:
         h.events.emit(
@@ -149,41 +177,45 @@ def proof(
     if (index is None) == (old_size is None):
         raise _fail("give --index (inclusion) or --old-size (consistency)")
     _, audit = _audited_home(home)
-    checkpoints = run(audit.log.checkpoints)
     if size is None:
-        if not checkpoints:
+        latest = run(audit.log.latest_checkpoint)
+        if latest is None:
             raise _fail("no checkpoint is signed yet; give --size", 1)
-        size = checkpoints[-1].size
+        size = latest.size
     if size < 0 or (index is not None and not 0 <= index < size):
         raise _fail(f"--index must be within 0..{size - 1}")
     if old_size is not None and not 0 <= old_size <= size:
         raise _fail(f"--old-size must be within 0..{size}")
-    leaves = run(lambda: audit.log.leaves(size))
-    root = merkle.root_hash(leaves)
-    answer: dict[str, Any] = {"size": size, "root": _b64(root)}
     try:
+        leaves = audit.log.leaves(size)
+        answer: dict[str, Any] = {"size": size, "root": _b64(audit.log.tree_root(size, leaves))}
         if index is not None:
-            record = audit.log.records(after_seq=index - 1, limit=1)[0]
+            found = audit.log.records(after_seq=index - 1, limit=1)
+            if not found or found[0].seq != index:
+                raise _fail(f"record {index} is not in the log (pruned or never written)", 1)
             answer |= {
                 "index": index,
-                "entry": record.entry,
-                "leaf_hash": _b64(record.leaf_hash),
+                "entry": found[0].entry,
+                "leaf_hash": _b64(found[0].leaf_hash),
                 "proof": [_b64(n) for n in merkle.inclusion_proof(index, leaves)],
             }
         else:
             assert old_size is not None
-            old_root = merkle.root_hash(list(leaves)[:old_size]) if old_size else merkle.EMPTY_ROOT
+            old_root = audit.log.tree_root(old_size, leaves) if old_size else merkle.EMPTY_ROOT
             answer |= {
                 "old_size": old_size,
                 "old_root": _b64(old_root),
                 "proof": [_b64(n) for n in merkle.consistency_proof(old_size, leaves)],
             }
+    except AuditLogError as exc:
+        raise _fail(exc.message, 1) from None
     except ValueError as exc:
         raise _fail(f"{exc}: records that old were pruned", 1) from None
-    signed = {c.size: c.note for c in checkpoints}
-    answer["checkpoint"] = signed.get(size)
+    signed = run(lambda: audit.log.checkpoint_at(size))
+    answer["checkpoint"] = signed.note if signed is not None else None
     if old_size is not None:
-        answer["old_checkpoint"] = signed.get(old_size)
+        old = run(lambda: audit.log.checkpoint_at(old_size))
+        answer["old_checkpoint"] = old.note if old is not None else None
     print_json(answer)
 
 
@@ -196,12 +228,13 @@ def checkpoints(
 ) -> None:
     """The signed checkpoints, for a witness to keep copies of (and the verifier key)."""
     _, audit = _audited_home(home)
-    rows = run(lambda: audit.log.checkpoints(after_size=after))
     if latest:
-        if not rows:
+        newest = run(audit.log.latest_checkpoint)
+        if newest is None:
             raise _fail("no checkpoint is signed yet", 1)
-        sys.stdout.write(rows[-1].note)
+        sys.stdout.write(newest.note)
         return
+    rows = run(lambda: audit.log.checkpoints(after_size=after))
     verifier = run(audit.log.own_verifier)
     if json_output:
         print_json(
@@ -250,16 +283,23 @@ def export(
         raise _fail("--format is jsonl or cef")
     since_ms, until_ms = _time_ms(since, "--since"), _time_ms(until, "--until")
     h, audit = _audited_home(home)
-    records = run(lambda: audit.log.records(since_ms=since_ms, until_ms=until_ms, tenant=tenant))
-    lines = (r.entry if output_format == "jsonl" else cef_line(r) for r in records)
-    _write_lines(lines, output)
+    records = audit.log.iter_records(since_ms=since_ms, until_ms=until_ms, tenant=tenant)
+    count = 0
+
+    def lines() -> Iterator[str]:
+        nonlocal count
+        for record in records:
+            count += 1
+            yield record.entry if output_format == "jsonl" else cef_line(record)
+
+    run(lambda: _write_lines(lines(), output))
     h.events.emit(
         Event(
             kind=ADMIN_READ,
             actor=OPERATOR.key_id,
             tenant=tenant,
             target="audit",
-            detail={"records": len(records), "format": output_format},
+            detail={"records": count, "format": output_format},
         )
     )
 
@@ -275,8 +315,8 @@ def prune(
     """Remove records older than the retention, with a signed note of what was removed."""
     h, audit = _audited_home(home)
     days = h.settings.audit_retention_days if retention_days is None else retention_days
-    if days < 0:
-        raise _fail("--retention-days cannot be negative")
+    if not math.isfinite(days) or days < 0:
+        raise _fail("--retention-days must be a finite number of days, 0 or more")
     removed = run(lambda: audit.log.prune(days * 86_400))
     if json_output:
         print_json({"pruned": removed})

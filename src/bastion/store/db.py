@@ -71,13 +71,18 @@ class Database:
     # ------------------------------------------------------------------ transactions
 
     @contextmanager
-    def read(self) -> Iterator[Connection]:
-        """A read-only transaction (a consistent snapshot on both backends).
+    def read(self, *, snapshot: bool = False) -> Iterator[Connection]:
+        """A read-only transaction. On SQLite (WAL) it always reads one snapshot; on
+        PostgreSQL only with `snapshot` (REPEATABLE READ), for reads of many statements
+        that must agree, such as the audit log's verification.
 
         A database that cannot be used now raises StorageUnavailable (503)."""
         try:
-            with self.engine.connect() as conn, conn.begin():
-                yield conn
+            with self.engine.connect() as conn:
+                if snapshot and not self.is_sqlite:
+                    conn.execution_options(isolation_level="REPEATABLE READ")
+                with conn.begin():
+                    yield conn
         except OperationalError as exc:
             raise _unavailable(exc) from None
 

@@ -282,6 +282,9 @@ audit_records = sa.Table(
     sa.Column("target", sa.String(255), nullable=True),
     sa.Column("outcome", sa.String(16), nullable=False),
     sa.Column("entry", sa.Text, nullable=False),
+    # HMAC-SHA-256 of the entry under a key derived from the signing seed: a database
+    # writer without the key ring cannot add a record the log's writer would sign.
+    sa.Column("mac", sa.LargeBinary(32), nullable=False),
     sa.Index("ix_audit_records_at_ms", "at_ms"),
     sa.Index("ix_audit_records_tenant", "tenant"),
 )

@@ -479,7 +479,10 @@ class WorkerLifecycle:
             return
         slot.set_state(ModelState.FAILED, reason)
         logger.warning("model failed to load", extra={"model": slot.spec.name, "reason": reason})
-        self.emit(MODEL_FAILED, slot, outcome="failure", reason=reason, restarts=slot.restarts)
+        # The worker's reason quotes its runtime's exception, which may quote the model's
+        # files: the event (kept in the audit log) carries the exception's type only.
+        kind = reason.partition(":")[0][:80]
+        self.emit(MODEL_FAILED, slot, outcome="failure", reason=kind, restarts=slot.restarts)
 
     async def _reap(
         self,

@@ -286,7 +286,9 @@ def test_unknown_runtime_fails_with_a_reason_and_is_retried() -> None:
 
             failures = [e for e in events.events if e.kind == MODEL_FAILED]
             assert failures[0].target == "broken"
-            assert failures[0].detail["reason"] == status.detail
+            # The event (kept in the audit log) names the exception's type only: the
+            # worker's message may quote the model's files.
+            assert failures[0].detail["reason"] == "ValueError"
             # Failed loads are retried with backoff.
             await wait_until(sup, "broken", lambda s: s.restarts >= 1)
             assert MODEL_LOADED not in events.kinds()

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from bastion.audit.checkpoint import Checkpoint
 from bastion.audit.events import Event
-from bastion.audit.log import AuditLog, AuditLogError
+from bastion.audit.log import AuditLog, AuditLogError, AuditLogTampered
 from bastion.audit.note import Signer, open_note, sign
 from bastion.audit.verify import verify_log
 from bastion.crypto.keyring import KeyRing, LocalKek
@@ -86,9 +86,9 @@ def filled(db: Database, keyring: KeyRing, clock: Clock, n: int = 40) -> AuditLo
 
 
 def report_of(log: AuditLog, *witness: bytes) -> list[str]:
-    verifier = log.own_verifier()
-    assert verifier is not None
-    return verify_log(log.database, verifier, witness_notes=witness).problems
+    keys = log.own_keys()
+    assert keys is not None
+    return verify_log(log.database, keys[0], mac_key=keys[1], witness_notes=witness).problems
 
 
 def sql(db: Database, statement: str, **params: object) -> None:
@@ -222,11 +222,12 @@ def test_an_inserted_record_is_detected(db, keyring, clock) -> None:
     forged = log.records(after_seq=18, limit=1)[0]
     sql(
         db,
-        "INSERT INTO audit_records (seq, at_ms, actor, tenant, action, target, outcome, entry)"
-        " VALUES (20, :at, :actor, 'acme', 'key.created', 'key99', 'success', :entry)",
+        "INSERT INTO audit_records (seq, at_ms, actor, tenant, action, target, outcome, entry,"
+        " mac) VALUES (20, :at, :actor, 'acme', 'key.created', 'key99', 'success', :entry, :mac)",
         at=forged.at_ms,
         actor=forged.actor,
         entry=forged.entry.replace('"seq":19', '"seq":20'),
+        mac=os.urandom(32),
     )
     problems = report_of(log)
     assert any("holds the entry of record" in p for p in problems), problems
@@ -347,3 +348,123 @@ def test_a_forged_prune_note_is_detected(db, keyring, clock) -> None:
     assert log.prune(10 * 86_400) == 23
     sql(db, "UPDATE audit_prunes SET note = replace(note, :a, :b)", a="\n23\n", b="\n24\n")
     assert any("prune note" in p for p in report_of(log))
+
+
+# --------------------------------------------------------------------- review findings
+
+
+def test_a_record_forged_after_the_latest_checkpoint_is_never_signed(db, keyring, clock) -> None:
+    log = filled(db, keyring, clock, 40)  # the latest checkpoint is at 35
+    forged = json.loads(log.records()[39].entry)
+    forged.update(seq=40, actor="framed-admin")
+    entry = json.dumps(forged, sort_keys=True, separators=(",", ":"))
+    sql(
+        db,
+        "INSERT INTO audit_records (seq, at_ms, actor, tenant, action, target, outcome, entry,"
+        " mac) VALUES (40, 0, 'framed-admin', 'acme', 'key.created', 'key40', 'success', :e, :m)",
+        e=entry,
+        m=os.urandom(32),
+    )
+    for writer in (log, make_log(db, keyring, clock)):  # this process, and a fresh one
+        with pytest.raises(AuditLogTampered, match="record 40 was not written by Bastion"):
+            writer.append(events(1, 41))
+        with pytest.raises(AuditLogTampered):
+            writer.checkpoint(force=True)
+    assert log.latest_checkpoint() is not None and log.latest_checkpoint().size == 35
+    assert any("Record 40 was not written by Bastion" in p for p in report_of(log))
+
+
+def test_a_log_that_lost_its_newest_records_is_caught_by_its_writer(db, keyring, clock) -> None:
+    log = filled(db, keyring, clock, 40)
+    sql(db, "DELETE FROM audit_records WHERE seq >= 36")
+    sql(db, "DELETE FROM audit_checkpoints WHERE size > 30")
+    with pytest.raises(AuditLogTampered, match="lost records"):
+        log.append(events(1, 40))
+
+
+def test_a_forged_checkpoint_above_the_tree_stops_signing(db, keyring, clock) -> None:
+    filled(db, keyring, clock, 40)
+    sql(db, "UPDATE audit_checkpoints SET size = 1000000000 WHERE size = 35")
+    with pytest.raises(AuditLogTampered, match="not genuine"):
+        make_log(db, keyring, clock).append(events(1, 40))
+
+
+def test_verification_reports_rows_it_cannot_read_instead_of_failing(db, keyring, clock) -> None:
+    log = filled(db, keyring, clock, 20)
+    sql(db, "UPDATE audit_checkpoints SET at_ms = 9000000000000000000 WHERE size = 5")
+    sql(db, "UPDATE audit_records SET at_ms = 9000000000000000000 WHERE seq = 3")
+    sql(db, "UPDATE audit_records SET entry = CAST(entry AS BLOB) WHERE seq = 4")
+    sql(db, "UPDATE audit_checkpoints SET note = CAST(note AS BLOB) WHERE size = 15")
+    # Same bytes stored as BLOBs hash the same (and are read, not crashed on); the times
+    # out of any calendar are reported.
+    assert report_of(log) == ["Record 3's time differ from its signed entry (edited)."]
+
+
+def test_a_failed_first_append_leaves_no_phantom_key(db, keyring, clock) -> None:
+    log = make_log(db, keyring, clock)
+    with pytest.raises(Exception):  # noqa: B017 - the database refuses a record without action
+        log.append([Event(kind=None)])  # type: ignore[arg-type]
+    assert log.own_verifier() is None
+    other = make_log(db, keyring, clock)
+    other.append(events(3))
+    log.append(events(3, 3))
+    assert report_of(log) == []
+
+
+def test_control_characters_never_reach_an_entry(db, keyring, clock) -> None:
+    log = make_log(db, keyring, clock)
+    log.append([Event(kind="auth.failed", actor="a\x00b\ud800c", detail={"k\n": "v\x1b[31m"})])
+    entry = log.records()[0].fields()
+    assert entry["actor"] == "abc" and entry["detail"] == {"k": "v[31m"}
+    assert report_of(log) == []
+
+
+def test_another_process_pruning_ahead_of_a_writer_raises_no_false_alarm(
+    db, keyring, clock
+) -> None:
+    first = make_log(db, keyring, clock)
+    first.append(events(10))
+    second = make_log(db, keyring, clock)
+    second.append(events(10, 10))
+    clock.now = 1_800_000_000.0 + 15 + 100  # records 0..14 are older than 100 s
+    assert second.prune(100) == 15
+    first.append(events(8, 20, at=clock.now))
+    first.checkpoint(force=True)
+    assert report_of(first) == []
+
+
+def test_a_junk_prune_note_does_not_stop_the_writer(db, keyring, clock) -> None:
+    log = filled(db, keyring, clock, 10)
+    sql(db, "INSERT INTO audit_prunes (size, at_ms, note) VALUES (5, 0, 'junk')")
+    make_log(db, keyring, clock).append(events(2, 10))
+    assert any("prune note at size 5" in p for p in report_of(log))
+
+
+def test_proofs_after_a_prune(db, keyring, clock) -> None:
+    from bastion.audit import merkle
+
+    log = filled(db, keyring, clock, 40)
+    full = log.leaves(40)
+    clock.now = 1_800_000_000.0 + 23 + 10 * 86_400
+    log.prune(10 * 86_400)
+    cut = log.leaves(40)
+    assert isinstance(cut, merkle.PrunedLeaves)
+    for old in (23, 30, 35):
+        assert log.tree_root(old, cut) == merkle.root_hash(list(full)[:old])
+        assert merkle.consistency_proof(old, cut) == merkle.consistency_proof(old, full)
+    with pytest.raises(ValueError, match="pruned"):
+        log.tree_root(10, cut)
+
+
+def test_old_checkpoints_are_thinned_to_one_an_hour(db, keyring, clock) -> None:
+    log = make_log(db, keyring, clock)
+    for i in range(12):  # a checkpoint every 10 minutes, for two hours
+        clock.now = 1_800_000_000.0 + 600 * i
+        log.append(events(1, i, at=clock.now), checkpoint=True)
+    assert len(log.checkpoints()) == 12
+    clock.now += 2 * 86_400
+    assert log.prune(30 * 86_400) == 0  # nothing old enough to prune; still thinned
+    kept = log.checkpoints()
+    hours = {c.at_ms // 3_600_000 for c in kept}
+    assert len(kept) == len(hours) <= 3 and kept[-1].size == 12
+    assert report_of(log) == []

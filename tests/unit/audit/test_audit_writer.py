@@ -96,3 +96,55 @@ def test_a_failed_verification_is_reported_as_an_event(log: AuditLog) -> None:
     assert report is not None and not report.ok
     assert [e.kind for e in seen] == [AUDIT_VERIFY_FAILED]
     assert seen[0].detail["problems"] == len(report.problems)
+
+
+def test_an_event_the_database_refuses_does_not_block_the_others(log: AuditLog) -> None:
+    writer = AuditWriter(log, flush_interval_s=0.01)
+    writer.start_background()
+    try:
+        writer.emit(Event(kind="key.created"))
+        writer.emit(Event(kind=None))  # type: ignore[arg-type]  # NOT NULL refuses it
+        writer.emit(Event(kind="key.revoked"))
+        writer.flush()
+    finally:
+        writer.close()
+    actions = [r.action for r in log.records()]
+    assert actions == ["key.created", "audit.event_rejected", "key.revoked"]
+    assert writer.rejected == 1
+
+
+def test_a_tampered_log_is_reported_once_and_its_events_wait(log: AuditLog) -> None:
+    writer = AuditWriter(log, flush_interval_s=0.01)
+    writer.emit(Event(kind="server.started"))
+    # Someone with the database but not the key ring adds a record after it.
+    with log.database.write(bump_revision=False) as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO audit_records (seq, at_ms, actor, tenant, action, target, outcome,"
+            " entry, mac) SELECT 1, at_ms, actor, tenant, action, target, outcome,"
+            " replace(entry, '\"seq\":0', '\"seq\":1'), zeroblob(32) FROM audit_records"
+        )
+    seen: list[Event] = []
+    writer.on_event = seen.append
+    writer.start_background()
+    try:
+        for _ in range(3):
+            writer.emit(Event(kind="auth.failed"))
+        threading.Event().wait(0.5)
+        assert writer.written == 1  # the first, before the tampering
+        assert [e.kind for e in seen] == [AUDIT_VERIFY_FAILED]
+        assert "was not written by Bastion" in str(seen[0].detail["first"])
+    finally:
+        writer.close(timeout_s=1)
+    assert len(log.records()) == 2  # nothing signed or written on top of the forgery
+
+
+def test_a_verification_that_cannot_run_is_a_failed_verification(log: AuditLog) -> None:
+    writer = AuditWriter(log)
+    writer.emit(Event(kind="server.started"))
+    with log.database.write(bump_revision=False) as conn:
+        conn.exec_driver_sql("UPDATE audit_keys SET public_key = zeroblob(32)")
+    seen: list[Event] = []
+    writer.on_event = seen.append
+    report = writer.verify()
+    assert report is not None and not report.ok
+    assert [e.kind for e in seen] == [AUDIT_VERIFY_FAILED]

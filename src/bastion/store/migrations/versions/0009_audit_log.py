@@ -41,6 +41,7 @@ def upgrade() -> None:
         sa.Column("target", sa.String(255), nullable=True),
         sa.Column("outcome", sa.String(16), nullable=False),
         sa.Column("entry", sa.Text, nullable=False),
+        sa.Column("mac", sa.LargeBinary(32), nullable=False),
         sa.PrimaryKeyConstraint("seq", name=op.f("pk_audit_records")),
     )
     op.create_index("ix_audit_records_at_ms", "audit_records", ["at_ms"])
