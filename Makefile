@@ -11,7 +11,7 @@ NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test unit check lint typecheck audit sbom lock bench bench-ohttp bench-serving bench-audit clean-venv sandbox-deps docker-deps prometheus-deps
+.PHONY: serve test unit check lint typecheck audit sbom lock bench bench-ohttp bench-serving bench-audit console-screenshots clean-venv sandbox-deps docker-deps prometheus-deps chromium-deps
 
 # Only what the lock names, each file checked against its hash; then Bastion itself, in
 # place, built with the locked setuptools (no unpinned build environment).
@@ -74,10 +74,20 @@ docker-deps:
 prometheus-deps:
 	@command -v promtool >/dev/null || test -x $(BIN)/promtool || { 	  if [ "$$(id -u)" != 0 ]; then 	    echo "the deploy tests need promtool: install Debian's prometheus package (or run this as root)" >&2; exit 1; fi; 	  tmp=$$(mktemp -d) && cd $$tmp && apt-get update -qq && apt-get download -qq prometheus >/dev/null && 	  dpkg-deb -x prometheus_*.deb root && install -m 0755 root/usr/bin/promtool $(CURDIR)/$(BIN)/promtool && 	  cd / && rm -rf $$tmp; }
 
+# The admin console's browser tests (tests/e2e/test_console.py) drive Debian's chromium
+# through Playwright (whose own browser downloads are not used). As root, installed here;
+# otherwise a clear message.
+CHROMIUM ?= /usr/bin/chromium
+chromium-deps:
+	@test -x $(CHROMIUM) || { \
+	  if [ "$$(id -u)" != 0 ]; then \
+	    echo "the console's browser tests need Debian's chromium at $(CHROMIUM): install the chromium package (or run this as root)" >&2; exit 1; fi; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+
 serve: $(STAMP) sandbox-deps
 	$(BIN)/bastion serve --host $(HOST) --port $(PORT)
 
-test: $(STAMP) $(NODE_STAMP) sandbox-deps docker-deps prometheus-deps
+test: $(STAMP) $(NODE_STAMP) sandbox-deps docker-deps prometheus-deps chromium-deps
 	$(BIN)/python -m pytest -q tests
 
 # The fast inner loop: unit tests and the layering rules, no server, no sandbox (~40 s).
@@ -107,6 +117,10 @@ bench-serving: $(STAMP)
 # on vs off (~3 min).
 bench-audit: $(STAMP)
 	$(BIN)/python benchmarks/audit.py $(BENCH_ARGS)
+
+# Refresh the console screenshots docs/console.md shows (the test run saves them in build/).
+console-screenshots: $(STAMP) chromium-deps
+	BASTION_CONSOLE_SCREENSHOTS=docs/console $(BIN)/python -m pytest -q tests/e2e/test_console.py -k screenshots
 
 clean-venv:
 	rm -rf $(VENV)

@@ -147,15 +147,17 @@ class BastionServer:
         tls_ca: Path | None = None,
         admin_listen: bool = False,
         client_cert: tuple[Path, Path] | None = None,
+        port: int | None = None,
     ) -> None:
-        """Serve `home`; with `cwd`, start there and name the home relative to it.
+        """Serve `home` (on `port`, or a free one); with `cwd`, start there and name the
+        home relative to it.
 
         With `tls_ca` the server is reached over https, trusted as issued by that CA file
         (the TLS flags themselves are among `args`). With `admin_listen` the admin API has
         a loopback port of its own (`admin_url`), reached with `client_cert` (certificate,
         key) if given; `admin_client` and `wait_model` use it."""
         self.home = home
-        self.port = free_port()
+        self.port = port or free_port()
         self.tls_ca = tls_ca
         self.client_cert = client_cert
         scheme = "https" if tls_ca is not None else "http"

@@ -50,6 +50,26 @@ ALLOWED: dict[str, set[str]] = {
         "sandboxes",
         "protection",
     },
+    # The admin console (a web application over the admin API's services): what the API
+    # may use, but never the worker process, the CLI, or the server's wiring (the API's app
+    # factory imports the console, not the reverse).
+    "console": {
+        "errors",
+        "wire",
+        "config",
+        "crypto",
+        "store",
+        "audit",
+        "observability",
+        "identity",
+        "quotas",
+        "models",
+        "protection",
+        "sandboxes",
+        "supervision",
+        "gateway",
+        "api",
+    },
     # The sandboxed process: what both sides share, the runtimes, crypto, the route contract
     # (bastion.api's inference routes), its log format and the bundle reader.
     "worker": {
@@ -75,6 +95,7 @@ NEVER_IN_WORKER = (
     "bastion.bootstrap",
     "bastion.server",
     "bastion.cli",
+    "bastion.console",
     "bastion.config",
     # Of the models package, only the bundle reader (and the signatures it checks).
     "bastion.models.bundle.writer",

@@ -121,6 +121,10 @@ class Settings:
     oidc_client_secret: str | None = _in(AUTHENTICATION, None, secret=True)
     oidc_client_secret_file: str | None = _in(AUTHENTICATION, None)
     oidc_redirect_url: str | None = _in(AUTHENTICATION, None)
+    # The admin console's sessions (docs/console.md): one ends after this long without a
+    # request, and in any case this long after its sign-in.
+    console_idle_timeout_s: float = _in(AUTHENTICATION, 1800.0)
+    console_session_max_s: float = _in(AUTHENTICATION, 8 * 3600.0)
     # Requests each model's worker holds at once; the rest wait in the model's fair queue
     # (weighted fair queuing across tenants), which holds at most `queue_size` requests.
     # 0 (the default) adapts it per model (bastion.quotas.window): the fewest that keep the

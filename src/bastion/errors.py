@@ -5,6 +5,7 @@
     BastionError                      500  every error Bastion raises on purpose
     ├── InvalidRequest                400  the request is malformed or out of range
     ├── AuthenticationError           401  no, malformed, unknown, expired or revoked credentials
+    │   └── TokenRejected             401  a JWT bearer or ID token refused (identity/jwt.py)
     ├── PermissionDenied              403  valid credentials without the needed role/model/action
     ├── NotFound                      404  no such route, model, tenant or key
     │   └── ModelNotFound             404
@@ -78,6 +79,22 @@ class AuthenticationError(BastionError):
     def __init__(self, message: str = "Invalid or missing API key.", **kwargs: object) -> None:
         super().__init__(message, **kwargs)  # type: ignore[arg-type]
         self.headers.setdefault("www-authenticate", 'Bearer realm="bastion"')
+
+
+class TokenRejected(AuthenticationError):
+    """A JWT bearer token (or the console's ID token) that was refused. `reason` (a reason
+    code of bastion.identity.jwt) is for audit events; the message is safe to show and
+    never contains the token. `signed` is true when the token's signature had verified
+    (expired, wrong audience, no tenant, ...): such a failure is no guess, so the throttle
+    of failed attempts does not count it."""
+
+    code = "invalid_token"
+    signed = False
+
+    def __init__(self, reason: str, message: str | None = None) -> None:
+        super().__init__(message or "Invalid or missing bearer token.")
+        self.reason = reason
+        self.headers["www-authenticate"] = 'Bearer realm="bastion", error="invalid_token"'
 
 
 class PermissionDenied(BastionError):

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from bastion.api.app import create_app
 from bastion.api.services import Services
-from bastion.audit.alerts import AlertRules, load_rules
+from bastion.audit.alerts import AlertRules, RecentAlerts, load_rules
 from bastion.audit.events import SERVER_STARTED, Event, EventSink, FanOutSink
 from bastion.audit.webhooks import WebhookNotifier, webhook_secret
 from bastion.bootstrap import Home
@@ -18,6 +18,7 @@ from bastion.gateway.auth import Authenticator
 from bastion.gateway.control import ControlPlane
 from bastion.gateway.gateway import Gateway
 from bastion.gateway.protection import ProtectionDesk
+from bastion.gateway.sso import single_sign_on
 from bastion.listeners import plan, serve_all, uvicorn_server, warn_exposure
 from bastion.models.bundle_store import BundleStore
 from bastion.models.watermark_secret import WatermarkSecret
@@ -31,29 +32,37 @@ logger = logging.getLogger("bastion.server")
 
 
 def build_alerts(
-    settings: Settings, metrics: Metrics
+    settings: Settings, metrics: Metrics, recent: RecentAlerts | None = None
 ) -> tuple[EventSink, list[Callable[[], None]]]:
     """The security alert rules, and the webhook they hand alerts to (docs/alerts.md), with
-    what to close when the server stops (the webhook delivers what is queued, for 5 s)."""
+    what to close when the server stops (the webhook delivers what is queued, for 5 s).
+    Alerts are also kept in `recent`, if given (the console shows them)."""
     rules = load_rules(settings.alert_rules)
     counts = AlertMetrics(metrics, rules)
+    notify = [counts.fired] if recent is None else [counts.fired, recent.add]
     if settings.alert_webhook_url is None:
-        return AlertRules(rules, [counts.fired]), []
+        return AlertRules(rules, notify), []
     secret = webhook_secret(settings.alert_webhook_secret, settings.alert_webhook_secret_file)
     notifier = WebhookNotifier(settings.alert_webhook_url, secret, on_outcome=counts.delivery)
     counts.dead_letters_from(lambda: len(notifier.dead_letters))
-    alerts = AlertRules(rules, [counts.fired, notifier.submit])
+    alerts = AlertRules(rules, [*notify, notifier.submit])
     return alerts, [functools.partial(notifier.close, 5.0)]
 
 
 def build_services(home: Home, metrics: Metrics) -> Services:
     """Every service the server runs, each built once, wired to the ones it needs."""
     settings = home.settings
-    alerts, closers = build_alerts(settings, metrics)
+    # Single sign-on (docs/sso.md), checked first: bad settings stop the start here.
+    sso = single_sign_on(settings, home.db)
+    recent_alerts = RecentAlerts()
+    alerts, closers = build_alerts(settings, metrics, recent_alerts)
+    if sso is not None:
+        closers = [*closers, sso.close]
     events = FanOutSink(home.events, MetricsEventSink(metrics), alerts)
     sandboxes = Sandboxes(make_sandbox(settings), settings)
     supervisor = Supervisor(settings, sandboxes, events)
-    authenticator = Authenticator(home.db, home.hasher, events)
+    tokens = sso.verifier if sso is not None else None
+    authenticator = Authenticator(home.db, home.hasher, events, tokens=tokens)
     # Journaled in the home, so that a gateway killed between flushes loses no usage.
     meter = UsageMeter(home.db, journal_dir=settings.home / "usage")
     desk = ProtectionDesk(
@@ -96,6 +105,8 @@ def build_services(home: Home, metrics: Metrics) -> Services:
         supervisor=supervisor,
         meter=meter,
         metrics=metrics,
+        recent_alerts=recent_alerts,
+        sso=sso,
     )
 
 

@@ -301,8 +301,11 @@ def test_each_listener_serves_its_share_of_the_routes() -> None:
     every = _paths(Serving.ALL)
     public, admin = _paths(Serving.PUBLIC), _paths(Serving.ADMIN)
     assert public | admin == every
-    assert not any(p.startswith("/admin") for p in public)
-    assert admin == {"/healthz", "/readyz"} | {p for p in every if p.startswith("/admin/")}
+    assert not any(p.startswith(("/admin", "/console")) for p in public)
+    assert admin == {"/healthz", "/readyz"} | {
+        p for p in every if p.startswith(("/admin/", "/console"))
+    }
+    assert {"/console", "/console/sign-in", "/console/sso/callback"} <= admin
     assert {"/metrics", "/openapi.json", "/v1/chat/completions"} <= public
 
 

@@ -18,6 +18,8 @@ from bastion.api.errors import handle_bastion_error, handle_http_exception
 from bastion.api.fast import FastPath
 from bastion.api.headers import CrossOrigin
 from bastion.api.services import Services
+from bastion.console import routes as console
+from bastion.console.state import Console
 from bastion.errors import BastionError
 
 
@@ -27,9 +29,10 @@ class Serving(enum.Enum):
 
     # One listener: every route.
     ALL = "all"
-    # The public listener of a split: inference, health, metrics, OpenAPI; admin routes 404.
+    # The public listener of a split: inference, health, metrics, OpenAPI; admin routes
+    # and the console 404.
     PUBLIC = "public"
-    # The admin listener: the admin API and the health probes; nothing else.
+    # The admin listener: the admin API, the console and the health probes; nothing else.
     ADMIN = "admin"
 
 
@@ -40,8 +43,8 @@ def routes_of(serving: Serving) -> list[BaseRoute]:
     if serving is Serving.PUBLIC:
         return [*inference, *health.routes]
     if serving is Serving.ADMIN:
-        return [*health.probes, *admin.routes]
-    return [*inference, *health.routes, *admin.routes]
+        return [*health.probes, *admin.routes, *console.routes]
+    return [*inference, *health.routes, *admin.routes, *console.routes]
 
 
 def create_app(
@@ -75,6 +78,10 @@ def create_app(
         lifespan=None if serving is Serving.ADMIN else lifespan,
     )
     app.state.services = services
+    if serving is not Serving.PUBLIC and isinstance(services, Services):
+        # The console's sessions and sign-ins in progress live with the app serving it
+        # (a test's stand-in services serve no console).
+        app.state.console = Console.of(services)
     # The pipeline of the inference routes (api/context.py's pipeline_of).
     app.state.gateway = services.gateway
     app.state.body_timeout_s = services.settings.body_timeout_s

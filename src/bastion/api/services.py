@@ -8,11 +8,13 @@ attributes of the gateway.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from bastion.audit.alerts import RecentAlerts
 from bastion.config import Settings
 from bastion.gateway.control import ControlPlane
 from bastion.gateway.gateway import Gateway
+from bastion.gateway.sso import SingleSignOn
 from bastion.identity.service import IdentityService
 from bastion.models.registry import ModelRegistry
 from bastion.observability.metrics import Metrics
@@ -34,3 +36,7 @@ class Services:
     supervisor: Supervisor
     meter: UsageMeter
     metrics: Metrics
+    # The alerts fired lately (the console's security page).
+    recent_alerts: RecentAlerts = field(default_factory=RecentAlerts)
+    # Single sign-on: the provider's keys, claims mapping and API token verifier (None: off).
+    sso: SingleSignOn | None = None

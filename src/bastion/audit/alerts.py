@@ -360,6 +360,24 @@ class AlertRules:
                 logger.exception("an alert callback failed", extra={"alert": alert.rule})
 
 
+class RecentAlerts:
+    """The alerts fired lately, newest first, in memory (the admin console shows them): a
+    callback of :class:`AlertRules`, bounded to the last `size`. A restart forgets them;
+    the events behind them are in the audit log."""
+
+    def __init__(self, size: int = 200) -> None:
+        self._alerts: deque[Alert] = deque(maxlen=size)
+        self._lock = threading.Lock()
+
+    def add(self, alert: Alert) -> None:
+        with self._lock:
+            self._alerts.appendleft(alert)
+
+    def latest(self) -> list[Alert]:
+        with self._lock:
+            return list(self._alerts)
+
+
 # ---------------------------------------------------------------------- the defaults
 
 _AUTH_WEIGHT = "detail.count"

@@ -53,6 +53,10 @@ PROTECT_OVERRIDE_CHANGED = "protect.override_changed"
 AUTH_THROTTLED = "auth.throttled"
 # An administrator read data that the audit trail must show was read (keys, usage, audit).
 ADMIN_READ = "admin.read"
+# Someone signed in to the admin console, or their console session ended (signed out,
+# ended by an admin, or its key or tenant stopped working).
+CONSOLE_SIGNED_IN = "console.signed_in"
+CONSOLE_SIGNED_OUT = "console.signed_out"
 # The audit log's own events: records pruned past the retention (with a signed note),
 # and a verification that found the log tampered with.
 AUDIT_PRUNED = "audit.pruned"

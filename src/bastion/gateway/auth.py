@@ -9,6 +9,12 @@ once. :meth:`Authenticator.refresh` drops every cached record when the database'
 revision moves, which is how a key revoked by another process (the CLI) stops working
 within the refresh interval.
 
+With single sign-on (gateway/sso.py), a ``Bearer`` token with a JWT's shape goes to the
+:class:`~bastion.identity.jwt.JwtVerifier` instead: a token verified recently is answered
+from its memory, any other is verified in a thread (it may fetch the provider's keys and
+reads the tenant), as a key's cache miss is. Its caches are dropped with the revision too,
+so a disabled tenant's tokens stop working within the refresh interval.
+
 Failures are events (``auth.failed``), but a flood of them is not a flood of log lines: at
 most :data:`FAILURES_LOGGED_PER_WINDOW` a window are emitted one by one, and the rest as one
 event per reason with their count when the window ends. The lock-outs of the throttle of
@@ -26,7 +32,9 @@ from typing import TYPE_CHECKING, NoReturn, TypeVar
 import sqlalchemy as sa
 
 from bastion.audit.events import AUTH_FAILED, Event, EventSink
-from bastion.errors import AuthenticationError
+from bastion.errors import AuthenticationError, TokenRejected
+from bastion.gateway.sso import jwt_of, looks_like_jwt
+from bastion.identity.jwt import JwtVerifier
 from bastion.identity.keys import KeyHasher, parse_api_key
 from bastion.identity.principal import Principal
 from bastion.store.db import Database
@@ -37,7 +45,8 @@ if TYPE_CHECKING:
 
 _V = TypeVar("_V")
 
-# Longer headers are refused before any parsing; a token is 73 characters.
+# Longer headers are refused before any parsing; a token is 73 characters. (A JWT may be
+# longer: gateway/sso.py's MAX_JWT_AUTHORIZATION_LENGTH.)
 MAX_AUTHORIZATION_LENGTH = 256
 
 REASON_MISSING = "missing"
@@ -93,6 +102,7 @@ class Authenticator:
         negative_ttl_s: float = 5.0,
         max_cached_keys: int = 100_000,
         max_unknown_ids: int = 10_000,
+        tokens: JwtVerifier | None = None,
     ) -> None:
         self._db = db
         self._hasher = hasher
@@ -111,6 +121,8 @@ class Authenticator:
         # Every key id, as of the last refresh (None until the first).
         self._ids: frozenset[str] | None = None
         self._lookups = _Allowance(UNLISTED_LOOKUPS_PER_S)
+        # JWT bearer tokens of the single sign-on provider (None: API keys only).
+        self._tokens = tokens
         self._failures = FailureReports(events, clock)
         # Lock-outs get a budget of their own: a flood of failures must not hide them.
         self._lockouts = FailureReports(events, clock, group="scope")
@@ -125,6 +137,10 @@ class Authenticator:
         from memory and hands only a cache miss to a thread."""
         if authorization is None:
             self._fail(REASON_MISSING)
+        if self._tokens is not None:
+            bearer = jwt_of(authorization)
+            if bearer is not None:
+                return self._authenticate_jwt(self._tokens, bearer, may_read)
         token = _token_of(authorization)
         if token is None:
             self._fail(REASON_MALFORMED)
@@ -160,8 +176,15 @@ class Authenticator:
         without a check: False only for what cannot (no header, a malformed token, a key id
         that does not exist; before the first refresh, any id may). The throttle of failed
         attempts refuses those unchecked during a lock-out and checks the rest, so every
-        kind of credential this class accepts must answer True here when it may be valid."""
-        token = _token_of(authorization) if authorization is not None else None
+        kind of credential this class accepts must answer True here when it may be valid
+        (a JWT, with single sign-on on: only its signature can tell)."""
+        if authorization is None:
+            return False
+        if self._tokens is not None:
+            bearer = jwt_of(authorization)
+            if bearer is not None:
+                return looks_like_jwt(bearer)
+        token = _token_of(authorization)
         if token is None:
             return False
         public_id = token[0]
@@ -192,13 +215,35 @@ class Authenticator:
         self._lockouts.flush()
 
     def invalidate(self) -> None:
-        """Forget every cached record (the next request per key reads the database)."""
+        """Forget every cached record (the next request per key reads the database), and
+        every verified JWT (the next request per token verifies it again)."""
         self._generation += 1
         # New dicts rather than clear(): a request thread may be using the old ones.
         self._keys = {}
         self._unknown = {}
+        if self._tokens is not None:
+            self._tokens.invalidate()
 
     # ------------------------------------------------------------------ internals
+
+    def _authenticate_jwt(self, verifier: JwtVerifier, token: str, may_read: bool) -> Principal:
+        """The principal of a JWT bearer token: from memory if it was verified recently,
+        else (NeedsRead without `may_read`) verified, which may fetch the provider's keys."""
+        principal = verifier.cached(token)
+        if principal is not None:
+            return principal
+        if not looks_like_jwt(token):
+            self._fail(REASON_MALFORMED)
+        if not may_read:
+            raise NeedsRead
+        try:
+            return verifier.verify(token)
+        except TokenRejected as exc:
+            # Neither the token nor its unverified claims go into the event: the reason
+            # code, and that it was a JWT, are what is known. (key_id stays None: the
+            # throttle counts the failure for the client's address only.)
+            self._report(exc.reason or REASON_MALFORMED, credential="jwt")
+            raise
 
     def _known_unknown(self, public_id: str) -> bool:
         """Whether `public_id` is remembered, still, as no key at all."""
@@ -268,22 +313,28 @@ class Authenticator:
         self, reason: str, public_id: str | None = None, tenant: str | None = None
     ) -> NoReturn:
         # Only the public id (when well-formed) is recorded: never the header or secret.
-        self._failures.report(
-            Event(
-                kind=AUTH_FAILED,
-                outcome="failure",
-                actor=public_id,
-                tenant=tenant,
-                detail={"reason": reason},
-                at=self._clock(),
-            )
-        )
+        self._report(reason, public_id, tenant)
         message = _MESSAGES.get(reason)
         error = AuthenticationError(message) if message else AuthenticationError()
         # For the throttle of failed attempts; never shown to the client.
         error.reason, error.key_id = reason, public_id
         # `from None`: the chained cause could hold the token in a traceback's locals.
         raise error from None
+
+    def _report(
+        self, reason: str, public_id: str | None = None, tenant: str | None = None, **more: str
+    ) -> None:
+        """One ``auth.failed`` event (or one more count of a flood's)."""
+        self._failures.report(
+            Event(
+                kind=AUTH_FAILED,
+                outcome="failure",
+                actor=public_id,
+                tenant=tenant,
+                detail={"reason": reason, **more},
+                at=self._clock(),
+            )
+        )
 
 
 class FailureReports:

@@ -7,7 +7,7 @@ Failures are counted in two tables (:class:`FailureThrottle`):
   headers, so a client cannot choose it), an IPv6 address by its /64 (a host usually holds
   a whole /64 and could otherwise take a fresh address per attempt). Every failure that
   does not prove the key's secret counts: no key, a malformed one, an unknown id, a wrong
-  secret.
+  secret, a JWT refused before its signature verified (with single sign-on).
 - per **key id**: wrong secrets for a key that exists, from any address (a guesser spread
   over many addresses).
 
@@ -24,8 +24,11 @@ request costs and whether it can still succeed is decided by what it could prove
 - every other request is checked as usual. One with a valid key is let through whatever
   the locks, so an attacker can neither lock a key's holder out by guessing its id nor
   lock out the clients sharing an address with it (a NAT, a TLS-terminating proxy). A
-  failure that proves the secret (revoked, expired, tenant disabled) keeps its own 401. Any
-  other failure is answered 429 if its address or its key id was locked out before it.
+  failure that proves the secret (revoked, expired, tenant disabled; a JWT whose signature
+  verified but that is expired, for another audience, without a tenant, ...) keeps its own
+  401. Any other failure is answered 429 if its address or its key id was locked out
+  before it. A JWT is checked whatever the locks (only its signature tells whether it is
+  valid) and counts for its address only: it names no key id.
 
 So the throttle only ever turns a 401 into a 429 (and spares the work of one that cannot
 succeed): the holder of the right secret sees no difference. Each lock-out is reported
@@ -43,7 +46,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from bastion.audit.events import AUTH_THROTTLED, Event
-from bastion.errors import AuthenticationError, AuthThrottled, ConfigurationError
+from bastion.errors import AuthenticationError, AuthThrottled, ConfigurationError, TokenRejected
 from bastion.gateway.auth import PROVEN_SECRET_REASONS, REASON_BAD_SECRET
 
 if TYPE_CHECKING:
@@ -184,6 +187,14 @@ class FailureThrottle:
         return Strike(history.failures, left if left > 0 else 0.0, started)
 
 
+def _proves_credential(exc: AuthenticationError) -> bool:
+    """Whether the failure could only be met with the right credential: a key's right
+    secret, or a JWT the provider signed."""
+    if isinstance(exc, TokenRejected):
+        return exc.signed
+    return exc.reason in PROVEN_SECRET_REASONS
+
+
 def address_bucket(client: Sequence[object] | None) -> str:
     """The throttle's name for a connection's peer (the ASGI scope's ``client``): an IPv4
     address as it is, an IPv6 address by its /64 (an IPv4-mapped one as IPv4)."""
@@ -240,7 +251,7 @@ class AuthThrottle:
         try:
             return await check(authorization)
         except AuthenticationError as exc:
-            if exc.reason in PROVEN_SECRET_REASONS:
+            if _proves_credential(exc):
                 # The right secret, of a key that cannot be used: its holder's own answer.
                 raise
             key_id = exc.key_id if exc.reason == REASON_BAD_SECRET else None

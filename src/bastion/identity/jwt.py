@@ -11,11 +11,10 @@ A token is accepted only if all of this holds (each failure has its own reason c
   not in the future, each within the configured leeway;
 - the claims mapping finds exactly one tenant, which exists and is enabled, and a role.
 
-The issuer's keys come from its discovery document (``/.well-known/openid-configuration``
-→ ``jwks_uri``), cached for a while; a token with an unknown ``kid`` triggers at most one
-refresh per interval, so made-up key ids cannot make Bastion hammer the provider. A
-verified token's principal is kept in memory under the token's SHA-256 (never the token)
-for a short while, so the usual request costs a hash and a dict lookup, not a signature.
+The issuer's keys come from :class:`~bastion.identity.jwks.JwksCache` (its discovery
+document, then its JWKS, cached). A verified token's principal is kept in memory under
+the token's SHA-256 (never the token) for a short while, so the usual request costs a
+hash and a dict lookup, not a signature.
 """
 
 from __future__ import annotations
@@ -23,9 +22,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import logging
 import re
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -34,28 +31,30 @@ from datetime import UTC, datetime
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
-import httpx
 import jwt
 import sqlalchemy as sa
 
-from bastion.errors import AuthenticationError
+from bastion.errors import TokenRejected
+from bastion.identity import jwks
 from bastion.identity.grants import TENANT_NAME_PATTERN
-from bastion.identity.principal import ALL_MODELS, DEFAULT_ACTIONS, ROLES, Principal
+from bastion.identity.jwks import ASYMMETRIC_ALGORITHMS, MAX_KID, JwksCache, check_url
+from bastion.identity.principal import (
+    ALL_MODELS,
+    DEFAULT_ACTIONS,
+    ROLES,
+    SSO_KEY_PREFIX,
+    Principal,
+)
 from bastion.identity.records import TenantInfo, tenant_info
 from bastion.store.db import Database
 from bastion.store.tables import tenants
-
-logger = logging.getLogger("bastion.identity.jwt")
 
 REASON_MALFORMED = "malformed"
 REASON_ALGORITHM = "disallowed_algorithm"
 REASON_HEADER = "unsupported_header"
 REASON_MISSING_KID = "missing_kid"
-REASON_UNKNOWN_KID = "unknown_kid"
-REASON_KEY_MISMATCH = "key_mismatch"
 REASON_WEAK_KEY = "weak_key"
 REASON_BAD_SIGNATURE = "bad_signature"
-REASON_JWKS_UNAVAILABLE = "jwks_unavailable"
 REASON_MISSING_CLAIM = "missing_claim"
 REASON_EXPIRED = "expired"
 REASON_NOT_YET_VALID = "not_yet_valid"
@@ -66,19 +65,16 @@ REASON_NO_TENANT = "no_tenant"
 REASON_NO_ROLE = "no_role"
 REASON_UNKNOWN_TENANT = "unknown_tenant"
 REASON_TENANT_DISABLED = "tenant_disabled"
+# Found by the key cache, before any signature is checked.
+REASON_UNKNOWN_KID = jwks.REASON_UNKNOWN_KID
+REASON_KEY_MISMATCH = jwks.REASON_KEY_MISMATCH
+REASON_JWKS_UNAVAILABLE = jwks.REASON_JWKS_UNAVAILABLE
 
-RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
-_EC_CURVES = {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}
-# Every algorithm that may be allowed: asymmetric signatures only.
-ASYMMETRIC_ALGORITHMS = RSA_ALGORITHMS | frozenset(_EC_CURVES) | {"EdDSA"}
 DEFAULT_ALGORITHMS = ("RS256", "ES256", "EdDSA")
 
 # Longer tokens are refused before any parsing (group claims can make tokens a few KiB).
 MAX_TOKEN_BYTES = 16 * 1024
-MAX_DOCUMENT_BYTES = 256 * 1024
-_MAX_KID = 256
 _MAX_SUBJECT = 255
-_MAX_KEYS = 100
 _LAST_SECOND = 253_402_300_799  # 9999-12-31T23:59:59Z, the last time a datetime holds
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
 # Signatures only; claims are checked here, against the injected clock. Never changed
@@ -101,21 +97,6 @@ _MESSAGES = {
 }
 
 
-class TokenRejected(AuthenticationError):
-    """A bearer or ID token that was refused. `reason` (a REASON_* code) is for audit
-    events; the message is safe to show and never contains the token. `signed` is true
-    when the token's signature had verified (expired, wrong audience, no tenant, ...):
-    such a failure is no guess, so a throttle of failed attempts need not count it."""
-
-    code = "invalid_token"
-    signed = False
-
-    def __init__(self, reason: str, message: str | None = None) -> None:
-        super().__init__(message or _MESSAGES.get(reason, "Invalid or missing bearer token."))
-        self.reason = reason
-        self.headers["www-authenticate"] = 'Bearer realm="bastion", error="invalid_token"'
-
-
 @contextmanager
 def signed_token() -> Iterator[None]:
     """Marks a TokenRejected raised inside as one about a correctly signed token."""
@@ -127,8 +108,10 @@ def signed_token() -> Iterator[None]:
 
 
 def reject(reason: str, message: str | None = None) -> NoReturn:
+    """Raise TokenRejected for `reason`, with its message (the generic one for failures a
+    forged token can reach)."""
     # `from None`: a chained library error could carry the token in a traceback's locals.
-    raise TokenRejected(reason, message) from None
+    raise TokenRejected(reason, message or _MESSAGES.get(reason)) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,204 +143,6 @@ class TokenPolicy:
         return urlsplit(self.issuer).netloc.rpartition("@")[2]
 
 
-def check_url(url: str) -> None:
-    """ValueError unless `url` is https, or plain http to this machine (tests, sidecars)."""
-    parts = urlsplit(url)
-    if parts.scheme == "https" and parts.hostname:
-        return
-    if parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost", "::1"):
-        return
-    raise ValueError(f"not an https URL: {url!r}")
-
-
-def fetch_json(http: httpx.Client, url: str, max_bytes: int = MAX_DOCUMENT_BYTES) -> Any:
-    """GET a JSON document of at most `max_bytes` (decoded); ValueError on any failure."""
-    check_url(url)
-    try:
-        with http.stream("GET", url, headers={"accept": "application/json"}) as response:
-            if response.status_code != 200:
-                raise ValueError(f"{url} answered {response.status_code}")
-            body = bytearray()
-            for chunk in response.iter_bytes():
-                body += chunk
-                if len(body) > max_bytes:
-                    raise ValueError(f"{url} sent more than {max_bytes} bytes")
-    except httpx.HTTPError as exc:
-        raise ValueError(f"{url}: {type(exc).__name__}") from exc
-    try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{url} sent no JSON") from exc
-
-
-@dataclass(frozen=True, slots=True)
-class ProviderMetadata:
-    """The parts of an OpenID provider's discovery document that Bastion uses."""
-
-    issuer: str
-    jwks_uri: str
-    authorization_endpoint: str | None = None
-    token_endpoint: str | None = None
-
-
-def discover(http: httpx.Client, issuer: str) -> ProviderMetadata:
-    """Read and check the issuer's discovery document; ValueError if it is unusable."""
-    document = fetch_json(http, issuer.rstrip("/") + "/.well-known/openid-configuration")
-    if not isinstance(document, dict):
-        raise ValueError("the discovery document is not a JSON object")
-    # OpenID Connect Discovery 1.0 §4.3: the issuer must be exactly the one asked for.
-    if document.get("issuer") != issuer:
-        raise ValueError("the discovery document names another issuer")
-    urls: dict[str, str | None] = {}
-    for name in ("jwks_uri", "authorization_endpoint", "token_endpoint"):
-        value = document.get(name)
-        if value is not None:
-            if not isinstance(value, str):
-                raise ValueError(f"the discovery document's {name} is not a string")
-            check_url(value)
-        urls[name] = value
-    jwks_uri = urls.pop("jwks_uri")
-    if jwks_uri is None:
-        raise ValueError("the discovery document has no jwks_uri")
-    return ProviderMetadata(issuer=issuer, jwks_uri=jwks_uri, **urls)
-
-
-def _fits(jwk: Mapping[str, Any], algorithm: str) -> bool:
-    """Whether the key may verify `algorithm`: its own alg if it names one, and its type."""
-    if jwk.get("alg", algorithm) != algorithm:
-        return False
-    kty = jwk.get("kty")
-    if algorithm in RSA_ALGORITHMS:
-        return kty == "RSA"
-    if algorithm in _EC_CURVES:
-        return kty == "EC" and jwk.get("crv") == _EC_CURVES[algorithm]
-    return algorithm == "EdDSA" and kty == "OKP" and jwk.get("crv") in ("Ed25519", "Ed448")
-
-
-def _usable(entry: Any) -> bool:
-    """A public signing key of a supported type, with a kid, that PyJWT can load."""
-    if not isinstance(entry, dict) or entry.get("use", "sig") != "sig" or "d" in entry:
-        return False  # (a JWKS that publishes a private key is broken: skip that key)
-    kid = entry.get("kid")
-    if not isinstance(kid, str) or not 0 < len(kid) <= _MAX_KID:
-        return False
-    if not any(_fits(entry, alg) for alg in ASYMMETRIC_ALGORITHMS):
-        return False
-    try:
-        jwt.PyJWK(entry, algorithm=next(a for a in ASYMMETRIC_ALGORITHMS if _fits(entry, a)))
-    except (jwt.PyJWTError, ValueError, TypeError):
-        return False
-    return True
-
-
-@dataclass(slots=True)
-class _KeySet:
-    by_kid: dict[str, list[dict[str, Any]]]
-    fetched_at: float
-    loaded: dict[tuple[str, str], jwt.PyJWK] = field(default_factory=dict)
-
-
-class JwksCache:
-    """The issuer's signing keys, fetched through its discovery document and cached.
-
-    Refreshed when older than `ttl_s`, and on an unknown ``kid``; fetches (and failed
-    ones) are at least `min_refresh_interval_s` apart. When a refresh fails, the keys
-    already held serve until they are `max_stale_s` old. Safe to use from many threads:
-    one of them fetches, the others wait for it.
-    """
-
-    def __init__(
-        self,
-        issuer: str,
-        http: httpx.Client | None = None,
-        *,
-        clock: Callable[[], float] = time.time,
-        ttl_s: float = 300.0,
-        min_refresh_interval_s: float = 30.0,
-        max_stale_s: float = 3600.0,
-        timeout_s: float = 5.0,
-    ) -> None:
-        check_url(issuer)
-        self.issuer = issuer
-        self._owns_http = http is None
-        self._http = http or httpx.Client(timeout=timeout_s, follow_redirects=False)
-        self._clock = clock
-        self._ttl_s = ttl_s
-        self._min_interval_s = min_refresh_interval_s
-        self._max_stale_s = max_stale_s
-        self._metadata: ProviderMetadata | None = None
-        self._keys: _KeySet | None = None
-        self._last_attempt: float | None = None
-        self._lock = threading.Lock()
-
-    def close(self) -> None:
-        if self._owns_http:
-            self._http.close()
-
-    def metadata(self) -> ProviderMetadata:
-        """The issuer's discovery document (fetched once; ValueError if unusable)."""
-        metadata = self._metadata
-        if metadata is None:
-            metadata = self._metadata = discover(self._http, self.issuer)
-        return metadata
-
-    def holds(self, kid: str) -> bool:
-        """Whether the keys held now (nothing is fetched) include `kid`."""
-        keys = self._keys
-        return keys is not None and kid in keys.by_kid
-
-    def signing_key(self, kid: str, algorithm: str) -> jwt.PyJWK:
-        """The key `kid` bound to `algorithm`; TokenRejected if there is none."""
-        now = self._clock()
-        keys = self._keys
-        if keys is None or now - keys.fetched_at >= self._ttl_s or kid not in keys.by_kid:
-            keys = self._refresh(now, kid)
-        candidates = keys.by_kid.get(kid)
-        if not candidates:
-            reject(REASON_UNKNOWN_KID)
-        loaded = keys.loaded.get((kid, algorithm))
-        if loaded is None:
-            jwk = next((c for c in candidates if _fits(c, algorithm)), None)
-            if jwk is None:
-                reject(REASON_KEY_MISMATCH)
-            try:
-                loaded = jwt.PyJWK(jwk, algorithm=algorithm)
-            except (jwt.PyJWTError, ValueError, TypeError):
-                reject(REASON_KEY_MISMATCH)
-            keys.loaded[(kid, algorithm)] = loaded
-        return loaded
-
-    def _refresh(self, now: float, kid: str) -> _KeySet:
-        with self._lock:
-            keys = self._keys
-            fresh = keys is not None and now - keys.fetched_at < self._ttl_s
-            if keys is not None and fresh and kid in keys.by_kid:
-                return keys  # another thread fetched meanwhile
-            last = self._last_attempt
-            if last is None or now - last >= self._min_interval_s:
-                self._last_attempt = now
-                try:
-                    keys = self._keys = self._fetch(now)
-                    return keys
-                except ValueError as exc:
-                    self._metadata = None  # the jwks_uri may have moved: rediscover next
-                    logger.warning("cannot refresh the JWKS of %s: %s", self.issuer, exc)
-            if keys is None or now - keys.fetched_at >= self._max_stale_s:
-                reject(REASON_JWKS_UNAVAILABLE)
-            return keys  # stale or without `kid`: the caller refuses what it lacks
-
-    def _fetch(self, now: float) -> _KeySet:
-        document = fetch_json(self._http, self.metadata().jwks_uri)
-        entries = document.get("keys") if isinstance(document, dict) else None
-        if not isinstance(entries, list):
-            raise ValueError("the JWKS has no list of keys")
-        by_kid: dict[str, list[dict[str, Any]]] = {}
-        for entry in entries[:_MAX_KEYS]:
-            if _usable(entry):
-                by_kid.setdefault(entry["kid"], []).append(entry)
-        return _KeySet(by_kid=by_kid, fetched_at=now)
-
-
 def decode_token(
     token: str, policy: TokenPolicy, keys: JwksCache, now: float
 ) -> tuple[dict[str, Any], str]:
@@ -374,7 +159,7 @@ def decode_token(
     if "crit" in header or "b64" in header:
         reject(REASON_HEADER)  # no JWS extension is understood here
     kid = header.get("kid")
-    if not isinstance(kid, str) or not 0 < len(kid) <= _MAX_KID:
+    if not isinstance(kid, str) or not 0 < len(kid) <= MAX_KID:
         reject(REASON_MISSING_KID)
     key = keys.signing_key(kid, algorithm)
     try:
@@ -526,7 +311,7 @@ class ClaimsMapping:
         if tenant.disabled:
             reject(REASON_TENANT_DISABLED)
         return Principal(
-            key_id=f"jwt:{policy.issuer_host}:{claims['sub']}",
+            key_id=f"{SSO_KEY_PREFIX}{policy.issuer_host}:{claims['sub']}",
             tenant_id=tenant.id,
             tenant_name=tenant.name,
             role=role,
@@ -590,6 +375,9 @@ class JwtVerifier:
         self._cache_ttl_s = cache_ttl_s
         self._max_cached = max_cached_tokens
         self._verified: dict[bytes, _Verified] = {}
+        # Bumped by invalidate(); a verification that began under an older generation may
+        # have read a tenant since changed, and is not kept.
+        self._generation = 0
 
     def cached(self, token: str) -> Principal | None:
         """The principal of a token verified recently and still valid, else None."""
@@ -599,7 +387,8 @@ class JwtVerifier:
         entry = self._verified.get(digest)
         if entry is None:
             return None
-        if self._clock() >= entry.until or not self._keys.holds(entry.kid):
+        # A withdrawn key's tokens go once the keys are due for a refresh: verify() fetches.
+        if self._clock() >= entry.until or not self._keys.serves(entry.kid):
             self._verified.pop(digest, None)
             return None
         return entry.principal
@@ -610,9 +399,12 @@ class JwtVerifier:
         if principal is not None:
             return principal
         now = self._clock()
+        generation = self._generation
         claims, kid = decode_token(token, self.policy, self._keys, now)
         with signed_token():
             principal = self._mapping.principal(claims, self.policy, self._tenants)
+        if generation != self._generation:
+            return principal  # invalidated meanwhile: use it, but do not keep it
         until = min(float(claims["exp"]), now + self._cache_ttl_s)
         digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
         verified = self._verified
@@ -626,4 +418,6 @@ class JwtVerifier:
 
     def invalidate(self) -> None:
         """Forget every verified token (call it when tenants change)."""
+        self._generation += 1
+        # A new dict rather than clear(): a request thread may be using the old one.
         self._verified = {}

@@ -25,17 +25,15 @@ from urllib.parse import parse_qsl, quote_plus, urlencode, urlsplit, urlunsplit
 
 import httpx
 
+from bastion.identity.jwks import MAX_DOCUMENT_BYTES, JwksCache, check_url
 from bastion.identity.jwt import (
     DEFAULT_ALGORITHMS,
-    MAX_DOCUMENT_BYTES,
     REASON_MALFORMED,
     REASON_WRONG_AUDIENCE,
     REASON_WRONG_ISSUER,
     ClaimsMapping,
-    JwksCache,
     TenantLookup,
     TokenPolicy,
-    check_url,
     decode_token,
     reject,
     signed_token,

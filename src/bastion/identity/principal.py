@@ -48,6 +48,9 @@ DEFAULT_ACTIONS: dict[str, tuple[str, ...]] = {
 }
 ALL_MODELS = ("*",)
 OPERATOR_ACTOR = "local-operator"
+# How the key id of a single sign-on user starts: "jwt:<issuer host>:<subject>"
+# (bastion.identity.jwt); an API key's id never holds a colon.
+SSO_KEY_PREFIX = "jwt:"
 
 
 def validate_role(role: str) -> str:

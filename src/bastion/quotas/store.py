@@ -2,7 +2,9 @@
 and the CLI.
 
 A tenant's quota applies to all its keys together; a key's quota to that key alone; a
-request must fit both. Values not set on a tenant come from the tenant ``*`` (the defaults
+request must fit both. A single sign-on user's quota is a key quota on its principal's key
+id (``jwt:<issuer host>:<subject>``), which needs no record of its own: only admins set and
+read those. Values not set on a tenant come from the tenant ``*`` (the defaults
 of every tenant), then mean "no limit". Only admin keys change quotas; a tenant's admins
 may read their own tenant's. Every change bumps the database revision (running gateways
 pick it up within their refresh interval) and records a ``quota.changed`` event.
@@ -29,12 +31,14 @@ from bastion.identity.grants import (
     is_global_admin,
 )
 from bastion.identity.keys import is_public_id
-from bastion.identity.principal import Principal
+from bastion.identity.principal import SSO_KEY_PREFIX, Principal
 from bastion.quotas.limiter import QuotaLimits
 from bastion.store.db import Database
 from bastion.store.tables import api_keys, quotas, tenants
 
 DEFAULT_TENANT = "*"
+# The longest key id of a single sign-on user a quota may name.
+MAX_SSO_SUBJECT = 512
 TENANT, KEY = "tenant", "key"
 # The limits a quota may set, in QuotaLimits' order; `weight` is the fair-queue share.
 LIMIT_FIELDS = tuple(f.name for f in fields(QuotaLimits))
@@ -261,6 +265,8 @@ def _owner(conn: Connection, kind: str, subject: str) -> str | None:
             if found is not None:
                 return str(found)
         raise NotFound(TENANT_NOT_FOUND)
+    if is_sso_user(subject):
+        return None  # no record names its tenant: an admin's alone, as the defaults
     if is_public_id(subject):
         found = conn.execute(
             sa.select(tenants.c.name)
@@ -272,6 +278,15 @@ def _owner(conn: Connection, kind: str, subject: str) -> str | None:
     raise NotFound(KEY_NOT_FOUND)
 
 
+def is_sso_user(subject: str) -> bool:
+    """Whether a key quota's subject names a single sign-on user (its principal's key id)."""
+    return (
+        subject.startswith(SSO_KEY_PREFIX)
+        and len(SSO_KEY_PREFIX) < len(subject) <= MAX_SSO_SUBJECT
+        and subject.isprintable()
+    )
+
+
 def _require_reader(actor: Principal) -> None:
     if "admin" not in actor.actions:
         raise PermissionDenied("This API key may not read quotas.")
@@ -281,6 +296,9 @@ def _authorize_read(actor: Principal, kind: str, owner: str | None) -> None:
     if is_global_admin(actor) or owner == actor.tenant_name:
         return
     if owner is None:
+        if kind == KEY:
+            # A single sign-on user's: like a key of another tenant.
+            raise NotFound(KEY_NOT_FOUND)
         # The defaults ('*'), which exist everywhere: only admins read them.
         raise PermissionDenied("This API key may not read the default quotas.")
     # Another tenant's, answered as if it did not exist (see _owner).

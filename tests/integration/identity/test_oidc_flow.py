@@ -12,7 +12,8 @@ from urllib.parse import parse_qsl, urlsplit
 import httpx
 import pytest
 
-from bastion.identity.jwt import ClaimsMapping, JwksCache, JwtVerifier, TokenPolicy, TokenRejected
+from bastion.identity.jwks import JwksCache
+from bastion.identity.jwt import ClaimsMapping, JwtVerifier, TokenPolicy, TokenRejected
 from bastion.identity.oidc import (
     AuthorizationRequest,
     OidcClient,

@@ -13,10 +13,11 @@ from typing import Any
 import jwt
 import pytest
 
+from bastion.identity import jwks
 from bastion.identity import jwt as bjwt
+from bastion.identity.jwks import JwksCache
 from bastion.identity.jwt import (
     ClaimsMapping,
-    JwksCache,
     JwtVerifier,
     TokenPolicy,
     TokenRejected,
@@ -451,6 +452,43 @@ def test_key_rotation_at_the_provider(
     assert [k.kid for k in provider.published] == [new_key_.kid]
 
 
+def test_a_withdrawn_keys_cached_tokens_go_once_the_keys_are_due_for_a_refresh(
+    make: Make, provider: OidcProvider, clock: ManualClock
+) -> None:
+    verifier = make()
+    verifier._cache_ttl_s = 3600.0  # (the keys' TTL is the bound tested here)
+    old_key = provider.signing
+    token = provider.mint(provider.claims(exp=int(clock()) + 3600))
+    principal = verifier.verify(token)
+    provider.rotate()
+    provider.retire(old_key.kid)
+    clock.advance(TTL_S - 1)
+    assert verifier.cached(token) is principal
+    # Due for a refresh: no longer answered from memory, though nothing else asked since.
+    clock.advance(1)
+    assert verifier.cached(token) is None
+    assert refused(verifier, token) == "unknown_kid"
+
+
+def test_while_the_provider_is_down_verified_tokens_are_served_between_attempts(
+    make: Make, provider: OidcProvider, clock: ManualClock
+) -> None:
+    verifier = make(max_stale_s=1800.0)
+    token = provider.mint(provider.claims(exp=int(clock()) + 3600))
+    verifier.verify(token)
+    verifier._cache_ttl_s = 3600.0
+    verifier.verify(other := provider.mint(provider.claims(sub="bob", exp=int(clock()) + 3600)))
+    provider.jwks_padding = jwks.MAX_DOCUMENT_BYTES  # every fetch fails from here on
+    clock.advance(TTL_S)
+    assert verifier.cached(token) is None
+    assert verifier.verify(token)  # the refresh failed; the keys held still serve
+    assert provider.requests["jwks"] == 2
+    # Until the next attempt is due, tokens verified before need no thread.
+    assert verifier.cached(other) is not None
+    clock.advance(MIN_REFRESH_S)
+    assert verifier.cached(other) is None
+
+
 def test_unknown_kids_cannot_make_bastion_hammer_the_provider(
     verifier: JwtVerifier, provider: OidcProvider, clock: ManualClock
 ) -> None:
@@ -492,7 +530,7 @@ def test_threads_that_meet_a_new_key_at_once_fetch_the_jwks_once(
 def test_a_jwks_over_the_size_cap_is_not_read(
     verifier: JwtVerifier, provider: OidcProvider
 ) -> None:
-    provider.jwks_padding = bjwt.MAX_DOCUMENT_BYTES
+    provider.jwks_padding = jwks.MAX_DOCUMENT_BYTES
     assert refused(verifier, provider.mint()) == "jwks_unavailable"
 
 
@@ -507,7 +545,7 @@ def test_an_unreachable_provider_is_not_asked_again_at_once(
     make: Make, provider: OidcProvider, clock: ManualClock
 ) -> None:
     verifier = make()
-    provider.jwks_padding = bjwt.MAX_DOCUMENT_BYTES
+    provider.jwks_padding = jwks.MAX_DOCUMENT_BYTES
     for _ in range(5):
         assert refused(verifier, provider.mint()) == "jwks_unavailable"
     assert provider.requests["jwks"] == 1
@@ -522,7 +560,7 @@ def test_keys_held_serve_while_the_provider_is_down_until_they_are_too_old(
 ) -> None:
     verifier = make(max_stale_s=1800.0)
     verifier.verify(provider.mint())
-    provider.jwks_padding = bjwt.MAX_DOCUMENT_BYTES  # every fetch fails from here on
+    provider.jwks_padding = jwks.MAX_DOCUMENT_BYTES  # every fetch fails from here on
     clock.advance(TTL_S)
     assert verifier.verify(provider.mint())
     assert provider.requests["jwks"] == 2

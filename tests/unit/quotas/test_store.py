@@ -135,3 +135,22 @@ def test_only_admins_change_quotas_and_tenant_admins_read_their_own(
     with pytest.raises(PermissionDenied):
         store.get(consumer, TENANT, "acme")
     assert {q.subject for q in store.list(OPERATOR)} == {"acme", "globex", other_key.id}
+
+
+def test_a_single_sign_on_users_quota_is_an_admins_alone(
+    store: QuotaStore, identity: IdentityService
+) -> None:
+    user = "jwt:sso.example.com:alice"
+    store.set(OPERATOR, KEY, user, {"requests_per_minute": 2})
+    assert store.table().key_limits(user) == QuotaLimits(requests_per_minute=2)
+    assert store.get(OPERATOR, KEY, user).limits.requests_per_minute == 2
+    tenant_admin = _principal(identity.create_key(OPERATOR, tenant="acme", role="tenant-admin")[0])
+    # No record says whose user it is: a tenant's admin neither reads nor lists it.
+    with pytest.raises(NotFound, match="No API key has this id"):
+        store.get(tenant_admin, KEY, user)
+    assert user not in {q.subject for q in store.list(tenant_admin)}
+    for bad in ("jwt:", "jwt:host:a\nb", "jwt:" + "x" * 600):
+        with pytest.raises(NotFound):
+            store.set(OPERATOR, KEY, bad, {"requests_per_minute": 1})
+    store.remove(OPERATOR, KEY, user)
+    assert store.table().key_limits(user) is None

@@ -21,7 +21,25 @@ depends_on: str | Sequence[str] | None = None
 _SEQUENCE = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
+# Columns that hold a principal's id: an SSO user's ("jwt:<issuer host>:<subject>") can be
+# longer than an API key id. SQLite does not enforce lengths, PostgreSQL does; batch mode
+# keeps the declared schema the same on both (SQLite copies these small tables).
+_PRINCIPAL_COLUMNS = (
+    ("quotas", "subject", False),
+    ("extraction_risk", "key_id", False),
+    ("watermark_records", "key_id", True),
+    ("protect_overrides", "subject", False),
+)
+
+
+def _resize(old: sa.String, new: sa.String) -> None:
+    for table, column, nullable in _PRINCIPAL_COLUMNS:
+        with op.batch_alter_table(table) as batch:
+            batch.alter_column(column, type_=new, existing_type=old, existing_nullable=nullable)
+
+
 def upgrade() -> None:
+    _resize(sa.String(64), sa.String(255))
     op.create_table(
         "audit_keys",
         sa.Column("id", sa.Integer, autoincrement=False, nullable=False),
@@ -64,6 +82,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    _resize(sa.String(255), sa.String(64))
     op.drop_table("audit_prunes")
     op.drop_table("audit_checkpoints")
     op.drop_index("ix_audit_records_tenant", table_name="audit_records")
