@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""The audit log's costs: appending, signing checkpoints, verifying, and the gateway with
-auditing on and off.
+"""Issue 14's costs: the audit log (appending, signing checkpoints, verifying, the gateway
+with auditing on and off) and JWT bearer authentication per request.
 
 In-process, on a fresh SQLite database in a temporary folder (the server's own setup:
 WAL, synchronous=NORMAL):
@@ -16,6 +16,10 @@ taking turns under wrk at --conns connections for each request kind:
     inference    POST /v1/chat/completions (no event: the hot path)
     bad key      GET /v1/models with a wrong secret (auth.failed events, rate-limited)
     admin read   GET /admin/v1/keys (one admin.read record per request)
+
+And `Authenticator.authenticate` in-process (best of 7 x 20,000 calls): an API key, a JWT
+already verified (cached, the per-request cost once a token is known) and a JWT verified
+from scratch (signature, claims, tenant read), against the test suite's OIDC provider.
 
 Targets (issue 14): inference throughput with auditing on >= 95 % of off; verify of
 1,000,000 records <= 30 s.
@@ -114,6 +118,53 @@ def micro(folder: Path, records: int) -> dict[str, Any]:
     return results
 
 
+def jwt_costs(folder: Path) -> dict[str, float]:
+    """Per-request authentication cost of an API key and of JWTs (microseconds)."""
+    import timeit
+
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from bastion.audit.events import MemoryEventSink
+    from bastion.gateway.auth import Authenticator
+    from bastion.identity.jwks import JwksCache
+    from bastion.identity.jwt import ClaimsMapping, JwtVerifier, TokenPolicy, database_tenants
+    from bastion.identity.keys import KeyHasher
+    from bastion.identity.principal import OPERATOR
+    from bastion.identity.service import IdentityService
+    from oidc_provider import API_AUDIENCE, OidcProvider
+
+    def best(fn: Callable[[], object], number: int = 20_000) -> float:
+        return min(timeit.repeat(fn, number=number, repeat=7)) / number * 1e6
+
+    results: dict[str, float] = {}
+    with OidcProvider() as provider:
+        clock = provider.clock
+        db = Database(f"sqlite:///{folder / 'sso.db'}")
+        db.migrate()
+        hasher = KeyHasher(os.urandom(32))
+        service = IdentityService(db, hasher, MemoryEventSink(), clock=clock)
+        service.create_tenant(OPERATOR, "acme")
+        _, key = service.create_key(OPERATOR, tenant="acme", role="consumer")
+        keys = JwksCache(provider.issuer, clock=clock)
+        policy, mapping = TokenPolicy(provider.issuer, API_AUDIENCE), ClaimsMapping()
+        verifier = JwtVerifier(policy, mapping, keys, database_tenants(db), clock=clock)
+        auth = Authenticator(db, hasher, MemoryEventSink(), clock=clock, tokens=verifier)
+        auth.refresh()
+        bearer_key = f"Bearer {key}"
+        auth.authenticate(bearer_key)
+        results["API key"] = best(lambda: auth.authenticate(bearer_key, may_read=False))
+        token = provider.mint()
+        bearer_jwt = f"Bearer {token}"
+        auth.authenticate(bearer_jwt)
+        label = f"JWT {provider.signing.algorithm}, cached"
+        results[label] = best(lambda: auth.authenticate(bearer_jwt, may_read=False))
+        fresh = iter([provider.mint(provider.claims(sub=f"user{i}")) for i in range(3000)])
+        label = f"JWT {provider.signing.algorithm}, verified (signature, claims, tenant read)"
+        results[label] = best(lambda: verifier.verify(next(fresh)), number=400)
+        keys.close()
+        db.close()
+    return results
+
+
 def wrk(url: str, conns: int, dur: int, headers: dict[str, str], body: Path | None) -> float:
     command = [WRK, "-t1", f"-c{conns}", f"-d{dur}s", "--timeout", "10s"]
     env = dict(os.environ)
@@ -195,6 +246,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bastion-audit-bench-") as tmp:
         work = Path(tmp)
         results: dict[str, Any] = {"micro": micro(work, args.records)}
+        results["jwt"] = jwt_costs(work)
         if not args.skip_gateway:
             if wrk_missing():
                 raise SystemExit("wrk is missing: see benchmarks/README.md")
@@ -214,6 +266,11 @@ def main() -> int:
         f"| verify {m['records']:,} records | {m['verify_s']:.1f} s "
         f"(target ≤ 30 s for 1M: {verdict}; ok={m['verify_ok']}) |"
     )
+    print("\nAuthentication per request (in-process, best of 7)\n")
+    print("| credential | µs |")
+    print("|---|---|")
+    for label, cost in results["jwt"].items():
+        print(f"| {label} | {cost:.1f} |")
     if "gateway" in results:
         print(f"\nGateway throughput, auditing on vs off (c={args.conns}, median of {args.reps})\n")
         print("| requests | on (req/s) | off (req/s) | on/off |")

@@ -23,9 +23,15 @@ class Delivery:
 class AlertReceiver:
     """Records every POST it gets and answers each with the next scripted status (then 200).
 
-    `headers` of a scripted answer go with it (e.g. ``Retry-After``)."""
+    `headers` of a scripted answer go with it (e.g. ``Retry-After``). With `hold`, each
+    answer waits for that event to be set (a busy receiver), once the POST is recorded."""
 
-    def __init__(self, statuses: Iterable[int | tuple[int, dict[str, str]]] = ()) -> None:
+    def __init__(
+        self,
+        statuses: Iterable[int | tuple[int, dict[str, str]]] = (),
+        *,
+        hold: threading.Event | None = None,
+    ) -> None:
         self.deliveries: list[Delivery] = []
         self._script: deque[int | tuple[int, dict[str, str]]] = deque(statuses)
         self._arrived = threading.Condition()
@@ -40,6 +46,8 @@ class AlertReceiver:
                 with receiver._arrived:
                     receiver.deliveries.append(Delivery(headers, body, time.time()))
                     receiver._arrived.notify_all()
+                if hold is not None:
+                    hold.wait(30)
                 self.send_response(status)
                 for name, value in extra.items():
                     self.send_header(name, value)

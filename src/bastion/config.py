@@ -154,7 +154,8 @@ class Settings:
     # signed with HMAC-SHA-256 by a secret given itself or as a file holding it (one).
     # `bastion serve` refuses to start if any of them is not valid.
     alert_rules: str | None = _in(ALERTS, None)
-    alert_webhook_url: str | None = _in(ALERTS, None)
+    # A secret: its path or query may hold the receiver's token, its user part a password.
+    alert_webhook_url: str | None = _in(ALERTS, None, secret=True)
     alert_webhook_secret: str | None = _in(ALERTS, None, secret=True)
     alert_webhook_secret_file: str | None = _in(ALERTS, None)
     # How often metered usage (requests, tokens, compute seconds) is written to the database.

@@ -8,7 +8,8 @@
     │   └── TokenRejected             401  a JWT bearer or ID token refused (identity/jwt.py)
     ├── PermissionDenied              403  valid credentials without the needed role/model/action
     ├── NotFound                      404  no such route, model, tenant or key
-    │   └── ModelNotFound             404
+    │   ├── ModelNotFound             404
+    │   └── OutOfScope                404  a tenant or key beyond a tenant admin's own
     ├── MethodNotAllowed              405
     ├── RequestTimeout                408  the client did not send its body in time
     ├── Conflict                      409  the resource exists or is in the wrong state
@@ -85,8 +86,10 @@ class TokenRejected(AuthenticationError):
     """A JWT bearer token (or the console's ID token) that was refused. `reason` (a reason
     code of bastion.identity.jwt) is for audit events; the message is safe to show and
     never contains the token. `signed` is true when the token's signature had verified
-    (expired, wrong audience, no tenant, ...): such a failure is no guess, so the throttle
-    of failed attempts does not count it."""
+    (expired, wrong audience, no tenant, ...); of those, the failures only the provider's
+    tokens for this server meet (expired, not yet valid, a tenant unknown or disabled:
+    identity/jwt.py's SIGNED_UNUSABLE_REASONS) are no guess, and the throttle of failed
+    attempts does not count them."""
 
     code = "invalid_token"
     signed = False
@@ -124,6 +127,15 @@ class ModelNotFound(NotFound):
     """The key could see this model, but no model has this name."""
 
     code = "model_not_found"
+
+
+class OutOfScope(NotFound):
+    """A tenant or key that a tenant-bound caller (a tenant's admin) may not manage, or
+    that does not exist: the client gets exactly NotFound's answer (404, same code and
+    message), so it cannot probe which tenants and keys exist. The layer that answers it
+    (api/denials.py, the console's pages) records it as a refused escalation
+    (``auth.denied``); the record is the same whether or not the target exists, since a
+    tenant's admins read their tenant's audit records."""
 
 
 class MethodNotAllowed(BastionError):

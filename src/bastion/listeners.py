@@ -8,6 +8,10 @@ on the same event loop, over the same services: the control plane starts once be
 either accepts a connection and stops once after both have stopped accepting and drained
 (:func:`serve_all`). Each listener's answers carry api/headers.py's security headers, HSTS
 on a TLS one.
+
+A TLS listener binds plain TCP (:class:`ListenerServer`): its protocol
+(``api/transport.py``) speaks the TLS, so that it counts a connection from its accept and
+gives its handshake a deadline.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import contextlib
 import ipaddress
 import logging
 import signal
+import socket
 import ssl
 import sys
 import threading
@@ -31,8 +36,8 @@ from uvicorn.lifespan.off import LifespanOff
 from uvicorn.lifespan.on import LifespanOn
 from uvicorn.server import HANDLED_SIGNALS
 
-from bastion.api.app import Serving
 from bastion.api.headers import security_headers
+from bastion.api.serving import Serving
 from bastion.api.transport import protocol_class
 from bastion.config import Settings
 from bastion.tls import server_context
@@ -109,6 +114,53 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+class ListenerServer(uvicorn.Server):
+    """uvicorn's server, binding plain TCP even for a TLS listener.
+
+    uvicorn's Server.startup hands its config's SSL context to ``loop.create_server``,
+    whose server tells the protocol of a connection only once its handshake is done, and
+    nothing of one whose handshake fails or never ends (within asyncio's default 60 s).
+    api/transport.py's protocol speaks that context's TLS itself, from the accept; this
+    startup is uvicorn's for a host and port, without the ``ssl`` argument.
+    """
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        # A listener has a host and port only (no sockets given, no fd, no Unix socket).
+        assert sockets is None and self.config.uds is None and self.config.fd is None
+        # A no-op under serve_all, which runs the one lifespan itself.
+        await self.lifespan.startup()
+        if self.lifespan.should_exit:
+            sys.exit(STARTUP_FAILURE)
+        config = self.config
+        loop = asyncio.get_running_loop()
+
+        def connection() -> asyncio.Protocol:
+            protocol: asyncio.Protocol = config.http_protocol_class(  # type: ignore[call-arg]
+                config=config,
+                server_state=self.server_state,
+                app_state=self.lifespan.state,
+                _loop=loop,
+            )
+            return protocol
+
+        try:
+            server = await loop.create_server(
+                connection,
+                host=config.host,
+                port=config.port,
+                backlog=config.backlog,
+            )
+        except OSError as exc:
+            logger.error("cannot listen: %s", exc)
+            await self.lifespan.shutdown()
+            sys.exit(STARTUP_FAILURE)
+        self.servers = [server]
+        assert server.sockets is not None
+        # "https://" where the config has an SSL context.
+        self._log_started_message(server.sockets)
+        self.started = True
+
+
 def uvicorn_server(listener: Listener, app: ASGIApp, settings: Settings) -> uvicorn.Server:
     """A uvicorn server for `listener` (it does not run the app's lifespan: serve_all does)."""
     context = listener.tls
@@ -126,15 +178,21 @@ def uvicorn_server(listener: Listener, app: ASGIApp, settings: Settings) -> uvic
         host=listener.host,
         port=listener.port,
         loop="uvloop",
-        # httptools, with a cap on connections and timeouts for slow or stalled clients.
+        # httptools, with a cap on connections and timeouts for slow or stalled clients;
+        # it speaks the TLS of ssl_context_factory's context (ListenerServer).
         http=protocol_class(
             max_connections=settings.max_connections,
             header_timeout_s=settings.header_timeout_s,
             send_timeout_s=settings.send_timeout_s,
         ),
+        # Bastion serves no WebSockets: an upgrade request is answered as the HTTP request
+        # it also is, with the security headers (uvicorn's WebSocket protocols, which
+        # would answer it instead, write none of them).
+        ws="none",
         timeout_keep_alive=max(1, round(settings.keepalive_timeout_s)),
-        # Bastion does not use the client's address; X-Forwarded-* from a local process
-        # is not trusted (and its middleware costs every request a layer).
+        # A client is known by the connection's address: X-Forwarded-* is not trusted
+        # (docs/tls.md, behind a reverse proxy), and its middleware would cost every
+        # request a layer.
         proxy_headers=False,
         lifespan="on" if listener.serving is not Serving.ADMIN else "off",
         access_log=False,
@@ -145,7 +203,7 @@ def uvicorn_server(listener: Listener, app: ASGIApp, settings: Settings) -> uvic
         ssl_context_factory=None if context is None else ssl_context,
         timeout_graceful_shutdown=int(settings.drain_timeout_s),
     )
-    return uvicorn.Server(config)
+    return ListenerServer(config)
 
 
 def serve_all(servers: list[uvicorn.Server]) -> None:

@@ -58,11 +58,14 @@ def build_services(home: Home, metrics: Metrics) -> Services:
     alerts, closers = build_alerts(settings, metrics, recent_alerts)
     if sso is not None:
         closers = [*closers, sso.close]
-    events = FanOutSink(home.events, MetricsEventSink(metrics), alerts)
+    recorded = FanOutSink(home.events, MetricsEventSink(metrics))
+    events = FanOutSink(recorded, alerts)
     sandboxes = Sandboxes(make_sandbox(settings), settings)
     supervisor = Supervisor(settings, sandboxes, events)
     tokens = sso.verifier if sso is not None else None
-    authenticator = Authenticator(home.db, home.hasher, events, tokens=tokens)
+    # Failed sign-ins reach the logs and the audit log rate-limited, but the alert rules
+    # every one: a flood must not hide a targeted key id.
+    authenticator = Authenticator(home.db, home.hasher, recorded, alerts=alerts, tokens=tokens)
     # Journaled in the home, so that a gateway killed between flushes loses no usage.
     meter = UsageMeter(home.db, journal_dir=settings.home / "usage")
     desk = ProtectionDesk(

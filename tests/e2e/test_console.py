@@ -317,6 +317,16 @@ def test_a_tenant_admin_sees_only_its_own_tenant(
     ) as api:
         assert api.get("/v1/models").status_code == 200
     assert page.locator("form[action='/console/audit/verify']").count() == 0
+    # Each reach into umbrella is recorded as a refusal, as the admin API records it.
+    with admin_api(server) as admin:
+        found = admin.get("/admin/v1/audit/records", params={"tenant": "initech", "limit": 1000})
+    denied = [
+        r["detail"]
+        for r in found.json()["data"]
+        if r["action"] == "auth.denied" and r["actor"] == own["id"]
+    ]
+    assert len(denied) == 6
+    assert all(d["reason"] == "cross_tenant" and d["action"] == "console" for d in denied)
 
 
 def test_a_post_without_the_csrf_token_or_from_another_origin_is_refused(

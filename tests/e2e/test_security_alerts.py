@@ -10,6 +10,7 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -106,8 +107,9 @@ def test_a_burst_of_wrong_keys_sends_signed_alerts(
     # The throttle of failed sign-ins turns 401 into 429 once the address is locked out.
     assert set(answers) == {401, 429}
 
-    # Two alerts: the key id's failures, and the lock-out of the address they came from.
-    deliveries = receiver.wait(already + 2)[already:]
+    # Three alerts: the key id's failures, and the lock-outs of the address they came from
+    # and of the key id.
+    deliveries = receiver.wait(already + 3)[already:]
     for delivery in deliveries:
         header = delivery.headers["bastion-signature"]
         # Checked by Bastion's helper, and by the few lines any receiver can write.
@@ -119,8 +121,13 @@ def test_a_burst_of_wrong_keys_sends_signed_alerts(
         assert hmac.compare_digest(expected, parts["v1"])
         assert abs(time.time() - int(parts["t"])) < 60
     alerts = {json.loads(d.body)["rule"]: d for d in deliveries}
-    assert set(alerts) == {"auth_failures_per_key", "auth_failures_per_address"}
+    assert set(alerts) == {
+        "auth_failures_per_key",
+        "auth_failures_per_address",
+        "auth_key_locked_out",
+    }
     assert json.loads(alerts["auth_failures_per_address"].body)["group"] == {"target": "127.0.0.1"}
+    assert json.loads(alerts["auth_key_locked_out"].body)["group"] == {"actor": key_id}
 
     delivery = alerts["auth_failures_per_key"]
     body = json.loads(delivery.body)
@@ -137,14 +144,84 @@ def test_a_burst_of_wrong_keys_sends_signed_alerts(
 
     # The burst went on past the threshold: held back, not one alert per failure.
     time.sleep(1.0)
-    assert len(receiver.deliveries) == already + 2
+    assert len(receiver.deliveries) == already + 3
     assert metric(alerting, "bastion_alerts_fired_total", rule="auth_failures_per_key") == 1
     assert metric(alerting, "bastion_alerts_fired_total", rule="auth_failures_per_address") == 1
+    assert metric(alerting, "bastion_alerts_fired_total", rule="auth_key_locked_out") == 1
     assert metric(alerting, "bastion_alerts_fired_total", rule="auth_failures_burst") == 0
-    assert metric(alerting, "bastion_alert_deliveries_total", outcome="delivered") == 2
+    assert metric(alerting, "bastion_alert_deliveries_total", outcome="delivered") == 3
     assert metric(alerting, "bastion_alert_deliveries_total", outcome="dead_letter") == 0
     assert metric(alerting, "bastion_alert_dead_letters") == 0
     assert '"alert":"auth_failures_per_key"' in alerting.logs()
+
+
+def test_a_tenant_admin_reaching_into_another_tenant_gets_404s_and_raises_an_alert(
+    alerting: BastionServer, receiver: AlertReceiver
+) -> None:
+    already = len(receiver.deliveries)
+    with alerting.client() as admin:
+        for name in ("team-a", "team-b"):
+            assert admin.post("/admin/v1/tenants", json={"name": name}).status_code == 201
+        made = admin.post("/admin/v1/keys", json={"tenant": "team-a", "role": "tenant-admin"})
+        ta_id, ta_key = made.json()["id"], made.json()["key"]
+        team_b_key = admin.post("/admin/v1/keys", json={"tenant": "team-b"}).json()["id"]
+    # Each reach into team-b, and the same for a tenant and a key id that do not exist.
+    reaches: list[tuple[str, str, dict[str, Any]]] = [
+        ("GET", "/admin/v1/keys", {"params": {"tenant": "team-b"}}),
+        ("POST", "/admin/v1/keys", {"json": {"tenant": "team-b"}}),
+        ("POST", f"/admin/v1/keys/{team_b_key}/revoke", {}),
+        ("POST", f"/admin/v1/keys/{team_b_key}/rotate", {}),
+        ("GET", "/admin/v1/quotas", {"params": {"tenant": "team-b"}}),
+        ("GET", "/admin/v1/quotas/tenants/team-b", {}),
+        ("GET", f"/admin/v1/quotas/keys/{team_b_key}", {}),
+        ("GET", "/admin/v1/audit/records", {"params": {"tenant": "team-b"}}),
+        ("GET", "/admin/v1/usage", {"params": {"tenant": "team-b"}}),
+    ]
+
+    def missing(value: Any) -> Any:
+        text = json.dumps(value).replace("team-b", "team-zz")
+        return json.loads(text.replace(team_b_key, "0123456789abcdef"))
+
+    with alerting.client(ta_key) as tenant_admin:
+        for method, path, options in reaches:
+            other = tenant_admin.request(method, path, **options)
+            nobody = tenant_admin.request(method, missing(path), **missing(options))
+            # The same answer as for what does not exist: no probing of names or ids.
+            assert other.status_code == nobody.status_code == 404, (method, path, other.text)
+            assert other.json() == nobody.json()
+            assert other.headers.get("content-length") == nobody.headers.get("content-length")
+        # Its own tenant's audit records show its refusals, and not which target exists.
+        own = tenant_admin.get("/admin/v1/audit/records", params={"limit": 1000})
+        assert own.status_code == 200
+    denied = [r for r in own.json()["data"] if r["action"] == "auth.denied" and r["actor"] == ta_id]
+    assert len(denied) == 2 * len(reaches)
+    for first, second in zip(denied[::2], denied[1::2], strict=True):
+        assert (first["target"], first["detail"]) == (second["target"], second["detail"])
+    assert team_b_key not in own.text and "team-b" not in own.text
+
+    # In the audit log, as an auditor exports it.
+    exported = [
+        json.loads(line) for line in run_cli(alerting.home, "audit", "export").stdout.splitlines()
+    ]
+    records = [e for e in exported if e["action"] == "auth.denied" and e["actor"] == ta_id]
+    assert len(records) == 2 * len(reaches)
+    for record in records:
+        assert record["tenant"] == "team-a" and record["outcome"] == "failure"
+        assert record["detail"]["action"] == "admin"
+        assert record["detail"]["reason"] == "cross_tenant"
+
+    # And the escalation alert fires, once, for that key.
+    deadline = time.monotonic() + 10
+    fired: list[dict[str, Any]] = []
+    while not fired:
+        assert time.monotonic() < deadline, "no access_denied_repeated alert"
+        bodies = [json.loads(d.body) for d in receiver.deliveries[already:]]
+        fired = [b for b in bodies if b["rule"] == "access_denied_repeated"]
+        time.sleep(0.1)
+    (alert,) = fired
+    assert alert["group"] == {"actor": ta_id}
+    assert alert["event"]["detail"]["reason"] == "cross_tenant"
+    assert metric(alerting, "bastion_alerts_fired_total", rule="access_denied_repeated") == 1
 
 
 def test_the_server_refuses_a_webhook_that_is_not_http(tmp_path: Path) -> None:

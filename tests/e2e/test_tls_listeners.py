@@ -9,9 +9,11 @@ CORS configured.
 
 from __future__ import annotations
 
+import select
 import signal
 import socket
 import ssl
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,12 +31,22 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from bastion_testing import BastionServer, add_echo_model, cli_json, run_cli
 
 ORIGIN = "https://app.example"
+# The limits of the server whose connections never finish their handshake.
+CAP = 5
+HEADER_TIMEOUT_S = 3
 SECURITY_HEADERS = {
     "x-content-type-options": "nosniff",
     "x-frame-options": "DENY",
     "referrer-policy": "no-referrer",
 }
 HSTS = "strict-transport-security"
+# A WebSocket handshake's request headers (RFC 6455's example key).
+WEBSOCKET = {
+    "connection": "Upgrade",
+    "upgrade": "websocket",
+    "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
+    "sec-websocket-version": "13",
+}
 
 
 # ---------------------------------------------------------------- certificates
@@ -164,6 +176,26 @@ def plain_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BastionSe
     server = BastionServer(home, admin_listen=True)
     try:
         server.wait_ready(["echo"], timeout=120)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def limited_tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BastionServer]:
+    home = tmp_path_factory.mktemp("limited") / "home"
+    run_cli(home, "init", "--no-demo-models", "--self-signed")
+    server = BastionServer(
+        home,
+        "--self-signed",
+        env={
+            "BASTION_MAX_CONNECTIONS": str(CAP),
+            "BASTION_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
+        },
+        tls_ca=home / "tls" / "cert.pem",
+    )
+    try:
+        server.wait_ready(timeout=120)
         yield server
     finally:
         server.stop()
@@ -345,10 +377,18 @@ def test_security_headers_on_every_answer(
             client.get("/v1/models"),
             client.get("/no/such/route"),
             client.delete("/v1/chat/completions"),
+            # A WebSocket upgrade: Bastion serves none, so it is answered as plain HTTP
+            # (uvicorn's WebSocket protocol answered it, without the headers).
+            client.get("/healthz", headers=WEBSOCKET),
         ]
     with either.admin_client() as admin:
-        answers += [admin.get("/admin/v1/tenants"), admin.get("/admin/v1/nothing")]
-    assert [a.status_code for a in answers] == [200, 401, 415, 200, 200, 404, 405, 200, 404]
+        answers += [
+            admin.get("/admin/v1/tenants"),
+            admin.get("/admin/v1/nothing"),
+            admin.get("/admin/v1/tenants", headers=WEBSOCKET),
+        ]
+    expected = [200, 401, 415, 200, 200, 404, 405, 200, 200, 404, 200]
+    assert [a.status_code for a in answers] == expected
     for answer in answers:
         _check_headers(answer, tls)
 
@@ -379,6 +419,16 @@ def test_the_public_listener_refuses_admin_routes(either: BastionServer) -> None
             assert answer.status_code == 404, (method, path)
             assert answer.json()["error"]["code"] == "route_not_found"
             assert answer.json()["error"]["type"] == "not_found_error"
+
+
+def test_the_public_listeners_openapi_document_names_no_admin_route(
+    either: BastionServer,
+) -> None:
+    with either.client() as client:
+        document = client.get("/openapi.json")
+    assert document.status_code == 200
+    assert "/v1/chat/completions" in document.json()["paths"]
+    assert "/admin" not in document.text
 
 
 def test_the_admin_listener_serves_the_admin_api_and_probes(either: BastionServer) -> None:
@@ -420,6 +470,62 @@ def test_the_public_listener_keeps_inference_and_metrics(
         assert client.post("/v1/chat/completions", json=chat).status_code == 200
     with plain_server.client() as admin:
         assert "bastion_requests_total" in admin.get("/metrics").text
+
+
+# ---------------------------------------------------------------- TLS handshakes
+
+
+def _still_open(sockets: list[socket.socket], within_s: float) -> list[socket.socket]:
+    """Those of `sockets` (which send nothing) the server has not closed within
+    `within_s`."""
+    deadline = time.monotonic() + within_s
+    left = list(sockets)
+    while left and (wait := deadline - time.monotonic()) > 0:
+        readable, _, _ = select.select(left, [], [], wait)
+        for sock in readable:
+            try:
+                closed = sock.recv(65536) == b""
+            except OSError:
+                closed = True
+            if closed:
+                left.remove(sock)
+    return left
+
+
+def test_connections_that_never_handshake_hold_no_place_for_long(
+    limited_tls_server: BastionServer,
+) -> None:
+    # The finding: the cap and the header clock started after the TLS handshake, and the
+    # handshake had 60 s: 50 connections that sent nothing stayed open, counted toward
+    # nothing, and other clients were still served.
+    server = limited_tls_server
+    started = time.monotonic()
+    silent = [socket.create_connection(_address(server.url), timeout=10) for _ in range(50)]
+    try:
+        # Those beyond the cap are closed at their accept, before any handshake.
+        held = _still_open(silent, within_s=1)
+        assert 0 < len(held) <= CAP
+        # The others hold their places from their accept: a client beyond them is refused.
+        assert _refused(server, server.url, _client_context(server))
+        # They are closed once the handshake's time, min(10 s, the header timeout), is up.
+        assert _still_open(held, within_s=HEADER_TIMEOUT_S + 1) == []
+        assert time.monotonic() - started < HEADER_TIMEOUT_S + 2
+    finally:
+        for sock in silent:
+            sock.close()
+    # Their places are free again.
+    with httpx.Client(verify=server.verify(), timeout=10) as client:
+        assert client.get(server.url + "/healthz").status_code == 200
+
+
+def test_a_failed_handshake_frees_its_place_at_once(limited_tls_server: BastionServer) -> None:
+    server = limited_tls_server
+    for _ in range(CAP * 4):
+        with socket.create_connection(_address(server.url), timeout=10) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: bastion\r\n\r\n")  # no TLS
+            assert _still_open([sock], within_s=2) == []
+    with httpx.Client(verify=server.verify(), timeout=10) as client:
+        assert client.get(server.url + "/healthz").status_code == 200
 
 
 # ---------------------------------------------------------------- mutual TLS

@@ -16,8 +16,9 @@ from cryptography import x509
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
-from bastion.api.app import Serving, routes_of
+from bastion.api.app import routes_of
 from bastion.api.headers import CrossOrigin, security_headers
+from bastion.api.serving import Serving
 from bastion.config import Settings
 from bastion.errors import ConfigurationError
 from bastion.listeners import Listener, plan, warn_exposure

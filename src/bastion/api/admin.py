@@ -17,7 +17,7 @@ from bastion.api.schemas import KeyCreate, ProtectionUpdate, QuotaUpdate, Tenant
 from bastion.api.services import Services
 from bastion.audit.events import ADMIN_READ, Event
 from bastion.errors import InvalidRequest, NotFound
-from bastion.identity.grants import TENANT_NOT_FOUND, is_global_admin
+from bastion.identity.grants import TENANT_NOT_FOUND, is_global_admin, not_found
 from bastion.identity.principal import Principal
 from bastion.identity.service import IdentityService
 from bastion.models.overrides import ALL_MODELS, OverrideStore
@@ -336,7 +336,7 @@ async def get_usage(request: Request) -> Response:
     if not is_global_admin(principal):
         if tenant not in (None, principal.tenant_name):
             # Another tenant is "not found", like one that does not exist.
-            raise NotFound(TENANT_NOT_FOUND)
+            raise not_found(principal, TENANT_NOT_FOUND)
         tenant = principal.tenant_name
     now = datetime.now(UTC)
     since = parse_since(query.get("since", "24h"), now)

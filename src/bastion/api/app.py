@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import enum
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
@@ -18,22 +17,10 @@ from bastion.api.errors import handle_bastion_error, handle_http_exception
 from bastion.api.fast import FastPath
 from bastion.api.headers import CrossOrigin
 from bastion.api.services import Services
+from bastion.api.serving import Serving
 from bastion.console import routes as console
 from bastion.console.state import Console
 from bastion.errors import BastionError
-
-
-class Serving(enum.Enum):
-    """Which routes an app serves: every one (one listener), or its listener's share when
-    the admin API has a listener of its own (BASTION_ADMIN_LISTEN)."""
-
-    # One listener: every route.
-    ALL = "all"
-    # The public listener of a split: inference, health, metrics, OpenAPI; admin routes
-    # and the console 404.
-    PUBLIC = "public"
-    # The admin listener: the admin API, the console and the health probes; nothing else.
-    ADMIN = "admin"
 
 
 def routes_of(serving: Serving) -> list[BaseRoute]:
@@ -78,6 +65,8 @@ def create_app(
         lifespan=None if serving is Serving.ADMIN else lifespan,
     )
     app.state.services = services
+    # Which routes the OpenAPI document lists (api/health.py).
+    app.state.serving = serving
     if serving is not Serving.PUBLIC and isinstance(services, Services):
         # The console's sessions and sign-ins in progress live with the app serving it
         # (a test's stand-in services serve no console).

@@ -22,7 +22,12 @@ from bastion.audit.events import ADMIN_READ, Event
 from bastion.audit.log import AuditLogError, iso_time
 from bastion.audit.writer import AuditWriter, VerificationRunning
 from bastion.errors import Conflict, InvalidRequest, NotFound, PermissionDenied
-from bastion.identity.grants import TENANT_NAME_PATTERN, TENANT_NOT_FOUND, is_global_admin
+from bastion.identity.grants import (
+    TENANT_NAME_PATTERN,
+    TENANT_NOT_FOUND,
+    is_global_admin,
+    not_found,
+)
 from bastion.identity.principal import Principal
 
 DEFAULT_PAGE = 100
@@ -71,7 +76,7 @@ async def list_records(request: Request) -> Response:
     tenant = _tenant(request)
     if not is_global_admin(principal):
         if tenant not in (None, principal.tenant_name):
-            raise NotFound(TENANT_NOT_FOUND)
+            raise not_found(principal, TENANT_NOT_FOUND)
         tenant = principal.tenant_name
     after = _int(request, "after")
     since = _int(request, "since_ms")

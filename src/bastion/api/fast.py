@@ -295,7 +295,12 @@ def auth_throttle_of(services: Services) -> AuthThrottle:
     locked out on one listener is locked out on all."""
     authenticator = services.gateway.authenticator
     if authenticator.throttle is None:
-        authenticator.throttle = AuthThrottle(ThrottlePolicy.of(services.settings), authenticator)
+        authenticator.throttle = AuthThrottle(
+            ThrottlePolicy.of(services.settings),
+            authenticator,
+            # Requests refused unchecked are failed sign-ins too.
+            on_refused=services.metrics.auth_failures.inc,
+        )
     return authenticator.throttle
 
 

@@ -8,6 +8,7 @@ from starlette.routing import Route
 
 from bastion.api.context import authenticate, json_response, services_of
 from bastion.api.openapi import openapi_document
+from bastion.api.serving import Serving
 from bastion.observability.metrics import CONTENT_TYPE
 
 
@@ -52,7 +53,9 @@ async def metrics(request: Request) -> Response:
 async def openapi(request: Request) -> Response:
     # The API description is not secret, but every route but health needs a key.
     await authenticate(request)
-    return json_response(openapi_document())
+    # What this listener serves only: a public listener does not reveal the admin API.
+    serving: Serving = request.app.state.serving
+    return json_response(openapi_document(serving))
 
 
 # Liveness and readiness: on every listener (the admin listener's too).

@@ -1,4 +1,8 @@
-"""The OpenAPI 3.1 document, generated from the same msgspec schemas that validate requests."""
+"""The OpenAPI 3.1 document, generated from the same msgspec schemas that validate requests.
+
+Each listener's lists the routes it serves: a public listener's (BASTION_ADMIN_LISTEN set)
+names no admin route or schema.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import msgspec
 
 import bastion
 from bastion.api import schemas
+from bastion.api.serving import Serving
 
 _BODIES: dict[tuple[str, str], type[Any]] = {
     ("/v1/chat/completions", "post"): schemas.ChatCompletionRequest,
@@ -175,10 +180,13 @@ _OPERATIONS: list[tuple[str, str, str, bool]] = [
     ("/admin/v1/audit/verify", "post", "Verify the whole audit log now", True),
 ]
 
+# The health probes: served by every listener, the admin one's too.
+_PROBES = ("/healthz", "/readyz")
+
 _PATH_PARAMETER = re.compile(r"{([a-z_]+)}")
 _ERROR = {
     "type": "object",
-    "description": 'OpenAI\'s error shape (/v1, /admin); /v2 answers {"error": message}.',
+    "description": 'OpenAI\'s error shape; the /v2 routes answer {"error": message}.',
     "properties": {
         "error": {
             "oneOf": [
@@ -250,20 +258,39 @@ def _operation(path: str, method: str, summary: str, secured: bool) -> dict[str,
     return operation
 
 
+def _served(path: str, serving: Serving) -> bool:
+    """Whether a listener that serves `serving` answers `path` (api/app.py's routes_of)."""
+    if serving is Serving.ALL:
+        return True
+    admin = path.startswith("/admin/")
+    if serving is Serving.ADMIN:
+        return admin or path in _PROBES
+    return not admin
+
+
+# Operations whose request body is another operation's.
+_SAME_BODY = {
+    ("/admin/v1/quotas/{kind}/{subject}", "put"): ("/admin/v1/quotas/{kind}/{subject}", "patch"),
+    ("/v2/models/{name}/versions/{version}/infer", "post"): ("/v2/models/{name}/infer", "post"),
+}
+
+
 @functools.cache
-def openapi_document() -> dict[str, Any]:
+def openapi_document(serving: Serving = Serving.ALL) -> dict[str, Any]:
+    """The document of a listener that serves `serving`: its operations and their
+    schemas, nothing of the other listener's."""
+    bodies = {key: body for key, body in _BODIES.items() if _served(key[0], serving)}
     (body_schemas, components) = msgspec.json.schema_components(
-        list(_BODIES.values()), ref_template="#/components/schemas/{name}"
+        list(bodies.values()), ref_template="#/components/schemas/{name}"
     )
-    refs = dict(zip(_BODIES.keys(), body_schemas, strict=True))
-    refs[("/admin/v1/quotas/{kind}/{subject}", "put")] = refs[
-        ("/admin/v1/quotas/{kind}/{subject}", "patch")
-    ]
-    refs[("/v2/models/{name}/versions/{version}/infer", "post")] = refs[
-        ("/v2/models/{name}/infer", "post")
-    ]
+    refs = dict(zip(bodies.keys(), body_schemas, strict=True))
+    for key, same in _SAME_BODY.items():
+        if same in refs:
+            refs[key] = refs[same]
     paths: dict[str, dict[str, Any]] = {}
     for path, method, summary, secured in _OPERATIONS:
+        if not _served(path, serving):
+            continue
         operation = _operation(path, method, summary, secured)
         if (path, method) in refs:
             operation["requestBody"] = {

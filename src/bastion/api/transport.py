@@ -7,11 +7,14 @@ answer; a connection that never sends a whole request, sends its headers a byte 
 (slowloris), or never reads the answer it asked for stays open, holding memory and a
 place, for ever. :func:`protocol_class` gives uvicorn a protocol that:
 
-- closes a new connection at once when ``max_connections`` are open;
+- closes a new connection at its accept, before any TLS handshake, when
+  ``max_connections`` are open (those still in their handshake included);
+- speaks the TLS of uvicorn's config itself (below), giving the handshake
+  ``min(HANDSHAKE_TIMEOUT_S, header_timeout_s)``;
 - gives each request ``header_timeout_s`` from its first byte (from the connection's
-  opening, for the first one) to finish its headers, then closes the connection: one
-  sweep a second looks at every connection (so the clock is a second coarse), and
-  nothing is armed per request;
+  accept, for the first one, the TLS handshake included) to finish its headers, then
+  closes the connection: one sweep a second looks at every connection (so the clock is a
+  second coarse), and nothing is armed per request;
 - gives a client ``send_timeout_s`` to take what was written to it while the socket's
   buffer is full, then aborts the connection, which ends the answer and frees it;
 - calls the functions a request put in ``scope["state"][ON_CLIENT_LEFT]`` (a list) when
@@ -23,16 +26,31 @@ place, for ever. :func:`protocol_class` gives uvicorn a protocol that:
   that reading it arms no deadline.
 
 The body's own deadline is the route's (``body_timeout_s``, see ``api/body.py``).
+
+Why the protocol does the TLS: a server made by ``loop.create_server(ssl=...)`` (as
+uvicorn makes it) calls the protocol's ``connection_made`` only once the handshake is
+done, tells it nothing of a connection whose handshake fails, and (from uvicorn) gives the
+handshake asyncio's default 60 s: a client that connected and sent nothing held a socket
+for a minute, counted toward no cap and on no header clock. So the listener binds plain
+TCP (``bastion.listeners.ListenerServer``), and at each accept the protocol wraps the
+connection in the event loop's own SSL protocol, as that server would, but knowing from
+then on that the connection is there and, when its handshake ends, how.
 """
 
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
+import functools
 import logging
+import ssl
 from collections.abc import Callable
 from typing import Any
 
+import uvloop
+import uvloop.loop
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.utils import is_ssl
 
 from bastion.api.body import BODY_RECEIVED
 
@@ -47,15 +65,21 @@ WRITES = "bastion.writes"
 _JOINED_BYTES = 64 * 1024
 # How often the connections are looked at for headers that take too long.
 SWEEP_S = 1.0
+# The longest a TLS handshake may take (header_timeout_s, if shorter).
+HANDSHAKE_TIMEOUT_S = 10.0
 
 
 def protocol_class(
     *, max_connections: int, header_timeout_s: float, send_timeout_s: float
 ) -> type[HttpToolsProtocol]:
-    """An httptools protocol class for uvicorn with these limits."""
+    """An httptools protocol class for uvicorn with these limits. With an SSL context in
+    uvicorn's config, it speaks TLS on the plain TCP connections it is given."""
     sweep_s = min(SWEEP_S, header_timeout_s / 4)
+    handshake_timeout_s = min(HANDSHAKE_TIMEOUT_S, header_timeout_s)
     # The server's connections (uvicorn's own set), once the first one is made.
     sweeping: list[set[Any]] = []
+    # The connections in their TLS handshake: each holds a place toward max_connections.
+    handshaking: set[BoundedHttpProtocol] = set()
 
     def sweep(loop: asyncio.AbstractEventLoop, connections: set[Any]) -> None:
         now = loop.time()
@@ -72,22 +96,70 @@ def protocol_class(
             self._send_timer: asyncio.TimerHandle | None = None
             self._on_lost: list[Callable[[], None]] = []
             self._writes: HeldWrites | None = None
+            # When the connection was accepted (loop time), and whether it is in its TLS
+            # handshake.
+            self._accepted = 0.0
+            self._handshaking = False
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            if len(self.connections) >= max_connections:
-                logger.warning("too many connections; one refused", extra={"open": max_connections})
-                transport.abort()
-                return
+            if self._handshaking:
+                # Called again, by the SSL protocol: the handshake is done.
+                self._handshaking = False
+                handshaking.discard(self)
+            else:
+                # The accept.
+                self._accepted = self.loop.time()
+                if len(self.connections) + len(handshaking) >= max_connections:
+                    logger.warning(
+                        "too many connections; one refused", extra={"open": max_connections}
+                    )
+                    transport.abort()
+                    return
+                context = self.config.ssl
+                if context is not None and not is_ssl(transport):
+                    self._start_tls(transport, context)
+                    return
             super().connection_made(transport)
             self._writes = HeldWrites(transport)
-            self._headers_since = self.loop.time()
+            # The first request's headers are due header_timeout_s after the accept.
+            self._headers_since = self._accepted
             if not sweeping:
                 sweeping.append(self.connections)
                 self.loop.call_later(sweep_s, sweep, self.loop, self.connections)
 
+        def _start_tls(self, transport: asyncio.Transport, context: ssl.SSLContext) -> None:
+            """Wrap the accepted connection in the loop's SSL protocol, as a TLS server of
+            the loop's own would: it calls connection_made again once the handshake is
+            done, or closes the connection if the handshake fails or takes too long."""
+            waiter = self.loop.create_future()
+            secure = _ssl_protocol(self.loop)(
+                self.loop,
+                self,
+                context,
+                waiter,
+                server_side=True,
+                ssl_handshake_timeout=handshake_timeout_s,
+            )
+            self._handshaking = True
+            handshaking.add(self)
+            waiter.add_done_callback(functools.partial(self._handshake_ended, transport))
+            transport.set_protocol(secure)
+            secure.connection_made(transport)
+
+        def _handshake_ended(
+            self, transport: asyncio.Transport, waiter: asyncio.Future[None]
+        ) -> None:
+            if not waiter.cancelled():
+                waiter.exception()  # retrieved: asyncio would log it as never retrieved
+            if self._handshaking:
+                # It failed, took too long or the client left; uvicorn never knew it.
+                self._handshaking = False
+                handshaking.discard(self)
+                transport.abort()
+
         def connection_lost(self, exc: Exception | None) -> None:
             if self.transport is None:
-                return  # refused in connection_made: uvicorn never knew it
+                return  # refused in connection_made, or never through its handshake
             self._headers_since = None
             if self._send_timer is not None:
                 self._send_timer.cancel()
@@ -124,6 +196,12 @@ def protocol_class(
                 self._send_timer = None
             super().resume_writing()
 
+        def _unsupported_upgrade_warning(self) -> None:
+            # uvicorn's warnings that a WebSocket library is missing, for every request
+            # with an Upgrade header: Bastion serves no WebSockets (ws="none") and answers
+            # such a request as plain HTTP, and any client could fill the log with them.
+            pass
+
         def check_headers(self, now: float) -> None:
             """Close the connection if the headers it owes are late."""
             if self._headers_since is None:
@@ -146,6 +224,14 @@ def protocol_class(
                 self.transport.abort()
 
     return BoundedHttpProtocol
+
+
+def _ssl_protocol(loop: asyncio.AbstractEventLoop) -> Any:
+    """The SSL protocol class of `loop`'s own TLS servers: uvloop's, or asyncio's."""
+    if isinstance(loop, uvloop.Loop):
+        # Not in uvloop's type stubs; the same signature as asyncio's.
+        return uvloop.loop.SSLProtocol  # type: ignore[attr-defined]
+    return asyncio.sslproto.SSLProtocol
 
 
 class HeldWrites:

@@ -19,6 +19,7 @@ file in TOML or JSON (:func:`load_rules`; ``docs/alerts.md`` has the format).
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import re
@@ -37,6 +38,7 @@ from bastion.audit.events import (
     AUDIT_VERIFY_FAILED,
     AUTH_FAILED,
     AUTH_THROTTLED,
+    EVENT_KINDS,
     MODEL_INTEGRITY_FAILED,
     PROTECT_EXTRACTION_SUSPECTED,
     PROTECT_KEY_BLOCKED,
@@ -181,6 +183,7 @@ class Alert:
     count: int
     threshold: int
     window_s: float
+    # Wall-clock (Unix) times of the earliest occurrence counted and of the last.
     first_at: float
     last_at: float
     suppressed: int
@@ -269,7 +272,8 @@ class AlertRules:
         rules: Iterable[Rule],
         notify: Sequence[Callable[[Alert], None]] = (),
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
         max_groups: int = MAX_GROUPS,
     ) -> None:
         self.rules = tuple(rules)
@@ -277,7 +281,10 @@ class AlertRules:
         if len(set(names)) != len(names):
             raise ValueError("two alert rules have the same name")
         self._notify = tuple(notify)
+        # Windows and cooldowns run on `clock` (monotonic: a step of the wall clock must
+        # neither fire nor silence a rule); only the times an alert reports are wall-clock.
         self._clock = clock
+        self._wall_clock = wall_clock
         self._max_groups = max_groups
         self._by_kind: dict[str, list[Rule]] = {}
         for rule in self.rules:
@@ -326,6 +333,7 @@ class AlertRules:
         if not state.count(now, weight, rule):
             return None
         suppressed, state.suppressed, state.fired_at = state.suppressed, 0, now
+        wall = self._wall_clock()
         return Alert(
             id=secrets.token_hex(16),
             rule=rule.name,
@@ -335,8 +343,8 @@ class AlertRules:
             count=state.total,
             threshold=rule.threshold,
             window_s=rule.window_s,
-            first_at=state.hits[0][0],
-            last_at=now,
+            first_at=wall - (now - state.hits[0][0]),
+            last_at=wall,
             suppressed=suppressed,
             event=event_summary(event),
         )
@@ -407,6 +415,19 @@ DEFAULT_RULES: tuple[Rule, ...] = (
         description="A client address was locked out after repeated failed sign-ins "
         "(key guessing).",
     ),
+    # The throttle's other scope: wrong secrets for one existing key id, from any address
+    # (a guesser spread over many addresses, each below its own threshold).
+    Rule(
+        name="auth_key_locked_out",
+        severity="warning",
+        kinds=frozenset({AUTH_THROTTLED}),
+        threshold=1,
+        window_s=600.0,
+        group_by=("actor",),
+        when=(Condition("detail.scope", equals=("key",)),),
+        description="A key id was locked out after repeated wrong secrets, from one or "
+        "many addresses (a targeted key).",
+    ),
     Rule(
         name="auth_failures_burst",
         severity="warning",
@@ -452,8 +473,13 @@ DEFAULT_RULES: tuple[Rule, ...] = (
         threshold=1,
         window_s=600.0,
         group_by=("target",),
-        # The sandbox's exit note, e.g. "killed at its memory limit" (cgroup or Docker).
-        when_any=(Condition("detail.reason", contains=("killed at its",)),),
+        when_any=(
+            # The sandbox's exit note, e.g. "killed at its memory limit" (cgroup or Docker),
+            Condition("detail.reason", contains=("killed at its",)),
+            # or a signal the gateway did not send: SIGKILL (a memory limit, the kernel's
+            # out-of-memory killer), SIGXFSZ and SIGXCPU (the file size and CPU rlimits).
+            Condition("detail.signal", equals=("SIGKILL", "SIGXFSZ", "SIGXCPU")),
+        ),
         description="A model's worker was killed by a limit of its sandbox.",
     ),
     Rule(
@@ -549,7 +575,7 @@ def _rule(entry: Any) -> Rule:
             raise ValueError(f"{required} is required")
     weight = entry.get("weight")
     cooldown = entry.get("cooldown_s")
-    return Rule(
+    rule = Rule(
         name=_text(entry["name"], "name"),
         severity=_text(entry["severity"], "severity"),
         kinds=frozenset(_strings(entry["kinds"], "kinds")),
@@ -562,6 +588,20 @@ def _rule(entry: Any) -> Rule:
         cooldown_s=None if cooldown is None else _seconds(cooldown, "cooldown_s"),
         description=_text(entry.get("description", ""), "description"),
     )
+    _check_kinds(rule.kinds)
+    return rule
+
+
+def _check_kinds(kinds: frozenset[str]) -> None:
+    """ValueError for a kind Bastion never emits: a typo would silently disable the rule."""
+    for kind in sorted(kinds):
+        if kind not in EVENT_KINDS:
+            close = difflib.get_close_matches(kind, sorted(EVENT_KINDS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(
+                f"unknown event kind {kind!r}{hint}: the kinds are those of "
+                "bastion.audit.events, listed in docs/alerts.md"
+            )
 
 
 def _conditions(value: Any, what: str) -> tuple[Condition, ...]:

@@ -62,6 +62,50 @@ CONSOLE_SIGNED_OUT = "console.signed_out"
 AUDIT_PRUNED = "audit.pruned"
 AUDIT_VERIFY_FAILED = "audit.verify_failed"
 
+#: Every kind above: what alert rules may watch (a rules file naming another is refused).
+EVENT_KINDS = frozenset(
+    {
+        AUTH_FAILED,
+        ACCESS_DENIED,
+        TENANT_CREATED,
+        TENANT_DISABLED,
+        KEY_CREATED,
+        KEY_REVOKED,
+        KEY_ROTATED,
+        MODEL_REGISTERED,
+        MODEL_LOAD_REQUESTED,
+        MODEL_UNLOAD_REQUESTED,
+        MODEL_LOADED,
+        MODEL_FAILED,
+        MODEL_INTEGRITY_FAILED,
+        MODEL_UNLOADED,
+        MODEL_REMOVED,
+        MODEL_STALLED,
+        WORKER_CRASHED,
+        WORKER_RESTARTED,
+        SERVER_STARTED,
+        SERVER_STOPPED,
+        HOME_INITIALISED,
+        OHTTP_KEY_CREATED,
+        OHTTP_KEY_ROTATED,
+        OHTTP_KEY_RETIRED,
+        OHTTP_REFUSED,
+        QUOTA_CHANGED,
+        PROTECT_POLICY_CHANGED,
+        PROTECT_EXTRACTION_SUSPECTED,
+        PROTECT_KEY_BLOCKED,
+        PROTECT_KEY_THROTTLED,
+        PROTECT_KEY_CLEARED,
+        PROTECT_OVERRIDE_CHANGED,
+        AUTH_THROTTLED,
+        ADMIN_READ,
+        CONSOLE_SIGNED_IN,
+        CONSOLE_SIGNED_OUT,
+        AUDIT_PRUNED,
+        AUDIT_VERIFY_FAILED,
+    }
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Event:

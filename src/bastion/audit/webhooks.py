@@ -10,31 +10,40 @@ be fed a recorded delivery again later. ``Bastion-Alert-Id`` (also the body's ``
 stays the same across the retries of one alert, so a receiver can drop duplicates.
 
 :class:`WebhookNotifier` delivers on a daemon thread of its own, from a bounded queue:
-``submit`` never blocks (the alert rules call it on the request path). Connection errors,
-timeouts, 5xx and 429 are retried with exponential backoff and jitter; other answers, or
-the last failed attempt, make the alert a dead letter: counted, logged, and the last few
-kept in memory. :meth:`WebhookNotifier.close` delivers what is queued within a deadline.
+``submit`` never blocks (the alert rules call it on the request path). Critical alerts go
+before warnings, warnings before the rest. Each attempt has one deadline for all of it
+(connecting, sending, the answer's headers) and reads at most a few KiB of the answer, so
+a receiver that answers slowly or without end costs one attempt's time and no memory.
+Connection errors, timeouts, 5xx and 429 are retried with exponential backoff and jitter,
+other alerts being delivered meanwhile; other answers, or the last failed attempt, make the
+alert a dead letter: counted, logged, and the last few kept in memory.
+:meth:`WebhookNotifier.close` delivers what is queued within a deadline.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
+import heapq
 import hmac
 import ipaddress
+import itertools
 import json
 import logging
 import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 from urllib.parse import urlsplit
 
 import httpx
 
-from bastion.audit.alerts import Alert
+from bastion.audit.alerts import SEVERITIES, Alert
 from bastion.errors import AuthenticationError, ConfigurationError
 
 logger = logging.getLogger("bastion.alerts")
@@ -53,6 +62,11 @@ OUTCOMES = (DELIVERED, RETRIED, DEAD_LETTER)
 
 _MAX_HEADER = 4096
 _MAX_SIGNATURES = 8
+# What is read of a receiver's answer at most (its status and headers are what count; a
+# short body is read so that the connection can serve the next alert).
+MAX_ANSWER_BYTES = 4096
+# The order of delivery: the most severe first.
+_BY_SEVERITY = tuple(reversed(SEVERITIES))
 
 
 def check_webhook_url(url: str) -> str:
@@ -155,12 +169,24 @@ class _GiveUp(Exception):
     pass
 
 
+@dataclass(slots=True)
+class _Pending:
+    """An alert to deliver, its signed body and how many attempts it has had."""
+
+    alert: Alert
+    body: bytes
+    attempts: int = 0
+    # The monotonic time before which it is not tried again (after a failed attempt).
+    due: float = field(default=0.0)
+
+
 class WebhookNotifier:
     """Delivers alerts to one webhook URL from a thread of its own (see the module's doc).
 
     `on_outcome` is called with an outcome of :data:`OUTCOMES` for each alert delivered or
     given up and for each retry (the metrics' callback); `transport`, `clock` and `jitter`
-    (the random part of the backoff) are injectable for tests.
+    (the random part of the backoff) are injectable for tests. `timeout_s` bounds each
+    attempt as a whole.
     """
 
     def __init__(
@@ -177,7 +203,7 @@ class WebhookNotifier:
         on_outcome: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.time,
         jitter: Callable[[], float] = random.random,
-        transport: httpx.BaseTransport | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.url = check_webhook_url(url)
         if len(secret) < MIN_SECRET_BYTES:
@@ -202,8 +228,17 @@ class WebhookNotifier:
                 "way can read them",
                 extra={"webhook": self._where},
             )
-        self._client = httpx.Client(transport=transport, timeout=timeout_s, follow_redirects=False)
-        self._pending: deque[tuple[Alert, bytes]] = deque()
+        # Used on the delivery thread's own event loop only: asyncio gives each attempt one
+        # deadline for all of it (httpx's timeouts hold per read, which a receiver trickling
+        # bytes never trips).
+        self._client = httpx.AsyncClient(
+            transport=transport, timeout=timeout_s, follow_redirects=False
+        )
+        # Alerts to deliver now, one queue per severity, the most severe first; and those
+        # waiting to be tried again, by when (with a sequence number to break ties).
+        self._queues: dict[str, deque[_Pending]] = {name: deque() for name in _BY_SEVERITY}
+        self._waiting: list[tuple[float, int, _Pending]] = []
+        self._sequence = itertools.count()
         self._ready = threading.Condition()
         self._closing = threading.Event()
         self._deadline = float("inf")
@@ -223,13 +258,20 @@ class WebhookNotifier:
             return list(self._dead)
 
     def submit(self, alert: Alert) -> None:
-        """Queue `alert` for delivery; never blocks (a full queue makes it a dead letter)."""
+        """Queue `alert` for delivery; never blocks. A full queue makes room by giving up
+        its newest alert of a lower severity; with none, `alert` is given up."""
         body = json.dumps(alert.as_dict(), separators=(",", ":"), sort_keys=True).encode()
+        dropped: _Pending | None = None
         with self._ready:
-            accepted = not self._closing.is_set() and len(self._pending) < self._queue_size
+            accepted = not self._closing.is_set()
+            if accepted and self._pending_count() >= self._queue_size:
+                dropped = self._drop_below(alert.severity)
+                accepted = dropped is not None
             if accepted:
-                self._pending.append((alert, body))
+                self._queue_of(alert.severity).append(_Pending(alert, body))
                 self._ready.notify()
+        if dropped is not None:
+            self._give_up(dropped.alert, "queue_full")
         if not accepted:
             self._give_up(alert, "closed" if self._closing.is_set() else "queue_full")
 
@@ -241,53 +283,101 @@ class WebhookNotifier:
             self._ready.notify_all()
         self._thread.join(timeout_s + 0.5)
         with self._ready:
-            left = list(self._pending)
-            self._pending.clear()
-        for alert, _ in left:
-            self._give_up(alert, "closed")
-        if not self._thread.is_alive():
-            self._client.close()
+            left = [p for queue in self._queues.values() for p in queue]
+            left += [p for _, _, p in self._waiting]
+            for queue in self._queues.values():
+                queue.clear()
+            self._waiting.clear()
+        for pending in left:
+            self._give_up(pending.alert, "closed")
+
+    # ------------------------------------------------------------------ the queues
+
+    def _queue_of(self, severity: str) -> deque[_Pending]:
+        queue = self._queues.get(severity)
+        return self._queues["warning"] if queue is None else queue
+
+    def _pending_count(self) -> int:
+        return sum(len(q) for q in self._queues.values()) + len(self._waiting)
+
+    def _drop_below(self, severity: str) -> _Pending | None:
+        """Take out the newest queued alert less severe than `severity` (None if none)."""
+        rank = _BY_SEVERITY.index(severity) if severity in _BY_SEVERITY else 1
+        for name in reversed(_BY_SEVERITY[rank + 1 :]):
+            if self._queues[name]:
+                return self._queues[name].pop()
+        return None
+
+    def _next(self) -> _Pending | None:
+        """The next alert to try, the most severe first, waiting for one if there is none
+        yet; None once closing leaves nothing that can be delivered before the deadline."""
+        with self._ready:
+            while True:
+                now = time.monotonic()
+                # Retries that are due go before newer alerts of their severity.
+                while self._waiting and self._waiting[0][0] <= now:
+                    _, _, due = heapq.heappop(self._waiting)
+                    self._queue_of(due.alert.severity).appendleft(due)
+                for queue in self._queues.values():
+                    if queue:
+                        return queue.popleft()
+                wake = self._waiting[0][0] if self._waiting else None
+                if self._closing.is_set():
+                    if wake is None or wake >= self._deadline:
+                        return None
+                    self._ready.wait(wake - now)
+                else:
+                    self._ready.wait(None if wake is None else wake - now)
+
+    def _retry_later(self, pending: _Pending, delay: float) -> bool:
+        """Queue `pending` to be tried again in `delay`; False if closing and that would
+        pass the deadline."""
+        pending.due = time.monotonic() + delay
+        with self._ready:
+            if self._closing.is_set() and pending.due >= self._deadline:
+                return False
+            heapq.heappush(self._waiting, (pending.due, next(self._sequence), pending))
+        return True
 
     # ------------------------------------------------------------------ the thread
 
     def _run(self) -> None:
-        while True:
-            with self._ready:
-                while not self._pending and not self._closing.is_set():
-                    self._ready.wait()
-                if not self._pending:
-                    return
-                alert, body = self._pending.popleft()
-            try:
-                self._deliver(alert, body)
-            except Exception as exc:  # never let one alert stop the thread
-                self._give_up(alert, type(exc).__name__)
+        loop = asyncio.new_event_loop()
+        try:
+            while (pending := self._next()) is not None:
+                try:
+                    loop.run_until_complete(self._try(pending))
+                except Exception as exc:  # never let one alert stop the thread
+                    self._give_up(pending.alert, type(exc).__name__)
+            loop.run_until_complete(self._client.aclose())
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()
 
-    def _deliver(self, alert: Alert, body: bytes) -> None:
-        for attempt in range(1, self._attempts + 1):
-            try:
-                self._post(alert, body)
-            except _GiveUp as exc:
-                self._give_up(alert, str(exc))
+    async def _try(self, pending: _Pending) -> None:
+        """One attempt at delivering `pending`; a failure that may pass is queued again."""
+        alert = pending.alert
+        pending.attempts += 1
+        try:
+            await self._post(alert, pending.body)
+        except _GiveUp as exc:
+            self._give_up(alert, str(exc))
+        except _Retry as exc:
+            if pending.attempts >= self._attempts:
+                self._give_up(alert, exc.reason)
                 return
-            except _Retry as exc:
-                if attempt == self._attempts:
-                    self._give_up(alert, exc.reason)
-                    return
-                self._count(RETRIED)
-                logger.info(
-                    "retrying an alert delivery",
-                    extra={"alert_id": alert.id, "reason": exc.reason, "attempt": attempt},
-                )
-                if not self._pause(self._delay(attempt, exc)):
-                    self._give_up(alert, "closed")
-                    return
-            else:
-                self.delivered_count += 1
-                self._count(DELIVERED)
-                return
+            self._count(RETRIED)
+            logger.info(
+                "retrying an alert delivery",
+                extra={"alert_id": alert.id, "reason": exc.reason, "attempt": pending.attempts},
+            )
+            if not self._retry_later(pending, self._delay(pending.attempts, exc)):
+                self._give_up(alert, "closed")
+        else:
+            self.delivered_count += 1
+            self._count(DELIVERED)
 
-    def _post(self, alert: Alert, body: bytes) -> None:
+    async def _post(self, alert: Alert, body: bytes) -> None:
         timeout = self._timeout_s
         if self._closing.is_set():
             timeout = min(timeout, self._deadline - time.monotonic())
@@ -300,15 +390,23 @@ class WebhookNotifier:
             SIGNATURE_HEADER: sign(self._secret, body, timestamp),
             ALERT_ID_HEADER: alert.id,
         }
+        status: int | None = None
+        retry_after: float | None = None
         try:
-            response = self._client.post(self.url, content=body, headers=headers, timeout=timeout)
-        except httpx.HTTPError as exc:
-            raise _Retry(type(exc).__name__) from None
-        status = response.status_code
+            async with asyncio.timeout(timeout):
+                async with self._client.stream(
+                    "POST", self.url, content=body, headers=headers, timeout=timeout
+                ) as response:
+                    status, retry_after = response.status_code, _retry_after(response)
+                    await _read_some(response, MAX_ANSWER_BYTES)
+        except (httpx.HTTPError, TimeoutError) as exc:
+            # Once the status is in, the rest of the answer does not matter.
+            if status is None:
+                raise _Retry(type(exc).__name__) from None
         if 200 <= status < 300:
             return
         if status == 429 or status >= 500:
-            raise _Retry(f"status {status}", _retry_after(response))
+            raise _Retry(f"status {status}", retry_after)
         raise _GiveUp(f"status {status}")
 
     def _delay(self, attempt: int, retry: _Retry) -> float:
@@ -318,16 +416,6 @@ class WebhookNotifier:
             return min(retry.after_s, self._backoff_max_s)
         base = min(self._backoff_max_s, self._backoff_s * 2.0 ** (attempt - 1))
         return base / 2 + base / 2 * self._jitter()
-
-    def _pause(self, delay: float) -> bool:
-        """Wait `delay` before a retry; False if closing and it would pass the deadline."""
-        end = time.monotonic() + delay
-        if not self._closing.wait(delay):
-            return True
-        if end > self._deadline:
-            return False
-        time.sleep(max(0.0, end - time.monotonic()))
-        return True
 
     def _give_up(self, alert: Alert, reason: str) -> None:
         with self._dead_lock:
@@ -350,6 +438,18 @@ class WebhookNotifier:
                 self._on_outcome(outcome)
             except Exception:
                 logger.exception("the alert delivery callback failed")
+
+
+async def _read_some(response: httpx.Response, limit: int) -> None:
+    """Read at most about `limit` bytes of the answer (one chunk more at most), so that a
+    short one leaves the connection reusable and an endless one costs nothing."""
+    read = 0
+    chunks = cast(AsyncGenerator[bytes, None], response.aiter_raw())
+    async with contextlib.aclosing(chunks):
+        async for chunk in chunks:
+            read += len(chunk)
+            if read >= limit:
+                return
 
 
 def _retry_after(response: httpx.Response) -> float | None:

@@ -39,6 +39,7 @@ from bastion.audit.writer import AuditWriter, VerificationRunning
 from bastion.console.charts import Chart, days_from, stacked_by_day
 from bastion.console.visits import Visit
 from bastion.errors import Conflict, InvalidRequest, NotFound, PermissionDenied
+from bastion.identity.grants import TENANT_NOT_FOUND, not_found
 from bastion.models.bundle_store import BUNDLE_OPTION
 from bastion.models.registry import ModelRecord
 from bastion.protection.policy import policy_view
@@ -88,7 +89,7 @@ def _tenant_scope(visit: Visit) -> str | None:
     if visit.is_admin:
         return asked
     if asked not in (None, visit.principal.tenant_name):
-        raise NotFound("No tenant has this name.")
+        raise not_found(visit.principal, TENANT_NOT_FOUND)
     return visit.principal.tenant_name
 
 

@@ -7,8 +7,9 @@ checked for its origin and its form's CSRF token. The handler gets a :class:`Vis
 
 What the services refuse is answered here, in one place: a refusal of rights is recorded
 (``auth.denied``, as the admin API records it) and shown as a 403 page; a missing or
-foreign tenant or key is a 404 page; a form the services find wrong goes back to its page
-with the message (the page the route names).
+foreign tenant or key is a 404 page (recorded as well, for a tenant's admin: OutOfScope);
+a form the services find wrong goes back to its page with the message (the page the route
+names).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
+from bastion.api.denials import REASON_CROSS_TENANT
 from bastion.api.services import Services
 from bastion.audit.events import ACCESS_DENIED, ADMIN_READ, CONSOLE_SIGNED_OUT, Event
 from bastion.console.credentials import (
@@ -46,7 +48,14 @@ from bastion.console.guard import (
 )
 from bastion.console.sessions import BY_KEY, Session
 from bastion.console.state import Console, console_of
-from bastion.errors import BastionError, Conflict, InvalidRequest, NotFound, PermissionDenied
+from bastion.errors import (
+    BastionError,
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    OutOfScope,
+    PermissionDenied,
+)
 from bastion.identity.grants import is_global_admin
 from bastion.identity.principal import Principal
 
@@ -123,6 +132,19 @@ class Visit:
             )
         )
 
+    def denied(self, path: str, detail: dict[str, str | int | float | bool | None]) -> None:
+        """Record that this visit's principal was refused `path` (as the admin API does)."""
+        self.emit(
+            Event(
+                kind=ACCESS_DENIED,
+                outcome="failure",
+                actor=self.principal.key_id,
+                tenant=self.principal.tenant_name,
+                target=path,
+                detail={"action": "console", "method": self.request.method, **detail},
+            )
+        )
+
     def ended(self, sessions: Sequence[Session], reason: str) -> None:
         """Record that `sessions` were ended by this visit's principal."""
         for session in sessions:
@@ -193,17 +215,14 @@ def page(
                 check_token(session.csrf, visit.form.get(CSRF_FIELD) or None)
             return await handler(visit)
         except PermissionDenied as exc:
-            visit.emit(
-                Event(
-                    kind=ACCESS_DENIED,
-                    outcome="failure",
-                    actor=visit.principal.key_id,
-                    tenant=visit.principal.tenant_name,
-                    target=path,
-                    detail={"action": "console", "method": request.method, "code": exc.code},
-                )
-            )
+            visit.denied(path, {"code": exc.code})
             if back is not None and exc.code != "csrf":
+                return visit.back(back, error=exc.message)
+            return error_page(visit, exc)
+        except OutOfScope as exc:
+            # Answered as a missing tenant or key is, and recorded as a refusal.
+            visit.denied(path, {"reason": REASON_CROSS_TENANT})
+            if back is not None and request.method == "POST":
                 return visit.back(back, error=exc.message)
             return error_page(visit, exc)
         except (InvalidRequest, Conflict, NotFound) as exc:

@@ -19,6 +19,8 @@ Failures are events (``auth.failed``), but a flood of them is not a flood of log
 most :data:`FAILURES_LOGGED_PER_WINDOW` a window are emitted one by one, and the rest as one
 event per reason with their count when the window ends. The lock-outs of the throttle of
 failed attempts (``auth.throttled``, gateway/auth_throttle.py) are reported the same way.
+The alert rules, given apart (`alerts`), see every one of them as it happens: a summary
+names no key id, and the rules count in memory, bounded, whatever the flood.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ REASON_BAD_SECRET = "bad_secret"  # noqa: S105 (a reason code, not a secret)
 REASON_REVOKED = "revoked"
 REASON_EXPIRED = "expired"
 REASON_TENANT_DISABLED = "tenant_disabled"
+# Refused unchecked during a lock-out of its address (gateway/auth_throttle.py).
+REASON_THROTTLED = "throttled"
 # Failures only the right secret can meet: not guesses, so never throttled.
 PROVEN_SECRET_REASONS = frozenset({REASON_REVOKED, REASON_EXPIRED, REASON_TENANT_DISABLED})
 
@@ -103,6 +107,7 @@ class Authenticator:
         max_cached_keys: int = 100_000,
         max_unknown_ids: int = 10_000,
         tokens: JwtVerifier | None = None,
+        alerts: EventSink | None = None,
     ) -> None:
         self._db = db
         self._hasher = hasher
@@ -123,9 +128,11 @@ class Authenticator:
         self._lookups = _Allowance(UNLISTED_LOOKUPS_PER_S)
         # JWT bearer tokens of the single sign-on provider (None: API keys only).
         self._tokens = tokens
-        self._failures = FailureReports(events, clock)
+        # `events` get failures and lock-outs rate-limited; `alerts` (the alert rules, when
+        # `events` does not lead to them) get every one.
+        self._failures = FailureReports(events, clock, alerts=alerts)
         # Lock-outs get a budget of their own: a flood of failures must not hide them.
-        self._lockouts = FailureReports(events, clock, group="scope")
+        self._lockouts = FailureReports(events, clock, group="scope", alerts=alerts)
         # The throttle of failed attempts on the request path: one per server, shared by
         # its listeners (set where the server is wired, api/fast.py).
         self.throttle: AuthThrottle | None = None
@@ -174,16 +181,19 @@ class Authenticator:
     def may_authenticate(self, authorization: str | None) -> bool:
         """Whether checking this header could authenticate anyone, as far as memory tells
         without a check: False only for what cannot (no header, a malformed token, a key id
-        that does not exist; before the first refresh, any id may). The throttle of failed
-        attempts refuses those unchecked during a lock-out and checks the rest, so every
-        kind of credential this class accepts must answer True here when it may be valid
-        (a JWT, with single sign-on on: only its signature can tell)."""
+        that does not exist, before the first refresh any id may; with single sign-on, a
+        JWT whose header names an algorithm not allowed or a key the provider's key set
+        cannot provide). The throttle of failed attempts refuses those unchecked during a
+        lock-out and checks the rest, so every kind of credential this class accepts must
+        answer True here when it may be valid."""
         if authorization is None:
             return False
         if self._tokens is not None:
             bearer = jwt_of(authorization)
             if bearer is not None:
-                return looks_like_jwt(bearer)
+                # Its header, read here (no thread, no signature): an allowed algorithm
+                # and a key id the provider's key set may hold.
+                return looks_like_jwt(bearer) and self._tokens.may_verify(bearer)
         token = _token_of(authorization)
         if token is None:
             return False
@@ -195,6 +205,12 @@ class Authenticator:
         """Report a lock-out of the throttle of failed attempts: one by one up to a number
         per window, then counted, as failures are."""
         self._lockouts.report(event)
+
+    def report_refused(self) -> None:
+        """Report a request that the throttle refused unchecked during a lock-out (what
+        :meth:`may_authenticate` found could not authenticate): a failure like any other,
+        with the reason ``throttled``; nothing of its credential is known or recorded."""
+        self._report(REASON_THROTTLED)
 
     def refresh(self) -> bool:
         """Drop the caches and reload the key ids if the database changed since the last
@@ -339,7 +355,11 @@ class Authenticator:
 
 class FailureReports:
     """Emits failure events one by one up to a number per window, then counts them: one
-    event per kind and value of their `group` detail when the window ends."""
+    event per kind and value of their `group` detail when the window ends.
+
+    `alerts`, if given, gets every event one by one, never a count: the alert rules,
+    which count in memory (bounded) and must see a targeted key id inside a flood. It
+    must not also be behind `events`, or the rules would count the events twice."""
 
     def __init__(
         self,
@@ -349,8 +369,10 @@ class FailureReports:
         per_window: int = FAILURES_LOGGED_PER_WINDOW,
         window_s: float = FAILURE_WINDOW_S,
         group: str = "reason",
+        alerts: EventSink | None = None,
     ) -> None:
         self._events = events
+        self._alerts = alerts
         self._clock = clock
         self._per_window = per_window
         self._window_s = window_s
@@ -363,6 +385,8 @@ class FailureReports:
         self._lock = threading.Lock()
 
     def report(self, event: Event) -> None:
+        if self._alerts is not None:
+            self._alerts.emit(event)
         self.flush()
         with self._lock:
             emit = self._emitted < self._per_window

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy.engine import RowMapping
 
-from bastion.errors import InvalidRequest, NotFound, PermissionDenied
+from bastion.errors import InvalidRequest, NotFound, OutOfScope, PermissionDenied
 from bastion.identity.principal import (
     ACTION_ADMIN,
     ALL_MODELS,
@@ -48,22 +48,35 @@ def authorize_tenant(actor: Principal, row: RowMapping | None) -> RowMapping:
     """The tenant row if the actor may manage it.
 
     A tenant the actor may not manage is "not found" (404), exactly like a missing one,
-    so that a tenant-admin cannot probe which tenant names exist.
+    so that a tenant-admin cannot probe which tenant names exist (see :func:`not_found`).
     """
     if row is None or not _manages(actor, row["id"]):
-        raise NotFound(TENANT_NOT_FOUND)
+        raise not_found(actor, TENANT_NOT_FOUND)
     return row
 
 
-def authorize_key(actor: Principal, info: KeyInfo) -> None:
-    """Raise unless `actor` may manage the key: its tenant's admin, and only admins for admins.
+def authorize_key(actor: Principal, info: KeyInfo | None) -> KeyInfo:
+    """The key (None: no key has the id asked for) if `actor` may manage it: its tenant's
+    admin, and only admins for admins.
 
     Another tenant's key is "not found" (404), like a key id that does not exist.
     """
-    if not _manages(actor, info.tenant_id):
-        raise NotFound(KEY_NOT_FOUND)
+    if info is None or not _manages(actor, info.tenant_id):
+        raise not_found(actor, KEY_NOT_FOUND)
     if info.role == ROLE_ADMIN and not is_global_admin(actor):
         raise PermissionDenied("Only admin keys may manage admin keys.")
+    return info
+
+
+def not_found(actor: Principal, message: str) -> NotFound:
+    """The error for a tenant or key that does not exist or that `actor` may not manage.
+
+    Both get one answer (404, `message`). For an admin bound by no tenant, the object is
+    just missing; for a tenant's admin it is :class:`~bastion.errors.OutOfScope`, which
+    the API and the console record as a refused escalation (``auth.denied``), whether or
+    not the object exists: that record is in the audit records its tenant's admins read.
+    """
+    return NotFound(message) if is_global_admin(actor) else OutOfScope(message)
 
 
 # The one answer for a tenant or key that does not exist *or* is not the caller's.

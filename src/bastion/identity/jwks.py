@@ -211,6 +211,18 @@ class JwksCache:
             and self._clock() - last < self._min_interval_s
         )
 
+    def may_verify(self, kid: str, algorithm: str) -> bool:
+        """Whether :meth:`signing_key` could give a key for `kid` and `algorithm`, with
+        nothing fetched: it holds one (fresh or not), or it may fetch now (it never has, or
+        its last try is at least the minimum interval old), which could bring one. Made-up
+        key ids are thus refused, apart from at most one fetch per interval; a key the
+        provider has just added is not, however the other requests go."""
+        keys = self._keys
+        if keys is not None and any(_fits(jwk, algorithm) for jwk in keys.by_kid.get(kid, ())):
+            return True
+        last = self._last_attempt
+        return last is None or self._clock() - last >= self._min_interval_s
+
     def signing_key(self, kid: str, algorithm: str) -> jwt.PyJWK:
         """The key `kid` bound to `algorithm`; TokenRejected if there is none."""
         now = self._clock()

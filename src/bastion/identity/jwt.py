@@ -70,6 +70,22 @@ REASON_UNKNOWN_KID = jwks.REASON_UNKNOWN_KID
 REASON_KEY_MISMATCH = jwks.REASON_KEY_MISMATCH
 REASON_JWKS_UNAVAILABLE = jwks.REASON_JWKS_UNAVAILABLE
 
+# Failures of a token that the provider signed for this issuer and audience but that
+# cannot be used: its time (expired, not yet valid) or its tenant's state. Only a holder
+# of such a token meets them, so they are no guess and the throttle of failed sign-ins
+# does not count them. Every other failure counts, a signed token's for another issuer
+# or audience included: anyone can get one of those from a provider shared with other
+# applications (identity/jwks.py's keys sign them all).
+SIGNED_UNUSABLE_REASONS = frozenset(
+    {
+        REASON_EXPIRED,
+        REASON_NOT_YET_VALID,
+        REASON_ISSUED_IN_FUTURE,
+        REASON_UNKNOWN_TENANT,
+        REASON_TENANT_DISABLED,
+    }
+)
+
 DEFAULT_ALGORITHMS = ("RS256", "ES256", "EdDSA")
 
 # Longer tokens are refused before any parsing (group claims can make tokens a few KiB).
@@ -185,16 +201,42 @@ def _header(token: str) -> dict[str, Any]:
     """The token's JOSE header, read only to choose the key: PyJWT parses the whole token
     again, strictly, before the signature is checked (reading it here rather than with
     PyJWT's get_unverified_header halves the cost of an uncached token)."""
+    header = _read_header(token)
+    if header is None:
+        reject(REASON_MALFORMED)
+    return header
+
+
+def _read_header(token: str) -> dict[str, Any] | None:
+    """The token's JOSE header as a JSON object; None if it is not one."""
     encoded, dot, _ = token.partition(".")
     if not dot or not _BASE64URL.fullmatch(encoded):
-        reject(REASON_MALFORMED)
+        return None
     try:
         header = json.loads(base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)))
     except (ValueError, UnicodeDecodeError):
-        reject(REASON_MALFORMED)
-    if not isinstance(header, dict):
-        reject(REASON_MALFORMED)
-    return header
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def may_verify(token: str, policy: TokenPolicy, keys: JwksCache) -> bool:
+    """Whether `token` could pass :func:`decode_token`, as far as its header and the keys
+    held tell without fetching or verifying anything: False if its header is not a JOSE
+    header, names an algorithm `policy` does not allow, a JWS extension, or a key id that
+    the issuer's key set cannot provide (:meth:`JwksCache.may_verify`)."""
+    if not 0 < len(token) <= MAX_TOKEN_BYTES:
+        return False
+    header = _read_header(token)
+    if header is None or "crit" in header or "b64" in header:
+        return False
+    algorithm, kid = header.get("alg"), header.get("kid")
+    return (
+        isinstance(algorithm, str)
+        and algorithm in policy.algorithms
+        and isinstance(kid, str)
+        and 0 < len(kid) <= MAX_KID
+        and keys.may_verify(kid, algorithm)
+    )
 
 
 def check_claims(claims: Mapping[str, Any], policy: TokenPolicy, now: float) -> None:
@@ -392,6 +434,12 @@ class JwtVerifier:
             self._verified.pop(digest, None)
             return None
         return entry.principal
+
+    def may_verify(self, token: str) -> bool:
+        """Whether `token` could be valid, from memory only and cheaply (no signature, no
+        fetch): see :func:`may_verify`. The throttle of failed sign-ins refuses the tokens
+        that could not unchecked from a locked-out address."""
+        return may_verify(token, self.policy, self._keys)
 
     def verify(self, token: str) -> Principal:
         """The principal of a valid token; TokenRejected (reason attached) otherwise."""

@@ -28,7 +28,6 @@ from bastion.audit.events import (
 )
 from bastion.errors import Conflict, NotFound
 from bastion.identity.grants import (
-    KEY_NOT_FOUND,
     TENANT_NAME_PATTERN,
     TENANT_NOT_FOUND,
     authorize_key,
@@ -305,11 +304,7 @@ class IdentityService:
             if is_public_id(key_id)
             else None
         )
-        if row is None:
-            raise NotFound(KEY_NOT_FOUND)
-        info = key_info(row)
-        authorize_key(actor, info)
-        return info
+        return authorize_key(actor, key_info(row) if row is not None else None)
 
     def _insert_key(
         self,

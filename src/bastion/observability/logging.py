@@ -60,3 +60,7 @@ def configure_logging(level: str = "info", stream: Any = None) -> None:
         logger.propagate = True
     # Access logs carry raw paths and query strings; Bastion writes its own request lines.
     logging.getLogger("uvicorn.access").disabled = True
+    # httpx logs every request's URL at INFO ("HTTP Request: POST <url>"), and the alert
+    # webhook's may hold a password, a token in its path or a secret in its query.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)

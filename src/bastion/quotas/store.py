@@ -29,6 +29,7 @@ from bastion.identity.grants import (
     TENANT_NAME_PATTERN,
     TENANT_NOT_FOUND,
     is_global_admin,
+    not_found,
 )
 from bastion.identity.keys import is_public_id
 from bastion.identity.principal import SSO_KEY_PREFIX, Principal
@@ -128,7 +129,7 @@ class QuotaStore:
             _require_reader(actor)
             if tenant not in (None, actor.tenant_name):
                 # Another tenant is "not found", like one that does not exist.
-                raise NotFound(TENANT_NOT_FOUND)
+                raise not_found(actor, TENANT_NOT_FOUND)
             tenant = actor.tenant_name
         query = sa.select(quotas).order_by(quotas.c.kind.desc(), quotas.c.subject)
         with self._db.read() as conn:
@@ -155,7 +156,11 @@ class QuotaStore:
         if not is_global_admin(actor):
             _require_reader(actor)
         with self._db.read() as conn:
-            owner = _owner(conn, kind, subject)
+            try:
+                owner = _owner(conn, kind, subject)
+            except NotFound as exc:
+                # Missing, for a tenant's admin, answers as another tenant's does.
+                raise not_found(actor, exc.message) from None
             _authorize_read(actor, kind, owner)
             row = _row(conn, kind, subject)
         return _quota(row) if row is not None else Quota(kind=kind, subject=subject)
@@ -298,11 +303,11 @@ def _authorize_read(actor: Principal, kind: str, owner: str | None) -> None:
     if owner is None:
         if kind == KEY:
             # A single sign-on user's: like a key of another tenant.
-            raise NotFound(KEY_NOT_FOUND)
+            raise not_found(actor, KEY_NOT_FOUND)
         # The defaults ('*'), which exist everywhere: only admins read them.
         raise PermissionDenied("This API key may not read the default quotas.")
     # Another tenant's, answered as if it did not exist (see _owner).
-    raise NotFound(TENANT_NOT_FOUND if kind == TENANT else KEY_NOT_FOUND)
+    raise not_found(actor, TENANT_NOT_FOUND if kind == TENANT else KEY_NOT_FOUND)
 
 
 def _quota(row: RowMapping) -> Quota:

@@ -177,10 +177,15 @@ class SubprocessWorker:
         process: asyncio.subprocess.Process,
         worker_id: str,
         on_exit: Callable[[], str | None] | None = None,
+        *,
+        signal_statuses: bool = False,
     ) -> None:
         self._process = process
         # Called once the process has exited: cleans up, and may explain the exit.
         self._on_exit = on_exit
+        # The process runs the worker as its child and exits with 128 + N when the worker
+        # was killed by signal N (bwrap does, as a shell does).
+        self._signal_statuses = signal_statuses
         #: What the sandbox knows of why the worker exited (e.g. its memory limit), if any.
         self.exit_note: str | None = None
         logger = logging.getLogger(OUTPUT_LOGGER)
@@ -202,6 +207,9 @@ class SubprocessWorker:
 
     async def wait(self) -> int:
         code = await self._process.wait()
+        if self._signal_statuses and 128 < code <= 128 + 64:
+            # As for a direct child, a negative status says "killed by that signal".
+            code = 128 - code
         if self._on_exit is not None:
             on_exit, self._on_exit = self._on_exit, None
             self.exit_note = on_exit()

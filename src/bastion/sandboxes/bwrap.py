@@ -181,8 +181,9 @@ class BwrapSandbox:
             cgroup.remove()
             return note
 
-        # bwrap runs the worker as its descendant, which the gateway accepts as the peer.
-        return SubprocessWorker(process, launch.worker_id, on_exit)
+        # bwrap runs the worker as its descendant, which the gateway accepts as the peer,
+        # and exits with 128 + N when a signal N killed it.
+        return SubprocessWorker(process, launch.worker_id, on_exit, signal_statuses=True)
 
     def _limiter(
         self, cgroup: WorkerCgroup | None, *, per_user: bool = False

@@ -16,6 +16,7 @@ import logging
 import math
 import secrets
 import shutil
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -440,7 +441,11 @@ class WorkerLifecycle:
         pid = process.pid
         # A worker whose connection closed is usually exiting: a moment lets its own
         # exit status (which may say why) arrive before it is killed.
-        exit_code = await self._reap(process, exit_task, grace_s=_EXIT_STATUS_GRACE_S)
+        await asyncio.wait({exit_task}, timeout=_EXIT_STATUS_GRACE_S)
+        # One still running is killed here (no heartbeat, a broken protocol): a SIGKILL in
+        # its status is then the gateway's own, not a limit's.
+        killed_by_gateway = not exit_task.done()
+        exit_code = await self._reap(process, exit_task)
         # What the exit says: a job that ignored its cancellation, or what the sandbox
         # knows, such as a cgroup's out-of-memory kill.
         found = (_exit_meaning(exit_code), getattr(process, "exit_note", None))
@@ -458,6 +463,10 @@ class WorkerLifecycle:
             outcome="failure",
             reason=reason,
             exit_code=exit_code,
+            # The signal that ended it (SIGKILL, SIGXFSZ: a sandbox's limit, or the kernel's
+            # out-of-memory killer; SIGSEGV: a crash), unless the gateway sent it.
+            signal=None if killed_by_gateway else _signal_name(exit_code),
+            killed_by_gateway=killed_by_gateway,
             pid=pid,
             restarts=slot.restarts,
         )
@@ -506,7 +515,11 @@ class WorkerLifecycle:
         return exit_task.result()
 
     def emit(
-        self, kind: str, slot: ModelSlot, outcome: str = "success", **detail: str | int | None
+        self,
+        kind: str,
+        slot: ModelSlot,
+        outcome: str = "success",
+        **detail: str | int | bool | None,
     ) -> None:
         self._events.emit(Event(kind=kind, outcome=outcome, target=slot.spec.name, detail=detail))
 
@@ -530,6 +543,17 @@ def _exit_status(exit_task: asyncio.Future[int]) -> str:
     status = f"signal {-code}" if code < 0 else f"status {code}"
     meaning = _exit_meaning(code)
     return f"{status}: {meaning}" if meaning else status
+
+
+def _signal_name(code: int | None) -> str | None:
+    """The name of the signal a negative exit status says killed the process (None for an
+    exit of its own, or an unknown status)."""
+    if code is None or code >= 0:
+        return None
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
 
 
 def _exit_meaning(code: int | None) -> str | None:

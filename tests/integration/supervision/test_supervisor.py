@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import uvloop
 
+from bastion.audit.alerts import DEFAULT_RULES, Alert, AlertRules
 from bastion.audit.events import (
     MODEL_FAILED,
     MODEL_LOADED,
@@ -214,6 +215,9 @@ def test_crash_fails_its_requests_at_once_and_restarts_without_touching_other_mo
             assert [e.target for e in crashes] == ["echo-a"]
             assert crashes[0].outcome == "failure"
             assert crashes[0].detail["exit_code"] == 3
+            # It exited by itself: no signal, and no limit's alert.
+            assert crashes[0].detail["signal"] is None
+            assert crashes[0].detail["killed_by_gateway"] is False
             assert crashes[0].detail["pid"] == first.pid
             restarted = [e.target for e in events.events if e.kind == WORKER_RESTARTED]
             assert restarted == ["echo-a"]
@@ -312,6 +316,40 @@ def test_worker_without_heartbeats_is_killed_and_replaced() -> None:
             crash = next(e for e in events.events if e.kind == WORKER_CRASHED)
             assert "heartbeat" in str(crash.detail["reason"])
             assert crash.detail["exit_code"] == -signal.SIGKILL
+            # The gateway's own SIGKILL is no sandbox limit's.
+            assert crash.detail["killed_by_gateway"] is True and crash.detail["signal"] is None
+            assert sandbox_alerts(events) == []
+
+    run(scenario())
+
+
+def sandbox_alerts(events: MemoryEventSink) -> list[str]:
+    """The models the default rule of sandbox-limit kills fires for, over `events`."""
+    fired: list[Alert] = []
+    rules = AlertRules(DEFAULT_RULES, [fired.append])
+    for event in events.events:
+        rules.emit(event)
+    return [a.group["target"] for a in fired if a.rule == "worker_killed_by_sandbox_limit"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGXCPU])
+def test_a_worker_killed_by_a_limits_signal_says_so_and_raises_the_alert(
+    signum: signal.Signals,
+) -> None:
+    async def scenario() -> None:
+        async with supervisor() as (sup, events):
+            first = await load(sup, echo_spec())
+            assert first.pid is not None
+            # What the kernel does at a limit (the OOM killer, RLIMIT_CPU): not the gateway.
+            os.kill(first.pid, signum)
+            await wait_until(
+                sup, "echo-a", lambda s: s.state is ModelState.READY and s.restarts >= 1
+            )
+            crash = next(e for e in events.events if e.kind == WORKER_CRASHED)
+            assert crash.detail["exit_code"] == -signum
+            assert crash.detail["signal"] == signum.name
+            assert crash.detail["killed_by_gateway"] is False
+            assert sandbox_alerts(events) == ["echo-a"]
 
     run(scenario())
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from pathlib import Path
 
 import pytest
 
+from bastion.audit import events
 from bastion.audit.alerts import (
     DEFAULT_RULES,
     Alert,
@@ -74,7 +76,7 @@ def crashed(model: str, reason: str = "the worker's connection closed") -> Event
 def play(script: Script, rules: tuple[Rule, ...] = DEFAULT_RULES) -> list[Alert]:
     clock = Clock()
     alerts: list[Alert] = []
-    sink = AlertRules(rules, [alerts.append], clock=clock)
+    sink = AlertRules(rules, [alerts.append], clock=clock, wall_clock=clock)
     for advance, event in script:
         clock.now += advance
         sink.emit(event)
@@ -89,6 +91,11 @@ ATTACKS: dict[str, Script] = {
     "auth_failures_per_address": [
         *[(1.0, failed(f"{i:016x}", "unknown_key")) for i in range(9)],
         (1.0, throttled("address", target="203.0.113.9")),
+    ],
+    # Wrong secrets for one key id from many addresses, until the throttle locks it out.
+    "auth_key_locked_out": [
+        *[(1.0, failed("0123456789abcdef")) for _ in range(5)],
+        (1.0, throttled("key", actor="0123456789abcdef")),
     ],
     # Spraying: twenty failures one by one, then the flood's summary (no key id).
     "auth_failures_burst": [
@@ -289,8 +296,10 @@ def test_an_event_without_the_group_field_is_not_counted_by_that_rule() -> None:
     # The throttle's summary of the lock-outs it held back in a flood names no address.
     summary = Event(kind=AUTH_THROTTLED, detail={"scope": "address", "count": 30})
     assert play([(0.0, summary)]) == []
-    # A key's lock-out is no address's (its failures are counted per key id).
-    assert play([(0.0, throttled("key", actor="0123456789abcdef"))]) == []
+    # A key's lock-out is no address's (it has a rule of its own).
+    fired = play([(0.0, throttled("key", actor="0123456789abcdef"))])
+    assert [a.rule for a in fired] == ["auth_key_locked_out"]
+    assert play([(0.0, throttled("key"))]) == []
 
 
 # ---------------------------------------------------------------- conditions
@@ -374,6 +383,26 @@ def test_alerts_are_logged(caplog: pytest.LogCaptureFixture) -> None:
     assert record.getMessage() == "security alert"
     assert record.__dict__["alert"] == "model_integrity_failed"
     assert record.__dict__["group"] == {"target": "digits"}
+
+
+def test_a_worker_killed_by_a_limits_signal_fires_the_sandbox_rule() -> None:
+    rule = next(r for r in DEFAULT_RULES if r.name == "worker_killed_by_sandbox_limit")
+
+    def death(exit_code: int, signal: str | None, by_gateway: bool = False) -> Event:
+        detail = {"reason": "the worker's connection closed", "exit_code": exit_code}
+        return Event(
+            kind=WORKER_CRASHED,
+            outcome="failure",
+            target="tiny-chat",
+            detail={**detail, "signal": signal, "killed_by_gateway": by_gateway},
+        )
+
+    for exit_code, name in [(-9, "SIGKILL"), (-25, "SIGXFSZ"), (-24, "SIGXCPU")]:
+        assert len(play([(0.0, death(exit_code, name))], (rule,))) == 1, name
+    # Not a worker that exits by itself, crashes, or that the gateway killed (heartbeats).
+    assert play([(0.0, death(3, None))], (rule,)) == []
+    assert play([(0.0, death(-11, "SIGSEGV"))], (rule,)) == []
+    assert play([(0.0, death(-9, None, by_gateway=True))], (rule,)) == []
 
 
 def test_an_extraction_suspicion_fires_at_any_level() -> None:
@@ -472,6 +501,15 @@ def test_no_file_means_the_defaults() -> None:
             "unknown keys: matches",
         ),
         ("not toml [", "alert rules file"),
+        # A kind Bastion never emits (a typo) would silently make the rule a dead one.
+        (
+            '[[rules]]\nname = "x"\nseverity = "info"\nkinds = ["auth.faild"]',
+            r"rule x: unknown event kind 'auth.faild' \(did you mean 'auth.failed'\?\)",
+        ),
+        (
+            '[[rules]]\nname = "x"\nseverity = "info"\nkinds = ["auth.failed", "auth.*"]',
+            "rule x: unknown event kind 'auth.\\*'",
+        ),
     ],
 )
 def test_a_bad_rules_file_is_refused_with_the_reason(
@@ -486,3 +524,40 @@ def test_a_bad_rules_file_is_refused_with_the_reason(
 def test_a_missing_rules_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="alert rules file"):
         load_rules(tmp_path / "absent.toml")
+
+
+def test_the_rules_know_every_kind_bastion_emits() -> None:
+    constants = {
+        value
+        for name, value in vars(events).items()
+        if name.isupper() and isinstance(value, str) and name != "EVENT_KINDS"
+    }
+    assert constants == events.EVENT_KINDS
+    for rule in DEFAULT_RULES:
+        assert rule.kinds <= events.EVENT_KINDS, rule.name
+
+
+# ---------------------------------------------------------------- clocks
+
+
+def test_windows_and_cooldowns_run_on_the_monotonic_clock_and_alerts_report_wall_time() -> None:
+    monotonic, wall = Clock(500.0), Clock(1_700_000_000.0)
+    alerts: list[Alert] = []
+    sink = AlertRules((BURST,), [alerts.append], clock=monotonic, wall_clock=wall)
+    sink.emit(failed("k"))
+    # The wall clock is set back an hour (NTP, an operator): the window does not move.
+    monotonic.now += 10.0
+    wall.now += 10.0 - 3600.0
+    sink.emit(failed("k"))
+    monotonic.now += 10.0
+    wall.now += 10.0
+    sink.emit(failed("k"))
+    (alert,) = alerts
+    assert alert.last_at == wall.now
+    assert alert.first_at == wall.now - 20.0
+    # Set forward a day: the cooldown (the window) still holds the next one back.
+    wall.now += 86_400.0
+    monotonic.now += 1.0
+    sink.emit(failed("k"))
+    assert len(alerts) == 1
+    assert AlertRules(DEFAULT_RULES)._clock is time.monotonic

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
+import itertools
 import json
+import re
 import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -29,11 +33,13 @@ from bastion.errors import AuthenticationError, ConfigurationError
 SECRET = b"whsec_0123456789abcdef0123456789abcdef"
 
 
-def alert(rule: str = "auth_failures_per_key", key: str = "0123456789abcdef") -> Alert:
+def alert(
+    rule: str = "auth_failures_per_key", key: str = "0123456789abcdef", severity: str = "warning"
+) -> Alert:
     return Alert(
         id=f"{abs(hash((rule, key, time.monotonic()))):032x}"[:32],
         rule=rule,
-        severity="warning",
+        severity=severity,
         description="Repeated failed sign-ins with one key id.",
         group={"actor": key},
         count=10,
@@ -255,6 +261,176 @@ def test_submit_never_blocks_a_full_queue_makes_dead_letters(
         small.submit(alert())
     assert len(small.dead_letters) == 3 and small.dead_letter_count == 10
     assert {d.reason for d in small.dead_letters} == {"queue_full"}
+
+
+# ---------------------------------------------------------------- slow and endless receivers
+
+
+class RawReceiver:
+    """A receiver on loopback that answers each connection as `answer(connection, n)` says
+    (n: the connection's number), after reading its request: a slow or broken one."""
+
+    def __init__(self, answer: Callable[[socket.socket, int], None]) -> None:
+        self._answer = answer
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}/hooks/bastion"
+        self.requests: list[bytes] = []
+        self.closed = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        for n in itertools.count():
+            try:
+                connection, _ = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(connection, n), daemon=True).start()
+
+    def _serve(self, connection: socket.socket, n: int) -> None:
+        with connection:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += connection.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = int(re.search(rb"content-length: (\d+)", head, re.I)[1])  # type: ignore[index]
+            while len(body) < length:
+                body += connection.recv(65536)
+            self.requests.append(body)
+            # OSError: the notifier hung up, what these tests want to see.
+            with contextlib.suppress(OSError):
+                self._answer(connection, n)
+            self.closed.set()
+
+    def close(self) -> None:
+        self._server.close()
+
+
+def trickle_headers(connection: socket.socket, n: int) -> None:
+    """A status line, then a header a byte every 50 ms, never ending (the first time)."""
+    if n > 0:
+        connection.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+        return
+    connection.sendall(b"HTTP/1.1 200 OK\r\nx-slow: ")
+    for _ in range(2000):
+        connection.sendall(b"a")
+        time.sleep(0.05)
+
+
+def endless_body(connection: socket.socket, n: int) -> None:
+    """A 200, then a body that never ends, as fast as the notifier takes it."""
+    connection.sendall(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+    chunk = b"x" * 65536
+    framed = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        connection.sendall(framed)
+
+
+def test_a_receiver_trickling_its_answer_costs_one_attempts_deadline(
+    make: Callable[..., WebhookNotifier], outcomes: Counter[str]
+) -> None:
+    receiver = RawReceiver(trickle_headers)
+    try:
+        # httpx's read timeout (1 s here) never trips: a byte comes every 50 ms.
+        notifier = make(receiver.url, timeout_s=1.0, attempts=1)
+        started = time.monotonic()
+        notifier.submit(slow := alert(key="1" * 16))
+        notifier.submit(alert(key="2" * 16))
+        wait_for(lambda: notifier.dead_letter_count == 1 and notifier.delivered_count == 1)
+        # The whole attempt had one deadline; the next alert was not held back behind it.
+        assert time.monotonic() - started < 4.0
+        (dead,) = notifier.dead_letters
+        assert dead.alert == slow and dead.reason == "TimeoutError"
+        assert outcomes == Counter(dead_letter=1, delivered=1)
+    finally:
+        receiver.close()
+
+
+def test_an_endless_answer_is_not_read(
+    make: Callable[..., WebhookNotifier], outcomes: Counter[str]
+) -> None:
+    receiver = RawReceiver(endless_body)
+    try:
+        notifier = make(receiver.url, timeout_s=5.0)
+        started = time.monotonic()
+        notifier.submit(alert())
+        wait_for(lambda: outcomes["delivered"] == 1, timeout=5.0)
+        # Its status was enough: the notifier read a few KiB and hung up.
+        assert time.monotonic() - started < 3.0
+        assert receiver.closed.wait(10)
+        assert outcomes == Counter(delivered=1)
+    finally:
+        receiver.close()
+
+
+# ---------------------------------------------------------------- the most severe first
+
+
+def test_critical_alerts_go_before_warnings(make: Callable[..., WebhookNotifier]) -> None:
+    hold = threading.Event()
+    receiver = AlertReceiver(hold=hold)
+    try:
+        notifier = make(receiver.url)
+        notifier.submit(alert(key="busy".ljust(16, "0")))
+        receiver.wait(1)  # delivering it: the receiver holds its answer
+        for name, severity in [("w1", "warning"), ("i1", "info"), ("w2", "warning")]:
+            notifier.submit(alert(key=name.ljust(16, "0"), severity=severity))
+        notifier.submit(alert("model_integrity_failed", "c1".ljust(16, "0"), "critical"))
+        hold.set()
+        deliveries = receiver.wait(5)
+        wait_for(lambda: notifier.delivered_count == 5)
+    finally:
+        hold.set()
+        receiver.close()
+    order = [json.loads(d.body)["group"]["actor"][:4] for d in deliveries]
+    assert order == ["busy", "c100", "w100", "w200", "i100"]
+
+
+def test_a_warning_waiting_to_be_retried_does_not_hold_back_a_critical(
+    make: Callable[..., WebhookNotifier],
+) -> None:
+    receiver = AlertReceiver([503])
+    try:
+        notifier = make(receiver.url, backoff_s=2.0, jitter=lambda: 1.0)
+        notifier.submit(alert(key="warn".ljust(16, "0")))
+        receiver.wait(1)  # answered 503: retried in 2 s
+        notifier.submit(alert("model_integrity_failed", "crit".ljust(16, "0"), "critical"))
+        deliveries = receiver.wait(3)
+    finally:
+        receiver.close()
+    order = [json.loads(d.body)["group"]["actor"][:4] for d in deliveries]
+    assert order == ["warn", "crit", "warn"]
+    assert deliveries[1].at - deliveries[0].at < 1.0
+    assert deliveries[2].at - deliveries[0].at >= 1.9
+
+
+def test_a_full_queue_gives_up_a_warning_for_a_critical(
+    make: Callable[..., WebhookNotifier], outcomes: Counter[str]
+) -> None:
+    hold = threading.Event()
+    receiver = AlertReceiver(hold=hold)
+    try:
+        notifier = make(receiver.url, queue_size=2)
+        notifier.submit(alert(key="busy".ljust(16, "0")))
+        receiver.wait(1)
+        notifier.submit(alert(key="w1".ljust(16, "0")))
+        notifier.submit(dropped := alert(key="w2".ljust(16, "0")))
+        notifier.submit(alert("model_integrity_failed", "c1".ljust(16, "0"), "critical"))
+        # Nothing less severe to give up for another warning: it is the one given up.
+        notifier.submit(late := alert(key="w3".ljust(16, "0")))
+        assert [(d.alert, d.reason) for d in notifier.dead_letters] == [
+            (dropped, "queue_full"),
+            (late, "queue_full"),
+        ]
+        hold.set()
+        deliveries = receiver.wait(3)
+        wait_for(lambda: notifier.delivered_count == 3)
+    finally:
+        hold.set()
+        receiver.close()
+    order = [json.loads(d.body)["group"]["actor"][:4] for d in deliveries]
+    assert order == ["busy", "c100", "w100"]
+    assert outcomes == Counter(delivered=3, dead_letter=2)
 
 
 # ---------------------------------------------------------------- closing

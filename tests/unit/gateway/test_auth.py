@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from bastion.audit.alerts import DEFAULT_RULES, Alert, AlertRules
 from bastion.audit.events import AUTH_FAILED, MemoryEventSink
 from bastion.errors import AuthenticationError
 from bastion.gateway.auth import Authenticator, NeedsRead
@@ -261,6 +262,45 @@ def test_a_flood_of_failures_is_logged_as_counts(h: Harness) -> None:
     (summary,) = h.events.events[first + 20 :]
     assert summary.kind == AUTH_FAILED and summary.detail["count"] == 280
     assert summary.detail["reason"] == "malformed"
+
+
+def test_a_flood_does_not_hide_a_targeted_key_from_the_alert_rules(tmp_path: Path) -> None:
+    fired: list[Alert] = []
+    events = MemoryEventSink()
+    h = Harness(tmp_path / "flood.db")
+    try:
+        auth = Authenticator(
+            h.db,
+            h.hasher,
+            events,
+            clock=h.clock,
+            alerts=AlertRules(DEFAULT_RULES, [fired.append]),
+        )
+        key_id, token = h.key()
+        auth.refresh()
+        # Any twenty failures fill the window's budget of events one by one ...
+        for _ in range(20):
+            with pytest.raises(AuthenticationError):
+                auth.authenticate("Bearer nope")
+        # ... and the guesses at one key id after them are held back as counts (no key id).
+        wrong = token[:-1] + ("a" if token[-1] != "a" else "b")
+        for _ in range(10):
+            with pytest.raises(AuthenticationError):
+                auth.authenticate(f"Bearer {wrong}")
+        assert len(events.events) == 20
+        assert all(e.actor != key_id for e in events.events)
+        # The alert rules saw every one: the key id's rule fires.
+        assert [(a.rule, dict(a.group)) for a in fired] == [
+            ("auth_failures_per_key", {"actor": key_id})
+        ]
+        h.clock.now += 11
+        auth.flush_failures()
+        (summary,) = [e for e in events.events if e.detail.get("reason") == "bad_secret"]
+        assert summary.detail["count"] == 10
+        # The summary goes to the events only: the rules counted those failures already.
+        assert len(fired) == 1
+    finally:
+        h.db.close()
 
 
 def test_without_reads_a_cache_miss_asks_for_a_thread(h: Harness) -> None:

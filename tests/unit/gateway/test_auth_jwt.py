@@ -1,7 +1,8 @@
 """The authenticator with single sign-on: JWT bearer tokens beside API keys, from memory
 on the event loop and verified in a thread, their failures reported and throttled like a
-key's (by address only, never a token the provider signed), and their cache dropped with
-the database revision. The provider is tests/oidc_provider.py on loopback."""
+key's (by address only, never a token the provider signed for this server that is only
+expired or of an unusable tenant), and their cache dropped with the database revision.
+The provider is tests/oidc_provider.py on loopback."""
 
 from __future__ import annotations
 
@@ -49,7 +50,14 @@ class Harness:
     """A key store with the tenant acme, and an authenticator that also takes the test
     provider's tokens, everything on the provider's clock."""
 
-    def __init__(self, path: Path, provider: OidcProvider, *, sso: bool = True) -> None:
+    def __init__(
+        self,
+        path: Path,
+        provider: OidcProvider,
+        *,
+        sso: bool = True,
+        refresh_interval_s: float = 0.0,
+    ) -> None:
         self.provider = provider
         self.clock = provider.clock
         self.db = Database(f"sqlite:///{path}")
@@ -58,7 +66,9 @@ class Harness:
         self.events = MemoryEventSink()
         self.service = IdentityService(self.db, self.hasher, MemoryEventSink(), clock=self.clock)
         self.service.create_tenant(OPERATOR, "acme")
-        self.keys = JwksCache(provider.issuer, clock=self.clock, min_refresh_interval_s=0)
+        self.keys = JwksCache(
+            provider.issuer, clock=self.clock, min_refresh_interval_s=refresh_interval_s
+        )
         self.verifier = JwtVerifier(
             TokenPolicy(provider.issuer, API_AUDIENCE),
             ClaimsMapping(),
@@ -235,11 +245,39 @@ def test_a_verification_that_raced_an_invalidation_is_not_kept(h: Harness) -> No
     assert h.verifier.cached(token) is None
 
 
-def test_may_authenticate_lets_every_jwt_be_checked(h: Harness) -> None:
-    assert h.auth.may_authenticate(f"Bearer {h.provider.mint()}")
-    assert h.auth.may_authenticate(f"Bearer {h.provider.mint_unknown_kid()}")
-    assert not h.auth.may_authenticate("Bearer a.b.c!")
-    assert not h.auth.may_authenticate("Bearer " + "a" * 20_000 + ".b.c")
+def test_may_authenticate_reads_a_jwts_header_against_the_cached_keys(
+    tmp_path: Path, provider: OidcProvider
+) -> None:
+    h = Harness(tmp_path / "kid.db", provider, refresh_interval_s=30.0)
+    try:
+
+        def may(token: str) -> bool:
+            return h.auth.may_authenticate(f"Bearer {token}")
+
+        # Nothing fetched yet: any allowed algorithm and key id may be the provider's.
+        assert may(provider.mint()) and may(provider.mint_unknown_kid())
+        h.sign_in(provider.mint())  # the keys are fetched
+        fetches = provider.requests["jwks"]
+        assert may(provider.mint())
+        assert may(provider.mint_expired())  # (its claims are not read here)
+        assert not may(provider.mint_unknown_kid())
+        for made_up in ("a.b.c", "e30.e30.", "bm90IGpzb24.e30.e30"):
+            assert not may(made_up)
+        assert not may(provider.mint_alg_none())
+        assert not may(provider.mint_hs256_with_public_key())
+        assert not may(provider.mint_raw_header(kid=7))
+        assert not may(provider.mint_raw_header(crit=["exp"]))
+        assert not may("a" * 20_000 + ".b.c")
+        assert not h.auth.may_authenticate("Bearer a.b.c!")
+        # Once a fetch may be tried again, a key id the provider may have just added may.
+        provider.clock.advance(30.0)
+        rotated = provider.rotate()
+        assert may(provider.mint())
+        assert h.sign_in(provider.mint()).tenant_name == "acme"
+        assert provider.requests["jwks"] == fetches + 1
+        assert may(provider.mint(key=rotated)) and not may(provider.mint_unknown_kid())
+    finally:
+        h.close()
 
 
 # ---------------------------------------------------------------------- the throttle
@@ -282,11 +320,65 @@ def test_a_signed_but_unusable_jwt_keeps_its_401_and_counts_for_nothing(h: Harne
         with pytest.raises(TokenRejected):
             t.sign_in(h.provider.mint_unknown_kid())
     counted = t.failures()
-    for mint in (h.provider.mint_expired, h.provider.mint_wrong_audience):
+    h.service.create_tenant(OPERATOR, "gone")
+    h.service.disable_tenant(OPERATOR, "gone")
+    for token in (
+        h.provider.mint_expired(),
+        h.provider.mint_future_nbf(),
+        h.provider.mint(h.provider.claims(bastion_tenant="nowhere")),
+        h.provider.mint(h.provider.claims(bastion_tenant="gone")),
+    ):
+        with pytest.raises(TokenRejected) as info:
+            t.sign_in(token)
+        assert info.value.signed and not isinstance(info.value, AuthThrottled)
+    assert t.failures() == counted
+
+
+def test_a_jwt_signed_for_another_issuer_or_audience_counts_as_a_failure(h: Harness) -> None:
+    # The provider's keys sign other applications' tokens too: anyone can have one.
+    t = Throttled(h)
+    for mint in (h.provider.mint_wrong_audience, h.provider.mint_wrong_issuer):
         with pytest.raises(TokenRejected) as info:
             t.sign_in(mint())
         assert info.value.signed and not isinstance(info.value, AuthThrottled)
-    assert t.failures() == counted
+    assert t.failures() == 2
+    with pytest.raises(TokenRejected):
+        t.sign_in(h.provider.mint_wrong_audience())
+    # The address is locked out now: the next one is refused 429.
+    with pytest.raises(AuthThrottled):
+        t.sign_in(h.provider.mint_wrong_issuer())
+    assert t.sign_in(h.provider.mint()).tenant_name == "acme"
+
+
+def test_a_locked_out_address_gets_no_thread_for_a_jwt_that_cannot_verify(
+    tmp_path: Path, provider: OidcProvider
+) -> None:
+    h = Harness(tmp_path / "loop.db", provider, refresh_interval_s=30.0)
+    try:
+        t = Throttled(h)
+        h.sign_in(provider.mint())  # the keys are fetched
+        verified: list[str] = []
+        verify = h.verifier.verify
+
+        def recording(token: str) -> Principal:
+            verified.append(token)
+            return verify(token)
+
+        h.verifier.verify = recording  # type: ignore[method-assign]
+        for _ in range(POLICY.failures):
+            with pytest.raises(TokenRejected):
+                t.sign_in(provider.mint_foreign_key())
+        checked = len(verified)
+        for token in ("a.b.c", provider.mint_unknown_kid(), provider.mint_alg_none()):
+            with pytest.raises(AuthThrottled):
+                t.sign_in(token)
+        # Refused on the loop: no thread, no verification (but counted as failures).
+        assert len(verified) == checked
+        assert t.failures() == POLICY.failures + 3
+        # A valid token from that address is still verified and let in.
+        assert t.sign_in(provider.mint()).tenant_name == "acme"
+    finally:
+        h.close()
 
 
 # ---------------------------------------------------------------------- the settings

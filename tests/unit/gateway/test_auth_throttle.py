@@ -15,7 +15,8 @@ import sqlalchemy as sa
 
 from bastion.api.fast import auth_throttle_of
 from bastion.api.services import Services
-from bastion.audit.events import AUTH_THROTTLED, MemoryEventSink
+from bastion.audit.alerts import DEFAULT_RULES, Alert, AlertRules
+from bastion.audit.events import AUTH_FAILED, AUTH_THROTTLED, EventSink, MemoryEventSink
 from bastion.config import Settings
 from bastion.errors import AuthenticationError, AuthThrottled, ConfigurationError
 from bastion.gateway.auth import Authenticator
@@ -24,6 +25,7 @@ from bastion.gateway.auth_throttle import (
     FailureThrottle,
     ThrottlePolicy,
     address_bucket,
+    address_buckets,
 )
 from bastion.identity.keys import KeyHasher, generate_api_key
 from bastion.identity.principal import OPERATOR, Principal
@@ -125,6 +127,31 @@ def test_the_table_is_bounded_and_keeps_the_most_recent_failures() -> None:
     assert len(table) == 10
 
 
+def test_a_full_table_never_forgets_a_lock_out() -> None:
+    clock = Clock()
+    table = FailureThrottle(ThrottlePolicy(failures=3, max_entries=10), clock)
+    for _ in range(3):
+        table.fail("attacker")
+    # Fresh addresses failing once each push out one another, never the lock-out.
+    for n in range(1000):
+        table.fail(f"flood-{n}")
+    assert len(table) == 10 and table.retry_after("attacker") == 1.0
+    # A table full of lock-outs records no newcomer: its failure is refused as if locked
+    # out, and every lock-out stays.
+    for n in range(9):
+        for _ in range(3):
+            table.fail(f"locked-{n}")
+    newcomer = table.fail("newcomer")
+    assert newcomer.refused and not newcomer.started and newcomer.retry_after_s == 1.0
+    assert table.retry_after("newcomer") == 0.0 and table.full == 1
+    assert len(table) == 10 and table.retry_after("attacker") == 1.0
+    assert all(table.retry_after(f"locked-{n}") == 1.0 for n in range(9))
+    # Once lock-outs end, their histories make room again.
+    clock.now += 1.0
+    assert not table.fail("newcomer").refused
+    assert table.retry_after("attacker") == 0.0 and len(table) == 10
+
+
 # ---------------------------------------------------------------------- addresses
 
 
@@ -138,13 +165,23 @@ def test_ipv6_addresses_are_bucketed_by_their_64() -> None:
     assert address_bucket(None) == address_bucket(("", 0)) == "unknown"
 
 
+def test_ipv6_addresses_are_also_bucketed_by_their_48() -> None:
+    assert address_buckets(("2001:db8:1:2:aaaa::1", 1)) == ("2001:db8:1:2::/64", "2001:db8:1::/48")
+    assert address_buckets(("2001:db8:1:ff00::1", 1))[1] == "2001:db8:1::/48"
+    assert address_buckets(("2001:db8:2::1", 1))[1] == "2001:db8:2::/48"
+    for ipv4 in ("192.0.2.7", "::ffff:192.0.2.7"):
+        assert address_buckets((ipv4, 1)) == ("192.0.2.7", None)
+
+
 # ---------------------------------------------------------------------- the request step
 
 
 class Harness:
     """A key store, an authenticator over it, and its throttle on a test clock."""
 
-    def __init__(self, path: Path, policy: ThrottlePolicy = POLICY) -> None:
+    def __init__(
+        self, path: Path, policy: ThrottlePolicy = POLICY, alerts: EventSink | None = None
+    ) -> None:
         self.db = Database(f"sqlite:///{path}")
         self.db.migrate()
         self.hasher = KeyHasher(b"s" * 32)
@@ -155,9 +192,13 @@ class Harness:
         self.service.create_tenant(OPERATOR, "acme")
         # The wall clock of events and their reports; the throttle's own is monotonic.
         self.wall = Clock()
-        self.auth = Authenticator(self.db, self.hasher, sink, clock=self.wall)
+        # As the server wires it: the events rate-limited, the alert rules every one.
+        self.alerts = alerts if alerts is not None else MemoryEventSink()
+        self.auth = Authenticator(self.db, self.hasher, sink, clock=self.wall, alerts=self.alerts)
         self.clock = Clock()
-        self.throttle = AuthThrottle(policy, self.auth, self.clock)
+        self.throttle = AuthThrottle(
+            policy, self.auth, self.clock, on_refused=self.metrics.auth_failures.inc
+        )
         self.queries = 0
         sa.event.listen(self.db.engine, "before_cursor_execute", self._count)
 
@@ -193,6 +234,10 @@ class Harness:
         value = self.metrics.registry.get_sample_value(
             "bastion_auth_throttled_total", {"scope": scope}
         )
+        return float(value or 0.0)
+
+    def failures_counted(self) -> float:
+        value = self.metrics.registry.get_sample_value("bastion_auth_failures_total", {})
         return float(value or 0.0)
 
 
@@ -319,6 +364,61 @@ def test_an_ipv6_host_cannot_escape_by_changing_its_address(h: Harness) -> None:
     assert type(h.failed(_made_up(), address="2001:db8:5:7::1")) is AuthenticationError
 
 
+def test_a_site_cannot_escape_by_taking_turns_among_its_64s(h: Harness) -> None:
+    _, valid = h.key()
+    # A /56 holds 256 /64s: one failure from each of 24 of them, each below its threshold,
+    # reaches the /48's (8 times a /64's).
+    for n in range(3 * 8):
+        failure = h.failed(_made_up(), address=f"2001:db8:aa:{n:x}::1")
+        assert type(failure) is AuthenticationError
+    (lockout,) = h.lockouts()
+    assert lockout.target == "2001:db8:aa::/48" and lockout.detail["scope"] == "address"
+    # A /64 of that /48 never seen before is refused, unchecked; another /48 is not.
+    assert h.refused(_made_up(), address="2001:db8:aa:ffff::1").status == 429
+    assert h.refused(None, address="2001:db8:aa:ff00::9").status == 429
+    assert type(h.failed(_made_up(), address="2001:db8:ab::1")) is AuthenticationError
+    # A valid key from inside the /48 gets in.
+    assert h.sign_in(valid, address="2001:db8:aa:ffff::1").tenant_name == "acme"
+
+
+def test_a_full_table_of_lock_outs_refuses_new_addresses_failures_not_valid_keys(
+    tmp_path: Path,
+) -> None:
+    h = Harness(tmp_path / "full.db", ThrottlePolicy(failures=3, max_entries=4))
+    try:
+        _, valid = h.key()
+        for n in range(4):
+            for _ in range(3):
+                h.failed(_made_up(), address=f"10.0.0.{n}")
+        # The attackers cannot free their lock-outs by failing from new addresses ...
+        assert h.refused(_made_up(), address="10.9.9.9").status == 429
+        assert all(h.throttle.addresses.retry_after(f"10.0.0.{n}") for n in range(4))
+        # ... and a valid key passes from anywhere.
+        assert h.sign_in(valid, address="10.9.9.9").tenant_name == "acme"
+    finally:
+        h.db.close()
+
+
+def test_refused_unchecked_requests_count_as_failed_sign_ins(tmp_path: Path) -> None:
+    fired: list[Alert] = []
+    h = Harness(tmp_path / "burst.db", alerts=AlertRules(DEFAULT_RULES, [fired.append]))
+    try:
+        h.auth.refresh()  # the key ids are known: made-up ones can be refused unchecked
+        for _ in range(3):
+            h.failed(_made_up())
+        for _ in range(100):
+            h.refused(_made_up())
+        # In the metric of failed sign-ins (the others are counted by the gateway's check),
+        assert h.failures_counted() == 100
+        # in the events (rate-limited; no key id, nothing of the credential) ...
+        refused = [e for e in h.events.events if e.detail.get("reason") == "throttled"]
+        assert refused and all(e.kind == AUTH_FAILED and e.actor is None for e in refused)
+        # ... and, every one, in the alert rules: the burst rule sees them.
+        assert "auth_failures_burst" in [a.rule for a in fired]
+    finally:
+        h.db.close()
+
+
 def test_each_lock_out_is_reported_once_and_a_flood_of_them_as_counts(h: Harness) -> None:
     for _ in range(50):
         with contextlib.suppress(AuthenticationError, AuthThrottled):
@@ -368,7 +468,9 @@ def test_the_settings_make_the_policy() -> None:
 def test_the_listeners_of_one_server_share_one_throttle(h: Harness) -> None:
     services = cast(
         Services,
-        SimpleNamespace(gateway=SimpleNamespace(authenticator=h.auth), settings=Settings()),
+        SimpleNamespace(
+            gateway=SimpleNamespace(authenticator=h.auth), settings=Settings(), metrics=Metrics()
+        ),
     )
     first = auth_throttle_of(services)
     assert auth_throttle_of(services) is first

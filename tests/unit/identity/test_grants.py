@@ -8,7 +8,7 @@ from typing import Protocol
 import pytest
 
 from bastion.audit.events import KEY_CREATED, TENANT_CREATED, MemoryEventSink
-from bastion.errors import InvalidRequest, NotFound, PermissionDenied
+from bastion.errors import InvalidRequest, NotFound, OutOfScope, PermissionDenied
 from bastion.identity import records
 from bastion.identity import service as service_module
 from bastion.identity.grants import (
@@ -106,6 +106,13 @@ def test_a_missing_tenant_and_another_tenant_look_the_same() -> None:
     with pytest.raises(NotFound) as other:
         authorize_tenant(TENANT_ADMIN, {"id": 8, "name": "other"})
     assert missing.value.message == other.value.message
+    # Both are a refusal to record for a tenant's admin (OutOfScope, the same 404), and
+    # only a missing tenant for an admin.
+    assert type(missing.value) is type(other.value) is OutOfScope
+    assert (other.value.status, other.value.code) == (404, "not_found")
+    with pytest.raises(NotFound) as admins:
+        authorize_tenant(OPERATOR, None)
+    assert type(admins.value) is NotFound
 
 
 def test_tenant_admin_manages_only_non_admin_keys_of_its_tenant() -> None:
@@ -114,8 +121,13 @@ def test_tenant_admin_manages_only_non_admin_keys_of_its_tenant() -> None:
     with pytest.raises(PermissionDenied):
         authorize_key(TENANT_ADMIN, _key(ROLE_ADMIN))
     # Another tenant's key is "not found", as a key id that does not exist.
-    with pytest.raises(NotFound, match="No API key has this id"):
+    with pytest.raises(OutOfScope, match="No API key has this id"):
         authorize_key(TENANT_ADMIN, _key(ROLE_CONSUMER, tenant_id=8))
+    with pytest.raises(OutOfScope, match="No API key has this id"):
+        authorize_key(TENANT_ADMIN, None)
+    with pytest.raises(NotFound, match="No API key has this id") as missing:
+        authorize_key(OPERATOR, None)
+    assert type(missing.value) is NotFound
 
 
 def test_roles() -> None:

@@ -17,7 +17,7 @@ from bastion.audit.events import (
     TENANT_DISABLED,
     MemoryEventSink,
 )
-from bastion.errors import Conflict, InvalidRequest, NotFound, PermissionDenied
+from bastion.errors import Conflict, InvalidRequest, NotFound, OutOfScope, PermissionDenied
 from bastion.identity.keys import KeyHasher, parse_api_key
 from bastion.identity.principal import OPERATOR, Principal
 from bastion.identity.service import IdentityService, KeyInfo
@@ -290,8 +290,10 @@ def test_tenant_admin_manages_only_its_own_tenant(
             service.revoke_key(tenant_admin, key_id)
         with pytest.raises(NotFound, match="No API key has this id"):
             service.rotate_key(tenant_admin, key_id)
-        with pytest.raises(NotFound, match="No API key has this id"):
+        with pytest.raises(NotFound, match="No API key has this id") as refused:
             service.get_key(tenant_admin, key_id)
+        # A refusal the API records (auth.denied), the same for both: OutOfScope.
+        assert type(refused.value) is OutOfScope
     with pytest.raises(PermissionDenied):
         service.create_tenant(tenant_admin, "mine")
     with pytest.raises(PermissionDenied):

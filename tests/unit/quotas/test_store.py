@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bastion.audit.events import QUOTA_CHANGED, MemoryEventSink
-from bastion.errors import InvalidRequest, NotFound, PermissionDenied
+from bastion.errors import InvalidRequest, NotFound, OutOfScope, PermissionDenied
 from bastion.identity.keys import KeyHasher
 from bastion.identity.principal import OPERATOR, Principal
 from bastion.identity.service import IdentityService, KeyInfo
@@ -120,15 +120,19 @@ def test_only_admins_change_quotas_and_tenant_admins_read_their_own(
     with pytest.raises(PermissionDenied):
         store.remove(tenant_admin, TENANT, "acme")
     assert store.get(tenant_admin, TENANT, "acme").limits.requests_per_minute == 5
-    # Another tenant's quotas look like those of a tenant or key that does not exist.
+    # Another tenant's quotas look like those of a tenant or key that does not exist: the
+    # same 404, a refusal to record either way (OutOfScope).
     for tenant in ("globex", "nobody"):
-        with pytest.raises(NotFound, match="No tenant has this name"):
+        with pytest.raises(OutOfScope, match="No tenant has this name"):
             store.get(tenant_admin, TENANT, tenant)
-        with pytest.raises(NotFound, match="No tenant has this name"):
+        with pytest.raises(OutOfScope, match="No tenant has this name"):
             store.list(tenant_admin, tenant)
     for key_id in (other_key.id, "0123456789abcdef"):
-        with pytest.raises(NotFound, match="No API key has this id"):
+        with pytest.raises(OutOfScope, match="No API key has this id"):
             store.get(tenant_admin, KEY, key_id)
+    with pytest.raises(NotFound) as missing:
+        store.get(OPERATOR, TENANT, "nobody")
+    assert type(missing.value) is NotFound
     with pytest.raises(PermissionDenied):
         store.get(tenant_admin, TENANT, "*")
     assert [q.subject for q in store.list(tenant_admin)] == ["acme"]

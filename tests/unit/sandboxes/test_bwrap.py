@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 
 from bastion.errors import ConfigurationError
 from bastion.sandboxes import bwrap
-from bastion.sandboxes.base import WorkerLaunch
+from bastion.sandboxes.base import SubprocessWorker, WorkerLaunch
 from bastion.sandboxes.bwrap import BwrapSandbox, WorkerLimits
 from bastion.sandboxes.uids import WorkerUid, WorkerUids
 
@@ -111,3 +112,17 @@ def test_a_root_gateway_needs_worker_uids(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     with pytest.raises(ConfigurationError, match="range of worker uids"):
         BwrapSandbox(WorkerLimits())
+
+
+@pytest.mark.parametrize(("status", "reported"), [(137, -9), (153, -25), (152, -24), (3, 3)])
+def test_a_worker_killed_inside_bwrap_reports_its_signal_as_a_child_does(
+    status: int, reported: int
+) -> None:
+    # bwrap exits with 128 + N when a signal N killed the worker it runs (as a shell does).
+    async def exit_status() -> int:
+        process = await asyncio.create_subprocess_exec(
+            "sh", "-c", f"exit {status}", stdout=asyncio.subprocess.PIPE
+        )
+        return await SubprocessWorker(process, "w", signal_statuses=True).wait()
+
+    assert asyncio.run(exit_status()) == reported
