@@ -192,7 +192,8 @@ def gateway(work: Path, conns: int, dur: int, reps: int) -> dict[str, dict[str, 
         {"model": "echo", "messages": [{"role": "user", "content": "hello there"}]},
     )
     rates: dict[str, dict[str, list[float]]] = {}
-    with Fleet() as fleet:
+    (work / "logs").mkdir(exist_ok=True)
+    with Fleet(work / "logs") as fleet:
         servers = {}
         for mode, enabled in (("on", "true"), ("off", "false")):
             folder = work / mode
