@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from bastion.api.pipeline import AnyPipeline
+from bastion.errors import AuthenticationError
 
 if TYPE_CHECKING:
     # Only for the annotations: the worker imports this module and not the gateway.
@@ -81,10 +82,16 @@ async def authenticate(request: Request, pipeline: AnyPipeline | None = None) ->
     if throttle is None:
         principal = await pipeline.authenticate(authorization)
     else:
-        # By the connection's peer address: the outer one, for an encrypted request.
-        principal = await throttle.authenticate(
-            pipeline.authenticate, authorization, request.scope.get("client")
-        )
+        # By the connection's peer address: the outer one, for an encrypted request. The
+        # throttle's two steps are called here, not through a wrapper coroutine: this runs
+        # for every request.
+        client = request.scope.get("client")
+        throttle.before(authorization, client)
+        try:
+            principal = await pipeline.authenticate(authorization)
+        except AuthenticationError as exc:
+            throttle.failed(exc, client)
+            raise
     # request.state's own dict.
     request.scope.setdefault("state", {})["tenant"] = principal.tenant_name
     return principal

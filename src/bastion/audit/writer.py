@@ -91,9 +91,12 @@ class AuditWriter:
                 if len(self._pending) >= self._max_pending:
                     self._pending.popleft()
                     self._count_dropped(1)
-                self._pending.append(event)
-                if len(self._pending) >= self._max_batch:
+                # The writer sleeps while there is nothing to write: the first event wakes
+                # it (it then waits one flush interval for others: group commit), as
+                # does a full batch.
+                if not self._pending or len(self._pending) + 1 >= self._max_batch:
                     self._cond.notify_all()
+                self._pending.append(event)
                 return
         # A management command: its record is written and signed at once (a CLI process
         # may not live to sign a later checkpoint), with a few tries if the database is
@@ -184,7 +187,10 @@ class AuditWriter:
         while True:
             with self._cond:
                 if not self._pending and not self._stopping:
-                    self._cond.wait(self._flush_interval_s)
+                    # Idle: no wake-ups but for the checkpoint's timer or an event.
+                    self._cond.wait(self._checkpoint_interval_s)
+                    if self._pending and not self._stopping:
+                        self._cond.wait(self._flush_interval_s)
                 stopping = self._stopping
                 batch = [
                     self._pending.popleft() for _ in range(min(self._max_batch, len(self._pending)))

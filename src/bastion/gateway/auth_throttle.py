@@ -292,33 +292,39 @@ class AuthThrottle:
     ) -> _C:
         """`check(authorization)` (the pipeline's authentication) for a request from
         `client`, throttled: AuthThrottled (429) for a failure during a lock-out."""
-        if not self.policy.enabled:
-            return await check(authorization)
-        buckets = None
-        # No history at all is the usual case: then the address is not even worked out.
-        if self.addresses or self.networks:
-            buckets = address_buckets(client)
-            if self._locked_out(*buckets) and not self._authenticator.may_authenticate(
-                authorization
-            ):
-                # Nothing here could prove a credential: refused unchecked, and counted.
-                wait = self._strike(*buckets, None)
-                self._authenticator.report_refused()
-                if self._on_refused is not None:
-                    self._on_refused()
-                raise AuthThrottled(retry_after_s=math.ceil(max(wait, 1.0)))
+        self.before(authorization, client)
         try:
             return await check(authorization)
         except AuthenticationError as exc:
-            if _proves_credential(exc):
-                # The right secret, of a key that cannot be used: its holder's own answer.
-                raise
-            key_id = exc.key_id if exc.reason == REASON_BAD_SECRET else None
-            wait = self._strike(*(buckets or address_buckets(client)), key_id)
-            if wait:
-                # `from None`: the 401 it replaces stays out of any traceback.
-                raise AuthThrottled(retry_after_s=math.ceil(wait)) from None
+            self.failed(exc, client)
             raise
+
+    def before(self, authorization: str | None, client: Sequence[object] | None) -> None:
+        """Before checking a request's credential: AuthThrottled if its address is locked
+        out and nothing in it could prove a credential (refused unchecked, and counted).
+        The request path calls this and :meth:`failed` itself (no coroutine layer)."""
+        # No history at all is the usual case: then the address is not even worked out.
+        if not self.policy.enabled or not (self.addresses or self.networks):
+            return
+        buckets = address_buckets(client)
+        if self._locked_out(*buckets) and not self._authenticator.may_authenticate(authorization):
+            wait = self._strike(*buckets, None)
+            self._authenticator.report_refused()
+            if self._on_refused is not None:
+                self._on_refused()
+            raise AuthThrottled(retry_after_s=math.ceil(max(wait, 1.0)))
+
+    def failed(self, exc: AuthenticationError, client: Sequence[object] | None) -> None:
+        """After a credential failed: AuthThrottled (from None, so the 401 it replaces
+        stays out of any traceback) when this failure starts or extends a lock-out;
+        otherwise nothing, and the caller raises the failure as it is."""
+        if not self.policy.enabled or _proves_credential(exc):
+            # The right secret, of a key that cannot be used: its holder's own answer.
+            return
+        key_id = exc.key_id if exc.reason == REASON_BAD_SECRET else None
+        wait = self._strike(*address_buckets(client), key_id)
+        if wait:
+            raise AuthThrottled(retry_after_s=math.ceil(wait)) from None
 
     def _locked_out(self, bucket: str, network: str | None) -> bool:
         if self.addresses.retry_after(bucket):
