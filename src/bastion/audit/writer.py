@@ -71,8 +71,10 @@ class AuditWriter:
         self._keeper: threading.Thread | None = None
         self._stopping = False
         self._stop_keeper = threading.Event()
-        # Bumped by the writer thread after each pass over the queue (flush() waits on it).
+        # Bumped by the writer thread after each pass over the queue (flush() waits on it);
+        # while a flush() waits, the writer does not sleep.
         self._passes = 0
+        self._flush_waiters = 0
         self._verifying = threading.Lock()
         self._reported: set[str] = set()
         self.dropped = 0
@@ -149,9 +151,10 @@ class AuditWriter:
                 extra={"exc_type": type(exc).__name__},
             )
 
-    def flush(self, timeout_s: float = 10.0) -> None:
+    def flush(self, timeout_s: float = 10.0) -> bool:
         """Have everything queued so far written (by the writer thread, so that records
-        keep their order); at once when there is no writer thread."""
+        keep their order); at once when there is no writer thread. Whether it was, within
+        `timeout_s`."""
         with self._cond:
             if self._writer is None:
                 batch = list(self._pending)
@@ -159,15 +162,21 @@ class AuditWriter:
             else:
                 deadline = time.monotonic() + timeout_s
                 target = self._passes + 2  # a pass that started after this call, finished
+                self._flush_waiters += 1
                 self._cond.notify_all()
-                while self._pending or self._passes < target:
-                    left = deadline - time.monotonic()
-                    if left <= 0 or self._writer is None:
-                        return
-                    self._cond.wait(min(left, 0.05))
-                return
+                try:
+                    while self._pending or self._passes < target:
+                        left = deadline - time.monotonic()
+                        if left <= 0 or self._writer is None:
+                            return False
+                        self._cond.wait(min(left, 0.05))
+                finally:
+                    self._flush_waiters -= 1
+                return True
         if batch and not self._write(batch):
             self._count_dropped(len(batch))
+            return False
+        return True
 
     # ------------------------------------------------------------------ the threads
 
@@ -186,10 +195,10 @@ class AuditWriter:
         backoff_s = self._flush_interval_s
         while True:
             with self._cond:
-                if not self._pending and not self._stopping:
-                    # Idle: no wake-ups but for the checkpoint's timer or an event.
+                if not (self._pending or self._stopping or self._flush_waiters):
+                    # Idle: no wake-ups but for the checkpoint's timer, an event or a flush.
                     self._cond.wait(self._checkpoint_interval_s)
-                    if self._pending and not self._stopping:
+                    if self._pending and not (self._stopping or self._flush_waiters):
                         self._cond.wait(self._flush_interval_s)
                 stopping = self._stopping
                 batch = [

@@ -148,3 +148,18 @@ def test_a_verification_that_cannot_run_is_a_failed_verification(log: AuditLog) 
     report = writer.verify()
     assert report is not None and not report.ok
     assert [e.kind for e in seen] == [AUDIT_VERIFY_FAILED]
+
+
+def test_a_flush_of_an_idle_writer_returns_at_once(log: AuditLog) -> None:
+    # The writer sleeps up to the checkpoint interval (an hour here) when idle; a flush
+    # wakes it instead of timing out (it returns False when it times out).
+    writer = AuditWriter(log, checkpoint_interval_s=3600)
+    writer.start_background()
+    try:
+        threading.Event().wait(0.2)
+        assert all(writer.flush(timeout_s=5) for _ in range(3))
+        writer.emit(Event(kind="key.created"))
+        assert writer.flush(timeout_s=5)
+        assert len(log.records()) == 1
+    finally:
+        writer.close()
