@@ -170,7 +170,7 @@ def test_exports_for_a_siem(stopped_home: Path) -> None:
     assert json.loads(recent[-1])["action"] == "admin.read"
     assert run_cli(stopped_home, "audit", "export", "--since", "2099-01-01").stdout == ""
     bad = run_cli(stopped_home, "audit", "export", "--since", "yesterday", check=False)
-    assert bad.returncode == 2 and "ISO date" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "ISO 8601 date" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_tampering_with_the_database_is_caught_by_the_cli(

@@ -8,7 +8,6 @@ itself recorded (`admin.read`).
 from __future__ import annotations
 
 import asyncio
-import base64
 from typing import Any
 
 from starlette.requests import Request
@@ -20,6 +19,7 @@ from bastion.api.services import Services
 from bastion.audit import merkle
 from bastion.audit.events import ADMIN_READ, Event
 from bastion.audit.log import AuditLogError, iso_time
+from bastion.audit.note import b64encode
 from bastion.audit.writer import AuditWriter, VerificationRunning
 from bastion.errors import Conflict, InvalidRequest, NotFound, PermissionDenied
 from bastion.identity.grants import (
@@ -158,9 +158,9 @@ async def inclusion_proof(request: Request) -> Response:
             "index": index,
             "size": size,
             "entry": record[0].entry,
-            "leaf_hash": _b64(record[0].leaf_hash),
-            "root": _b64(merkle.root_hash(leaves)),
-            "proof": [_b64(node) for node in proof],
+            "leaf_hash": b64encode(record[0].leaf_hash),
+            "root": b64encode(merkle.root_hash(leaves)),
+            "proof": [b64encode(node) for node in proof],
             "checkpoint": signed.note if signed is not None else None,
         }
 
@@ -180,10 +180,6 @@ async def verification(request: Request) -> Response:
         return json_response(report.as_dict())
     last = audit.last_verify
     return json_response({"last": last.as_dict() if last is not None else None})
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 routes = [

@@ -14,12 +14,11 @@ texts for one tree head would let a log show different views that compare unequa
 
 from __future__ import annotations
 
-import base64
 import re
 from dataclasses import dataclass
 
 from bastion.audit.merkle import HASH_SIZE
-from bastion.audit.note import decode_base64, has_control_characters
+from bastion.audit.note import b64encode, decode_base64, has_control_characters
 
 MAX_SIZE = 2**64 - 1
 
@@ -47,7 +46,7 @@ class Checkpoint:
             _check_line(extension, "extension line")
 
     def encode(self) -> str:
-        root64 = _b64encode(self.root)
+        root64 = b64encode(self.root)
         lines = [self.origin, str(self.size), root64, *self.extensions]
         return "".join(f"{line}\n" for line in lines)
 
@@ -77,7 +76,3 @@ def _check_line(line: str, what: str) -> None:
         line.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise MalformedCheckpointError(f"the {what} is not valid Unicode") from exc
-
-
-def _b64encode(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")

@@ -47,7 +47,7 @@ from sqlalchemy.engine import Connection
 from bastion.audit import merkle
 from bastion.audit.checkpoint import Checkpoint
 from bastion.audit.events import Event
-from bastion.audit.note import Signer, Verifier, open_note, sign
+from bastion.audit.note import Signer, Verifier, b64encode, open_note, sign
 from bastion.crypto.keyring import KeyRing
 from bastion.errors import ConfigurationError
 from bastion.store.db import Database
@@ -130,8 +130,14 @@ class PruneNote:
     frontier: tuple[bytes, ...]
 
     def encode(self) -> str:
-        lines = [PRUNE_HEADER, self.origin, str(self.size), _b64(self.root), str(self.cutoff_ms)]
-        lines += [_b64(node) for node in self.frontier]
+        lines = [
+            PRUNE_HEADER,
+            self.origin,
+            str(self.size),
+            b64encode(self.root),
+            str(self.cutoff_ms),
+        ]
+        lines += [b64encode(node) for node in self.frontier]
         return "".join(f"{line}\n" for line in lines)
 
     @classmethod
@@ -684,9 +690,19 @@ def _lock_log(conn: Connection) -> None:
     ).all()
 
 
+def stored_text(note: object) -> str:
+    """A note as the database returned it: text, or bytes where a tampered row holds a
+    BLOB (SQLite); ValueError for anything else."""
+    if isinstance(note, str):
+        return note
+    if isinstance(note, bytes | bytearray | memoryview):
+        return bytes(note).decode("utf-8", "replace")
+    raise ValueError("not a note")
+
+
 def _genuine_checkpoint(note: Any, verifier: Verifier) -> Checkpoint | None:
     try:
-        text = note if isinstance(note, str) else bytes(note).decode()
+        text = stored_text(note)
         checkpoint = Checkpoint.parse(open_note(text.encode(), [verifier])[0])
     except (ValueError, UnicodeDecodeError):
         return None
@@ -746,7 +762,7 @@ def _latest_prune(
         query = query.where(audit_prunes.c.size <= upto)
     for (note,) in conn.execute(query.limit(20)):
         try:
-            text = note if isinstance(note, str) else bytes(note).decode()
+            text = stored_text(note)
             body = open_note(text.encode(), [verifier])[0] if verifier else _note_text(text)
             parsed = PruneNote.parse(body)
         except (ValueError, UnicodeDecodeError):
@@ -808,7 +824,3 @@ def _clean_detail(detail: Mapping[str, Any]) -> dict[str, Any]:
             value = _text_of(value, _MAX_DETAIL_TEXT)
         clean[_text_of(key, 64)] = value
     return clean
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")

@@ -113,7 +113,7 @@ class Verifier:
         return cls(name, int(hex_id, 16), public_key)
 
     def encode(self) -> str:
-        key64 = _b64encode(bytes([ALG_ED25519]) + self.public_key)
+        key64 = b64encode(bytes([ALG_ED25519]) + self.public_key)
         return f"{self.name}+{self.key_id:08x}+{key64}"
 
     def verify(self, message: bytes, signature: bytes) -> bool:
@@ -160,7 +160,7 @@ class Signer:
 
     def encode(self) -> str:
         """The signer key string: a secret, to be stored as one."""
-        seed64 = _b64encode(bytes([ALG_ED25519]) + self._private_key.private_bytes_raw())
+        seed64 = b64encode(bytes([ALG_ED25519]) + self._private_key.private_bytes_raw())
         return f"PRIVATE+KEY+{self.name}+{self.key_id:08x}+{seed64}"
 
     def verifier(self) -> Verifier:
@@ -188,7 +188,7 @@ def sign(text: str, *signers: Signer) -> bytes:
     lines = []
     for signer in signers:
         signature = signer.key_id.to_bytes(4, "big") + signer.sign_message(message)
-        lines.append(f"{_SIGNATURE_PREFIX}{signer.name} {_b64encode(signature)}\n")
+        lines.append(f"{_SIGNATURE_PREFIX}{signer.name} {b64encode(signature)}\n")
     return message + b"\n" + "".join(lines).encode()
 
 
@@ -227,7 +227,7 @@ def decode_base64(value: str) -> bytes:
         decoded = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ValueError("not base64") from exc
-    if _b64encode(decoded) != value:
+    if b64encode(decoded) != value:
         raise ValueError("not canonical base64")
     return decoded
 
@@ -308,5 +308,6 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-def _b64encode(data: bytes) -> str:
+def b64encode(data: bytes) -> str:
+    """Standard, padded base64 (RFC 4648 §4), as text: the one spelling notes use."""
     return base64.b64encode(data).decode("ascii")

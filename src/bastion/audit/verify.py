@@ -29,7 +29,14 @@ import sqlalchemy as sa
 
 from bastion.audit import merkle
 from bastion.audit.checkpoint import Checkpoint
-from bastion.audit.log import AuditRecord, PruneNote, iso_time, record_mac, scan_records
+from bastion.audit.log import (
+    AuditRecord,
+    PruneNote,
+    iso_time,
+    record_mac,
+    scan_records,
+    stored_text,
+)
 from bastion.audit.note import NoteError, Verifier, open_note
 from bastion.store.db import Database
 from bastion.store.tables import audit_checkpoints, audit_prunes
@@ -129,7 +136,7 @@ def _check_prunes(
     )
     for size, note in rows:
         try:
-            parsed = PruneNote.parse(open_note(_text(note).encode(), [verifier])[0])
+            parsed = PruneNote.parse(open_note(stored_text(note).encode(), [verifier])[0])
         except (NoteError, ValueError) as exc:
             report.problems.append(f"The prune note at size {size} does not verify ({exc}).")
             continue
@@ -155,7 +162,7 @@ def _check_checkpoints(
         except (TypeError, ValueError):
             label = f"the checkpoint of size {size} (its time is damaged)"
         try:
-            checkpoint = Checkpoint.parse(open_note(_text(note).encode(), [verifier])[0])
+            checkpoint = Checkpoint.parse(open_note(stored_text(note).encode(), [verifier])[0])
         except (NoteError, ValueError) as exc:
             report.problems.append(f"{_upper(label)} is forged or damaged ({exc}).")
             continue
@@ -302,14 +309,6 @@ def _time_or_none(at_ms: int) -> str | None:
         return iso_time(at_ms)
     except ValueError:
         return None
-
-
-def _text(note: object) -> str:
-    if isinstance(note, str):
-        return note
-    if isinstance(note, bytes | bytearray | memoryview):
-        return bytes(note).decode("utf-8", "replace")
-    raise ValueError("not a note")
 
 
 def _upper(text: str) -> str:

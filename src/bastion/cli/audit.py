@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import math
-import re
 import sys
-import time
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,18 +16,16 @@ from bastion import __version__
 from bastion.audit import merkle
 from bastion.audit.events import ADMIN_READ, AUDIT_VERIFY_FAILED, Event
 from bastion.audit.log import AuditLogError, AuditRecord, iso_time
-from bastion.audit.note import MalformedKeyError, Verifier
+from bastion.audit.note import MalformedKeyError, Verifier, b64encode
 from bastion.audit.verify import verify_log
 from bastion.audit.writer import AuditWriter
 from bastion.bootstrap import Home
 from bastion.cli.common import HomeOpt, JsonOpt, err, open_home, out, print_json, run, table
+from bastion.errors import InvalidRequest
 from bastion.identity.principal import OPERATOR
+from bastion.quotas.usage import parse_since
 
 app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=True)
-
-_RELATIVE = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_MAX_MS = 2**62
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -46,22 +41,14 @@ def _audited_home(home: Path | None) -> tuple[Home, AuditWriter]:
 
 
 def _time_ms(value: str | None, what: str) -> int | None:
-    """An ISO 8601 date or time (UTC unless it says), or an age like 7d, 12h, 30m."""
+    """An ISO 8601 date or time (UTC unless it says), or an age like 7d, 12h, 30m: what
+    `bastion usage --since` takes."""
     if value is None:
         return None
-    relative = _RELATIVE.fullmatch(value.strip().lower())
-    if relative:
-        seconds = float(relative.group(1)) * _UNITS[relative.group(2)]
-        # Clamped to what the database's integers hold: an absurd age means "all".
-        return max(-_MAX_MS, int((time.time() - min(seconds, 1e15)) * 1000))
     try:
-        moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise _fail(
-            f"{what} is an ISO date or time (2026-12-01, 2026-12-01T08:00Z) or an age (7d)"
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
+        moment = parse_since(value, datetime.now(UTC))
+    except InvalidRequest as exc:
+        raise _fail(f"{what}: {exc.message.removeprefix('since ')}") from None
     return int(moment.timestamp() * 1000)
 
 
@@ -188,7 +175,10 @@ def proof(
         raise _fail(f"--old-size must be within 0..{size}")
     try:
         leaves = audit.log.leaves(size)
-        answer: dict[str, Any] = {"size": size, "root": _b64(audit.log.tree_root(size, leaves))}
+        answer: dict[str, Any] = {
+            "size": size,
+            "root": b64encode(audit.log.tree_root(size, leaves)),
+        }
         if index is not None:
             found = audit.log.records(after_seq=index - 1, limit=1)
             if not found or found[0].seq != index:
@@ -196,16 +186,16 @@ def proof(
             answer |= {
                 "index": index,
                 "entry": found[0].entry,
-                "leaf_hash": _b64(found[0].leaf_hash),
-                "proof": [_b64(n) for n in merkle.inclusion_proof(index, leaves)],
+                "leaf_hash": b64encode(found[0].leaf_hash),
+                "proof": [b64encode(n) for n in merkle.inclusion_proof(index, leaves)],
             }
         else:
             assert old_size is not None
             old_root = audit.log.tree_root(old_size, leaves) if old_size else merkle.EMPTY_ROOT
             answer |= {
                 "old_size": old_size,
-                "old_root": _b64(old_root),
-                "proof": [_b64(n) for n in merkle.consistency_proof(old_size, leaves)],
+                "old_root": b64encode(old_root),
+                "proof": [b64encode(n) for n in merkle.consistency_proof(old_size, leaves)],
             }
     except AuditLogError as exc:
         raise _fail(exc.message, 1) from None
@@ -366,7 +356,3 @@ def _write_lines(lines: Iterable[str], output: Path | None) -> None:
                 handle.write(line + "\n")
     except OSError:
         raise _fail(f"cannot write {output}") from None
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
