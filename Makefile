@@ -11,7 +11,7 @@ NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test unit check lint typecheck audit sbom lock bench bench-ohttp bench-serving bench-audit console-screenshots clean-venv sandbox-deps docker-deps prometheus-deps chromium-deps
+.PHONY: serve test unit check lint typecheck audit sbom lock bench bench-ohttp bench-serving bench-audit console-screenshots clean-venv sandbox-deps docker-deps prometheus-deps chromium-deps cluster-deps
 
 # Only what the lock names, each file checked against its hash; then Bastion itself, in
 # place, built with the locked setuptools (no unpinned build environment).
@@ -84,10 +84,20 @@ chromium-deps:
 	    echo "the console's browser tests need Debian's chromium at $(CHROMIUM): install the chromium package (or run this as root)" >&2; exit 1; fi; \
 	  apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
+# The cluster tests (tests/cluster, and the PostgreSQL/Redis tests elsewhere) start their own
+# private PostgreSQL and Redis servers from Debian's packages, and simulate hosts with
+# network namespaces (iproute2): installed here when we run as root (no service is enabled
+# or started), otherwise a clear message.
+cluster-deps:
+	@test -x /usr/lib/postgresql/15/bin/postgres && command -v redis-server >/dev/null && command -v ip >/dev/null || { \
+	  if [ "$$(id -u)" != 0 ]; then \
+	    echo "the cluster tests need Debian's postgresql, redis-server and iproute2: install them (or run this as root)" >&2; exit 1; fi; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends postgresql-15 redis-server iproute2 >/dev/null; }
+
 serve: $(STAMP) sandbox-deps
 	$(BIN)/bastion serve --host $(HOST) --port $(PORT)
 
-test: $(STAMP) $(NODE_STAMP) sandbox-deps docker-deps prometheus-deps chromium-deps
+test: $(STAMP) $(NODE_STAMP) sandbox-deps docker-deps prometheus-deps chromium-deps cluster-deps
 	$(BIN)/python -m pytest -q tests
 
 # The fast inner loop: unit tests and the layering rules, no server, no sandbox (~40 s).

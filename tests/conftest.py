@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from bastion_testing import BastionServer, add_echo_model, cli_json, run_cli
+from services import PostgresServer, RedisServer
 
-_KINDS = ("unit", "integration", "e2e", "security")
+_KINDS = ("unit", "integration", "e2e", "security", "cluster")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -51,3 +52,23 @@ def consumer_key(server: BastionServer, tenant: str) -> str:
 @pytest.fixture()
 def home(server: BastionServer) -> Path:
     return server.home
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One private PostgreSQL server for the session (`postgres.new_database()` per test)."""
+    server = PostgresServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One private redis-server for the session."""
+    server = RedisServer()
+    try:
+        yield server
+    finally:
+        server.close()

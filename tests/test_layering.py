@@ -35,6 +35,9 @@ ALLOWED: dict[str, set[str]] = {
     "client": {"errors", "wire", "crypto"},
     "sandboxes": {"bastion", "errors", "config"},
     "supervision": {"errors", "config", "wire", "sandboxes", "audit", "observability"},
+    # Workers on a cluster's nodes: the CA (crypto, kept in the store), the node's own
+    # sandbox, and the gateway's worker port (supervision).
+    "cluster": {"errors", "config", "wire", "crypto", "store", "sandboxes", "supervision"},
     "identity": {"errors", "store", "audit"},
     "quotas": {"errors", "store", "audit", "identity"},
     "models": {

@@ -25,7 +25,7 @@ from bastion.identity.principal import OPERATOR
 from bastion.identity.service import IdentityService
 from bastion.models.registry import ModelRegistry
 from bastion.quotas.store import QuotaStore
-from bastion.store.db import Database
+from bastion.store.db import Database, PoolSettings
 
 logger = logging.getLogger("bastion.bootstrap")
 
@@ -71,7 +71,7 @@ def open_home(settings: Settings, events: EventSink | None = None) -> Home:
         raise ConfigurationError(f"Cannot create the home directory {settings.home}.") from exc
     master_key, _ = load_or_create_master_key(settings.master_key_path)
     hasher = KeyHasher(derive_key(master_key, "api-key-hmac-v1"))
-    db = Database(settings.db_url)
+    db = open_database(settings)
     db.migrate()
     keyring = _keyring(settings, master_key)
     audit = _audit_writer(settings, db, keyring) if settings.audit_enabled else None
@@ -88,6 +88,20 @@ def open_home(settings: Settings, events: EventSink | None = None) -> Home:
         ohttp_keys=OhttpKeyStore(db, keyring, sink),
         quotas=QuotaStore(db, sink),
         audit=audit,
+    )
+
+
+def open_database(settings: Settings) -> Database:
+    """The configured database (SQLite in the home by default), not migrated yet."""
+    return Database(
+        settings.db_url,
+        pool=PoolSettings(
+            size=settings.database_pool_size,
+            max_overflow=settings.database_max_overflow,
+            recycle_s=settings.database_pool_recycle_s,
+            timeout_s=settings.database_pool_timeout_s,
+            connect_timeout_s=settings.database_connect_timeout_s,
+        ),
     )
 
 

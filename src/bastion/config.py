@@ -31,6 +31,7 @@ KEYS = "key ring"
 MODELS = "models"
 SANDBOX = "sandbox"
 TRANSPORT = "transport"
+CLUSTER = "cluster"
 AUDIT = "audit log"
 ALERTS = "alerts"
 AUTHENTICATION = "authentication"
@@ -48,6 +49,7 @@ SECTIONS = (
     KEYS,
     MODELS,
     SANDBOX,
+    CLUSTER,
 )
 
 
@@ -158,6 +160,19 @@ class Settings:
     alert_webhook_url: str | None = _in(ALERTS, None, secret=True)
     alert_webhook_secret: str | None = _in(ALERTS, None, secret=True)
     alert_webhook_secret_file: str | None = _in(ALERTS, None)
+    # Redis (docs/scaling.md), for several gateways: the rate limits, concurrency slots and
+    # daily budgets they share, and the OHTTP replay cache (None: both in this process's
+    # memory). A redis://, rediss:// or unix:// URL; a secret (it may hold the password).
+    # When Redis does not answer: fail_closed refuses what needs it (503
+    # limiter_unavailable), fail_open applies this gateway's own limits until it answers.
+    # Key names start with the prefix; each call waits at most the timeout; a request's
+    # concurrency slot is a lease of this life, renewed while it runs (a dead gateway's
+    # slots come back after it).
+    redis_url: str | None = _in(SERVER, None, secret=True)
+    redis_failure_policy: str = _in(SERVER, "fail_closed")
+    redis_key_prefix: str = _in(SERVER, "bastion:")
+    redis_timeout_s: float = _in(SERVER, 0.5)
+    redis_lease_ttl_s: float = _in(SERVER, 30.0)
     # How often metered usage (requests, tokens, compute seconds) is written to the database.
     usage_flush_interval_s: float = _in(SERVER, 5.0)
     # How often the gateway re-reads keys, tenants and models from the database.
@@ -174,8 +189,18 @@ class Settings:
     log_level: str = _in(SERVER, "info")
     # Register and load the built-in demo models on first start.
     demo_models: bool = _in(SERVER, True)
-    # SQLAlchemy URL of the database; by default SQLite in the home directory.
-    database_url: str | None = _in(SERVER, None)
+    # SQLAlchemy URL of the database; by default SQLite in the home directory. PostgreSQL:
+    # postgresql+psycopg://USER@HOST:PORT/NAME (docs/database.md); a secret, since it may
+    # hold a password (better left out of it: libpq reads PGPASSWORD and ~/.pgpass).
+    database_url: str | None = _in(SERVER, None, secret=True)
+    # PostgreSQL only: the connections each process keeps open, how many more it may open
+    # under load, how long a request waits for a free one before it is refused (503),
+    # how long opening one may take, and after how long one is replaced.
+    database_pool_size: int = _in(SERVER, 5)
+    database_max_overflow: int = _in(SERVER, 10)
+    database_pool_timeout_s: float = _in(SERVER, 10.0)
+    database_connect_timeout_s: int = _in(SERVER, 5)
+    database_pool_recycle_s: float = _in(SERVER, 1800.0)
     # After `bastion ohttp rotate`, the previous OHTTP key is still accepted this long.
     ohttp_grace_period_s: float = _in(E2E, 24 * 3600.0)
     # An encrypted request's inner Date may be this far from the server's clock; the same
@@ -221,6 +246,19 @@ class Settings:
     # may read the bundles they serve. Never root, never shared by two workers at once.
     worker_uid_base: int = _in(SANDBOX, 1_900_000_000)
     worker_uid_count: int = _in(SANDBOX, 4096)
+    # A cluster that places model workers on its nodes (docs/scaling.md): "ray://HOST:PORT"
+    # (Ray Client; this process needs RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH like
+    # every Ray process). Unset: workers run on this host. Set: every model's workers run
+    # on Ray nodes, each in that node's own sandbox (cluster_node_sandbox), and dial back
+    # to this gateway's worker port, HOST:PORT where it listens (worker_listen) and the
+    # HOST:PORT they dial (worker_advertise; default: worker_listen), over mutual TLS 1.3
+    # with the cluster CA (`bastion init --cluster`); each replica's certificate is valid
+    # for replica_cert_lifetime_s.
+    cluster: str | None = _in(CLUSTER, None)
+    worker_listen: str | None = _in(CLUSTER, None)
+    worker_advertise: str | None = _in(CLUSTER, None)
+    cluster_node_sandbox: str = _in(CLUSTER, "bwrap")
+    replica_cert_lifetime_s: float = _in(CLUSTER, 86_400.0)
     # Runtimes beyond the built-in ones, as `name=python.module` pairs (comma-separated):
     # each module defines `load(source, options)` and must be importable by workers (on
     # PYTHONPATH, which the sandboxes mount read-only). For an operator's own runtimes,

@@ -20,6 +20,7 @@
     ├── ModelUnavailable              503  model not loaded, loading, failed, or worker gone
     │   └── WorkerCrashed             503  the worker died while serving the request
     ├── StorageUnavailable            503  the database cannot be written now (disk full, locked)
+    ├── LimiterUnavailable            503  Redis (shared rate limits, replay cache) unreachable
     ├── GatewayTimeout                504  the answer did not come before the deadline
     └── ConfigurationError            500  Bastion itself is set up wrongly (CLI: exit 2)
 
@@ -223,6 +224,26 @@ class StorageUnavailable(BastionError):
     code = "storage_unavailable"
 
     def __init__(self, message: str, *, retry_after_s: int = 5, **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.headers.setdefault("retry-after", str(max(1, retry_after_s)))
+
+
+class LimiterUnavailable(BastionError):
+    """Redis, which holds the rate limits and the OHTTP replay cache that gateways share,
+    cannot be reached, and the failure policy is to refuse (``fail_closed``): the request
+    was not served and took nothing; the client may retry."""
+
+    status = 503
+    error_type = "server_error"
+    code = "limiter_unavailable"
+
+    def __init__(
+        self,
+        message: str = "Rate limits cannot be checked now; retry shortly.",
+        *,
+        retry_after_s: int = 2,
+        **kwargs: object,
+    ) -> None:
         super().__init__(message, **kwargs)  # type: ignore[arg-type]
         self.headers.setdefault("retry-after", str(max(1, retry_after_s)))
 

@@ -14,16 +14,25 @@ from bastion.audit.events import SERVER_STARTED, Event, EventSink, FanOutSink
 from bastion.audit.webhooks import WebhookNotifier, webhook_secret
 from bastion.bootstrap import Home
 from bastion.config import Settings
+from bastion.errors import ConfigurationError
 from bastion.gateway.auth import Authenticator
 from bastion.gateway.control import ControlPlane
 from bastion.gateway.gateway import Gateway
 from bastion.gateway.protection import ProtectionDesk
+from bastion.gateway.sealing import (
+    RedisReplayGuard,
+    SealingState,
+    local_replay_guard,
+    replay_window_s,
+)
 from bastion.gateway.sso import single_sign_on
 from bastion.listeners import plan, serve_all, uvicorn_server, warn_exposure
 from bastion.models.bundle_store import BundleStore
 from bastion.models.watermark_secret import WatermarkSecret
 from bastion.observability.metrics import AlertMetrics, Metrics, MetricsEventSink
 from bastion.protection.monitor import monitor_policy_of
+from bastion.quotas.limiter import Limiter
+from bastion.quotas.redis import POLICIES, RedisLimiter, RedisLink
 from bastion.quotas.usage import UsageMeter
 from bastion.sandboxes.factory import Sandboxes, make_sandbox
 from bastion.supervision.supervisor import Supervisor
@@ -49,6 +58,43 @@ def build_alerts(
     return alerts, [functools.partial(notifier.close, 5.0)]
 
 
+def build_shared_state(
+    settings: Settings, metrics: Metrics
+) -> tuple[Limiter | None, SealingState, list[Callable[[], None]]]:
+    """With BASTION_REDIS_URL, the limiter and the OHTTP replay guard that gateways share
+    in Redis (docs/scaling.md), over one client, and what to close when the server stops;
+    without it, None (this process's limiter) and this process's replay guard."""
+    if settings.redis_url is None:
+        return None, SealingState(settings), []
+    if settings.redis_failure_policy not in POLICIES:
+        raise ConfigurationError(
+            f"BASTION_REDIS_FAILURE_POLICY must be {' or '.join(POLICIES)}, "
+            f"not {settings.redis_failure_policy!r}."
+        )
+    if settings.redis_timeout_s <= 0 or settings.redis_lease_ttl_s <= 0:
+        raise ConfigurationError(
+            "BASTION_REDIS_TIMEOUT_S and BASTION_REDIS_LEASE_TTL_S must be positive."
+        )
+    try:
+        link = RedisLink.connect(
+            settings.redis_url,
+            timeout_s=settings.redis_timeout_s,
+            policy=settings.redis_failure_policy,
+        )
+    except ValueError as exc:
+        # Never the URL itself in the message: it may hold the password.
+        raise ConfigurationError("BASTION_REDIS_URL is not a valid Redis URL.") from exc
+    # A Redis that is down now is an outage like a later one (logged; the policy applies).
+    link.check()
+    metrics.redis_available.set_function(lambda: 1.0 if link.available else 0.0)
+    prefix = settings.redis_key_prefix
+    limiter = RedisLimiter(link, prefix=prefix, lease_ttl_s=settings.redis_lease_ttl_s)
+    replays = RedisReplayGuard(
+        link, local_replay_guard(settings), replay_window_s(settings), prefix=prefix
+    )
+    return limiter, SealingState(settings, replays=replays), [limiter.close, link.close]
+
+
 def build_services(home: Home, metrics: Metrics) -> Services:
     """Every service the server runs, each built once, wired to the ones it needs."""
     settings = home.settings
@@ -58,9 +104,19 @@ def build_services(home: Home, metrics: Metrics) -> Services:
     alerts, closers = build_alerts(settings, metrics, recent_alerts)
     if sso is not None:
         closers = [*closers, sso.close]
+    limiter, sealing, shared_closers = build_shared_state(settings, metrics)
+    closers = [*closers, *shared_closers]
     recorded = FanOutSink(home.events, MetricsEventSink(metrics))
     events = FanOutSink(recorded, alerts)
-    sandboxes = Sandboxes(make_sandbox(settings), settings)
+    if settings.cluster is not None:
+        # Workers on a cluster's nodes (docs/scaling.md); Ray is imported only then.
+        from bastion.cluster.ray import build_ray_sandbox
+
+        placed, cluster_closers = build_ray_sandbox(settings, home.db, home.keyring)
+        sandboxes = Sandboxes(placed, settings)
+        closers = [*closers, *cluster_closers]
+    else:
+        sandboxes = Sandboxes(make_sandbox(settings), settings)
     supervisor = Supervisor(settings, sandboxes, events)
     tokens = sso.verifier if sso is not None else None
     # Failed sign-ins reach the logs and the audit log rate-limited, but the alert rules
@@ -77,7 +133,17 @@ def build_services(home: Home, metrics: Metrics) -> Services:
         clear_worker=supervisor.clear_risk,
     )
     supervisor.on_notice = desk.notice
-    gateway = Gateway(settings, authenticator, supervisor, events, metrics, meter, protection=desk)
+    gateway = Gateway(
+        settings,
+        authenticator,
+        supervisor,
+        events,
+        metrics,
+        meter,
+        limiter=limiter,
+        protection=desk,
+        sealing=sealing,
+    )
     control = ControlPlane(
         settings,
         home.db,

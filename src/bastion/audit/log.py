@@ -50,7 +50,7 @@ from bastion.audit.events import Event
 from bastion.audit.note import Signer, Verifier, b64encode, open_note, sign
 from bastion.crypto.keyring import KeyRing
 from bastion.errors import ConfigurationError
-from bastion.store.db import Database
+from bastion.store.db import AUDIT_LOG_LOCK, Database
 from bastion.store.tables import audit_checkpoints, audit_keys, audit_prunes, audit_records
 
 ENTRY_VERSION = 1
@@ -684,7 +684,11 @@ def as_record(row: Any) -> AuditRecord:
 
 def _lock_log(conn: Connection) -> None:
     """Serialise the log's writers: SQLite's BEGIN IMMEDIATE already holds the database's
-    write lock; on PostgreSQL the key row is locked (FOR UPDATE renders nothing on SQLite)."""
+    write lock; on PostgreSQL a transaction-scoped advisory lock (which also covers the
+    first record, before the key row exists) and the key row (FOR UPDATE renders nothing
+    on SQLite). Every statement after it sees what earlier writers committed."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(AUDIT_LOG_LOCK)))
     conn.execute(
         sa.select(audit_keys.c.id).where(audit_keys.c.id == _KEY_ROW).with_for_update()
     ).all()

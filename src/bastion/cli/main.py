@@ -12,8 +12,8 @@ from typing import Annotated
 
 import typer
 
-from bastion.bootstrap import initialise
-from bastion.cli import audit, bundles, chat, keys, models, ohttp, protect, quotas, tenants
+from bastion.bootstrap import Home, initialise
+from bastion.cli import audit, bundles, chat, db, keys, models, ohttp, protect, quotas, tenants
 from bastion.cli.common import HomeOpt, JsonOpt, err, out, print_json, run, settings_of
 from bastion.config import Settings
 from bastion.tls import DevCertificate, dev_certificate_paths, ensure_dev_certificate
@@ -26,6 +26,7 @@ app.add_typer(ohttp.app, name="ohttp")
 app.add_typer(quotas.app, name="quotas")
 app.add_typer(protect.app, name="protect")
 app.add_typer(audit.app, name="audit")
+app.add_typer(db.app, name="db")
 
 # ---------------------------------------------------------------- serve / init
 
@@ -121,12 +122,22 @@ def init(
             "ECDSA P-256 for localhost, 127.0.0.1 and ::1, valid 90 days.",
         ),
     ] = False,
+    cluster: Annotated[
+        bool,
+        typer.Option(
+            "--cluster",
+            help="Also create the cluster CA (kept in the database, its key sealed by the "
+            "key ring) that gateways and their replicas on other hosts use for mutual TLS "
+            "(docs/scaling.md). Does nothing if the database has one.",
+        ),
+    ] = False,
     json_output: JsonOpt = False,
 ) -> None:
     """Create the home directory, master key, admin key and demo models without serving."""
     settings = settings_of(home, demo_models=False if no_demo_models else None)
     result = run(lambda: initialise(settings))
     certificate = ensure_dev_certificate(settings.home) if self_signed else None
+    authority = run(lambda: _cluster_authority(result.home)) if cluster else None
     if json_output:
         described: dict[str, object] = {
             "home": str(settings.home),
@@ -134,6 +145,9 @@ def init(
             "admin_key": result.admin_token,
             "demo_models": result.demo_models,
         }
+        if authority is not None:
+            described["cluster_ca_fingerprint"] = authority[0]
+            described["cluster_ca_created"] = authority[1]
         if certificate is not None:
             described["tls_cert"] = str(certificate.cert)
             described["tls_key"] = str(certificate.key)
@@ -145,6 +159,17 @@ def init(
         out.print(f"Home {settings.home} already initialised.")
     if certificate is not None:
         _announce_certificate(certificate)
+    if authority is not None:
+        state = "created" if authority[1] else "already there"
+        out.print(f"Cluster CA ({state}): SHA-256 {authority[0]}", highlight=False)
+
+
+def _cluster_authority(home: Home) -> tuple[str, bool]:
+    """The cluster CA's fingerprint, and whether it was created now."""
+    from bastion.cluster.authority import create_authority
+
+    authority, created = create_authority(home.db, home.keyring)
+    return authority.fingerprint, created
 
 
 def _announce(token: str | None, settings: Settings, json_output: bool) -> None:

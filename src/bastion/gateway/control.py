@@ -3,7 +3,8 @@ line with it.
 
 The gateway (:mod:`bastion.gateway.gateway`) serves requests from what it holds in memory;
 this module is the one that changes what it holds. On start and then every
-``refresh_interval_s`` (and at once after an admin change) it re-reads keys, quotas,
+``refresh_interval_s`` (and at once after an admin change; on PostgreSQL also at once when
+any process commits one, told by the database's notification) it re-reads keys, quotas,
 models and OHTTP keys when the database revision moved, hands them to the gateway, and
 reconciles the workers with the models' desired states (a bundle's data key unsealed for
 its worker). Between refreshes it retires expired OHTTP keys, gives back fair-queue places
@@ -22,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bastion.audit.events import SERVER_STOPPED, Event, EventSink
 from bastion.audit.writer import AuditWriter
@@ -49,6 +51,9 @@ from bastion.quotas.usage import UsageMeter
 from bastion.sandboxes.uids import grant_group_read
 from bastion.store.db import Database
 from bastion.supervision.supervisor import ModelSpec, Supervisor
+
+if TYPE_CHECKING:
+    from bastion.store.watch import RevisionWatcher
 
 logger = logging.getLogger("bastion.gateway")
 
@@ -100,6 +105,9 @@ class ControlPlane:
         self._expired_at = -MARKS_EXPIRY_INTERVAL_S
         self._revision = -1
         self._refresher: asyncio.Task[None] | None = None
+        # On PostgreSQL: hears committed changes at once (the poll above stays).
+        self._watcher: RevisionWatcher | None = None
+        self._listener: asyncio.Task[None] | None = None
         self._flushed_at = time.monotonic()
         self.started = False
 
@@ -117,14 +125,18 @@ class ControlPlane:
         await self.refresh()
         await self._publish_statuses()
         self._refresher = asyncio.create_task(self._refresh_forever(), name="bastion-refresh")
+        self._watch_changes()
         self.started = True
 
     async def stop(self) -> None:
         self.gateway.drain()
-        if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
+        if self._watcher is not None:
+            await asyncio.to_thread(self._watcher.close)
+        for task in (self._refresher, self._listener):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.supervisor.stop(self.settings.drain_timeout_s)
         await self._flush_usage()
         await self._flush_risks()
@@ -234,6 +246,31 @@ class ControlPlane:
             candidate = self.settings.home / candidate
         # Workers start in their own directory: hand them an absolute path.
         return candidate.absolute()
+
+    def _watch_changes(self) -> None:
+        """On PostgreSQL, refresh as soon as the database says a change committed: the
+        watcher's thread sets an event on the loop, so a burst of changes costs one or two
+        refreshes, never one each."""
+        loop = asyncio.get_running_loop()
+        changed = asyncio.Event()
+
+        def on_change(_revision: int | None) -> None:  # on the watcher's thread
+            loop.call_soon_threadsafe(changed.set)
+
+        self._watcher = self.db.watch(on_change)
+        if self._watcher is not None:
+            self._listener = asyncio.create_task(
+                self._refresh_when_told(changed), name="bastion-refresh-notified"
+            )
+
+    async def _refresh_when_told(self, changed: asyncio.Event) -> None:
+        while True:
+            await changed.wait()
+            changed.clear()
+            try:
+                await self.refresh()
+            except Exception as exc:  # the poll tries again
+                logger.warning("refresh failed", extra={"exc_type": type(exc).__name__})
 
     async def _refresh_forever(self) -> None:
         while True:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import msgspec
@@ -26,7 +26,9 @@ from bastion.audit.events import (
 from bastion.config import Settings
 from bastion.errors import (
     AuthenticationError,
+    ConfigurationError,
     GatewayTimeout,
+    LimiterUnavailable,
     ModelNotFound,
     ModelUnavailable,
     PermissionDenied,
@@ -49,6 +51,7 @@ from bastion.quotas.fair import FairQueue, Hold, QueueFull
 from bastion.quotas.limiter import (
     InMemoryLimiter,
     Limiter,
+    LimitState,
     QuotaExceeded,
     QuotaLimits,
     RequestTooLarge,
@@ -58,7 +61,7 @@ from bastion.quotas.store import EMPTY_TABLE, KEY, TENANT, QuotaTable
 from bastion.quotas.usage import UsageMeter
 from bastion.quotas.window import DispatchWindow
 from bastion.supervision.channel import Reply, Settle
-from bastion.supervision.supervisor import ModelStatus, Supervisor
+from bastion.supervision.supervisor import ModelStatus, Supervisor, replica_count
 from bastion.wire.batching import model_batch_policy
 from bastion.wire.protocol import (
     Caller,
@@ -99,6 +102,7 @@ class Gateway:
         meter: UsageMeter,
         limiter: Limiter | None = None,
         protection: ProtectionDesk | None = None,
+        sealing: SealingState | None = None,
     ) -> None:
         self.settings = settings
         self.limits = settings.request_limits
@@ -106,11 +110,12 @@ class Gateway:
         self.supervisor = supervisor
         self.events = events
         self.metrics = metrics
-        # The OHTTP keys in force and the replay guard; the control plane updates the keys.
-        self.sealing = SealingState(settings)
-        # Quotas: the limiter of this process (a shared one can replace it), the stored
+        # The OHTTP keys in force and the replay guard (of this process unless a shared one
+        # is given); the control plane updates the keys.
+        self.sealing = sealing if sealing is not None else SealingState(settings)
+        # Quotas: the limiter of this process (or the one gateways share), the stored
         # limits as of the last refresh, the fair queue of each model, and the meter.
-        self.limiter: Limiter = limiter or InMemoryLimiter()
+        self.limiter: Limiter = limiter if limiter is not None else InMemoryLimiter()
         self.quotas: QuotaTable = EMPTY_TABLE
         self.meter = meter
         # Acts on the extraction monitors' reports: blocks and throttles suspected thieves.
@@ -267,8 +272,13 @@ class Gateway:
             )
         except (QuotaExceeded, RequestTooLarge) as exc:
             exc.headers.update(
-                (name.decode(), value.decode()) for name, value in self._limit_headers(subjects)
+                (name.decode(), value.decode())
+                for name, value in self._limit_headers(subjects, exc.states)
             )
+            self._refused(tenant, model, exc.code)
+            raise
+        except LimiterUnavailable as exc:
+            # Redis does not answer and the policy is fail_closed.
             self._refused(tenant, model, exc.code)
             raise
         return Ticket(
@@ -276,7 +286,7 @@ class Gateway:
             model,
             limiter=self.limiter,
             reservation=reservation,
-            headers=self._limit_headers(subjects),
+            headers=self._limit_headers(subjects, reservation.states),
             deadline=deadline,
         )
 
@@ -302,9 +312,13 @@ class Gateway:
         return subjects
 
     def _limit_headers(
-        self, subjects: list[tuple[Subject, QuotaLimits]]
+        self, subjects: list[tuple[Subject, QuotaLimits]], states: Sequence[LimitState]
     ) -> list[tuple[bytes, bytes]]:
-        return limit_headers([self.limiter.state(subject, limits) for subject, limits in subjects])
+        """The rate-limit headers from the `states` the limiter answered with the
+        reservation or refusal (asked again only if it did not tell: no limiter here does)."""
+        if not states:
+            states = [self.limiter.state(subject, limits) for subject, limits in subjects]
+        return limit_headers(states)
 
     def _refused(self, tenant: str, model: str, code: str) -> None:
         self.metrics.refused.labels(model, tenant, code).inc()
@@ -328,7 +342,14 @@ class Gateway:
         batch = model_batch_policy(record.runtime, record.options) if record else None
         floor = batch.max_size if batch is not None and batch.enabled else 1
         ceiling = max(self.settings.model_window_max, 2 * floor if floor > 1 else 1)
-        return DispatchWindow(floor, ceiling, fixed if fixed > 0 else None)
+        # Each replica of the model (option replicas) is a worker with a window of its own.
+        try:
+            replicas = replica_count(record.options) if record else 1
+        except ConfigurationError:
+            replicas = 1
+        return DispatchWindow(
+            floor * replicas, ceiling * replicas, fixed * replicas if fixed > 0 else None
+        )
 
     def window(self, model: str) -> DispatchWindow | None:
         """The model's in-flight window (None until its first request)."""

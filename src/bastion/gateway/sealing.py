@@ -1,17 +1,26 @@
 """The gateway's side of end-to-end encryption: which OHTTP keys it publishes and accepts,
 what it hands the workers, and the replay guard. It never opens a request.
+
+The replay guard is this gateway's memory (:class:`ReplayGuard`), or, with several
+gateways, Redis (:class:`RedisReplayGuard`), so that a request replayed to another gateway
+is refused too.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import time
 from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from redis.exceptions import RedisError
 
 from bastion.config import Settings
 from bastion.crypto import ohttp
-from bastion.errors import InvalidRequest, ModelUnavailable
+from bastion.errors import InvalidRequest, LimiterUnavailable, ModelUnavailable
 from bastion.gateway.ohttp_keys import ActiveKey
+from bastion.quotas.redis import RedisLink
 from bastion.wire.protocol import OhttpKey, OhttpSuite, SealingKeys
 
 
@@ -21,6 +30,22 @@ class OhttpKeyProblem(InvalidRequest):
 
 class Replayed(InvalidRequest):
     """This encapsulated request was seen before (RFC 9458 §6.5)."""
+
+
+class Replays(Protocol):
+    """What the gateway asks of a replay guard."""
+
+    def check(self, enc: bytes) -> None:
+        """Record `enc`; raise Replayed if it was recorded within the window."""
+        ...
+
+    def forget(self, enc: bytes) -> None:
+        """Forget a request that did not decrypt."""
+        ...
+
+
+def _replayed() -> Replayed:
+    return Replayed("This encrypted request was already received.", code="ohttp_replay")
 
 
 class ReplayGuard:
@@ -54,7 +79,7 @@ class ReplayGuard:
                 break
             seen.popitem(last=False)
         if enc in seen:
-            raise Replayed("This encrypted request was already received.", code="ohttp_replay")
+            raise _replayed()
         if len(seen) >= self._max_entries:
             raise ModelUnavailable(
                 "Too many encrypted requests to check for replays; retry shortly.", retry_after_s=5
@@ -67,10 +92,68 @@ class ReplayGuard:
         self._seen.pop(enc, None)
 
 
+def local_replay_guard(settings: Settings) -> ReplayGuard:
+    """This gateway's own replay guard, as the settings size it."""
+    return ReplayGuard(replay_window_s(settings), settings.ohttp_replay_cache_entries)
+
+
+def replay_window_s(settings: Settings) -> float:
+    """How long an `enc` is remembered: a request older than the Date window on either
+    side is refused by the worker for its stale Date."""
+    return 2 * settings.ohttp_date_window_s + 1.0
+
+
+class RedisReplayGuard:
+    """The replay guard that gateways share: one Redis key per `enc` seen (a digest of it),
+    set only if absent and expiring after the window, so a repeat to any gateway within the
+    window is refused. Redis's memory, not a count, bounds it (docs/scaling.md). When Redis
+    does not answer, the link's failure policy applies: fail_closed refuses encrypted
+    requests (503 ``limiter_unavailable``), fail_open checks this gateway's own guard."""
+
+    def __init__(
+        self, link: RedisLink, local: ReplayGuard, ttl_s: float, prefix: str = "bastion:"
+    ) -> None:
+        self._link = link
+        self._local = local
+        self._ttl_ms = max(1, round(ttl_s * 1000))
+        self._prefix = f"{prefix}ohttp:"
+
+    def _key(self, enc: bytes) -> str:
+        return self._prefix + hashlib.sha256(enc).hexdigest()[:32]
+
+    def check(self, enc: bytes) -> None:
+        if self._link.available:
+            try:
+                fresh = self._link.client.set(self._key(enc), b"1", nx=True, px=self._ttl_ms)
+            except RedisError as exc:
+                self._link.failed(exc)
+            else:
+                if not fresh:
+                    raise _replayed()
+                return
+        if not self._link.fail_open:
+            raise LimiterUnavailable("Encrypted requests cannot be checked for replays now.")
+        self._local.check(enc)
+
+    def forget(self, enc: bytes) -> None:
+        self._local.forget(enc)
+        if self._link.available:
+            try:
+                self._link.client.delete(self._key(enc))
+            except RedisError as exc:
+                self._link.failed(exc)
+
+
 class SealingState:
     """The OHTTP key set in force: published configuration, accepted ids, worker message."""
 
-    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        clock: Callable[[], float] = time.time,
+        *,
+        replays: Replays | None = None,
+    ) -> None:
         self._settings = settings
         self._clock = clock
         self._accepted: dict[int, tuple[ohttp.KeyConfig, float | None]] = {}
@@ -81,9 +164,7 @@ class SealingState:
         self.worker_keys: SealingKeys | None = None
         #: The earliest time (Unix) a previous key's grace period ends; None if none.
         self.next_retirement: float | None = None
-        self.replays = ReplayGuard(
-            2 * settings.ohttp_date_window_s + 1.0, settings.ohttp_replay_cache_entries
-        )
+        self.replays: Replays = replays if replays is not None else local_replay_guard(settings)
 
     def update(self, keys: Sequence[ActiveKey]) -> SealingKeys:
         """Take the key set read from the store; returns the message for the workers."""

@@ -92,7 +92,7 @@ class OverrideStore:
         actor.require_admin()
         if kind not in (TENANT, KEY):
             raise InvalidRequest("An override is for a tenant or a key.", param="kind")
-        if not 0 < len(subject) <= 64 or not 0 < len(model) <= 64:
+        if not 0 < len(subject) <= 64 or not 0 < len(model) <= 64 or "\0" in subject + model:
             raise InvalidRequest("A tenant, key or model name is 1 to 64 characters.")
         unknown = sorted(set(changes) - OVERRIDABLE)
         if unknown:

@@ -111,7 +111,12 @@ class ModelRegistry:
         _validate_desired_state(desired_state)
         if not isinstance(path, str) or not path or len(path) > MAX_PATH_LENGTH or "\0" in path:
             raise InvalidRequest("The model path must be a non-empty path.", param="path")
-        if not isinstance(description, str) or len(description) > MAX_DESCRIPTION_LENGTH:
+        if (
+            not isinstance(description, str)
+            or len(description) > MAX_DESCRIPTION_LENGTH
+            # PostgreSQL refuses a NUL in text (SQLite kept it).
+            or "\0" in description
+        ):
             raise InvalidRequest(
                 f"The description must be text of at most {MAX_DESCRIPTION_LENGTH} characters.",
                 param="description",

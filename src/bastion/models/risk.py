@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from bastion.audit.events import PROTECT_KEY_CLEARED, EventSink, emit_change
 from bastion.identity.principal import Principal
-from bastion.store.db import Database
+from bastion.store.db import Database, upsert
 from bastion.store.tables import extraction_risk
 
 
@@ -69,7 +69,8 @@ class RiskBoard:
         """Write the latest scores; a record that decided a block (`new_block`) blocks its
         key (a revision bump); an existing block is kept whatever the new score, and a
         block an admin has cleared since is not written back."""
-        records = list(records)
+        # In key order: two gateways writing the same rows lock them in the same order.
+        records = sorted(records, key=lambda r: (r.key_id, r.model))
         if not records:
             return
         now = datetime.now(UTC)
@@ -78,9 +79,6 @@ class RiskBoard:
                 where = (extraction_risk.c.key_id == record.key_id) & (
                     extraction_risk.c.model == record.model
                 )
-                existing = conn.execute(
-                    sa.select(extraction_risk.c.blocked_at).where(where)
-                ).first()
                 values = {
                     "tenant": record.tenant,
                     "risk": record.risk,
@@ -90,18 +88,27 @@ class RiskBoard:
                     "updated_at": now,
                 }
                 blocks = record.blocked_at if record.new_block else None
-                if existing is None:
-                    if record.blocked_at is not None and blocks is None:
-                        # Cleared by an admin since: the block is not written back.
-                        values["level"] = "ok"
-                    conn.execute(
-                        sa.insert(extraction_risk).values(
-                            key_id=record.key_id,
-                            model=record.model,
-                            blocked_at=blocks,
-                            **values,
-                        )
-                    )
+                fresh = dict(values)
+                if record.blocked_at is not None and blocks is None:
+                    # Cleared by an admin since: the block is not written back.
+                    fresh["level"] = "ok"
+                # Inserted unless the row exists (or another gateway inserts it first):
+                # then it is locked and updated below, seeing that gateway's block.
+                row = {"key_id": record.key_id, "model": record.model, "blocked_at": blocks}
+                # (RETURNING, not rowcount: drivers do not report an INSERT's count.)
+                inserted = conn.execute(
+                    upsert(conn, extraction_risk)
+                    .values(**row, **fresh)
+                    .on_conflict_do_nothing()
+                    .returning(extraction_risk.c.key_id)
+                ).first()
+                if inserted is not None:
+                    continue
+                existing = conn.execute(
+                    sa.select(extraction_risk.c.blocked_at).where(where).with_for_update()
+                ).first()
+                if existing is None:  # an admin's clear deleted it meanwhile
+                    conn.execute(sa.insert(extraction_risk).values(**row, **fresh))
                     continue
                 if existing.blocked_at is None and blocks is not None:
                     values["blocked_at"] = blocks

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
-from bastion.store.db import Database
+from bastion.store.db import Database, upsert
 from bastion.store.tables import model_status
 
 TOUCH_INTERVAL_S = 10.0
@@ -78,25 +78,28 @@ class StatusBoard:
             return False
         now = datetime.now(UTC)
         with self._db.write(bump_revision=False) as conn:
+            # Rows are replaced in place (upserts, in name order), never deleted and
+            # inserted again: gateways sharing PostgreSQL then lock them in one order.
             if published is None:
-                conn.execute(sa.delete(model_status))
-            else:
-                names = [s.name for s in changed] + gone
-                conn.execute(sa.delete(model_status).where(model_status.c.name.in_(names)))
-            if changed:
                 conn.execute(
-                    sa.insert(model_status),
-                    [
-                        {
-                            "name": s.name,
-                            "state": s.state,
-                            "detail": s.detail,
-                            "restarts": s.restarts,
-                            "since": s.since,
-                            "updated_at": now,
-                        }
-                        for s in changed
-                    ],
+                    sa.delete(model_status).where(model_status.c.name.not_in(list(current)))
+                )
+            elif gone:
+                conn.execute(sa.delete(model_status).where(model_status.c.name.in_(sorted(gone))))
+            for s in sorted(changed, key=lambda status: status.name):
+                row = {
+                    "state": s.state,
+                    # A worker's reason may hold a NUL, which PostgreSQL refuses in text.
+                    "detail": s.detail.replace("\0", "") if s.detail is not None else None,
+                    "restarts": s.restarts,
+                    "since": s.since,
+                    "updated_at": now,
+                }
+                # Another gateway sharing the database may have just written this model's
+                # row: the latest write wins (an INSERT would fail on PostgreSQL).
+                insert = upsert(conn, model_status).values(name=s.name, **row)
+                conn.execute(
+                    insert.on_conflict_do_update(index_elements=[model_status.c.name], set_=row)
                 )
         self._published = {name: status.key() for name, status in current.items()}
         if touch:

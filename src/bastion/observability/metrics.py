@@ -103,7 +103,7 @@ class Metrics:
             "bastion_requests_refused",
             "Requests turned away by a quota or a full queue, by model, tenant and code "
             "(rate_limit_exceeded, tokens_limit_exceeded, concurrency_limit_exceeded, "
-            "daily_budget_exceeded, payload_too_large, queue_full).",
+            "daily_budget_exceeded, payload_too_large, queue_full, limiter_unavailable).",
             ["model", "tenant", "code"],
             registry=self.registry,
         )
@@ -192,6 +192,13 @@ class Metrics:
             "bastion_alert_dead_letters",
             "Security alerts whose webhook delivery was given up, the latest of them kept in "
             "memory (all of them: bastion_alert_deliveries_total{outcome='dead_letter'}).",
+            registry=self.registry,
+        )
+        # Set to read the link's state by the server when Redis is configured.
+        self.redis_available = Gauge(
+            "bastion_redis_available",
+            "1 while the Redis that gateways share (BASTION_REDIS_URL) answers; 0 during an "
+            "outage (its failure policy applies), or when no Redis is configured.",
             registry=self.registry,
         )
         self.in_flight = Gauge(

@@ -9,8 +9,11 @@ answer ends, :meth:`Limiter.settle` replaces the estimate with the tokens actual
 
 Per-minute limits are token buckets refilled continuously (a full bucket holds one
 minute's allowance), as OpenAI's are; the daily token budget resets at midnight UTC. The
-:class:`Limiter` protocol is what callers use, so a shared implementation (Redis) can
-replace :class:`InMemoryLimiter` without touching them.
+:class:`Limiter` protocol is what callers use: :class:`InMemoryLimiter` keeps the counts of
+one gateway process, :class:`bastion.quotas.redis.RedisLimiter` those that several gateways
+share. Both refuse with the same errors (built here, by :func:`refusal`), and both hand back,
+with each reservation and each refusal, the states the `x-ratelimit-*` headers report, so
+that the headers cost no second look at the counts.
 """
 
 from __future__ import annotations
@@ -65,7 +68,9 @@ class Reservation:
     """What one admitted request holds until it is settled.
 
     `tokens` is what was reserved; `token_limited` says whether any subject limits tokens
-    (if not, the reservation bounds nothing).
+    (if not, the reservation bounds nothing). `states` are its subjects' states right after
+    it was made (what the `x-ratelimit-*` headers report; empty if the limiter does not
+    tell); `handle` is whatever the limiter that made it needs to settle it.
     """
 
     id: int
@@ -73,10 +78,15 @@ class Reservation:
     tokens: int
     settled: bool = False
     token_limited: bool = False
+    states: tuple[LimitState, ...] = ()
+    handle: object = None
 
 
 class QuotaExceeded(RateLimited):
-    """A limit would be passed: 429, with `Retry-After` when waiting will help."""
+    """A limit would be passed: 429, with `Retry-After` when waiting will help. `states`:
+    the subjects' states when it was refused (for the headers; empty if not told)."""
+
+    states: tuple[LimitState, ...] = ()
 
     def __init__(self, message: str, *, code: str, retry_after_s: int | None) -> None:
         super().__init__(message, code=code)
@@ -86,6 +96,81 @@ class QuotaExceeded(RateLimited):
 
 class RequestTooLarge(PayloadTooLarge):
     """The request is over its subject's size limit (413; waiting will not help)."""
+
+    states: tuple[LimitState, ...] = ()
+
+
+# Why a reservation is refused: the first limit, of the first subject, that it would pass
+# (the checks run in this order for each subject in turn).
+TOO_LARGE = "too_large"
+CONCURRENCY = "concurrency"
+REQUESTS = "requests"
+OVER_CAPACITY = "over_capacity"
+TOKENS = "tokens"
+DAILY = "daily"
+
+
+def refusal(
+    reason: str, subject: Subject, limits: QuotaLimits, *, tokens: int, wait_s: float | None
+) -> QuotaExceeded | RequestTooLarge:
+    """The error for a reservation refused for `reason` by `subject`'s `limits`; `wait_s`:
+    how long until waiting would let it pass (None: never)."""
+    who = f"{subject.kind} {subject.id}"
+    retry_after_s = _seconds(wait_s) if wait_s is not None else None
+    if reason == TOO_LARGE:
+        return RequestTooLarge(
+            f"The request is larger than the {who}'s limit of {limits.max_request_bytes} bytes."
+        )
+    if reason == CONCURRENCY:
+        return QuotaExceeded(
+            f"The {who} has {limits.concurrent_requests} requests in progress, its limit.",
+            code="concurrency_limit_exceeded",
+            retry_after_s=1,
+        )
+    if reason == REQUESTS:
+        return QuotaExceeded(
+            f"The {who} reached its limit of {limits.requests_per_minute} requests per minute.",
+            code="rate_limit_exceeded",
+            retry_after_s=retry_after_s,
+        )
+    if reason == OVER_CAPACITY:
+        return QuotaExceeded(
+            f"The request may use {tokens} tokens, more than the {who}'s limit of "
+            f"{limits.tokens_per_minute} per minute; lower max_tokens.",
+            code="tokens_limit_exceeded",
+            retry_after_s=None,
+        )
+    if reason == TOKENS:
+        return QuotaExceeded(
+            f"The {who} reached its limit of {limits.tokens_per_minute} tokens per minute.",
+            code="tokens_limit_exceeded",
+            retry_after_s=retry_after_s,
+        )
+    if reason == DAILY:
+        return QuotaExceeded(
+            f"The {who} used its budget of {limits.tokens_per_day} tokens for today (UTC).",
+            code="daily_budget_exceeded",
+            retry_after_s=retry_after_s,
+        )
+    raise ValueError(f"unknown refusal reason {reason!r}")
+
+
+def limit_state(limits: QuotaLimits, requests: float | None, tokens: float | None) -> LimitState:
+    """The headers' view of a subject whose minute buckets hold `requests` and `tokens`
+    (None: no such bucket), refilled to now."""
+    rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
+    if rpm is None:
+        requests = None
+    if tpm is None:
+        tokens = None
+    return LimitState(
+        limit_requests=rpm,
+        remaining_requests=None if requests is None else max(0, math.floor(requests)),
+        reset_requests_s=None if requests is None or rpm is None else _until_full_s(rpm, requests),
+        limit_tokens=tpm,
+        remaining_tokens=None if tokens is None else max(0, math.floor(tokens)),
+        reset_tokens_s=None if tokens is None or tpm is None else _until_full_s(tpm, tokens),
+    )
 
 
 class Limiter(Protocol):
@@ -99,7 +184,8 @@ class Limiter(Protocol):
     ) -> Reservation:
         """Admit one request of about `tokens` tokens, or raise QuotaExceeded (429) or
         RequestTooLarge (413). With `up_to`, reserve as many more tokens as the subjects
-        have left, up to `up_to` (for a request whose size the gateway cannot see)."""
+        have left, up to `up_to` (for a request whose size the gateway cannot see). The
+        reservation's (or the error's) `states` are the subjects' states, if told."""
         ...
 
     def settle(self, reservation: Reservation, tokens: int) -> None:
@@ -126,13 +212,9 @@ class _Bucket:
         self.level = min(self.capacity, self.level + (now - self.at) * self.capacity / _MINUTE_S)
         self.at = now
 
-    def wait_for(self, amount: float) -> float:
-        """Seconds until `amount` is available (0 if it is)."""
-        missing = amount - self.level
-        return 0.0 if missing <= 0 else missing * _MINUTE_S / self.capacity
-
-    def until_full_s(self) -> float:
-        return (self.capacity - self.level) * _MINUTE_S / self.capacity
+    def wait_for(self, amount: float) -> float | None:
+        """Seconds until `amount` is available (0 if it is; None: never)."""
+        return _wait_s(self.capacity, self.level, amount)
 
 
 @dataclass(slots=True)
@@ -171,7 +253,10 @@ class InMemoryLimiter:
             ]
             # Check every subject first: a refusal takes nothing from anyone.
             for subject, limits, usage in usages:
-                self._check(subject, limits, usage, tokens, request_bytes, now)
+                refused = _check(subject, limits, usage, tokens, request_bytes, now)
+                if refused is not None:
+                    refused.states = tuple(_state(limits, usage) for _, limits, usage in usages)
+                    raise refused
             left = [_tokens_left(limits, usage) for _, limits, usage in usages]
             limited = [n for n in left if n is not None]
             if up_to is not None:
@@ -185,7 +270,11 @@ class InMemoryLimiter:
                 usage.day_tokens += tokens
                 usage.concurrent += 1
             return Reservation(
-                next(self._ids), tuple(subjects), tokens, token_limited=bool(limited)
+                next(self._ids),
+                tuple(subjects),
+                tokens,
+                token_limited=bool(limited),
+                states=tuple(_state(limits, usage) for _, limits, usage in usages),
             )
 
     def settle(self, reservation: Reservation, tokens: int) -> None:
@@ -217,16 +306,7 @@ class InMemoryLimiter:
 
     def state(self, subject: Subject, limits: QuotaLimits) -> LimitState:
         with self._lock:
-            usage = self._current(subject, limits, self._clock())
-            requests, tokens = usage.requests, usage.tokens
-            return LimitState(
-                limit_requests=limits.requests_per_minute,
-                remaining_requests=max(0, math.floor(requests.level)) if requests else None,
-                reset_requests_s=requests.until_full_s() if requests else None,
-                limit_tokens=limits.tokens_per_minute,
-                remaining_tokens=max(0, math.floor(tokens.level)) if tokens else None,
-                reset_tokens_s=tokens.until_full_s() if tokens else None,
-            )
+            return _state(limits, self._current(subject, limits, self._clock()))
 
     def _current(self, subject: Subject, limits: QuotaLimits, now: float) -> _Usage:
         """The subject's usage, refilled to `now` and following changed limits."""
@@ -245,56 +325,42 @@ class InMemoryLimiter:
             usage.day, usage.day_tokens = day, 0
         return usage
 
-    def _check(
-        self,
-        subject: Subject,
-        limits: QuotaLimits,
-        usage: _Usage,
-        tokens: int,
-        request_bytes: int,
-        now: float,
-    ) -> None:
-        who = f"{subject.kind} {subject.id}"
-        if limits.max_request_bytes is not None and request_bytes > limits.max_request_bytes:
-            raise RequestTooLarge(
-                f"The request is larger than the {who}'s limit of {limits.max_request_bytes} bytes."
-            )
-        if (
-            limits.concurrent_requests is not None
-            and usage.concurrent >= limits.concurrent_requests
-        ):
-            raise QuotaExceeded(
-                f"The {who} has {limits.concurrent_requests} requests in progress, its limit.",
-                code="concurrency_limit_exceeded",
-                retry_after_s=1,
-            )
-        if usage.requests is not None and usage.requests.level < 1:
-            raise QuotaExceeded(
-                f"The {who} reached its limit of {limits.requests_per_minute} requests per minute.",
-                code="rate_limit_exceeded",
-                retry_after_s=_seconds(usage.requests.wait_for(1)),
-            )
-        if usage.tokens is not None and tokens > 0:
-            if tokens > usage.tokens.capacity:
-                raise QuotaExceeded(
-                    f"The request may use {tokens} tokens, more than the {who}'s limit of "
-                    f"{usage.tokens.capacity} per minute; lower max_tokens.",
-                    code="tokens_limit_exceeded",
-                    retry_after_s=None,
-                )
-            if usage.tokens.level < tokens:
-                raise QuotaExceeded(
-                    f"The {who} reached its limit of {limits.tokens_per_minute} tokens per minute.",
-                    code="tokens_limit_exceeded",
-                    retry_after_s=_seconds(usage.tokens.wait_for(tokens)),
-                )
-        if limits.tokens_per_day is not None and usage.day_tokens + tokens > limits.tokens_per_day:
-            midnight = (usage.day + 1) * _DAY_S
-            raise QuotaExceeded(
-                f"The {who} used its budget of {limits.tokens_per_day} tokens for today (UTC).",
-                code="daily_budget_exceeded",
-                retry_after_s=_seconds(midnight - now),
-            )
+
+def _check(
+    subject: Subject,
+    limits: QuotaLimits,
+    usage: _Usage,
+    tokens: int,
+    request_bytes: int,
+    now: float,
+) -> QuotaExceeded | RequestTooLarge | None:
+    """Why `subject` refuses the request, or None if it allows it."""
+    reason: str | None = None
+    wait_s: float | None = None
+    if limits.max_request_bytes is not None and request_bytes > limits.max_request_bytes:
+        reason = TOO_LARGE
+    elif limits.concurrent_requests is not None and usage.concurrent >= limits.concurrent_requests:
+        reason = CONCURRENCY
+    elif usage.requests is not None and usage.requests.level < 1:
+        reason, wait_s = REQUESTS, usage.requests.wait_for(1)
+    elif usage.tokens is not None and tokens > 0 and tokens > usage.tokens.capacity:
+        reason = OVER_CAPACITY
+    elif usage.tokens is not None and tokens > 0 and usage.tokens.level < tokens:
+        reason, wait_s = TOKENS, usage.tokens.wait_for(tokens)
+    elif limits.tokens_per_day is not None and usage.day_tokens + tokens > limits.tokens_per_day:
+        reason, wait_s = DAILY, (usage.day + 1) * _DAY_S - now
+    if reason is None:
+        return None
+    return refusal(reason, subject, limits, tokens=tokens, wait_s=wait_s)
+
+
+def _state(limits: QuotaLimits, usage: _Usage) -> LimitState:
+    requests, tokens = usage.requests, usage.tokens
+    return limit_state(
+        limits,
+        requests.level if requests is not None else None,
+        tokens.level if tokens is not None else None,
+    )
 
 
 def _tokens_left(limits: QuotaLimits, usage: _Usage) -> int | None:
@@ -315,6 +381,19 @@ def _resized(bucket: _Bucket | None, capacity: int | None, now: float) -> _Bucke
         return _Bucket(capacity=capacity, level=float(capacity), at=now)
     used = bucket.capacity - bucket.level
     return _Bucket(capacity=capacity, level=capacity - used, at=bucket.at)
+
+
+def _wait_s(capacity: int, level: float, amount: float) -> float | None:
+    """Seconds until a bucket of `capacity` at `level` holds `amount` (None: a bucket of
+    capacity 0, which never refills)."""
+    missing = amount - level
+    if missing <= 0:
+        return 0.0
+    return None if capacity <= 0 else missing * _MINUTE_S / capacity
+
+
+def _until_full_s(capacity: int, level: float) -> float:
+    return 0.0 if capacity <= 0 else (capacity - level) * _MINUTE_S / capacity
 
 
 def _seconds(value: float) -> int:

@@ -24,7 +24,7 @@ from sqlalchemy.engine import Connection
 
 from bastion.errors import InvalidRequest
 from bastion.quotas.journal import UsageJournal, leftovers
-from bastion.store.db import Database
+from bastion.store.db import Database, upsert
 from bastion.store.tables import usage, usage_flushes
 
 _HOUR_S = 3600
@@ -115,8 +115,7 @@ class UsageMeter:
             return
         try:
             with self._db.write(bump_revision=False) as conn:
-                for (tenant, model, hour), counts in pending.items():
-                    _add_row(conn, tenant, model, datetime.fromtimestamp(hour, UTC), counts)
+                _add_rows(conn, pending)
                 _mark_flushed(conn, [f.name for f in files], self._now())
         except Exception:
             with self._lock:
@@ -137,24 +136,20 @@ class UsageMeter:
             return 0
         names = [leftover.path.name for leftover in found]
         with self._db.write(bump_revision=False) as conn:
-            done = set(
-                conn.execute(
-                    sa.select(usage_flushes.c.journal).where(usage_flushes.c.journal.in_(names))
-                ).scalars()
-            )
+            # Claimed first: of two gateways recovering the same files at once, only the
+            # one whose claim inserted a file's name adds its records.
+            claimed = _mark_flushed(conn, names, self._now())
             totals: dict[tuple[str, str, int], Counts] = {}
             recovered = 0
             for leftover in found:
-                if leftover.path.name in done:
+                if leftover.path.name not in claimed:
                     continue
                 for tenant, model, hour, *numbers in leftover.records:
                     totals.setdefault((tenant, model, hour), Counts()).add(
                         Counts(*numbers)  # type: ignore[arg-type]
                     )
                     recovered += 1
-            for (tenant, model, hour), counts in totals.items():
-                _add_row(conn, tenant, model, datetime.fromtimestamp(hour, UTC), counts)
-            _mark_flushed(conn, [n for n in names if n not in done], self._now())
+            _add_rows(conn, totals)
         for leftover in found:
             leftover.path.unlink(missing_ok=True)
         return recovered
@@ -174,22 +169,39 @@ class UsageMeter:
 _FLUSHES_KEPT = timedelta(days=7)
 
 
-def _mark_flushed(conn: Connection, names: list[str], now: datetime) -> None:
+def _mark_flushed(conn: Connection, names: list[str], now: datetime) -> set[str]:
+    """Record the journals as flushed; the names this transaction recorded (not those
+    recorded before, or by a concurrent transaction that committed first)."""
+    claimed: set[str] = set()
     if names:
-        conn.execute(sa.insert(usage_flushes), [{"journal": n, "flushed_at": now} for n in names])
+        insert = upsert(conn, usage_flushes).values(
+            [{"journal": n, "flushed_at": now} for n in names]
+        )
+        claimed = set(
+            conn.execute(
+                insert.on_conflict_do_nothing().returning(usage_flushes.c.journal)
+            ).scalars()
+        )
     conn.execute(sa.delete(usage_flushes).where(usage_flushes.c.flushed_at < now - _FLUSHES_KEPT))
+    return claimed
 
 
-def _add_row(conn: Connection, tenant: str, model: str, hour: datetime, counts: Counts) -> None:
-    where = (usage.c.tenant == tenant, usage.c.model == model, usage.c.hour == hour)
-    values = asdict(counts)
-    updated = conn.execute(
-        sa.update(usage)
-        .where(*where)
-        .values({name: getattr(usage.c, name) + value for name, value in values.items()})
-    ).rowcount
-    if not updated:
-        conn.execute(sa.insert(usage).values(tenant=tenant, model=model, hour=hour, **values))
+def _add_rows(conn: Connection, totals: dict[tuple[str, str, int], Counts]) -> None:
+    """Add each count to its row, made if missing: one INSERT … ON CONFLICT DO UPDATE per
+    row, so gateways flushing the same row at the same moment add up (an UPDATE, then an
+    INSERT when it found nothing, would fail for one of them on PostgreSQL). In key order,
+    so that two flushes lock shared rows in the same order and cannot deadlock."""
+    for (tenant, model, hour), counts in sorted(totals.items(), key=lambda item: item[0]):
+        values = asdict(counts)
+        insert = upsert(conn, usage).values(
+            tenant=tenant, model=model, hour=datetime.fromtimestamp(hour, UTC), **values
+        )
+        conn.execute(
+            insert.on_conflict_do_update(
+                index_elements=[usage.c.tenant, usage.c.model, usage.c.hour],
+                set_={name: getattr(usage.c, name) + insert.excluded[name] for name in values},
+            )
+        )
 
 
 def usage_report(

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bastion.errors import ConfigurationError
 
@@ -45,6 +45,12 @@ class WorkerLaunch:
     ipc_dir: Path
     model_dir: Path
     env: dict[str, str] = field(default_factory=dict)
+    # The model's options (a cluster backend reads its resource needs from them).
+    options: Mapping[str, object] = field(default_factory=dict)
+    # Set for workers on other hosts: the backend calls it with its worker port and the
+    # fingerprint of the certificate it issued for this worker, before the worker starts,
+    # so that the gateway waits for exactly that connection.
+    expect_certificate: Callable[[Any, str], None] | None = None
 
 
 class WorkerProcess(Protocol):

@@ -28,6 +28,10 @@ metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
 DESIRED_STATES = ("loaded", "unloaded")
 # The `meta` row whose integer value changes with every change to tenants, keys or models.
 REVISION_KEY = "revision"
+# Columns that hold a principal's key id: an API key's, or a single sign-on user's
+# ("jwt:<issuer host>:<subject>", up to 4 + 253 + 1 + 255 characters). PostgreSQL enforces
+# the length (SQLite does not), so it must fit the longest such id (migration 0011).
+PRINCIPAL_LENGTH = 512
 
 
 class UTCDateTime(sa.TypeDecorator[datetime]):
@@ -164,7 +168,7 @@ quotas = sa.Table(
     "quotas",
     metadata,
     sa.Column("kind", sa.String(8), primary_key=True),
-    sa.Column("subject", sa.String(255), primary_key=True),
+    sa.Column("subject", sa.String(PRINCIPAL_LENGTH), primary_key=True),
     sa.Column("requests_per_minute", sa.BigInteger, nullable=True),
     sa.Column("tokens_per_minute", sa.BigInteger, nullable=True),
     sa.Column("concurrent_requests", sa.BigInteger, nullable=True),
@@ -207,7 +211,7 @@ usage_flushes = sa.Table(
 extraction_risk = sa.Table(
     "extraction_risk",
     metadata,
-    sa.Column("key_id", sa.String(255), primary_key=True),
+    sa.Column("key_id", sa.String(PRINCIPAL_LENGTH), primary_key=True),
     sa.Column("model", sa.String(64), primary_key=True),
     sa.Column("tenant", sa.String(64), nullable=False),
     sa.Column("risk", sa.Float, nullable=False),
@@ -227,7 +231,7 @@ watermark_records = sa.Table(
     metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("model", sa.String(64), nullable=False),
-    sa.Column("key_id", sa.String(255), nullable=True),
+    sa.Column("key_id", sa.String(PRINCIPAL_LENGTH), nullable=True),
     sa.Column("tenant", sa.String(64), nullable=True),
     sa.Column("kind", sa.String(16), nullable=False),
     sa.Column("classes", sa.Integer, nullable=False),
@@ -246,7 +250,7 @@ protect_overrides = sa.Table(
     "protect_overrides",
     metadata,
     sa.Column("kind", sa.String(8), primary_key=True),
-    sa.Column("subject", sa.String(255), primary_key=True),
+    sa.Column("subject", sa.String(PRINCIPAL_LENGTH), primary_key=True),
     sa.Column("model", sa.String(64), primary_key=True),
     sa.Column("options", sa.Text, nullable=False),
     sa.Column("updated_at", UTCDateTime, nullable=False),
@@ -309,4 +313,16 @@ audit_prunes = sa.Table(
     sa.Column("size", sa.BigInteger, primary_key=True, autoincrement=False),
     sa.Column("at_ms", sa.BigInteger, nullable=False),
     sa.Column("note", sa.Text, nullable=False),
+)
+
+# The cluster's certificate authority (one row): its certificate, and its private key
+# sealed by the key ring (bastion init --cluster; docs/scaling.md).
+cluster_ca = sa.Table(
+    "cluster_ca",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("certificate", sa.Text, nullable=False),
+    sa.Column("sealed_key", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.CheckConstraint("id = 1", name="one"),
 )

@@ -28,6 +28,7 @@ import msgspec
 
 from bastion.errors import ModelUnavailable, PayloadTooLarge, WorkerCrashed
 from bastion.supervision.connection import WorkerConnection
+from bastion.supervision.remote import WorkerPort
 from bastion.wire.framing import (
     HEADER_BYTES,
     MAX_MESSAGE_BYTES,
@@ -172,6 +173,12 @@ class WorkerChannel:
     async def open(self) -> None:
         """Listen on the socket path for the worker's one connection."""
         await self._connection.open()
+        self._opened = True
+
+    def expect_certificate(self, port: WorkerPort, fingerprint: str) -> None:
+        """A worker on another host (instead of :meth:`open` and :meth:`expect_peer`): it
+        connects to `port` with the certificate whose SHA-256 fingerprint is given."""
+        self._connection.expect_certificate(port, fingerprint)
         self._opened = True
 
     def expect_peer(self, pid: int | None, *, uid: int | None = None) -> None:

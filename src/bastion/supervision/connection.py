@@ -26,6 +26,7 @@ from typing import cast
 import msgspec
 
 from bastion.supervision.peer import PeerRejected, check_peer, peer_credentials
+from bastion.supervision.remote import WorkerPort
 from bastion.wire.framing import FrameDecoder, FrameTooLarge
 from bastion.wire.protocol import FromWorker, decode_from_worker
 
@@ -67,6 +68,25 @@ class WorkerConnection:
         self._outbox_bytes = 0
         #: Monotonic time of the worker's last message; None until its first.
         self.last_seen: float | None = None
+        # A remote worker: the port its connection arrives on, and its pinned certificate.
+        self._remote: tuple[WorkerPort, str] | None = None
+
+    def expect_certificate(self, port: WorkerPort, fingerprint: str) -> None:
+        """A worker on another host (instead of :meth:`open` and :meth:`expect_peer`): its
+        connection arrives on `port`, presenting the certificate with `fingerprint`, which
+        the port checked before handing it here."""
+        self._remote = (port, fingerprint)
+        port.expect(fingerprint, self)
+
+    def adopt(self, transport: asyncio.Transport) -> asyncio.Protocol:
+        """The worker port's connection with this worker's certificate: the protocol that
+        takes its bytes from here on."""
+        if self._protocol is not None or self.closed:
+            transport.abort()
+            return _Refused(self)
+        self._protocol = _Protocol(self)
+        self._protocol.connection_made(transport)
+        return self._protocol
 
     async def open(self) -> None:
         """Listen on the socket path, readable and writable by the gateway's user only."""
@@ -115,6 +135,9 @@ class WorkerConnection:
         self.closed = True
         self.writable.set()
         self._stop_listening()
+        if self._remote is not None:
+            port, fingerprint = self._remote
+            port.forget(fingerprint)
         self._outbox = []
         if self._transport is not None:
             self._transport.abort()
@@ -142,6 +165,11 @@ class WorkerConnection:
         # One connection only: nothing else can reach the socket from here on.
         self._stop_listening()
         self._transport = transport
+        if self._remote is not None:
+            # The port matched its certificate to the one issued for this worker.
+            self.verified = True
+            self.writable.set()
+            return
         if self._peer_rule is None:
             # The worker's pid is not known yet; hold its messages until it is.
             transport.pause_reading()

@@ -238,16 +238,22 @@ class WorkerLifecycle:
         else:
             slot.set_state(ModelState.LOADING)
         try:
-            await channel.open()
-            slot.channel = channel
-            launch = WorkerLaunch(
-                worker_id=worker_id,
-                argv=worker_argv(channel.endpoint, log_level=self._settings.log_level),
-                ipc_dir=worker_dir,
-                model_dir=slot.spec.path,
-            )
             try:
                 sandbox = await asyncio.to_thread(self._sandboxes.for_options, slot.spec.options)
+                # A worker on another host dials the sandbox's worker port (mutual TLS);
+                # a local one connects to its own Unix socket.
+                remote = getattr(sandbox, "port", None) is not None
+                if not remote:
+                    await channel.open()
+                slot.channel = channel
+                launch = WorkerLaunch(
+                    worker_id=worker_id,
+                    argv=worker_argv(channel.endpoint, log_level=self._settings.log_level),
+                    ipc_dir=worker_dir,
+                    model_dir=slot.spec.path,
+                    options=slot.spec.options,
+                    expect_certificate=channel.expect_certificate if remote else None,
+                )
                 process = await sandbox.launch(launch)
             except ConfigurationError as exc:
                 # The model's sandbox cannot run here (Docker is not running, say).
@@ -261,7 +267,8 @@ class WorkerLifecycle:
                 self._load_failed(slot, failure.reason)
                 return failure
             slot.pid = process.pid
-            channel.expect_peer(process.peer_pid)
+            if not remote:
+                channel.expect_peer(process.peer_pid)
             exit_task = asyncio.ensure_future(process.wait())
             logger.info(
                 "worker started", extra={"model": name, "worker": worker_id, "pid": process.pid}

@@ -165,3 +165,28 @@ def test_up_to_reserves_what_every_subject_has_left(clock: Clock) -> None:
     assert limiter.reserve([(TENANT, tenant)], tokens=10, up_to=50).tokens == 50
     free = limiter.reserve([(TENANT, QuotaLimits(requests_per_minute=9))], tokens=10, up_to=70)
     assert free.tokens == 70 and not free.token_limited
+
+
+def test_reservations_and_refusals_carry_the_states_for_the_headers(clock: Clock) -> None:
+    # The gateway's rate-limit headers come from these, without asking the limiter again
+    # (for a shared limiter, that would be another round trip to Redis).
+    limiter = InMemoryLimiter(clock)
+    tenant = QuotaLimits(requests_per_minute=2, tokens_per_minute=600)
+    key = QuotaLimits(tokens_per_minute=1000)
+    reservation = limiter.reserve([(TENANT, tenant), (KEY, key)], tokens=100)
+    assert reservation.states == (limiter.state(TENANT, tenant), limiter.state(KEY, key))
+    assert [s.remaining_tokens for s in reservation.states] == [500, 900]
+    limiter.reserve([(TENANT, tenant), (KEY, key)], tokens=100)
+    with pytest.raises(QuotaExceeded) as caught:
+        limiter.reserve([(TENANT, tenant), (KEY, key)], tokens=100)
+    assert caught.value.states == (limiter.state(TENANT, tenant), limiter.state(KEY, key))
+    assert caught.value.states[0].remaining_requests == 0
+
+
+def test_a_limit_of_zero_refuses_for_good(clock: Clock) -> None:
+    limiter = InMemoryLimiter(clock)
+    limits = QuotaLimits(requests_per_minute=0)
+    error = refused(limiter, limits)
+    assert error.code == "rate_limit_exceeded" and "retry-after" not in error.headers
+    state = limiter.state(TENANT, limits)
+    assert (state.remaining_requests, state.reset_requests_s) == (0, 0.0)

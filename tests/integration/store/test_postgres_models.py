@@ -1,0 +1,154 @@
+"""The model registry, live states, extraction risk, watermark records, protection
+overrides and OHTTP keys on both backends, with two gateways writing at once where a
+running fleet does."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from store_testing import run_threads
+
+from bastion.audit.events import MemoryEventSink
+from bastion.crypto.keyring import KeyRing, LocalKek
+from bastion.errors import InvalidRequest
+from bastion.gateway.ohttp_keys import OhttpKeyStore
+from bastion.identity.principal import OPERATOR
+from bastion.models.marks import MarksStore, SealedRecord
+from bastion.models.overrides import OverrideStore
+from bastion.models.registry import ModelRegistry
+from bastion.models.risk import RiskBoard, RiskRecord
+from bastion.models.status import PublishedStatus, StatusBoard
+from bastion.store.db import Database
+
+SSO_USER = "jwt:" + "h" * 253 + ":" + "s" * 254
+
+
+def test_models_are_registered_changed_and_removed(
+    open_database: Callable[[], Database],
+) -> None:
+    cli, gateway = open_database(), open_database()
+    registry = ModelRegistry(cli, MemoryEventSink())
+    options = {"max_len": 64, "protect.output": "label_only", "nested": {"a": [1, 2.5, None]}}
+    added = registry.register(
+        OPERATOR, name="echo", runtime="echo", path="/m/echo", options=options, description="é"
+    )
+    registry.register(
+        OPERATOR, name="digits", runtime="onnx", path="/m/d", desired_state="unloaded"
+    )
+    registry.set_desired_state(OPERATOR, "digits", "loaded")
+    registry.set_protection(OPERATOR, "echo", {"protect.output": None})
+    seen = ModelRegistry(gateway, MemoryEventSink())
+    assert [r.name for r in seen.list()] == ["digits", "echo"]
+    echo = seen.get("echo")
+    assert echo.options == {"max_len": 64, "nested": {"a": [1, 2.5, None]}}
+    assert echo.description == "é" and echo.created_at == added.created_at
+    assert seen.get("digits").desired_state == "loaded"
+    with pytest.raises(InvalidRequest):  # PostgreSQL keeps no NUL in text
+        registry.register(OPERATOR, name="nul", runtime="echo", path="/m", description="a\0b")
+    registry.remove(OPERATOR, "digits")
+    assert [r.name for r in seen.list()] == ["echo"]
+    assert gateway.revision() == 5
+
+
+def test_two_gateways_publish_model_states_at_once(
+    open_database: Callable[[], Database],
+) -> None:
+    boards = [StatusBoard(open_database()) for _ in range(2)]
+    since = datetime(2026, 12, 1, tzinfo=UTC)
+
+    def publish(board: StatusBoard, index: int) -> Callable[[], None]:
+        def run() -> None:
+            for step in range(30):
+                state = "ready" if step % 2 else "loading"
+                board.publish(
+                    [PublishedStatus(f"m{n}", state, f"gw{index}\0", step, since) for n in range(4)]
+                )
+
+        return run
+
+    run_threads(*(publish(board, i) for i, board in enumerate(boards)))
+    states = boards[0].read()
+    assert sorted(states) == ["m0", "m1", "m2", "m3"]
+    assert {s.restarts for s in states.values()} == {29}
+    assert {s.detail for s in states.values()} <= {"gw0", "gw1"}
+
+
+def test_two_gateways_write_risk_scores_and_blocks_at_once(
+    open_database: Callable[[], Database],
+) -> None:
+    boards = [RiskBoard(open_database(), MemoryEventSink()) for _ in range(2)]
+    at = datetime(2026, 12, 1, tzinfo=UTC)
+
+    def report(board: RiskBoard, index: int) -> Callable[[], None]:
+        def run() -> None:
+            for step in range(20):
+                records = [
+                    RiskRecord(key, "m", "acme", 0.1 * step, "alert", step)
+                    for key in ("k1", "k2", "k3", SSO_USER)
+                ]
+                if index == 1 and step == 10:
+                    records.append(
+                        RiskRecord(
+                            "k2", "m", "acme", 2.0, "block", 99, blocked_at=at, new_block=True
+                        )
+                    )
+                # One gateway lists them the other way round: no deadlock.
+                board.record(records if index else records[::-1])
+
+        return run
+
+    run_threads(*(report(board, i) for i, board in enumerate(boards)))
+    rows = {r.key_id: r for r in boards[0].read()}
+    assert set(rows) == {"k1", "k2", "k3", SSO_USER}
+    assert rows["k2"].blocked and rows["k2"].level == "block"
+    assert not rows["k1"].blocked and rows[SSO_USER].queries == 19
+    blocked, present = boards[1].pairs()
+    assert blocked == {("k2", "m")} and len(present) == 4
+    assert boards[0].clear(OPERATOR, "k2") == 1
+
+
+def test_watermark_records_and_overrides(open_database: Callable[[], Database]) -> None:
+    db = open_database()
+    marks = MarksStore(db, retention_days=1)
+    old = datetime.now(UTC) - timedelta(days=2)
+    marks.add(
+        [
+            SealedRecord("m", SSO_USER, "acme", "marks", 10, 3, b"\0\xff" * 100),
+            SealedRecord("m", "k1", "acme", "controls", 10, 1, b"sealed", created_at=old),
+        ]
+    )
+    assert [r.blob for r in marks.read("m", SSO_USER)] == [b"\0\xff" * 100]
+    assert marks.expire() == 1
+    assert [r.kind for r in MarksStore(open_database()).read("m")] == ["marks"]
+    overrides = OverrideStore(db, MemoryEventSink())
+    overrides.set(OPERATOR, "tenant", "acme", "*", {"output": "label_only"})
+    overrides.set(OPERATOR, "key", "k1", "m", {"watermark": "off", "output": "full"})
+    table = OverrideStore(open_database(), MemoryEventSink()).table()
+    assert table.resolve("acme", "k1", "m") == {
+        "protect.output": "full",
+        "protect.watermark": "off",
+    }
+    with pytest.raises(InvalidRequest):
+        overrides.set(OPERATOR, "key", "k\0", "m", {"output": "label_only"})
+
+
+def test_gateways_starting_together_make_one_current_ohttp_key(
+    open_database: Callable[[], Database],
+) -> None:
+    keyring = KeyRing(LocalKek(os.urandom(32)))
+    stores = [OhttpKeyStore(open_database(), keyring, MemoryEventSink()) for _ in range(4)]
+    created: list[object] = []
+    run_threads(*(lambda s=s: created.append(s.ensure_current("system")) for s in stores))
+    assert len([c for c in created if c is not None]) == 1
+    first = stores[0].active()
+    assert [k.info.state for k in first] == ["current"]
+    rotated = stores[1].rotate("op", timedelta(hours=1))
+    active = stores[2].active()
+    assert [k.info.key_id for k in active] == [rotated.key_id, first[0].info.key_id]
+    # The private keys open from what the other gateway stored.
+    assert active[1].key.private_key.to_bytes() == first[0].key.private_key.to_bytes()
+    assert stores[3].rewrap_all() == 2
+    assert [k.info.fingerprint for k in stores[0].active()] == [k.info.fingerprint for k in active]
