@@ -54,7 +54,11 @@ class PostgresServer:
     port, password authentication (SCRAM) over TCP. Run as the `postgres` user when the tests
     run as root (PostgreSQL refuses root)."""
 
-    def __init__(self, *, listen: tuple[str, ...] = ("127.0.0.1",)) -> None:
+    def __init__(
+        self, *, listen: tuple[str, ...] = ("127.0.0.1",), allow: tuple[str, ...] = ()
+    ) -> None:
+        """`allow`: networks (CIDR) beyond loopback whose clients may log in, with the
+        same password authentication."""
         if not postgres_available():
             raise RuntimeError("PostgreSQL 15 is not installed: run `make cluster-deps`")
         self.host = listen[0]
@@ -85,6 +89,9 @@ class PostgresServer:
             "--no-sync",
         )
         pwfile.unlink()
+        if allow:
+            with (self.data / "pg_hba.conf").open("a") as handle:
+                handle.writelines(f"host all all {cidr} scram-sha-256\n" for cidr in allow)
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
         self._databases = 0
@@ -177,7 +184,7 @@ class PostgresServer:
             autocommit=True,
             connect_timeout=5,
         ) as conn:
-            conn.execute(sql)  # type: ignore[call-overload]
+            conn.execute(sql)
 
     def new_database(self, prefix: str = "t") -> str:
         """A fresh, empty database; its URL."""

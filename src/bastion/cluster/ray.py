@@ -19,10 +19,12 @@ Ray calls block, so they run in threads; one thread per replica waits for its ex
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -41,6 +43,8 @@ logger = logging.getLogger("bastion.cluster.ray")
 EXIT_REPLICA_LOST = 137
 RAY_NAMESPACE = "bastion"
 _CALL_TIMEOUT_S = 120.0
+_CONNECT_ATTEMPTS = 4
+_CONNECT_BACKOFF_S = 1.0
 
 
 def parse_memory(value: object) -> int:
@@ -107,18 +111,33 @@ class ClusterConnection:
         with self._lock:
             if self._connected and ray.is_initialized():
                 return
-            try:
-                ray.init(
-                    address=self.address,
-                    namespace=RAY_NAMESPACE,
-                    logging_level=logging.WARNING,
-                    log_to_driver=False,
-                )
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise ConfigurationError(
-                    "The Ray cluster cannot be reached, or refused this gateway's token "
-                    f"({type(exc).__name__})."
-                ) from exc
+            # Ray's client server now and then loses a new client at once (the server
+            # process it starts for it dies: "Starting Ray client server failed"): tried
+            # again after a pause, a few times, before the gateway gives up.
+            delay_s = _CONNECT_BACKOFF_S
+            for attempt in range(1, _CONNECT_ATTEMPTS + 1):
+                try:
+                    ray.init(
+                        address=self.address,
+                        namespace=RAY_NAMESPACE,
+                        logging_level=logging.WARNING,
+                        log_to_driver=False,
+                    )
+                    break
+                except (ConnectionError, RuntimeError, ValueError) as exc:
+                    with contextlib.suppress(Exception):
+                        ray.shutdown()
+                    if attempt == _CONNECT_ATTEMPTS:
+                        raise ConfigurationError(
+                            "The Ray cluster cannot be reached, or refused this gateway's "
+                            f"token ({type(exc).__name__})."
+                        ) from exc
+                    logger.warning(
+                        "could not connect to the Ray cluster; trying again",
+                        extra={"exc_type": type(exc).__name__, "attempt": attempt},
+                    )
+                    time.sleep(delay_s)
+                    delay_s *= 2
             self._connected = True
 
     def close(self) -> None:

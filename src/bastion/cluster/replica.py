@@ -18,7 +18,6 @@ import contextlib
 import logging
 import os
 import shutil
-import socket
 import ssl
 import tempfile
 from pathlib import Path
@@ -52,8 +51,11 @@ class ReplicaHost:
         self._exited: asyncio.Future[int] | None = None
 
     def node(self) -> str:
-        """Where this replica runs (its node's address), for the gateway's logs."""
-        return socket.gethostbyname(socket.gethostname())
+        """Where this replica runs (its node's address in the cluster), for the gateway's
+        logs and status."""
+        import ray
+
+        return str(ray.util.get_node_ip_address())
 
     def request(self) -> bytes:
         """The certificate request for this replica's key."""
