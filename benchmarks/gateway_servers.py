@@ -247,6 +247,7 @@ def start_bastion_home(
     env_extra: dict[str, str] | None = None,
     name: str = "bastion",
     ready_timeout_s: float = 120,
+    init_args: tuple[str, ...] = (),
 ) -> RunningBastion:
     """`bastion serve` on a fresh home (in `work`/home) with `models` registered (and the
     demo models if `demo_models`), and a tenant key allowed `actions` on all of them; it
@@ -254,7 +255,9 @@ def start_bastion_home(
     env, home = bastion_env(), work / "home"
     env.update(env_extra or {})
     demo = () if demo_models else ("--no-demo-models",)
-    init = json.loads(run_command(bastion("init", "--home", str(home), *demo, "--json"), env))
+    init = json.loads(
+        run_command(bastion("init", "--home", str(home), *demo, *init_args, "--json"), env)
+    )
     admin = {"Authorization": f"Bearer {init['admin_key']}"}
     for model in models:
         add = ["models", "add", model.name, "--runtime", model.runtime, "--path", str(model.path)]
@@ -295,13 +298,20 @@ def start_echo_bastion(
     echo_options: tuple[str, ...] = (),
     env_extra: dict[str, str] | None = None,
     name: str = "bastion",
+    init_args: tuple[str, ...] = (),
 ) -> RunningBastion:
     """`bastion serve` with the echo model, and a tenant key allowed `action` on it."""
     model_dir = work / "echo-model"
     model_dir.mkdir()
     echo = ModelSpec("echo", "echo", model_dir, tuple(echo_options))
     return start_bastion_home(
-        fleet, work, models=(echo,), actions=(action,), env_extra=env_extra, name=name
+        fleet,
+        work,
+        models=(echo,),
+        actions=(action,),
+        env_extra=env_extra,
+        name=name,
+        init_args=init_args,
     )
 
 

@@ -6,7 +6,9 @@ once per command.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -544,6 +546,92 @@ def check_limit_options(options: Mapping[str, Any]) -> None:
             not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= 2**40
         ):
             raise ValueError(f"The {name} option must be a positive integer.")
+
+
+#: The model option that says how many workers serve it.
+REPLICAS_OPTION = "replicas"
+#: The most replicas a model may have on one gateway: each holds the whole model in memory.
+MAX_REPLICAS = 64
+#: The model options that say what each replica needs of a cluster node (a number of CPUs
+#: and of GPUs, and memory: bastion.cluster.ray hands them to Ray's scheduler).
+RESOURCE_OPTIONS = ("cpus", "gpus", "memory")
+_MEMORY_UNITS = {
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+    "k": 1000,
+    "m": 1000**2,
+    "g": 1000**3,
+    "t": 1000**4,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "b": 1,
+    "": 1,
+}
+_SIZE = re.compile(r"([0-9]*\.?[0-9]+)\s*([A-Za-z]*)")
+
+
+def replica_count(options: Mapping[str, object]) -> int:
+    """How many workers a model with these options runs; raises ConfigurationError unless
+    its `replicas` option, if any, is an integer from 1 to MAX_REPLICAS."""
+    value = options.get(REPLICAS_OPTION)
+    if value is None:
+        return 1
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_REPLICAS:
+        raise ConfigurationError(
+            f"The {REPLICAS_OPTION} option must be an integer from 1 to {MAX_REPLICAS}; "
+            f"got {str(value)[:40]!r}."
+        )
+    return value
+
+
+def parse_memory(value: object) -> int:
+    """Bytes from a positive number or a text such as "512MiB", "2GiB", "1.5G", "4096";
+    ConfigurationError if it is none of these."""
+    amount = -1.0
+    unit = ""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        amount = float(value)
+    elif isinstance(value, str):
+        found = _SIZE.fullmatch(value.strip())
+        if found is not None:
+            amount, unit = float(found.group(1)), found.group(2).lower()
+    if unit not in _MEMORY_UNITS or not 0 < amount < math.inf or amount * _MEMORY_UNITS[unit] < 1:
+        raise ConfigurationError(
+            f"The memory option must be a size such as 2GiB or a number of bytes; "
+            f"got {str(value)[:40]!r}."
+        )
+    return int(amount * _MEMORY_UNITS[unit])
+
+
+def _resource_count(name: str, value: object) -> float:
+    """A number of CPUs or GPUs (a number or its text, fractions allowed) of at least 0."""
+    number = math.nan
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            number = float(value.strip())
+    if not 0 <= number < math.inf:
+        raise ConfigurationError(
+            f"The {name} option must be a number of at least 0; got {str(value)[:40]!r}."
+        )
+    return number
+
+
+def check_replica_options(options: Mapping[str, object]) -> None:
+    """Raise ConfigurationError unless the options that say how a model's replicas run,
+    those present, are valid: `replicas` (1 to MAX_REPLICAS), `cpus` and `gpus` (numbers
+    of at least 0) and `memory` (a size such as 2GiB, or bytes)."""
+    replica_count(options)
+    for name in ("cpus", "gpus"):
+        if name in options:
+            _resource_count(name, options[name])
+    if "memory" in options:
+        parse_memory(options["memory"])
 
 
 def _parse_bool(raw: str) -> bool:

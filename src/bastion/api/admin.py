@@ -23,6 +23,7 @@ from bastion.identity.service import IdentityService
 from bastion.models.overrides import ALL_MODELS, OverrideStore
 from bastion.models.registry import ModelRecord
 from bastion.models.risk import RiskBoard
+from bastion.models.status import PublishedStatus
 from bastion.protection.policy import policy_view
 from bastion.quotas.store import KEY, TENANT
 from bastion.quotas.usage import parse_since, usage_report
@@ -178,11 +179,52 @@ async def list_models(request: Request) -> Response:
     return json_response({"data": [model_view(services.supervisor, r) for r in records]})
 
 
+def replica_views(supervisor: Supervisor, name: str) -> list[dict[str, Any]]:
+    """Each of the model's replicas on this gateway, in a stable order (none if it is not
+    loaded here): its state, its worker's pid and the requests it holds."""
+    statuses = supervisor.replica_statuses(name)
+    in_flight = supervisor.replica_in_flight(name)
+    return [
+        {
+            "state": status.state,
+            "detail": status.detail,
+            "pid": status.pid,
+            "restarts": status.restarts,
+            "in_flight": held,
+        }
+        for status, held in zip(statuses, in_flight, strict=True)
+    ]
+
+
+def gateway_views(rows: list[PublishedStatus]) -> list[dict[str, Any]]:
+    """The model's state as each gateway sharing the database last published it."""
+    return [
+        {
+            "gateway": row.gateway,
+            "state": row.state,
+            "detail": row.detail,
+            "restarts": row.restarts,
+            "since": row.since.isoformat(),
+            # Not confirmed lately: that gateway may be gone.
+            "stale": row.stale(),
+        }
+        for row in rows
+    ]
+
+
 async def get_model(request: Request) -> Response:
+    """One model as this gateway serves it, with its replicas here and its state on every
+    gateway sharing the database."""
     services, principal = await _admin(request)
     principal.require_admin()
     record = await asyncio.to_thread(services.registry.get, request.path_params["name"])
-    return json_response(model_view(services.supervisor, record))
+    board = services.control.status_board
+    published = await asyncio.to_thread(board.rows, record.name)
+    view = model_view(services.supervisor, record)
+    view["replicas"] = replica_views(services.supervisor, record.name)
+    view["gateway"] = board.gateway
+    view["gateways"] = gateway_views(published)
+    return json_response(view)
 
 
 async def _set_state(request: Request, state: str) -> Response:

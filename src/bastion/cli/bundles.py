@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.progress import (
@@ -219,20 +219,24 @@ def models_export(
 @models_app.command("list")
 def models_list(home: HomeOpt = None, json_output: JsonOpt = False) -> None:
     """List models: registered ones, stored bundle versions, and the live state (such as
-    integrity_failed, with its reason) that a running server reports."""
+    integrity_failed, with its reason) that the running servers report."""
     from bastion.models.bundle_store import BUNDLE_OPTION
-    from bastion.models.status import StatusBoard
+    from bastion.models.status import PublishedStatus, StatusBoard, summarize
 
     h = open_home(home)
     bundles = _store(h)
     with _failures():
         records = {r.name: r for r in h.registry.list()}
-        live = StatusBoard(h.db).read()
+        published: dict[str, list[PublishedStatus]] = {}
+        for report in StatusBoard(h.db).rows():
+            published.setdefault(report.name, []).append(report)
         stored = {name: bundles.versions(name) for name in bundles.names()}
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in sorted(records.keys() | stored.keys()):
         record = records.get(name)
-        status = live.get(name)
+        reports = published.get(name, [])
+        # Ready if a running server has it ready (see bastion.models.status.summarize).
+        status = summarize(reports) if reports else None
         served = record.options.get(BUNDLE_OPTION) if record is not None else None
         rows.append(
             {
@@ -243,13 +247,25 @@ def models_list(home: HomeOpt = None, json_output: JsonOpt = False) -> None:
                 "version": served,
                 "bundle_versions": stored.get(name, []),
                 "desired_state": record.desired_state if record is not None else None,
-                # As last published by a running server; None when none reports it.
+                # As last published by the running servers; None when none reports it.
                 "state": status.state if status is not None else None,
-                # True when that server has not confirmed it lately (it may be gone).
+                # True when no server has confirmed it lately (they may be gone).
                 "state_stale": status.stale() if status is not None else None,
                 "detail": status.detail if status is not None else None,
                 "restarts": status.restarts if status is not None else None,
                 "state_since": status.since.isoformat() if status is not None else None,
+                # What each server (gateway) sharing the database reports.
+                "gateways": [
+                    {
+                        "gateway": report.gateway,
+                        "state": report.state,
+                        "detail": report.detail,
+                        "restarts": report.restarts,
+                        "since": report.since.isoformat(),
+                        "stale": report.stale(),
+                    }
+                    for report in reports
+                ],
                 "description": record.description if record is not None else "",
             }
         )
@@ -257,8 +273,12 @@ def models_list(home: HomeOpt = None, json_output: JsonOpt = False) -> None:
         print_json(rows)
         return
     for row in rows:
+        live = [g for g in row["gateways"] if not g["stale"]]
         if row["state_stale"]:
             row["state"] = f"{row['state']} (stale: no server reports it)"
+        elif len(live) > 1 and len({g["state"] for g in live}) > 1:
+            agreeing = sum(1 for g in live if g["state"] == row["state"])
+            row["state"] = f"{row['state']} ({agreeing} of {len(live)} servers)"
         if row["version"] is None and row["registered"]:
             row["version"] = "plain"
         elif not row["registered"]:

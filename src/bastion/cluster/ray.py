@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -30,7 +29,7 @@ from typing import Any
 
 from bastion.cluster.authority import load_authority
 from bastion.cluster.replica import ReplicaHost
-from bastion.config import Settings
+from bastion.config import Settings, parse_memory
 from bastion.crypto.cluster_ca import CertificateRefused, ClusterAuthority, server_context
 from bastion.crypto.keyring import KeyRing
 from bastion.errors import ConfigurationError
@@ -45,37 +44,6 @@ RAY_NAMESPACE = "bastion"
 _CALL_TIMEOUT_S = 120.0
 _CONNECT_ATTEMPTS = 4
 _CONNECT_BACKOFF_S = 1.0
-
-
-def parse_memory(value: object) -> int:
-    """Bytes from an int or a text such as "512MiB", "2GiB", "1.5G"."""
-    if isinstance(value, bool):
-        raise ConfigurationError("The memory option must be a size such as 2GiB.")
-    if isinstance(value, int | float):
-        return int(value)
-    text = str(value).strip()
-    units = {
-        "kib": 1024,
-        "mib": 1024**2,
-        "gib": 1024**3,
-        "k": 1000,
-        "m": 1000**2,
-        "g": 1000**3,
-        "kb": 1000,
-        "mb": 1000**2,
-        "gb": 1000**3,
-        "b": 1,
-        "": 1,
-    }
-    found = re.fullmatch(r"([0-9.]+)\s*([A-Za-z]*)", text)
-    number, unit = (found.group(1), found.group(2).lower()) if found else ("", "")
-    try:
-        amount = float(number)
-    except ValueError:
-        amount = -1.0
-    if unit not in units or amount <= 0:
-        raise ConfigurationError(f"The memory option {text!r} is not a size such as 2GiB.")
-    return int(amount * units[unit])
 
 
 def replica_resources(options: Mapping[str, object]) -> dict[str, Any]:

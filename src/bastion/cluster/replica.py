@@ -55,7 +55,7 @@ class ReplicaHost:
         logs and status."""
         import ray
 
-        return str(ray.util.get_node_ip_address())
+        return str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
 
     def request(self) -> bytes:
         """The certificate request for this replica's key."""

@@ -43,7 +43,7 @@ from bastion.models.marks import MarksStore
 from bastion.models.overrides import OverrideStore
 from bastion.models.registry import ModelRecord, ModelRegistry
 from bastion.models.risk import RiskBoard
-from bastion.models.status import PublishedStatus, StatusBoard
+from bastion.models.status import PublishedStatus, StatusBoard, gateway_name
 from bastion.models.watermark_secret import WatermarkSecret
 from bastion.protection.policy import watermark_on
 from bastion.quotas.store import QuotaStore
@@ -98,7 +98,9 @@ class ControlPlane:
         self.audit = audit
         # Run (in a thread) once the server has stopped: e.g. the alert webhook's delivery.
         self._closers = tuple(closers)
-        self.status_board = StatusBoard(db)
+        # Publishes this gateway's model states under a name of its own, beside those of
+        # the other gateways sharing the database.
+        self.status_board = StatusBoard(db, gateway_name(settings.port))
         self.risk_board = RiskBoard(db, events)
         self.marks = MarksStore(db, settings.watermark_retention_days)
         self.overrides = OverrideStore(db, events)
@@ -322,7 +324,8 @@ class ControlPlane:
             logger.warning("writing usage failed", extra={"exc_type": type(exc).__name__})
 
     async def _publish_statuses(self) -> None:
-        """Copy the workers' states to the database for `bastion models list`."""
+        """Copy the workers' states to the database (this gateway's rows) for `bastion
+        models list` and the admin API."""
         statuses = [
             PublishedStatus(
                 name=status.name,

@@ -27,7 +27,7 @@ from bastion.audit.events import (
     EventSink,
     emit_change,
 )
-from bastion.config import check_limit_options
+from bastion.config import check_limit_options, check_replica_options
 from bastion.errors import ConfigurationError, Conflict, InvalidRequest, ModelNotFound
 from bastion.identity.principal import Principal
 from bastion.protection.policy import PROTECT_PREFIX, check_protection_options
@@ -291,6 +291,7 @@ def _validate_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     try:
         check_sandbox_option(decoded)
         check_limit_options(decoded)
+        check_replica_options(decoded)
         check_protection_options(decoded)
         check_batch_options(decoded)
     except ConfigurationError as exc:

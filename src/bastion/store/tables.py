@@ -116,11 +116,14 @@ models = sa.Table(
     sa.CheckConstraint("desired_state IN ('loaded', 'unloaded')", name="desired_state_valid"),
 )
 
-# What a running gateway last saw of each model's worker (written by the gateway without
-# bumping the revision): the CLI reads it to show live states, such as integrity_failed.
+# What each running gateway last saw of each model's workers (written by that gateway
+# without bumping the revision; one row per gateway and model, migration 0012): the CLI and
+# the admin API read it to show live states, such as integrity_failed.
+GATEWAY_NAME_LENGTH = 128
 model_status = sa.Table(
     "model_status",
     metadata,
+    sa.Column("gateway", sa.String(GATEWAY_NAME_LENGTH), primary_key=True),
     sa.Column("name", sa.String(64), primary_key=True),
     sa.Column("state", sa.String(24), nullable=False),
     sa.Column("detail", sa.Text, nullable=True),

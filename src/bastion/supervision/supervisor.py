@@ -22,7 +22,7 @@ from collections.abc import AsyncGenerator, Callable, Mapping
 from pathlib import Path
 
 from bastion.audit.events import MODEL_FAILED, MODEL_UNLOADED, EventSink
-from bastion.config import Settings
+from bastion.config import MAX_REPLICAS, REPLICAS_OPTION, Settings, replica_count
 from bastion.errors import ConfigurationError, ModelUnavailable
 from bastion.sandboxes.base import Sandbox
 from bastion.sandboxes.factory import Sandboxes
@@ -51,11 +51,6 @@ logger = logging.getLogger("bastion.supervision.supervisor")
 # Unix socket paths hold at most 107 bytes; a worker's socket adds 18 to the runtime dir.
 _MAX_RUNTIME_DIR_CHARS = 80
 
-#: The model option that says how many workers serve it.
-REPLICAS_OPTION = "replicas"
-#: The most replicas a model may have on one gateway: each holds the whole model in memory.
-MAX_REPLICAS = 64
-
 # Which state of a replica that cannot answer promises an answer soonest: a model none of
 # whose replicas is ready describes itself by that one (its state, its Retry-After).
 _AVAILABILITY = {
@@ -67,20 +62,6 @@ _AVAILABILITY = {
     ModelState.INTEGRITY_FAILED: 5,
     ModelState.UNLOADED: 6,
 }
-
-
-def replica_count(options: Mapping[str, object]) -> int:
-    """How many workers a model with these options runs; raises ConfigurationError unless
-    its `replicas` option, if any, is an integer from 1 to MAX_REPLICAS."""
-    value = options.get(REPLICAS_OPTION)
-    if value is None:
-        return 1
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_REPLICAS:
-        raise ConfigurationError(
-            f"The {REPLICAS_OPTION} option must be an integer from 1 to {MAX_REPLICAS}; "
-            f"got {str(value)[:40]!r}."
-        )
-    return value
 
 
 class _Replicas:

@@ -9,6 +9,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
 from store_testing import run_threads
 
 from bastion.audit.events import MemoryEventSink
@@ -21,7 +24,8 @@ from bastion.models.overrides import OverrideStore
 from bastion.models.registry import ModelRegistry
 from bastion.models.risk import RiskBoard, RiskRecord
 from bastion.models.status import PublishedStatus, StatusBoard
-from bastion.store.db import Database
+from bastion.store.db import MIGRATIONS_DIR, Database, head_revision
+from bastion.store.tables import model_status
 
 SSO_USER = "jwt:" + "h" * 253 + ":" + "s" * 254
 
@@ -56,7 +60,7 @@ def test_models_are_registered_changed_and_removed(
 def test_two_gateways_publish_model_states_at_once(
     open_database: Callable[[], Database],
 ) -> None:
-    boards = [StatusBoard(open_database()) for _ in range(2)]
+    boards = [StatusBoard(open_database(), f"gw{index}") for index in range(2)]
     since = datetime(2026, 12, 1, tzinfo=UTC)
 
     def publish(board: StatusBoard, index: int) -> Callable[[], None]:
@@ -70,10 +74,59 @@ def test_two_gateways_publish_model_states_at_once(
         return run
 
     run_threads(*(publish(board, i) for i, board in enumerate(boards)))
-    states = boards[0].read()
+    # Each gateway keeps its own rows: neither overwrote nor deleted the other's.
+    rows = boards[0].rows()
+    assert sorted((r.gateway, r.name) for r in rows) == [
+        (f"gw{g}", f"m{n}") for g in range(2) for n in range(4)
+    ]
+    assert all(r.detail == r.gateway and r.restarts == 29 for r in rows)
+    states = boards[1].read()
     assert sorted(states) == ["m0", "m1", "m2", "m3"]
-    assert {s.restarts for s in states.values()} == {29}
-    assert {s.detail for s in states.values()} <= {"gw0", "gw1"}
+    assert {s.state for s in states.values()} == {"ready"}
+    boards[1].clear()
+    assert {r.gateway for r in boards[0].rows()} == {"gw0"}
+
+
+def test_model_states_are_keyed_by_gateway_after_the_migration(database_url: str) -> None:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    db = Database(database_url)
+    try:
+
+        def migrate(step: Callable[[Config, str], None], target: str) -> None:
+            with db.engine.begin() as conn:
+                config.attributes["connection"] = conn
+                step(config, target)
+
+        old = {"state": "ready", "detail": None, "restarts": 0}
+        at = {"since": datetime(2026, 12, 1, tzinfo=UTC), "updated_at": datetime.now(UTC)}
+        migrate(command.upgrade, "0011")
+        with db.engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO model_status VALUES (:name, :state, :detail, "
+                    ":restarts, :since, :updated_at)"
+                ),
+                {"name": "m", **old, **at},
+            )
+        migrate(command.upgrade, "0012")
+        # The old rows were one gateway's live states, published again within seconds.
+        with db.engine.begin() as conn:
+            assert conn.execute(sa.select(model_status)).all() == []
+            conn.execute(
+                sa.insert(model_status),
+                [{"gateway": gateway, "name": "m", **old, **at} for gateway in ("a", "b")],
+            )
+            key = sa.inspect(conn).get_pk_constraint("model_status")["constrained_columns"]
+        assert key == ["gateway", "name"]
+        migrate(command.downgrade, "0011")
+        with db.engine.begin() as conn:
+            key = sa.inspect(conn).get_pk_constraint("model_status")["constrained_columns"]
+        assert key == ["name"]
+        migrate(command.upgrade, "head")
+        assert db.schema_revision() == head_revision()
+    finally:
+        db.close()
 
 
 def test_two_gateways_write_risk_scores_and_blocks_at_once(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bastion.cluster.ray import parse_memory, replica_resources, split_address
+from bastion.cluster.ray import replica_resources, split_address
+from bastion.config import parse_memory
 from bastion.errors import ConfigurationError
 
 

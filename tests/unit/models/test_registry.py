@@ -80,6 +80,13 @@ def test_duplicates_conflict_unless_replace(registry: ModelRegistry) -> None:
         # A model may pick a sandbox backend, but only a real one, and never "none".
         {"options": {"sandbox": "podman"}},
         {"options": {"sandbox": "none"}},
+        # How its replicas run: refused here rather than failing when the model starts.
+        {"options": {"replicas": 0}},
+        {"options": {"replicas": "two"}},
+        {"options": {"replicas": 65}},
+        {"options": {"cpus": -1}},
+        {"options": {"gpus": "one"}},
+        {"options": {"memory": "lots"}},
         {"description": "d" * 2001},
     ],
 )
