@@ -11,7 +11,7 @@ NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test unit check lint typecheck audit sbom lock bench bench-ohttp bench-serving bench-audit console-screenshots clean-venv sandbox-deps docker-deps prometheus-deps chromium-deps cluster-deps
+.PHONY: serve test unit check lint typecheck audit sbom lock bench bench-ohttp bench-serving bench-audit bench-cluster console-screenshots clean-venv sandbox-deps docker-deps prometheus-deps chromium-deps cluster-deps
 
 # Only what the lock names, each file checked against its hash; then Bastion itself, in
 # place, built with the locked setuptools (no unpinned build environment).
@@ -127,6 +127,11 @@ bench-serving: $(STAMP)
 # on vs off (~3 min).
 bench-audit: $(STAMP)
 	$(BIN)/python benchmarks/audit.py $(BENCH_ARGS)
+
+# Beyond one machine: the Redis limiter, one vs two gateways on PostgreSQL + Redis, the
+# worker channel local vs on a Ray node (mutual TLS), replacing a killed worker (~4 min).
+bench-cluster: $(STAMP) cluster-deps
+	$(BIN)/python benchmarks/cluster.py $(BENCH_ARGS)
 
 # Refresh the console screenshots docs/console.md shows (the test run saves them in build/).
 console-screenshots: $(STAMP) chromium-deps

@@ -89,6 +89,11 @@ def limiter_section(redis: RedisServer, number: int) -> dict[str, float]:
         for _ in range(number):
             link.client.ping()
         results["Redis PING (round trip)"] = (time.perf_counter() - start) / number * 1e6
+        # Redis's own time per script run (its one thread is what all gateways share).
+        stats = link.client.info("commandstats")
+        evalsha = stats.get("cmdstat_evalsha", {})
+        if evalsha:
+            results["inside Redis, per EVALSHA (server time)"] = float(evalsha["usec_per_call"])
     finally:
         shared.close()
         link.close()

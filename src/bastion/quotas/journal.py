@@ -166,7 +166,12 @@ def leftovers(directory: Path) -> Iterator[Leftover]:
         if current.exists() and _locked(current):
             continue
         for path in sorted(paths):
-            yield Leftover(path, _read(path))
+            try:
+                records = _read(path)
+            except FileNotFoundError:
+                # Another gateway recovering the same leftovers got there first.
+                continue
+            yield Leftover(path, records)
 
 
 def _locked(path: Path) -> bool:

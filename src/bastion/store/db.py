@@ -16,6 +16,7 @@ also sends a notification, and :meth:`Database.watch` lets a gateway hear it at 
 
 from __future__ import annotations
 
+import fcntl
 import io
 import logging
 import os
@@ -201,7 +202,12 @@ class Database:
     def migrate(self) -> None:
         """Upgrade the schema to the newest migration (a no-op when already there)."""
         config = _alembic_config()
-        with self._migrate_lock, _available(), self.engine.connect() as conn:
+        with (
+            self._migrate_lock,
+            _sqlite_migration_lock(self._url if self.is_sqlite else None),
+            _available(),
+            self.engine.connect() as conn,
+        ):
             # On SQLite the write lock serialises processes that migrate at the same time;
             # on PostgreSQL an advisory lock does, held until the migration commits.
             conn.execution_options(**{_WRITE_OPTION: True})
@@ -277,6 +283,24 @@ def _connect_options(pool: PoolSettings) -> dict[str, Any]:
         "keepalives_count": 3,
         "application_name": "bastion",
     }
+
+
+@contextmanager
+def _sqlite_migration_lock(url: URL | None) -> Iterator[None]:
+    """Processes migrating one SQLite file take turns, holding a lock file beside it: the
+    database's own write lock is let go between Alembic's reading of the schema version
+    and its migrations, and two processes could both run one (seen under load)."""
+    database = url.database if url is not None else None
+    if not database or database == ":memory:" or database.startswith("file:"):
+        yield
+        return
+    path = Path(database).expanduser()
+    fd = os.open(path.with_name(path.name + ".migrate-lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 @contextmanager
