@@ -92,9 +92,18 @@ def empty_model_dir(home: Path) -> Path:
     return path
 
 
-def add_echo_model(home: Path, name: str = "echo") -> None:
-    """Register the test echo runtime, with its misbehaviour hooks on."""
-    run_cli(
+def add_echo_model(
+    home: Path,
+    name: str = "echo",
+    *extra: str,
+    options: tuple[str, ...] = ("test_hooks=true",),
+    env: dict[str, str] | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    """Register the test echo runtime (by default with its misbehaviour hooks on), with
+    more `options` and `extra` arguments of `bastion models add` if given."""
+    flags = [arg for option in options for arg in ("--option", option)]
+    return run_cli(
         home,
         "models",
         "add",
@@ -103,8 +112,10 @@ def add_echo_model(home: Path, name: str = "echo") -> None:
         "echo",
         "--path",
         str(empty_model_dir(home)),
-        "--option",
-        "test_hooks=true",
+        *flags,
+        *extra,
+        env=env,
+        check=check,
     )
 
 

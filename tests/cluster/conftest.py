@@ -19,7 +19,7 @@ from clusterlib import (
     start_in_parallel,
 )
 
-from bastion_testing import empty_model_dir, run_cli
+from bastion_testing import add_echo_model, run_cli
 from services import PostgresServer, RedisServer
 
 
@@ -57,21 +57,8 @@ def cluster(network: Network, tmp_path_factory: pytest.TempPathFactory) -> Itera
         home1 = workdir / "gw1" / "home"
         home2 = workdir / "gw2" / "home"
         run_cli(home1, "init", "--cluster", "--no-demo-models", env=cli_env)
-        for name, extra in (("echo", []), ("echo2", ["--unloaded"])):
-            run_cli(
-                home1,
-                "models",
-                "add",
-                name,
-                "--runtime",
-                "echo",
-                "--path",
-                str(empty_model_dir(home1)),
-                "--option",
-                "test_hooks=true",
-                *extra,
-                env=cli_env,
-            )
+        add_echo_model(home1, "echo", env=cli_env)
+        add_echo_model(home1, "echo2", "--unloaded", env=cli_env)
         # The second gateway's home: the same master key (and, for the tests' clients,
         # the same admin key: it lives in the shared database).
         home2.mkdir(mode=0o700, parents=True)

@@ -7,23 +7,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bastion_testing import BastionServer, cli_json, empty_model_dir, run_cli
+from bastion_testing import BastionServer, add_echo_model, cli_json, run_cli
 
 
 def _add(home: Path, name: str, option: str, *, check: bool = True) -> Any:
-    return run_cli(
-        home,
-        "models",
-        "add",
-        name,
-        "--runtime",
-        "echo",
-        "--path",
-        str(empty_model_dir(home)),
-        "--option",
-        option,
-        check=check,
-    )
+    return add_echo_model(home, name, options=(option,), check=check)
 
 
 def test_bad_replica_options_are_refused_as_the_model_is_added(tmp_path: Path) -> None:
