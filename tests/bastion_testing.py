@@ -11,7 +11,9 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -398,3 +400,25 @@ def post_sealed(
         },
         timeout=60,
     )
+
+
+def run_threads(*targets: Callable[[], None]) -> None:
+    """Run each target in a thread of its own, started together; re-raise the first
+    exception any of them raised."""
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(targets))
+
+    def run(target: Callable[[], None]) -> None:
+        try:
+            start.wait(timeout=30)
+            target()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(target,)) for target in targets]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=240)
+    if errors:
+        raise errors[0]

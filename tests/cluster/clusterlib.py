@@ -41,7 +41,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bastion_testing import BASTION, BastionServer, clean_env, run_cli
+from bastion_testing import BASTION, BastionServer, clean_env, run_cli, run_threads
 from services import PostgresServer, RedisServer
 
 RAY = str(Path(sys.executable).parent / "ray")
@@ -534,25 +534,7 @@ class Cluster:
         for gateway in self.gateways:
             if not gateway.alive:
                 gateway.restart()
-        start_in_parallel(*(gateway.start_ready for gateway in self.gateways))
-
-
-def start_in_parallel(*starts: Callable[[], None]) -> None:
-    errors: list[BaseException] = []
-
-    def run(start: Callable[[], None]) -> None:
-        try:
-            start()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(start,)) for start in starts]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
+        run_threads(*(gateway.start_ready for gateway in self.gateways))
 
 
 def tenant_key(gateway: Gateway, tenant: str) -> tuple[str, str]:

@@ -16,10 +16,9 @@ from clusterlib import (
     Network,
     RayCluster,
     require_root_and_ip,
-    start_in_parallel,
 )
 
-from bastion_testing import add_echo_model, run_cli
+from bastion_testing import add_echo_model, run_cli, run_threads
 from services import PostgresServer, RedisServer
 
 
@@ -98,7 +97,7 @@ def cluster(network: Network, tmp_path_factory: pytest.TempPathFactory) -> Itera
             workdir=workdir,
             cli_env=cli_env,
         )
-        start_in_parallel(*(gateway.start_ready for gateway in gateways))
+        run_threads(*(gateway.start_ready for gateway in gateways))
         yield found
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
-from collections.abc import Callable
+
+from bastion_testing import run_threads
+
+__all__ = ["run_processes", "run_threads"]
 
 
 def run_processes(script: str, *args: str, copies: int = 2) -> list[str]:
@@ -28,25 +30,3 @@ def run_processes(script: str, *args: str, copies: int = 2) -> list[str]:
         assert proc.returncode == 0, stderr[-3000:]
         outputs.append(stdout)
     return outputs
-
-
-def run_threads(*targets: Callable[[], None]) -> None:
-    """Run each target in a thread of its own, started together; re-raise the first
-    exception any of them raised."""
-    errors: list[BaseException] = []
-    start = threading.Barrier(len(targets))
-
-    def run(target: Callable[[], None]) -> None:
-        try:
-            start.wait(timeout=30)
-            target()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(target,)) for target in targets]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=240)
-    if errors:
-        raise errors[0]
