@@ -34,11 +34,17 @@ def free_port() -> int:
 
 
 def run_cli(
-    home: Path, *args: str, check: bool = True, env: dict[str, str] | None = None
+    home: Path,
+    *args: str,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+    input: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run `bastion <args> --home <home>` and return the finished process."""
+    """Run `bastion <args> --home <home>` (with `input` on its stdin) and return the
+    finished process."""
     proc = subprocess.run(
         [*BASTION, *args, "--home", str(home)],
+        input=input,
         capture_output=True,
         text=True,
         timeout=300,

@@ -19,7 +19,7 @@ from bastion.config import Settings
 from bastion.crypto.keyring import KeyRing, KeyRingError, LocalKek
 from bastion.crypto.master_key import derive_key, load_or_create_master_key
 from bastion.errors import ConfigurationError
-from bastion.gateway.ohttp_keys import OhttpKeyStore
+from bastion.gateway.ohttp_keys import OhttpKeyStore, offered_kems
 from bastion.identity.keys import KeyHasher
 from bastion.identity.principal import OPERATOR
 from bastion.identity.service import IdentityService
@@ -85,7 +85,7 @@ def open_home(settings: Settings, events: EventSink | None = None) -> Home:
         identity=IdentityService(db, hasher, sink),
         registry=ModelRegistry(db, sink, extra_runtimes=_extra_runtimes(settings)),
         keyring=keyring,
-        ohttp_keys=OhttpKeyStore(db, keyring, sink),
+        ohttp_keys=OhttpKeyStore(db, keyring, sink, kems=offered_kems(settings)),
         quotas=QuotaStore(db, sink),
         audit=audit,
     )

@@ -203,6 +203,13 @@ class Settings:
     database_pool_timeout_s: float = _in(SERVER, 10.0)
     database_connect_timeout_s: int = _in(SERVER, 5)
     database_pool_recycle_s: float = _in(SERVER, 1800.0)
+    # The KEMs of the OHTTP keys the server publishes and accepts, preferred first: the
+    # post-quantum hybrid (mlkem768-x25519, X-Wing), ML-KEM-768 alone (mlkem768), and the
+    # classical x25519 that older clients need.
+    ohttp_kems: str = _in(E2E, "mlkem768-x25519,x25519")
+    # Accept only post-quantum key configurations: classical ones are neither published nor
+    # accepted (a client that sends one is told to fetch the configuration again).
+    ohttp_require_pq: bool = _in(E2E, False)
     # After `bastion ohttp rotate`, the previous OHTTP key is still accepted this long.
     ohttp_grace_period_s: float = _in(E2E, 24 * 3600.0)
     # An encrypted request's inner Date may be this far from the server's clock; the same

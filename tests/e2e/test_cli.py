@@ -146,7 +146,9 @@ def test_chat_client_end_to_end_encrypted(
     # Trusted on first use: the pin is the key `bastion ohttp keys` lists.
     current = cli_json(server.home, "ohttp", "keys")[0]
     assert json.loads(pins.read_text()) == {server.url: [current["fingerprint"]]}
-    assert current["state"] == "current" and len(current["public_key"]) == 64
+    # The post-quantum hybrid: ML-KEM-768's 1,184-byte public key and X25519's 32.
+    assert current["state"] == "current" and current["kem"] == "mlkem768-x25519"
+    assert len(bytes.fromhex(current["public_key"])) == 1216
 
     wrong = subprocess.run(
         [*base, "--e2e", "--fingerprint", "sha256:" + "ab" * 32, "--home", str(server.home)],
@@ -160,8 +162,15 @@ def test_chat_client_end_to_end_encrypted(
     assert "pinned fingerprint" in wrong.stderr
 
 
-def test_ohttp_rotate_refuses_a_bad_grace(server: BastionServer) -> None:
+def test_ohttp_rotate_refuses_a_bad_grace_or_kem(server: BastionServer) -> None:
+    before = cli_json(server.home, "ohttp", "keys")
     proc = run_cli(server.home, "ohttp", "rotate", "--grace", "soon", check=False)
     assert proc.returncode == 2
     assert "duration" in proc.stderr
-    assert len(cli_json(server.home, "ohttp", "keys")) == 1
+    proc = run_cli(server.home, "ohttp", "rotate", "--kem", "kyber512", check=False)
+    assert proc.returncode == 2
+    assert "unknown KEM 'kyber512'" in proc.stderr and "Traceback" not in proc.stderr
+    # ML-KEM-768 alone is known but not offered by default (BASTION_OHTTP_KEMS).
+    proc = run_cli(server.home, "ohttp", "rotate", "--kem", "mlkem768", check=False)
+    assert proc.returncode != 0 and "does not offer the mlkem768 KEM" in proc.stderr
+    assert cli_json(server.home, "ohttp", "keys") == before

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from bastion.client import OHTTPTransport
-from bastion.crypto import ohttp
+from bastion.crypto import hpke, ohttp
 from bastion.models.demo import digits_split
 from bastion.wire import bhttp
 from bastion_testing import (
@@ -211,8 +211,11 @@ def test_key_configuration_is_public_and_matches_the_cli(
     # Cacheable, and only so: a second Cache-Control (e.g. a default no-store) would win.
     assert response.headers.get_list("cache-control") == ["public, max-age=300"]
     configs = ohttp.decode_key_configs(response.content)
-    assert [c.fingerprint() for c in configs] == fingerprints[:1]
-    assert set(configs[0].suites) == {(1, 1), (1, 3)}
+    # One current key per KEM: the post-quantum hybrid first (clients that know it take
+    # it), then X25519 for the others; `bastion ohttp keys` lists them in the same order.
+    assert [c.fingerprint() for c in configs] == fingerprints[:2]
+    assert [c.kem_id for c in configs] == [hpke.KEM_MLKEM768_X25519, hpke.KEM_X25519_SHA256]
+    assert all(set(c.suites) == {(1, 1), (1, 3)} for c in configs)
 
 
 def test_pins_refuse_a_substituted_key(

@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from bastion.client import OHTTPTransport
-from bastion.crypto import ohttp
+from bastion.crypto import hpke, ohttp
 from bastion.wire import bhttp
 from bastion_testing import (
     BastionServer,
@@ -288,10 +288,16 @@ def test_rotation_grace_period_and_retirement(rotating: BastionServer, tmp_path:
             == 200
         )
 
-    rotated = cli_json(server.home, "ohttp", "rotate", "--grace", "1h")
+    # `old` is the published hybrid key: rotate that KEM alone.
+    assert old.kem_id == hpke.KEM_MLKEM768_X25519
+    [rotated] = cli_json(
+        server.home, "ohttp", "rotate", "--grace", "1h", "--kem", "mlkem768-x25519"
+    )
     _wait_published(server, rotated["fingerprint"])
     listed = {k["fingerprint"]: k["state"] for k in cli_json(server.home, "ohttp", "keys")}
-    assert listed == {rotated["fingerprint"]: "current", old.fingerprint(): "previous"}
+    assert listed[rotated["fingerprint"]] == "current" and listed[old.fingerprint()] == "previous"
+    # The X25519 key was not rotated.
+    assert sorted(listed.values()) == ["current", "current", "previous"]
     # Within the grace period the previous key still works.
     data, context = seal_request(old, ECHO)
     assert _open(context, post_sealed(server, key, data)).status == 200
@@ -302,7 +308,9 @@ def test_rotation_grace_period_and_retirement(rotating: BastionServer, tmp_path:
         client.post("/v1/chat/completions", json=ECHO, headers={"authorization": f"Bearer {key}"})
     client.close()
 
-    newest = cli_json(server.home, "ohttp", "rotate", "--grace", "0")
+    # Every KEM's key at once, the older ones retired.
+    newest, newest_classical = cli_json(server.home, "ohttp", "rotate", "--grace", "0")
+    assert (newest["kem"], newest_classical["kem"]) == ("mlkem768-x25519", "x25519")
     _wait_published(server, newest["fingerprint"])
     time.sleep(1.5)  # the running server reloads the key set
     for retired in (old, ohttp.KeyConfig.decode(rotated_config(rotated))):

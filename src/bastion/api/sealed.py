@@ -32,7 +32,7 @@ from bastion.errors import (
     UnsupportedMediaType,
 )
 from bastion.gateway.gateway import Gateway
-from bastion.gateway.sealing import OhttpKeyProblem
+from bastion.gateway.sealing import OhttpKeyProblem, replay_id
 from bastion.identity.principal import Principal
 from bastion.wire.headers import MODEL_HEADER
 from bastion.wire.protocol import (
@@ -155,7 +155,7 @@ async def _stream(
 def _failure(gateway: Gateway, principal: Principal, reply: FromWorker, enc: bytes) -> Response:
     """The unencrypted answer to a request the worker could not open, or could not serve."""
     if isinstance(reply, RequestFailed) and reply.code.startswith("ohttp_"):
-        gateway.sealing.replays.forget(enc)
+        gateway.sealing.replays.forget(replay_id(enc))
         _refused(gateway, principal, reply.code)
         if reply.code == "ohttp_key":
             return _key_problem(

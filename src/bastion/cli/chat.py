@@ -127,6 +127,13 @@ def chat(
         Path | None,
         typer.Option(help="With --e2e: pins file (default ~/.config/bastion/ohttp-pins.json)."),
     ] = None,
+    kem: Annotated[
+        str,
+        typer.Option(
+            help="With --e2e: the key agreement; auto takes the post-quantum hybrid "
+            "(mlkem768-x25519) when the server offers it, else x25519; naming one requires it."
+        ),
+    ] = "auto",
     home: HomeOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
@@ -141,13 +148,24 @@ def chat(
             raise typer.Exit(2) from None
     transport = None
     if e2e:
-        from bastion.client import OHTTPTransport
+        from bastion.client import OHTTPKeyError, OHTTPTransport
 
-        if fingerprint:
-            transport = OHTTPTransport(fingerprints=fingerprint)
-        else:
-            pins = pin_file or Path.home() / ".config" / "bastion" / "ohttp-pins.json"
-            transport = OHTTPTransport(pin_file=pins)
+        pins = pin_file or Path.home() / ".config" / "bastion" / "ohttp-pins.json"
+        try:
+            transport = OHTTPTransport(
+                fingerprints=fingerprint or None,
+                pin_file=None if fingerprint else pins,
+                kem=kem.strip().lower(),
+            )
+            # Fetched now, so that the chat says what protects it before the first line.
+            suite = transport.fetch_keys(url)
+        except ValueError as exc:
+            err.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(2) from None
+        except (OHTTPKeyError, httpx.HTTPError) as exc:
+            err.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(1) from None
+        err.print(f"End-to-end encrypted (Oblivious HTTP): {suite}", highlight=False)
     code = run_chat(
         url, token, model, max_tokens, temperature, json_output, out, err, transport=transport
     )

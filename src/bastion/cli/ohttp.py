@@ -17,6 +17,7 @@ from bastion.cli.common import (
     run,
     table,
 )
+from bastion.crypto import hpke
 from bastion.identity.principal import OPERATOR
 
 app = typer.Typer(
@@ -43,7 +44,7 @@ def _duration(value: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
-_OHTTP_COLUMNS = ["key_id", "state", "fingerprint", "created_at", "retire_at"]
+_OHTTP_COLUMNS = ["key_id", "kem", "state", "fingerprint", "created_at", "retire_at"]
 
 
 @app.command("keys")
@@ -52,7 +53,9 @@ def ohttp_keys(
     home: HomeOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
-    """List the OHTTP keys: the current one, previous ones still accepted, (retired)."""
+    """List the OHTTP keys: the current one of each KEM, previous ones still accepted,
+    (retired). The KEM says which suite protects a client's requests: mlkem768-x25519 is
+    post-quantum (hybrid), x25519 classical."""
     h = open_home(home)
     rows = [k.to_json() for k in run(lambda: h.ohttp_keys.list_keys(include_retired=all_keys))]
     if json_output:
@@ -70,6 +73,13 @@ def ohttp_rotate(
             "(default: BASTION_OHTTP_GRACE_PERIOD_S, 24h)."
         ),
     ] = None,
+    kem: Annotated[
+        str,
+        typer.Option(
+            help="Which KEM's key to rotate: mlkem768-x25519, mlkem768, x25519, or all "
+            "(every KEM the server offers, BASTION_OHTTP_KEMS)."
+        ),
+    ] = "all",
     home: HomeOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
@@ -80,11 +90,22 @@ def ohttp_rotate(
         if grace is not None
         else timedelta(seconds=h.settings.ohttp_grace_period_s)
     )
-    info = run(lambda: h.ohttp_keys.rotate(OPERATOR.key_id, period))
+    kem_id: int | None = None
+    if kem.strip().lower() != "all":
+        kem_id = hpke.KEM_NAMES.get(kem.strip().lower())
+        if kem_id is None:
+            err.print(
+                f"[red]error:[/] unknown KEM {kem[:40]!r}; use one of "
+                f"{', '.join(hpke.KEM_NAMES)}, or all"
+            )
+            raise typer.Exit(2)
+    infos = run(lambda: h.ohttp_keys.rotate(OPERATOR.key_id, period, kem_id))
     if json_output:
-        print_json(info.to_json())
+        print_json([info.to_json() for info in infos])
         return
-    out.print(
-        f"New OHTTP key {info.key_id} ({info.fingerprint}); the previous key is accepted for "
-        f"{period}. A running server publishes it within seconds."
-    )
+    for info in infos:
+        out.print(
+            f"New {info.kem} OHTTP key {info.key_id} ({info.fingerprint}); the previous "
+            f"{info.kem} key is accepted for {period}."
+        )
+    out.print("A running server publishes them within seconds.")

@@ -61,6 +61,9 @@ _OMITTED_HEADERS = frozenset(
         "date",
     }
 )
+# The KEMs a client takes by default, preferred first: the post-quantum hybrid whenever a
+# server publishes it (draft-ietf-hpke-pq), then ML-KEM-768 alone, then classical X25519.
+_KEM_PREFERENCE = (hpke.KEM_MLKEM768_X25519, hpke.KEM_MLKEM768, hpke.KEM_X25519_SHA256)
 # First try, then once after a key rotation or a clock correction, then once more.
 _ATTEMPTS = 3
 _OIP_MODEL_PATH = re.compile(r"^/v2/models/([^/]+)/")
@@ -74,7 +77,11 @@ class OHTTPTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
     first use and recorded. One of the two is required. `gateway_url` and `keys_url`
     default to ``/v1/ohttp`` and ``/.well-known/ohttp-gateway`` on the request's origin
     (set them to go through an OHTTP relay). `aead` picks the cipher: ``aes-128-gcm``
-    (default) or ``chacha20-poly1305``.
+    (default) or ``chacha20-poly1305``. `kem` picks the key agreement: ``auto`` (default)
+    takes the post-quantum hybrid (``mlkem768-x25519``) whenever the server publishes it
+    and falls back to ``x25519``; naming one (``mlkem768-x25519``, ``mlkem768``,
+    ``x25519``) uses only that one, so ``kem="mlkem768-x25519"`` refuses a server that
+    offers no post-quantum key. :meth:`suite` says which one protects a server's requests.
     """
 
     def __init__(
@@ -85,6 +92,7 @@ class OHTTPTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         gateway_url: str | None = None,
         keys_url: str | None = None,
         aead: str = "aes-128-gcm",
+        kem: str = "auto",
         transport: httpx.BaseTransport | None = None,
         async_transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
@@ -92,12 +100,16 @@ class OHTTPTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             raise ValueError("give fingerprints= (pinned keys) or pin_file= (trust on first use)")
         if aead not in _AEADS:
             raise ValueError(f"aead must be one of {', '.join(_AEADS)}")
+        if kem != "auto" and kem not in hpke.KEM_NAMES:
+            raise ValueError(f"kem must be auto or one of {', '.join(hpke.KEM_NAMES)}")
         if isinstance(fingerprints, str):
             fingerprints = [fingerprints]
         self._pins = KeyPins(fingerprints or (), Path(pin_file) if pin_file is not None else None)
         self._gateway_url = gateway_url
         self._keys_url = keys_url
         self._aead = _AEADS[aead]
+        # The KEMs this client may use, preferred first.
+        self._kems = _KEM_PREFERENCE if kem == "auto" else (hpke.KEM_NAMES[kem],)
         self._transport = transport
         self._async_transport = async_transport
         self._configs: dict[str, ohttp.KeyConfig] = {}
@@ -230,14 +242,19 @@ class OHTTPTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             configs = ohttp.decode_key_configs(body)
         except ohttp.OhttpError:
             raise OHTTPKeyError("The server's OHTTP key configuration is malformed.") from None
-        usable = [
-            c
-            for c in configs
-            if c.kem_id == hpke.KEM_X25519_SHA256
-            and any(hpke.Suite(c.kem_id, kdf, aead).is_supported() for kdf, aead in c.suites)
-        ]
+        usable = sorted(
+            (
+                c
+                for c in configs
+                if c.kem_id in self._kems
+                and any(hpke.Suite(c.kem_id, kdf, aead).is_supported() for kdf, aead in c.suites)
+            ),
+            # Stable: the server's own order among keys of one KEM.
+            key=lambda c: self._kems.index(c.kem_id),
+        )
         if not usable:
-            raise OHTTPKeyError("The server offers no OHTTP key this client supports.")
+            wanted = ", ".join(hpke.kem_name(k) for k in self._kems)
+            raise OHTTPKeyError(f"The server offers no OHTTP key this client accepts ({wanted}).")
         pinned = self._pins.trusted(origin)
         if pinned is None:
             # Trust on first use: remember what this server presented.
@@ -254,6 +271,35 @@ class OHTTPTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             config = matching[0]
         self._configs[origin] = config
         return config
+
+    def fetch_keys(self, url: str) -> str:
+        """Fetch and check the key configuration of `url`'s server now rather than at the
+        first request (OHTTPKeyError if it is unusable or fails its pin); returns the suite
+        that will protect the requests, as :meth:`suite` describes it."""
+        request = httpx.Request("GET", url)
+        keys = self._inner_transport().handle_request(self._keys_request(request))
+        try:
+            self._accept_keys(_origin(request.url), keys.read(), keys.status_code)
+        finally:
+            keys.close()
+        described = self.suite(url)
+        assert described is not None
+        return described
+
+    def suite(self, url: str) -> str | None:
+        """The suite protecting requests to `url`'s server, e.g. ``mlkem768-x25519 (post-
+        quantum hybrid), hkdf-sha256, aes-128-gcm``; None until its keys were fetched."""
+        config = self._configs.get(_origin(httpx.URL(url)))
+        if config is None:
+            return None
+        suite = config.select_suite([self._aead])
+        kind = (
+            "post-quantum hybrid"
+            if suite.kem_id == hpke.KEM_MLKEM768_X25519
+            else ("post-quantum" if hpke.is_post_quantum(suite.kem_id) else "classical")
+        )
+        aead = next(name for name, value in _AEADS.items() if value == suite.aead_id)
+        return f"{hpke.kem_name(suite.kem_id)} ({kind}), hkdf-sha256, {aead}"
 
     # ------------------------------------------------------------------ retries
 

@@ -111,7 +111,7 @@ class KeyConfig:
         object.__setattr__(self, "suites", suites)
         object.__setattr__(self, "public_key", bytes(self.public_key))
         try:
-            npk = hpke.enc_size(self.kem_id)
+            npk = hpke.public_key_size(self.kem_id)
         except hpke.UnsupportedSuite:
             return  # Encoding still works; decoding needs Npk, so only known KEMs come back.
         if len(self.public_key) != npk:
@@ -137,7 +137,7 @@ class KeyConfig:
         key_id = data[0]
         kem_id = int.from_bytes(data[1:3], "big")
         try:
-            npk = hpke.enc_size(kem_id)
+            npk = hpke.public_key_size(kem_id)
         except hpke.UnsupportedSuite:
             raise UnsupportedSuite(f"unsupported KEM 0x{kem_id:04x}") from None
         pos = 3 + npk
@@ -231,10 +231,13 @@ class GatewayKey:
 
     @classmethod
     def generate(
-        cls, key_id: int, suites: Sequence[tuple[int, int]] = DEFAULT_SUITES
+        cls,
+        key_id: int,
+        suites: Sequence[tuple[int, int]] = DEFAULT_SUITES,
+        kem_id: int = hpke.KEM_X25519_SHA256,
     ) -> GatewayKey:
-        """A new random X25519 key."""
-        return cls(key_id, hpke.PrivateKey.generate(), tuple(suites))
+        """A new random key for `kem_id` (X25519 unless told otherwise)."""
+        return cls(key_id, hpke.PrivateKey.generate(kem_id), tuple(suites))
 
     def config(self) -> KeyConfig:
         """The public key configuration to publish for this key."""

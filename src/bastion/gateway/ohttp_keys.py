@@ -1,10 +1,12 @@
 """The OHTTP key configurations a Bastion home serves: creation, rotation, retirement.
 
-One key is *current*: it is published at ``/.well-known/ohttp-gateway`` and new clients
-encrypt to it. :meth:`OhttpKeyStore.rotate` makes a new current key and keeps the old one
-as *previous*, still accepted until its ``retire_at`` (the grace period), so clients that
-fetched the configuration a moment ago are not cut off. Past that time the key is
-*retired*: refused everywhere, and its private key is erased from the database.
+Each KEM the server offers (``BASTION_OHTTP_KEMS``: the post-quantum hybrid
+MLKEM768-X25519 and classical X25519 by default) has one *current* key: the current keys
+are published at ``/.well-known/ohttp-gateway``, the preferred KEM first, and new clients
+encrypt to one of them. :meth:`OhttpKeyStore.rotate` makes a new current key and keeps the
+old one as *previous*, still accepted until its ``retire_at`` (the grace period), so
+clients that fetched the configuration a moment ago are not cut off. Past that time the
+key is *retired*: refused everywhere, and its private key is erased from the database.
 
 Private keys are stored only in key ring envelopes (:mod:`bastion.crypto.keyring`) bound
 to the key's id and fingerprint; the database alone never reveals them.
@@ -12,7 +14,7 @@ to the key's id and fingerprint; the database alone never reveals them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -26,10 +28,11 @@ from bastion.audit.events import (
     EventSink,
     emit_change,
 )
+from bastion.config import Settings
 from bastion.crypto import hpke
 from bastion.crypto.keyring import KeyRing
 from bastion.crypto.ohttp import GatewayKey, KeyConfig
-from bastion.errors import Conflict, InvalidRequest
+from bastion.errors import ConfigurationError, Conflict, InvalidRequest
 from bastion.store.db import Database
 from bastion.store.tables import ohttp_keys
 
@@ -38,6 +41,40 @@ DEFAULT_SUITES: tuple[tuple[int, int], ...] = (
     (hpke.KDF_HKDF_SHA256, hpke.AEAD_CHACHA20_POLY1305),
 )
 _ACCEPTED_STATES = ("current", "previous")
+# The KEMs a server offers unless told otherwise, preferred first.
+DEFAULT_KEMS: tuple[int, ...] = (hpke.KEM_MLKEM768_X25519, hpke.KEM_X25519_SHA256)
+
+
+def offered_kems(settings: Settings) -> tuple[int, ...]:
+    """The KEMs `BASTION_OHTTP_KEMS` names, preferred first; only the post-quantum ones when
+    `BASTION_OHTTP_REQUIRE_PQ` is on. ConfigurationError for an unknown name, or when
+    nothing is left."""
+    kems: list[int] = []
+    for name in settings.ohttp_kems.split(","):
+        name = name.strip().lower()
+        if not name:
+            continue
+        kem_id = hpke.KEM_NAMES.get(name)
+        if kem_id is None:
+            raise ConfigurationError(
+                f"BASTION_OHTTP_KEMS: unknown KEM {name[:40]!r}; known: "
+                f"{', '.join(hpke.KEM_NAMES)}."
+            )
+        if kem_id not in kems:
+            kems.append(kem_id)
+    if settings.ohttp_require_pq:
+        kems = [k for k in kems if hpke.is_post_quantum(k)]
+    if not kems:
+        raise ConfigurationError(
+            "BASTION_OHTTP_KEMS names no KEM"
+            + (
+                " that is post-quantum, as BASTION_OHTTP_REQUIRE_PQ asks"
+                if settings.ohttp_require_pq
+                else ""
+            )
+            + f"; known: {', '.join(hpke.KEM_NAMES)}."
+        )
+    return tuple(kems)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,9 +96,16 @@ class OhttpKeyInfo:
             key_id=self.key_id, kem_id=self.kem_id, public_key=self.public_key, suites=self.suites
         )
 
+    @property
+    def kem(self) -> str:
+        """The KEM's name: mlkem768-x25519 (post-quantum hybrid), mlkem768 or x25519."""
+        return hpke.kem_name(self.kem_id)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "key_id": self.key_id,
+            "kem": self.kem,
+            "post_quantum": hpke.is_post_quantum(self.kem_id),
             "kem_id": self.kem_id,
             "suites": [{"kdf_id": kdf, "aead_id": aead} for kdf, aead in self.suites],
             "public_key": self.public_key.hex(),
@@ -94,67 +138,92 @@ class OhttpKeyStore:
         keyring: KeyRing,
         events: EventSink,
         *,
+        kems: Sequence[int] = DEFAULT_KEMS,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._db = db
         self._keyring = keyring
         self._events = events
         self._clock = clock
+        # The KEMs that get a current key, preferred first.
+        self.kems = tuple(kems)
 
-    def ensure_current(self, actor: str) -> OhttpKeyInfo | None:
-        """Create the first current key if there is none; returns it when created."""
-        with self._db.read() as conn:
-            exists = conn.execute(
-                sa.select(ohttp_keys.c.id).where(ohttp_keys.c.state == "current")
-            ).first()
-        if exists is not None:
-            return None
+    def ensure_current(self, actor: str) -> list[OhttpKeyInfo]:
+        """Create a current key for each offered KEM that has none; returns those created."""
+        if not self._missing_kems():
+            return []
         with self._db.write() as conn:
             # Checked again inside the write transaction: two processes may race here.
-            if conn.execute(
-                sa.select(ohttp_keys.c.id).where(ohttp_keys.c.state == "current")
-            ).first():
-                return None
-            info = self._insert_new(conn)
-        emit_change(
-            self._events,
-            OHTTP_KEY_CREATED,
-            actor,
-            str(info.key_id),
-            detail={"fingerprint": info.fingerprint},
-            at=info.created_at.timestamp(),
-        )
-        return info
+            created = [self._insert_new(conn, kem_id) for kem_id in self._missing_kems(conn)]
+        for info in created:
+            emit_change(
+                self._events,
+                OHTTP_KEY_CREATED,
+                actor,
+                str(info.key_id),
+                detail={"fingerprint": info.fingerprint, "kem": info.kem},
+                at=info.created_at.timestamp(),
+            )
+        return created
 
-    def rotate(self, actor: str, grace: timedelta) -> OhttpKeyInfo:
-        """Publish a new current key; the old ones stay accepted for at most `grace`."""
+    def _missing_kems(self, conn: sa.Connection | None = None) -> list[int]:
+        query = sa.select(ohttp_keys.c.kem_id).where(ohttp_keys.c.state == "current")
+        if conn is None:
+            with self._db.read() as reader:
+                present = set(reader.execute(query).scalars())
+        else:
+            present = set(conn.execute(query).scalars())
+        return [kem_id for kem_id in self.kems if kem_id not in present]
+
+    def rotate(self, actor: str, grace: timedelta, kem_id: int | None = None) -> list[OhttpKeyInfo]:
+        """Publish a new current key for `kem_id` (None: for every offered KEM); the old
+        ones of that KEM stay accepted for at most `grace`. Returns the new keys."""
         if grace < timedelta(0):
             raise InvalidRequest("The grace period cannot be negative.", param="grace")
+        if kem_id is not None and kem_id not in self.kems:
+            offered = ", ".join(hpke.kem_name(k) for k in self.kems)
+            raise InvalidRequest(
+                f"This server does not offer the {hpke.kem_name(kem_id)} KEM (offered: "
+                f"{offered}; see BASTION_OHTTP_KEMS).",
+                param="kem",
+            )
+        kems = self.kems if kem_id is None else (kem_id,)
         now = self._clock()
         with self._db.write() as conn:
-            conn.execute(
-                ohttp_keys.update()
-                .where(ohttp_keys.c.state == "current")
-                .values(state="previous", retire_at=now + grace)
-            )
-            # No key stays accepted longer than the latest rotation allows: a rotation with
-            # grace 0 (an exposed key) ends every older key's grace period too.
-            conn.execute(
-                ohttp_keys.update()
-                .where(ohttp_keys.c.state == "previous", ohttp_keys.c.retire_at > now + grace)
-                .values(retire_at=now + grace)
-            )
+            for kem in kems:
+                of_kem = ohttp_keys.c.kem_id == kem
+                conn.execute(
+                    ohttp_keys.update()
+                    .where(ohttp_keys.c.state == "current", of_kem)
+                    .values(state="previous", retire_at=now + grace)
+                )
+                # No key stays accepted longer than the latest rotation allows: a rotation
+                # with grace 0 (an exposed key) ends every older key's grace period too.
+                conn.execute(
+                    ohttp_keys.update()
+                    .where(
+                        ohttp_keys.c.state == "previous",
+                        of_kem,
+                        ohttp_keys.c.retire_at > now + grace,
+                    )
+                    .values(retire_at=now + grace)
+                )
             self._retire_due(conn, now)
-            info = self._insert_new(conn)
-        emit_change(
-            self._events,
-            OHTTP_KEY_ROTATED,
-            actor,
-            str(info.key_id),
-            detail={"fingerprint": info.fingerprint, "grace_s": grace.total_seconds()},
-            at=now.timestamp(),
-        )
-        return info
+            created = [self._insert_new(conn, kem) for kem in kems]
+        for info in created:
+            emit_change(
+                self._events,
+                OHTTP_KEY_ROTATED,
+                actor,
+                str(info.key_id),
+                detail={
+                    "fingerprint": info.fingerprint,
+                    "kem": info.kem,
+                    "grace_s": grace.total_seconds(),
+                },
+                at=now.timestamp(),
+            )
+        return created
 
     def retire_expired(self, actor: str) -> list[OhttpKeyInfo]:
         """Retire previous keys whose grace period is over; returns them."""
@@ -181,12 +250,22 @@ class OhttpKeyStore:
         return retired
 
     def list_keys(self, *, include_retired: bool = True) -> list[OhttpKeyInfo]:
-        """Keys, newest first."""
+        """The current keys (the preferred KEM's first, as published), then the others
+        newest first."""
         query = sa.select(ohttp_keys).order_by(ohttp_keys.c.id.desc())
         if not include_retired:
             query = query.where(ohttp_keys.c.state.in_(_ACCEPTED_STATES))
         with self._db.read() as conn:
-            return [_info(row) for row in conn.execute(query).mappings()]
+            infos = [_info(row) for row in conn.execute(query).mappings()]
+        return sorted(infos, key=self._published_order)
+
+    def _published_order(self, info: OhttpKeyInfo) -> tuple[bool, int]:
+        """Sorts current keys first, in the order of preference; a stable sort keeps the
+        rest (and keys of KEMs no longer offered) as they were."""
+        if info.state != "current":
+            return (True, 0)
+        preference = self.kems.index(info.kem_id) if info.kem_id in self.kems else len(self.kems)
+        return (False, preference)
 
     def rewrap_all(self) -> int:
         """Wrap every stored private key again under the key ring's current KEK (after a
@@ -233,12 +312,13 @@ class OhttpKeyStore:
             private = hpke.PrivateKey.from_bytes(info.kem_id, secret)
             key = GatewayKey(key_id=info.key_id, private_key=private, suites=info.suites)
             keys.append(ActiveKey(key=key, info=info))
-        keys.sort(key=lambda k: k.info.state != "current")
+        # Current keys first, in the order of preference; then those in their grace period.
+        keys.sort(key=lambda k: self._published_order(k.info))
         return keys
 
     # ------------------------------------------------------------------ internals
 
-    def _insert_new(self, conn: sa.Connection) -> OhttpKeyInfo:
+    def _insert_new(self, conn: sa.Connection, kem_id: int) -> OhttpKeyInfo:
         taken = set(
             conn.execute(
                 sa.select(ohttp_keys.c.key_id).where(ohttp_keys.c.state.in_(_ACCEPTED_STATES))
@@ -265,7 +345,7 @@ class OhttpKeyStore:
                 "All 256 OHTTP key ids belong to keys still accepted; rotate with --grace 0 "
                 "to retire the older ones."
             )
-        key = GatewayKey.generate(key_id, suites=DEFAULT_SUITES)
+        key = GatewayKey.generate(key_id, suites=DEFAULT_SUITES, kem_id=kem_id)
         config = key.config()
         fingerprint = config.fingerprint()
         now = self._clock()

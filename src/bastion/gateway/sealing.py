@@ -17,11 +17,14 @@ from typing import Protocol
 from redis.exceptions import RedisError
 
 from bastion.config import Settings
-from bastion.crypto import ohttp
+from bastion.crypto import hpke, ohttp
 from bastion.errors import InvalidRequest, LimiterUnavailable, ModelUnavailable
-from bastion.gateway.ohttp_keys import ActiveKey
+from bastion.gateway.ohttp_keys import ActiveKey, offered_kems
 from bastion.quotas.redis import RedisLink
 from bastion.wire.protocol import OhttpKey, OhttpSuite, SealingKeys
+
+# A replay guard keeps an `enc` of up to this many bytes as it is, a longer one hashed.
+_REPLAY_ID_BYTES = 32
 
 
 class OhttpKeyProblem(InvalidRequest):
@@ -170,6 +173,10 @@ class SealingState:
         """Take the key set read from the store; returns the message for the workers."""
         settings = self._settings
         self._version += 1
+        # Only the KEMs the settings offer (a key of another stays in the database, unused),
+        # in the store's order: the preferred KEM's current key first.
+        offered = offered_kems(settings)
+        keys = [k for k in keys if k.info.kem_id in offered]
         current = [k.key.config() for k in keys if k.info.state == "current"]
         self.published = ohttp.encode_key_configs(current)
         self._accepted = {
@@ -212,6 +219,12 @@ class SealingState:
             raise InvalidRequest(
                 "The request is not a valid encapsulated request.", code="ohttp_malformed"
             ) from None
+        if self._settings.ohttp_require_pq and not _post_quantum(header.kem_id):
+            raise OhttpKeyProblem(
+                "This server accepts only post-quantum (hybrid ML-KEM) key configurations: "
+                "fetch its configuration again.",
+                code="ohttp_key",
+            )
         accepted = self._accepted.get(header.key_id)
         if accepted is None:
             raise OhttpKeyProblem("The request's key identifier is unknown.", code="ohttp_key")
@@ -222,5 +235,18 @@ class SealingState:
             raise OhttpKeyProblem(
                 "The request uses algorithms its key does not support.", code="ohttp_key"
             )
-        self.replays.check(bytes(header.enc))
+        self.replays.check(replay_id(header.enc))
         return header
+
+
+def replay_id(enc: bytes) -> bytes:
+    """What the replay guards remember of a request's `enc`: itself when short (an X25519
+    key), else its SHA-256 (a post-quantum `enc` has over a thousand bytes)."""
+    return bytes(enc) if len(enc) <= _REPLAY_ID_BYTES else hashlib.sha256(enc).digest()
+
+
+def _post_quantum(kem_id: int) -> bool:
+    try:
+        return hpke.is_post_quantum(kem_id)
+    except hpke.UnsupportedSuite:
+        return False

@@ -17,7 +17,7 @@ from store_testing import run_threads
 from bastion.audit.events import MemoryEventSink
 from bastion.crypto.keyring import KeyRing, LocalKek
 from bastion.errors import InvalidRequest
-from bastion.gateway.ohttp_keys import OhttpKeyStore
+from bastion.gateway.ohttp_keys import OhttpKeyInfo, OhttpKeyStore
 from bastion.identity.principal import OPERATOR
 from bastion.models.marks import MarksStore, SealedRecord
 from bastion.models.overrides import OverrideStore
@@ -188,20 +188,30 @@ def test_watermark_records_and_overrides(open_database: Callable[[], Database]) 
         overrides.set(OPERATOR, "key", "k\0", "m", {"output": "label_only"})
 
 
-def test_gateways_starting_together_make_one_current_ohttp_key(
+def test_gateways_starting_together_make_one_current_ohttp_key_per_kem(
     open_database: Callable[[], Database],
 ) -> None:
     keyring = KeyRing(LocalKek(os.urandom(32)))
     stores = [OhttpKeyStore(open_database(), keyring, MemoryEventSink()) for _ in range(4)]
-    created: list[object] = []
+    created: list[list[OhttpKeyInfo]] = []
     run_threads(*(lambda s=s: created.append(s.ensure_current("system")) for s in stores))
-    assert len([c for c in created if c is not None]) == 1
+    # One gateway made both keys (the hybrid and X25519); the others found them.
+    assert sorted(len(c) for c in created) == [0, 0, 0, 2]
     first = stores[0].active()
-    assert [k.info.state for k in first] == ["current"]
-    rotated = stores[1].rotate("op", timedelta(hours=1))
+    assert [(k.info.state, k.info.kem) for k in first] == [
+        ("current", "mlkem768-x25519"),
+        ("current", "x25519"),
+    ]
+    [rotated] = stores[1].rotate("op", timedelta(hours=1), first[1].info.kem_id)
     active = stores[2].active()
-    assert [k.info.key_id for k in active] == [rotated.key_id, first[0].info.key_id]
+    assert [k.info.key_id for k in active] == [
+        first[0].info.key_id,
+        rotated.key_id,
+        first[1].info.key_id,
+    ]
     # The private keys open from what the other gateway stored.
-    assert active[1].key.private_key.to_bytes() == first[0].key.private_key.to_bytes()
-    assert stores[3].rewrap_all() == 2
+    assert [k.key.private_key.to_bytes() for k in (active[0], active[2])] == [
+        k.key.private_key.to_bytes() for k in first
+    ]
+    assert stores[3].rewrap_all() == 3
     assert [k.info.fingerprint for k in stores[0].active()] == [k.info.fingerprint for k in active]

@@ -18,6 +18,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
 from bastion.crypto import hpke
 
+# The classical suites, which RFC 9180's vectors and pyhpke cover.
+X25519_SUITES = tuple(s for s in hpke.SUPPORTED_SUITES if s.kem_id == hpke.KEM_X25519_SHA256)
+
 INFO = bytes.fromhex("4f6465206f6e2061204772656369616e2055726e")  # "Ode on a Grecian Urn"
 PT = bytes.fromhex("4265617574792069732074727574682c20747275746820626561757479")
 
@@ -216,7 +219,7 @@ def test_wrong_info_fails(vector: Vector) -> None:
 
 
 def test_bad_enc_fails_with_open_error() -> None:
-    suite = hpke.SUPPORTED_SUITES[0]
+    suite = X25519_SUITES[0]
     key = hpke.PrivateKey.generate()
     with pytest.raises(hpke.OpenError):
         hpke.setup_recipient(suite, key, b"\x01" * 31, b"")
@@ -275,7 +278,7 @@ def test_private_key_never_shows_or_pickles_its_secret() -> None:
 
 def test_round_trip_both_suites_with_random_keys() -> None:
     for suite in hpke.SUPPORTED_SUITES:
-        key = hpke.PrivateKey.generate()
+        key = hpke.PrivateKey.generate(suite.kem_id)
         enc, sender = hpke.setup_sender(suite, key.public_bytes(), b"info")
         receiver = hpke.setup_recipient(suite, key, enc, b"info")
         for index in range(3):
@@ -322,7 +325,7 @@ def _reference_suite(suite: hpke.Suite) -> pyhpke.CipherSuite:
     )
 
 
-@pytest.mark.parametrize("suite", hpke.SUPPORTED_SUITES, ids=["AES-128-GCM", "ChaCha20-Poly1305"])
+@pytest.mark.parametrize("suite", X25519_SUITES, ids=["AES-128-GCM", "ChaCha20-Poly1305"])
 @pytest.mark.parametrize("trial", range(8))
 def test_native_contexts_match_pyhpke_on_random_keys(suite: hpke.Suite, trial: int) -> None:
     reference = _reference_suite(suite)
@@ -353,7 +356,7 @@ def test_native_contexts_match_pyhpke_on_random_keys(suite: hpke.Suite, trial: i
         assert recipient.export(context, length) == ref_sender.export(context, length)
 
 
-@pytest.mark.parametrize("suite", hpke.SUPPORTED_SUITES, ids=["AES-128-GCM", "ChaCha20-Poly1305"])
+@pytest.mark.parametrize("suite", X25519_SUITES, ids=["AES-128-GCM", "ChaCha20-Poly1305"])
 def test_native_derive_and_explicit_ephemeral_key_match_pyhpke(suite: hpke.Suite) -> None:
     reference = _reference_suite(suite)
     ikm = os.urandom(32)
@@ -373,7 +376,7 @@ def test_native_derive_and_explicit_ephemeral_key_match_pyhpke(suite: hpke.Suite
 
 def test_export_refuses_lengths_out_of_range() -> None:
     key = hpke.PrivateKey.generate()
-    _, sender = hpke.setup_sender(hpke.SUPPORTED_SUITES[0], key.public_bytes(), b"")
+    _, sender = hpke.setup_sender(X25519_SUITES[0], key.public_bytes(), b"")
     assert len(sender.export(b"", 255 * 32)) == 255 * 32
     for length in (0, 255 * 32 + 1):
         with pytest.raises(ValueError):
