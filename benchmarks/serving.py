@@ -563,7 +563,7 @@ def run_ohttp(fleet: Fleet, work: Path, args: argparse.Namespace) -> dict[str, A
     out = work / "ohttp-results"
     options = ["--conns", "16", "--reps", str(args.reps), "--dur", str(args.dur)]
     options += ["--warmup", str(args.warmup), "--micro-iterations", str(args.ohttp_micro)]
-    planned = 2 * args.reps * (args.dur + args.warmup)
+    planned = 3 * args.reps * (args.dur + args.warmup)  # plaintext, classical, hybrid
     run_child(fleet, "ohttp.py", [*options, "--out", str(out)], 300 + 3 * planned)
     found = sorted(out.glob("ohttp-*.json"))
     if not found:

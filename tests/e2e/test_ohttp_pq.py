@@ -5,8 +5,11 @@ not; what goes over the wire; and a server that requires the hybrid.
 
 from __future__ import annotations
 
+import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -15,9 +18,11 @@ import pytest
 from bastion.client import OHTTPKeyError, OHTTPTransport
 from bastion.crypto import hpke, ohttp
 from bastion_testing import (
+    BASTION,
     BastionServer,
     RecordingTransport,
     add_echo_model,
+    clean_env,
     cli_json,
     ohttp_fingerprints,
     post_sealed,
@@ -186,9 +191,43 @@ def test_a_server_that_requires_the_hybrid_refuses_classical_requests(
     assert transport.suite(server.url).startswith("mlkem768-x25519")  # type: ignore[union-attr]
 
 
-def test_an_unknown_kem_in_the_settings_stops_the_server(tmp_path: Path) -> None:
+def test_an_unknown_kem_in_the_settings_stops_the_server_and_the_cli(tmp_path: Path) -> None:
     home = tmp_path / "home"
     run_cli(home, "init", "--no-demo-models")
-    proc = run_cli(home, "ohttp", "keys", check=False, env={"BASTION_OHTTP_KEMS": "kyber512"})
+    bad = {"BASTION_OHTTP_KEMS": "kyber512"}
+    proc = run_cli(home, "ohttp", "keys", check=False, env=bad)
     assert proc.returncode != 0 and "unknown KEM 'kyber512'" in proc.stderr
     assert "Traceback" not in proc.stderr
+    serve = subprocess.run(
+        [*BASTION, "serve", "--home", str(home), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(**bad),
+    )
+    assert serve.returncode != 0 and "unknown KEM 'kyber512'" in serve.stderr
+    assert "Traceback" not in serve.stderr
+
+
+def test_the_classical_keys_of_a_post_quantum_server_are_retired_by_the_operator(
+    pq_only: tuple[BastionServer, str, ohttp.KeyConfig],
+) -> None:
+    server, _, classical = pq_only
+    # The CLI reads the same settings as the server.
+    env = {"BASTION_OHTTP_REQUIRE_PQ": "true"}
+
+    def cli(*args: str) -> Any:
+        return json.loads(run_cli(server.home, *args, "--json", env=env).stdout)
+
+    listed = {k["kem"]: k for k in cli("ohttp", "keys")}
+    # Still in the database (not yet retired), but neither published nor accepted.
+    assert listed["x25519"]["state"] == "current" and listed["x25519"]["published"] is False
+    assert listed["mlkem768-x25519"]["published"] is True
+    offered = run_cli(
+        server.home, "ohttp", "retire", "--kem", "mlkem768-x25519", env=env, check=False
+    )
+    assert offered.returncode != 0 and "rotate its key instead" in offered.stderr
+    retired = cli("ohttp", "retire", "--kem", "x25519")
+    assert [k["fingerprint"] for k in retired] == [classical.fingerprint()]
+    every = {k["fingerprint"]: k["state"] for k in cli("ohttp", "keys", "--all")}
+    assert every[classical.fingerprint()] == "retired"

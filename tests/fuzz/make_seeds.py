@@ -17,7 +17,7 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from targets import _GATEWAY_KEY
+from targets import _GATEWAY_KEY, _PQ_GATEWAY_KEYS
 
 from bastion.crypto import ohttp
 from bastion.wire import bhttp, protocol
@@ -55,6 +55,9 @@ def seeds() -> dict[str, list[bytes]]:
     sealed, _ = ohttp.encapsulate_request(config, bhttp.encode_request(request))
     whole = bhttp.encode_request(request, indeterminate=True)
     chunked, _ = ohttp.encapsulate_chunked_request(config, [whole[:30], whole[30:]])
+    pq_configs = [key.config() for key in _PQ_GATEWAY_KEYS.values()]
+    pq_sealed = [ohttp.encapsulate_request(c, bhttp.encode_request(request))[0] for c in pq_configs]
+    pq_chunked, _ = ohttp.encapsulate_chunked_request(pq_configs[0], [whole[:30], whole[30:]])
     messages = [
         protocol.LoadModel(model="m", runtime="echo", path="/m"),
         protocol.Generate(id=1, prompt="hello", max_tokens=4),
@@ -84,7 +87,16 @@ def seeds() -> dict[str, list[bytes]]:
             bhttp.encode_request(request, indeterminate=True, padding=4),
             bhttp.encode_response(response, indeterminate=True),
         ],
-        "ohttp": [ohttp.encode_key_configs([config]), sealed, chunked, sealed[:20]],
+        "ohttp": [
+            ohttp.encode_key_configs([config]),
+            sealed,
+            chunked,
+            sealed[:20],
+            ohttp.encode_key_configs([*pq_configs, config]),
+            *pq_sealed,
+            pq_chunked,
+            pq_sealed[0][:1000],
+        ],
         "ipc_frames": [bytes(encode_frame(m)) for m in messages]
         + [
             msgspec.msgpack.encode(messages[1]),

@@ -118,11 +118,20 @@ _GATEWAY_KEY = ohttp.GatewayKey(
     private_key=hpke.PrivateKey.derive(hpke.KEM_X25519_SHA256, b"\x07" * 32),
     suites=((hpke.KDF_HKDF_SHA256, hpke.AEAD_AES_128_GCM),),
 )
+# The post-quantum KEMs' decapsulation paths: the hybrid (key id 2) and ML-KEM-768 (3).
+_PQ_GATEWAY_KEYS = {
+    key_id: ohttp.GatewayKey(
+        key_id=key_id,
+        private_key=hpke.PrivateKey.derive(kem_id, b"\x07" * 32),
+        suites=((hpke.KDF_HKDF_SHA256, hpke.AEAD_AES_128_GCM),),
+    )
+    for key_id, kem_id in ((2, hpke.KEM_MLKEM768_X25519), (3, hpke.KEM_MLKEM768))
+}
 
 
 def oblivious_http(data: bytes) -> None:
     """OHTTP: key configurations, request headers, whole and chunked requests."""
-    keys = {1: _GATEWAY_KEY}
+    keys = {1: _GATEWAY_KEY, **_PQ_GATEWAY_KEYS}
     for parse in (
         ohttp.decode_key_configs,
         ohttp.parse_request_header,

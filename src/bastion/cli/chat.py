@@ -147,6 +147,9 @@ def chat(
             err.print("[red]error:[/] no --key given and no admin.key in the home directory")
             raise typer.Exit(2) from None
     transport = None
+    if kem != "auto" and not e2e:
+        err.print("[red]error:[/] --kem chooses the end-to-end encryption: it needs --e2e")
+        raise typer.Exit(2)
     if e2e:
         from bastion.client import OHTTPKeyError, OHTTPTransport
 

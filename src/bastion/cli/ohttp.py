@@ -44,7 +44,17 @@ def _duration(value: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
-_OHTTP_COLUMNS = ["key_id", "kem", "state", "fingerprint", "created_at", "retire_at"]
+_OHTTP_COLUMNS = ["key_id", "kem", "state", "published", "fingerprint", "created_at", "retire_at"]
+
+
+def _kem(name: str, also: str = "") -> int:
+    """The KEM id a --kem value names; a clear error (exit 2) for an unknown one."""
+    kem_id = hpke.KEM_NAMES.get(name.strip().lower())
+    if kem_id is None:
+        known = ", ".join(hpke.KEM_NAMES) + (f" {also}" if also else "")
+        err.print(f"[red]error:[/] unknown KEM {name[:40]!r}; use one of {known}")
+        raise typer.Exit(2)
+    return kem_id
 
 
 @app.command("keys")
@@ -57,7 +67,11 @@ def ohttp_keys(
     (retired). The KEM says which suite protects a client's requests: mlkem768-x25519 is
     post-quantum (hybrid), x25519 classical."""
     h = open_home(home)
-    rows = [k.to_json() for k in run(lambda: h.ohttp_keys.list_keys(include_retired=all_keys))]
+    offered = h.ohttp_keys.kems
+    rows = [
+        {**k.to_json(), "published": k.state == "current" and k.kem_id in offered}
+        for k in run(lambda: h.ohttp_keys.list_keys(include_retired=all_keys))
+    ]
     if json_output:
         print_json(rows)
     else:
@@ -84,21 +98,10 @@ def ohttp_rotate(
     json_output: JsonOpt = False,
 ) -> None:
     """Publish a new OHTTP key; the previous one is accepted for the grace period, then retired."""
+    kem_id = None if kem.strip().lower() == "all" else _kem(kem, also="or all")
+    given = _duration(grace) if grace is not None else None
     h = open_home(home)
-    period = (
-        _duration(grace)
-        if grace is not None
-        else timedelta(seconds=h.settings.ohttp_grace_period_s)
-    )
-    kem_id: int | None = None
-    if kem.strip().lower() != "all":
-        kem_id = hpke.KEM_NAMES.get(kem.strip().lower())
-        if kem_id is None:
-            err.print(
-                f"[red]error:[/] unknown KEM {kem[:40]!r}; use one of "
-                f"{', '.join(hpke.KEM_NAMES)}, or all"
-            )
-            raise typer.Exit(2)
+    period = given if given is not None else timedelta(seconds=h.settings.ohttp_grace_period_s)
     infos = run(lambda: h.ohttp_keys.rotate(OPERATOR.key_id, period, kem_id))
     if json_output:
         print_json([info.to_json() for info in infos])
@@ -109,3 +112,30 @@ def ohttp_rotate(
             f"{info.kem} key is accepted for {period}."
         )
     out.print("A running server publishes them within seconds.")
+
+
+@app.command("retire")
+def ohttp_retire(
+    kem: Annotated[
+        str,
+        typer.Option(help="The KEM no longer offered whose keys to retire, e.g. x25519."),
+    ],
+    grace: Annotated[
+        str,
+        typer.Option(help="How long until they are retired, e.g. 24h; 0 retires them at once."),
+    ] = "0",
+    home: HomeOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Retire the keys of a KEM the server no longer offers (taken out of
+    BASTION_OHTTP_KEMS, or classical under BASTION_OHTTP_REQUIRE_PQ): they are neither
+    published nor accepted, but their private keys stay in the database until retired."""
+    kem_id = _kem(kem)
+    period = _duration(grace)
+    h = open_home(home)
+    infos = run(lambda: h.ohttp_keys.retire_kem(OPERATOR.key_id, kem_id, period))
+    if json_output:
+        print_json([info.to_json() for info in infos])
+        return
+    when = "now" if not period else f"in {period}"
+    out.print(f"{len(infos)} {hpke.kem_name(kem_id)} OHTTP key(s) retired {when}.")

@@ -81,7 +81,7 @@ class OHTTPTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
     takes the post-quantum hybrid (``mlkem768-x25519``) whenever the server publishes it
     and falls back to ``x25519``; naming one (``mlkem768-x25519``, ``mlkem768``,
     ``x25519``) uses only that one, so ``kem="mlkem768-x25519"`` refuses a server that
-    offers no post-quantum key. :meth:`suite` says which one protects a server's requests.
+    does not offer the hybrid. :meth:`suite` says which one protects a server's requests.
     """
 
     def __init__(
@@ -248,6 +248,8 @@ class OHTTPTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
                 for c in configs
                 if c.kem_id in self._kems
                 and any(hpke.Suite(c.kem_id, kdf, aead).is_supported() for kdf, aead in c.suites)
+                # Never pin a key nothing can be encrypted to.
+                and hpke.public_key_usable(c.kem_id, c.public_key)
             ),
             # Stable: the server's own order among keys of one KEM.
             key=lambda c: self._kems.index(c.kem_id),
@@ -265,8 +267,9 @@ class OHTTPTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             if not matching:
                 raise OHTTPKeyError(
                     "The server's OHTTP key does not match the pinned fingerprint. If its "
-                    "operator rotated the key, check the new fingerprint with `bastion ohttp "
-                    "keys` and update the pin; otherwise someone may be intercepting."
+                    "operator rotated the key, or moved to post-quantum keys only, check the "
+                    "new fingerprint with `bastion ohttp keys` and update the pin; otherwise "
+                    "someone may be intercepting."
                 )
             config = matching[0]
         self._configs[origin] = config
@@ -387,14 +390,20 @@ class _Exchange:
         suite = config.select_suite([owner._aead])
         self.streaming = streaming
         self._opened: bhttp.Response | None = None
-        if streaming:
-            data, self._chunked = ohttp.encapsulate_chunked_request(config, [message], suite=suite)
-            content_type = ohttp.CHUNKED_REQUEST_MEDIA_TYPE
-            accept = ohttp.CHUNKED_RESPONSE_MEDIA_TYPE
-        else:
-            data, self._context = ohttp.encapsulate_request(config, message, suite=suite)
-            content_type = ohttp.REQUEST_MEDIA_TYPE
-            accept = ohttp.RESPONSE_MEDIA_TYPE
+        try:
+            if streaming:
+                data, self._chunked = ohttp.encapsulate_chunked_request(
+                    config, [message], suite=suite
+                )
+                content_type = ohttp.CHUNKED_REQUEST_MEDIA_TYPE
+                accept = ohttp.CHUNKED_RESPONSE_MEDIA_TYPE
+            else:
+                data, self._context = ohttp.encapsulate_request(config, message, suite=suite)
+                content_type = ohttp.REQUEST_MEDIA_TYPE
+                accept = ohttp.RESPONSE_MEDIA_TYPE
+        except ohttp.MalformedKeyConfig:
+            # A pinned key that cannot be encrypted to (a low-order X25519 point).
+            raise OHTTPKeyError("The server's OHTTP key is unusable.") from None
         outer_headers = {"content-type": content_type, "accept": accept, MODEL_HEADER: model}
         authorization = request.headers.get("authorization")
         if authorization is not None:

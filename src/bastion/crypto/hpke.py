@@ -412,6 +412,22 @@ def public_key_size(kem_id: int) -> int:
     return _kem(kem_id).public_size
 
 
+def public_key_usable(kem_id: int, public_key: bytes) -> bool:
+    """Whether `public_key` can be encapsulated to: the right length and, for ML-KEM, a
+    valid encapsulation key (FIPS 203's modulus check). A low-order X25519 key is found
+    only at encapsulation (the exchange refuses it)."""
+    kem = _KEMS.get(kem_id)
+    if kem is None or len(public_key) != kem.public_size:
+        return False
+    if kem.kem_id == KEM_X25519_SHA256:
+        return True
+    try:
+        MLKEM768PublicKey.from_public_bytes(bytes(public_key[:_MLKEM768_PUBLIC]))
+    except ValueError:
+        return False
+    return True
+
+
 def private_key_size(kem_id: int) -> int:
     """Nsk, the length of a serialized private key."""
     return _kem(kem_id).private_size

@@ -225,6 +225,56 @@ class OhttpKeyStore:
             )
         return created
 
+    def retire_kem(self, actor: str, kem_id: int, grace: timedelta) -> list[OhttpKeyInfo]:
+        """Stop using a KEM's keys once the server no longer offers it (BASTION_OHTTP_KEMS,
+        BASTION_OHTTP_REQUIRE_PQ): they are neither published nor accepted any more, but
+        stay in the database, private keys included, until retired. Its keys are retired
+        after `grace` (0: now); returns the keys whose retirement this scheduled."""
+        if grace < timedelta(0):
+            raise InvalidRequest("The grace period cannot be negative.", param="grace")
+        if kem_id in self.kems:
+            raise InvalidRequest(
+                f"This server offers the {hpke.kem_name(kem_id)} KEM: rotate its key instead, "
+                "or take it out of BASTION_OHTTP_KEMS first.",
+                param="kem",
+            )
+        now = self._clock()
+        of_kem = ohttp_keys.c.kem_id == kem_id
+        with self._db.write() as conn:
+            affected = [
+                _info(row)
+                for row in conn.execute(
+                    sa.select(ohttp_keys).where(of_kem, ohttp_keys.c.state.in_(_ACCEPTED_STATES))
+                ).mappings()
+            ]
+            conn.execute(
+                ohttp_keys.update()
+                .where(of_kem, ohttp_keys.c.state == "current")
+                .values(state="previous", retire_at=now + grace)
+            )
+            conn.execute(
+                ohttp_keys.update()
+                .where(
+                    of_kem, ohttp_keys.c.state == "previous", ohttp_keys.c.retire_at > now + grace
+                )
+                .values(retire_at=now + grace)
+            )
+            self._retire_due(conn, now)
+        for info in affected:
+            emit_change(
+                self._events,
+                OHTTP_KEY_RETIRED,
+                actor,
+                str(info.key_id),
+                detail={
+                    "fingerprint": info.fingerprint,
+                    "kem": info.kem,
+                    "grace_s": grace.total_seconds(),
+                },
+                at=now.timestamp(),
+            )
+        return affected
+
     def retire_expired(self, actor: str) -> list[OhttpKeyInfo]:
         """Retire previous keys whose grace period is over; returns them."""
         now = self._clock()

@@ -221,8 +221,8 @@ class SealingState:
             ) from None
         if self._settings.ohttp_require_pq and not _post_quantum(header.kem_id):
             raise OhttpKeyProblem(
-                "This server accepts only post-quantum (hybrid ML-KEM) key configurations: "
-                "fetch its configuration again.",
+                "This server accepts only post-quantum (ML-KEM) key configurations: fetch "
+                "its configuration again.",
                 code="ohttp_key",
             )
         accepted = self._accepted.get(header.key_id)

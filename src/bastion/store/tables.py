@@ -150,6 +150,8 @@ ohttp_keys = sa.Table(
     sa.Column("kem_id", sa.Integer, nullable=False),
     # [[kdf_id, aead_id], ...] in order of preference.
     sa.Column("suites", sa.JSON, nullable=False),
+    # The length is not enforced by SQLite or PostgreSQL (bytea), which both hold the
+    # 1,216 bytes of a post-quantum (MLKEM768-X25519) public key; migration 0002 said 256.
     sa.Column("public_key", sa.LargeBinary(256), nullable=False),
     # The private key in a key ring envelope; erased when the key is retired.
     sa.Column("private_envelope", sa.LargeBinary(1024), nullable=True),

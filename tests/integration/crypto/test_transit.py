@@ -163,7 +163,7 @@ def test_cli_moves_keys_to_transit_and_rotates_the_kek(
     assert listed.returncode == 0, listed.stderr  # local envelopes still open
     moved = _bastion(home, transit, "keys", "rotate-kek", "--json")
     assert moved.returncode == 0, moved.stderr
-    assert json.loads(moved.stdout)["rewrapped"] == 1
+    assert json.loads(moved.stdout)["rewrapped"] == 2  # the hybrid and the X25519 OHTTP keys
     database = (home / "bastion.db").read_bytes()
     assert b"vault:v2:" in database
     # Now only Transit can open the OHTTP key: without it the home does not start.

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from bastion.client import OHTTPError, OHTTPKeyError, OHTTPTransport
-from bastion.crypto import ohttp
+from bastion.crypto import hpke, ohttp
 
 KEY = ohttp.GatewayKey.generate(3)
 CONFIGS = ohttp.encode_key_configs([KEY.config()])
@@ -159,3 +159,69 @@ def test_requests_without_a_model_do_not_bypass_a_relay() -> None:
     assert len(seen) == before
     with _client(network) as client, pytest.raises(OHTTPError, match="model"):
         client.post("/v1/chat/completions", json={"messages": []})
+
+
+HYBRID = ohttp.GatewayKey.generate(4, kem_id=hpke.KEM_MLKEM768_X25519)
+
+
+def _published(*configs: ohttp.KeyConfig) -> Callable[[httpx.Request], httpx.Response]:
+    body = ohttp.encode_key_configs(configs)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/.well-known/ohttp-gateway":
+            return httpx.Response(
+                200, content=body, headers={"content-type": ohttp.KEYS_MEDIA_TYPE}
+            )
+        return httpx.Response(
+            400, json=KEY_PROBLEM, headers={"content-type": "application/problem+json"}
+        )
+
+    return handler
+
+
+@pytest.mark.parametrize("order", ["hybrid first", "classical first"])
+def test_auto_takes_the_hybrid_wherever_it_is_published(order: str) -> None:
+    configs = [HYBRID.config(), KEY.config()]
+    if order == "classical first":
+        configs.reverse()
+    pins = [HYBRID.config().fingerprint(), FINGERPRINT]
+    transport = OHTTPTransport(
+        fingerprints=pins, transport=httpx.MockTransport(_published(*configs))
+    )
+    assert transport.suite("http://server") is None
+    described = transport.fetch_keys("http://server/v1")
+    assert described == "mlkem768-x25519 (post-quantum hybrid), hkdf-sha256, aes-128-gcm"
+    classical = OHTTPTransport(
+        fingerprints=pins, kem="x25519", transport=httpx.MockTransport(_published(*configs))
+    )
+    assert classical.fetch_keys("http://server").startswith("x25519 (classical)")
+
+
+def test_a_client_that_insists_on_the_hybrid_refuses_a_classical_server() -> None:
+    transport = OHTTPTransport(
+        fingerprints=[FINGERPRINT],
+        kem="mlkem768-x25519",
+        transport=httpx.MockTransport(_published(KEY.config())),
+    )
+    with pytest.raises(OHTTPKeyError, match="accepts \\(mlkem768-x25519\\)"):
+        transport.fetch_keys("http://server")
+    with pytest.raises(ValueError, match="kem must be"):
+        OHTTPTransport(fingerprints=[FINGERPRINT], kem="kyber")
+
+
+def test_trust_on_first_use_pins_the_hybrid_and_never_an_unusable_key(tmp_path: Path) -> None:
+    pins = tmp_path / "pins.json"
+    network = httpx.MockTransport(_published(KEY.config(), HYBRID.config()))
+    OHTTPTransport(pin_file=pins, transport=network).fetch_keys("http://server")
+    assert json.loads(pins.read_text()) == {"http://server": [HYBRID.config().fingerprint()]}
+    # An ML-KEM key that fails FIPS 203's check (coefficients >= q) is never chosen, and so
+    # never pinned: with nothing else on offer the client refuses the server.
+    bad = ohttp.KeyConfig(
+        9, hpke.KEM_MLKEM768_X25519, b"\xff" * 1184 + bytes(range(32)), KEY.suites
+    )
+    other = tmp_path / "other.json"
+    with pytest.raises(OHTTPKeyError, match="no OHTTP key"):
+        OHTTPTransport(pin_file=other, transport=httpx.MockTransport(_published(bad))).fetch_keys(
+            "http://server"
+        )
+    assert not other.exists()

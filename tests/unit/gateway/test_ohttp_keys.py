@@ -200,3 +200,43 @@ def test_a_kem_the_server_does_not_offer_cannot_be_rotated(store: OhttpKeyStore)
     other = next(k for k in (hpke.KEM_X25519_SHA256, hpke.KEM_MLKEM768) if k not in store.kems)
     with pytest.raises(InvalidRequest, match="does not offer"):
         store.rotate("op", timedelta(0), other)
+
+
+def test_an_x25519_home_gains_a_hybrid_key_with_an_id_of_its_own(
+    db: Database, master: bytes, events: MemoryEventSink, clock: Clock
+) -> None:
+    keyring = KeyRing(LocalKek(master))
+    before = OhttpKeyStore(db, keyring, events, kems=(hpke.KEM_X25519_SHA256,), clock=clock)
+    [classical] = before.ensure_current("op")
+    after = OhttpKeyStore(db, keyring, events, clock=clock)
+    [hybrid] = after.ensure_current("system")
+    assert hybrid.kem == "mlkem768-x25519" and hybrid.key_id != classical.key_id
+    assert [k.key_id for k in after.list_keys()] == [hybrid.key_id, classical.key_id]
+
+
+def test_the_keys_of_a_kem_no_longer_offered_can_be_retired(
+    db: Database, master: bytes, events: MemoryEventSink, clock: Clock
+) -> None:
+    keyring = KeyRing(LocalKek(master))
+    both = OhttpKeyStore(db, keyring, events, clock=clock)
+    hybrid, classical = both.ensure_current("op")
+    pq_only = OhttpKeyStore(db, keyring, events, kems=(hpke.KEM_MLKEM768_X25519,), clock=clock)
+    # An offered KEM is rotated, not retired.
+    with pytest.raises(InvalidRequest, match="rotate its key instead"):
+        pq_only.retire_kem("op", hpke.KEM_MLKEM768_X25519, timedelta(0))
+    with pytest.raises(InvalidRequest):
+        pq_only.retire_kem("op", hpke.KEM_X25519_SHA256, timedelta(seconds=-1))
+    [scheduled] = pq_only.retire_kem("op", hpke.KEM_X25519_SHA256, timedelta(hours=1))
+    assert scheduled.key_id == classical.key_id
+    states = {k.key_id: (k.state, k.retire_at) for k in pq_only.list_keys()}
+    assert states[classical.key_id] == ("previous", clock.now + timedelta(hours=1))
+    assert pq_only.retire_kem("op", hpke.KEM_X25519_SHA256, timedelta(0))
+    with db.read() as conn:
+        row = (
+            conn.execute(sa.select(ohttp_keys).where(ohttp_keys.c.key_id == classical.key_id))
+            .mappings()
+            .one()
+        )
+    assert row["state"] == "retired" and row["private_envelope"] is None
+    assert [k.info.key_id for k in pq_only.active()] == [hybrid.key_id]
+    assert events.kinds()[-1] == OHTTP_KEY_RETIRED

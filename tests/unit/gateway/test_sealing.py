@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -10,11 +11,22 @@ from bastion.config import Settings
 from bastion.crypto import hpke, ohttp
 from bastion.errors import InvalidRequest, ModelUnavailable
 from bastion.gateway.ohttp_keys import DEFAULT_SUITES, ActiveKey, OhttpKeyInfo
-from bastion.gateway.sealing import OhttpKeyProblem, Replayed, ReplayGuard, SealingState
+from bastion.gateway.sealing import (
+    OhttpKeyProblem,
+    Replayed,
+    ReplayGuard,
+    SealingState,
+    replay_id,
+)
 
 
-def _active(key_id: int, state: str, retire_at: datetime | None = None) -> ActiveKey:
-    key = ohttp.GatewayKey.generate(key_id, suites=DEFAULT_SUITES)
+def _active(
+    key_id: int,
+    state: str,
+    retire_at: datetime | None = None,
+    kem_id: int = hpke.KEM_X25519_SHA256,
+) -> ActiveKey:
+    key = ohttp.GatewayKey.generate(key_id, suites=DEFAULT_SUITES, kem_id=kem_id)
     config = key.config()
     info = OhttpKeyInfo(
         key_id=key_id,
@@ -103,3 +115,53 @@ def test_malformed_and_replayed_requests_are_refused() -> None:
     state.check_request(data)
     with pytest.raises(Replayed):
         state.check_request(data)
+
+
+def test_keys_of_kems_not_offered_are_neither_published_nor_accepted() -> None:
+    hybrid = _active(4, "current", kem_id=hpke.KEM_MLKEM768_X25519)
+    classical = _active(5, "current")
+    default = SealingState(Settings())
+    message = default.update([hybrid, classical])
+    published = ohttp.decode_key_configs(default.published)
+    assert [c.kem_id for c in published] == [hpke.KEM_MLKEM768_X25519, hpke.KEM_X25519_SHA256]
+    assert {k.kem_id for k in message.keys} == {hpke.KEM_MLKEM768_X25519, hpke.KEM_X25519_SHA256}
+
+    # Only the hybrid offered: the X25519 key is kept from the workers too.
+    narrow = SealingState(Settings(ohttp_kems="mlkem768-x25519"))
+    message = narrow.update([hybrid, classical])
+    assert [c.key_id for c in ohttp.decode_key_configs(narrow.published)] == [4]
+    assert [k.key_id for k in message.keys] == [4]
+    data, _ = ohttp.encapsulate_request(classical.key.config(), b"x")
+    with pytest.raises(OhttpKeyProblem, match="unknown"):
+        narrow.check_request(data)
+
+
+def test_requiring_post_quantum_refuses_classical_requests_as_a_key_problem() -> None:
+    hybrid = _active(4, "current", kem_id=hpke.KEM_MLKEM768_X25519)
+    classical = _active(5, "current")
+    state = SealingState(Settings(ohttp_require_pq=True))
+    message = state.update([hybrid, classical])
+    assert [k.key_id for k in message.keys] == [4]
+    data, _ = ohttp.encapsulate_request(classical.key.config(), b"x")
+    with pytest.raises(OhttpKeyProblem, match="post-quantum"):
+        state.check_request(data)
+    data, _ = ohttp.encapsulate_request(hybrid.key.config(), b"x")
+    assert state.check_request(data).kem_id == hpke.KEM_MLKEM768_X25519
+
+
+def test_the_replay_guard_keeps_a_hash_of_a_long_enc() -> None:
+    hybrid = _active(4, "current", kem_id=hpke.KEM_MLKEM768_X25519)
+    state = SealingState(Settings())
+    state.update([hybrid])
+    data, _ = ohttp.encapsulate_request(hybrid.key.config(), b"x")
+    header = state.check_request(data)
+    assert len(header.enc) == 1120
+    guard = state.replays
+    assert isinstance(guard, ReplayGuard) and len(guard) == 1
+    with pytest.raises(Replayed):
+        state.check_request(data)
+    # What the guard holds is 32 bytes, and forgetting uses the same id.
+    guard.forget(replay_id(header.enc))
+    state.check_request(data)
+    assert replay_id(header.enc) == hashlib.sha256(header.enc).digest()
+    assert replay_id(b"x" * 32) == b"x" * 32
