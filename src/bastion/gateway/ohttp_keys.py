@@ -191,38 +191,10 @@ class OhttpKeyStore:
         now = self._clock()
         with self._db.write() as conn:
             for kem in kems:
-                of_kem = ohttp_keys.c.kem_id == kem
-                conn.execute(
-                    ohttp_keys.update()
-                    .where(ohttp_keys.c.state == "current", of_kem)
-                    .values(state="previous", retire_at=now + grace)
-                )
-                # No key stays accepted longer than the latest rotation allows: a rotation
-                # with grace 0 (an exposed key) ends every older key's grace period too.
-                conn.execute(
-                    ohttp_keys.update()
-                    .where(
-                        ohttp_keys.c.state == "previous",
-                        of_kem,
-                        ohttp_keys.c.retire_at > now + grace,
-                    )
-                    .values(retire_at=now + grace)
-                )
+                self._demote(conn, kem, now + grace)
             self._retire_due(conn, now)
             created = [self._insert_new(conn, kem) for kem in kems]
-        for info in created:
-            emit_change(
-                self._events,
-                OHTTP_KEY_ROTATED,
-                actor,
-                str(info.key_id),
-                detail={
-                    "fingerprint": info.fingerprint,
-                    "kem": info.kem,
-                    "grace_s": grace.total_seconds(),
-                },
-                at=now.timestamp(),
-            )
+        self._emit(OHTTP_KEY_ROTATED, actor, created, grace, now)
         return created
 
     def retire_kem(self, actor: str, kem_id: int, grace: timedelta) -> list[OhttpKeyInfo]:
@@ -239,41 +211,53 @@ class OhttpKeyStore:
                 param="kem",
             )
         now = self._clock()
-        of_kem = ohttp_keys.c.kem_id == kem_id
         with self._db.write() as conn:
             affected = [
                 _info(row)
                 for row in conn.execute(
-                    sa.select(ohttp_keys).where(of_kem, ohttp_keys.c.state.in_(_ACCEPTED_STATES))
+                    sa.select(ohttp_keys).where(
+                        ohttp_keys.c.kem_id == kem_id, ohttp_keys.c.state.in_(_ACCEPTED_STATES)
+                    )
                 ).mappings()
             ]
-            conn.execute(
-                ohttp_keys.update()
-                .where(of_kem, ohttp_keys.c.state == "current")
-                .values(state="previous", retire_at=now + grace)
-            )
-            conn.execute(
-                ohttp_keys.update()
-                .where(
-                    of_kem, ohttp_keys.c.state == "previous", ohttp_keys.c.retire_at > now + grace
-                )
-                .values(retire_at=now + grace)
-            )
+            self._demote(conn, kem_id, now + grace)
             self._retire_due(conn, now)
-        for info in affected:
-            emit_change(
-                self._events,
-                OHTTP_KEY_RETIRED,
-                actor,
-                str(info.key_id),
-                detail={
-                    "fingerprint": info.fingerprint,
-                    "kem": info.kem,
-                    "grace_s": grace.total_seconds(),
-                },
-                at=now.timestamp(),
-            )
+        self._emit(OHTTP_KEY_RETIRED, actor, affected, grace, now)
         return affected
+
+    def _demote(self, conn: sa.Connection, kem_id: int, retire_at: datetime) -> None:
+        """The current key of `kem_id` becomes previous until `retire_at`; no older key of
+        that KEM stays accepted longer (a rotation with grace 0, after a key was exposed,
+        ends every older key's grace period too)."""
+        of_kem = ohttp_keys.c.kem_id == kem_id
+        conn.execute(
+            ohttp_keys.update()
+            .where(of_kem, ohttp_keys.c.state == "current")
+            .values(state="previous", retire_at=retire_at)
+        )
+        conn.execute(
+            ohttp_keys.update()
+            .where(of_kem, ohttp_keys.c.state == "previous", ohttp_keys.c.retire_at > retire_at)
+            .values(retire_at=retire_at)
+        )
+
+    def _emit(
+        self,
+        kind: str,
+        actor: str,
+        infos: Sequence[OhttpKeyInfo],
+        grace: timedelta,
+        now: datetime,
+    ) -> None:
+        for info in infos:
+            detail: dict[str, str | float] = {
+                "fingerprint": info.fingerprint,
+                "kem": info.kem,
+                "grace_s": grace.total_seconds(),
+            }
+            emit_change(
+                self._events, kind, actor, str(info.key_id), detail=detail, at=now.timestamp()
+            )
 
     def retire_expired(self, actor: str) -> list[OhttpKeyInfo]:
         """Retire previous keys whose grace period is over; returns them."""
