@@ -231,6 +231,10 @@ class _Kem:
         """Decap(enc, skR): the shared secret. ValueError if `enc` is unusable."""
         raise NotImplementedError
 
+    def usable(self, public_key: bytes) -> bool:
+        """Whether a public key of the right length can be encapsulated to."""
+        return True
+
 
 class _DhKemX25519(_Kem):
     """DHKEM(X25519, HKDF-SHA256), RFC 9180 section 4.1."""
@@ -273,6 +277,15 @@ _MLKEM768_CIPHERTEXT = 1088
 _MLKEM_SEED = 64
 
 
+def _mlkem_key_valid(public_key: bytes) -> bool:
+    """FIPS 203's encapsulation key check on the ML-KEM-768 key a public key starts with."""
+    try:
+        MLKEM768PublicKey.from_public_bytes(bytes(public_key[:_MLKEM768_PUBLIC]))
+    except ValueError:
+        return False
+    return True
+
+
 class _MlKem768(_Kem):
     """ML-KEM-768 (FIPS 203) as an HPKE KEM: its shared secret is HPKE's."""
 
@@ -286,6 +299,9 @@ class _MlKem768(_Kem):
     def load(self, raw: bytes) -> tuple[MLKEM768PrivateKey, bytes]:
         key = MLKEM768PrivateKey.from_seed_bytes(raw)
         return key, key.public_key().public_bytes_raw()
+
+    def usable(self, public_key: bytes) -> bool:
+        return _mlkem_key_valid(public_key)
 
     def derive(self, ikm: bytes) -> bytes:
         return _shake256_derive(self.kem_id, ikm, self.private_size)
@@ -330,6 +346,9 @@ class _XWing(_Kem):
             mlkem_key.public_key().public_bytes_raw() + x25519_key.public_key().public_bytes_raw()
         )
         return (mlkem_key, x25519_key), public
+
+    def usable(self, public_key: bytes) -> bool:
+        return _mlkem_key_valid(public_key)
 
     def derive(self, ikm: bytes) -> bytes:
         return _shake256_derive(self.kem_id, ikm, self.private_size)
@@ -413,19 +432,11 @@ def public_key_size(kem_id: int) -> int:
 
 
 def public_key_usable(kem_id: int, public_key: bytes) -> bool:
-    """Whether `public_key` can be encapsulated to: the right length and, for ML-KEM, a
-    valid encapsulation key (FIPS 203's modulus check). A low-order X25519 key is found
-    only at encapsulation (the exchange refuses it)."""
+    """Whether `public_key` can be encapsulated to: the right length and, for the ML-KEM
+    KEMs, a valid encapsulation key (FIPS 203's modulus check). A low-order X25519 key is
+    found only at encapsulation (the exchange refuses it)."""
     kem = _KEMS.get(kem_id)
-    if kem is None or len(public_key) != kem.public_size:
-        return False
-    if kem.kem_id == KEM_X25519_SHA256:
-        return True
-    try:
-        MLKEM768PublicKey.from_public_bytes(bytes(public_key[:_MLKEM768_PUBLIC]))
-    except ValueError:
-        return False
-    return True
+    return kem is not None and len(public_key) == kem.public_size and kem.usable(public_key)
 
 
 def private_key_size(kem_id: int) -> int:

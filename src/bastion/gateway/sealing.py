@@ -219,7 +219,8 @@ class SealingState:
             raise InvalidRequest(
                 "The request is not a valid encapsulated request.", code="ohttp_malformed"
             ) from None
-        if self._settings.ohttp_require_pq and not _post_quantum(header.kem_id):
+        # parse_request_header knows the KEM: an unknown one was refused above.
+        if self._settings.ohttp_require_pq and not hpke.is_post_quantum(header.kem_id):
             raise OhttpKeyProblem(
                 "This server accepts only post-quantum (ML-KEM) key configurations: fetch "
                 "its configuration again.",
@@ -243,10 +244,3 @@ def replay_id(enc: bytes) -> bytes:
     """What the replay guards remember of a request's `enc`: itself when short (an X25519
     key), else its SHA-256 (a post-quantum `enc` has over a thousand bytes)."""
     return bytes(enc) if len(enc) <= _REPLAY_ID_BYTES else hashlib.sha256(enc).digest()
-
-
-def _post_quantum(kem_id: int) -> bool:
-    try:
-        return hpke.is_post_quantum(kem_id)
-    except hpke.UnsupportedSuite:
-        return False
