@@ -179,8 +179,7 @@ class FailureThrottle:
         history = self._table.get(key)
         if history is None:
             return 0.0
-        left = history.until - self._clock()
-        return left if left > 0 else 0.0
+        return _seconds_left(history.until, self._clock())
 
     def fail(self, key: str) -> Strike:
         """Count one failure of `key`; what it did to its lock-out."""
@@ -206,8 +205,7 @@ class FailureThrottle:
             history.until = max(history.until, now + backoff)
             started = not locked
         self._table[key] = history
-        left = history.until - now
-        return Strike(history.failures, left if left > 0 else 0.0, started)
+        return Strike(history.failures, _seconds_left(history.until, now), started)
 
     def _make_room(self, now: float) -> bool:
         """Forget the oldest history that is not locked out; False if none was found among
@@ -220,6 +218,13 @@ class FailureThrottle:
                 return True
             table[key] = history
         return False
+
+
+def _seconds_left(until: float, now: float) -> float:
+    """`until - now`, at least 0, to the microsecond: (now + 600) - now may come out as
+    600.0000000000002, which a Retry-After rounded up would turn into 601, past the cap."""
+    left = round(until - now, 6)
+    return left if left > 0 else 0.0
 
 
 def _proves_credential(exc: AuthenticationError) -> bool:

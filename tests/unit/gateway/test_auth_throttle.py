@@ -75,6 +75,17 @@ def test_the_back_off_doubles_with_each_further_failure_up_to_the_cap() -> None:
     assert table.retry_after("b") == 0.0
 
 
+def test_the_time_left_never_passes_the_cap_by_a_rounding_error() -> None:
+    # At this clock value (now + 8) - now is 8.000000000000114 in floating point: rounded
+    # up for Retry-After it would have said 9 s, past the 8 s cap.
+    clock = Clock()
+    clock.now = 1021.1448697231507
+    table = FailureThrottle(POLICY, clock)
+    strikes = [table.fail("a") for _ in range(7)]
+    assert [s.retry_after_s for s in strikes[2:]] == [1.0, 2.0, 4.0, 8.0, 8.0]
+    assert table.retry_after("a") == 8.0
+
+
 def test_a_lock_out_expires_and_a_quiet_window_after_it_forgets_the_history() -> None:
     clock = Clock()
     table = FailureThrottle(POLICY, clock)
